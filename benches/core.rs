@@ -1,0 +1,106 @@
+//! Micro-benchmarks of the allocator core's hot path: a segmented `Next`
+//! answered from memory, and a 100-member group fan-out.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use seqd::core::{Allocation, Allocator, CeilingSource, Mode, NamespaceSpec, Namespaces, SeqKey};
+
+/// Applied ceilings, as the state machine would report them.
+#[derive(Default)]
+struct Applied(HashMap<SeqKey, u64>);
+
+impl CeilingSource for Applied {
+    fn committed_ceiling(&self, key: &SeqKey) -> u64 {
+        self.0.get(key).copied().unwrap_or(0)
+    }
+}
+
+fn namespaces() -> Namespaces {
+    Namespaces::new(vec![NamespaceSpec {
+        name: "conv".into(),
+        mode: Mode::Segmented,
+        step_min: 1_000,
+        step_max: 1_000_000,
+        refill_interval_ms: 1_000,
+        max_count: 10_000,
+        max_key_bytes: 256,
+        max_value: seqd::core::MAX_SEQUENCE,
+    }])
+}
+
+/// Allocates, applying refills at once, as a leader with a fast log would.
+fn run(a: &mut Allocator, db: &mut Applied, items: &[(SeqKey, u32)], now: u64) {
+    loop {
+        match a.allocate(items, db) {
+            Ok(Allocation::Granted(r)) => {
+                black_box(r);
+                break;
+            }
+            Ok(Allocation::Wait) | Ok(Allocation::Reserved(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+        apply(a, db, now);
+    }
+    apply(a, db, now);
+}
+
+fn apply(a: &mut Allocator, db: &mut Applied, now: u64) {
+    for r in a.take_raises(now) {
+        db.0.insert(r.key.clone(), r.ceiling);
+        a.on_ceiling_applied(&r.key, r.ceiling);
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let ns = namespaces();
+    let id = ns.resolve("conv").unwrap();
+    let keys: Vec<SeqKey> = (0..10_000)
+        .map(|i| SeqKey::try_new(&ns, id, format!("conv:{i}")).unwrap())
+        .collect();
+
+    let mut g = c.benchmark_group("core");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("next_hot_key", |b| {
+        let mut a = Allocator::new(ns.clone());
+        a.become_leader(1);
+        a.start_serving(1);
+        let mut db = Applied::default();
+        let items = [(keys[0].clone(), 1)];
+        let mut now = 0;
+        b.iter(|| {
+            now += 1;
+            run(&mut a, &mut db, &items, now / 1000)
+        });
+    });
+    g.bench_function("next_10k_keys", |b| {
+        let mut a = Allocator::new(ns.clone());
+        a.become_leader(1);
+        a.start_serving(1);
+        let mut db = Applied::default();
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            let items = [(keys[i % keys.len()].clone(), 1)];
+            run(&mut a, &mut db, &items, (i / 1000) as u64)
+        });
+    });
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("next_batch_100_members", |b| {
+        let mut a = Allocator::new(ns.clone());
+        a.become_leader(1);
+        a.start_serving(1);
+        let mut db = Applied::default();
+        let items: Vec<(SeqKey, u32)> = keys[..100].iter().map(|k| (k.clone(), 1)).collect();
+        let mut now = 0;
+        b.iter(|| {
+            now += 1;
+            run(&mut a, &mut db, &items, now / 100)
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

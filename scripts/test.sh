@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every check and test seqd has, on a fresh machine too: installs what
+# is missing first (scripts/setup.sh), then formatting, lints and tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+
+echo "== cargo test"
+# Integration tests start real clusters; one test at a time keeps the
+# two-core machines this runs on from starving elections.
+cargo test --all-targets -- --test-threads=1

@@ -1,0 +1,450 @@
+//! Typed configuration: a TOML file (or the embedded single-node default),
+//! overridden by command-line flags and `SEQD_*` environment variables.
+//! [`Config::validate`] names the field of the first problem it finds.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::core::{Mode, NamespaceSpec, Namespaces, MAX_SEQUENCE};
+
+/// The single-node configuration used when no file is given.
+pub const EMBEDDED_SINGLE: &str = include_str!("../raft-config/single.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    /// Every voter of the initial cluster, this node included. Empty means a
+    /// single-node cluster of this node alone.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Raft node id, unique in the cluster, never reused.
+    pub id: u64,
+    /// gRPC address for clients and peers.
+    pub listen: String,
+    /// Where RocksDB keeps this node's log and state.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    /// Address other nodes and clients use to reach this peer.
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Length of one Raft tick.
+    pub tick_ms: u64,
+    /// Election timeout in ticks (randomized by raft-rs in [n, 2n)).
+    pub election_ticks: usize,
+    /// Heartbeat interval in ticks.
+    pub heartbeat_ticks: usize,
+    /// Applied entries kept in the log before it is compacted.
+    pub compact_threshold: u64,
+    /// How long a call may wait for the cluster before failing.
+    pub request_timeout_ms: u64,
+    /// Largest append message, in bytes.
+    pub max_size_per_msg: u64,
+    /// Append messages in flight per follower.
+    pub max_inflight_msgs: usize,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            tick_ms: 50,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compact_threshold: 10_000,
+            request_timeout_ms: 3_000,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    pub name: String,
+    #[serde(default = "default_mode")]
+    pub mode: ModeConfig,
+    #[serde(default = "default_step_min")]
+    pub step_min: u64,
+    #[serde(default = "default_step_max")]
+    pub step_max: u64,
+    #[serde(default = "default_refill_interval_ms")]
+    pub refill_interval_ms: u64,
+    #[serde(default = "default_max_count")]
+    pub max_count: u32,
+    #[serde(default = "default_max_key_bytes")]
+    pub max_key_bytes: usize,
+    #[serde(default = "default_max_value")]
+    pub max_value: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeConfig {
+    Segmented,
+    Dense,
+}
+
+fn default_mode() -> ModeConfig {
+    ModeConfig::Segmented
+}
+fn default_step_min() -> u64 {
+    1_000
+}
+fn default_step_max() -> u64 {
+    1_000_000
+}
+fn default_refill_interval_ms() -> u64 {
+    1_000
+}
+fn default_max_count() -> u32 {
+    10_000
+}
+fn default_max_key_bytes() -> usize {
+    256
+}
+fn default_max_value() -> u64 {
+    MAX_SEQUENCE
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parsing {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{field}: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Values from flags or environment that replace those of the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub node_id: Option<u64>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    /// `id=host:port,id=host:port,...`
+    pub peers: Option<String>,
+    pub tick_ms: Option<u64>,
+    pub election_ticks: Option<usize>,
+    pub compact_threshold: Option<u64>,
+}
+
+impl Config {
+    /// Loads `path`, or the embedded single-node file when `None`, then
+    /// applies overrides and validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let (origin, text) = match path {
+            Some(p) => (
+                p.display().to_string(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+            ),
+            None => (
+                "embedded single.toml".to_string(),
+                EMBEDDED_SINGLE.to_string(),
+            ),
+        };
+        let mut cfg = Self::parse(&origin, &text)?;
+        cfg.apply(overrides)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn parse(origin: &str, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
+        if let Some(id) = o.node_id {
+            self.node.id = id;
+        }
+        if let Some(listen) = &o.listen {
+            self.node.listen = listen.clone();
+        }
+        if let Some(dir) = &o.data_dir {
+            self.node.data_dir = dir.clone();
+        }
+        if let Some(peers) = &o.peers {
+            self.peers = parse_peers(peers)?;
+        }
+        if let Some(t) = o.tick_ms {
+            self.raft.tick_ms = t;
+        }
+        if let Some(t) = o.election_ticks {
+            self.raft.election_ticks = t;
+        }
+        if let Some(t) = o.compact_threshold {
+            self.raft.compact_threshold = t;
+        }
+        Ok(())
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.node.id == 0 {
+            return Err(invalid("node.id", "must be at least 1"));
+        }
+        parse_addr("node.listen", &self.node.listen)?;
+        if self.node.data_dir.as_os_str().is_empty() {
+            return Err(invalid("node.data_dir", "must not be empty"));
+        }
+        if self.peers.is_empty() {
+            self.peers.push(PeerConfig {
+                id: self.node.id,
+                addr: self.node.listen.clone(),
+            });
+        }
+        let mut ids = BTreeSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.id == 0 {
+                return Err(invalid(format!("peers[{i}].id"), "must be at least 1"));
+            }
+            if !ids.insert(p.id) {
+                return Err(invalid(
+                    format!("peers[{i}].id"),
+                    format!("{} appears twice", p.id),
+                ));
+            }
+            parse_addr(&format!("peers[{i}].addr"), &p.addr)?;
+        }
+        if !ids.contains(&self.node.id) {
+            return Err(invalid(
+                "node.id",
+                format!("{} is not among the peers' ids {:?}", self.node.id, ids),
+            ));
+        }
+        let r = &self.raft;
+        if r.tick_ms == 0 || r.tick_ms > 10_000 {
+            return Err(invalid("raft.tick_ms", "must be between 1 and 10000"));
+        }
+        if r.heartbeat_ticks == 0 {
+            return Err(invalid("raft.heartbeat_ticks", "must be at least 1"));
+        }
+        if r.election_ticks <= r.heartbeat_ticks {
+            return Err(invalid(
+                "raft.election_ticks",
+                "must be greater than raft.heartbeat_ticks",
+            ));
+        }
+        if r.compact_threshold < 2 {
+            return Err(invalid("raft.compact_threshold", "must be at least 2"));
+        }
+        if r.request_timeout_ms == 0 {
+            return Err(invalid("raft.request_timeout_ms", "must be at least 1"));
+        }
+        if r.max_inflight_msgs == 0 {
+            return Err(invalid("raft.max_inflight_msgs", "must be at least 1"));
+        }
+        if self.namespaces.is_empty() {
+            return Err(invalid("namespaces", "at least one namespace is required"));
+        }
+        let mut names = BTreeSet::new();
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            let field = |f: &str| format!("namespaces[{i}].{f}");
+            let valid_name = !ns.name.is_empty()
+                && ns.name.len() <= crate::core::types::MAX_NAMESPACE_BYTES
+                && ns
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+            if !valid_name {
+                return Err(invalid(
+                    field("name"),
+                    format!(
+                        "{:?} must be 1 to 64 characters of A-Z a-z 0-9 _ - .",
+                        ns.name
+                    ),
+                ));
+            }
+            if !names.insert(ns.name.clone()) {
+                return Err(invalid(
+                    field("name"),
+                    format!("{:?} appears twice", ns.name),
+                ));
+            }
+            if ns.step_min == 0 {
+                return Err(invalid(field("step_min"), "must be at least 1"));
+            }
+            if ns.step_max < ns.step_min {
+                return Err(invalid(field("step_max"), "must be at least step_min"));
+            }
+            if ns.refill_interval_ms == 0 {
+                return Err(invalid(field("refill_interval_ms"), "must be at least 1"));
+            }
+            if ns.max_count == 0 || ns.max_count > 1_000_000 {
+                return Err(invalid(field("max_count"), "must be between 1 and 1000000"));
+            }
+            if ns.max_key_bytes == 0 || ns.max_key_bytes > 4096 {
+                return Err(invalid(
+                    field("max_key_bytes"),
+                    "must be between 1 and 4096",
+                ));
+            }
+            if ns.max_value == 0 || ns.max_value > MAX_SEQUENCE {
+                return Err(invalid(
+                    field("max_value"),
+                    format!("must be between 1 and {MAX_SEQUENCE} (i64::MAX)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_addr("node.listen", &self.node.listen)
+    }
+
+    /// Ids of the initial voters.
+    pub fn voter_ids(&self) -> Vec<u64> {
+        self.peers.iter().map(|p| p.id).collect()
+    }
+
+    pub fn peer_addr(&self, id: u64) -> Option<&str> {
+        self.peers
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.addr.as_str())
+    }
+
+    pub fn namespaces(&self) -> Namespaces {
+        Namespaces::new(
+            self.namespaces
+                .iter()
+                .map(|n| NamespaceSpec {
+                    name: n.name.clone(),
+                    mode: match n.mode {
+                        ModeConfig::Segmented => Mode::Segmented,
+                        ModeConfig::Dense => Mode::Dense,
+                    },
+                    step_min: n.step_min,
+                    step_max: n.step_max,
+                    refill_interval_ms: n.refill_interval_ms,
+                    max_count: n.max_count,
+                    max_key_bytes: n.max_key_bytes,
+                    max_value: n.max_value,
+                })
+                .collect(),
+        )
+    }
+}
+
+fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(field, format!("{s:?} is not an ip:port address")))
+}
+
+fn parse_peers(s: &str) -> Result<Vec<PeerConfig>, ConfigError> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (id, addr) = p
+                .split_once('=')
+                .ok_or_else(|| invalid("peers", format!("{p:?} is not id=host:port")))?;
+            let id = id
+                .trim()
+                .parse()
+                .map_err(|_| invalid("peers", format!("{id:?} is not a node id")))?;
+            Ok(PeerConfig {
+                id,
+                addr: addr.trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(cfg.voter_ids(), vec![1]);
+    }
+
+    #[test]
+    fn shipped_cluster_files_are_valid() {
+        for n in 1..=3 {
+            let path = PathBuf::from(format!(
+                "{}/raft-config/node{n}.toml",
+                env!("CARGO_MANIFEST_DIR")
+            ));
+            let cfg = Config::load(Some(&path), &Overrides::default()).unwrap();
+            assert_eq!(cfg.node.id, n);
+            assert_eq!(cfg.voter_ids(), vec![1, 2, 3]);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let base = EMBEDDED_SINGLE;
+        let bad = base.replace("step_min = 1000", "step_min = 0");
+        let err = Config::parse("t", &bad)
+            .and_then(|mut c| c.validate())
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("namespaces[0].step_min:"),
+            "{err}"
+        );
+
+        let err = Config::load(
+            None,
+            &Overrides {
+                node_id: Some(7),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("node.id:"), "{err}");
+
+        let err = Config::load(
+            None,
+            &Overrides {
+                peers: Some("1=127.0.0.1:1,x".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("peers:"), "{err}");
+
+        let err = Config::parse("t", &format!("{base}\nbogus = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+}

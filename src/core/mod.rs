@@ -1,0 +1,15 @@
+//! The allocator core: pure logic, no I/O, no async, no clocks of its own.
+//!
+//! Callers feed it what the replicated log decided (applied ceilings, leader
+//! changes) and the current time, and get back outcomes to act on (ranges to
+//! return, refills to propose). That keeps every rule here testable in
+//! microseconds.
+
+pub mod segment;
+pub mod types;
+
+pub use segment::{AllocError, Allocation, Allocator, CeilingSource, DenseRaise, Role};
+pub use types::{
+    InvalidArgument, Mode, NamespaceId, NamespaceSpec, Namespaces, RequestId, SeqKey, SeqRange,
+    MAX_SEQUENCE,
+};

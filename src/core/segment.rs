@@ -1,0 +1,667 @@
+//! Per-key allocation from ceilings the Raft log has committed.
+//!
+//! Safety rests on two rules:
+//! - a number is handed out only if it is at or below a ceiling that has been
+//!   *applied* (so a majority has it on disk, I3), and
+//! - a leader that starts serving, or that forgets a key, restarts the key at
+//!   `committed ceiling + 1`, above anything any earlier leader could have
+//!   handed out (I1), at the price of a hole.
+
+use std::collections::HashMap;
+
+use super::types::{Mode, NamespaceId, Namespaces, SeqKey, SeqRange};
+
+/// Read access to the replicated state: the committed ceiling of a key.
+pub trait CeilingSource {
+    /// Highest number the applied state allows for `key`, 0 when the key has
+    /// never been allocated.
+    fn committed_ceiling(&self, key: &SeqKey) -> u64;
+}
+
+/// What this node may do, as far as allocation is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Not the leader: every call is refused with a leader hint.
+    Follower,
+    /// Elected leader in `term`. `serving` turns on once the leader's own
+    /// start-of-term entry has been applied, which means every entry of
+    /// earlier terms has been applied too; it turns off again while handing
+    /// over (trim).
+    Leader { term: u64, serving: bool },
+}
+
+/// Outcome of an allocation attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allocation {
+    /// Numbers taken from committed room; one range per item, in order.
+    Granted(Vec<SeqRange>),
+    /// Some key lacks room; refills are queued (see
+    /// [`Allocator::take_raises`]). Nothing was taken; try again after the
+    /// next applied raise.
+    Wait,
+    /// Dense namespace: the ranges are reserved and their exact raises are
+    /// queued. The caller MUST NOT return them before the entry carrying
+    /// those raises has been applied.
+    Reserved(Vec<SeqRange>),
+}
+
+/// Why an allocation cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("this node is not serving allocations")]
+    NotServing,
+    #[error("key {key:?} is exhausted: {wanted} more numbers would pass the ceiling {max}")]
+    Exhausted { key: String, wanted: u32, max: u64 },
+}
+
+/// A ceiling raise the leader wants replicated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenseRaise {
+    pub key: SeqKey,
+    pub ceiling: u64,
+}
+
+#[derive(Debug, Clone)]
+struct KeyState {
+    /// Next number to hand out (segmented) or to reserve (dense).
+    next: u64,
+    /// Highest applied ceiling.
+    ceiling: u64,
+    /// Current refill step (segmented).
+    step: u64,
+    /// Highest number a waiting call needs; refills cover at least this.
+    want: u64,
+    /// Ceiling requested by the refill in flight, 0 when none.
+    in_flight: u64,
+    /// Whether the key sits in the refill queue.
+    queued: bool,
+    /// When the key was last refilled (caller's milliseconds), 0 = never.
+    last_refill_ms: u64,
+}
+
+/// The leader's in-memory allocation state.
+#[derive(Debug)]
+pub struct Allocator {
+    namespaces: Namespaces,
+    keys: HashMap<SeqKey, KeyState>,
+    role: Role,
+    epoch: u64,
+    /// Keys whose refill should go into the next proposal.
+    refill_queue: Vec<SeqKey>,
+    /// Exact raises for dense reservations, for the next proposal.
+    dense_raises: HashMap<SeqKey, u64>,
+}
+
+impl Allocator {
+    pub fn new(namespaces: Namespaces) -> Self {
+        Self {
+            namespaces,
+            keys: HashMap::new(),
+            role: Role::Follower,
+            epoch: 0,
+            refill_queue: Vec::new(),
+            dense_raises: HashMap::new(),
+        }
+    }
+
+    pub fn namespaces(&self) -> &Namespaces {
+        &self.namespaces
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn is_serving(&self) -> bool {
+        matches!(self.role, Role::Leader { serving: true, .. })
+    }
+
+    /// Number of keys held in memory.
+    pub fn active_keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// This node won the election for `term`. It does not serve until
+    /// [`Allocator::start_serving`].
+    pub fn become_leader(&mut self, term: u64) {
+        self.forget_all();
+        self.role = Role::Leader {
+            term,
+            serving: false,
+        };
+    }
+
+    /// The leader's start-of-term entry has been applied with this epoch.
+    pub fn start_serving(&mut self, epoch: u64) {
+        if let Role::Leader { term, .. } = self.role {
+            self.epoch = epoch;
+            self.role = Role::Leader {
+                term,
+                serving: true,
+            };
+        }
+    }
+
+    /// Leadership is gone (or uncertain).
+    pub fn step_down(&mut self) {
+        self.forget_all();
+        self.role = Role::Follower;
+    }
+
+    /// Drops every in-memory key. Safe at any time: keys reload above their
+    /// committed ceiling. Callers MUST fail every call still waiting on a
+    /// dense reservation, since those numbers are forgotten too.
+    pub fn forget_all(&mut self) {
+        self.keys.clear();
+        self.refill_queue.clear();
+        self.dense_raises.clear();
+    }
+
+    /// Allocates `count` numbers for each item, all or nothing. Items MUST
+    /// have distinct keys in the same namespace.
+    pub fn allocate(
+        &mut self,
+        items: &[(SeqKey, u32)],
+        source: &impl CeilingSource,
+    ) -> Result<Allocation, AllocError> {
+        if !self.is_serving() {
+            return Err(AllocError::NotServing);
+        }
+        let Some((first_key, _)) = items.first() else {
+            return Ok(Allocation::Granted(Vec::new()));
+        };
+        let spec = self.namespaces.spec(first_key.namespace()).clone();
+
+        // Check every item before touching any, so a failure changes nothing.
+        for (key, count) in items {
+            let state = self.load(key, source);
+            if state.next > spec.max_value || spec.max_value - state.next + 1 < u64::from(*count) {
+                return Err(AllocError::Exhausted {
+                    key: key.key().to_string(),
+                    wanted: *count,
+                    max: spec.max_value,
+                });
+            }
+        }
+
+        if spec.mode == Mode::Dense {
+            let mut ranges = Vec::with_capacity(items.len());
+            for (key, count) in items {
+                let Some(state) = self.keys.get_mut(key) else {
+                    unreachable!("loaded above");
+                };
+                let range = reserve(state, *count);
+                self.dense_raises.insert(key.clone(), range.last());
+                ranges.push(range);
+            }
+            return Ok(Allocation::Reserved(ranges));
+        }
+
+        let mut short = false;
+        for (key, count) in items {
+            let Some(state) = self.keys.get_mut(key) else {
+                unreachable!("loaded above");
+            };
+            let need = state.next + u64::from(*count) - 1;
+            if need > state.ceiling {
+                short = true;
+                state.want = state.want.max(need);
+                if state.in_flight < need && !state.queued {
+                    state.queued = true;
+                    self.refill_queue.push(key.clone());
+                }
+            }
+        }
+        if short {
+            return Ok(Allocation::Wait);
+        }
+
+        let mut ranges = Vec::with_capacity(items.len());
+        for (key, count) in items {
+            let Some(state) = self.keys.get_mut(key) else {
+                unreachable!("loaded above");
+            };
+            ranges.push(reserve(state, *count));
+            // Double buffering: ask for the next segment while this one still
+            // has room, so steady-state calls never wait on the log.
+            let room = state.ceiling + 1 - state.next;
+            if room < state.step / 2 + 1
+                && state.in_flight <= state.ceiling
+                && !state.queued
+                && state.ceiling < spec.max_value
+            {
+                state.queued = true;
+                self.refill_queue.push(key.clone());
+            }
+        }
+        Ok(Allocation::Granted(ranges))
+    }
+
+    /// Takes the raises to replicate in one log entry: queued refills
+    /// (segmented) and exact reservations (dense). Adapts each refilled key's
+    /// step to how often it refills.
+    pub fn take_raises(&mut self, now_ms: u64) -> Vec<DenseRaise> {
+        let mut raises: Vec<DenseRaise> = self
+            .dense_raises
+            .drain()
+            .map(|(key, ceiling)| DenseRaise { key, ceiling })
+            .collect();
+        for key in std::mem::take(&mut self.refill_queue) {
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            state.queued = false;
+            let spec = self.namespaces.spec(key.namespace());
+            if state.last_refill_ms != 0 {
+                let since = now_ms.saturating_sub(state.last_refill_ms);
+                if since < spec.refill_interval_ms {
+                    state.step = (state.step * 2).min(spec.step_max);
+                } else if since > spec.refill_interval_ms.saturating_mul(4) {
+                    state.step = (state.step / 2).max(spec.step_min);
+                }
+            }
+            state.last_refill_ms = now_ms.max(1);
+            let base = state.ceiling.max(state.want).max(state.in_flight);
+            let target = base.saturating_add(state.step).min(spec.max_value);
+            if target <= state.ceiling.max(state.in_flight) {
+                continue;
+            }
+            state.in_flight = target;
+            raises.push(DenseRaise {
+                key,
+                ceiling: target,
+            });
+        }
+        raises
+    }
+
+    /// A raise for `key` up to `ceiling` has been applied.
+    pub fn on_ceiling_applied(&mut self, key: &SeqKey, ceiling: u64) {
+        if let Some(state) = self.keys.get_mut(key) {
+            state.ceiling = state.ceiling.max(ceiling);
+            if state.in_flight <= state.ceiling {
+                state.in_flight = 0;
+            }
+            if state.want <= state.ceiling {
+                state.want = 0;
+            }
+        }
+    }
+
+    /// The highest number that may have been handed out for `key`.
+    pub fn current(&self, key: &SeqKey, source: &impl CeilingSource) -> Result<u64, AllocError> {
+        if !self.is_serving() {
+            return Err(AllocError::NotServing);
+        }
+        Ok(match self.keys.get(key) {
+            Some(state) => state.next - 1,
+            None => source.committed_ceiling(key),
+        })
+    }
+
+    /// Stops serving and returns, for every key with unused room, the last
+    /// number handed out: committing these as ceilings lets the next leader
+    /// continue without a hole.
+    pub fn begin_trim(&mut self) -> Vec<DenseRaise> {
+        if let Role::Leader { term, .. } = self.role {
+            self.role = Role::Leader {
+                term,
+                serving: false,
+            };
+        }
+        let mut out: Vec<DenseRaise> = self
+            .keys
+            .iter()
+            .filter(|(k, s)| {
+                self.namespaces.spec(k.namespace()).mode == Mode::Segmented
+                    && s.next - 1 < s.ceiling
+            })
+            .map(|(k, s)| DenseRaise {
+                key: k.clone(),
+                ceiling: s.next - 1,
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    fn load(&mut self, key: &SeqKey, source: &impl CeilingSource) -> &mut KeyState {
+        let step = self.namespaces.spec(key.namespace()).step_min;
+        self.keys.entry(key.clone()).or_insert_with(|| {
+            let ceiling = source.committed_ceiling(key);
+            KeyState {
+                next: ceiling + 1,
+                ceiling,
+                step,
+                want: 0,
+                in_flight: 0,
+                queued: false,
+                last_refill_ms: 0,
+            }
+        })
+    }
+
+    /// Namespace of a key, for callers that map keys back to names.
+    pub fn namespace_name(&self, ns: NamespaceId) -> &str {
+        &self.namespaces.spec(ns).name
+    }
+}
+
+fn reserve(state: &mut KeyState, count: u32) -> SeqRange {
+    let Some(range) = SeqRange::try_new(state.next, count) else {
+        unreachable!("exhaustion is checked before reserving");
+    };
+    state.next += u64::from(count);
+    range
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::types::{test_spec, NamespaceSpec};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// The replicated state, reduced to a map of applied ceilings.
+    #[derive(Default)]
+    struct Applied(BTreeMap<SeqKey, u64>);
+
+    impl CeilingSource for Applied {
+        fn committed_ceiling(&self, key: &SeqKey) -> u64 {
+            self.0.get(key).copied().unwrap_or(0)
+        }
+    }
+
+    impl Applied {
+        fn apply(&mut self, alloc: &mut Allocator, raises: &[DenseRaise]) {
+            for r in raises {
+                let c = self.0.entry(r.key.clone()).or_insert(0);
+                *c = (*c).max(r.ceiling);
+                alloc.on_ceiling_applied(&r.key, *c);
+            }
+        }
+    }
+
+    fn setup(spec: NamespaceSpec) -> (Allocator, SeqKey) {
+        let name = spec.name.clone();
+        let ns = Namespaces::new(vec![spec]);
+        let id = ns.resolve(&name).unwrap();
+        let key = SeqKey::try_new(&ns, id, "k").unwrap();
+        let mut a = Allocator::new(ns);
+        a.become_leader(1);
+        a.start_serving(1);
+        (a, key)
+    }
+
+    #[test]
+    fn first_call_waits_for_a_refill_then_is_served_from_memory() {
+        let (mut a, key) = setup(test_spec("conv"));
+        let mut db = Applied::default();
+        assert_eq!(
+            a.allocate(&[(key.clone(), 1)], &db).unwrap(),
+            Allocation::Wait
+        );
+        let raises = a.take_raises(10);
+        assert_eq!(raises.len(), 1);
+        // The waiting call's number plus a full step of headroom.
+        assert_eq!(raises[0].ceiling, 101);
+        db.apply(&mut a, &raises);
+        match a.allocate(&[(key.clone(), 3)], &db).unwrap() {
+            Allocation::Granted(r) => assert_eq!((r[0].first(), r[0].count()), (1, 3)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(a.current(&key, &db).unwrap(), 3);
+    }
+
+    #[test]
+    fn refill_is_requested_before_the_segment_runs_out() {
+        let (mut a, key) = setup(test_spec("conv"));
+        let mut db = Applied::default();
+        a.allocate(&[(key.clone(), 1)], &db).unwrap();
+        let r = a.take_raises(0);
+        db.apply(&mut a, &r);
+        // 101 numbers of room: the refill is asked for once under half a
+        // step is left, long before the segment runs out.
+        let mut refill = None;
+        for n in 1..=101u64 {
+            let Allocation::Granted(r) = a.allocate(&[(key.clone(), 1)], &db).unwrap() else {
+                panic!("served from memory")
+            };
+            assert_eq!(r[0].first(), n);
+            let raises = a.take_raises(5);
+            if !raises.is_empty() {
+                refill = Some((n, raises));
+                break;
+            }
+        }
+        let (at, r) = refill.expect("a refill before the segment runs out");
+        assert_eq!(at, 51, "refill when 50 of 101 remain");
+        // Refilled within the target interval: the step doubles.
+        assert_eq!(r[0].ceiling, 301);
+    }
+
+    #[test]
+    fn exhaustion_fails_without_wrapping_or_partial_effects() {
+        let mut spec = test_spec("conv");
+        spec.max_value = 10;
+        let (mut a, key) = setup(spec);
+        let mut db = Applied::default();
+        a.allocate(&[(key.clone(), 1)], &db).unwrap();
+        let r = a.take_raises(0);
+        assert_eq!(
+            r[0].ceiling, 10,
+            "refills are capped at the namespace ceiling"
+        );
+        db.apply(&mut a, &r);
+        assert!(matches!(
+            a.allocate(&[(key.clone(), 8)], &db).unwrap(),
+            Allocation::Granted(_)
+        ));
+        let err = a.allocate(&[(key.clone(), 3)], &db).unwrap_err();
+        assert!(matches!(err, AllocError::Exhausted { .. }));
+        assert_eq!(a.current(&key, &db).unwrap(), 8);
+        match a.allocate(&[(key.clone(), 2)], &db).unwrap() {
+            Allocation::Granted(r) => assert_eq!(r[0].last(), 10),
+            other => panic!("{other:?}"),
+        }
+        assert!(a.allocate(&[(key.clone(), 1)], &db).is_err());
+    }
+
+    #[test]
+    fn batch_is_all_or_nothing() {
+        let mut spec = test_spec("conv");
+        spec.max_value = 5;
+        let ns = Namespaces::new(vec![spec]);
+        let id = ns.resolve("conv").unwrap();
+        let k1 = SeqKey::try_new(&ns, id, "a").unwrap();
+        let k2 = SeqKey::try_new(&ns, id, "b").unwrap();
+        let mut a = Allocator::new(ns);
+        a.become_leader(1);
+        a.start_serving(0);
+        let mut db = Applied::default();
+        db.0.insert(k2.clone(), 5);
+        let err = a
+            .allocate(&[(k1.clone(), 1), (k2.clone(), 1)], &db)
+            .unwrap_err();
+        assert!(matches!(err, AllocError::Exhausted { ref key, .. } if key == "b"));
+        assert!(a.take_raises(0).is_empty(), "a failed batch queues nothing");
+        assert_eq!(a.current(&k1, &db).unwrap(), 0);
+    }
+
+    #[test]
+    fn dense_reserves_exactly_what_was_asked() {
+        let mut spec = test_spec("inbox");
+        spec.mode = Mode::Dense;
+        let (mut a, key) = setup(spec);
+        let mut db = Applied::default();
+        let Allocation::Reserved(r1) = a.allocate(&[(key.clone(), 2)], &db).unwrap() else {
+            panic!()
+        };
+        let Allocation::Reserved(r2) = a.allocate(&[(key.clone(), 3)], &db).unwrap() else {
+            panic!()
+        };
+        assert_eq!((r1[0].first(), r2[0].first(), r2[0].last()), (1, 3, 5));
+        let raises = a.take_raises(0);
+        assert_eq!(
+            raises,
+            vec![DenseRaise {
+                key: key.clone(),
+                ceiling: 5
+            }]
+        );
+        db.apply(&mut a, &raises);
+        assert_eq!(a.current(&key, &db).unwrap(), 5);
+    }
+
+    #[test]
+    fn trim_hands_over_exactly_what_was_used() {
+        let (mut a, key) = setup(test_spec("conv"));
+        let mut db = Applied::default();
+        a.allocate(&[(key.clone(), 1)], &db).unwrap();
+        let r = a.take_raises(0);
+        db.apply(&mut a, &r);
+        a.allocate(&[(key.clone(), 7)], &db).unwrap();
+        let trim = a.begin_trim();
+        assert_eq!(
+            trim,
+            vec![DenseRaise {
+                key: key.clone(),
+                ceiling: 7
+            }]
+        );
+        assert_eq!(
+            a.allocate(&[(key.clone(), 1)], &db),
+            Err(AllocError::NotServing)
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc { key: u8, count: u32 },
+        Propose,
+        ApplySome(usize),
+        LoseProposals,
+        ChangeLeader,
+        AdvanceTime(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u8..4, 1u32..300).prop_map(|(key, count)| Op::Alloc { key, count }),
+            2 => Just(Op::Propose),
+            2 => (0usize..4).prop_map(Op::ApplySome),
+            1 => Just(Op::LoseProposals),
+            1 => Just(Op::ChangeLeader),
+            1 => (0u64..5_000).prop_map(Op::AdvanceTime),
+        ]
+    }
+
+    fn hand_out(
+        key: &SeqKey,
+        r: SeqRange,
+        db: &Applied,
+        last: &mut BTreeMap<SeqKey, u64>,
+    ) -> Result<(), TestCaseError> {
+        let prev = last.get(key).copied().unwrap_or(0);
+        prop_assert!(
+            r.first() > prev,
+            "key {} went from {} to {}",
+            key,
+            prev,
+            r.first()
+        );
+        prop_assert!(
+            r.last() <= db.committed_ceiling(key),
+            "above applied ceiling"
+        );
+        last.insert(key.clone(), r.last());
+        Ok(())
+    }
+
+    proptest! {
+        /// Whatever the interleaving of calls, refills, lost proposals and
+        /// leader changes: no number is handed out twice, numbers per key
+        /// only grow, and nothing is handed out above an applied ceiling.
+        #[test]
+        fn never_duplicates_or_goes_backwards(ops in proptest::collection::vec(op(), 1..300), dense in any::<bool>()) {
+            let mut spec = test_spec("conv");
+            spec.max_value = 20_000;
+            if dense { spec.mode = Mode::Dense; }
+            let ns = Namespaces::new(vec![spec]);
+            let id = ns.resolve("conv").unwrap();
+            let keys: Vec<SeqKey> = (0..4).map(|i| SeqKey::try_new(&ns, id, format!("k{i}")).unwrap()).collect();
+            let mut a = Allocator::new(ns);
+            let mut db = Applied::default();
+            let mut term = 1;
+            a.become_leader(term);
+            a.start_serving(term);
+            let mut log: Vec<Vec<DenseRaise>> = Vec::new();
+            // Dense reservations become visible only when their entry applies.
+            let mut pending_dense: Vec<(usize, SeqKey, SeqRange)> = Vec::new();
+            let mut applied_entries = 0usize;
+            let mut last: BTreeMap<SeqKey, u64> = BTreeMap::new();
+            let mut now = 1u64;
+            let mut reserved_since_propose: Vec<(SeqKey, SeqRange)> = Vec::new();
+
+
+            for op in ops {
+                match op {
+                    Op::Alloc { key, count } => {
+                        let k = &keys[key as usize];
+                        match a.allocate(&[(k.clone(), count)], &db) {
+                            Ok(Allocation::Granted(r)) => hand_out(k, r[0], &db, &mut last)?,
+                            Ok(Allocation::Reserved(r)) => reserved_since_propose.push((k.clone(), r[0])),
+                            Ok(Allocation::Wait) | Err(_) => {}
+                        }
+                    }
+                    Op::Propose => {
+                        let raises = a.take_raises(now);
+                        log.push(raises);
+                        for (k, r) in reserved_since_propose.drain(..) {
+                            pending_dense.push((log.len() - 1, k, r));
+                        }
+                    }
+                    Op::ApplySome(n) => {
+                        for _ in 0..n {
+                            if applied_entries == log.len() { break; }
+                            let raises = log[applied_entries].clone();
+                            db.apply(&mut a, &raises);
+                            let done: Vec<_> = pending_dense.iter().filter(|(i, _, _)| *i == applied_entries).cloned().collect();
+                            pending_dense.retain(|(i, _, _)| *i != applied_entries);
+                            for (_, k, r) in done { hand_out(&k, r, &db, &mut last)?; }
+                            applied_entries += 1;
+                        }
+                    }
+                    Op::LoseProposals => {
+                        // Unapplied entries of a deposed leader may vanish.
+                        log.truncate(applied_entries);
+                        term += 1;
+                        a.become_leader(term);
+                        a.start_serving(term);
+                        pending_dense.clear();
+                        reserved_since_propose.clear();
+                    }
+                    Op::ChangeLeader => {
+                        // Entries survive; the new leader applies them all first.
+                        while applied_entries < log.len() {
+                            let raises = log[applied_entries].clone();
+                            db.apply(&mut a, &raises);
+                            applied_entries += 1;
+                        }
+                        term += 1;
+                        a.step_down();
+                        a.become_leader(term);
+                        a.start_serving(term);
+                        pending_dense.clear();
+                        reserved_since_propose.clear();
+                    }
+                    Op::AdvanceTime(ms) => now += ms,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! seqd: a Raft-replicated sequence allocator for instant-messaging backends.
+//!
+//! Frontends ask for per-key sequence numbers over gRPC; a Raft group of
+//! nodes hands them out from ceilings it has committed, so numbers never
+//! repeat and never go backwards across crashes, restarts and leader changes.
+//!
+//! # Layout
+//!
+//! - [`core`]: the allocator, pure logic (segments, ceilings, leader state).
+//! - [`storage`]: RocksDB: the Raft log ([`storage::RaftStore`]) and the
+//!   replicated state machine ([`storage::Machine`]).
+//! - [`raft`]: the node loop that owns raft-rs's `RawNode`, the peer
+//!   transport, and the mailbox the gRPC layer talks to.
+//! - [`service`]: gRPC handlers and the one mapping from errors to
+//!   `tonic::Status`.
+//! - [`client`]: the Rust client (leader discovery, retries).
+//! - [`config`]: typed configuration, files + flags + `SEQD_*` variables.
+//! - [`server`]: wiring and ordered shutdown.
+
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod pb;
+pub mod raft;
+pub mod server;
+pub mod service;
+pub mod storage;
+pub mod telemetry;

@@ -1,0 +1,90 @@
+//! The seqd server: parse flags, set up logging, run until a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use seqd::config::{Config, Overrides};
+
+/// Raft-replicated sequence and ID allocator.
+///
+/// Without --config, runs a single node from the embedded
+/// raft-config/single.toml (data in ./seqd-data, gRPC on 127.0.0.1:7000).
+#[derive(Debug, Parser)]
+#[command(name = "seqd", version)]
+struct Args {
+    /// TOML configuration file (see raft-config/).
+    #[arg(long, env = "SEQD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides node.id.
+    #[arg(long, env = "SEQD_NODE_ID")]
+    node_id: Option<u64>,
+    /// Overrides node.listen (ip:port).
+    #[arg(long, env = "SEQD_LISTEN")]
+    listen: Option<String>,
+    /// Overrides node.data_dir.
+    #[arg(long, env = "SEQD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Overrides the peer list: id=ip:port,id=ip:port,...
+    #[arg(long, env = "SEQD_PEERS")]
+    peers: Option<String>,
+    /// Overrides raft.tick_ms.
+    #[arg(long, env = "SEQD_TICK_MS")]
+    tick_ms: Option<u64>,
+    /// Overrides raft.election_ticks.
+    #[arg(long, env = "SEQD_ELECTION_TICKS")]
+    election_ticks: Option<usize>,
+    /// Overrides raft.compact_threshold.
+    #[arg(long, env = "SEQD_COMPACT_THRESHOLD")]
+    compact_threshold: Option<u64>,
+    /// Log JSON lines instead of text.
+    #[arg(long, env = "SEQD_LOG_JSON")]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    seqd::telemetry::init_logging(args.log_json);
+    let overrides = Overrides {
+        node_id: args.node_id,
+        listen: args.listen,
+        data_dir: args.data_dir,
+        peers: args.peers,
+        tick_ms: args.tick_ms,
+        election_ticks: args.election_ticks,
+        compact_threshold: args.compact_threshold,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("seqd: bad configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("seqd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(seqd::server::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("seqd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

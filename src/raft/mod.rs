@@ -1,0 +1,176 @@
+//! The Raft node: one thread owns raft-rs's `RawNode`, the RocksDB log and
+//! state machine, and the allocator core. Everything else talks to it
+//! through a mailbox ([`NodeHandle`]) and gets answers on oneshot channels.
+
+mod logger;
+mod node;
+pub mod transport;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ::raft::prelude::Message;
+use tokio::sync::oneshot;
+
+use crate::core::{RequestId, SeqKey, SeqRange};
+
+pub use node::{spawn, NodeParams};
+
+/// Numbers handed out by one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// One range per requested key, in request order.
+    pub ranges: Vec<SeqRange>,
+    pub epoch: u64,
+}
+
+/// A node's view of itself and the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub role: String,
+    pub term: u64,
+    /// 0 when no leader is known.
+    pub leader_id: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    /// Last index covered by compaction or an installed snapshot.
+    pub compacted_index: u64,
+    pub epoch: u64,
+    /// Whether this node currently serves allocations (leader, caught up).
+    pub serving: bool,
+    pub active_keys: u64,
+    pub voters: Vec<u64>,
+    /// Snapshots this node has installed since it started.
+    pub snapshots_installed: u64,
+}
+
+/// Why the node could not serve a call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("not the leader")]
+    NotLeader { leader: Option<u64> },
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("request_id: already used for a different key or count")]
+    RequestIdReused,
+    #[error("timed out after {0:?} waiting for the cluster")]
+    Timeout(Duration),
+    #[error("the node is stopping")]
+    Stopped,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+/// What the node thread receives.
+pub(crate) enum Input {
+    /// A Raft message from a peer.
+    Raft(Box<Message>),
+    /// A peer could not be reached; raft-rs slows down replication to it.
+    Unreachable(u64),
+    /// A snapshot to `to` was handed to the transport (or dropped).
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+    Allocate {
+        items: Vec<(SeqKey, u32)>,
+        request_id: Option<RequestId>,
+        reply: Reply<Grant>,
+        deadline: Instant,
+    },
+    Current {
+        key: SeqKey,
+        reply: Reply<(u64, u64)>,
+        deadline: Instant,
+    },
+    Status(oneshot::Sender<NodeStatus>),
+    /// Trim, then move leadership to `to` (or the most caught-up follower).
+    TransferLeader {
+        to: Option<u64>,
+        reply: Reply<()>,
+    },
+    /// Trim and hand over leadership if leader, then stop the thread.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Cheap, cloneable access to the node thread.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Input>,
+    request_timeout: Duration,
+}
+
+impl NodeHandle {
+    pub(crate) fn new(tx: mpsc::Sender<Input>, request_timeout: Duration) -> Self {
+        Self {
+            tx,
+            request_timeout,
+        }
+    }
+
+    pub(crate) fn send(&self, input: Input) -> Result<(), NodeError> {
+        self.tx.send(input).map_err(|_| NodeError::Stopped)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>, Instant) -> Input) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        let deadline = Instant::now() + self.request_timeout;
+        self.send(make(tx, deadline))?;
+        // The node fails calls at their deadline itself; the margin covers a
+        // node thread that is stuck on a slow disk.
+        match tokio::time::timeout(self.request_timeout + Duration::from_secs(1), rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(NodeError::Stopped),
+            Err(_) => Err(NodeError::Timeout(self.request_timeout)),
+        }
+    }
+
+    /// Allocates `count` numbers for each key (all in one namespace,
+    /// distinct keys).
+    pub async fn allocate(
+        &self,
+        items: Vec<(SeqKey, u32)>,
+        request_id: Option<RequestId>,
+    ) -> Result<Grant, NodeError> {
+        self.ask(|reply, deadline| Input::Allocate {
+            items,
+            request_id,
+            reply,
+            deadline,
+        })
+        .await
+    }
+
+    /// The highest number that may have been handed out for `key`, and the
+    /// epoch.
+    pub async fn current(&self, key: SeqKey) -> Result<(u64, u64), NodeError> {
+        self.ask(|reply, deadline| Input::Current {
+            key,
+            reply,
+            deadline,
+        })
+        .await
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Input::Status(tx))?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    pub async fn transfer_leader(&self, to: Option<u64>) -> Result<(), NodeError> {
+        self.ask(|reply, _| Input::TransferLeader { to, reply })
+            .await
+    }
+
+    /// Hands over leadership cleanly (if leader) and stops the node thread.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Input::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}

@@ -1,0 +1,994 @@
+//! The node loop: the one thread that owns `RawNode`, storage and the
+//! allocator core.
+//!
+//! # Leadership check (I2)
+//!
+//! Segmented calls are answered from memory, so a deposed leader that has
+//! not noticed yet could answer with stale numbers. Every call therefore
+//! waits for a Raft ReadIndex round started *after* it arrived: the leader
+//! asks a majority to acknowledge a heartbeat of its term, one round for all
+//! calls that arrived meanwhile. If a newer leader had already answered any
+//! call, a majority would already be in its newer term and the round could
+//! not complete. This needs no clock assumptions, unlike a lease (which would
+//! save one round trip but trusts bounded clock drift); it costs one network
+//! round trip and no fsync per batch of calls.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ::raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType};
+use ::raft::{RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole, Storage as _};
+use prost::Message as _;
+use protobuf::Message as _;
+use tokio::sync::oneshot;
+
+use super::transport::{PeerService, Transport};
+use super::{logger, Grant, Input, NodeError, NodeHandle, NodeStatus, Reply};
+use crate::config::RaftConfig;
+use crate::core::{
+    AllocError, Allocation, Allocator, CeilingSource, DenseRaise, NamespaceId, Namespaces,
+    RequestId, Role, SeqKey, SeqRange,
+};
+use crate::pb::state::{command, Command, KeyCeiling, LeaderStart, RaiseCeilings, Trim};
+use crate::storage::{self, Applied, Machine, RaftStore, StorageError};
+
+/// Most inputs handled between two Ready rounds, so ticks stay on time.
+const MAX_INPUTS_PER_ROUND: usize = 4096;
+/// Idempotency records kept by a segmented leader.
+const RECENT_REQUESTS: usize = 100_000;
+
+/// What [`spawn`] needs.
+pub struct NodeParams {
+    pub id: u64,
+    /// Initial voters (used only for a fresh data directory).
+    pub voters: Vec<u64>,
+    /// Every peer's id and address.
+    pub peers: Vec<(u64, String)>,
+    pub data_dir: PathBuf,
+    pub raft: RaftConfig,
+    pub namespaces: Namespaces,
+}
+
+/// Opens storage, starts the node thread and the peer transport.
+pub fn spawn(
+    params: NodeParams,
+    rt: &tokio::runtime::Handle,
+) -> Result<(NodeHandle, PeerService, std::thread::JoinHandle<()>), StorageError> {
+    let db = storage::open(&params.data_dir)?;
+    let store = RaftStore::open(db.clone(), &params.voters)?;
+    let machine = Machine::open(db)?;
+    let cfg = ::raft::Config {
+        id: params.id,
+        election_tick: params.raft.election_ticks,
+        heartbeat_tick: params.raft.heartbeat_ticks,
+        applied: machine.applied(),
+        max_size_per_msg: params.raft.max_size_per_msg,
+        max_inflight_msgs: params.raft.max_inflight_msgs,
+        // A leader cut off from the majority steps down after an election
+        // timeout, which fails its waiting calls instead of leaving them.
+        check_quorum: true,
+        pre_vote: true,
+        read_only_option: ReadOnlyOption::Safe,
+        ..Default::default()
+    };
+    cfg.validate()
+        .map_err(|e| StorageError::corrupt("raft config", e))?;
+    let raw = RawNode::new(&cfg, store, &logger::raft_logger(params.id))
+        .map_err(|e| StorageError::corrupt("raft state", e))?;
+
+    let (tx, rx) = mpsc::channel();
+    let transport = Transport::start(rt, params.id, &params.peers, tx.clone());
+    let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);
+    let node = Node {
+        id: params.id,
+        raw,
+        machine,
+        core: Allocator::new(params.namespaces.clone()),
+        namespaces: params.namespaces,
+        transport,
+        inbox: rx,
+        tick: Duration::from_millis(params.raft.tick_ms),
+        election_timeout: Duration::from_millis(
+            params.raft.tick_ms * params.raft.election_ticks as u64,
+        ),
+        compact_threshold: params.raft.compact_threshold,
+        started: Instant::now(),
+        unconfirmed: Vec::new(),
+        reads: VecDeque::new(),
+        waiting: Vec::new(),
+        dense_pending: Vec::new(),
+        proposals: BTreeMap::new(),
+        leader_start: None,
+        next_ctx: 1,
+        recent: RecentRequests::default(),
+        handover: None,
+        last_leader: 0,
+        snapshots_installed: 0,
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("raft-{}", params.id))
+        .spawn(move || node.run())
+        .map_err(|e| StorageError::corrupt("raft thread", e))?;
+    Ok((
+        NodeHandle::new(tx.clone(), request_timeout),
+        PeerService::new(tx),
+        thread,
+    ))
+}
+
+/// A client call inside the node.
+enum Call {
+    Allocate {
+        items: Vec<(SeqKey, u32)>,
+        request_id: Option<RequestId>,
+        reply: Reply<Grant>,
+        deadline: Instant,
+    },
+    Current {
+        key: SeqKey,
+        reply: Reply<(u64, u64)>,
+        deadline: Instant,
+    },
+}
+
+impl Call {
+    fn deadline(&self) -> Instant {
+        match self {
+            Call::Allocate { deadline, .. } | Call::Current { deadline, .. } => *deadline,
+        }
+    }
+
+    fn fail(self, err: NodeError) {
+        match self {
+            Call::Allocate { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Call::Current { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+}
+
+/// A dense call whose numbers are reserved, answered when its raise applies.
+struct DenseWaiter {
+    reply: Reply<Grant>,
+    ranges: Vec<SeqRange>,
+    request: Option<(RequestId, SeqKey, u32)>,
+}
+
+enum Proposal {
+    Raises(Vec<DenseWaiter>),
+    LeaderStart,
+    Trim,
+}
+
+enum HandoverPhase {
+    Trimming,
+    Transferring,
+}
+
+/// A leader handing over: trim, transfer, then maybe stop.
+struct Handover {
+    to: Option<u64>,
+    phase: HandoverPhase,
+    deadline: Instant,
+    reply: Option<Reply<()>>,
+    exit: Option<oneshot::Sender<()>>,
+}
+
+/// Idempotency records of the current leadership (segmented namespaces).
+#[derive(Default)]
+struct RecentRequests {
+    map: HashMap<(NamespaceId, RequestId), (SeqKey, u32, SeqRange)>,
+    order: VecDeque<(NamespaceId, RequestId)>,
+}
+
+impl RecentRequests {
+    fn get(&self, ns: NamespaceId, id: &RequestId) -> Option<&(SeqKey, u32, SeqRange)> {
+        self.map.get(&(ns, id.clone()))
+    }
+
+    fn insert(&mut self, id: RequestId, key: SeqKey, count: u32, range: SeqRange) {
+        let k = (key.namespace(), id);
+        if self.map.insert(k.clone(), (key, count, range)).is_none() {
+            self.order.push_back(k);
+        }
+        while self.order.len() > RECENT_REQUESTS {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
+}
+
+/// The state machine seen through the allocator's eyes.
+struct Source<'a> {
+    machine: &'a Machine,
+    namespaces: &'a Namespaces,
+}
+
+impl CeilingSource for Source<'_> {
+    fn committed_ceiling(&self, key: &SeqKey) -> u64 {
+        let ns = &self.namespaces.spec(key.namespace()).name;
+        match self.machine.ceiling(ns, key.key()) {
+            Ok(c) => c,
+            // Fail-stop: a node that cannot read its own state must not guess;
+            // the process restarts and another node serves meanwhile.
+            Err(e) => panic!("state machine unreadable: {e}"),
+        }
+    }
+}
+
+struct Node {
+    id: u64,
+    raw: RawNode<RaftStore>,
+    machine: Machine,
+    core: Allocator,
+    /// The allocator's namespaces, kept beside it so state reads can borrow
+    /// them while the allocator is borrowed mutably.
+    namespaces: Namespaces,
+    transport: Transport,
+    inbox: mpsc::Receiver<Input>,
+    tick: Duration,
+    election_timeout: Duration,
+    compact_threshold: u64,
+    started: Instant,
+    /// Calls waiting for the next ReadIndex round.
+    unconfirmed: Vec<Call>,
+    /// ReadIndex rounds in flight, oldest first.
+    reads: VecDeque<(u64, Vec<Call>)>,
+    /// Confirmed calls waiting for a refill to apply.
+    waiting: Vec<Call>,
+    /// Dense reservations for the next proposal.
+    dense_pending: Vec<DenseWaiter>,
+    /// Our proposals in flight: log index → (term, what).
+    proposals: BTreeMap<u64, (u64, Proposal)>,
+    /// Index of this leadership's LeaderStart entry, once proposed.
+    leader_start: Option<u64>,
+    next_ctx: u64,
+    recent: RecentRequests,
+    handover: Option<Handover>,
+    last_leader: u64,
+    snapshots_installed: u64,
+}
+
+impl Node {
+    fn run(mut self) {
+        tracing::info!(
+            node_id = self.id,
+            applied = self.machine.applied(),
+            "raft node started"
+        );
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let first = match self.inbox.recv_timeout(wait) {
+                Ok(input) => Some(input),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut stop = None;
+            if let Some(input) = first {
+                stop = self.on_input(input);
+                for _ in 0..MAX_INPUTS_PER_ROUND {
+                    if stop.is_some() {
+                        break;
+                    }
+                    match self.inbox.try_recv() {
+                        Ok(input) => stop = self.on_input(input),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                next_tick += self.tick;
+                if next_tick < now {
+                    next_tick = now + self.tick;
+                }
+                self.expire(now);
+                if let Some(exit) = self.check_handover_deadline(now) {
+                    stop = Some(exit);
+                }
+            }
+            if let Err(e) = self.round() {
+                // Fail-stop: a node that cannot persist must not keep voting
+                // or answering.
+                tracing::error!(node_id = self.id, error = %e, "storage failure; stopping the node");
+                std::process::exit(70);
+            }
+            if let Some(exit) = stop.or_else(|| self.handover_done()) {
+                self.fail_all(NodeError::Stopped);
+                tracing::info!(node_id = self.id, "raft node stopped");
+                let _ = exit.send(());
+                return;
+            }
+        }
+    }
+
+    /// One pass: start reads, propose, handle Ready, notice role changes.
+    fn round(&mut self) -> Result<(), StorageError> {
+        self.start_read_round();
+        self.propose_raises();
+        self.on_ready()?;
+        self.check_role();
+        // A role change may have queued work (LeaderStart).
+        if self.raw.has_ready() {
+            self.on_ready()?;
+        }
+        Ok(())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn leader_hint(&self) -> Option<u64> {
+        match self.raw.raft.leader_id {
+            0 => None,
+            id if id == self.id => None,
+            id => Some(id),
+        }
+    }
+
+    fn on_input(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
+        match input {
+            Input::Raft(msg) => {
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::debug!(error = %e, "raft message ignored");
+                }
+            }
+            Input::Unreachable(id) => self.raw.report_unreachable(id),
+            Input::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+            Input::Allocate {
+                items,
+                request_id,
+                reply,
+                deadline,
+            } => self.accept(Call::Allocate {
+                items,
+                request_id,
+                reply,
+                deadline,
+            }),
+            Input::Current {
+                key,
+                reply,
+                deadline,
+            } => self.accept(Call::Current {
+                key,
+                reply,
+                deadline,
+            }),
+            Input::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Input::TransferLeader { to, reply } => self.begin_handover(to, Some(reply), None),
+            Input::Shutdown(done) => {
+                if self.raw.raft.state != StateRole::Leader {
+                    return Some(done);
+                }
+                self.begin_handover(None, None, Some(done));
+            }
+        }
+        None
+    }
+
+    fn accept(&mut self, call: Call) {
+        let leading = matches!(self.core.role(), Role::Leader { .. });
+        if !leading || self.handover.is_some() {
+            call.fail(NodeError::NotLeader {
+                leader: self.leader_hint(),
+            });
+            return;
+        }
+        self.unconfirmed.push(call);
+    }
+
+    fn start_read_round(&mut self) {
+        if self.unconfirmed.is_empty() || !self.core.is_serving() {
+            return;
+        }
+        let ctx = self.next_ctx;
+        self.next_ctx += 1;
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        let calls = std::mem::take(&mut self.unconfirmed);
+        self.reads.push_back((ctx, calls));
+    }
+
+    fn on_read_states(&mut self, states: Vec<ReadState>) {
+        for rs in states {
+            let Ok(bytes) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+                continue;
+            };
+            let ctx = u64::from_be_bytes(bytes);
+            while let Some((c, calls)) = self.reads.pop_front() {
+                if c > ctx {
+                    self.reads.push_front((c, calls));
+                    break;
+                }
+                // Rounds complete in order; one that completes confirms every
+                // earlier round too.
+                for call in calls {
+                    self.serve(call);
+                }
+                if c == ctx {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Serves a call whose leadership check has passed.
+    fn serve(&mut self, call: Call) {
+        let source = Source {
+            machine: &self.machine,
+            namespaces: &self.namespaces,
+        };
+        match call {
+            Call::Current {
+                key,
+                reply,
+                deadline,
+            } => match self.core.current(&key, &source) {
+                Ok(v) => {
+                    let _ = reply.send(Ok((v, self.core.epoch())));
+                }
+                Err(e) => Call::Current {
+                    key,
+                    reply,
+                    deadline,
+                }
+                .fail(self.alloc_error(e)),
+            },
+            Call::Allocate {
+                items,
+                request_id,
+                reply,
+                deadline,
+            } => {
+                if reply.is_closed() {
+                    return;
+                }
+                if let (Some(id), [(key, count)]) = (&request_id, items.as_slice()) {
+                    if let Some((k, c, range)) = self.recent.get(key.namespace(), id) {
+                        let result = if k == key && c == count {
+                            Ok(Grant {
+                                ranges: vec![*range],
+                                epoch: self.core.epoch(),
+                            })
+                        } else {
+                            Err(NodeError::RequestIdReused)
+                        };
+                        let _ = reply.send(result);
+                        return;
+                    }
+                }
+                match self.core.allocate(&items, &source) {
+                    Ok(Allocation::Granted(ranges)) => {
+                        if let (Some(id), [(key, count)]) = (request_id, items.as_slice()) {
+                            self.recent.insert(id, key.clone(), *count, ranges[0]);
+                        }
+                        let _ = reply.send(Ok(Grant {
+                            ranges,
+                            epoch: self.core.epoch(),
+                        }));
+                    }
+                    Ok(Allocation::Wait) => self.waiting.push(Call::Allocate {
+                        items,
+                        request_id,
+                        reply,
+                        deadline,
+                    }),
+                    Ok(Allocation::Reserved(ranges)) => {
+                        let request = match (request_id, items.as_slice()) {
+                            (Some(id), [(key, count)]) => Some((id, key.clone(), *count)),
+                            _ => None,
+                        };
+                        self.dense_pending.push(DenseWaiter {
+                            reply,
+                            ranges,
+                            request,
+                        });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(self.alloc_error(e)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn alloc_error(&self, e: AllocError) -> NodeError {
+        match e {
+            AllocError::NotServing => NodeError::NotLeader {
+                leader: self.leader_hint(),
+            },
+            AllocError::Exhausted { .. } => NodeError::Exhausted(e.to_string()),
+        }
+    }
+
+    fn propose_raises(&mut self) {
+        if !self.core.is_serving() {
+            return;
+        }
+        let raises = self.core.take_raises(self.now_ms());
+        if raises.is_empty() && self.dense_pending.is_empty() {
+            return;
+        }
+        let keys = self.key_ceilings(&raises);
+        let cmd = Command {
+            kind: Some(command::Kind::Raise(RaiseCeilings { keys })),
+        };
+        let waiters = std::mem::take(&mut self.dense_pending);
+        if let Err(waiters) = self.propose(cmd, Proposal::Raises(waiters)) {
+            // The reservations are lost with the proposal: forget every key
+            // so nothing reserved is reused, and fail the calls.
+            if let Proposal::Raises(ws) = waiters {
+                for w in ws {
+                    let _ = w.reply.send(Err(NodeError::NotLeader {
+                        leader: self.leader_hint(),
+                    }));
+                }
+            }
+            self.reset_allocator();
+        }
+    }
+
+    fn key_ceilings(&self, raises: &[DenseRaise]) -> Vec<KeyCeiling> {
+        raises
+            .iter()
+            .map(|r| KeyCeiling {
+                namespace: self.core.namespace_name(r.key.namespace()).to_string(),
+                key: r.key.key().to_string(),
+                ceiling: r.ceiling,
+            })
+            .collect()
+    }
+
+    /// Proposes a command; gives the proposal back if raft-rs drops it.
+    fn propose(&mut self, cmd: Command, what: Proposal) -> Result<u64, Proposal> {
+        match self.raw.propose(Vec::new(), cmd.encode_to_vec()) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                self.proposals.insert(index, (self.raw.raft.term, what));
+                Ok(index)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "proposal dropped");
+                Err(what)
+            }
+        }
+    }
+
+    /// Forgets the allocator's memory and fails every call holding a dense
+    /// reservation, which the forgotten state can no longer protect.
+    fn reset_allocator(&mut self) {
+        self.core.forget_all();
+        self.recent.clear();
+        let hint = self.leader_hint();
+        for w in self.dense_pending.drain(..) {
+            let _ = w.reply.send(Err(NodeError::NotLeader { leader: hint }));
+        }
+        for (_, (_, p)) in self.proposals.iter_mut() {
+            if let Proposal::Raises(ws) = p {
+                for w in ws.drain(..) {
+                    let _ = w.reply.send(Err(NodeError::NotLeader { leader: hint }));
+                }
+            }
+        }
+    }
+
+    fn fail_all(&mut self, err: NodeError) {
+        self.reset_allocator();
+        for call in self.unconfirmed.drain(..) {
+            call.fail(err.clone());
+        }
+        for (_, calls) in self.reads.drain(..) {
+            for call in calls {
+                call.fail(err.clone());
+            }
+        }
+        for call in self.waiting.drain(..) {
+            call.fail(err.clone());
+        }
+        self.proposals.clear();
+        self.leader_start = None;
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let timeout = NodeError::Timeout(self.election_timeout);
+        let (expired, kept): (Vec<Call>, Vec<Call>) =
+            self.waiting.drain(..).partition(|c| c.deadline() <= now);
+        self.waiting = kept;
+        for call in expired {
+            call.fail(timeout.clone());
+        }
+        for (_, calls) in self.reads.iter_mut() {
+            let (expired, kept): (Vec<Call>, Vec<Call>) =
+                calls.drain(..).partition(|c| c.deadline() <= now);
+            *calls = kept;
+            for call in expired {
+                call.fail(timeout.clone());
+            }
+        }
+        if !self.core.is_serving() {
+            let (expired, kept): (Vec<Call>, Vec<Call>) = self
+                .unconfirmed
+                .drain(..)
+                .partition(|c| c.deadline() <= now);
+            self.unconfirmed = kept;
+            for call in expired {
+                call.fail(timeout.clone());
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), StorageError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        // 1. A leader may send before persisting (raft-rs docs, step 1).
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+        // 2. A snapshot from the leader replaces state and log.
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            self.raw.mut_store().install_snapshot(&snap)?;
+            self.machine.reload()?;
+            self.snapshots_installed += 1;
+            tracing::info!(
+                node_id = self.id,
+                index = snap.get_metadata().index,
+                term = snap.get_metadata().term,
+                "installed snapshot"
+            );
+        }
+        // 3. Apply what is committed.
+        self.apply(ready.take_committed_entries())?;
+        // 4. Persist entries and hard state in one synced write.
+        if !ready.entries().is_empty() || ready.hs().is_some() {
+            let hs = ready.hs().cloned();
+            self.raw.mut_store().append(ready.entries(), hs.as_ref())?;
+        }
+        // 5. Messages that needed the write above.
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+        let read_states = ready.take_read_states();
+        // 6. Advance, then handle what the light ready carries.
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.on_read_states(read_states);
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StorageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let outcomes = self.machine.apply(&entries)?;
+        let mut raised = false;
+        for (entry, outcome) in outcomes {
+            match &outcome {
+                Applied::Raised(kcs) | Applied::Trimmed(kcs) => {
+                    raised = true;
+                    for kc in kcs {
+                        if let Some(ns) = self.core.namespaces().lookup(&kc.namespace) {
+                            if let Ok(key) =
+                                SeqKey::try_new(self.core.namespaces(), ns, kc.key.clone())
+                            {
+                                self.core.on_ceiling_applied(&key, kc.ceiling);
+                            }
+                        }
+                    }
+                }
+                Applied::ConfChange(e) => self.apply_conf_change(e)?,
+                Applied::LeaderStarted { .. } | Applied::Empty => {}
+            }
+            self.resolve_proposals(entry.index, entry.term, &outcome);
+        }
+        if raised && !self.waiting.is_empty() {
+            for call in std::mem::take(&mut self.waiting) {
+                self.serve(call);
+            }
+        }
+        self.maybe_compact()
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<(), StorageError> {
+        let cs = if e.get_entry_type() == EntryType::EntryConfChange {
+            let cc = ConfChange::parse_from_bytes(&e.data)
+                .map_err(|err| StorageError::corrupt("conf change", err))?;
+            self.raw.apply_conf_change(&cc)
+        } else {
+            let cc = ConfChangeV2::parse_from_bytes(&e.data)
+                .map_err(|err| StorageError::corrupt("conf change", err))?;
+            self.raw.apply_conf_change(&cc)
+        };
+        match cs {
+            Ok(cs) => {
+                tracing::info!(node_id = self.id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                self.raw.mut_store().set_conf_state(cs)
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, index = e.index, "conf change rejected");
+                Ok(())
+            }
+        }
+    }
+
+    fn resolve_proposals(&mut self, index: u64, term: u64, outcome: &Applied) {
+        while let Some(entry) = self.proposals.first_entry() {
+            if *entry.key() > index {
+                break;
+            }
+            let (pindex, (pterm, what)) = entry.remove_entry();
+            let ours = pindex == index && pterm == term;
+            match what {
+                Proposal::Raises(waiters) => {
+                    for w in waiters {
+                        let result = if ours {
+                            if let Some((id, key, count)) = w.request {
+                                self.recent.insert(id, key, count, w.ranges[0]);
+                            }
+                            Ok(Grant {
+                                ranges: w.ranges,
+                                epoch: self.core.epoch(),
+                            })
+                        } else {
+                            Err(NodeError::NotLeader {
+                                leader: self.leader_hint(),
+                            })
+                        };
+                        let _ = w.reply.send(result);
+                    }
+                }
+                Proposal::LeaderStart => {
+                    if let (true, Applied::LeaderStarted { epoch, .. }) = (ours, outcome) {
+                        self.core.start_serving(*epoch);
+                        tracing::info!(node_id = self.id, term, epoch, "leader serving");
+                    }
+                }
+                Proposal::Trim => {
+                    if ours {
+                        self.transfer_after_trim();
+                    }
+                }
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), StorageError> {
+        let applied = self.machine.applied();
+        let compacted = self.raw.store().compacted_index();
+        if applied.saturating_sub(compacted) <= self.compact_threshold {
+            return Ok(());
+        }
+        // Keep a short tail so a follower slightly behind catches up from
+        // the log rather than a snapshot.
+        let upto = applied - self.compact_threshold / 10;
+        self.raw.mut_store().compact(upto)?;
+        tracing::debug!(node_id = self.id, upto, "log compacted");
+        Ok(())
+    }
+
+    fn check_role(&mut self) {
+        let leader_now = self.raw.raft.state == StateRole::Leader;
+        let term = self.raw.raft.term;
+        match (self.core.role(), leader_now) {
+            (Role::Leader { term: t, .. }, true) if t == term => {
+                if self.leader_start.is_none() {
+                    self.propose_leader_start(term);
+                }
+            }
+            (_, true) => {
+                self.fail_all(NodeError::NotLeader { leader: None });
+                self.core.become_leader(term);
+                tracing::info!(node_id = self.id, term, "became leader");
+                self.propose_leader_start(term);
+            }
+            (Role::Leader { .. }, false) => {
+                self.core.step_down();
+                let hint = self.leader_hint();
+                self.fail_all(NodeError::NotLeader { leader: hint });
+                tracing::info!(node_id = self.id, term, "stepped down");
+            }
+            (Role::Follower, false) => {}
+        }
+        let leader = self.raw.raft.leader_id;
+        if leader != self.last_leader {
+            tracing::info!(
+                node_id = self.id,
+                term,
+                leader_id = leader,
+                "leader changed"
+            );
+            self.last_leader = leader;
+        }
+    }
+
+    fn propose_leader_start(&mut self, term: u64) {
+        let cmd = Command {
+            kind: Some(command::Kind::LeaderStart(LeaderStart {
+                term,
+                node_id: self.id,
+            })),
+        };
+        if let Ok(index) = self.propose(cmd, Proposal::LeaderStart) {
+            self.leader_start = Some(index);
+        }
+    }
+
+    fn begin_handover(
+        &mut self,
+        to: Option<u64>,
+        reply: Option<Reply<()>>,
+        exit: Option<oneshot::Sender<()>>,
+    ) {
+        if self.raw.raft.state != StateRole::Leader {
+            if let Some(r) = reply {
+                let _ = r.send(Err(NodeError::NotLeader {
+                    leader: self.leader_hint(),
+                }));
+            }
+            if let Some(e) = exit {
+                let _ = e.send(());
+            }
+            return;
+        }
+        if self.handover.is_some() {
+            if let Some(r) = reply {
+                let _ = r.send(Err(NodeError::Stopped));
+            }
+            return;
+        }
+        let trim = self.core.begin_trim();
+        let hint = to.or(self.best_follower());
+        // Calls not yet answered go to the next leader.
+        for call in self.unconfirmed.drain(..).chain(self.waiting.drain(..)) {
+            call.fail(NodeError::NotLeader { leader: hint });
+        }
+        for (_, calls) in self.reads.drain(..) {
+            for call in calls {
+                call.fail(NodeError::NotLeader { leader: hint });
+            }
+        }
+        let keys = self.key_ceilings(&trim);
+        tracing::info!(
+            node_id = self.id,
+            keys = keys.len(),
+            "handing over: trimming"
+        );
+        let cmd = Command {
+            kind: Some(command::Kind::Trim(Trim {
+                keys,
+                term: self.raw.raft.term,
+            })),
+        };
+        self.handover = Some(Handover {
+            to,
+            phase: HandoverPhase::Trimming,
+            deadline: Instant::now() + self.election_timeout * 2,
+            reply,
+            exit,
+        });
+        if self.propose(cmd, Proposal::Trim).is_err() {
+            self.transfer_after_trim();
+        }
+    }
+
+    fn best_follower(&self) -> Option<u64> {
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .max_by_key(|(_, p)| p.matched)
+            .map(|(id, _)| *id)
+    }
+
+    fn transfer_after_trim(&mut self) {
+        let target = self
+            .handover
+            .as_ref()
+            .and_then(|h| h.to)
+            .or(self.best_follower());
+        let Some(h) = self.handover.as_mut() else {
+            return;
+        };
+        h.phase = HandoverPhase::Transferring;
+        match target {
+            Some(t) => {
+                tracing::info!(
+                    node_id = self.id,
+                    to = t,
+                    "handing over: transferring leadership"
+                );
+                self.raw.transfer_leader(t);
+            }
+            // Single voter: nobody to hand to; the trim alone avoids holes.
+            None => h.deadline = Instant::now(),
+        }
+    }
+
+    /// Completes a handover once leadership has moved.
+    fn handover_done(&mut self) -> Option<oneshot::Sender<()>> {
+        let moved = self.raw.raft.state != StateRole::Leader;
+        let h = self.handover.as_ref()?;
+        if !(moved && matches!(h.phase, HandoverPhase::Transferring)) {
+            return None;
+        }
+        let h = self.handover.take()?;
+        if let Some(r) = h.reply {
+            let _ = r.send(Ok(()));
+        }
+        h.exit
+    }
+
+    /// A handover that ran out of time: stop anyway, or resume serving.
+    fn check_handover_deadline(&mut self, now: Instant) -> Option<oneshot::Sender<()>> {
+        if self.handover.as_ref()?.deadline > now {
+            return None;
+        }
+        let h = self.handover.take()?;
+        if let Some(r) = h.reply {
+            let _ = r.send(Err(NodeError::Timeout(self.election_timeout * 2)));
+        }
+        if h.exit.is_some() {
+            return h.exit;
+        }
+        if self.raw.raft.state == StateRole::Leader {
+            // The trim lowered ceilings to what was used; the memory of the
+            // old segments must go before serving again.
+            self.reset_allocator();
+            let epoch = self.machine.epoch();
+            self.core.start_serving(epoch);
+            tracing::warn!(node_id = self.id, "handover timed out; serving again");
+        }
+        None
+    }
+
+    fn status(&self) -> NodeStatus {
+        let store = self.raw.store();
+        NodeStatus {
+            id: self.id,
+            role: format!("{:?}", self.raw.raft.state),
+            term: self.raw.raft.term,
+            leader_id: self.raw.raft.leader_id,
+            commit_index: self.raw.raft.raft_log.committed,
+            applied_index: self.machine.applied(),
+            first_index: store.first_index().unwrap_or_default(),
+            last_index: store.last_index().unwrap_or_default(),
+            compacted_index: store.compacted_index(),
+            epoch: self.machine.epoch(),
+            serving: self.core.is_serving(),
+            active_keys: self.core.active_keys() as u64,
+            voters: store.conf_state().voters.clone(),
+            snapshots_installed: self.snapshots_installed,
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Raft messages between nodes: one long-lived gRPC stream per peer, with
+//! reconnect. Messages are dropped, never queued without bound, while a peer
+//! is unreachable: Raft retransmits what matters.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ::raft::prelude::{Message, MessageType};
+use protobuf::Message as _;
+use tokio::sync::mpsc as tmpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Input;
+use crate::pb::peer_client::PeerClient;
+use crate::pb::peer_server::Peer;
+use crate::pb::{RaftAck, RaftFrame};
+
+/// Messages queued per peer before new ones are dropped.
+const PEER_QUEUE: usize = 4096;
+/// Largest message a peer may send (snapshots travel in one message).
+pub const MAX_PEER_MESSAGE: usize = 512 << 20;
+
+/// Sends raft messages to peers. Owned by the node thread; never blocks.
+pub struct Transport {
+    peers: HashMap<u64, tmpsc::Sender<Message>>,
+    node: mpsc::Sender<Input>,
+}
+
+impl Transport {
+    /// Starts one sender task per peer on `rt`.
+    pub(crate) fn start(
+        rt: &tokio::runtime::Handle,
+        self_id: u64,
+        peers: &[(u64, String)],
+        node: mpsc::Sender<Input>,
+    ) -> Self {
+        let mut map = HashMap::new();
+        for (id, addr) in peers {
+            if *id == self_id {
+                continue;
+            }
+            let (tx, rx) = tmpsc::channel(PEER_QUEUE);
+            rt.spawn(peer_loop(self_id, *id, addr.clone(), rx, node.clone()));
+            map.insert(*id, tx);
+        }
+        Self { peers: map, node }
+    }
+
+    pub fn send(&self, msgs: Vec<Message>) {
+        for msg in msgs {
+            let to = msg.to;
+            let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+            let Some(peer) = self.peers.get(&to) else {
+                tracing::warn!(to, "message for an unknown peer dropped");
+                continue;
+            };
+            if peer.try_send(msg).is_err() {
+                if is_snapshot {
+                    let _ = self.node.send(Input::SnapshotSent { to, ok: false });
+                }
+                let _ = self.node.send(Input::Unreachable(to));
+            }
+        }
+    }
+}
+
+async fn peer_loop(
+    self_id: u64,
+    peer_id: u64,
+    addr: String,
+    mut queue: tmpsc::Receiver<Message>,
+    node: mpsc::Sender<Input>,
+) {
+    let mut backoff = Duration::from_millis(20);
+    let uri = format!("http://{addr}");
+    loop {
+        let endpoint = match tonic::transport::Endpoint::from_shared(uri.clone()) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(2)),
+            Err(e) => {
+                tracing::error!(peer_id, %addr, error = %e, "bad peer address; not sending to it");
+                return;
+            }
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(peer_id, %addr, error = %e, "peer unreachable");
+                // Drop what queued up meanwhile: it is stale by now.
+                while queue.try_recv().is_ok() {}
+                let _ = node.send(Input::Unreachable(peer_id));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(20);
+        tracing::debug!(peer_id, %addr, "connected to peer");
+        let (tx, rx) = tmpsc::channel::<RaftFrame>(256);
+        let mut client = PeerClient::new(channel).max_encoding_message_size(MAX_PEER_MESSAGE);
+        let mut call = tokio::spawn(async move { client.raft(ReceiverStream::new(rx)).await });
+        loop {
+            tokio::select! {
+                msg = queue.recv() => {
+                    let Some(msg) = msg else {
+                        call.abort();
+                        return;
+                    };
+                    let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+                    let bytes = match msg.write_to_bytes() {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(peer_id, error = %e, "cannot encode raft message");
+                            continue;
+                        }
+                    };
+                    let sent = tx.send(RaftFrame { from: self_id, message: bytes }).await.is_ok();
+                    if is_snapshot {
+                        let _ = node.send(Input::SnapshotSent { to: peer_id, ok: sent });
+                    }
+                    if !sent {
+                        break;
+                    }
+                }
+                res = &mut call => {
+                    if let Ok(Err(status)) = res {
+                        tracing::debug!(peer_id, %status, "peer stream ended");
+                    }
+                    break;
+                }
+            }
+        }
+        let _ = node.send(Input::Unreachable(peer_id));
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Receives raft messages from peers and feeds them to the node thread.
+pub struct PeerService {
+    node: mpsc::Sender<Input>,
+}
+
+impl PeerService {
+    pub(crate) fn new(node: mpsc::Sender<Input>) -> Self {
+        Self { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(
+        &self,
+        request: Request<Streaming<RaftFrame>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(frame) = stream.message().await? {
+            let msg = Message::parse_from_bytes(&frame.message).map_err(|e| {
+                Status::invalid_argument(format!("message: not a raft message: {e}"))
+            })?;
+            if msg.from != frame.from {
+                return Err(Status::invalid_argument(format!(
+                    "from: frame says {} but the message says {}",
+                    frame.from, msg.from
+                )));
+            }
+            if self.node.send(Input::Raft(Box::new(msg))).is_err() {
+                return Err(Status::unavailable("node is stopping"));
+            }
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+}

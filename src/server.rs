@@ -1,0 +1,114 @@
+//! Wiring: storage and Raft node, gRPC services, ordered shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Config;
+use crate::pb::admin_server::AdminServer;
+use crate::pb::peer_server::PeerServer;
+use crate::pb::sequencer_server::SequencerServer;
+use crate::raft::transport::MAX_PEER_MESSAGE;
+use crate::raft::{spawn, NodeParams};
+use crate::service::{AdminService, PeerAddrs, SequencerService};
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the configured address and runs until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let addr = config.node.listen.clone();
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    serve(config, listener, shutdown).await
+}
+
+/// Runs a node on an already bound listener until `shutdown` resolves, then
+/// hands leadership over (trimming first, so no hole opens) and stops.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let namespaces = config.namespaces();
+    let peers: Vec<(u64, String)> = config
+        .peers
+        .iter()
+        .map(|p| (p.id, p.addr.clone()))
+        .collect();
+    let addrs = PeerAddrs::new(peers.clone());
+    let (node, peer_service, thread) = spawn(
+        NodeParams {
+            id: config.node.id,
+            voters: config.voter_ids(),
+            peers,
+            data_dir: config.node.data_dir.clone(),
+            raft: config.raft.clone(),
+            namespaces: namespaces.clone(),
+        },
+        &tokio::runtime::Handle::current(),
+    )?;
+    tracing::info!(
+        node_id = config.node.id,
+        listen = %config.node.listen,
+        data_dir = %config.node.data_dir.display(),
+        "seqd serving"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .add_service(SequencerServer::new(SequencerService::new(
+            node.clone(),
+            namespaces,
+            addrs.clone(),
+        )))
+        .add_service(AdminServer::new(AdminService::new(node.clone(), addrs)))
+        .add_service(PeerServer::new(peer_service).max_decoding_message_size(MAX_PEER_MESSAGE));
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutdown requested: handing over leadership");
+            node.shutdown().await;
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
+                Ok(Ok(result)) => result?,
+                Ok(Err(join)) => tracing::error!(error = %join, "gRPC server task failed"),
+                Err(_) => tracing::warn!("gRPC server did not stop in time"),
+            }
+        }
+        result = &mut server => {
+            node.shutdown().await;
+            match result {
+                Ok(r) => r?,
+                Err(join) => tracing::error!(error = %join, "gRPC server task failed"),
+            }
+        }
+    }
+    // The node thread has returned (or will, now that every handle is gone).
+    drop(node);
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    tracing::info!("seqd stopped");
+    Ok(())
+}

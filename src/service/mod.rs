@@ -1,0 +1,68 @@
+//! gRPC handlers: validate at the edge, call the node, map the outcome.
+//! [`status_from`] is the one place node errors become `tonic::Status`.
+
+mod admin;
+mod sequencer;
+
+pub use admin::AdminService;
+pub use sequencer::SequencerService;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
+
+use crate::core::InvalidArgument;
+use crate::raft::NodeError;
+
+/// Response metadata naming the leader's address.
+pub const LEADER_ADDR_HEADER: &str = "seqd-leader-addr";
+/// Response metadata naming the leader's node id.
+pub const LEADER_ID_HEADER: &str = "seqd-leader-id";
+
+/// Node id → client address, for leader hints.
+#[derive(Debug, Clone, Default)]
+pub struct PeerAddrs(Arc<HashMap<u64, String>>);
+
+impl PeerAddrs {
+    pub fn new(peers: impl IntoIterator<Item = (u64, String)>) -> Self {
+        Self(Arc::new(peers.into_iter().collect()))
+    }
+
+    fn get(&self, id: u64) -> Option<&str> {
+        self.0.get(&id).map(String::as_str)
+    }
+}
+
+/// Bad input: nothing was done.
+pub fn invalid(e: InvalidArgument) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// Maps every node error to a status; leader hints go into metadata.
+pub fn status_from(e: NodeError, peers: &PeerAddrs) -> Status {
+    match e {
+        NodeError::NotLeader { leader: Some(id) } => {
+            let addr = peers.get(id).unwrap_or("");
+            let mut status = Status::new(
+                Code::Unavailable,
+                format!("not the leader; the leader is node {id} at {addr}"),
+            );
+            if let Ok(v) = MetadataValue::try_from(addr) {
+                status.metadata_mut().insert(LEADER_ADDR_HEADER, v);
+            }
+            status
+                .metadata_mut()
+                .insert(LEADER_ID_HEADER, MetadataValue::from(id));
+            status
+        }
+        NodeError::NotLeader { leader: None } => {
+            Status::unavailable("not the leader, and no leader is known yet")
+        }
+        NodeError::Exhausted(msg) => Status::resource_exhausted(msg),
+        NodeError::RequestIdReused => Status::invalid_argument(e.to_string()),
+        NodeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        NodeError::Stopped => Status::unavailable(e.to_string()),
+    }
+}

@@ -1,0 +1,439 @@
+//! The Raft log, hard state and conf state in RocksDB, behind
+//! [`raft::Storage`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
+use rocksdb::{WriteBatch, WriteOptions, DB};
+
+use super::{cf, decode_u64, machine, StorageError, CF_LOG, CF_META, CF_STATE};
+
+const HARD_STATE: &[u8] = b"hard_state";
+const CONF_STATE: &[u8] = b"conf_state";
+/// Index and term of the last entry removed by compaction or covered by an
+/// installed snapshot.
+const COMPACTED: &[u8] = b"compacted";
+
+fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn synced() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+/// The Raft side of a node's storage. Owned by the Raft thread.
+pub struct RaftStore {
+    db: Arc<DB>,
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Index and term just below the first entry in the log.
+    compacted: (u64, u64),
+    /// Term of every entry in the log, from `compacted.0 + 1` on: raft-rs
+    /// asks for terms constantly and the log is kept short by compaction.
+    terms: VecDeque<u64>,
+}
+
+impl RaftStore {
+    /// Opens the log. On a fresh database, records `voters` as the initial
+    /// configuration (every member of a new cluster starts with the same
+    /// list, so no bootstrap step is needed).
+    pub fn open(db: Arc<DB>, voters: &[u64]) -> Result<Self, StorageError> {
+        let meta = cf(&db, CF_META);
+        let hard_state = match db.get_cf(meta, HARD_STATE)? {
+            Some(b) => HardState::parse_from_bytes(&b)
+                .map_err(|e| StorageError::corrupt("hard state", e))?,
+            None => HardState::default(),
+        };
+        let conf_state = match db.get_cf(meta, CONF_STATE)? {
+            Some(b) => ConfState::parse_from_bytes(&b)
+                .map_err(|e| StorageError::corrupt("conf state", e))?,
+            None => {
+                let cs = ConfState {
+                    voters: voters.to_vec(),
+                    ..Default::default()
+                };
+                let bytes = cs
+                    .write_to_bytes()
+                    .map_err(|e| StorageError::corrupt("conf state", e))?;
+                db.put_cf_opt(meta, CONF_STATE, bytes, &synced())?;
+                cs
+            }
+        };
+        let compacted = match db.get_cf(meta, COMPACTED)? {
+            Some(b) if b.len() == 16 => (
+                decode_u64("compaction point", &b[..8])?,
+                decode_u64("compaction point", &b[8..])?,
+            ),
+            Some(b) => {
+                return Err(StorageError::corrupt(
+                    "compaction point",
+                    format!("{} bytes", b.len()),
+                ))
+            }
+            None => (0, 0),
+        };
+        let mut terms = VecDeque::new();
+        let mut expect = compacted.0 + 1;
+        for item in db.iterator_cf(
+            cf(&db, CF_LOG),
+            rocksdb::IteratorMode::From(&log_key(expect), rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            let index = decode_u64("log key", &k)?;
+            if index != expect {
+                return Err(StorageError::corrupt(
+                    "raft log",
+                    format!("entry {index} found where {expect} was expected"),
+                ));
+            }
+            let e = Entry::parse_from_bytes(&v).map_err(|e| StorageError::corrupt("entry", e))?;
+            terms.push_back(e.term);
+            expect += 1;
+        }
+        Ok(Self {
+            db,
+            hard_state,
+            conf_state,
+            compacted,
+            terms,
+        })
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    pub fn first(&self) -> u64 {
+        self.compacted.0 + 1
+    }
+
+    pub fn last(&self) -> u64 {
+        self.compacted.0 + self.terms.len() as u64
+    }
+
+    /// Index of the last compaction or installed snapshot.
+    pub fn compacted_index(&self) -> u64 {
+        self.compacted.0
+    }
+
+    /// Appends entries (replacing any conflicting suffix) and the new hard
+    /// state in one synced write: raft-rs requires both on disk before the
+    /// messages that depend on them are sent.
+    pub fn append(
+        &mut self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+    ) -> Result<(), StorageError> {
+        if entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        let log = cf(&self.db, CF_LOG);
+        if let Some(first) = entries.first() {
+            if first.index <= self.compacted.0 {
+                return Err(StorageError::corrupt(
+                    "append",
+                    format!(
+                        "entry {} is below the compaction point {}",
+                        first.index, self.compacted.0
+                    ),
+                ));
+            }
+            if first.index > self.last() + 1 {
+                return Err(StorageError::corrupt(
+                    "append",
+                    format!("gap: entry {} after last {}", first.index, self.last()),
+                ));
+            }
+            // Entries from first.index on are replaced.
+            if first.index <= self.last() {
+                batch.delete_range_cf(log, log_key(first.index), log_key(self.last() + 1));
+            }
+            for e in entries {
+                let bytes = e
+                    .write_to_bytes()
+                    .map_err(|err| StorageError::corrupt("entry", err))?;
+                batch.put_cf(log, log_key(e.index), bytes);
+            }
+        }
+        if let Some(hs) = hs {
+            let bytes = hs
+                .write_to_bytes()
+                .map_err(|e| StorageError::corrupt("hard state", e))?;
+            batch.put_cf(cf(&self.db, CF_META), HARD_STATE, bytes);
+        }
+        self.db.write_opt(batch, &synced())?;
+
+        if let Some(first) = entries.first() {
+            let keep = (first.index - self.compacted.0 - 1) as usize;
+            self.terms.truncate(keep);
+            self.terms.extend(entries.iter().map(|e| e.term));
+        }
+        if let Some(hs) = hs {
+            self.hard_state = hs.clone();
+        }
+        Ok(())
+    }
+
+    /// Records a new commit index. Not synced: raft-rs recovers the commit
+    /// index from its peers, and a later synced write persists it anyway.
+    pub fn set_commit(&mut self, commit: u64) -> Result<(), StorageError> {
+        self.hard_state.commit = commit;
+        let bytes = self
+            .hard_state
+            .write_to_bytes()
+            .map_err(|e| StorageError::corrupt("hard state", e))?;
+        self.db.put_cf(cf(&self.db, CF_META), HARD_STATE, bytes)?;
+        Ok(())
+    }
+
+    /// Records the configuration after a conf change has been applied.
+    pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), StorageError> {
+        let bytes = cs
+            .write_to_bytes()
+            .map_err(|e| StorageError::corrupt("conf state", e))?;
+        self.db
+            .put_cf_opt(cf(&self.db, CF_META), CONF_STATE, bytes, &synced())?;
+        self.conf_state = cs;
+        Ok(())
+    }
+
+    /// Removes entries up to and including `index`, which MUST already be
+    /// applied. The synced write also makes every earlier state-machine write
+    /// durable, so no applied entry is lost with the log.
+    pub fn compact(&mut self, index: u64) -> Result<(), StorageError> {
+        if index <= self.compacted.0 {
+            return Ok(());
+        }
+        if index > self.last() {
+            return Err(StorageError::corrupt(
+                "compaction",
+                format!("index {index} is past the last entry {}", self.last()),
+            ));
+        }
+        let term = self.terms[(index - self.compacted.0 - 1) as usize];
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            cf(&self.db, CF_LOG),
+            log_key(self.compacted.0 + 1),
+            log_key(index + 1),
+        );
+        batch.put_cf(
+            cf(&self.db, CF_META),
+            COMPACTED,
+            compaction_point(index, term),
+        );
+        self.db.write_opt(batch, &synced())?;
+        let drop = (index - self.compacted.0) as usize;
+        self.terms.drain(..drop);
+        self.compacted = (index, term);
+        Ok(())
+    }
+
+    /// Installs a snapshot from the leader: replaces the state machine and
+    /// the log in one synced write.
+    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), StorageError> {
+        let meta = snap.get_metadata();
+        let mut batch = WriteBatch::default();
+        machine::write_snapshot(&self.db, &mut batch, meta.index, snap.get_data())?;
+        let log = cf(&self.db, CF_LOG);
+        batch.delete_range_cf(log, log_key(0), log_key(u64::MAX));
+        let metacf = cf(&self.db, CF_META);
+        batch.put_cf(metacf, COMPACTED, compaction_point(meta.index, meta.term));
+        let cs = meta.get_conf_state().clone();
+        let cs_bytes = cs
+            .write_to_bytes()
+            .map_err(|e| StorageError::corrupt("conf state", e))?;
+        batch.put_cf(metacf, CONF_STATE, cs_bytes);
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        let hs_bytes = hs
+            .write_to_bytes()
+            .map_err(|e| StorageError::corrupt("hard state", e))?;
+        batch.put_cf(metacf, HARD_STATE, hs_bytes);
+        self.db.write_opt(batch, &synced())?;
+        self.hard_state = hs;
+        self.conf_state = cs;
+        self.compacted = (meta.index, meta.term);
+        self.terms.clear();
+        Ok(())
+    }
+
+    fn entry(&self, index: u64) -> Result<Entry, StorageError> {
+        let bytes = self
+            .db
+            .get_cf(cf(&self.db, CF_LOG), log_key(index))?
+            .ok_or_else(|| StorageError::corrupt("raft log", format!("entry {index} missing")))?;
+        Entry::parse_from_bytes(&bytes).map_err(|e| StorageError::corrupt("entry", e))
+    }
+}
+
+fn compaction_point(index: u64, term: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&index.to_be_bytes());
+    v.extend_from_slice(&term.to_be_bytes());
+    v
+}
+
+fn other(e: StorageError) -> raft::Error {
+    raft::Error::Store(RaftStorageError::Other(Box::new(e)))
+}
+
+impl raft::Storage for RaftStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.compacted.0 {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        if high > self.last() + 1 {
+            return Err(raft::Error::Store(RaftStorageError::Unavailable));
+        }
+        let max_size = max_size.into();
+        let mut out = Vec::with_capacity((high - low) as usize);
+        let mut size = 0u64;
+        for index in low..high {
+            let e = self.entry(index).map_err(other)?;
+            size += u64::from(protobuf::Message::compute_size(&e));
+            // Always return at least one entry, as raft-rs expects.
+            if !out.is_empty() && max_size.is_some_and(|m| size > m) {
+                break;
+            }
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.compacted.0 {
+            return Ok(self.compacted.1);
+        }
+        if idx < self.compacted.0 {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        match self.terms.get((idx - self.compacted.0 - 1) as usize) {
+            Some(t) => Ok(*t),
+            None => Err(raft::Error::Store(RaftStorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // The state CF always holds exactly the applied state: it is written
+        // by this thread only, one applied batch at a time.
+        let (applied, data) = machine::read_snapshot(&self.db).map_err(other)?;
+        if applied < request_index {
+            return Err(raft::Error::Store(
+                RaftStorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let term = self.term(applied)?;
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        let meta: &mut SnapshotMetadata = snap.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(self.conf_state.clone());
+        Ok(snap)
+    }
+}
+
+/// Whether the state CF has been written at all (for tests and status).
+pub fn has_state(db: &DB) -> bool {
+    db.iterator_cf(cf(db, CF_STATE), rocksdb::IteratorMode::Start)
+        .next()
+        .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: vec![index as u8].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn append_truncates_conflicts_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut s = RaftStore::open(db.clone(), &[1, 2, 3]).unwrap();
+        let hs = HardState {
+            term: 2,
+            vote: 1,
+            commit: 0,
+            ..Default::default()
+        };
+        s.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs))
+            .unwrap();
+        s.append(&[entry(2, 2)], None).unwrap();
+        assert_eq!((s.first(), s.last()), (1, 2));
+        assert_eq!(s.term(2).unwrap(), 2);
+        drop(s);
+        let s = RaftStore::open(db, &[9]).unwrap();
+        assert_eq!(s.last(), 2);
+        assert_eq!(s.hard_state().vote, 1);
+        assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
+        let got = s
+            .entries(1, 3, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(got.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn compaction_keeps_the_term_of_the_compaction_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut s = RaftStore::open(db.clone(), &[1]).unwrap();
+        let es: Vec<Entry> = (1..=10).map(|i| entry(i, 1 + i / 5)).collect();
+        s.append(&es, None).unwrap();
+        s.compact(6).unwrap();
+        assert_eq!(s.first(), 7);
+        assert_eq!(s.term(6).unwrap(), 2);
+        assert!(s.term(5).is_err());
+        assert!(s
+            .entries(5, 8, None, GetEntriesContext::empty(false))
+            .is_err());
+        drop(s);
+        let s = RaftStore::open(db, &[1]).unwrap();
+        assert_eq!((s.first(), s.last()), (7, 10));
+        assert_eq!(s.term(6).unwrap(), 2);
+    }
+}

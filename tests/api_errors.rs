@@ -1,0 +1,166 @@
+//! Bad input gets INVALID_ARGUMENT naming the field and changes nothing
+//! (I6); a key at its ceiling fails with RESOURCE_EXHAUSTED, never wraps
+//! (I4).
+
+mod common;
+
+use std::time::Duration;
+
+use common::Cluster;
+use seqd::pb::sequencer_client::SequencerClient;
+use seqd::pb::{BatchItem, CurrentRequest, NextBatchRequest, NextRequest};
+use tonic::Code;
+
+fn next(ns: &str, key: &str, count: u32, request_id: &str) -> NextRequest {
+    NextRequest {
+        namespace: ns.into(),
+        key: key.into(),
+        count,
+        request_id: request_id.into(),
+    }
+}
+
+fn batch(ns: &str, items: &[(&str, u32)]) -> NextBatchRequest {
+    NextBatchRequest {
+        namespace: ns.into(),
+        items: items
+            .iter()
+            .map(|(k, c)| BatchItem {
+                key: k.to_string(),
+                count: *c,
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_names_the_field_and_changes_nothing() {
+    let c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut api = SequencerClient::connect(format!("http://{}", c.node(1).addr))
+        .await
+        .unwrap();
+    let first = api
+        .next(next("conv", "k", 1, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.first, 1);
+
+    let long_key = "x".repeat(65);
+    let long_id = "r".repeat(129);
+    let cases: Vec<(NextRequest, &str)> = vec![
+        (next("", "k", 1, ""), "namespace:"),
+        (next("nope", "k", 1, ""), "namespace:"),
+        (next("conv", "", 1, ""), "key:"),
+        (next("conv", &long_key, 1, ""), "key:"),
+        (next("conv", "k", 0, ""), "count:"),
+        (next("conv", "k", 1001, ""), "count:"),
+        (next("conv", "k", 1, &long_id), "request_id:"),
+    ];
+    for (req, field) in cases {
+        let desc = format!("{req:?}");
+        let err = api.next(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{desc}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{desc}: message {:?} should name {field}",
+            err.message()
+        );
+    }
+
+    let batch_cases: Vec<(NextBatchRequest, &str)> = vec![
+        (batch("conv", &[]), "items:"),
+        (batch("nope", &[("k", 1)]), "namespace:"),
+        (batch("conv", &[("a", 1), ("", 1)]), "items[1].key:"),
+        (batch("conv", &[("a", 1), ("b", 0)]), "items[1].count:"),
+        (batch("conv", &[("a", 1), ("a", 1)]), "items[1].key:"),
+    ];
+    for (req, field) in batch_cases {
+        let desc = format!("{req:?}");
+        let err = api.next_batch(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{desc}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{desc}: message {:?} should name {field}",
+            err.message()
+        );
+    }
+    let too_many: Vec<(String, u32)> = (0..10_001).map(|i| (format!("k{i}"), 1)).collect();
+    let refs: Vec<(&str, u32)> = too_many.iter().map(|(k, c)| (k.as_str(), *c)).collect();
+    let err = api.next_batch(batch("conv", &refs)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("items:"), "{}", err.message());
+
+    let err = api
+        .current(CurrentRequest {
+            namespace: "conv".into(),
+            key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Nothing changed: the key continues right after the one good call, and
+    // the batch members that preceded a bad item were not touched.
+    let cur = api
+        .current(CurrentRequest {
+            namespace: "conv".into(),
+            key: "k".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cur.current, 1);
+    let a = api
+        .current(CurrentRequest {
+            namespace: "conv".into(),
+            key: "a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.current, 0);
+    let again = api
+        .next(next("conv", "k", 1, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.first, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exhausted_keys_fail_and_never_wrap() {
+    let mut c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = c.client();
+    // "tiny" stops at 100.
+    let a = client.next("tiny", "t", 50).await.unwrap();
+    let b = client.next("tiny", "t", 49).await.unwrap();
+    assert_eq!((a.first, b.first), (1, 51));
+    let err = client.next("tiny", "t", 2).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    let batch_err = client
+        .next_batch("tiny", &[("other", 1), ("t", 2)])
+        .await
+        .unwrap_err();
+    assert_eq!(batch_err.code(), Some(Code::ResourceExhausted));
+    assert_eq!(
+        client.current("tiny", "other").await.unwrap(),
+        0,
+        "a failed batch takes nothing"
+    );
+    let last = client.next("tiny", "t", 1).await.unwrap();
+    assert_eq!(last.first, 100);
+    for _ in 0..3 {
+        let err = client.next("tiny", "t", 1).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::ResourceExhausted));
+    }
+    // Still exhausted after a crash: the ceiling is replicated state.
+    c.kill(1);
+    c.spawn(1);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let err = client.next("tiny", "t", 1).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::ResourceExhausted));
+    assert_eq!(client.current("tiny", "t").await.unwrap(), 100);
+}

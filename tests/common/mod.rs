@@ -1,0 +1,422 @@
+//! Shared helpers: real `seqd` processes on loopback with data in temp dirs,
+//! and a checker for I1/I2 over a recorded history.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use seqd::client::{Client, ClientOptions};
+use seqd::pb::StatusResponse;
+
+/// Namespaces every test cluster has.
+pub const NAMESPACES: &str = r#"
+[[namespaces]]
+name = "conv"
+mode = "segmented"
+step_min = 50
+step_max = 5000
+refill_interval_ms = 200
+max_count = 1000
+max_key_bytes = 64
+
+[[namespaces]]
+name = "inbox"
+mode = "dense"
+step_min = 1
+step_max = 1
+max_count = 1000
+max_key_bytes = 64
+
+[[namespaces]]
+name = "tiny"
+mode = "segmented"
+step_min = 10
+step_max = 10
+max_count = 50
+max_key_bytes = 8
+max_value = 100
+"#;
+
+/// Picks free loopback ports (bound, then released for the node to take).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// A cluster of real seqd processes.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    extra_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with `raft_section` (TOML lines under `[raft]`).
+    pub fn start(n: usize, raft_section: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports = free_ports(n);
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut peers = String::new();
+        for (i, a) in addrs.iter().enumerate() {
+            peers.push_str(&format!("[[peers]]\nid = {}\naddr = \"{a}\"\n\n", i + 1));
+        }
+        let mut nodes = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let id = i as u64 + 1;
+            let data = dir.path().join(format!("node{id}"));
+            let config = dir.path().join(format!("node{id}.toml"));
+            let text = format!(
+                "[node]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\n{peers}[raft]\n{raft_section}\n{NAMESPACES}",
+                data.display()
+            );
+            std::fs::write(&config, text).expect("write config");
+            nodes.push(Node {
+                id,
+                addr: addr.clone(),
+                config,
+                log: dir.path().join(format!("node{id}.log")),
+                child: None,
+            });
+        }
+        let mut cluster = Self {
+            dir,
+            nodes,
+            extra_args: Vec::new(),
+        };
+        for id in 1..=n as u64 {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[id as usize - 1]
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// Starts (or restarts) node `id`'s process.
+    pub fn spawn(&mut self, id: u64) {
+        let node = &mut self.nodes[id as usize - 1];
+        assert!(node.child.is_none(), "node {id} already running");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("open log");
+        let child = Command::new(env!("CARGO_BIN_EXE_seqd"))
+            .arg("--config")
+            .arg(&node.config)
+            .args(&self.extra_args)
+            .env("SEQD_LOG", "info,raft=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn seqd");
+        node.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown work at all, like a crash.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes[id as usize - 1].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the graceful path (trim and hand over).
+    pub fn terminate(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes[id as usize - 1].child.take() {
+            signal(&child, "TERM");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(status.success(), "node {id} exited with {status}");
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("node {id} did not stop within 15 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.addrs(), ClientOptions::default()).expect("client")
+    }
+
+    /// Status of one node, `None` if it does not answer.
+    pub async fn status(&self, id: u64) -> Option<StatusResponse> {
+        let client = Client::new(&[self.node(id).addr.clone()], ClientOptions::default()).ok()?;
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            client.node_status(&self.node(id).addr),
+        )
+        .await
+        .ok()?
+        .ok()
+    }
+
+    /// Waits until a running node reports that it serves as leader.
+    pub async fn wait_leader(&self, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            for n in &self.nodes {
+                if !n.is_running() {
+                    continue;
+                }
+                if let Some(s) = self.status(n.id).await {
+                    if s.serving {
+                        return s.id;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("no serving leader within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for `cond` on node `id`'s status.
+    pub async fn wait_status(
+        &self,
+        id: u64,
+        within: Duration,
+        what: &str,
+        cond: impl Fn(&StatusResponse) -> bool,
+    ) -> StatusResponse {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.status(id).await {
+                if cond(&s) {
+                    return s;
+                }
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!(
+                    "node {id}: {what} not reached within {within:?}: {:?}",
+                    self.status(id).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn dump_logs(&self) {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("----- node {} log (last 40 lines) -----", n.id);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node{id}"))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} failed");
+}
+
+/// One completed call: which key, when it started and ended, what it got.
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub key: String,
+    pub invoked: Instant,
+    pub completed: Instant,
+    pub first: u64,
+    pub last: u64,
+}
+
+/// Checks I1 (no number handed out twice per key) and I2 (a call that
+/// started after another completed got greater numbers) over every
+/// completed call. Returns the number of numbers checked.
+pub fn check_history(ops: &[Op]) -> usize {
+    let mut by_key: HashMap<&str, Vec<&Op>> = HashMap::new();
+    for op in ops {
+        assert!(op.first >= 1 && op.last >= op.first, "bad range {op:?}");
+        by_key.entry(&op.key).or_default().push(op);
+    }
+    let mut numbers = 0;
+    for (key, mut ops) in by_key {
+        // I1: ranges of one key never overlap.
+        ops.sort_by_key(|o| o.first);
+        for w in ops.windows(2) {
+            assert!(
+                w[1].first > w[0].last,
+                "I1 violated for key {key}: {:?} overlaps {:?}",
+                w[0],
+                w[1]
+            );
+        }
+        numbers += ops
+            .iter()
+            .map(|o| (o.last - o.first + 1) as usize)
+            .sum::<usize>();
+        // I2: sweep calls by start time, tracking the largest number of every
+        // call that completed before it.
+        let mut by_completion = ops.clone();
+        by_completion.sort_by_key(|o| o.completed);
+        let mut by_invocation = ops;
+        by_invocation.sort_by_key(|o| o.invoked);
+        let mut done = 0;
+        let mut max_done: Option<&Op> = None;
+        for b in by_invocation {
+            while done < by_completion.len() && by_completion[done].completed < b.invoked {
+                let a = by_completion[done];
+                if max_done.is_none_or(|m| a.last > m.last) {
+                    max_done = Some(a);
+                }
+                done += 1;
+            }
+            if let Some(a) = max_done {
+                assert!(
+                    b.first > a.last,
+                    "I2 violated for key {key}: {b:?} started after {a:?} completed but got a smaller number"
+                );
+            }
+        }
+    }
+    numbers
+}
+
+/// Concurrent callers of `Next`, each recording its history.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<Op>, Vec<String>)>>,
+}
+
+impl Load {
+    /// `tasks` callers over `keys` keys of `namespace`, counts 1 to 3.
+    pub fn start(
+        client: std::sync::Arc<Client>,
+        namespace: &'static str,
+        keys: usize,
+        tasks: usize,
+    ) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..tasks)
+            .map(|t| {
+                let client = client.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut ops = Vec::new();
+                    let mut errors = Vec::new();
+                    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let key = format!("k{}", x % keys as u64);
+                        let count = 1 + (x >> 32) as u32 % 3;
+                        let invoked = Instant::now();
+                        match client.next(namespace, &key, count).await {
+                            Ok(r) => {
+                                assert_eq!(r.count, count, "count echoed");
+                                ops.push(Op {
+                                    key,
+                                    invoked,
+                                    completed: Instant::now(),
+                                    first: r.first,
+                                    last: r.first + u64::from(r.count) - 1,
+                                })
+                            }
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                    }
+                    (ops, errors)
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops the callers and returns every completed call and every error.
+    pub async fn finish(self) -> (Vec<Op>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut ops = Vec::new();
+        let mut errors = Vec::new();
+        for t in self.tasks {
+            let (o, e) = t.await.expect("load task");
+            ops.extend(o);
+            errors.extend(e);
+        }
+        (ops, errors)
+    }
+}
+
+/// The longest time, after `since`, during which no call completed.
+pub fn longest_stall(ops: &[Op], since: Instant) -> Duration {
+    let mut times: Vec<Instant> = ops
+        .iter()
+        .map(|o| o.completed)
+        .filter(|t| *t >= since)
+        .collect();
+    times.sort();
+    let mut prev = since;
+    let mut worst = Duration::ZERO;
+    for t in times {
+        worst = worst.max(t - prev);
+        prev = t;
+    }
+    worst
+}

@@ -1,0 +1,99 @@
+//! A single real node: answers, survives SIGKILL with higher numbers, and
+//! hands over without a hole on SIGTERM.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Cluster;
+
+const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_node_serves_and_restarts_higher() {
+    let mut c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = c.client();
+
+    let a = client.next("conv", "alice", 1).await.unwrap();
+    assert_eq!((a.first, a.count), (1, 1));
+    let b = client.next("conv", "alice", 5).await.unwrap();
+    assert_eq!((b.first, b.count), (2, 5));
+    let batch = client
+        .next_batch("conv", &[("alice", 2), ("bob", 1)])
+        .await
+        .unwrap();
+    assert_eq!(batch.ranges.len(), 2);
+    assert_eq!(
+        (batch.ranges[0].key.as_str(), batch.ranges[0].first),
+        ("alice", 7)
+    );
+    assert_eq!(
+        (batch.ranges[1].key.as_str(), batch.ranges[1].first),
+        ("bob", 1)
+    );
+    assert_eq!(client.current("conv", "alice").await.unwrap(), 8);
+    assert_eq!(client.current("conv", "nobody").await.unwrap(), 0);
+
+    // A crash skips the unused rest of the segment, never reuses a number,
+    // and announces the possible hole with a new epoch.
+    c.kill(1);
+    c.spawn(1);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let d = client.next("conv", "alice", 1).await.unwrap();
+    assert!(d.first > 8, "after a crash {} must be above 8", d.first);
+    assert!(
+        d.epoch > a.epoch,
+        "epoch {} must change after a crash ({})",
+        d.epoch,
+        a.epoch
+    );
+    assert!(client.current("conv", "alice").await.unwrap() >= d.first);
+
+    // A graceful stop trims: the next number follows without a hole and the
+    // epoch stays.
+    let e = client.next("conv", "alice", 3).await.unwrap();
+    c.terminate(1);
+    c.spawn(1);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let f = client.next("conv", "alice", 1).await.unwrap();
+    assert_eq!(f.first, e.first + 3, "no hole across a graceful restart");
+    assert_eq!(f.epoch, e.epoch, "no new epoch without a hole");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dense_namespace_has_no_holes_even_across_a_crash() {
+    let mut c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = c.client();
+    let mut expect = 1;
+    for round in 0..3 {
+        for _ in 0..20 {
+            let r = client.next("inbox", "user:1", 2).await.unwrap();
+            assert_eq!(r.first, expect, "round {round}");
+            expect += 2;
+        }
+        c.kill(1);
+        c.spawn(1);
+        c.wait_leader(Duration::from_secs(20)).await;
+    }
+    assert_eq!(client.current("inbox", "user:1").await.unwrap(), expect - 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_id_returns_the_same_range() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = c.client();
+    let a = client.next_with_id("conv", "k", 2, "msg-1").await.unwrap();
+    let b = client.next_with_id("conv", "k", 2, "msg-1").await.unwrap();
+    assert_eq!((a.first, a.count), (b.first, b.count));
+    let other = client.next_with_id("conv", "k", 2, "msg-2").await.unwrap();
+    assert_eq!(other.first, a.first + 2);
+    let err = client
+        .next_with_id("conv", "k", 3, "msg-1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+    assert!(err.to_string().contains("request_id"), "{err}");
+}
