@@ -36,7 +36,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             overall_timeout: Duration::from_secs(10),
-            attempt_timeout: Duration::from_secs(4),
+            attempt_timeout: Duration::from_secs(1),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
         }

@@ -82,3 +82,31 @@ async fn graceful_leader_transfer_loses_no_call_and_opens_no_hole() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_leader_is_deposed_and_hands_out_nothing_stale() {
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let client = Arc::new(c.client());
+    let load = Load::start(client.clone(), "conv", 10, 12);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Longer than the election timeout: the others elect a new leader while
+    // the old one still believes it leads and has calls queued.
+    c.pause(leader);
+    let paused_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.resume(leader);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ops, errors) = load.finish().await;
+    let numbers = check_history(&ops);
+    let stall = longest_stall(&ops, paused_at);
+    eprintln!(
+        "pause: {} calls, {numbers} numbers checked, longest stall {stall:?}",
+        ops.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "calls failed through the client: {errors:?}"
+    );
+    assert!(stall < Duration::from_secs(5), "stalled for {stall:?}");
+}

@@ -115,7 +115,7 @@ impl Machine {
         let mut overlay: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut out = Vec::with_capacity(entries.len());
         let mut applied = self.applied;
-        let mut meta = self.meta.clone();
+        let mut meta = self.meta;
         for e in entries {
             if e.index <= applied {
                 continue;

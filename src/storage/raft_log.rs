@@ -79,11 +79,12 @@ impl RaftStore {
             None => (0, 0),
         };
         let mut terms = VecDeque::new();
-        let mut expect = compacted.0 + 1;
-        for item in db.iterator_cf(
+        let first = compacted.0 + 1;
+        let iter = db.iterator_cf(
             cf(&db, CF_LOG),
-            rocksdb::IteratorMode::From(&log_key(expect), rocksdb::Direction::Forward),
-        ) {
+            rocksdb::IteratorMode::From(&log_key(first), rocksdb::Direction::Forward),
+        );
+        for (expect, item) in (first..).zip(iter) {
             let (k, v) = item?;
             let index = decode_u64("log key", &k)?;
             if index != expect {
@@ -94,7 +95,6 @@ impl RaftStore {
             }
             let e = Entry::parse_from_bytes(&v).map_err(|e| StorageError::corrupt("entry", e))?;
             terms.push_back(e.term);
-            expect += 1;
         }
         Ok(Self {
             db,

@@ -170,6 +170,20 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOP: the process keeps its state but stops running.
+    pub fn pause(&mut self, id: u64) {
+        if let Some(child) = &self.nodes[id as usize - 1].child {
+            signal(child, "STOP");
+        }
+    }
+
+    /// SIGCONT after [`Cluster::pause`].
+    pub fn resume(&mut self, id: u64) {
+        if let Some(child) = &self.nodes[id as usize - 1].child {
+            signal(child, "CONT");
+        }
+    }
+
     pub fn client(&self) -> Client {
         Client::new(&self.addrs(), ClientOptions::default()).expect("client")
     }
