@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::core::{Mode, NamespaceSpec, Namespaces, MAX_SEQUENCE};
+use crate::core::{Clock as _, Mode, NamespaceSpec, Namespaces, MAX_SEQUENCE};
 
 /// The single-node configuration used when no file is given.
 pub const EMBEDDED_SINGLE: &str = include_str!("../raft-config/single.toml");
@@ -24,6 +24,56 @@ pub struct Config {
     #[serde(default)]
     pub raft: RaftConfig,
     pub namespaces: Vec<NamespaceConfig>,
+    #[serde(default)]
+    pub snowflake: SnowflakeConfig,
+    #[serde(default)]
+    pub testing: TestingConfig,
+}
+
+/// Snowflake ID layout and clock guards. The layout MUST be the same on
+/// every node of a cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnowflakeConfig {
+    /// Custom epoch, Unix ms (default 2024-01-01T00:00:00Z).
+    pub epoch_ms: u64,
+    pub time_bits: u32,
+    pub worker_bits: u32,
+    pub sequence_bits: u32,
+    /// How far ahead of the clock a fence renewal reaches.
+    pub fence_ahead_ms: u64,
+    /// Renew once the fence is less than this far ahead.
+    pub renew_before_ms: u64,
+    /// Largest backward clock step carried on the logical clock; larger
+    /// steps fail calls with FAILED_PRECONDITION until the clock catches up.
+    pub max_rollback_ms: u64,
+    /// Largest `count` of one NextIds call.
+    pub max_count: u32,
+}
+
+impl Default for SnowflakeConfig {
+    fn default() -> Self {
+        Self {
+            epoch_ms: 1_704_067_200_000,
+            time_bits: 41,
+            worker_bits: 10,
+            sequence_bits: 12,
+            fence_ahead_ms: 3_000,
+            renew_before_ms: 2_000,
+            max_rollback_ms: 1_000,
+            max_count: 100_000,
+        }
+    }
+}
+
+/// Settings for tests only. Never enable in production.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// Accept Admin.InjectFault (clock shifts, network isolation).
+    pub allow_fault_injection: bool,
+    /// Start with the clock shifted by this many ms.
+    pub clock_offset_ms: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,6 +85,11 @@ pub struct NodeConfig {
     pub listen: String,
     /// Where RocksDB keeps this node's log and state.
     pub data_dir: PathBuf,
+    /// Join an existing cluster: start with no configuration and wait for
+    /// the leader to add this node (Admin.AddNode), instead of forming a new
+    /// cluster from `peers`.
+    #[serde(default)]
+    pub join: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -159,6 +214,9 @@ pub struct Overrides {
     pub tick_ms: Option<u64>,
     pub election_ticks: Option<usize>,
     pub compact_threshold: Option<u64>,
+    pub join: Option<bool>,
+    pub clock_offset_ms: Option<i64>,
+    pub allow_fault_injection: Option<bool>,
 }
 
 impl Config {
@@ -212,6 +270,15 @@ impl Config {
         }
         if let Some(t) = o.compact_threshold {
             self.raft.compact_threshold = t;
+        }
+        if let Some(j) = o.join {
+            self.node.join = j;
+        }
+        if let Some(c) = o.clock_offset_ms {
+            self.testing.clock_offset_ms = c;
+        }
+        if let Some(a) = o.allow_fault_injection {
+            self.testing.allow_fault_injection = a;
         }
         Ok(())
     }
@@ -272,6 +339,35 @@ impl Config {
         if r.max_inflight_msgs == 0 {
             return Err(invalid("raft.max_inflight_msgs", "must be at least 1"));
         }
+        let sf = &self.snowflake;
+        let layout = self
+            .layout()
+            .map_err(|e| invalid("snowflake", e.to_string()))?;
+        let now = crate::core::SystemClock::new(self.testing.clock_offset_ms).now_ms();
+        if layout.years_left(now) <= 0.0 {
+            return Err(invalid(
+                "snowflake.epoch_ms",
+                "the layout's time bits ran out: IDs would repeat; choose a later epoch or more time_bits",
+            ));
+        }
+        if sf.epoch_ms > now {
+            return Err(invalid("snowflake.epoch_ms", "must not be in the future"));
+        }
+        if sf.fence_ahead_ms < 100 {
+            return Err(invalid("snowflake.fence_ahead_ms", "must be at least 100"));
+        }
+        if sf.renew_before_ms == 0 || sf.renew_before_ms >= sf.fence_ahead_ms {
+            return Err(invalid(
+                "snowflake.renew_before_ms",
+                "must be between 1 and fence_ahead_ms - 1",
+            ));
+        }
+        if sf.max_count == 0 || sf.max_count > 1_000_000 {
+            return Err(invalid(
+                "snowflake.max_count",
+                "must be between 1 and 1000000",
+            ));
+        }
         if self.namespaces.is_empty() {
             return Err(invalid("namespaces", "at least one namespace is required"));
         }
@@ -325,6 +421,12 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The Snowflake layout.
+    pub fn layout(&self) -> Result<crate::core::Layout, crate::core::LayoutError> {
+        let sf = &self.snowflake;
+        crate::core::Layout::try_new(sf.epoch_ms, sf.time_bits, sf.worker_bits, sf.sequence_bits)
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -443,6 +545,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("peers:"), "{err}");
+
+        let bad = format!("{base}\n[snowflake]\ntime_bits = 42\n");
+        let err = Config::parse("t", &bad)
+            .and_then(|mut c| c.validate())
+            .unwrap_err();
+        assert!(err.to_string().starts_with("snowflake:"), "{err}");
+
+        let bad =
+            format!("{base}\n[snowflake]\nepoch_ms = 1\ntime_bits = 31\nsequence_bits = 22\n");
+        let err = Config::parse("t", &bad)
+            .and_then(|mut c| c.validate())
+            .unwrap_err();
+        assert!(err.to_string().contains("ran out"), "{err}");
 
         let err = Config::parse("t", &format!("{base}\nbogus = 1\n")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");

@@ -37,6 +37,15 @@ struct Args {
     /// Overrides raft.compact_threshold.
     #[arg(long, env = "SEQD_COMPACT_THRESHOLD")]
     compact_threshold: Option<u64>,
+    /// Overrides node.join: start empty and wait to be added to a cluster.
+    #[arg(long, env = "SEQD_JOIN")]
+    join: bool,
+    /// Test only: start with the clock shifted by this many ms.
+    #[arg(long, env = "SEQD_CLOCK_OFFSET_MS", allow_hyphen_values = true)]
+    clock_offset_ms: Option<i64>,
+    /// Test only: accept Admin.InjectFault.
+    #[arg(long, env = "SEQD_ALLOW_FAULT_INJECTION")]
+    allow_fault_injection: bool,
     /// Log JSON lines instead of text.
     #[arg(long, env = "SEQD_LOG_JSON")]
     log_json: bool,
@@ -53,6 +62,9 @@ fn main() -> ExitCode {
         tick_ms: args.tick_ms,
         election_ticks: args.election_ticks,
         compact_threshold: args.compact_threshold,
+        join: args.join.then_some(true),
+        clock_offset_ms: args.clock_offset_ms,
+        allow_fault_injection: args.allow_fault_injection.then_some(true),
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -6,13 +6,17 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use std::sync::Arc;
+
 use crate::config::Config;
+use crate::core::{Clock as _, Issuer, SystemClock};
 use crate::pb::admin_server::AdminServer;
+use crate::pb::ids_server::IdsServer;
 use crate::pb::peer_server::PeerServer;
 use crate::pb::sequencer_server::SequencerServer;
 use crate::raft::transport::MAX_PEER_MESSAGE;
-use crate::raft::{spawn, NodeParams};
-use crate::service::{AdminService, PeerAddrs, SequencerService};
+use crate::raft::{spawn, Faults, IdState, NodeParams};
+use crate::service::{AdminService, IdsService, PeerAddrs, SequencerService};
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,26 @@ pub async fn serve(
         .map(|p| (p.id, p.addr.clone()))
         .collect();
     let addrs = PeerAddrs::new(peers.clone());
+    let layout = config
+        .layout()
+        .map_err(|e| StorageError::corrupt("snowflake layout", e))?;
+    let clock = Arc::new(SystemClock::new(config.testing.clock_offset_ms));
+    let now = clock.now_ms();
+    tracing::info!(
+        years_left = format!("{:.1}", layout.years_left(now)),
+        epoch_ms = layout.epoch_ms(),
+        "snowflake layout"
+    );
+    let ids = Arc::new(IdState {
+        issuer: std::sync::Mutex::new(Issuer::new(
+            layout,
+            config.snowflake.max_rollback_ms,
+            config.snowflake.fence_ahead_ms,
+        )),
+        clock,
+        started: std::time::Instant::now(),
+    });
+    let faults = Arc::new(Faults::default());
     let (node, peer_service, thread) = spawn(
         NodeParams {
             id: config.node.id,
@@ -59,6 +83,10 @@ pub async fn serve(
             data_dir: config.node.data_dir.clone(),
             raft: config.raft.clone(),
             namespaces: namespaces.clone(),
+            join: config.node.join,
+            snowflake: config.snowflake.clone(),
+            ids: ids.clone(),
+            faults: faults.clone(),
         },
         &tokio::runtime::Handle::current(),
     )?;
@@ -78,7 +106,17 @@ pub async fn serve(
             namespaces,
             addrs.clone(),
         )))
-        .add_service(AdminServer::new(AdminService::new(node.clone(), addrs)))
+        .add_service(IdsServer::new(IdsService::new(
+            ids.clone(),
+            config.snowflake.max_count,
+        )))
+        .add_service(AdminServer::new(AdminService::new(
+            node.clone(),
+            addrs,
+            ids,
+            faults,
+            config.testing.allow_fault_injection,
+        )))
         .add_service(PeerServer::new(peer_service).max_decoding_message_size(MAX_PEER_MESSAGE));
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
         TcpListenerStream::new(listener),

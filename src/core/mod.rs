@@ -5,10 +5,14 @@
 //! return, refills to propose). That keeps every rule here testable in
 //! microseconds.
 
+pub mod clock;
 pub mod segment;
+pub mod snowflake;
 pub mod types;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use segment::{AllocError, Allocation, Allocator, CeilingSource, DenseRaise, Role};
+pub use snowflake::{ClockReport, IdError, Issuer, Layout, LayoutError};
 pub use types::{
     InvalidArgument, Mode, NamespaceId, NamespaceSpec, Namespaces, RequestId, SeqKey, SeqRange,
     MAX_SEQUENCE,

@@ -43,8 +43,50 @@ pub struct NodeStatus {
     pub serving: bool,
     pub active_keys: u64,
     pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
     /// Snapshots this node has installed since it started.
     pub snapshots_installed: u64,
+    pub worker: Option<u64>,
+    pub ids_active: bool,
+    pub fence_ms: u64,
+}
+
+/// A membership change for [`NodeHandle::change_membership`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    AddLearner { id: u64, addr: String },
+    AddVoter { id: u64, addr: String },
+    Remove { id: u64 },
+}
+
+/// Voters and learners after a change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+/// Faults a test may inject (only with `testing.allow_fault_injection`).
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Drop every Raft message to and from this node.
+    pub isolated: std::sync::atomic::AtomicBool,
+}
+
+/// The node's Snowflake issuer and the clock it reads, shared by the node
+/// thread (worker and fence updates) and the `Ids` service (issuing).
+pub struct IdState {
+    pub issuer: std::sync::Mutex<crate::core::Issuer>,
+    pub clock: std::sync::Arc<crate::core::SystemClock>,
+    /// Reference for monotonic milliseconds.
+    pub started: Instant,
+}
+
+impl IdState {
+    /// Milliseconds on the monotonic clock.
+    pub fn mono_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
 }
 
 /// Why the node could not serve a call.
@@ -60,6 +102,8 @@ pub enum NodeError {
     Timeout(Duration),
     #[error("the node is stopping")]
     Stopped,
+    #[error("membership: {0}")]
+    Membership(String),
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
@@ -91,6 +135,10 @@ pub(crate) enum Input {
     TransferLeader {
         to: Option<u64>,
         reply: Reply<()>,
+    },
+    ChangeMembership {
+        change: MembershipChange,
+        reply: Reply<Membership>,
     },
     /// Trim and hand over leadership if leader, then stop the thread.
     Shutdown(oneshot::Sender<()>),
@@ -163,6 +211,15 @@ impl NodeHandle {
 
     pub async fn transfer_leader(&self, to: Option<u64>) -> Result<(), NodeError> {
         self.ask(|reply, _| Input::TransferLeader { to, reply })
+            .await
+    }
+
+    /// Adds, promotes or removes a node. Must be sent to the leader.
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<Membership, NodeError> {
+        self.ask(|reply, _| Input::ChangeMembership { change, reply })
             .await
     }
 

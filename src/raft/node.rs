@@ -15,23 +15,29 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ::raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType};
+use ::raft::prelude::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType};
 use ::raft::{RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole, Storage as _};
 use prost::Message as _;
 use protobuf::Message as _;
 use tokio::sync::oneshot;
 
 use super::transport::{PeerService, Transport};
-use super::{logger, Grant, Input, NodeError, NodeHandle, NodeStatus, Reply};
-use crate::config::RaftConfig;
+use super::{
+    logger, Faults, Grant, IdState, Input, Membership, MembershipChange, NodeError, NodeHandle,
+    NodeStatus, Reply,
+};
+use crate::config::{RaftConfig, SnowflakeConfig};
+use crate::core::Clock as _;
 use crate::core::{
     AllocError, Allocation, Allocator, CeilingSource, DenseRaise, NamespaceId, Namespaces,
     RequestId, Role, SeqKey, SeqRange,
 };
-use crate::pb::state::{command, Command, KeyCeiling, LeaderStart, RaiseCeilings, Trim};
+use crate::pb::state::{
+    command, AcquireWorker, Command, KeyCeiling, LeaderStart, RaiseCeilings, RenewFence, Trim,
+};
 use crate::storage::{self, Applied, Machine, RaftStore, StorageError};
 
 /// Most inputs handled between two Ready rounds, so ticks stay on time.
@@ -49,6 +55,11 @@ pub struct NodeParams {
     pub data_dir: PathBuf,
     pub raft: RaftConfig,
     pub namespaces: Namespaces,
+    /// Start with no configuration and wait to be added.
+    pub join: bool,
+    pub snowflake: SnowflakeConfig,
+    pub ids: Arc<IdState>,
+    pub faults: Arc<Faults>,
 }
 
 /// Opens storage, starts the node thread and the peer transport.
@@ -57,13 +68,30 @@ pub fn spawn(
     rt: &tokio::runtime::Handle,
 ) -> Result<(NodeHandle, PeerService, std::thread::JoinHandle<()>), StorageError> {
     let db = storage::open(&params.data_dir)?;
-    let store = RaftStore::open(db.clone(), &params.voters)?;
+    let voters = if params.join {
+        Vec::new()
+    } else {
+        params.voters.clone()
+    };
+    let store = RaftStore::open(db.clone(), &voters)?;
     let machine = Machine::open(db)?;
+    let store_compacted = store.compacted_index();
+    if let Some((worker, fence)) = machine.worker_of(params.id)? {
+        lock(&params.ids).assign_worker(worker, fence);
+    }
+    // Addresses recorded by membership changes complete the configured ones.
+    let mut peers = params.peers.clone();
+    for (id, addr) in machine.members()? {
+        if !peers.iter().any(|(p, _)| *p == id) {
+            peers.push((id, addr));
+        }
+    }
     let cfg = ::raft::Config {
         id: params.id,
         election_tick: params.raft.election_ticks,
         heartbeat_tick: params.raft.heartbeat_ticks,
-        applied: machine.applied(),
+        // The bootstrap index is "applied" without a state-machine write.
+        applied: machine.applied().max(store_compacted),
         max_size_per_msg: params.raft.max_size_per_msg,
         max_inflight_msgs: params.raft.max_inflight_msgs,
         // A leader cut off from the majority steps down after an election
@@ -79,7 +107,7 @@ pub fn spawn(
         .map_err(|e| StorageError::corrupt("raft state", e))?;
 
     let (tx, rx) = mpsc::channel();
-    let transport = Transport::start(rt, params.id, &params.peers, tx.clone());
+    let transport = Transport::start(rt, params.id, &peers, tx.clone(), params.faults.clone());
     let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);
     let node = Node {
         id: params.id,
@@ -106,6 +134,12 @@ pub fn spawn(
         handover: None,
         last_leader: 0,
         snapshots_installed: 0,
+        max_workers: 0,
+        ids: params.ids,
+        snowflake: params.snowflake,
+        boot: rand::random(),
+        acquire_sent: None,
+        renew_sent: None,
     };
     let thread = std::thread::Builder::new()
         .name(format!("raft-{}", params.id))
@@ -113,7 +147,7 @@ pub fn spawn(
         .map_err(|e| StorageError::corrupt("raft thread", e))?;
     Ok((
         NodeHandle::new(tx.clone(), request_timeout),
-        PeerService::new(tx),
+        PeerService::new(tx, params.faults),
         thread,
     ))
 }
@@ -163,6 +197,7 @@ enum Proposal {
     Raises(Vec<DenseWaiter>),
     LeaderStart,
     Trim,
+    ConfChange(Reply<Membership>),
 }
 
 enum HandoverPhase {
@@ -258,10 +293,25 @@ struct Node {
     handover: Option<Handover>,
     last_leader: u64,
     snapshots_installed: u64,
+    /// Worker ids the layout allows (set at start).
+    max_workers: u64,
+    ids: Arc<IdState>,
+    snowflake: SnowflakeConfig,
+    /// This incarnation's id, carried by its fence renewals.
+    boot: u64,
+    acquire_sent: Option<Instant>,
+    renew_sent: Option<Instant>,
+}
+
+/// Locks the issuer. A panic while holding it cannot leave it half-updated
+/// (every method checks before it mutates), so a poisoned lock is usable.
+fn lock(ids: &IdState) -> std::sync::MutexGuard<'_, crate::core::Issuer> {
+    ids.issuer.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Node {
     fn run(mut self) {
+        self.max_workers = lock(&self.ids).layout().max_workers();
         tracing::info!(
             node_id = self.id,
             applied = self.machine.applied(),
@@ -296,6 +346,7 @@ impl Node {
                     next_tick = now + self.tick;
                 }
                 self.expire(now);
+                self.snowflake_tick(now);
                 if let Some(exit) = self.check_handover_deadline(now) {
                     stop = Some(exit);
                 }
@@ -317,6 +368,10 @@ impl Node {
 
     /// One pass: start reads, propose, handle Ready, notice role changes.
     fn round(&mut self) -> Result<(), StorageError> {
+        // Notice a lost leadership before starting a read round: as a
+        // follower, raft-rs would forward the round to the new leader, and
+        // its answer must not confirm this node's stale memory.
+        self.check_role();
         self.start_read_round();
         self.propose_raises();
         self.on_ready()?;
@@ -380,6 +435,7 @@ impl Node {
                 let _ = reply.send(self.status());
             }
             Input::TransferLeader { to, reply } => self.begin_handover(to, Some(reply), None),
+            Input::ChangeMembership { change, reply } => self.change_membership(change, reply),
             Input::Shutdown(done) => {
                 if self.raw.raft.state != StateRole::Leader {
                     return Some(done);
@@ -655,6 +711,17 @@ impl Node {
             self.raw.mut_store().install_snapshot(&snap)?;
             self.machine.reload()?;
             self.snapshots_installed += 1;
+            match self.machine.worker_of(self.id)? {
+                Some((worker, fence)) => {
+                    let mut issuer = lock(&self.ids);
+                    issuer.assign_worker(worker, fence);
+                    issuer.foreign_fence(fence);
+                }
+                None => lock(&self.ids).release_worker(),
+            }
+            for (id, addr) in self.machine.members()? {
+                self.transport.add_peer(id, &addr);
+            }
             tracing::info!(
                 node_id = self.id,
                 index = snap.get_metadata().index,
@@ -707,7 +774,48 @@ impl Node {
                     }
                 }
                 Applied::ConfChange(e) => self.apply_conf_change(e)?,
-                Applied::LeaderStarted { .. } | Applied::Empty => {}
+                Applied::WorkerAssigned {
+                    node_id,
+                    worker,
+                    fence_ms,
+                } if *node_id == self.id => {
+                    lock(&self.ids).assign_worker(*worker, *fence_ms);
+                    self.acquire_sent = None;
+                    self.renew_sent = None;
+                    tracing::info!(
+                        node_id,
+                        worker,
+                        floor_ms = fence_ms,
+                        "snowflake worker id acquired"
+                    );
+                }
+                Applied::NoFreeWorker { node_id } if *node_id == self.id => {
+                    tracing::error!(
+                        node_id,
+                        "no snowflake worker id is free; this node cannot issue IDs"
+                    );
+                }
+                Applied::FenceRenewed {
+                    node_id,
+                    worker,
+                    fence_ms,
+                    boot,
+                } if *node_id == self.id => {
+                    let mut issuer = lock(&self.ids);
+                    if issuer.worker() == Some(*worker) {
+                        if *boot == self.boot {
+                            issuer.own_fence(*fence_ms);
+                            self.renew_sent = None;
+                        } else {
+                            issuer.foreign_fence(*fence_ms);
+                        }
+                    }
+                }
+                Applied::WorkerAssigned { .. }
+                | Applied::NoFreeWorker { .. }
+                | Applied::FenceRenewed { .. }
+                | Applied::LeaderStarted { .. }
+                | Applied::Empty => {}
             }
             self.resolve_proposals(entry.index, entry.term, &outcome);
         }
@@ -723,6 +831,22 @@ impl Node {
         let cs = if e.get_entry_type() == EntryType::EntryConfChange {
             let cc = ConfChange::parse_from_bytes(&e.data)
                 .map_err(|err| StorageError::corrupt("conf change", err))?;
+            match cc.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    if let Ok(addr) = std::str::from_utf8(&cc.context) {
+                        if !addr.is_empty() {
+                            self.transport.add_peer(cc.node_id, addr);
+                        }
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    self.transport.remove_peer(cc.node_id);
+                    if cc.node_id == self.id {
+                        lock(&self.ids).release_worker();
+                        tracing::warn!(node_id = self.id, "this node was removed from the cluster");
+                    }
+                }
+            }
             self.raw.apply_conf_change(&cc)
         } else {
             let cc = ConfChangeV2::parse_from_bytes(&e.data)
@@ -738,6 +862,101 @@ impl Node {
                 tracing::warn!(error = %err, index = e.index, "conf change rejected");
                 Ok(())
             }
+        }
+    }
+
+    fn change_membership(&mut self, change: MembershipChange, reply: Reply<Membership>) {
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = reply.send(Err(NodeError::NotLeader {
+                leader: self.leader_hint(),
+            }));
+            return;
+        }
+        let mut cc = ConfChange::default();
+        match change {
+            MembershipChange::AddLearner { id, addr } => {
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
+                cc.node_id = id;
+                cc.context = addr.into_bytes().into();
+            }
+            MembershipChange::AddVoter { id, addr } => {
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = id;
+                cc.context = addr.into_bytes().into();
+            }
+            MembershipChange::Remove { id } => {
+                if id == self.id {
+                    let _ = reply.send(Err(NodeError::Membership(
+                        "the leader cannot remove itself; transfer leadership first".into(),
+                    )));
+                    return;
+                }
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = id;
+            }
+        }
+        match self.raw.propose_conf_change(Vec::new(), cc) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                self.proposals
+                    .insert(index, (self.raw.raft.term, Proposal::ConfChange(reply)));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NodeError::Membership(e.to_string())));
+            }
+        }
+    }
+
+    /// Keeps this node's Snowflake worker id and time fence current. Any
+    /// node proposes these (raft-rs forwards a follower's proposal to the
+    /// leader); they take effect when applied.
+    fn snowflake_tick(&mut self, now: Instant) {
+        if self.raw.raft.leader_id == 0 {
+            return;
+        }
+        let cs = self.raw.store().conf_state();
+        if !cs.voters.contains(&self.id) && !cs.learners.contains(&self.id) {
+            return;
+        }
+        let clock_now = self.ids.clock.now_ms();
+        let (worker, active, headroom, next) = {
+            let issuer = lock(&self.ids);
+            (
+                issuer.worker(),
+                issuer.is_active(),
+                issuer.headroom_ms(clock_now),
+                issuer.next_fence(clock_now, self.snowflake.fence_ahead_ms),
+            )
+        };
+        let retry = Duration::from_millis(500);
+        let due = |sent: Option<Instant>| sent.is_none_or(|t| now.duration_since(t) > retry);
+        let cmd = match worker {
+            None if due(self.acquire_sent) => {
+                self.acquire_sent = Some(now);
+                command::Kind::AcquireWorker(AcquireWorker {
+                    node_id: self.id,
+                    max_workers: self.max_workers,
+                })
+            }
+            Some(worker)
+                if (!active || headroom < self.snowflake.renew_before_ms as i64)
+                    && due(self.renew_sent) =>
+            {
+                self.renew_sent = Some(now);
+                command::Kind::RenewFence(RenewFence {
+                    node_id: self.id,
+                    worker,
+                    fence_ms: next,
+                    boot: self.boot,
+                })
+            }
+            _ => return,
+        };
+        // Not tracked: a follower cannot know the index its proposal gets;
+        // the outcome is recognised by node id (and boot) when it applies.
+        let data = Command { kind: Some(cmd) }.encode_to_vec();
+        if let Err(e) = self.raw.propose(Vec::new(), data) {
+            tracing::debug!(error = %e, "snowflake proposal dropped; will retry");
         }
     }
 
@@ -777,6 +996,24 @@ impl Node {
                     if ours {
                         self.transfer_after_trim();
                     }
+                }
+                Proposal::ConfChange(reply) => {
+                    let result = match (ours, outcome) {
+                        (true, Applied::ConfChange(_)) => {
+                            let cs = self.raw.store().conf_state();
+                            Ok(Membership {
+                                voters: cs.voters.clone(),
+                                learners: cs.learners.clone(),
+                            })
+                        }
+                        (true, _) => Err(NodeError::Membership(
+                            "another membership change is in progress; retry".into(),
+                        )),
+                        (false, _) => Err(NodeError::NotLeader {
+                            leader: self.leader_hint(),
+                        }),
+                    };
+                    let _ = reply.send(result);
                 }
             }
         }
@@ -974,6 +1211,10 @@ impl Node {
 
     fn status(&self) -> NodeStatus {
         let store = self.raw.store();
+        let (worker, ids_active, fence_ms) = {
+            let issuer = lock(&self.ids);
+            (issuer.worker(), issuer.is_active(), issuer.fence_ms())
+        };
         NodeStatus {
             id: self.id,
             role: format!("{:?}", self.raw.raft.state),
@@ -988,7 +1229,11 @@ impl Node {
             serving: self.core.is_serving(),
             active_keys: self.core.active_keys() as u64,
             voters: store.conf_state().voters.clone(),
+            learners: store.conf_state().learners.clone(),
             snapshots_installed: self.snapshots_installed,
+            worker,
+            ids_active,
+            fence_ms,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! is unreachable: Raft retransmits what matters.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use ::raft::prelude::{Message, MessageType};
@@ -12,7 +13,7 @@ use tokio::sync::mpsc as tmpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::Input;
+use super::{Faults, Input};
 use crate::pb::peer_client::PeerClient;
 use crate::pb::peer_server::Peer;
 use crate::pb::{RaftAck, RaftFrame};
@@ -24,8 +25,11 @@ pub const MAX_PEER_MESSAGE: usize = 512 << 20;
 
 /// Sends raft messages to peers. Owned by the node thread; never blocks.
 pub struct Transport {
-    peers: HashMap<u64, tmpsc::Sender<Message>>,
+    self_id: u64,
+    rt: tokio::runtime::Handle,
+    peers: HashMap<u64, (String, tmpsc::Sender<Message>)>,
     node: mpsc::Sender<Input>,
+    faults: Arc<Faults>,
 }
 
 impl Transport {
@@ -35,24 +39,50 @@ impl Transport {
         self_id: u64,
         peers: &[(u64, String)],
         node: mpsc::Sender<Input>,
+        faults: Arc<Faults>,
     ) -> Self {
-        let mut map = HashMap::new();
+        let mut t = Self {
+            self_id,
+            rt: rt.clone(),
+            peers: HashMap::new(),
+            node,
+            faults,
+        };
         for (id, addr) in peers {
-            if *id == self_id {
-                continue;
-            }
-            let (tx, rx) = tmpsc::channel(PEER_QUEUE);
-            rt.spawn(peer_loop(self_id, *id, addr.clone(), rx, node.clone()));
-            map.insert(*id, tx);
+            t.add_peer(*id, addr);
         }
-        Self { peers: map, node }
+        t
+    }
+
+    /// Starts sending to a peer (or follows it to a new address).
+    pub fn add_peer(&mut self, id: u64, addr: &str) {
+        if id == self.self_id || self.peers.get(&id).is_some_and(|(a, _)| a == addr) {
+            return;
+        }
+        let (tx, rx) = tmpsc::channel(PEER_QUEUE);
+        self.rt.spawn(peer_loop(
+            self.self_id,
+            id,
+            addr.to_string(),
+            rx,
+            self.node.clone(),
+        ));
+        // Replacing the sender ends the old task (its queue closes).
+        self.peers.insert(id, (addr.to_string(), tx));
+    }
+
+    pub fn remove_peer(&mut self, id: u64) {
+        self.peers.remove(&id);
     }
 
     pub fn send(&self, msgs: Vec<Message>) {
+        if self.faults.isolated.load(Ordering::Relaxed) {
+            return;
+        }
         for msg in msgs {
             let to = msg.to;
             let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
-            let Some(peer) = self.peers.get(&to) else {
+            let Some((_, peer)) = self.peers.get(&to) else {
                 tracing::warn!(to, "message for an unknown peer dropped");
                 continue;
             };
@@ -143,11 +173,12 @@ async fn peer_loop(
 /// Receives raft messages from peers and feeds them to the node thread.
 pub struct PeerService {
     node: mpsc::Sender<Input>,
+    faults: Arc<Faults>,
 }
 
 impl PeerService {
-    pub(crate) fn new(node: mpsc::Sender<Input>) -> Self {
-        Self { node }
+    pub(crate) fn new(node: mpsc::Sender<Input>, faults: Arc<Faults>) -> Self {
+        Self { node, faults }
     }
 }
 
@@ -167,6 +198,9 @@ impl Peer for PeerService {
                     "from: frame says {} but the message says {}",
                     frame.from, msg.from
                 )));
+            }
+            if self.faults.isolated.load(Ordering::Relaxed) {
+                continue;
             }
             if self.node.send(Input::Raft(Box::new(msg))).is_err() {
                 return Err(Status::unavailable("node is stopping"));

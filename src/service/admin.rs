@@ -4,17 +4,45 @@ use tonic::{Request, Response, Status};
 
 use super::{status_from, PeerAddrs};
 use crate::pb::admin_server::Admin;
-use crate::pb::{StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse};
-use crate::raft::NodeHandle;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::pb::{
+    AddNodeRequest, InjectFaultRequest, InjectFaultResponse, MembershipResponse, RemoveNodeRequest,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+};
+use crate::raft::{Faults, IdState, Membership, MembershipChange, NodeHandle};
+
+fn membership(m: Membership) -> Response<MembershipResponse> {
+    Response::new(MembershipResponse {
+        voters: m.voters,
+        learners: m.learners,
+    })
+}
 
 pub struct AdminService {
     node: NodeHandle,
     peers: PeerAddrs,
+    ids: Arc<IdState>,
+    faults: Arc<Faults>,
+    allow_faults: bool,
 }
 
 impl AdminService {
-    pub fn new(node: NodeHandle, peers: PeerAddrs) -> Self {
-        Self { node, peers }
+    pub fn new(
+        node: NodeHandle,
+        peers: PeerAddrs,
+        ids: Arc<IdState>,
+        faults: Arc<Faults>,
+        allow_faults: bool,
+    ) -> Self {
+        Self {
+            node,
+            peers,
+            ids,
+            faults,
+            allow_faults,
+        }
     }
 }
 
@@ -44,6 +72,11 @@ impl Admin for AdminService {
             active_keys: s.active_keys,
             voters: s.voters,
             snapshots_installed: s.snapshots_installed,
+            learners: s.learners,
+            has_worker: s.worker.is_some(),
+            worker: s.worker.unwrap_or_default(),
+            ids_active: s.ids_active,
+            fence_ms: s.fence_ms,
         }))
     }
 
@@ -61,5 +94,74 @@ impl Admin for AdminService {
             .await
             .map_err(|e| status_from(e, &self.peers))?;
         Ok(Response::new(TransferLeaderResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = request.get_ref().id, voter = request.get_ref().voter))]
+    async fn add_node(
+        &self,
+        request: Request<AddNodeRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let req = request.into_inner();
+        if req.id == 0 {
+            return Err(Status::invalid_argument("id: must be at least 1"));
+        }
+        if req.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "addr: {:?} is not an ip:port address",
+                req.addr
+            )));
+        }
+        let change = if req.voter {
+            MembershipChange::AddVoter {
+                id: req.id,
+                addr: req.addr,
+            }
+        } else {
+            MembershipChange::AddLearner {
+                id: req.id,
+                addr: req.addr,
+            }
+        };
+        self.node
+            .change_membership(change)
+            .await
+            .map(membership)
+            .map_err(|e| status_from(e, &self.peers))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = request.get_ref().id))]
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let id = request.into_inner().id;
+        if id == 0 {
+            return Err(Status::invalid_argument("id: must be at least 1"));
+        }
+        self.node
+            .change_membership(MembershipChange::Remove { id })
+            .await
+            .map(membership)
+            .map_err(|e| status_from(e, &self.peers))
+    }
+
+    async fn inject_fault(
+        &self,
+        request: Request<InjectFaultRequest>,
+    ) -> Result<Response<InjectFaultResponse>, Status> {
+        if !self.allow_faults {
+            return Err(Status::failed_precondition(
+                "fault injection is disabled (testing.allow_fault_injection)",
+            ));
+        }
+        let req = request.into_inner();
+        self.ids.clock.set_offset_ms(req.clock_offset_ms);
+        self.faults.isolated.store(req.isolate, Ordering::Relaxed);
+        tracing::warn!(
+            clock_offset_ms = req.clock_offset_ms,
+            isolate = req.isolate,
+            "fault injected"
+        );
+        Ok(Response::new(InjectFaultResponse {}))
     }
 }

@@ -2,9 +2,11 @@
 //! [`status_from`] is the one place node errors become `tonic::Status`.
 
 mod admin;
+mod ids;
 mod sequencer;
 
 pub use admin::AdminService;
+pub use ids::IdsService;
 pub use sequencer::SequencerService;
 
 use std::collections::HashMap;
@@ -64,5 +66,6 @@ pub fn status_from(e: NodeError, peers: &PeerAddrs) -> Status {
         NodeError::RequestIdReused => Status::invalid_argument(e.to_string()),
         NodeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         NodeError::Stopped => Status::unavailable(e.to_string()),
+        NodeError::Membership(_) => Status::failed_precondition(e.to_string()),
     }
 }

@@ -5,15 +5,32 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message as _;
-use raft::prelude::{Entry, EntryType};
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType};
 use rocksdb::{WriteBatch, DB};
 
 use super::{cf, decode_u64, StorageError, CF_STATE};
-use crate::pb::state::{command, Command, KeyCeiling, MachineMeta, SnapshotData};
+use crate::pb::state::{
+    command, Command, KeyCeiling, MachineMeta, Member, RenewFence, SnapshotData, WorkerEntry,
+    WorkerRecord,
+};
 
 const META: &[u8] = b"m";
 const APPLIED: &[u8] = b"a";
 const CEILING_PREFIX: u8 = b'c';
+/// `w` + worker id (BE) → WorkerRecord.
+const WORKER_PREFIX: u8 = b'w';
+/// `n` + node id (BE) → the worker id it holds.
+const NODE_WORKER_PREFIX: u8 = b'n';
+/// `p` + node id (BE) → member address.
+const MEMBER_PREFIX: u8 = b'p';
+
+fn id_key(prefix: u8, id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
 
 fn ceiling_key(namespace: &str, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + namespace.len() + key.len());
@@ -48,8 +65,26 @@ pub enum Applied {
     LeaderStarted { term: u64, node_id: u64, epoch: u64 },
     /// Ceilings set by a hand-over trim.
     Trimmed(Vec<KeyCeiling>),
-    /// A configuration change; the Raft loop applies it.
+    /// A configuration change; the Raft loop applies it to raft-rs. Member
+    /// addresses and freed workers are already recorded.
     ConfChange(Entry),
+    /// `node_id` holds `worker`, whose fence (the floor for the new holder)
+    /// is `fence_ms`.
+    WorkerAssigned {
+        node_id: u64,
+        worker: u64,
+        fence_ms: u64,
+    },
+    /// No worker id was free for `node_id`.
+    NoFreeWorker { node_id: u64 },
+    /// `worker`, held by `node_id`, may now stamp up to `fence_ms`.
+    FenceRenewed {
+        node_id: u64,
+        worker: u64,
+        fence_ms: u64,
+        boot: u64,
+    },
+
     /// An empty entry (raft-rs appends one when a leader is elected).
     Empty,
 }
@@ -106,13 +141,46 @@ impl Machine {
         }
     }
 
+    /// The worker a node holds and that worker's fence.
+    pub fn worker_of(&self, node_id: u64) -> Result<Option<(u64, u64)>, StorageError> {
+        let state = cf(&self.db, CF_STATE);
+        let Some(b) = self.db.get_cf(state, id_key(NODE_WORKER_PREFIX, node_id))? else {
+            return Ok(None);
+        };
+        let worker = decode_u64("node worker", &b)?;
+        let rec = match self.db.get_cf(state, id_key(WORKER_PREFIX, worker))? {
+            Some(b) => WorkerRecord::decode(b.as_slice())
+                .map_err(|e| StorageError::corrupt("worker record", e))?,
+            None => WorkerRecord::default(),
+        };
+        Ok((rec.node_id == node_id).then_some((worker, rec.fence_ms)))
+    }
+
+    /// Every member address recorded by conf changes.
+    pub fn members(&self) -> Result<Vec<(u64, String)>, StorageError> {
+        let mut out = Vec::new();
+        let prefix = [MEMBER_PREFIX];
+        for item in self.db.iterator_cf(
+            cf(&self.db, CF_STATE),
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if k.first() != Some(&MEMBER_PREFIX) {
+                break;
+            }
+            let id = decode_u64("member key", &k[1..])?;
+            let addr =
+                String::from_utf8(v.to_vec()).map_err(|e| StorageError::corrupt("member", e))?;
+            out.push((id, addr));
+        }
+        Ok(out)
+    }
+
     /// Applies committed entries in one write batch and reports what each
     /// changed. Entries at or below the applied index are skipped, so a
     /// replay after a crash is harmless.
     pub fn apply(&mut self, entries: &[Entry]) -> Result<Vec<(Entry, Applied)>, StorageError> {
-        let mut batch = WriteBatch::default();
-        let state = cf(&self.db, CF_STATE);
-        let mut overlay: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut txn = Txn::new(&self.db);
         let mut out = Vec::with_capacity(entries.len());
         let mut applied = self.applied;
         let mut meta = self.meta;
@@ -122,9 +190,13 @@ impl Machine {
             }
             applied = e.index;
             let outcome = match e.get_entry_type() {
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data)
+                        .map_err(|err| StorageError::corrupt("conf change", err))?;
+                    txn.conf_change(&cc)?;
                     Applied::ConfChange(e.clone())
                 }
+                EntryType::EntryConfChangeV2 => Applied::ConfChange(e.clone()),
                 EntryType::EntryNormal if e.data.is_empty() => Applied::Empty,
                 EntryType::EntryNormal => {
                     let cmd = Command::decode(e.data.as_ref()).map_err(|err| {
@@ -135,17 +207,10 @@ impl Machine {
                             let mut done = Vec::with_capacity(r.keys.len());
                             for kc in r.keys {
                                 let k = ceiling_key(&kc.namespace, &kc.key);
-                                let old = match overlay.get(&k) {
-                                    Some(v) => *v,
-                                    None => match self.db.get_cf(state, &k)? {
-                                        Some(b) => decode_u64("ceiling", &b)?,
-                                        None => 0,
-                                    },
-                                };
+                                let old = txn.get_u64(&k)?.unwrap_or(0);
                                 let new = old.max(kc.ceiling);
                                 if new != old {
-                                    batch.put_cf(state, &k, new.to_be_bytes());
-                                    overlay.insert(k, new);
+                                    txn.put(k, new.to_be_bytes().to_vec());
                                 }
                                 done.push(KeyCeiling { ceiling: new, ..kc });
                             }
@@ -168,12 +233,15 @@ impl Machine {
                         Some(command::Kind::Trim(t)) => {
                             for kc in &t.keys {
                                 let k = ceiling_key(&kc.namespace, &kc.key);
-                                batch.put_cf(state, &k, kc.ceiling.to_be_bytes());
-                                overlay.insert(k, kc.ceiling);
+                                txn.put(k, kc.ceiling.to_be_bytes().to_vec());
                             }
                             meta.clean_handoff = true;
                             Applied::Trimmed(t.keys)
                         }
+                        Some(command::Kind::AcquireWorker(a)) => {
+                            txn.acquire_worker(a.node_id, a.max_workers)?
+                        }
+                        Some(command::Kind::RenewFence(r)) => txn.renew_fence(&r)?,
                         None => {
                             return Err(StorageError::corrupt(
                                 "log command",
@@ -188,12 +256,141 @@ impl Machine {
         if applied == self.applied {
             return Ok(out);
         }
-        batch.put_cf(state, META, meta.encode_to_vec());
-        batch.put_cf(state, APPLIED, applied.to_be_bytes());
-        self.db.write(batch)?;
+        txn.put(META.to_vec(), meta.encode_to_vec());
+        txn.put(APPLIED.to_vec(), applied.to_be_bytes().to_vec());
+        txn.commit()?;
         self.applied = applied;
         self.meta = meta;
         Ok(out)
+    }
+}
+
+/// One apply batch: writes go to a RocksDB batch, and reads see them.
+struct Txn<'a> {
+    db: &'a DB,
+    batch: WriteBatch,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Txn<'a> {
+    fn new(db: &'a DB) -> Self {
+        Self {
+            db,
+            batch: WriteBatch::default(),
+            overlay: HashMap::new(),
+        }
+    }
+
+    fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        if let Some(v) = self.overlay.get(k) {
+            return Ok(v.clone());
+        }
+        Ok(self.db.get_cf(cf(self.db, CF_STATE), k)?)
+    }
+
+    fn get_u64(&self, k: &[u8]) -> Result<Option<u64>, StorageError> {
+        self.get(k)?
+            .map(|b| decode_u64("state value", &b))
+            .transpose()
+    }
+
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        self.batch.put_cf(cf(self.db, CF_STATE), &k, &v);
+        self.overlay.insert(k, Some(v));
+    }
+
+    fn delete(&mut self, k: Vec<u8>) {
+        self.batch.delete_cf(cf(self.db, CF_STATE), &k);
+        self.overlay.insert(k, None);
+    }
+
+    fn worker(&self, worker: u64) -> Result<WorkerRecord, StorageError> {
+        match self.get(&id_key(WORKER_PREFIX, worker))? {
+            Some(b) => WorkerRecord::decode(b.as_slice())
+                .map_err(|e| StorageError::corrupt("worker record", e)),
+            None => Ok(WorkerRecord::default()),
+        }
+    }
+
+    fn acquire_worker(&mut self, node_id: u64, max_workers: u64) -> Result<Applied, StorageError> {
+        if let Some(w) = self.get_u64(&id_key(NODE_WORKER_PREFIX, node_id))? {
+            let rec = self.worker(w)?;
+            if rec.node_id == node_id {
+                return Ok(Applied::WorkerAssigned {
+                    node_id,
+                    worker: w,
+                    fence_ms: rec.fence_ms,
+                });
+            }
+        }
+        for w in 0..max_workers {
+            let rec = self.worker(w)?;
+            if rec.node_id == 0 {
+                let rec = WorkerRecord { node_id, ..rec };
+                self.put(id_key(WORKER_PREFIX, w).to_vec(), rec.encode_to_vec());
+                self.put(
+                    id_key(NODE_WORKER_PREFIX, node_id).to_vec(),
+                    w.to_be_bytes().to_vec(),
+                );
+                return Ok(Applied::WorkerAssigned {
+                    node_id,
+                    worker: w,
+                    fence_ms: rec.fence_ms,
+                });
+            }
+        }
+        Ok(Applied::NoFreeWorker { node_id })
+    }
+
+    fn renew_fence(&mut self, r: &RenewFence) -> Result<Applied, StorageError> {
+        let mut rec = self.worker(r.worker)?;
+        if rec.node_id != r.node_id {
+            // The worker changed hands since the renewal was proposed.
+            return Ok(Applied::Empty);
+        }
+        rec.fence_ms = rec.fence_ms.max(r.fence_ms);
+        self.put(
+            id_key(WORKER_PREFIX, r.worker).to_vec(),
+            rec.encode_to_vec(),
+        );
+        Ok(Applied::FenceRenewed {
+            node_id: r.node_id,
+            worker: r.worker,
+            fence_ms: rec.fence_ms,
+            boot: r.boot,
+        })
+    }
+
+    /// Records member addresses, and frees the worker of a removed node
+    /// (keeping its fence for the next holder).
+    fn conf_change(&mut self, cc: &ConfChange) -> Result<(), StorageError> {
+        match cc.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                if !cc.context.is_empty() {
+                    self.put(
+                        id_key(MEMBER_PREFIX, cc.node_id).to_vec(),
+                        cc.context.to_vec(),
+                    );
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                self.delete(id_key(MEMBER_PREFIX, cc.node_id).to_vec());
+                if let Some(w) = self.get_u64(&id_key(NODE_WORKER_PREFIX, cc.node_id))? {
+                    let mut rec = self.worker(w)?;
+                    if rec.node_id == cc.node_id {
+                        rec.node_id = 0;
+                        self.put(id_key(WORKER_PREFIX, w).to_vec(), rec.encode_to_vec());
+                    }
+                    self.delete(id_key(NODE_WORKER_PREFIX, cc.node_id).to_vec());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(self) -> Result<(), StorageError> {
+        self.db.write(self.batch)?;
+        Ok(())
     }
 }
 
@@ -213,23 +410,33 @@ pub(super) fn read_snapshot(db: &DB) -> Result<(u64, Vec<u8>), StorageError> {
     };
     let mut data = SnapshotData {
         meta: Some(meta),
-        ceilings: Vec::new(),
+        ..Default::default()
     };
-    let prefix = [CEILING_PREFIX];
-    for item in snap.iterator_cf(
-        state,
-        rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
-    ) {
+    for item in snap.iterator_cf(state, rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
-        if k.first() != Some(&CEILING_PREFIX) {
-            break;
+        match k.first() {
+            Some(&CEILING_PREFIX) => {
+                let (namespace, key) = split_ceiling_key(&k)?;
+                data.ceilings.push(KeyCeiling {
+                    namespace,
+                    key,
+                    ceiling: decode_u64("ceiling", &v)?,
+                });
+            }
+            Some(&WORKER_PREFIX) => data.workers.push(WorkerEntry {
+                worker: decode_u64("worker key", &k[1..])?,
+                record: Some(
+                    WorkerRecord::decode(v.as_ref())
+                        .map_err(|e| StorageError::corrupt("worker record", e))?,
+                ),
+            }),
+            Some(&MEMBER_PREFIX) => data.members.push(Member {
+                node_id: decode_u64("member key", &k[1..])?,
+                addr: String::from_utf8(v.to_vec())
+                    .map_err(|e| StorageError::corrupt("member", e))?,
+            }),
+            _ => {}
         }
-        let (namespace, key) = split_ceiling_key(&k)?;
-        data.ceilings.push(KeyCeiling {
-            namespace,
-            key,
-            ceiling: decode_u64("ceiling", &v)?,
-        });
     }
     Ok((applied, data.encode_to_vec()))
 }
@@ -252,6 +459,20 @@ pub(super) fn write_snapshot(
             ceiling_key(&kc.namespace, &kc.key),
             kc.ceiling.to_be_bytes(),
         );
+    }
+    for w in &data.workers {
+        let rec = w.record.unwrap_or_default();
+        batch.put_cf(state, id_key(WORKER_PREFIX, w.worker), rec.encode_to_vec());
+        if rec.node_id != 0 {
+            batch.put_cf(
+                state,
+                id_key(NODE_WORKER_PREFIX, rec.node_id),
+                w.worker.to_be_bytes(),
+            );
+        }
+    }
+    for m in &data.members {
+        batch.put_cf(state, id_key(MEMBER_PREFIX, m.node_id), m.addr.as_bytes());
     }
     batch.put_cf(state, META, data.meta.unwrap_or_default().encode_to_vec());
     batch.put_cf(state, APPLIED, index.to_be_bytes());
@@ -336,13 +557,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = super::super::open(dir.path()).unwrap();
         let mut m = Machine::open(db.clone()).unwrap();
+        let acquire = |node_id| {
+            command::Kind::AcquireWorker(crate::pb::state::AcquireWorker {
+                node_id,
+                max_workers: 4,
+            })
+        };
         m.apply(&[
             entry(1, raise("a", "k1", 10)),
             entry(2, raise("b", "k2", 20)),
+            entry(3, acquire(7)),
+            entry(4, acquire(8)),
         ])
         .unwrap();
+        assert_eq!(m.worker_of(8).unwrap(), Some((1, 0)));
         let (index, bytes) = read_snapshot(&db).unwrap();
-        assert_eq!(index, 2);
+        assert_eq!(index, 4);
 
         let dir2 = tempfile::tempdir().unwrap();
         let db2 = super::super::open(dir2.path()).unwrap();
@@ -352,8 +582,19 @@ mod tests {
         write_snapshot(&db2, &mut batch, index, &bytes).unwrap();
         db2.write(batch).unwrap();
         m2.reload().unwrap();
-        assert_eq!(m2.applied(), 2);
+        assert_eq!(m2.applied(), 4);
         assert_eq!(m2.ceiling("b", "k2").unwrap(), 20);
+        assert_eq!(m2.worker_of(7).unwrap(), Some((0, 0)));
+        let out = m2.apply(&[entry(5, acquire(9))]).unwrap();
+        assert_eq!(
+            out[0].1,
+            Applied::WorkerAssigned {
+                node_id: 9,
+                worker: 2,
+                fence_ms: 0
+            },
+            "workers held before the snapshot stay held"
+        );
         assert_eq!(m2.ceiling("z", "old").unwrap(), 0, "old state is replaced");
     }
 }

@@ -50,20 +50,16 @@ impl RaftStore {
                 .map_err(|e| StorageError::corrupt("hard state", e))?,
             None => HardState::default(),
         };
-        let conf_state = match db.get_cf(meta, CONF_STATE)? {
-            Some(b) => ConfState::parse_from_bytes(&b)
-                .map_err(|e| StorageError::corrupt("conf state", e))?,
-            None => {
-                let cs = ConfState {
-                    voters: voters.to_vec(),
-                    ..Default::default()
-                };
-                let bytes = cs
-                    .write_to_bytes()
-                    .map_err(|e| StorageError::corrupt("conf state", e))?;
-                db.put_cf_opt(meta, CONF_STATE, bytes, &synced())?;
-                cs
-            }
+        let stored_conf = match db.get_cf(meta, CONF_STATE)? {
+            Some(b) => Some(
+                ConfState::parse_from_bytes(&b)
+                    .map_err(|e| StorageError::corrupt("conf state", e))?,
+            ),
+            None => None,
+        };
+        let (hard_state, conf_state) = match stored_conf {
+            Some(cs) => (hard_state, cs),
+            None => Self::bootstrap(&db, voters)?,
         };
         let compacted = match db.get_cf(meta, COMPACTED)? {
             Some(b) if b.len() == 16 => (
@@ -103,6 +99,40 @@ impl RaftStore {
             compacted,
             terms,
         })
+    }
+
+    /// Initializes a fresh log. A founding member starts as if index 1
+    /// (term 1) had been committed and compacted, holding the initial
+    /// configuration: every founder starts identically, and a node that
+    /// joins later (empty, no voters) must receive a snapshot, which carries
+    /// the configuration that its empty log could not replay.
+    fn bootstrap(db: &DB, voters: &[u64]) -> Result<(HardState, ConfState), StorageError> {
+        let meta = cf(db, CF_META);
+        let cs = ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        };
+        let mut batch = WriteBatch::default();
+        let cs_bytes = cs
+            .write_to_bytes()
+            .map_err(|e| StorageError::corrupt("conf state", e))?;
+        batch.put_cf(meta, CONF_STATE, cs_bytes);
+        let hs = if voters.is_empty() {
+            HardState::default()
+        } else {
+            batch.put_cf(meta, COMPACTED, compaction_point(1, 1));
+            HardState {
+                term: 1,
+                commit: 1,
+                ..Default::default()
+            }
+        };
+        let hs_bytes = hs
+            .write_to_bytes()
+            .map_err(|e| StorageError::corrupt("hard state", e))?;
+        batch.put_cf(meta, HARD_STATE, hs_bytes);
+        db.write_opt(batch, &synced())?;
+        Ok((hs, cs))
     }
 
     pub fn hard_state(&self) -> &HardState {
@@ -351,6 +381,8 @@ impl raft::Storage for RaftStore {
         // The state CF always holds exactly the applied state: it is written
         // by this thread only, one applied batch at a time.
         let (applied, data) = machine::read_snapshot(&self.db).map_err(other)?;
+        // A fresh cluster's bootstrap index counts as applied (empty state).
+        let applied = applied.max(self.compacted.0);
         if applied < request_index {
             return Err(raft::Error::Store(
                 RaftStorageError::SnapshotTemporarilyUnavailable,
@@ -401,20 +433,31 @@ mod tests {
             commit: 0,
             ..Default::default()
         };
-        s.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs))
+        // A founding member starts after a compacted index 1.
+        assert_eq!((s.first(), s.last()), (2, 1));
+        s.append(&[entry(2, 1), entry(3, 1), entry(4, 1)], Some(&hs))
             .unwrap();
-        s.append(&[entry(2, 2)], None).unwrap();
-        assert_eq!((s.first(), s.last()), (1, 2));
-        assert_eq!(s.term(2).unwrap(), 2);
+        s.append(&[entry(3, 2)], None).unwrap();
+        assert_eq!((s.first(), s.last()), (2, 3));
+        assert_eq!(s.term(3).unwrap(), 2);
         drop(s);
         let s = RaftStore::open(db, &[9]).unwrap();
-        assert_eq!(s.last(), 2);
+        assert_eq!(s.last(), 3);
         assert_eq!(s.hard_state().vote, 1);
         assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
         let got = s
-            .entries(1, 3, None, GetEntriesContext::empty(false))
+            .entries(2, 4, None, GetEntriesContext::empty(false))
             .unwrap();
         assert_eq!(got.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_joining_node_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let s = RaftStore::open(db, &[]).unwrap();
+        assert_eq!((s.first(), s.last(), s.hard_state().commit), (1, 0, 0));
+        assert!(s.conf_state().voters.is_empty());
     }
 
     #[test]
@@ -422,7 +465,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = super::super::open(dir.path()).unwrap();
         let mut s = RaftStore::open(db.clone(), &[1]).unwrap();
-        let es: Vec<Entry> = (1..=10).map(|i| entry(i, 1 + i / 5)).collect();
+        let es: Vec<Entry> = (2..=10).map(|i| entry(i, 1 + i / 5)).collect();
         s.append(&es, None).unwrap();
         s.compact(6).unwrap();
         assert_eq!(s.first(), 7);

@@ -90,7 +90,7 @@ impl Cluster {
             let data = dir.path().join(format!("node{id}"));
             let config = dir.path().join(format!("node{id}.toml"));
             let text = format!(
-                "[node]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\n{peers}[raft]\n{raft_section}\n{NAMESPACES}",
+                "[node]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\n{peers}[raft]\n{raft_section}\n\n[testing]\nallow_fault_injection = true\n{NAMESPACES}",
                 data.display()
             );
             std::fs::write(&config, text).expect("write config");
@@ -123,6 +123,11 @@ impl Cluster {
 
     /// Starts (or restarts) node `id`'s process.
     pub fn spawn(&mut self, id: u64) {
+        self.spawn_with(id, &[]);
+    }
+
+    /// Like [`Cluster::spawn`], with extra command-line flags.
+    pub fn spawn_with(&mut self, id: u64, args: &[&str]) {
         let node = &mut self.nodes[id as usize - 1];
         assert!(node.child.is_none(), "node {id} already running");
         let log = File::options()
@@ -134,6 +139,7 @@ impl Cluster {
             .arg("--config")
             .arg(&node.config)
             .args(&self.extra_args)
+            .args(args)
             .env("SEQD_LOG", "info,raft=info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -182,6 +188,25 @@ impl Cluster {
         if let Some(child) = &self.nodes[id as usize - 1].child {
             signal(child, "CONT");
         }
+    }
+
+    /// Admin API of node `id`.
+    pub async fn admin(
+        &self,
+        id: u64,
+    ) -> seqd::pb::admin_client::AdminClient<tonic::transport::Channel> {
+        seqd::pb::admin_client::AdminClient::connect(format!("http://{}", self.node(id).addr))
+            .await
+            .expect("connect admin")
+    }
+
+    /// Ids API of node `id`.
+    pub async fn ids(&self, id: u64) -> seqd::pb::ids_client::IdsClient<tonic::transport::Channel> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.node(id).addr))
+            .expect("endpoint")
+            .timeout(Duration::from_secs(2))
+            .connect_lazy();
+        seqd::pb::ids_client::IdsClient::new(ch)
     }
 
     pub fn client(&self) -> Client {

@@ -1,0 +1,485 @@
+//! Snowflake IDs: layout, and the per-node issuer with its time fence.
+//!
+//! An ID is `0 | time | worker | sequence`. Uniqueness (I5) rests on:
+//! - worker ids assigned through the Raft log, one holder at a time;
+//! - a *fence* per worker, committed through the log: the holder stamps no
+//!   timestamp above it, and whoever holds the worker next (another node, or
+//!   the same node after a restart) stamps nothing at or below it;
+//! - a clock that steps back while running is ridden on a logical clock for
+//!   small steps and refused for large ones, so timestamps never go back.
+
+/// Bits and epoch of an ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    epoch_ms: u64,
+    time_bits: u32,
+    worker_bits: u32,
+    seq_bits: u32,
+}
+
+/// Milliseconds in an average Gregorian year.
+const MS_PER_YEAR: f64 = 365.2425 * 86_400_000.0;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("time_bits + worker_bits + sequence_bits must be 63 (one sign bit stays 0), not {0}")]
+    BitsDontAddUp(u32),
+    #[error("worker_bits must be between 1 and 20, not {0}")]
+    WorkerBits(u32),
+    #[error("sequence_bits must be between 1 and 22, not {0}")]
+    SequenceBits(u32),
+    #[error("time_bits must be at least 30, not {0}")]
+    TimeBits(u32),
+}
+
+impl Layout {
+    pub fn try_new(
+        epoch_ms: u64,
+        time_bits: u32,
+        worker_bits: u32,
+        seq_bits: u32,
+    ) -> Result<Self, LayoutError> {
+        let total = time_bits + worker_bits + seq_bits;
+        if total != 63 {
+            return Err(LayoutError::BitsDontAddUp(total));
+        }
+        if !(1..=20).contains(&worker_bits) {
+            return Err(LayoutError::WorkerBits(worker_bits));
+        }
+        if !(1..=22).contains(&seq_bits) {
+            return Err(LayoutError::SequenceBits(seq_bits));
+        }
+        if time_bits < 30 {
+            return Err(LayoutError::TimeBits(time_bits));
+        }
+        Ok(Self {
+            epoch_ms,
+            time_bits,
+            worker_bits,
+            seq_bits,
+        })
+    }
+
+    pub fn epoch_ms(&self) -> u64 {
+        self.epoch_ms
+    }
+
+    pub fn max_workers(&self) -> u64 {
+        1 << self.worker_bits
+    }
+
+    /// IDs one worker can issue per millisecond.
+    pub fn per_ms(&self) -> u64 {
+        1 << self.seq_bits
+    }
+
+    /// The last Unix millisecond the layout can encode.
+    pub fn last_ms(&self) -> u64 {
+        self.epoch_ms + ((1u64 << self.time_bits) - 1)
+    }
+
+    /// Years left before the time bits run out, negative once they have.
+    pub fn years_left(&self, now_ms: u64) -> f64 {
+        (self.last_ms() as f64 - now_ms as f64) / MS_PER_YEAR
+    }
+
+    fn compose(&self, ts_ms: u64, worker: u64, seq: u64) -> u64 {
+        ((ts_ms - self.epoch_ms) << (self.worker_bits + self.seq_bits))
+            | (worker << self.seq_bits)
+            | seq
+    }
+
+    /// Splits an ID into (Unix ms, worker, sequence). `None` for IDs with
+    /// the sign bit set, which this layout never produces.
+    pub fn decode(&self, id: u64) -> Option<(u64, u64, u64)> {
+        if id >> 63 != 0 {
+            return None;
+        }
+        let seq = id & ((1 << self.seq_bits) - 1);
+        let worker = (id >> self.seq_bits) & ((1 << self.worker_bits) - 1);
+        let ts = (id >> (self.seq_bits + self.worker_bits)) + self.epoch_ms;
+        Some((ts, worker, seq))
+    }
+}
+
+/// Why IDs cannot be issued now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("this node holds no worker id yet (it acquires one through the Raft log)")]
+    NoWorker,
+    #[error("time fence reached: this node may stamp up to {fence_ms} but needs {needed_ms}; renewing the fence needs a majority")]
+    FenceReached { fence_ms: u64, needed_ms: u64 },
+    #[error("clock moved back by {by_ms} ms and is {behind_ms} ms behind the last issued timestamp, more than the {limit_ms} ms that can be ridden out; refusing to issue until it catches up")]
+    ClockBackwards {
+        /// Size of the step back, measured against the monotonic clock
+        /// (equal to `behind_ms` when the step happened before this process
+        /// started).
+        by_ms: u64,
+        behind_ms: u64,
+        limit_ms: u64,
+    },
+    #[error("the layout's time bits are exhausted")]
+    LayoutExhausted,
+}
+
+/// What the issuer noticed about the clock on a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClockReport {
+    /// The wall clock was this many ms behind the latest reading seen.
+    pub stepped_back_ms: Option<u64>,
+    /// Stamps came from the logical clock, ahead of the wall clock.
+    pub rode: bool,
+}
+
+/// One node's ID issuer.
+#[derive(Debug)]
+pub struct Issuer {
+    layout: Layout,
+    /// Largest backward step (ms) carried on the logical clock.
+    ride_ms: u64,
+    /// How far ahead of the clock a fence reaches. Right after activation
+    /// the floor (the last fence) may lie this far ahead of a correct clock,
+    /// so starting there is ridden, not refused.
+    fence_ahead_ms: u64,
+    worker: Option<u64>,
+    /// Set once this incarnation's own fence renewal has applied: every
+    /// renewal of earlier holders or incarnations is then known (it precedes
+    /// ours in the log) and folded into `floor`.
+    active: bool,
+    /// Highest Unix ms this node may stamp.
+    fence_ms: u64,
+    /// Stamps at or below this may have been used by an earlier holder.
+    floor_ms: u64,
+    /// Next free (timestamp, sequence).
+    cursor: (u64, u64),
+    /// Largest (wall clock − monotonic clock) seen: a wall clock that steps
+    /// back shows as a drop below it, whatever time passed between calls.
+    max_skew_ms: Option<i64>,
+}
+
+impl Issuer {
+    pub fn new(layout: Layout, ride_ms: u64, fence_ahead_ms: u64) -> Self {
+        Self {
+            layout,
+            ride_ms,
+            fence_ahead_ms,
+            worker: None,
+            active: false,
+            fence_ms: 0,
+            floor_ms: 0,
+            cursor: (0, 0),
+            max_skew_ms: None,
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn worker(&self) -> Option<u64> {
+        self.worker
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    pub fn fence_ms(&self) -> u64 {
+        self.fence_ms
+    }
+
+    /// The worker id this node holds now, with the worker's fence, which
+    /// becomes the floor. Issuing waits for [`Issuer::own_fence`].
+    pub fn assign_worker(&mut self, worker: u64, fence_ms: u64) {
+        if self.worker != Some(worker) {
+            self.worker = Some(worker);
+            self.active = false;
+            self.cursor = (0, 0);
+        }
+        self.floor_ms = self.floor_ms.max(fence_ms);
+    }
+
+    /// The node lost its worker id (removed from the cluster).
+    pub fn release_worker(&mut self) {
+        self.worker = None;
+        self.active = false;
+    }
+
+    /// A fence renewal for our worker from an earlier incarnation (or an
+    /// earlier holder) applied: stamps up to it may be taken.
+    pub fn foreign_fence(&mut self, fence_ms: u64) {
+        if !self.active {
+            self.floor_ms = self.floor_ms.max(fence_ms);
+        }
+    }
+
+    /// This incarnation's own renewal applied: issue up to `fence_ms`.
+    pub fn own_fence(&mut self, fence_ms: u64) {
+        if self.worker.is_none() {
+            return;
+        }
+        self.fence_ms = self.fence_ms.max(fence_ms);
+        if !self.active {
+            self.active = true;
+            self.cursor = (self.floor_ms + 1, 0);
+        }
+    }
+
+    /// How far the fence is ahead of `now_ms` (negative when behind).
+    pub fn headroom_ms(&self, now_ms: u64) -> i64 {
+        self.fence_ms as i64 - now_ms as i64
+    }
+
+    /// The fence a renewal should ask for, given how far ahead to reach.
+    pub fn next_fence(&self, now_ms: u64, ahead_ms: u64) -> u64 {
+        // Never lower than what is committed, and always above the floor.
+        (now_ms + ahead_ms)
+            .max(self.fence_ms)
+            .max(self.floor_ms + 1)
+    }
+
+    /// How far the next stamp may run ahead of the wall clock.
+    fn ride_limit(&self, ts: u64) -> u64 {
+        if ts <= self.floor_ms + 1 {
+            // Still at the floor: a restart within a fence's reach.
+            self.fence_ahead_ms + self.ride_ms
+        } else {
+            self.ride_ms
+        }
+    }
+
+    /// Issues `count` IDs into `out`, all or none. `now_ms` is the wall
+    /// clock; `mono_ms` any monotonic clock (only differences matter).
+    pub fn issue(
+        &mut self,
+        now_ms: u64,
+        mono_ms: u64,
+        count: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<ClockReport, IdError> {
+        let mut report = ClockReport::default();
+        if count == 0 {
+            return Ok(report);
+        }
+        let skew = now_ms as i64 - mono_ms as i64;
+        let step = match self.max_skew_ms {
+            // One millisecond of rounding is not a step.
+            Some(max) if max - skew > 1 => Some((max - skew) as u64),
+            _ => None,
+        };
+        report.stepped_back_ms = step;
+        self.max_skew_ms = Some(self.max_skew_ms.map_or(skew, |m| m.max(skew)));
+
+        let worker = match (self.worker, self.active) {
+            (Some(w), true) => w,
+            _ => return Err(IdError::NoWorker),
+        };
+        let (mut ts, mut seq) = self.cursor;
+        if now_ms > ts {
+            (ts, seq) = (now_ms, 0);
+        } else if ts - now_ms > self.ride_limit(ts) {
+            return Err(IdError::ClockBackwards {
+                by_ms: step.unwrap_or(ts - now_ms),
+                behind_ms: ts - now_ms,
+                limit_ms: self.ride_limit(ts),
+            });
+        } else if ts > now_ms {
+            report.rode = true;
+        }
+        let per_ms = self.layout.per_ms();
+        let last_ts = ts + (seq + count - 1) / per_ms;
+        if last_ts > self.fence_ms {
+            return Err(IdError::FenceReached {
+                fence_ms: self.fence_ms,
+                needed_ms: last_ts,
+            });
+        }
+        if last_ts > self.layout.last_ms() {
+            return Err(IdError::LayoutExhausted);
+        }
+        out.reserve(count as usize);
+        for _ in 0..count {
+            if seq == per_ms {
+                ts += 1;
+                seq = 0;
+            }
+            out.push(self.layout.compose(ts, worker, seq));
+            seq += 1;
+        }
+        self.cursor = (ts, seq);
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    const EPOCH: u64 = 1_704_067_200_000;
+
+    fn layout() -> Layout {
+        Layout::try_new(EPOCH, 41, 10, 12).unwrap()
+    }
+
+    fn active(worker: u64, floor: u64, fence: u64) -> Issuer {
+        let mut i = Issuer::new(layout(), 1_000, 3_000);
+        i.assign_worker(worker, floor);
+        i.own_fence(fence);
+        i
+    }
+
+    #[test]
+    fn default_layout_has_decades_left() {
+        let l = layout();
+        let years = l.years_left(EPOCH + 2 * 365 * 86_400_000);
+        assert!((67.0..68.0).contains(&years), "{years}");
+        assert_eq!(l.per_ms(), 4096);
+        assert_eq!(l.max_workers(), 1024);
+        assert!(Layout::try_new(EPOCH, 41, 10, 13).is_err());
+        assert!(Layout::try_new(EPOCH, 41, 0, 22).is_err());
+    }
+
+    #[test]
+    fn ids_decode_to_their_parts() {
+        let now = EPOCH + 123_456;
+        let mut i = active(7, now - 10, now + 3_000);
+        let mut out = Vec::new();
+        i.issue(now, now, 2, &mut out).unwrap();
+        assert_eq!(layout().decode(out[0]), Some((now, 7, 0)));
+        assert_eq!(layout().decode(out[1]), Some((now, 7, 1)));
+        assert_eq!(layout().decode(u64::MAX), None);
+    }
+
+    #[test]
+    fn nothing_at_or_below_the_floor() {
+        let now = EPOCH + 10_000;
+        // The previous holder's fence is 500 ms in the future.
+        let mut i = active(1, now + 500, now + 3_000);
+        let mut out = Vec::new();
+        i.issue(now, now, 1, &mut out).unwrap();
+        let (ts, _, _) = layout().decode(out[0]).unwrap();
+        assert_eq!(ts, now + 501);
+    }
+
+    #[test]
+    fn stops_at_the_fence() {
+        let now = EPOCH + 10_000;
+        let mut i = active(1, 0, now + 1);
+        let mut out = Vec::new();
+        // 4096 per ms: two ms of room.
+        i.issue(now, now, 8192, &mut out).unwrap();
+        let err = i.issue(now, now, 1, &mut out).unwrap_err();
+        assert!(matches!(err, IdError::FenceReached { .. }), "{err}");
+        assert_eq!(out.len(), 8192, "a refused call issues nothing");
+    }
+
+    #[test]
+    fn small_rollback_is_ridden_large_one_refused() {
+        let now = EPOCH + 10_000;
+        let mut i = active(1, 0, now + 10_000);
+        let mut out = Vec::new();
+        // The monotonic clock runs on while the wall clock steps back.
+        i.issue(now, 0, 1, &mut out).unwrap();
+        let r = i.issue(now - 50 + 10, 10, 1, &mut out).unwrap();
+        assert_eq!(r.stepped_back_ms, Some(50));
+        assert!(r.rode);
+        // 2 s back, noticed 300 ms later: the step is named, not the gap.
+        let err = i.issue(now - 2_000 + 300, 300, 1, &mut out).unwrap_err();
+        assert_eq!(
+            err,
+            IdError::ClockBackwards {
+                by_ms: 2_000,
+                behind_ms: 1_700,
+                limit_ms: 1_000
+            }
+        );
+        assert!(err.to_string().contains("moved back by 2000 ms"));
+        // Once the clock catches up, issuing resumes above everything.
+        i.issue(now + 1, 2_301, 1, &mut out).unwrap();
+        let stamps: Vec<u64> = out
+            .iter()
+            .map(|id| layout().decode(*id).unwrap().0)
+            .collect();
+        assert!(stamps.windows(2).all(|w| w[0] <= w[1]));
+        assert!(out.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn a_quick_restart_rides_from_the_floor_a_clock_far_behind_is_refused() {
+        let now = EPOCH + 10_000;
+        // The last fence reached 2.5 s ahead; the node is back within 1 s.
+        let mut i = active(1, now + 2_500, now + 6_000);
+        let mut out = Vec::new();
+        let r = i.issue(now, 0, 1, &mut out).unwrap();
+        assert!(r.rode);
+        assert_eq!(layout().decode(out[0]).unwrap().0, now + 2_501);
+        // Restarted with the clock 10 s behind: refused, naming the gap.
+        let mut i = active(1, now + 2_500, now + 6_000);
+        let err = i.issue(now - 10_000, 0, 1, &mut out).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                IdError::ClockBackwards {
+                    behind_ms: 12_501,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn inactive_until_own_renewal() {
+        let mut i = Issuer::new(layout(), 1_000, 3_000);
+        let mut out = Vec::new();
+        assert_eq!(i.issue(EPOCH + 5, 0, 1, &mut out), Err(IdError::NoWorker));
+        i.assign_worker(3, EPOCH + 100);
+        i.foreign_fence(EPOCH + 900);
+        assert_eq!(i.issue(EPOCH + 5, 0, 1, &mut out), Err(IdError::NoWorker));
+        i.own_fence(EPOCH + 3_000);
+        i.issue(EPOCH + 1_000, 995, 1, &mut out).unwrap();
+        assert_eq!(layout().decode(out[0]).unwrap().0, EPOCH + 1_000);
+    }
+
+    proptest! {
+        /// A worker handed from incarnation to incarnation (restarts, clock
+        /// jumps of any size) never issues the same ID twice, and each
+        /// incarnation's IDs increase.
+        #[test]
+        fn unique_across_incarnations_and_clock_jumps(
+            steps in proptest::collection::vec((-3_000i64..3_000, 1u64..5_000, any::<bool>()), 1..200)
+        ) {
+            let mut seen = HashSet::new();
+            let mut committed_fence = EPOCH;
+            let mut clock = EPOCH as i64 + 1_000_000;
+            let mut i = Issuer::new(layout(), 1_000, 3_000);
+            i.assign_worker(5, committed_fence);
+            let mut prev = 0;
+            for (jump, count, restart) in steps {
+                clock += jump;
+                let now = clock as u64;
+                if restart {
+                    // A new incarnation: only the committed fence survives.
+                    i = Issuer::new(layout(), 1_000, 3_000);
+                    i.assign_worker(5, committed_fence);
+                    prev = 0;
+                }
+                if !i.is_active() || i.headroom_ms(now) < 1_000 {
+                    let f = i.next_fence(now, 3_000).max(committed_fence + 1);
+                    committed_fence = committed_fence.max(f);
+                    i.own_fence(f);
+                }
+                let mut out = Vec::new();
+                if i.issue(now, 0, count, &mut out).is_ok() {
+                    for id in out {
+                        prop_assert!(seen.insert(id), "duplicate id {id}");
+                        prop_assert!(id > prev, "ids of one incarnation increase");
+                        prev = id;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The public `Ids` service: Snowflake IDs from every node.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::core::{Clock as _, IdError};
+use crate::pb::ids_server::Ids;
+use crate::pb::{DecodeRequest, DecodeResponse, NextIdsRequest, NextIdsResponse};
+use crate::raft::IdState;
+
+pub struct IdsService {
+    ids: Arc<IdState>,
+    max_count: u32,
+}
+
+impl IdsService {
+    pub fn new(ids: Arc<IdState>, max_count: u32) -> Self {
+        Self { ids, max_count }
+    }
+}
+
+/// Maps every issuing error to a status.
+fn id_status(e: IdError) -> Status {
+    match e {
+        IdError::NoWorker | IdError::FenceReached { .. } => Status::unavailable(e.to_string()),
+        IdError::ClockBackwards { .. } => Status::failed_precondition(e.to_string()),
+        IdError::LayoutExhausted => Status::resource_exhausted(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Ids for IdsService {
+    async fn next_ids(
+        &self,
+        request: Request<NextIdsRequest>,
+    ) -> Result<Response<NextIdsResponse>, Status> {
+        let count = request.into_inner().count;
+        if count == 0 {
+            return Err(Status::invalid_argument("count: must be at least 1"));
+        }
+        if count > self.max_count {
+            return Err(Status::invalid_argument(format!(
+                "count: {count} is above the maximum of {}",
+                self.max_count
+            )));
+        }
+        let now = self.ids.clock.now_ms();
+        let mono = self.ids.mono_ms();
+        let mut ids = Vec::new();
+        let (result, worker) = {
+            let mut issuer = self.ids.issuer.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                issuer.issue(now, mono, u64::from(count), &mut ids),
+                issuer.worker(),
+            )
+        };
+        match result {
+            Ok(report) => {
+                if let Some(back) = report.stepped_back_ms {
+                    tracing::warn!(
+                        stepped_back_ms = back,
+                        "clock stepped back; riding it on the logical clock"
+                    );
+                }
+                Ok(Response::new(NextIdsResponse {
+                    ids,
+                    worker: worker.unwrap_or_default(),
+                }))
+            }
+            Err(e) => {
+                if let IdError::ClockBackwards { by_ms, .. } = e {
+                    tracing::warn!(by_ms, "clock moved back too far; refusing to issue IDs");
+                }
+                Err(id_status(e))
+            }
+        }
+    }
+
+    async fn decode(
+        &self,
+        request: Request<DecodeRequest>,
+    ) -> Result<Response<DecodeResponse>, Status> {
+        let id = request.into_inner().id;
+        let layout = *self
+            .ids
+            .issuer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .layout();
+        let (unix_ms, worker, sequence) = layout.decode(id).ok_or_else(|| {
+            Status::invalid_argument("id: has the sign bit set; not a seqd Snowflake ID")
+        })?;
+        Ok(Response::new(DecodeResponse {
+            unix_ms,
+            worker,
+            sequence,
+        }))
+    }
+}

@@ -1,0 +1,332 @@
+//! Snowflake IDs against real processes: unique across nodes, restarts,
+//! worker churn, clock rollbacks and partitions (I5).
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use seqd::core::Layout;
+use seqd::pb::{
+    AddNodeRequest, DecodeRequest, InjectFaultRequest, NextIdsRequest, RemoveNodeRequest,
+};
+use tonic::Code;
+
+const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
+
+fn layout() -> Layout {
+    Layout::try_new(1_704_067_200_000, 41, 10, 12).unwrap()
+}
+
+async fn wait_ids_active(c: &Cluster, id: u64) {
+    c.wait_status(id, Duration::from_secs(30), "issuing IDs", |s| s.ids_active)
+        .await;
+}
+
+async fn fault(c: &Cluster, id: u64, clock_offset_ms: i64, isolate: bool) {
+    c.admin(id)
+        .await
+        .inject_fault(InjectFaultRequest {
+            clock_offset_ms,
+            isolate,
+        })
+        .await
+        .unwrap();
+}
+
+/// Calls NextIds on one node until stopped; returns every ID in call order
+/// and the error messages seen.
+fn issue_loop(
+    c: &Cluster,
+    id: u64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<u64>, Vec<String>)> {
+    let addr = c.node(id).addr.clone();
+    tokio::spawn(async move {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .timeout(Duration::from_secs(1))
+            .connect_lazy();
+        let mut api = seqd::pb::ids_client::IdsClient::new(ch);
+        let mut ids = Vec::new();
+        let mut errors = Vec::new();
+        let mut n = 1;
+        while !stop.load(Ordering::Relaxed) {
+            n = n % 200 + 1;
+            match api.next_ids(NextIdsRequest { count: n }).await {
+                Ok(r) => ids.extend(r.into_inner().ids),
+                Err(e) => {
+                    errors.push(e.message().to_string());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        (ids, errors)
+    })
+}
+
+fn assert_increasing(node: u64, ids: &[u64]) {
+    for w in ids.windows(2) {
+        assert!(w[0] < w[1], "node {node}: id {} after {}", w[1], w[0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ids_stay_unique_across_restarts_and_worker_churn() {
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    for id in 1..=3 {
+        wait_ids_active(&c, id).await;
+    }
+    let mut workers = HashSet::new();
+    for id in 1..=3 {
+        let s = c.status(id).await.unwrap();
+        assert!(workers.insert(s.worker), "worker {} held twice", s.worker);
+    }
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let (restarted, churned) = (followers[0], followers[1]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (1..=3).map(|id| issue_loop(&c, id, stop.clone())).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A crash and restart: the new incarnation starts above its fence.
+    c.kill(restarted);
+    c.spawn(restarted);
+    wait_ids_active(&c, restarted).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A node removed (its worker freed) and re-added with a fresh disk, as
+    // a replaced container would be.
+    let mut admin = c.admin(leader).await;
+    admin
+        .remove_node(RemoveNodeRequest { id: churned })
+        .await
+        .unwrap();
+    c.kill(churned);
+    std::fs::remove_dir_all(c.data_dir(churned)).unwrap();
+    c.spawn_with(churned, &["--join"]);
+    let addr = c.node(churned).addr.clone();
+    admin
+        .add_node(AddNodeRequest {
+            id: churned,
+            addr: addr.clone(),
+            voter: false,
+        })
+        .await
+        .unwrap();
+    c.wait_status(churned, Duration::from_secs(30), "caught up", |s| {
+        s.learners.contains(&churned) && s.applied_index > 0
+    })
+    .await;
+    let m = admin
+        .add_node(AddNodeRequest {
+            id: churned,
+            addr,
+            voter: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(m.voters.contains(&churned));
+    wait_ids_active(&c, churned).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let mut all = HashSet::new();
+    let mut total = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let node = i as u64 + 1;
+        let (ids, _errors) = t.await.unwrap();
+        assert!(!ids.is_empty(), "node {node} issued IDs");
+        assert_increasing(node, &ids);
+        total += ids.len();
+        for id in ids {
+            assert!(
+                all.insert(id),
+                "duplicate id {id} ({:?})",
+                layout().decode(id)
+            );
+        }
+    }
+    let mut workers = HashSet::new();
+    for id in 1..=3 {
+        eprintln!("{:?}", c.status(id).await);
+    }
+    for id in 1..=3 {
+        let s = c.status(id).await.unwrap();
+        assert!(s.has_worker, "{s:?}");
+        assert!(
+            workers.insert(s.worker),
+            "worker {} held twice: {s:?}",
+            s.worker
+        );
+    }
+    eprintln!("snowflake churn: {total} ids, all unique");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clock_rollbacks_never_repeat_or_reorder_ids() {
+    let mut c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+    let mut api = c.ids(1).await;
+    let mut issued: Vec<u64> = Vec::new();
+    let mut take = |ids: Vec<u64>| issued.extend(ids);
+
+    take(
+        api.next_ids(NextIdsRequest { count: 1000 })
+            .await
+            .unwrap()
+            .into_inner()
+            .ids,
+    );
+    // 50 ms back: ridden on the logical clock, no error.
+    fault(&c, 1, -50, false).await;
+    for _ in 0..5 {
+        take(
+            api.next_ids(NextIdsRequest { count: 100 })
+                .await
+                .unwrap()
+                .into_inner()
+                .ids,
+        );
+    }
+    // 2 s and 1 h back: refused, naming the size of the jump.
+    for (offset, at_least) in [(-2_000i64, 1_900u64), (-3_600_000, 3_599_000)] {
+        fault(&c, 1, offset, false).await;
+        let err = api.next_ids(NextIdsRequest { count: 1 }).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let by: u64 = err
+            .message()
+            .split("clock moved back by ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("message names the jump: {}", err.message()));
+        assert!(by >= at_least, "jump of {offset} ms reported as {by} ms");
+    }
+    fault(&c, 1, 0, false).await;
+    take(
+        api.next_ids(NextIdsRequest { count: 1000 })
+            .await
+            .unwrap()
+            .into_inner()
+            .ids,
+    );
+
+    // Restarted with the clock 10 s behind: nothing at or below the fence.
+    c.kill(1);
+    c.spawn_with(1, &["--clock-offset-ms=-10000"]);
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+    let mut api = c.ids(1).await;
+    let err = api.next_ids(NextIdsRequest { count: 1 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("clock moved back by"),
+        "{}",
+        err.message()
+    );
+    fault(&c, 1, 0, false).await;
+    let after = api
+        .next_ids(NextIdsRequest { count: 1000 })
+        .await
+        .unwrap()
+        .into_inner()
+        .ids;
+    issued.extend(after);
+
+    assert_increasing(1, &issued);
+    let unique: HashSet<u64> = issued.iter().copied().collect();
+    assert_eq!(unique.len(), issued.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioned_node_stops_at_its_fence() {
+    let c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let cut = leader % 3 + 1;
+    wait_ids_active(&c, cut).await;
+    fault(&c, cut, 0, true).await;
+    let isolated_at = Instant::now();
+    let mut api = c.ids(cut).await;
+    let mut last_ok = Vec::new();
+    let err = loop {
+        match api.next_ids(NextIdsRequest { count: 10 }).await {
+            Ok(r) => last_ok = r.into_inner().ids,
+            Err(e) => break e,
+        }
+        assert!(
+            isolated_at.elapsed() < Duration::from_secs(15),
+            "an isolated node must stop issuing at its fence"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("time fence reached"),
+        "{}",
+        err.message()
+    );
+    let fence = c.status(cut).await.unwrap().fence_ms;
+    if let Some(last) = last_ok.last() {
+        let (ts, _, _) = layout().decode(*last).unwrap();
+        assert!(ts <= fence, "stamped {ts} past the fence {fence}");
+    }
+    // The majority keeps issuing meanwhile; healed, the node resumes.
+    let mut other = c.ids(leader).await;
+    other.next_ids(NextIdsRequest { count: 10 }).await.unwrap();
+    fault(&c, cut, 0, false).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while api.next_ids(NextIdsRequest { count: 1 }).await.is_err() {
+        assert!(Instant::now() < deadline, "a healed node issues again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decode_returns_the_parts_and_bad_counts_are_rejected() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+    let mut api = c.ids(1).await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let r = api
+        .next_ids(NextIdsRequest { count: 3 })
+        .await
+        .unwrap()
+        .into_inner();
+    let d = api
+        .decode(DecodeRequest { id: r.ids[1] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.worker, r.worker);
+    assert!(
+        d.unix_ms + 5_000 >= before && d.unix_ms <= before + 5_000,
+        "{d:?}"
+    );
+    assert_eq!(
+        layout().decode(r.ids[1]),
+        Some((d.unix_ms, d.worker, d.sequence))
+    );
+
+    for count in [0, 100_001] {
+        let err = api.next_ids(NextIdsRequest { count }).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with("count:"), "{}", err.message());
+    }
+    let err = api
+        .decode(DecodeRequest { id: u64::MAX })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("id:"), "{}", err.message());
+}
