@@ -1,11 +1,13 @@
-//! Micro-benchmarks of the allocator core's hot path: a segmented `Next`
-//! answered from memory, and a 100-member group fan-out.
+//! Micro-benchmarks of the core's hot paths: a segmented `Next` answered
+//! from memory, a 100-member group fan-out, and Snowflake issuing.
 
 use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use seqd::core::{Allocation, Allocator, CeilingSource, Mode, NamespaceSpec, Namespaces, SeqKey};
+use seqd::core::{
+    Allocation, Allocator, CeilingSource, Issuer, Layout, Mode, NamespaceSpec, Namespaces, SeqKey,
+};
 
 /// Applied ceilings, as the state machine would report them.
 #[derive(Default)]
@@ -99,6 +101,31 @@ fn bench(c: &mut Criterion) {
             run(&mut a, &mut db, &items, now / 100)
         });
     });
+    g.finish();
+
+    // Snowflake: one call per millisecond of 4,096 IDs (the layout's limit
+    // per worker). IDs/s here is an upper bound for one node's issuing.
+    let layout = Layout::try_new(1_704_067_200_000, 41, 10, 12).unwrap();
+    let mut g = c.benchmark_group("snowflake");
+    for batch in [1u64, 64, 4096] {
+        g.throughput(Throughput::Elements(batch));
+        g.bench_function(format!("issue_{batch}"), |b| {
+            let start = 1_800_000_000_000u64;
+            let mut issuer = Issuer::new(layout, 1_000, 3_000);
+            issuer.assign_worker(1, 0);
+            issuer.own_fence(u64::MAX / 2);
+            let mut out = Vec::with_capacity(batch as usize);
+            let mut issued = 0u64;
+            b.iter(|| {
+                // The wall clock advances one ms per 4,096 IDs.
+                let now = start + issued / 4096;
+                out.clear();
+                issuer.issue(now, now - start, batch, &mut out).unwrap();
+                issued += batch;
+                black_box(&out);
+            });
+        });
+    }
     g.finish();
 }
 

@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # bindgen (RocksDB's bindings) needs libclang; RocksDB's C++ needs a C++ compiler.
-packages=(libclang-dev clang build-essential pkg-config)
+# The metrics test runs a real Prometheus.
+packages=(libclang-dev clang build-essential pkg-config prometheus)
 
 missing=()
 for p in "${packages[@]}"; do

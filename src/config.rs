@@ -28,6 +28,16 @@ pub struct Config {
     pub snowflake: SnowflakeConfig,
     #[serde(default)]
     pub testing: TestingConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus exposition.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` HTTP endpoint (`ip:port`); none disables it.
+    pub listen: Option<String>,
 }
 
 /// Snowflake ID layout and clock guards. The layout MUST be the same on
@@ -217,6 +227,7 @@ pub struct Overrides {
     pub join: Option<bool>,
     pub clock_offset_ms: Option<i64>,
     pub allow_fault_injection: Option<bool>,
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -280,6 +291,9 @@ impl Config {
         if let Some(a) = o.allow_fault_injection {
             self.testing.allow_fault_injection = a;
         }
+        if let Some(l) = &o.metrics_listen {
+            self.metrics.listen = Some(l.clone());
+        }
         Ok(())
     }
 
@@ -289,6 +303,9 @@ impl Config {
             return Err(invalid("node.id", "must be at least 1"));
         }
         parse_addr("node.listen", &self.node.listen)?;
+        if let Some(l) = &self.metrics.listen {
+            parse_addr("metrics.listen", l)?;
+        }
         if self.node.data_dir.as_os_str().is_empty() {
             return Err(invalid("node.data_dir", "must not be empty"));
         }

@@ -15,11 +15,13 @@
 //!   `tonic::Status`.
 //! - [`client`]: the Rust client (leader discovery, retries).
 //! - [`config`]: typed configuration, files + flags + `SEQD_*` variables.
+//! - [`metrics`]: every metric name, and the Prometheus exporter.
 //! - [`server`]: wiring and ordered shutdown.
 
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod metrics;
 pub mod pb;
 pub mod raft;
 pub mod server;

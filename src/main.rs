@@ -46,6 +46,9 @@ struct Args {
     /// Test only: accept Admin.InjectFault.
     #[arg(long, env = "SEQD_ALLOW_FAULT_INJECTION")]
     allow_fault_injection: bool,
+    /// Overrides metrics.listen: serve Prometheus /metrics on ip:port.
+    #[arg(long, env = "SEQD_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Log JSON lines instead of text.
     #[arg(long, env = "SEQD_LOG_JSON")]
     log_json: bool,
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         join: args.join.then_some(true),
         clock_offset_ms: args.clock_offset_ms,
         allow_fault_injection: args.allow_fault_injection.then_some(true),
+        metrics_listen: args.metrics_listen,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

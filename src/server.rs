@@ -15,9 +15,11 @@ use crate::pb::ids_server::IdsServer;
 use crate::pb::peer_server::PeerServer;
 use crate::pb::sequencer_server::SequencerServer;
 use crate::raft::transport::MAX_PEER_MESSAGE;
-use crate::raft::{spawn, Faults, IdState, NodeParams};
+use crate::raft::{spawn, Faults, IdState, NodeHandle, NodeParams};
 use crate::service::{AdminService, IdsService, PeerAddrs, SequencerService};
 use crate::storage::StorageError;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -25,6 +27,10 @@ pub enum ServerError {
     Storage(#[from] StorageError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("metrics exporter on {addr}: {message}")]
+    Metrics { addr: String, message: String },
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: String,
@@ -48,6 +54,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    if let Some(addr) = &config.metrics.listen {
+        let parsed = addr.parse().map_err(|_| ServerError::Metrics {
+            addr: addr.clone(),
+            message: "not an ip:port address".into(),
+        })?;
+        crate::metrics::install(parsed).map_err(|e| ServerError::Metrics {
+            addr: addr.clone(),
+            message: e.to_string(),
+        })?;
+        tracing::info!(listen = %addr, "serving Prometheus metrics at /metrics");
+    }
     let namespaces = config.namespaces();
     let peers: Vec<(u64, String)> = config
         .peers
@@ -97,6 +114,14 @@ pub async fn serve(
         "seqd serving"
     );
 
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(node.clone(), health));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -117,7 +142,9 @@ pub async fn serve(
             faults,
             config.testing.allow_fault_injection,
         )))
-        .add_service(PeerServer::new(peer_service).max_decoding_message_size(MAX_PEER_MESSAGE));
+        .add_service(PeerServer::new(peer_service).max_decoding_message_size(MAX_PEER_MESSAGE))
+        .add_service(health_service)
+        .add_service(reflection);
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
         TcpListenerStream::new(listener),
         async {
@@ -144,9 +171,47 @@ pub async fn serve(
             }
         }
     }
+    health_task.abort();
     // The node thread has returned (or will, now that every handle is gone).
     drop(node);
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     tracing::info!("seqd stopped");
     Ok(())
+}
+
+/// Keeps the gRPC health status current. The node serves ("" and
+/// `seqd.v1.Sequencer`) when it knows a leader and has applied what it knows
+/// to be committed; `seqd.v1.Ids` when, in addition, it holds an active
+/// worker id. A node cut off from the majority loses its leader within an
+/// election timeout, and with it SERVING.
+async fn report_health(node: NodeHandle, health: HealthReporter) {
+    const MAX_APPLY_LAG: u64 = 100;
+    let mut last = None;
+    loop {
+        let (cluster, ids) = match node.status().await {
+            Ok(s) => {
+                let caught_up = s.applied_index + MAX_APPLY_LAG >= s.commit_index;
+                let cluster = s.leader_id != 0 && caught_up && (s.leader_id != s.id || s.serving);
+                (cluster, cluster && s.ids_active)
+            }
+            Err(_) => (false, false),
+        };
+        if last != Some((cluster, ids)) {
+            let status = |up: bool| {
+                if up {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                }
+            };
+            health.set_service_status("", status(cluster)).await;
+            health
+                .set_service_status("seqd.v1.Sequencer", status(cluster))
+                .await;
+            health.set_service_status("seqd.v1.Ids", status(ids)).await;
+            tracing::info!(serving = cluster, ids = ids, "health changed");
+            last = Some((cluster, ids));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

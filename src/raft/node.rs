@@ -35,6 +35,7 @@ use crate::core::{
     AllocError, Allocation, Allocator, CeilingSource, DenseRaise, NamespaceId, Namespaces,
     RequestId, Role, SeqKey, SeqRange,
 };
+use crate::metrics as m;
 use crate::pb::state::{
     command, AcquireWorker, Command, KeyCeiling, LeaderStart, RaiseCeilings, RenewFence, Trim,
 };
@@ -303,6 +304,17 @@ struct Node {
     renew_sent: Option<Instant>,
 }
 
+fn command_kind(cmd: &Command) -> &'static str {
+    match cmd.kind {
+        Some(command::Kind::Raise(_)) => "raise",
+        Some(command::Kind::LeaderStart(_)) => "leader_start",
+        Some(command::Kind::Trim(_)) => "trim",
+        Some(command::Kind::AcquireWorker(_)) => "acquire_worker",
+        Some(command::Kind::RenewFence(_)) => "renew_fence",
+        None => "none",
+    }
+}
+
 /// Locks the issuer. A panic while holding it cannot leave it half-updated
 /// (every method checks before it mutates), so a poisoned lock is usable.
 fn lock(ids: &IdState) -> std::sync::MutexGuard<'_, crate::core::Issuer> {
@@ -347,6 +359,7 @@ impl Node {
                 }
                 self.expire(now);
                 self.snowflake_tick(now);
+                self.export_gauges();
                 if let Some(exit) = self.check_handover_deadline(now) {
                     stop = Some(exit);
                 }
@@ -404,6 +417,9 @@ impl Node {
             }
             Input::Unreachable(id) => self.raw.report_unreachable(id),
             Input::SnapshotSent { to, ok } => {
+                if ok {
+                    metrics::counter!(m::SNAPSHOTS_SENT_TOTAL).increment(1);
+                }
                 let status = if ok {
                     SnapshotStatus::Finish
                 } else {
@@ -464,6 +480,7 @@ impl Node {
         let ctx = self.next_ctx;
         self.next_ctx += 1;
         self.raw.read_index(ctx.to_be_bytes().to_vec());
+        metrics::counter!(m::RAFT_READ_ROUNDS_TOTAL).increment(1);
         let calls = std::mem::take(&mut self.unconfirmed);
         self.reads.push_back((ctx, calls));
     }
@@ -546,12 +563,15 @@ impl Node {
                             epoch: self.core.epoch(),
                         }));
                     }
-                    Ok(Allocation::Wait) => self.waiting.push(Call::Allocate {
-                        items,
-                        request_id,
-                        reply,
-                        deadline,
-                    }),
+                    Ok(Allocation::Wait) => {
+                        metrics::counter!(m::REFILL_WAITS_TOTAL).increment(1);
+                        self.waiting.push(Call::Allocate {
+                            items,
+                            request_id,
+                            reply,
+                            deadline,
+                        })
+                    }
                     Ok(Allocation::Reserved(ranges)) => {
                         let request = match (request_id, items.as_slice()) {
                             (Some(id), [(key, count)]) => Some((id, key.clone(), *count)),
@@ -588,6 +608,13 @@ impl Node {
         if raises.is_empty() && self.dense_pending.is_empty() {
             return;
         }
+        let refills = raises
+            .iter()
+            .filter(|r| {
+                self.namespaces.spec(r.key.namespace()).mode == crate::core::Mode::Segmented
+            })
+            .count();
+        metrics::counter!(m::REFILLS_TOTAL).increment(refills as u64);
         let keys = self.key_ceilings(&raises);
         let cmd = Command {
             kind: Some(command::Kind::Raise(RaiseCeilings { keys })),
@@ -620,6 +647,7 @@ impl Node {
 
     /// Proposes a command; gives the proposal back if raft-rs drops it.
     fn propose(&mut self, cmd: Command, what: Proposal) -> Result<u64, Proposal> {
+        metrics::counter!(m::RAFT_PROPOSALS_TOTAL, "kind" => command_kind(&cmd)).increment(1);
         match self.raw.propose(Vec::new(), cmd.encode_to_vec()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
@@ -711,6 +739,7 @@ impl Node {
             self.raw.mut_store().install_snapshot(&snap)?;
             self.machine.reload()?;
             self.snapshots_installed += 1;
+            metrics::counter!(m::SNAPSHOTS_INSTALLED_TOTAL).increment(1);
             match self.machine.worker_of(self.id)? {
                 Some((worker, fence)) => {
                     let mut issuer = lock(&self.ids);
@@ -734,7 +763,9 @@ impl Node {
         // 4. Persist entries and hard state in one synced write.
         if !ready.entries().is_empty() || ready.hs().is_some() {
             let hs = ready.hs().cloned();
+            let started = Instant::now();
             self.raw.mut_store().append(ready.entries(), hs.as_ref())?;
+            metrics::histogram!(m::RAFT_APPEND_SECONDS).record(started.elapsed().as_secs_f64());
         }
         // 5. Messages that needed the write above.
         if !ready.persisted_messages().is_empty() {
@@ -952,6 +983,11 @@ impl Node {
             }
             _ => return,
         };
+        metrics::counter!(m::RAFT_PROPOSALS_TOTAL, "kind" => match &cmd {
+            command::Kind::AcquireWorker(_) => "acquire_worker",
+            _ => "renew_fence",
+        })
+        .increment(1);
         // Not tracked: a follower cannot know the index its proposal gets;
         // the outcome is recognised by node id (and boot) when it applies.
         let data = Command { kind: Some(cmd) }.encode_to_vec();
@@ -1064,6 +1100,7 @@ impl Node {
                 leader_id = leader,
                 "leader changed"
             );
+            metrics::counter!(m::RAFT_LEADER_CHANGES_TOTAL).increment(1);
             self.last_leader = leader;
         }
     }
@@ -1207,6 +1244,25 @@ impl Node {
             tracing::warn!(node_id = self.id, "handover timed out; serving again");
         }
         None
+    }
+
+    fn export_gauges(&self) {
+        let raft = &self.raw.raft;
+        metrics::gauge!(m::RAFT_TERM).set(raft.term as f64);
+        metrics::gauge!(m::RAFT_IS_LEADER).set(if raft.state == StateRole::Leader {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!(m::RAFT_COMMIT_INDEX).set(raft.raft_log.committed as f64);
+        metrics::gauge!(m::RAFT_APPLIED_INDEX).set(self.machine.applied() as f64);
+        metrics::gauge!(m::ACTIVE_KEYS).set(self.core.active_keys() as f64);
+        let now = self.ids.clock.now_ms();
+        let issuer = lock(&self.ids);
+        if issuer.is_active() {
+            metrics::gauge!(m::FENCE_HEADROOM_SECONDS).set(issuer.headroom_ms(now) as f64 / 1000.0);
+        }
+        metrics::gauge!(m::LAYOUT_YEARS_LEFT).set(issuer.layout().years_left(now));
     }
 
     fn status(&self) -> NodeStatus {

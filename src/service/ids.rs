@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::observe;
 use crate::core::{Clock as _, IdError};
+use crate::metrics as m;
 use crate::pb::ids_server::Ids;
 use crate::pb::{DecodeRequest, DecodeResponse, NextIdsRequest, NextIdsResponse};
 use crate::raft::IdState;
@@ -32,6 +34,38 @@ fn id_status(e: IdError) -> Status {
 #[tonic::async_trait]
 impl Ids for IdsService {
     async fn next_ids(
+        &self,
+        request: Request<NextIdsRequest>,
+    ) -> Result<Response<NextIdsResponse>, Status> {
+        let start = std::time::Instant::now();
+        let result = self.next_ids_inner(request);
+        observe("NextIds", start, &result);
+        result
+    }
+    async fn decode(
+        &self,
+        request: Request<DecodeRequest>,
+    ) -> Result<Response<DecodeResponse>, Status> {
+        let id = request.into_inner().id;
+        let layout = *self
+            .ids
+            .issuer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .layout();
+        let (unix_ms, worker, sequence) = layout.decode(id).ok_or_else(|| {
+            Status::invalid_argument("id: has the sign bit set; not a seqd Snowflake ID")
+        })?;
+        Ok(Response::new(DecodeResponse {
+            unix_ms,
+            worker,
+            sequence,
+        }))
+    }
+}
+
+impl IdsService {
+    fn next_ids_inner(
         &self,
         request: Request<NextIdsRequest>,
     ) -> Result<Response<NextIdsResponse>, Status> {
@@ -71,30 +105,12 @@ impl Ids for IdsService {
             Err(e) => {
                 if let IdError::ClockBackwards { by_ms, .. } = e {
                     tracing::warn!(by_ms, "clock moved back too far; refusing to issue IDs");
+                    metrics::counter!(m::CLOCK_ROLLBACKS_TOTAL, "outcome" => "refused")
+                        .increment(1);
+                    metrics::histogram!(m::CLOCK_ROLLBACK_SECONDS).record(by_ms as f64 / 1000.0);
                 }
                 Err(id_status(e))
             }
         }
-    }
-
-    async fn decode(
-        &self,
-        request: Request<DecodeRequest>,
-    ) -> Result<Response<DecodeResponse>, Status> {
-        let id = request.into_inner().id;
-        let layout = *self
-            .ids
-            .issuer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .layout();
-        let (unix_ms, worker, sequence) = layout.decode(id).ok_or_else(|| {
-            Status::invalid_argument("id: has the sign bit set; not a seqd Snowflake ID")
-        })?;
-        Ok(Response::new(DecodeResponse {
-            unix_ms,
-            worker,
-            sequence,
-        }))
     }
 }

@@ -37,6 +37,40 @@ impl PeerAddrs {
     }
 }
 
+/// Records latency and outcome of one public call.
+pub fn observe<T>(op: &'static str, start: std::time::Instant, result: &Result<T, Status>) {
+    let code = match result {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    };
+    metrics::histogram!(crate::metrics::REQUEST_SECONDS, "op" => op)
+        .record(start.elapsed().as_secs_f64());
+    metrics::counter!(crate::metrics::REQUESTS_TOTAL, "op" => op, "code" => code_name(code))
+        .increment(1);
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// Bad input: nothing was done.
 pub fn invalid(e: InvalidArgument) -> Status {
     Status::invalid_argument(e.to_string())

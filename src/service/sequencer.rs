@@ -4,7 +4,9 @@ use std::collections::HashSet;
 
 use tonic::{Request, Response, Status};
 
-use super::{invalid, status_from, PeerAddrs};
+use std::time::Instant;
+
+use super::{invalid, observe, status_from, PeerAddrs};
 use crate::core::types::MAX_BATCH_ITEMS;
 use crate::core::{InvalidArgument, Namespaces, RequestId, SeqKey};
 use crate::pb::sequencer_server::Sequencer;
@@ -37,8 +39,40 @@ impl SequencerService {
 
 #[tonic::async_trait]
 impl Sequencer for SequencerService {
-    #[tracing::instrument(skip_all, fields(namespace = %request.get_ref().namespace, count = request.get_ref().count))]
     async fn next(&self, request: Request<NextRequest>) -> Result<Response<NextResponse>, Status> {
+        let start = Instant::now();
+        let result = self.next_inner(request).await;
+        observe("Next", start, &result);
+        result
+    }
+
+    async fn next_batch(
+        &self,
+        request: Request<NextBatchRequest>,
+    ) -> Result<Response<NextBatchResponse>, Status> {
+        let start = Instant::now();
+        let result = self.next_batch_inner(request).await;
+        observe("NextBatch", start, &result);
+        result
+    }
+
+    async fn current(
+        &self,
+        request: Request<CurrentRequest>,
+    ) -> Result<Response<CurrentResponse>, Status> {
+        let start = Instant::now();
+        let result = self.current_inner(request).await;
+        observe("Current", start, &result);
+        result
+    }
+}
+
+impl SequencerService {
+    #[tracing::instrument(skip_all, fields(namespace = %request.get_ref().namespace, count = request.get_ref().count))]
+    async fn next_inner(
+        &self,
+        request: Request<NextRequest>,
+    ) -> Result<Response<NextResponse>, Status> {
         let req = request.into_inner();
         let key = self.key(&req.namespace, req.key).map_err(invalid)?;
         let count = self
@@ -60,7 +94,7 @@ impl Sequencer for SequencerService {
     }
 
     #[tracing::instrument(skip_all, fields(namespace = %request.get_ref().namespace, items = request.get_ref().items.len()))]
-    async fn next_batch(
+    async fn next_batch_inner(
         &self,
         request: Request<NextBatchRequest>,
     ) -> Result<Response<NextBatchResponse>, Status> {
@@ -118,7 +152,7 @@ impl Sequencer for SequencerService {
     }
 
     #[tracing::instrument(skip_all, fields(namespace = %request.get_ref().namespace))]
-    async fn current(
+    async fn current_inner(
         &self,
         request: Request<CurrentRequest>,
     ) -> Result<Response<CurrentResponse>, Status> {

@@ -56,6 +56,8 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 pub struct Node {
     pub id: u64,
     pub addr: String,
+    /// Prometheus `/metrics` address.
+    pub metrics_addr: String,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -78,8 +80,15 @@ impl Cluster {
     /// Starts `n` nodes with `raft_section` (TOML lines under `[raft]`).
     pub fn start(n: usize, raft_section: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ports = free_ports(n);
-        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let ports = free_ports(2 * n);
+        let addrs: Vec<String> = ports[..n]
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let metrics: Vec<String> = ports[n..]
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         let mut peers = String::new();
         for (i, a) in addrs.iter().enumerate() {
             peers.push_str(&format!("[[peers]]\nid = {}\naddr = \"{a}\"\n\n", i + 1));
@@ -90,13 +99,15 @@ impl Cluster {
             let data = dir.path().join(format!("node{id}"));
             let config = dir.path().join(format!("node{id}.toml"));
             let text = format!(
-                "[node]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\n{peers}[raft]\n{raft_section}\n\n[testing]\nallow_fault_injection = true\n{NAMESPACES}",
-                data.display()
+                "[node]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\n{peers}[raft]\n{raft_section}\n\n[testing]\nallow_fault_injection = true\n\n[metrics]\nlisten = \"{}\"\n{NAMESPACES}",
+                data.display(),
+                metrics[i]
             );
             std::fs::write(&config, text).expect("write config");
             nodes.push(Node {
                 id,
                 addr: addr.clone(),
+                metrics_addr: metrics[i].clone(),
                 config,
                 log: dir.path().join(format!("node{id}.log")),
                 child: None,

@@ -1,0 +1,229 @@
+//! seqctl: the operator's CLI for a seqd cluster.
+//!
+//! `seqctl status` shows every node; `add-node`, `remove-node` and
+//! `transfer-leader` go to the leader, found through the nodes' status.
+//! Tables by default, `--json` for scripts; errors are one line on stderr
+//! and a non-zero exit.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use seqd::pb::admin_client::AdminClient;
+use seqd::pb::{
+    AddNodeRequest, RemoveNodeRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
+};
+use serde_json::json;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Parser)]
+#[command(name = "seqctl", version, about = "Operate a seqd cluster")]
+struct Cli {
+    /// The cluster's nodes, host:port, comma-separated.
+    #[arg(
+        long,
+        env = "SEQCTL_ENDPOINTS",
+        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003",
+        value_delimiter = ','
+    )]
+    endpoints: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Members, leader, term, commit/applied index and lag of every node.
+    Status,
+    /// Add a node as a learner, or with --voter add or promote it to voter.
+    /// Start the node with --join first.
+    AddNode {
+        #[arg(long)]
+        id: u64,
+        /// host:port the cluster reaches the node at.
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        voter: bool,
+    },
+    /// Remove a node; its Snowflake worker id is freed.
+    RemoveNode {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Move leadership (after committing every key's exact position).
+    TransferLeader {
+        /// Target node id; the most caught-up follower when omitted.
+        #[arg(long)]
+        to: Option<u64>,
+    },
+}
+
+fn admin(addr: &str) -> Result<AdminClient<Channel>, String> {
+    let ch = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| format!("bad endpoint {addr:?}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    Ok(AdminClient::new(ch))
+}
+
+async fn status_of(addr: &str) -> Result<StatusResponse, String> {
+    let mut c = admin(addr)?;
+    let call = c.status(StatusRequest {});
+    match tokio::time::timeout(Duration::from_secs(2), call).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+async fn statuses(endpoints: &[String]) -> Vec<(String, Result<StatusResponse, String>)> {
+    let mut out = Vec::new();
+    for e in endpoints {
+        out.push((e.clone(), status_of(e).await));
+    }
+    out
+}
+
+/// The endpoint of the node that reports itself leader.
+async fn leader(endpoints: &[String]) -> Result<String, String> {
+    for (addr, s) in statuses(endpoints).await {
+        if let Ok(s) = s {
+            if s.role == "Leader" {
+                return Ok(addr);
+            }
+        }
+    }
+    Err(format!(
+        "no leader among {}; is a majority up?",
+        endpoints.join(",")
+    ))
+}
+
+fn print_status(rows: &[(String, Result<StatusResponse, String>)], as_json: bool) {
+    let max_commit = rows
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok().map(|s| s.commit_index))
+        .max()
+        .unwrap_or(0);
+    if as_json {
+        let nodes: Vec<_> = rows
+            .iter()
+            .map(|(addr, s)| match s {
+                Ok(s) => json!({
+                    "endpoint": addr, "id": s.id, "role": s.role, "term": s.term,
+                    "leader_id": s.leader_id, "commit_index": s.commit_index,
+                    "applied_index": s.applied_index,
+                    "lag": max_commit.saturating_sub(s.applied_index),
+                    "voters": s.voters, "learners": s.learners, "epoch": s.epoch,
+                    "serving": s.serving, "worker": s.has_worker.then_some(s.worker),
+                    "ids_active": s.ids_active,
+                }),
+                Err(e) => json!({ "endpoint": addr, "error": e }),
+            })
+            .collect();
+        println!("{}", json!({ "nodes": nodes }));
+        return;
+    }
+    println!(
+        "{:<22} {:>4} {:<10} {:>6} {:>6} {:>10} {:>10} {:>6} {:>6}  MEMBERS",
+        "ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAG", "WORKER"
+    );
+    for (addr, s) in rows {
+        match s {
+            Ok(s) => println!(
+                "{:<22} {:>4} {:<10} {:>6} {:>6} {:>10} {:>10} {:>6} {:>6}  voters={:?} learners={:?}",
+                addr,
+                s.id,
+                s.role,
+                s.term,
+                s.leader_id,
+                s.commit_index,
+                s.applied_index,
+                max_commit.saturating_sub(s.applied_index),
+                if s.has_worker { s.worker.to_string() } else { "-".into() },
+                s.voters,
+                s.learners
+            ),
+            Err(e) => println!("{addr:<22} unreachable: {e}"),
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.cmd {
+        Cmd::Status => {
+            let rows = statuses(&cli.endpoints).await;
+            print_status(&rows, cli.json);
+            if rows.iter().all(|(_, s)| s.is_err()) {
+                return Err("no node answered".into());
+            }
+        }
+        Cmd::AddNode { id, addr, voter } => {
+            let leader = leader(&cli.endpoints).await?;
+            let m = admin(&leader)?
+                .add_node(AddNodeRequest { id, addr, voter })
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner();
+            report(cli.json, &m.voters, &m.learners);
+        }
+        Cmd::RemoveNode { id } => {
+            let leader = leader(&cli.endpoints).await?;
+            let m = admin(&leader)?
+                .remove_node(RemoveNodeRequest { id })
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner();
+            report(cli.json, &m.voters, &m.learners);
+        }
+        Cmd::TransferLeader { to } => {
+            let leader = leader(&cli.endpoints).await?;
+            admin(&leader)?
+                .transfer_leader(TransferLeaderRequest {
+                    to: to.unwrap_or(0),
+                })
+                .await
+                .map_err(|s| s.message().to_string())?;
+            if cli.json {
+                println!("{}", json!({ "transferred_from": leader }));
+            } else {
+                println!("leadership moved away from {leader}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(as_json: bool, voters: &[u64], learners: &[u64]) {
+    if as_json {
+        println!("{}", json!({ "voters": voters, "learners": learners }));
+    } else {
+        println!("voters={voters:?} learners={learners:?}");
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("seqctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("seqctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Every metric seqd exports, in one place, and the Prometheus exporter.
+//!
+//! Names follow Prometheus conventions: `_seconds` for durations, `_total`
+//! for counters. Labels are bounded: `op` is an RPC name, `code` a gRPC code.
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+
+/// Latency of one public call, by `op`.
+pub const REQUEST_SECONDS: &str = "seqd_request_duration_seconds";
+/// Public calls by `op` and result `code`.
+pub const REQUESTS_TOTAL: &str = "seqd_requests_total";
+/// Keys whose ceiling was raised ahead of demand (segment refills).
+pub const REFILLS_TOTAL: &str = "seqd_segment_refills_total";
+/// Calls that found no room and waited for a refill to commit.
+pub const REFILL_WAITS_TOTAL: &str = "seqd_refill_waits_total";
+/// Raft term, leader flag (1 on the leader), commit and applied index.
+pub const RAFT_TERM: &str = "seqd_raft_term";
+pub const RAFT_IS_LEADER: &str = "seqd_raft_is_leader";
+pub const RAFT_COMMIT_INDEX: &str = "seqd_raft_commit_index";
+pub const RAFT_APPLIED_INDEX: &str = "seqd_raft_applied_index";
+/// Entries proposed by this node, by `kind`.
+pub const RAFT_PROPOSALS_TOTAL: &str = "seqd_raft_proposals_total";
+/// Times this node saw the leader change.
+pub const RAFT_LEADER_CHANGES_TOTAL: &str = "seqd_raft_leader_changes_total";
+/// Time to append entries and hard state to RocksDB, fsync included.
+pub const RAFT_APPEND_SECONDS: &str = "seqd_raft_log_append_seconds";
+/// ReadIndex rounds (leadership confirmations), one per batch of calls.
+pub const RAFT_READ_ROUNDS_TOTAL: &str = "seqd_raft_read_index_rounds_total";
+/// Snapshots handed to the transport for a follower, and installed here.
+pub const SNAPSHOTS_SENT_TOTAL: &str = "seqd_raft_snapshots_sent_total";
+pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "seqd_raft_snapshots_installed_total";
+/// Keys held in the leader's memory.
+pub const ACTIVE_KEYS: &str = "seqd_active_keys";
+/// Wall-clock steps back seen by the ID issuer, by `outcome`
+/// (`ridden` on the logical clock, or `refused`), and their size.
+pub const CLOCK_ROLLBACKS_TOTAL: &str = "seqd_clock_rollbacks_total";
+pub const CLOCK_ROLLBACK_SECONDS: &str = "seqd_clock_rollback_seconds";
+/// How far this node's time fence is ahead of its clock.
+pub const FENCE_HEADROOM_SECONDS: &str = "seqd_snowflake_fence_headroom_seconds";
+/// Years before the Snowflake layout's time bits run out.
+pub const LAYOUT_YEARS_LEFT: &str = "seqd_snowflake_layout_years_left";
+
+/// Buckets fine enough to resolve sub-millisecond allocations.
+const BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.000_75, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the global recorder and serves `/metrics` on `addr`. Must be
+/// called inside a tokio runtime, once per process.
+pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
+        .install()?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_histogram!(
+        REQUEST_SECONDS,
+        Unit::Seconds,
+        "Latency of public calls, by op."
+    );
+    describe_counter!(REQUESTS_TOTAL, "Public calls, by op and gRPC code.");
+    describe_counter!(REFILLS_TOTAL, "Keys refilled ahead of demand.");
+    describe_counter!(
+        REFILL_WAITS_TOTAL,
+        "Calls that waited for a refill to commit."
+    );
+    describe_gauge!(RAFT_TERM, "Current Raft term.");
+    describe_gauge!(RAFT_IS_LEADER, "1 on the leader, 0 elsewhere.");
+    describe_gauge!(RAFT_COMMIT_INDEX, "Raft commit index.");
+    describe_gauge!(RAFT_APPLIED_INDEX, "Raft applied index.");
+    describe_counter!(RAFT_PROPOSALS_TOTAL, "Entries proposed, by kind.");
+    describe_counter!(
+        RAFT_LEADER_CHANGES_TOTAL,
+        "Leader changes seen by this node."
+    );
+    describe_histogram!(
+        RAFT_APPEND_SECONDS,
+        Unit::Seconds,
+        "Raft log append and fsync time."
+    );
+    describe_counter!(
+        RAFT_READ_ROUNDS_TOTAL,
+        "ReadIndex leadership confirmations."
+    );
+    describe_counter!(SNAPSHOTS_SENT_TOTAL, "Snapshots sent to followers.");
+    describe_counter!(
+        SNAPSHOTS_INSTALLED_TOTAL,
+        "Snapshots installed on this node."
+    );
+    describe_gauge!(ACTIVE_KEYS, "Keys held in the leader's memory.");
+    describe_counter!(CLOCK_ROLLBACKS_TOTAL, "Clock steps back, by outcome.");
+    describe_histogram!(
+        CLOCK_ROLLBACK_SECONDS,
+        Unit::Seconds,
+        "Size of clock steps back."
+    );
+    describe_gauge!(
+        FENCE_HEADROOM_SECONDS,
+        "Time fence headroom ahead of the clock."
+    );
+    describe_gauge!(LAYOUT_YEARS_LEFT, "Years left in the Snowflake layout.");
+}

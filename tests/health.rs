@@ -1,0 +1,76 @@
+//! The gRPC health protocol: SERVING on a healthy node, NOT_SERVING on a
+//! node cut off from the majority, SERVING again once healed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use seqd::pb::InjectFaultRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn health(c: &Cluster, id: u64, service: &str) -> Option<ServingStatus> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(id).addr))
+        .ok()?
+        .timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()?;
+    let mut h = HealthClient::new(ch);
+    let r = h
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(r.into_inner().status).ok()
+}
+
+async fn wait_health(c: &Cluster, id: u64, service: &str, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = health(c, id, service).await;
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} {service:?}: {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_follows_reachability_of_the_majority() {
+    let c = Cluster::start(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    for id in 1..=3 {
+        wait_health(&c, id, "", ServingStatus::Serving).await;
+        wait_health(&c, id, "seqd.v1.Sequencer", ServingStatus::Serving).await;
+        wait_health(&c, id, "seqd.v1.Ids", ServingStatus::Serving).await;
+    }
+    let cut = leader % 3 + 1;
+    let mut admin = c.admin(cut).await;
+    admin
+        .inject_fault(InjectFaultRequest {
+            clock_offset_ms: 0,
+            isolate: true,
+        })
+        .await
+        .unwrap();
+    wait_health(&c, cut, "", ServingStatus::NotServing).await;
+    wait_health(&c, cut, "seqd.v1.Ids", ServingStatus::NotServing).await;
+    // The majority side keeps serving.
+    wait_health(&c, leader, "", ServingStatus::Serving).await;
+    admin
+        .inject_fault(InjectFaultRequest {
+            clock_offset_ms: 0,
+            isolate: false,
+        })
+        .await
+        .unwrap();
+    wait_health(&c, cut, "", ServingStatus::Serving).await;
+}

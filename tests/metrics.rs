@@ -1,0 +1,165 @@
+//! A real Prometheus (Debian's `prometheus`, installed by scripts/setup.sh)
+//! scrapes a three-node cluster under load; its query API must report a
+//! sane p99 allocation latency and exactly one leader.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{free_ports, Cluster, Load};
+use seqd::pb::NextIdsRequest;
+
+struct Prometheus {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_prometheus(c: &Cluster) -> Prometheus {
+    let dir = c.path().join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let targets: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| format!("'{}'", n.metrics_addr))
+        .collect();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: seqd\n    static_configs:\n      - targets: [{}]\n",
+        targets.join(", ")
+    );
+    let config_path = dir.join("prometheus.yml");
+    std::fs::write(&config_path, config).unwrap();
+    let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config_path.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start prometheus (installed by scripts/setup.sh)");
+    Prometheus { child, addr }
+}
+
+/// GET over plain HTTP/1.0 (no chunking), returning the body.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_string())
+}
+
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Evaluates an instant query; the first sample's value, if any.
+fn query(prom: &Prometheus, q: &str) -> Option<f64> {
+    let body = http_get(&prom.addr, &format!("/api/v1/query?query={}", encode(q)))?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let sample = v["data"]["result"].get(0)?;
+    sample["value"][1].as_str()?.parse().ok()
+}
+
+/// Polls `q` until `ok` accepts its value.
+fn wait_query(prom: &Prometheus, q: &str, within: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = query(prom, q);
+        if let Some(v) = last {
+            if ok(v) {
+                return v;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("query {q:?} never satisfied; last value {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prometheus_sees_latency_and_one_leader() {
+    let c = Cluster::start(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    c.wait_leader(Duration::from_secs(20)).await;
+    let prom = start_prometheus(&c);
+
+    let client = Arc::new(c.client());
+    let load = Load::start(client.clone(), "conv", 50, 8);
+    let mut ids = c.ids(1).await;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        client
+            .next_batch("conv", &[("g1", 1), ("g2", 1), ("g3", 1)])
+            .await
+            .unwrap();
+        let _ = ids.next_ids(NextIdsRequest { count: 100 }).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let up = wait_query(
+        &prom,
+        "count(up{job=\"seqd\"} == 1)",
+        Duration::from_secs(30),
+        |v| v == 3.0,
+    );
+    assert_eq!(up, 3.0, "all three targets up");
+    let leaders = wait_query(
+        &prom,
+        "sum(seqd_raft_is_leader)",
+        Duration::from_secs(30),
+        |v| v == 1.0,
+    );
+    assert_eq!(leaders, 1.0, "exactly one leader");
+    let p99 = wait_query(
+        &prom,
+        "histogram_quantile(0.99, sum by (le) (rate(seqd_request_duration_seconds_bucket{op=\"Next\"}[30s])))",
+        Duration::from_secs(30),
+        |v| v.is_finite() && v > 0.0,
+    );
+    let p99_ids = wait_query(
+        &prom,
+        "histogram_quantile(0.99, sum by (le) (rate(seqd_request_duration_seconds_bucket{op=\"NextIds\"}[30s])))",
+        Duration::from_secs(30),
+        |v| v.is_finite() && v > 0.0,
+    );
+    let calls = wait_query(
+        &prom,
+        "sum(seqd_requests_total{op=\"Next\",code=\"OK\"})",
+        Duration::from_secs(30),
+        |v| v > 0.0,
+    );
+    let (ops, errors) = load.finish().await;
+    eprintln!("prometheus: Next p99 {p99:.6} s, NextIds p99 {p99_ids:.6} s, {calls} OK Next calls scraped, {} made", ops.len());
+    assert!(errors.is_empty(), "{errors:?}");
+    // Sane, not just present: a loopback allocation is well under a second,
+    // and Prometheus saw a meaningful share of the calls made.
+    assert!(p99 < 1.0, "Next p99 {p99} s");
+    assert!(p99_ids < 1.0, "NextIds p99 {p99_ids} s");
+    assert!(
+        calls >= ops.len() as f64 / 10.0,
+        "{calls} scraped of {} made",
+        ops.len()
+    );
+}

@@ -1,0 +1,140 @@
+//! The operator CLI against a live cluster: status shows the leader;
+//! leadership moves and membership changes while clients keep getting
+//! numbers, with I1 and I2 holding throughout.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{check_history, Cluster, Load};
+
+fn seqctl(c: &Cluster, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_seqctl"))
+        .arg("--endpoints")
+        .arg(c.addrs().join(","))
+        .args(args)
+        .output()
+        .expect("run seqctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn leader_of(json: &str) -> Vec<u64> {
+    let v: serde_json::Value = serde_json::from_str(json).expect("status --json is JSON");
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["role"] == "Leader")
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seqctl_moves_leadership_and_changes_membership_under_load() {
+    let mut c = Cluster::start(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let client = Arc::new(c.client());
+    let load = Load::start(client.clone(), "conv", 20, 8);
+
+    let (ok, table, err) = seqctl(&c, &["status"]);
+    assert!(ok, "{err}");
+    assert!(table.contains("Leader"), "{table}");
+    assert_eq!(
+        table.lines().count(),
+        4,
+        "a header and one row per node:\n{table}"
+    );
+    let (ok, json, _) = seqctl(&c, &["status", "--json"]);
+    assert!(ok);
+    assert_eq!(leader_of(&json), vec![leader]);
+
+    // Move leadership to a chosen node.
+    let target = leader % 3 + 1;
+    let (ok, _, err) = seqctl(&c, &["transfer-leader", "--to", &target.to_string()]);
+    assert!(ok, "{err}");
+    c.wait_status(target, Duration::from_secs(20), "leading", |s| s.serving)
+        .await;
+    let (_, json, _) = seqctl(&c, &["status", "--json"]);
+    assert_eq!(leader_of(&json), vec![target]);
+
+    // Replace a follower: remove it, wipe it, re-add it as learner, promote.
+    let gone = (1..=3).find(|id| *id != target).unwrap();
+    let (ok, out, err) = seqctl(&c, &["remove-node", "--id", &gone.to_string()]);
+    assert!(ok, "{err}");
+    assert!(
+        !out.contains(&format!("{gone},")) || !out.contains("voters=["),
+        "{out}"
+    );
+    c.kill(gone);
+    std::fs::remove_dir_all(c.data_dir(gone)).unwrap();
+    c.spawn_with(gone, &["--join"]);
+    let addr = c.node(gone).addr.clone();
+    let (ok, out, err) = seqctl(
+        &c,
+        &["add-node", "--id", &gone.to_string(), "--addr", &addr],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("learners=[{gone}]")), "{out}");
+    c.wait_status(gone, Duration::from_secs(30), "caught up", |s| {
+        s.applied_index > 0 && s.leader_id != 0
+    })
+    .await;
+    let (ok, out, err) = seqctl(
+        &c,
+        &[
+            "add-node",
+            "--id",
+            &gone.to_string(),
+            "--addr",
+            &addr,
+            "--voter",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["voters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_u64() == Some(gone)),
+        "{out}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ops, errors) = load.finish().await;
+    assert!(
+        errors.is_empty(),
+        "calls failed through the client: {errors:?}"
+    );
+    let numbers = check_history(&ops);
+    eprintln!("seqctl: {} calls, {numbers} numbers checked", ops.len());
+}
+
+#[test]
+fn seqctl_errors_are_one_line_and_non_zero() {
+    let out = Command::new(env!("CARGO_BIN_EXE_seqctl"))
+        .args(["--endpoints", "127.0.0.1:1", "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("seqctl: "), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_seqctl"))
+        .args(["--endpoints", "127.0.0.1:1", "remove-node", "--id", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no leader"), "{err}");
+}
