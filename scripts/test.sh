@@ -14,5 +14,7 @@ cargo clippy --all-targets -- -D warnings
 
 echo "== cargo test"
 # Integration tests start real clusters; one test at a time keeps the
-# two-core machines this runs on from starving elections.
-cargo test --all-targets -- --test-threads=1
+# two-core machines this runs on from starving elections. (An environment
+# variable, not --test-threads: the criterion bench, run once in test mode,
+# takes no such flag.)
+RUST_TEST_THREADS=1 cargo test --all-targets
