@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # bindgen (RocksDB's bindings) needs libclang; RocksDB's C++ needs a C++ compiler.
-# The metrics test runs a real Prometheus.
-packages=(libclang-dev clang build-essential pkg-config prometheus)
+# The metrics test runs a real Prometheus; the compose test runs the cluster
+# in Docker (the engine itself comes with the machine).
+packages=(libclang-dev clang build-essential pkg-config prometheus docker-compose)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -27,4 +28,8 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
     exit 1
+fi
+
+if ! docker info >/dev/null 2>&1; then
+    echo "setup: warning: no Docker engine answers; tests/compose.rs will fail" >&2
 fi

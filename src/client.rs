@@ -18,7 +18,7 @@ use crate::pb::{
     BatchItem, CurrentRequest, NextBatchRequest, NextBatchResponse, NextRequest, NextResponse,
     StatusRequest, StatusResponse,
 };
-use crate::service::LEADER_ADDR_HEADER;
+use crate::service::{LEADER_ADDR_HEADER, LEADER_ID_HEADER};
 
 /// Client tuning.
 #[derive(Debug, Clone)]
@@ -73,6 +73,10 @@ pub struct Client {
     channels: Mutex<HashMap<String, Channel>>,
     /// Address of the node believed to lead.
     leader: Mutex<Option<String>>,
+    /// Node id → endpoint, learned from the nodes' status: a leader hint
+    /// names an address as the cluster sees it (e.g. a compose hostname),
+    /// which this client may not reach; its id maps to an endpoint it can.
+    ids: Mutex<HashMap<u64, String>>,
     opts: ClientOptions,
 }
 
@@ -88,6 +92,7 @@ impl Client {
             endpoints: endpoints.clone(),
             channels: Mutex::new(HashMap::new()),
             leader: Mutex::new(None),
+            ids: Mutex::new(HashMap::new()),
             opts,
         };
         for e in &endpoints {
@@ -153,12 +158,7 @@ impl Client {
             if !retryable(&status) {
                 return Err(ClientError::Rejected(status));
             }
-            let hint = status
-                .metadata()
-                .get(LEADER_ADDR_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .filter(|a| !a.is_empty() && *a != target)
-                .map(str::to_string);
+            let hint = self.follow_hint(&status, &target).await;
             let followed_hint = hint.is_some();
             if hint.is_none() {
                 rotate += 1;
@@ -175,6 +175,48 @@ impl Client {
                 tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())))
                     .await;
                 backoff = (backoff * 2).min(self.opts.backoff_max);
+            }
+        }
+    }
+
+    /// The endpoint a leader hint points to, if this client can reach it.
+    async fn follow_hint(&self, status: &Status, target: &str) -> Option<String> {
+        let addr = status
+            .metadata()
+            .get(LEADER_ADDR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|a| !a.is_empty())?
+            .to_string();
+        let hinted = if self.endpoints.contains(&addr) {
+            Some(addr)
+        } else {
+            let id: u64 = status
+                .metadata()
+                .get(LEADER_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())?;
+            if !self.lock_ids().contains_key(&id) {
+                self.learn_ids().await;
+            }
+            self.lock_ids().get(&id).cloned()
+        };
+        hinted.filter(|a| a != target)
+    }
+
+    fn lock_ids(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
+        self.ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Asks every endpoint for its node id.
+    async fn learn_ids(&self) {
+        for e in &self.endpoints {
+            let Ok(ch) = self.channel(e) else { continue };
+            let mut admin = AdminClient::new(ch);
+            let call = admin.status(StatusRequest {});
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(300), call).await {
+                self.lock_ids().insert(r.into_inner().id, e.clone());
             }
         }
     }

@@ -106,7 +106,8 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub id: u64,
-    /// Address other nodes and clients use to reach this peer.
+    /// Address other nodes and clients use to reach this peer: `ip:port` or
+    /// `hostname:port`.
     pub addr: String,
 }
 
@@ -326,7 +327,7 @@ impl Config {
                     format!("{} appears twice", p.id),
                 ));
             }
-            parse_addr(&format!("peers[{i}].addr"), &p.addr)?;
+            check_host_port(&format!("peers[{i}].addr"), &p.addr)?;
         }
         if !ids.contains(&self.node.id) {
             return Err(invalid(
@@ -487,6 +488,17 @@ impl Config {
 fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse()
         .map_err(|_| invalid(field, format!("{s:?} is not an ip:port address")))
+}
+
+/// `host:port`, where host may be a name (resolved when connecting), as in
+/// a compose network.
+fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
+    let bad = || invalid(field, format!("{s:?} is not a host:port address"));
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains(char::is_whitespace) || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 fn parse_peers(s: &str) -> Result<Vec<PeerConfig>, ConfigError> {

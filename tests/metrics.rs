@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,40 +53,12 @@ fn start_prometheus(c: &Cluster) -> Prometheus {
     Prometheus { child, addr }
 }
 
-/// GET over plain HTTP/1.0 (no chunking), returning the body.
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.").then(|| body.to_string())
-}
-
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// Evaluates an instant query; the first sample's value, if any.
-fn query(prom: &Prometheus, q: &str) -> Option<f64> {
-    let body = http_get(&prom.addr, &format!("/api/v1/query?query={}", encode(q)))?;
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    let sample = v["data"]["result"].get(0)?;
-    sample["value"][1].as_str()?.parse().ok()
-}
-
 /// Polls `q` until `ok` accepts its value.
 fn wait_query(prom: &Prometheus, q: &str, within: Duration, ok: impl Fn(f64) -> bool) -> f64 {
     let deadline = Instant::now() + within;
     let mut last = None;
     while Instant::now() < deadline {
-        last = query(prom, q);
+        last = common::prom_query(&prom.addr, q);
         if let Some(v) = last {
             if ok(v) {
                 return v;

@@ -15,6 +15,9 @@ use seqd::pb::{
 };
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 #[derive(Debug, Parser)]
 #[command(name = "seqctl", version, about = "Operate a seqd cluster")]
@@ -54,6 +57,9 @@ enum Cmd {
         #[arg(long)]
         id: u64,
     },
+    /// Exit 0 if the first endpoint's gRPC health is SERVING (for container
+    /// healthchecks).
+    Health,
     /// Move leadership (after committing every key's exact position).
     TransferLeader {
         /// Target node id; the most caught-up follower when omitted.
@@ -161,6 +167,30 @@ async fn run(cli: Cli) -> Result<(), String> {
             print_status(&rows, cli.json);
             if rows.iter().all(|(_, s)| s.is_err()) {
                 return Err("no node answered".into());
+            }
+        }
+        Cmd::Health => {
+            let addr = cli.endpoints.first().ok_or("no endpoint given")?;
+            let ch = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|_| format!("bad endpoint {addr:?}"))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .connect_lazy();
+            let status = HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(|s| format!("{addr}: {}", s.message()))?
+                .into_inner()
+                .status;
+            let serving = status == ServingStatus::Serving as i32;
+            println!(
+                "{addr}: {}",
+                if serving { "SERVING" } else { "NOT_SERVING" }
+            );
+            if !serving {
+                return Err(format!("{addr} is not serving"));
             }
         }
         Cmd::AddNode { id, addr, voter } => {

@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -469,4 +471,33 @@ pub fn longest_stall(ops: &[Op], since: Instant) -> Duration {
         prev = t;
     }
     worst
+}
+
+/// GET over plain HTTP/1.0 (no chunking), returning the body.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_string())
+}
+
+pub fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Evaluates a Prometheus instant query; the first sample's value, if any.
+pub fn prom_query(addr: &str, q: &str) -> Option<f64> {
+    let body = http_get(addr, &format!("/api/v1/query?query={}", encode(q)))?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let sample = v["data"]["result"].get(0)?;
+    sample["value"][1].as_str()?.parse().ok()
 }

@@ -1,0 +1,8 @@
+# Prometheus from the machine's Debian package, FROM scratch like seqd
+# (scripts/docker-build.sh assembles rootfs/). Elsewhere: prom/prometheus.
+FROM scratch
+COPY rootfs/ /
+VOLUME ["/prometheus"]
+EXPOSE 9090
+ENTRYPOINT ["/bin/prometheus"]
+CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus", "--web.listen-address=0.0.0.0:9090"]

@@ -1,0 +1,266 @@
+//! The docker compose cluster, started and broken for real: images built
+//! FROM scratch on this machine, `docker-compose up`, load from the host
+//! through the Rust client, then a killed leader, a paused follower, a node
+//! cut off the network, and a restart of all three. Every number is checked
+//! for I1/I2, every ID for uniqueness; everything is torn down, volumes
+//! included, even when the test fails.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{check_history, free_ports, longest_stall, prom_query, Load};
+use seqd::client::{Client, ClientOptions};
+use seqd::pb::NextIdsRequest;
+
+struct Compose {
+    project: String,
+    file: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Compose {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("docker-compose")
+            .arg("-p")
+            .arg(&self.project)
+            .arg("-f")
+            .arg(&self.file)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run docker-compose")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "docker-compose {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn container(&self, service: &str) -> String {
+        self.ok(&["ps", "-q", service]).trim().to_string()
+    }
+
+    fn network(&self) -> String {
+        format!("{}_default", self.project)
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.run(&["logs", "--tail=30", "--no-color"]);
+            eprintln!("{}", String::from_utf8_lossy(&logs.stdout));
+        }
+        let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
+    }
+}
+
+fn docker(args: &[&str]) {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn healthy(container: &str) -> bool {
+    Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Health.Status}}", container])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "healthy")
+        .unwrap_or(false)
+}
+
+async fn leader(client: &Client, addrs: &[String]) -> Option<u64> {
+    for a in addrs {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(500), client.node_status(a)).await
+        {
+            if s.role == "Leader" && s.serving {
+                return Some(s.id);
+            }
+        }
+    }
+    None
+}
+
+/// Issues IDs from every node until stopped.
+fn id_load(addrs: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let mut clients: Vec<_> = addrs
+            .iter()
+            .map(|a| {
+                let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+                    .unwrap()
+                    .timeout(Duration::from_millis(500))
+                    .connect_lazy();
+                seqd::pb::ids_client::IdsClient::new(ch)
+            })
+            .collect();
+        let mut ids = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            for c in clients.iter_mut() {
+                if let Ok(r) = c.next_ids(NextIdsRequest { count: 50 }).await {
+                    ids.extend(r.into_inner().ids);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ids
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compose_cluster_survives_kill_pause_partition_and_restart() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_seqd")).parent().unwrap();
+    let build = Command::new(repo.join("scripts/docker-build.sh"))
+        .env("SEQD_BIN_DIR", bin_dir)
+        .output()
+        .expect("run scripts/docker-build.sh");
+    assert!(
+        build.status.success(),
+        "image build failed: {}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+
+    let ports = free_ports(7);
+    let env: Vec<(String, String)> = vec![
+        ("SEQD_NODE1_PORT".into(), ports[0].to_string()),
+        ("SEQD_NODE2_PORT".into(), ports[1].to_string()),
+        ("SEQD_NODE3_PORT".into(), ports[2].to_string()),
+        ("SEQD_NODE1_METRICS".into(), ports[3].to_string()),
+        ("SEQD_NODE2_METRICS".into(), ports[4].to_string()),
+        ("SEQD_NODE3_METRICS".into(), ports[5].to_string()),
+        ("SEQD_PROMETHEUS_PORT".into(), ports[6].to_string()),
+    ];
+    let compose = Compose {
+        project: format!("seqdtest{}", std::process::id()),
+        file: repo.join("docker-compose.yml"),
+        env,
+    };
+    compose.ok(&["up", "-d"]);
+    let services = ["node1", "node2", "node3"];
+    let containers: Vec<String> = services.iter().map(|s| compose.container(s)).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !containers.iter().all(|c| healthy(c)) {
+        assert!(Instant::now() < deadline, "cluster not healthy within 90 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let addrs: Vec<String> = ports[..3]
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let client = Arc::new(Client::new(&addrs, ClientOptions::default()).unwrap());
+    let load = Load::start(client.clone(), "conv", 30, 8);
+    let stop_ids = Arc::new(AtomicBool::new(false));
+    let ids = id_load(addrs.clone(), stop_ids.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut faults = Vec::new();
+    // 1. The leader's container killed, then started again.
+    let l = leader(&client, &addrs).await.expect("a leader") as usize;
+    let t = Instant::now();
+    docker(&["kill", &containers[l - 1]]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    compose.ok(&["start", services[l - 1]]);
+    faults.push(("kill leader", t));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // 2. A follower paused past the election timeout.
+    let l = leader(&client, &addrs).await.expect("a leader") as usize;
+    let f = l % 3 + 1;
+    let t = Instant::now();
+    docker(&["pause", &containers[f - 1]]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    docker(&["unpause", &containers[f - 1]]);
+    faults.push(("pause follower", t));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // 3. One node cut off the compose network.
+    let cut = (leader(&client, &addrs).await.expect("a leader") as usize) % 3 + 1;
+    let t = Instant::now();
+    docker(&[
+        "network",
+        "disconnect",
+        &compose.network(),
+        &containers[cut - 1],
+    ]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    docker(&[
+        "network",
+        "connect",
+        "--alias",
+        services[cut - 1],
+        &compose.network(),
+        &containers[cut - 1],
+    ]);
+    faults.push(("partition one node", t));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // 4. All three restarted (SIGTERM: trim and hand over, one by one).
+    let t = Instant::now();
+    compose.ok(&["restart", "-t", "15", "node1", "node2", "node3"]);
+    faults.push(("restart all", t));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let (ops, errors) = load.finish().await;
+    stop_ids.store(true, Ordering::Relaxed);
+    let ids = ids.await.unwrap();
+
+    let numbers = check_history(&ops);
+    let unique: HashSet<u64> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "duplicate Snowflake IDs");
+    for (name, at) in &faults {
+        let window: Vec<_> = ops
+            .iter()
+            .filter(|o| o.completed >= *at && o.completed < *at + Duration::from_secs(12))
+            .cloned()
+            .collect();
+        let stall = longest_stall(&window, *at);
+        eprintln!("compose: {name}: longest stall {stall:?}");
+        assert!(!window.is_empty(), "{name}: nothing served afterwards");
+        assert!(stall < Duration::from_secs(8), "{name}: stalled {stall:?}");
+    }
+    eprintln!(
+        "compose: {} calls, {numbers} numbers checked, {} ids unique, {} client errors",
+        ops.len(),
+        ids.len(),
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "calls failed through the client: {errors:?}"
+    );
+
+    // Prometheus (in its container) scrapes all three.
+    let prom = format!("127.0.0.1:{}", ports[6]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = prom_query(&prom, "count(up{job=\"seqd\"} == 1)");
+        if up == Some(3.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus reports {up:?} targets up"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
