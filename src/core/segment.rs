@@ -298,7 +298,8 @@ impl Allocator {
             return Err(AllocError::NotServing);
         }
         Ok(match self.keys.get(key) {
-            Some(state) => state.next - 1,
+            // Dense reservations count only once their raise has applied.
+            Some(state) => (state.next - 1).min(state.ceiling),
             None => source.committed_ceiling(key),
         })
     }
@@ -317,8 +318,10 @@ impl Allocator {
             .keys
             .iter()
             .filter(|(k, s)| {
+                // A raise still in flight will commit before the trim and
+                // leave room too: trim whenever either ceiling is above use.
                 self.namespaces.spec(k.namespace()).mode == Mode::Segmented
-                    && s.next - 1 < s.ceiling
+                    && s.next - 1 < s.ceiling.max(s.in_flight)
             })
             .map(|(k, s)| DenseRaise {
                 key: k.clone(),
@@ -536,6 +539,27 @@ mod tests {
         assert_eq!(
             a.allocate(&[(key.clone(), 1)], &db),
             Err(AllocError::NotServing)
+        );
+    }
+
+    #[test]
+    fn trim_covers_room_from_a_raise_still_in_flight() {
+        let (mut a, key) = setup(test_spec("conv"));
+        let mut db = Applied::default();
+        a.allocate(&[(key.clone(), 1)], &db).unwrap();
+        let r = a.take_raises(0);
+        db.apply(&mut a, &r);
+        // Use the whole segment, so a refill is in flight at hand-over.
+        while let Ok(Allocation::Granted(_)) = a.allocate(&[(key.clone(), 1)], &db) {}
+        assert!(!a.take_raises(0).is_empty());
+        let used = a.current(&key, &db).unwrap();
+        let trim = a.begin_trim();
+        assert_eq!(
+            trim,
+            vec![DenseRaise {
+                key: key.clone(),
+                ceiling: used
+            }]
         );
     }
 

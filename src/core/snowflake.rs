@@ -194,6 +194,7 @@ impl Issuer {
         if self.worker != Some(worker) {
             self.worker = Some(worker);
             self.active = false;
+            self.fence_ms = 0;
             self.cursor = (0, 0);
         }
         self.floor_ms = self.floor_ms.max(fence_ms);
@@ -203,6 +204,7 @@ impl Issuer {
     pub fn release_worker(&mut self) {
         self.worker = None;
         self.active = false;
+        self.fence_ms = 0;
     }
 
     /// A fence renewal for our worker from an earlier incarnation (or an

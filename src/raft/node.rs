@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ::raft::prelude::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType};
+use ::raft::prelude::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType};
 use ::raft::{RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole, Storage as _};
 use prost::Message as _;
 use protobuf::Message as _;
@@ -77,6 +77,11 @@ pub fn spawn(
     let store = RaftStore::open(db.clone(), &voters)?;
     let machine = Machine::open(db)?;
     let store_compacted = store.compacted_index();
+    let mut store = store;
+    // Entries are applied before the hard state announcing their commit is
+    // written; after a crash in between, applied may exceed the stored
+    // commit, which raft-rs refuses. Those entries were committed.
+    store.ensure_commit(machine.applied())?;
     if let Some((worker, fence)) = machine.worker_of(params.id)? {
         lock(&params.ids).assign_worker(worker, fence);
     }
@@ -208,6 +213,8 @@ enum HandoverPhase {
 
 /// A leader handing over: trim, transfer, then maybe stop.
 struct Handover {
+    /// The term whose leadership is being handed over.
+    term: u64,
     to: Option<u64>,
     phase: HandoverPhase,
     deadline: Instant,
@@ -389,7 +396,10 @@ impl Node {
         self.propose_raises();
         self.on_ready()?;
         self.check_role();
-        // A role change may have queued work (LeaderStart).
+        // Calls served during the Ready (confirmed reads, applied refills)
+        // may have queued raises: propose them now, not a tick later.
+        self.propose_raises();
+        // A role change may have queued work too (LeaderStart).
         if self.raw.has_ready() {
             self.on_ready()?;
         }
@@ -631,6 +641,11 @@ impl Node {
                 }
             }
             self.reset_allocator();
+            // Waiting calls lost their queued refills with the memory;
+            // serving them again reloads their keys and queues new ones.
+            for call in std::mem::take(&mut self.waiting) {
+                self.serve(call);
+            }
         }
     }
 
@@ -788,11 +803,57 @@ impl Node {
         if entries.is_empty() {
             return Ok(());
         }
-        let outcomes = self.machine.apply(&entries)?;
+        // A conf change goes to raft-rs first, and the configuration it yields
+        // is written in the same batch as the applied index: a crash never
+        // leaves the index past a configuration that was not saved.
+        let mut start = 0;
+        let mut raised = false;
+        for (i, e) in entries.iter().enumerate() {
+            let conf = matches!(
+                e.get_entry_type(),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2
+            );
+            if conf && e.index > self.machine.applied() {
+                raised |= self.apply_chunk(&entries[start..i], None)?;
+                let cs = self.apply_conf_change(e)?;
+                raised |= self.apply_chunk(&entries[i..=i], cs)?;
+                start = i + 1;
+            }
+        }
+        raised |= self.apply_chunk(&entries[start..], None)?;
+        if raised && !self.waiting.is_empty() {
+            for call in std::mem::take(&mut self.waiting) {
+                self.serve(call);
+            }
+        }
+        self.maybe_compact()
+    }
+
+    /// Applies entries (none of them a pending conf change, or exactly one
+    /// with the configuration it produced). Returns whether ceilings moved.
+    fn apply_chunk(
+        &mut self,
+        entries: &[Entry],
+        conf: Option<ConfState>,
+    ) -> Result<bool, StorageError> {
+        if entries.is_empty() {
+            return Ok(false);
+        }
+        let outcomes = self.machine.apply_with_conf(entries, conf.as_ref())?;
+        if let Some(cs) = conf {
+            tracing::info!(node_id = self.id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+            self.raw.mut_store().cache_conf_state(cs);
+        }
         let mut raised = false;
         for (entry, outcome) in outcomes {
             match &outcome {
-                Applied::Raised(kcs) | Applied::Trimmed(kcs) => {
+                Applied::Trimmed(_) => {
+                    // A trim lowers ceilings: memory of the old segments must
+                    // not outlive it (the allocator reloads from the state).
+                    raised = true;
+                    self.reset_allocator();
+                }
+                Applied::Raised(kcs) => {
                     raised = true;
                     for kc in kcs {
                         if let Some(ns) = self.core.namespaces().lookup(&kc.namespace) {
@@ -804,7 +865,7 @@ impl Node {
                         }
                     }
                 }
-                Applied::ConfChange(e) => self.apply_conf_change(e)?,
+                Applied::ConfChange(_) => {}
                 Applied::WorkerAssigned {
                     node_id,
                     worker,
@@ -850,15 +911,12 @@ impl Node {
             }
             self.resolve_proposals(entry.index, entry.term, &outcome);
         }
-        if raised && !self.waiting.is_empty() {
-            for call in std::mem::take(&mut self.waiting) {
-                self.serve(call);
-            }
-        }
-        self.maybe_compact()
+        Ok(raised)
     }
 
-    fn apply_conf_change(&mut self, e: &Entry) -> Result<(), StorageError> {
+    /// Applies a conf-change entry to raft-rs and the transport; returns the
+    /// new configuration for the caller to persist with the applied index.
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<Option<ConfState>, StorageError> {
         let cs = if e.get_entry_type() == EntryType::EntryConfChange {
             let cc = ConfChange::parse_from_bytes(&e.data)
                 .map_err(|err| StorageError::corrupt("conf change", err))?;
@@ -885,13 +943,10 @@ impl Node {
             self.raw.apply_conf_change(&cc)
         };
         match cs {
-            Ok(cs) => {
-                tracing::info!(node_id = self.id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
-                self.raw.mut_store().set_conf_state(cs)
-            }
+            Ok(cs) => Ok(Some(cs)),
             Err(err) => {
                 tracing::warn!(error = %err, index = e.index, "conf change rejected");
-                Ok(())
+                Ok(None)
             }
         }
     }
@@ -1134,9 +1189,15 @@ impl Node {
             }
             return;
         }
-        if self.handover.is_some() {
+        if let Some(h) = self.handover.as_mut() {
             if let Some(r) = reply {
-                let _ = r.send(Err(NodeError::Stopped));
+                let _ = r.send(Err(NodeError::Membership(
+                    "a leadership transfer is already in progress".into(),
+                )));
+            }
+            // A shutdown joins the running handover instead of being lost.
+            if exit.is_some() {
+                h.exit = exit;
             }
             return;
         }
@@ -1164,6 +1225,7 @@ impl Node {
             })),
         };
         self.handover = Some(Handover {
+            term: self.raw.raft.term,
             to,
             phase: HandoverPhase::Trimming,
             deadline: Instant::now() + self.election_timeout * 2,
@@ -1176,11 +1238,12 @@ impl Node {
     }
 
     fn best_follower(&self) -> Option<u64> {
+        let voters = &self.raw.store().conf_state().voters;
         self.raw
             .raft
             .prs()
             .iter()
-            .filter(|(id, _)| **id != self.id)
+            .filter(|(id, _)| **id != self.id && voters.contains(id))
             .max_by_key(|(_, p)| p.matched)
             .map(|(id, _)| *id)
     }
@@ -1210,22 +1273,38 @@ impl Node {
     }
 
     /// Completes a handover once leadership has moved.
+    /// Ends a handover once this node no longer leads (the term it
+    /// started in is over, whatever phase it reached).
     fn handover_done(&mut self) -> Option<oneshot::Sender<()>> {
-        let moved = self.raw.raft.state != StateRole::Leader;
         let h = self.handover.as_ref()?;
-        if !(moved && matches!(h.phase, HandoverPhase::Transferring)) {
+        let same_term = matches!(self.core.role(), Role::Leader { term, .. } if term == h.term);
+        if self.raw.raft.state == StateRole::Leader && same_term {
             return None;
         }
         let h = self.handover.take()?;
         if let Some(r) = h.reply {
-            let _ = r.send(Ok(()));
+            let result = match h.phase {
+                HandoverPhase::Transferring => Ok(()),
+                HandoverPhase::Trimming => Err(NodeError::NotLeader {
+                    leader: self.leader_hint(),
+                }),
+            };
+            let _ = r.send(result);
         }
         h.exit
     }
 
     /// A handover that ran out of time: stop anyway, or resume serving.
     fn check_handover_deadline(&mut self, now: Instant) -> Option<oneshot::Sender<()>> {
-        if self.handover.as_ref()?.deadline > now {
+        let h = self.handover.as_mut()?;
+        if h.deadline > now {
+            return None;
+        }
+        if matches!(h.phase, HandoverPhase::Trimming) && h.exit.is_none() {
+            // The trim may still commit, lowering ceilings: serving again
+            // before it resolves could hand out numbers above them. Keep
+            // waiting; losing leadership ends the handover too.
+            h.deadline = now + self.election_timeout;
             return None;
         }
         let h = self.handover.take()?;

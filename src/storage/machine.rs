@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType};
 use rocksdb::{WriteBatch, DB};
 
 use super::{cf, decode_u64, StorageError, CF_STATE};
@@ -180,7 +180,28 @@ impl Machine {
     /// changed. Entries at or below the applied index are skipped, so a
     /// replay after a crash is harmless.
     pub fn apply(&mut self, entries: &[Entry]) -> Result<Vec<(Entry, Applied)>, StorageError> {
+        self.apply_with_conf(entries, None)
+    }
+
+    /// Like [`Machine::apply`], also recording `conf` (the configuration
+    /// after a conf-change entry among `entries`) in the same write, so the
+    /// applied index never gets ahead of the saved configuration.
+    pub fn apply_with_conf(
+        &mut self,
+        entries: &[Entry],
+        conf: Option<&ConfState>,
+    ) -> Result<Vec<(Entry, Applied)>, StorageError> {
         let mut txn = Txn::new(&self.db);
+        if let Some(cs) = conf {
+            let bytes = cs
+                .write_to_bytes()
+                .map_err(|e| StorageError::corrupt("conf state", e))?;
+            txn.batch.put_cf(
+                cf(&self.db, super::CF_META),
+                super::raft_log::CONF_STATE,
+                bytes,
+            );
+        }
         let mut out = Vec::with_capacity(entries.len());
         let mut applied = self.applied;
         let mut meta = self.meta;

@@ -12,7 +12,7 @@ use rocksdb::{WriteBatch, WriteOptions, DB};
 use super::{cf, decode_u64, machine, StorageError, CF_LOG, CF_META, CF_STATE};
 
 const HARD_STATE: &[u8] = b"hard_state";
-const CONF_STATE: &[u8] = b"conf_state";
+pub(super) const CONF_STATE: &[u8] = b"conf_state";
 /// Index and term of the last entry removed by compaction or covered by an
 /// installed snapshot.
 const COMPACTED: &[u8] = b"compacted";
@@ -227,6 +227,22 @@ impl RaftStore {
         Ok(())
     }
 
+    /// Adopts a configuration already written to disk (by the state
+    /// machine's apply batch).
+    pub fn cache_conf_state(&mut self, cs: ConfState) {
+        self.conf_state = cs;
+    }
+
+    /// Raises the stored commit index to `index`, which MUST be committed
+    /// (e.g. already applied). Repairs a crash between applying entries and
+    /// persisting the hard state that announced their commit.
+    pub fn ensure_commit(&mut self, index: u64) -> Result<(), StorageError> {
+        if self.hard_state.commit >= index {
+            return Ok(());
+        }
+        self.set_commit(index)
+    }
+
     /// Records the configuration after a conf change has been applied.
     pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), StorageError> {
         let bytes = cs
@@ -286,8 +302,9 @@ impl RaftStore {
             .map_err(|e| StorageError::corrupt("conf state", e))?;
         batch.put_cf(metacf, CONF_STATE, cs_bytes);
         let mut hs = self.hard_state.clone();
+        // The snapshot's index is committed; the term and vote stay raft-rs's
+        // to persist (raising the term here would re-date an old vote).
         hs.commit = hs.commit.max(meta.index);
-        hs.term = hs.term.max(meta.term);
         let hs_bytes = hs
             .write_to_bytes()
             .map_err(|e| StorageError::corrupt("hard state", e))?;
