@@ -4,7 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use std::sync::Arc;
 
@@ -145,12 +145,13 @@ pub async fn serve(
         .add_service(PeerServer::new(peer_service).max_decoding_message_size(MAX_PEER_MESSAGE))
         .add_service(health_service)
         .add_service(reflection);
-    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    // Nagle off on accepted sockets: a reply written as headers then body
+    // would otherwise wait on the client's delayed ACK (~40 ms). The
+    // builder's tcp_nodelay applies only to listeners tonic binds itself.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
 
     tokio::select! {
         _ = shutdown => {

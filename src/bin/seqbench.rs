@@ -1,0 +1,218 @@
+//! seqbench: drives a running seqd cluster with N concurrent callers for a
+//! fixed time and prints calls/s, numbers/s and latency percentiles.
+//!
+//! ```text
+//! seqbench --endpoints 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 \
+//!          --workload next --callers 32 --keys 10000 --seconds 10
+//! ```
+//!
+//! Workloads: `next` (count 1), `next-count` (count = --count), `batch`
+//! (NextBatch of --fanout keys), `ids` (NextIds of --count, every node).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use seqd::client::{Client, ClientOptions};
+use seqd::pb::ids_client::IdsClient;
+use seqd::pb::NextIdsRequest;
+use serde_json::json;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Workload {
+    Next,
+    NextCount,
+    Batch,
+    Ids,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "seqbench", version, about = "Load generator for seqd")]
+struct Args {
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7000")]
+    endpoints: Vec<String>,
+    #[arg(long, value_enum, default_value = "next")]
+    workload: Workload,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 32)]
+    callers: usize,
+    /// Distinct keys, chosen uniformly.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Numbers per call (next-count, ids).
+    #[arg(long, default_value_t = 10)]
+    count: u32,
+    /// Keys per NextBatch call.
+    #[arg(long, default_value_t = 50)]
+    fanout: usize,
+    #[arg(long, default_value = "conv")]
+    namespace: String,
+    /// Print JSON instead of a table row.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one caller measured.
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    numbers: u64,
+    errors: u64,
+}
+
+fn next_rand(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, until: Instant) -> Tally {
+    let mut t = Tally::default();
+    let mut x = 0x9E37_79B9_7F4A_7C15 ^ seed;
+    let mut ids = match args.workload {
+        Workload::Ids => {
+            let addr = &args.endpoints[seed as usize % args.endpoints.len()];
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .ok()
+                .map(|e| e.tcp_nodelay(true).connect_lazy());
+            ch.map(IdsClient::new)
+        }
+        _ => None,
+    };
+    while Instant::now() < until {
+        let key = format!("k{}", next_rand(&mut x) % args.keys);
+        let start = Instant::now();
+        let result: Result<u64, String> = match args.workload {
+            Workload::Next => client
+                .next(&args.namespace, &key, 1)
+                .await
+                .map(|_| 1)
+                .map_err(|e| e.to_string()),
+            Workload::NextCount => client
+                .next(&args.namespace, &key, args.count)
+                .await
+                .map(|r| u64::from(r.count))
+                .map_err(|e| e.to_string()),
+            Workload::Batch => {
+                let keys: Vec<String> = (0..args.fanout)
+                    .map(|i| {
+                        format!(
+                            "k{}",
+                            (next_rand(&mut x) % args.keys) * args.fanout as u64 + i as u64
+                        )
+                    })
+                    .collect();
+                let items: Vec<(&str, u32)> = keys.iter().map(|k| (k.as_str(), 1)).collect();
+                client
+                    .next_batch(&args.namespace, &items)
+                    .await
+                    .map(|r| r.ranges.len() as u64)
+                    .map_err(|e| e.to_string())
+            }
+            Workload::Ids => match ids.as_mut() {
+                Some(c) => c
+                    .next_ids(NextIdsRequest { count: args.count })
+                    .await
+                    .map(|r| r.into_inner().ids.len() as u64)
+                    .map_err(|s| s.message().to_string()),
+                None => Err("bad endpoint".into()),
+            },
+        };
+        match result {
+            Ok(n) => {
+                t.numbers += n;
+                t.latencies_us
+                    .push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+            Err(_) => t.errors += 1,
+        }
+    }
+    t
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1000.0
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let args = Arc::new(args);
+    let client = Arc::new(
+        Client::new(&args.endpoints, ClientOptions::default()).map_err(|e| e.to_string())?,
+    );
+    // Warm up: find the leader and load the keys' segments.
+    for i in 0..args.callers.min(8) {
+        let _ = client.next(&args.namespace, &format!("warm{i}"), 1).await;
+    }
+    let started = Instant::now();
+    let until = started + Duration::from_secs(args.seconds);
+    let tasks: Vec<_> = (0..args.callers)
+        .map(|i| tokio::spawn(caller(args.clone(), client.clone(), i as u64 + 1, until)))
+        .collect();
+    let mut all = Tally::default();
+    for t in tasks {
+        let t = t.await.map_err(|e| e.to_string())?;
+        all.latencies_us.extend(t.latencies_us);
+        all.numbers += t.numbers;
+        all.errors += t.errors;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.latencies_us.sort_unstable();
+    let calls = all.latencies_us.len();
+    let row = json!({
+        "workload": format!("{:?}", args.workload),
+        "callers": args.callers,
+        "keys": args.keys,
+        "seconds": secs,
+        "calls": calls,
+        "errors": all.errors,
+        "calls_per_s": calls as f64 / secs,
+        "numbers_per_s": all.numbers as f64 / secs,
+        "p50_ms": percentile(&all.latencies_us, 0.50),
+        "p99_ms": percentile(&all.latencies_us, 0.99),
+        "p999_ms": percentile(&all.latencies_us, 0.999),
+        "max_ms": percentile(&all.latencies_us, 1.0),
+    });
+    if args.json {
+        println!("{row}");
+    } else {
+        println!(
+            "{:<10} callers={:<4} calls/s={:>10.0} numbers/s={:>11.0} p50={:>7.3}ms p99={:>7.3}ms p999={:>7.3}ms max={:>8.3}ms errors={}",
+            row["workload"].as_str().unwrap_or(""),
+            args.callers,
+            row["calls_per_s"].as_f64().unwrap_or(0.0),
+            row["numbers_per_s"].as_f64().unwrap_or(0.0),
+            row["p50_ms"].as_f64().unwrap_or(0.0),
+            row["p99_ms"].as_f64().unwrap_or(0.0),
+            row["p999_ms"].as_f64().unwrap_or(0.0),
+            row["max_ms"].as_f64().unwrap_or(0.0),
+            all.errors
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("seqbench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("seqbench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
