@@ -174,21 +174,26 @@ impl Allocator {
         let Some((first_key, _)) = items.first() else {
             return Ok(Allocation::Granted(Vec::new()));
         };
-        let spec = self.namespaces.spec(first_key.namespace()).clone();
+        // Copied out (not the whole spec, whose name is a String): this is the
+        // hot path, and `self` is borrowed mutably below.
+        let (mode, max_value) = {
+            let spec = self.namespaces.spec(first_key.namespace());
+            (spec.mode, spec.max_value)
+        };
 
         // Check every item before touching any, so a failure changes nothing.
         for (key, count) in items {
             let state = self.load(key, source);
-            if state.next > spec.max_value || spec.max_value - state.next + 1 < u64::from(*count) {
+            if state.next > max_value || max_value - state.next + 1 < u64::from(*count) {
                 return Err(AllocError::Exhausted {
                     key: key.key().to_string(),
                     wanted: *count,
-                    max: spec.max_value,
+                    max: max_value,
                 });
             }
         }
 
-        if spec.mode == Mode::Dense {
+        if mode == Mode::Dense {
             let mut ranges = Vec::with_capacity(items.len());
             for (key, count) in items {
                 let Some(state) = self.keys.get_mut(key) else {
@@ -232,7 +237,7 @@ impl Allocator {
             if room < state.step / 2 + 1
                 && state.in_flight <= state.ceiling
                 && !state.queued
-                && state.ceiling < spec.max_value
+                && state.ceiling < max_value
             {
                 state.queued = true;
                 self.refill_queue.push(key.clone());
