@@ -125,6 +125,24 @@ fn id_load(addrs: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle
     })
 }
 
+/// How long a pause or a partition lasts: the fault itself, well past the
+/// election timeout (0.5 to 1 s).
+const FAULT_HOLD: Duration = Duration::from_secs(3);
+
+async fn wait_healthy(containers: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !containers.iter().all(|c| healthy(c)) {
+        assert!(Instant::now() < deadline, "cluster not healthy within 90 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every container healthy again and clients served through the cluster.
+async fn recovered(containers: &[String], load: &Load) {
+    wait_healthy(containers).await;
+    load.progress(300, Duration::from_secs(30)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compose_cluster_survives_kill_pause_partition_and_restart() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -157,11 +175,7 @@ async fn compose_cluster_survives_kill_pause_partition_and_restart() {
     compose.ok(&["up", "-d"]);
     let services = ["node1", "node2", "node3"];
     let containers: Vec<String> = services.iter().map(|s| compose.container(s)).collect();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !containers.iter().all(|c| healthy(c)) {
-        assert!(Instant::now() < deadline, "cluster not healthy within 90 s");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_healthy(&containers).await;
 
     let addrs: Vec<String> = ports[..3]
         .iter()
@@ -171,29 +185,38 @@ async fn compose_cluster_survives_kill_pause_partition_and_restart() {
     let load = Load::start(client.clone(), "conv", 30, 8);
     let stop_ids = Arc::new(AtomicBool::new(false));
     let ids = id_load(addrs.clone(), stop_ids.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.progress(500, Duration::from_secs(60)).await;
 
     let mut faults = Vec::new();
-    // 1. The leader's container killed, then started again.
+    // 1. The leader's container killed; started again once another node
+    //    leads and has served.
     let l = leader(&client, &addrs).await.expect("a leader") as usize;
     let t = Instant::now();
     docker(&["kill", &containers[l - 1]]);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leader(&client, &addrs)
+        .await
+        .is_none_or(|n| n as usize == l)
+    {
+        assert!(Instant::now() < deadline, "no new leader within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.progress(300, Duration::from_secs(30)).await;
     compose.ok(&["start", services[l - 1]]);
     faults.push(("kill leader", t));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    recovered(&containers, &load).await;
 
-    // 2. A follower paused past the election timeout.
+    // 2. A follower paused for longer than the election timeout.
     let l = leader(&client, &addrs).await.expect("a leader") as usize;
     let f = l % 3 + 1;
     let t = Instant::now();
     docker(&["pause", &containers[f - 1]]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(FAULT_HOLD).await;
     docker(&["unpause", &containers[f - 1]]);
     faults.push(("pause follower", t));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    recovered(&containers, &load).await;
 
-    // 3. One node cut off the compose network.
+    // 3. One node cut off the compose network for as long.
     let cut = (leader(&client, &addrs).await.expect("a leader") as usize) % 3 + 1;
     let t = Instant::now();
     docker(&[
@@ -202,7 +225,7 @@ async fn compose_cluster_survives_kill_pause_partition_and_restart() {
         &compose.network(),
         &containers[cut - 1],
     ]);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(FAULT_HOLD).await;
     docker(&[
         "network",
         "connect",
@@ -212,13 +235,13 @@ async fn compose_cluster_survives_kill_pause_partition_and_restart() {
         &containers[cut - 1],
     ]);
     faults.push(("partition one node", t));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    recovered(&containers, &load).await;
 
     // 4. All three restarted (SIGTERM: trim and hand over, one by one).
     let t = Instant::now();
     compose.ok(&["restart", "-t", "15", "node1", "node2", "node3"]);
     faults.push(("restart all", t));
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    recovered(&containers, &load).await;
 
     let (ops, errors) = load.finish().await;
     stop_ids.store(true, Ordering::Relaxed);

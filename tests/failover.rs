@@ -18,14 +18,18 @@ async fn leader_killed_mid_load_keeps_every_number_unique_and_ordered() {
     let seg = Load::start(client.clone(), "conv", 40, 12);
     let dense = Load::start(client.clone(), "inbox", 8, 4);
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    seg.progress(500, Duration::from_secs(30)).await;
+    dense.progress(50, Duration::from_secs(30)).await;
     let killed_at = Instant::now();
     c.kill(leader);
     let new_leader = c.wait_leader(Duration::from_secs(20)).await;
     assert_ne!(new_leader, leader);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The survivors serve both namespaces before the old leader returns.
+    seg.progress(500, Duration::from_secs(30)).await;
+    dense.progress(50, Duration::from_secs(30)).await;
     c.spawn(leader);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.wait_rejoined(leader, Duration::from_secs(30)).await;
+    seg.progress(200, Duration::from_secs(30)).await;
 
     let (mut ops, mut errors) = seg.finish().await;
     let (dense_ops, dense_errors) = dense.finish().await;
@@ -89,14 +93,16 @@ async fn paused_leader_is_deposed_and_hands_out_nothing_stale() {
     let leader = c.wait_leader(Duration::from_secs(20)).await;
     let client = Arc::new(c.client());
     let load = Load::start(client.clone(), "conv", 10, 12);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    // Longer than the election timeout: the others elect a new leader while
-    // the old one still believes it leads and has calls queued.
+    load.progress(300, Duration::from_secs(30)).await;
+    // Until the others have elected a new leader and served through it,
+    // while the old one still believes it leads and has calls queued.
     c.pause(leader);
     let paused_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.wait_other_leader(leader, Duration::from_secs(30)).await;
+    load.progress(300, Duration::from_secs(30)).await;
     c.resume(leader);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.wait_rejoined(leader, Duration::from_secs(30)).await;
+    load.progress(300, Duration::from_secs(30)).await;
     let (ops, errors) = load.finish().await;
     let numbers = check_history(&ops);
     let stall = longest_stall(&ops, paused_at);

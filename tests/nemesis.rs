@@ -36,6 +36,7 @@ impl Rng {
         self.next() % n
     }
 
+    /// A fault's duration, drawn from [lo, hi) ms.
     fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.below(hi - lo))
     }
@@ -127,11 +128,11 @@ async fn nemesis_keeps_every_invariant() {
             }
         }
         faults[kind] += 1;
-        tokio::time::sleep(rng.millis(300, 1_200)).await;
+        // Next fault only once the victim is back and clients are served,
+        // so a majority is always there to be found.
+        c.wait_rejoined(node, Duration::from_secs(30)).await;
+        seg.progress(100, Duration::from_secs(30)).await;
     }
-    // Let the last victim rejoin before the final calls.
-    c.wait_leader(Duration::from_secs(20)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
 
     let (mut ops, mut errors) = seg.finish().await;
     let (dense_ops, dense_errors) = dense.finish().await;

@@ -17,7 +17,8 @@ async fn whole_cluster_crash_never_reuses_a_number() {
     for round in 0..2 {
         let load = Load::start(client.clone(), "conv", 20, 8);
         let dense = Load::start(client.clone(), "inbox", 4, 2);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        load.progress(500, Duration::from_secs(30)).await;
+        dense.progress(50, Duration::from_secs(30)).await;
         // Crash everything while calls are in flight.
         for id in 1..=3 {
             c.kill(id);
@@ -36,7 +37,7 @@ async fn whole_cluster_crash_never_reuses_a_number() {
         c.wait_leader(Duration::from_secs(30)).await;
     }
     let load = Load::start(client.clone(), "conv", 20, 8);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.progress(500, Duration::from_secs(30)).await;
     let (ops, errors) = load.finish().await;
     assert!(errors.is_empty(), "{errors:?}");
     all.extend(ops);

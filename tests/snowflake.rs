@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,15 +37,16 @@ async fn fault(c: &Cluster, id: u64, clock_offset_ms: i64, isolate: bool) {
         .unwrap();
 }
 
+/// The IDs one caller got, in order, and the errors it saw.
+type IssueTask = tokio::task::JoinHandle<(Vec<u64>, Vec<String>)>;
+
 /// Calls NextIds on one node until stopped; returns every ID in call order
-/// and the error messages seen.
-fn issue_loop(
-    c: &Cluster,
-    id: u64,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(Vec<u64>, Vec<String>)> {
+/// and the error messages seen, and a live count of IDs issued.
+fn issue_loop(c: &Cluster, id: u64, stop: Arc<AtomicBool>) -> (IssueTask, Arc<AtomicUsize>) {
     let addr = c.node(id).addr.clone();
-    tokio::spawn(async move {
+    let issued = Arc::new(AtomicUsize::new(0));
+    let counter = issued.clone();
+    let task = tokio::spawn(async move {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .timeout(Duration::from_secs(1))
@@ -57,7 +58,11 @@ fn issue_loop(
         while !stop.load(Ordering::Relaxed) {
             n = n % 200 + 1;
             match api.next_ids(NextIdsRequest { count: n }).await {
-                Ok(r) => ids.extend(r.into_inner().ids),
+                Ok(r) => {
+                    let got = r.into_inner().ids;
+                    counter.fetch_add(got.len(), Ordering::Relaxed);
+                    ids.extend(got);
+                }
                 Err(e) => {
                     errors.push(e.message().to_string());
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -65,7 +70,21 @@ fn issue_loop(
             }
         }
         (ids, errors)
-    })
+    });
+    (task, issued)
+}
+
+/// Waits until a node has issued `more` IDs beyond what it has now.
+async fn wait_issued(node: u64, issued: &AtomicUsize, more: usize) {
+    let target = issued.load(Ordering::Relaxed) + more;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while issued.load(Ordering::Relaxed) < target {
+        assert!(
+            Instant::now() < deadline,
+            "node {node} issued no {more} IDs within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn assert_increasing(node: u64, ids: &[u64]) {
@@ -90,14 +109,18 @@ async fn ids_stay_unique_across_restarts_and_worker_churn() {
     let (restarted, churned) = (followers[0], followers[1]);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (1..=3).map(|id| issue_loop(&c, id, stop.clone())).collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (tasks, issued): (Vec<_>, Vec<_>) =
+        (1..=3).map(|id| issue_loop(&c, id, stop.clone())).unzip();
+    let counter = |id: u64| issued[id as usize - 1].clone();
+    for id in 1..=3 {
+        wait_issued(id, &counter(id), 1_000).await;
+    }
 
     // A crash and restart: the new incarnation starts above its fence.
     c.kill(restarted);
     c.spawn(restarted);
     wait_ids_active(&c, restarted).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_issued(restarted, &counter(restarted), 1_000).await;
 
     // A node removed (its worker freed) and re-added with a fresh disk, as
     // a replaced container would be.
@@ -133,7 +156,7 @@ async fn ids_stay_unique_across_restarts_and_worker_churn() {
         .into_inner();
     assert!(m.voters.contains(&churned));
     wait_ids_active(&c, churned).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_issued(churned, &counter(churned), 1_000).await;
 
     stop.store(true, Ordering::Relaxed);
     let mut all = HashSet::new();

@@ -260,6 +260,34 @@ impl Cluster {
         }
     }
 
+    /// Waits until a node other than `not` serves as leader.
+    pub async fn wait_other_leader(&self, not: u64, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            for n in &self.nodes {
+                if n.id == not || !n.is_running() {
+                    continue;
+                }
+                if let Some(s) = self.status(n.id).await {
+                    if s.serving {
+                        return s.id;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no new leader within {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until node `id` is back in the cluster: it knows a leader and
+    /// has applied everything it knows to be committed.
+    pub async fn wait_rejoined(&self, id: u64, within: Duration) {
+        self.wait_status(id, within, "rejoined", |s| {
+            s.leader_id != 0 && s.applied_index > 0 && s.applied_index >= s.commit_index
+        })
+        .await;
+    }
+
     /// Waits for `cond` on node `id`'s status.
     pub async fn wait_status(
         &self,
@@ -394,6 +422,8 @@ pub fn check_history(ops: &[Op]) -> usize {
 /// Concurrent callers of `Next`, each recording its history.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Calls completed so far, all callers together.
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<(Vec<Op>, Vec<String>)>>,
 }
 
@@ -406,10 +436,12 @@ impl Load {
         tasks: usize,
     ) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let tasks = (0..tasks)
             .map(|t| {
                 let client = client.clone();
                 let stop = stop.clone();
+                let done = done.clone();
                 tokio::spawn(async move {
                     let mut ops = Vec::new();
                     let mut errors = Vec::new();
@@ -424,6 +456,7 @@ impl Load {
                         match client.next(namespace, &key, count).await {
                             Ok(r) => {
                                 assert_eq!(r.count, count, "count echoed");
+                                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 ops.push(Op {
                                     key,
                                     invoked,
@@ -439,7 +472,20 @@ impl Load {
                 })
             })
             .collect();
-        Self { stop, tasks }
+        Self { stop, done, tasks }
+    }
+
+    /// Waits until `calls` more calls have completed: the cluster serves.
+    pub async fn progress(&self, calls: usize, within: Duration) {
+        let target = self.done.load(std::sync::atomic::Ordering::Relaxed) + calls;
+        let deadline = Instant::now() + within;
+        while self.done.load(std::sync::atomic::Ordering::Relaxed) < target {
+            assert!(
+                Instant::now() < deadline,
+                "load made no progress ({calls} calls) within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the callers and returns every completed call and every error.
