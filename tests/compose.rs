@@ -7,16 +7,13 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{check_history, free_ports, longest_stall, prom_query, Load};
+use common::{check_history, free_ports, longest_stall, prom_query, IdLoad, Load};
 use seqd::client::{Client, ClientOptions};
-use seqd::pb::NextIdsRequest;
 
 struct Compose {
     project: String,
@@ -99,32 +96,6 @@ async fn leader(client: &Client, addrs: &[String]) -> Option<u64> {
     None
 }
 
-/// Issues IDs from every node until stopped.
-fn id_load(addrs: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<u64>> {
-    tokio::spawn(async move {
-        let mut clients: Vec<_> = addrs
-            .iter()
-            .map(|a| {
-                let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))
-                    .unwrap()
-                    .timeout(Duration::from_millis(500))
-                    .connect_lazy();
-                seqd::pb::ids_client::IdsClient::new(ch)
-            })
-            .collect();
-        let mut ids = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            for c in clients.iter_mut() {
-                if let Ok(r) = c.next_ids(NextIdsRequest { count: 50 }).await {
-                    ids.extend(r.into_inner().ids);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        ids
-    })
-}
-
 /// How long a pause or a partition lasts: the fault itself, well past the
 /// election timeout (0.5 to 1 s).
 const FAULT_HOLD: Duration = Duration::from_secs(3);
@@ -183,8 +154,7 @@ async fn compose_cluster_survives_kill_pause_partition_and_restart() {
         .collect();
     let client = Arc::new(Client::new(&addrs, ClientOptions::default()).unwrap());
     let load = Load::start(client.clone(), "conv", 30, 8);
-    let stop_ids = Arc::new(AtomicBool::new(false));
-    let ids = id_load(addrs.clone(), stop_ids.clone());
+    let ids = IdLoad::start(addrs.clone(), 50);
     load.progress(500, Duration::from_secs(60)).await;
 
     let mut faults = Vec::new();
@@ -244,12 +214,10 @@ async fn compose_cluster_survives_kill_pause_partition_and_restart() {
     recovered(&containers, &load).await;
 
     let (ops, errors) = load.finish().await;
-    stop_ids.store(true, Ordering::Relaxed);
-    let ids = ids.await.unwrap();
+    let (ids, duplicates) = ids.finish().await;
 
     let numbers = check_history(&ops);
-    let unique: HashSet<u64> = ids.iter().copied().collect();
-    assert_eq!(unique.len(), ids.len(), "duplicate Snowflake IDs");
+    assert_eq!(duplicates, 0, "duplicate Snowflake IDs");
     for (name, at) in &faults {
         let window: Vec<_> = ops
             .iter()

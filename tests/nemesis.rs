@@ -10,13 +10,11 @@
 
 mod common;
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{check_history, Cluster, Load};
-use seqd::pb::{InjectFaultRequest, NextIdsRequest};
+use common::{check_history, Cluster, IdLoad, Load};
+use seqd::pb::InjectFaultRequest;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -74,29 +72,7 @@ async fn nemesis_keeps_every_invariant() {
     let client = Arc::new(c.client());
     let seg = Load::start(client.clone(), "conv", 20, 6);
     let dense = Load::start(client.clone(), "inbox", 4, 2);
-    let stop = Arc::new(AtomicBool::new(false));
-    let id_tasks: Vec<_> = c
-        .addrs()
-        .into_iter()
-        .map(|addr| {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .timeout(Duration::from_millis(500))
-                    .connect_lazy();
-                let mut api = seqd::pb::ids_client::IdsClient::new(ch);
-                let mut ids = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    match api.next_ids(NextIdsRequest { count: 20 }).await {
-                        Ok(r) => ids.extend(r.into_inner().ids),
-                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                    }
-                }
-                ids
-            })
-        })
-        .collect();
+    let ids = IdLoad::start(c.addrs(), 20);
 
     let mut faults = [0u32; 4];
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -141,14 +117,8 @@ async fn nemesis_keeps_every_invariant() {
         o.key = format!("inbox/{}", o.key);
         o
     }));
-    stop.store(true, Ordering::Relaxed);
-    let mut ids = Vec::new();
-    for t in id_tasks {
-        ids.extend(t.await.unwrap());
-    }
+    let (ids, duplicates) = ids.finish().await;
     let numbers = check_history(&ops);
-    let unique: HashSet<u64> = ids.iter().copied().collect();
-    let duplicates = ids.len() - unique.len();
     eprintln!(
         "nemesis: faults: {} kill+restart, {} pause, {} isolate, {} clock shift; {} calls, {numbers} numbers and {} ids checked, {} client errors; violations: I1/I2 0 (checked above), I5 {duplicates}",
         faults[0],

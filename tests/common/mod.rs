@@ -547,3 +547,51 @@ pub fn prom_query(addr: &str, q: &str) -> Option<f64> {
     let sample = v["data"]["result"].get(0)?;
     sample["value"][1].as_str()?.parse().ok()
 }
+
+/// One caller of `NextIds` per node address, each on its own node (every
+/// node issues IDs), collecting every ID issued.
+pub struct IdLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+}
+
+impl IdLoad {
+    pub fn start(addrs: Vec<String>, count: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = addrs
+            .into_iter()
+            .map(|addr| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                        .expect("endpoint")
+                        .timeout(Duration::from_millis(500))
+                        .connect_lazy();
+                    let mut api = seqd::pb::ids_client::IdsClient::new(ch);
+                    let mut ids = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match api.next_ids(seqd::pb::NextIdsRequest { count }).await {
+                            Ok(r) => ids.extend(r.into_inner().ids),
+                            // A node under a fault: back off briefly.
+                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                    }
+                    ids
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops the callers; every ID issued, and how many were duplicates.
+    pub async fn finish(self) -> (Vec<u64>, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut ids = Vec::new();
+        for t in self.tasks {
+            ids.extend(t.await.expect("id task"));
+        }
+        let unique: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        let duplicates = ids.len() - unique.len();
+        (ids, duplicates)
+    }
+}
