@@ -1,13 +1,18 @@
-//! Micro-benchmarks of the core's hot paths: a segmented `Next` answered
-//! from memory, a 100-member group fan-out, and Snowflake issuing.
+//! Micro-benchmarks of the hot paths: a segmented `Next` answered from
+//! memory, a 100-member group fan-out, Snowflake issuing, and a request's
+//! decode + check and its reply's encode (what the service does per call
+//! besides waiting for the node).
 
 use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use prost::Message as _;
 use seqd::core::{
     Allocation, Allocator, CeilingSource, Issuer, Layout, Mode, NamespaceSpec, Namespaces, SeqKey,
 };
+use seqd::pb::{BatchItem, NextBatchRequest, NextRequest, NextResponse};
+use seqd::service::sequencer::{parse_next, parse_next_batch};
 
 /// Applied ceilings, as the state machine would report them.
 #[derive(Default)]
@@ -126,6 +131,54 @@ fn bench(c: &mut Criterion) {
             });
         });
     }
+    g.finish();
+
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(1));
+    let next = NextRequest {
+        namespace: "conv".into(),
+        key: "conv:1234567".into(),
+        count: 1,
+        request_id: String::new(),
+    }
+    .encode_to_vec();
+    g.bench_function("next_request_decode_check", |b| {
+        b.iter(|| {
+            let req = NextRequest::decode(black_box(next.as_slice())).unwrap();
+            black_box(parse_next(&ns, req).unwrap());
+        });
+    });
+    g.bench_function("next_response_encode", |b| {
+        let mut buf = Vec::with_capacity(64);
+        b.iter(|| {
+            buf.clear();
+            NextResponse {
+                first: black_box(1_234_567),
+                count: 1,
+                epoch: 3,
+            }
+            .encode(&mut buf)
+            .unwrap();
+            black_box(&buf);
+        });
+    });
+    let batch = NextBatchRequest {
+        namespace: "conv".into(),
+        items: (0..100)
+            .map(|i| BatchItem {
+                key: format!("conv:{i}"),
+                count: 1,
+            })
+            .collect(),
+    }
+    .encode_to_vec();
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("next_batch_100_decode_check", |b| {
+        b.iter(|| {
+            let req = NextBatchRequest::decode(black_box(batch.as_slice())).unwrap();
+            black_box(parse_next_batch(&ns, req).unwrap());
+        });
+    });
     g.finish();
 }
 

@@ -26,5 +26,6 @@ pub mod pb;
 pub mod raft;
 pub mod server;
 pub mod service;
+pub mod sim;
 pub mod storage;
 pub mod telemetry;

@@ -15,7 +15,7 @@ use crate::pb::ids_server::IdsServer;
 use crate::pb::peer_server::PeerServer;
 use crate::pb::sequencer_server::SequencerServer;
 use crate::raft::transport::MAX_PEER_MESSAGE;
-use crate::raft::{spawn, Faults, IdState, NodeHandle, NodeParams};
+use crate::raft::{spawn, Faults, IdState, NodeHandle, NodeParams, NodeTesting};
 use crate::service::{AdminService, IdsService, PeerAddrs, SequencerService};
 use crate::storage::StorageError;
 use tonic_health::server::HealthReporter;
@@ -82,15 +82,14 @@ pub async fn serve(
         epoch_ms = layout.epoch_ms(),
         "snowflake layout"
     );
-    let ids = Arc::new(IdState {
-        issuer: std::sync::Mutex::new(Issuer::new(
+    let ids = Arc::new(IdState::new(
+        Issuer::new(
             layout,
             config.snowflake.max_rollback_ms,
             config.snowflake.fence_ahead_ms,
-        )),
-        clock,
-        started: std::time::Instant::now(),
-    });
+        ),
+        clock.clone(),
+    ));
     let faults = Arc::new(Faults::default());
     let (node, peer_service, thread) = spawn(
         NodeParams {
@@ -104,6 +103,8 @@ pub async fn serve(
             snowflake: config.snowflake.clone(),
             ids: ids.clone(),
             faults: faults.clone(),
+            boot: rand::random(),
+            testing: NodeTesting::default(),
         },
         &tokio::runtime::Handle::current(),
     )?;
@@ -138,7 +139,7 @@ pub async fn serve(
         .add_service(AdminServer::new(AdminService::new(
             node.clone(),
             addrs,
-            ids,
+            clock,
             faults,
             config.testing.allow_fault_injection,
         )))

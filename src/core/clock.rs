@@ -2,25 +2,31 @@
 //! touching the machine's.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// Milliseconds since the Unix epoch, as this node believes them.
+/// A node's two clocks: the wall clock, which may jump, and a monotonic
+/// clock, which never does and measures how far the wall clock jumped.
 pub trait Clock: Send + Sync {
+    /// Milliseconds since the Unix epoch, as this node believes them.
     fn now_ms(&self) -> u64;
+    /// Milliseconds on a monotonic clock (only differences matter).
+    fn mono_ms(&self) -> u64;
 }
 
 /// The system clock plus an adjustable offset. The offset is 0 in
 /// production; tests set it (through a test-only setting) to step a node's
 /// clock back or forward.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SystemClock {
     offset_ms: AtomicI64,
+    started: Instant,
 }
 
 impl SystemClock {
     pub fn new(offset_ms: i64) -> Self {
         Self {
             offset_ms: AtomicI64::new(offset_ms),
+            started: Instant::now(),
         }
     }
 
@@ -33,6 +39,12 @@ impl SystemClock {
     }
 }
 
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
+
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
         let real = SystemTime::now()
@@ -41,32 +53,8 @@ impl Clock for SystemClock {
             .unwrap_or(0);
         real.saturating_add(self.offset_ms()).max(0) as u64
     }
-}
 
-/// A clock that only moves when told to, for unit tests.
-#[derive(Debug, Default)]
-pub struct ManualClock {
-    now: AtomicI64,
-}
-
-impl ManualClock {
-    pub fn new(now_ms: u64) -> Self {
-        Self {
-            now: AtomicI64::new(now_ms as i64),
-        }
-    }
-
-    pub fn set(&self, now_ms: u64) {
-        self.now.store(now_ms as i64, Ordering::Relaxed);
-    }
-
-    pub fn advance(&self, delta_ms: i64) {
-        self.now.fetch_add(delta_ms, Ordering::Relaxed);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> u64 {
-        self.now.load(Ordering::Relaxed).max(0) as u64
+    fn mono_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 }

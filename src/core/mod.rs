@@ -10,7 +10,7 @@ pub mod segment;
 pub mod snowflake;
 pub mod types;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, SystemClock};
 pub use segment::{AllocError, Allocation, Allocator, CeilingSource, DenseRaise, Role};
 pub use snowflake::{ClockReport, IdError, Issuer, Layout, LayoutError};
 pub use types::{

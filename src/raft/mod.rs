@@ -14,7 +14,8 @@ use tokio::sync::oneshot;
 
 use crate::core::{RequestId, SeqKey, SeqRange};
 
-pub use node::{spawn, NodeParams};
+pub use node::{spawn, NodeParams, NodeTesting, NodeTime, VirtualTime};
+pub(crate) use node::{Node, Outbox};
 
 /// Numbers handed out by one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,15 +78,36 @@ pub struct Faults {
 /// thread (worker and fence updates) and the `Ids` service (issuing).
 pub struct IdState {
     pub issuer: std::sync::Mutex<crate::core::Issuer>,
-    pub clock: std::sync::Arc<crate::core::SystemClock>,
-    /// Reference for monotonic milliseconds.
-    pub started: Instant,
+    pub clock: std::sync::Arc<dyn crate::core::Clock>,
 }
 
 impl IdState {
-    /// Milliseconds on the monotonic clock.
-    pub fn mono_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+    pub fn new(issuer: crate::core::Issuer, clock: std::sync::Arc<dyn crate::core::Clock>) -> Self {
+        Self {
+            issuer: std::sync::Mutex::new(issuer),
+            clock,
+        }
+    }
+
+    /// Locks the issuer. A panic while holding it cannot leave it
+    /// half-updated (every method checks before it mutates), so a poisoned
+    /// lock is usable.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, crate::core::Issuer> {
+        self.issuer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Issues `count` IDs into `out` (all or none) at the clock's time;
+    /// returns the clock report and the worker that stamped them.
+    pub fn issue(
+        &self,
+        count: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<(crate::core::ClockReport, u64), crate::core::IdError> {
+        let now = self.clock.now_ms();
+        let mono = self.clock.mono_ms();
+        let mut issuer = self.lock();
+        let report = issuer.issue(now, mono, count, out)?;
+        Ok((report, issuer.worker().unwrap_or_default()))
     }
 }
 

@@ -30,7 +30,6 @@ use super::{
     NodeStatus, Reply,
 };
 use crate::config::{RaftConfig, SnowflakeConfig};
-use crate::core::Clock as _;
 use crate::core::{
     AllocError, Allocation, Allocator, CeilingSource, DenseRaise, NamespaceId, Namespaces,
     RequestId, Role, SeqKey, SeqRange,
@@ -61,6 +60,93 @@ pub struct NodeParams {
     pub snowflake: SnowflakeConfig,
     pub ids: Arc<IdState>,
     pub faults: Arc<Faults>,
+    /// This incarnation's id, carried by its fence renewals (random).
+    pub boot: u64,
+    pub testing: NodeTesting,
+}
+
+/// Switches for the deterministic simulation; all off in a real node.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeTesting {
+    /// Elect after exactly `election_ticks` (raft-rs would draw from its
+    /// thread RNG); the simulation randomises tick timing instead.
+    pub fixed_election_timeout: bool,
+    /// Answer calls without the ReadIndex round: a deliberately broken
+    /// leadership check, to show the simulation catches I2 violations.
+    pub skip_leadership_check: bool,
+}
+
+/// Where a node's Raft messages go: the gRPC transport, or the simulated
+/// network.
+pub(crate) trait Outbox: Send {
+    fn send(&mut self, msgs: Vec<::raft::prelude::Message>);
+    fn add_peer(&mut self, id: u64, addr: &str);
+    fn remove_peer(&mut self, id: u64);
+}
+
+impl Outbox for Transport {
+    fn send(&mut self, msgs: Vec<::raft::prelude::Message>) {
+        Transport::send(self, msgs)
+    }
+
+    fn add_peer(&mut self, id: u64, addr: &str) {
+        Transport::add_peer(self, id, addr)
+    }
+
+    fn remove_peer(&mut self, id: u64) {
+        Transport::remove_peer(self, id)
+    }
+}
+
+/// The node's sense of time: the machine's monotonic clock, or the
+/// simulation's virtual one.
+#[derive(Clone)]
+pub enum NodeTime {
+    Real,
+    Virtual(Arc<VirtualTime>),
+}
+
+/// Virtual time: a fixed origin plus milliseconds advanced by the driver.
+#[derive(Debug)]
+pub struct VirtualTime {
+    origin: Instant,
+    ms: std::sync::atomic::AtomicU64,
+}
+
+impl VirtualTime {
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn ms(&self) -> u64 {
+        self.ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_ms(&self, ms: u64) {
+        self.ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn instant(&self) -> Instant {
+        self.origin + Duration::from_millis(self.ms())
+    }
+}
+
+impl Default for VirtualTime {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeTime {
+    pub fn now(&self) -> Instant {
+        match self {
+            NodeTime::Real => Instant::now(),
+            NodeTime::Virtual(v) => v.instant(),
+        }
+    }
 }
 
 /// Opens storage, starts the node thread and the peer transport.
@@ -68,92 +154,28 @@ pub fn spawn(
     params: NodeParams,
     rt: &tokio::runtime::Handle,
 ) -> Result<(NodeHandle, PeerService, std::thread::JoinHandle<()>), StorageError> {
-    let db = storage::open(&params.data_dir)?;
-    let voters = if params.join {
-        Vec::new()
-    } else {
-        params.voters.clone()
-    };
-    let store = RaftStore::open(db.clone(), &voters)?;
-    let machine = Machine::open(db)?;
-    let store_compacted = store.compacted_index();
-    let mut store = store;
-    // Entries are applied before the hard state announcing their commit is
-    // written; after a crash in between, applied may exceed the stored
-    // commit, which raft-rs refuses. Those entries were committed.
-    store.ensure_commit(machine.applied())?;
-    if let Some((worker, fence)) = machine.worker_of(params.id)? {
-        lock(&params.ids).assign_worker(worker, fence);
-    }
-    // Addresses recorded by membership changes complete the configured ones.
-    let mut peers = params.peers.clone();
-    for (id, addr) in machine.members()? {
-        if !peers.iter().any(|(p, _)| *p == id) {
-            peers.push((id, addr));
-        }
-    }
-    let cfg = ::raft::Config {
-        id: params.id,
-        election_tick: params.raft.election_ticks,
-        heartbeat_tick: params.raft.heartbeat_ticks,
-        // The bootstrap index is "applied" without a state-machine write.
-        applied: machine.applied().max(store_compacted),
-        max_size_per_msg: params.raft.max_size_per_msg,
-        max_inflight_msgs: params.raft.max_inflight_msgs,
-        // A leader cut off from the majority steps down after an election
-        // timeout, which fails its waiting calls instead of leaving them.
-        check_quorum: true,
-        pre_vote: true,
-        read_only_option: ReadOnlyOption::Safe,
-        ..Default::default()
-    };
-    cfg.validate()
-        .map_err(|e| StorageError::corrupt("raft config", e))?;
-    let raw = RawNode::new(&cfg, store, &logger::raft_logger(params.id))
-        .map_err(|e| StorageError::corrupt("raft state", e))?;
-
+    let disk = storage::open(&params.data_dir)?;
     let (tx, rx) = mpsc::channel();
-    let transport = Transport::start(rt, params.id, &peers, tx.clone(), params.faults.clone());
+    let faults = params.faults.clone();
     let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);
-    let node = Node {
-        id: params.id,
-        raw,
-        machine,
-        core: Allocator::new(params.namespaces.clone()),
-        namespaces: params.namespaces,
-        transport,
-        inbox: rx,
-        tick: Duration::from_millis(params.raft.tick_ms),
-        election_timeout: Duration::from_millis(
-            params.raft.tick_ms * params.raft.election_ticks as u64,
-        ),
-        compact_threshold: params.raft.compact_threshold,
-        started: Instant::now(),
-        unconfirmed: Vec::new(),
-        reads: VecDeque::new(),
-        waiting: Vec::new(),
-        dense_pending: Vec::new(),
-        proposals: BTreeMap::new(),
-        leader_start: None,
-        next_ctx: 1,
-        recent: RecentRequests::default(),
-        handover: None,
-        last_leader: 0,
-        snapshots_installed: 0,
-        max_workers: 0,
-        ids: params.ids,
-        snowflake: params.snowflake,
-        boot: rand::random(),
-        acquire_sent: None,
-        renew_sent: None,
-    };
+    let id = params.id;
+    let transport_tx = tx.clone();
+    let node = Node::open(params, disk, NodeTime::Real, rx, |peers| {
+        Box::new(Transport::start(
+            rt,
+            id,
+            peers,
+            transport_tx,
+            faults.clone(),
+        ))
+    })?;
     let thread = std::thread::Builder::new()
-        .name(format!("raft-{}", params.id))
+        .name(format!("raft-{id}"))
         .spawn(move || node.run())
         .map_err(|e| StorageError::corrupt("raft thread", e))?;
     Ok((
         NodeHandle::new(tx.clone(), request_timeout),
-        PeerService::new(tx, params.faults),
+        PeerService::new(tx, faults),
         thread,
     ))
 }
@@ -270,7 +292,7 @@ impl CeilingSource for Source<'_> {
     }
 }
 
-struct Node {
+pub(crate) struct Node {
     id: u64,
     raw: RawNode<RaftStore>,
     machine: Machine,
@@ -278,8 +300,9 @@ struct Node {
     /// The allocator's namespaces, kept beside it so state reads can borrow
     /// them while the allocator is borrowed mutably.
     namespaces: Namespaces,
-    transport: Transport,
+    transport: Box<dyn Outbox>,
     inbox: mpsc::Receiver<Input>,
+    time: NodeTime,
     tick: Duration,
     election_timeout: Duration,
     compact_threshold: u64,
@@ -309,6 +332,7 @@ struct Node {
     boot: u64,
     acquire_sent: Option<Instant>,
     renew_sent: Option<Instant>,
+    skip_leadership_check: bool,
 }
 
 fn command_kind(cmd: &Command) -> &'static str {
@@ -322,15 +346,105 @@ fn command_kind(cmd: &Command) -> &'static str {
     }
 }
 
-/// Locks the issuer. A panic while holding it cannot leave it half-updated
-/// (every method checks before it mutates), so a poisoned lock is usable.
 fn lock(ids: &IdState) -> std::sync::MutexGuard<'_, crate::core::Issuer> {
-    ids.issuer.lock().unwrap_or_else(|p| p.into_inner())
+    ids.lock()
 }
 
 impl Node {
+    /// Builds a node over an opened disk. `outbox` gets every peer's id and
+    /// address (configured ones completed by recorded membership).
+    pub(crate) fn open(
+        params: NodeParams,
+        disk: storage::Disk,
+        time: NodeTime,
+        inbox: mpsc::Receiver<Input>,
+        outbox: impl FnOnce(&[(u64, String)]) -> Box<dyn Outbox>,
+    ) -> Result<Node, StorageError> {
+        let voters = if params.join {
+            Vec::new()
+        } else {
+            params.voters.clone()
+        };
+        let store = RaftStore::open(disk.clone(), &voters)?;
+        let machine = Machine::open(disk)?;
+        let store_compacted = store.compacted_index();
+        let mut store = store;
+        // Entries are applied before the hard state announcing their commit
+        // is written; after a crash in between, applied may exceed the stored
+        // commit, which raft-rs refuses. Those entries were committed.
+        store.ensure_commit(machine.applied())?;
+        if let Some((worker, fence)) = machine.worker_of(params.id)? {
+            params.ids.lock().assign_worker(worker, fence);
+        }
+        // Addresses recorded by membership changes complete the configured ones.
+        let mut peers = params.peers.clone();
+        for (id, addr) in machine.members()? {
+            if !peers.iter().any(|(p, _)| *p == id) {
+                peers.push((id, addr));
+            }
+        }
+        let mut cfg = ::raft::Config {
+            id: params.id,
+            election_tick: params.raft.election_ticks,
+            heartbeat_tick: params.raft.heartbeat_ticks,
+            // The bootstrap index is "applied" without a state-machine write.
+            applied: machine.applied().max(store_compacted),
+            max_size_per_msg: params.raft.max_size_per_msg,
+            max_inflight_msgs: params.raft.max_inflight_msgs,
+            // A leader cut off from the majority steps down after an election
+            // timeout, which fails its waiting calls instead of leaving them.
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        if params.testing.fixed_election_timeout {
+            cfg.min_election_tick = params.raft.election_ticks;
+            cfg.max_election_tick = params.raft.election_ticks + 1;
+        }
+        cfg.validate()
+            .map_err(|e| StorageError::corrupt("raft config", e))?;
+        let raw = RawNode::new(&cfg, store, &logger::raft_logger(params.id))
+            .map_err(|e| StorageError::corrupt("raft state", e))?;
+        let started = time.now();
+        let max_workers = params.ids.lock().layout().max_workers();
+        Ok(Node {
+            id: params.id,
+            raw,
+            machine,
+            core: Allocator::new(params.namespaces.clone()),
+            namespaces: params.namespaces,
+            transport: outbox(&peers),
+            inbox,
+            time,
+            tick: Duration::from_millis(params.raft.tick_ms),
+            election_timeout: Duration::from_millis(
+                params.raft.tick_ms * params.raft.election_ticks as u64,
+            ),
+            compact_threshold: params.raft.compact_threshold,
+            started,
+            unconfirmed: Vec::new(),
+            reads: VecDeque::new(),
+            waiting: Vec::new(),
+            dense_pending: Vec::new(),
+            proposals: BTreeMap::new(),
+            leader_start: None,
+            next_ctx: 1,
+            recent: RecentRequests::default(),
+            handover: None,
+            last_leader: 0,
+            snapshots_installed: 0,
+            max_workers,
+            ids: params.ids,
+            snowflake: params.snowflake,
+            boot: params.boot,
+            acquire_sent: None,
+            renew_sent: None,
+            skip_leadership_check: params.testing.skip_leadership_check,
+        })
+    }
+
     fn run(mut self) {
-        self.max_workers = lock(&self.ids).layout().max_workers();
         tracing::info!(
             node_id = self.id,
             applied = self.machine.applied(),
@@ -359,15 +473,11 @@ impl Node {
             }
             let now = Instant::now();
             if now >= next_tick {
-                self.raw.tick();
                 next_tick += self.tick;
                 if next_tick < now {
                     next_tick = now + self.tick;
                 }
-                self.expire(now);
-                self.snowflake_tick(now);
-                self.export_gauges();
-                if let Some(exit) = self.check_handover_deadline(now) {
+                if let Some(exit) = self.on_tick(now) {
                     stop = Some(exit);
                 }
             }
@@ -386,8 +496,31 @@ impl Node {
         }
     }
 
+    /// One Raft tick and the timers that run with it. Returns the sender to
+    /// notify if a handover that was to stop the node has run out of time.
+    pub(crate) fn on_tick(&mut self, now: Instant) -> Option<oneshot::Sender<()>> {
+        self.raw.tick();
+        self.expire(now);
+        self.snowflake_tick(now);
+        self.export_gauges();
+        self.check_handover_deadline(now)
+    }
+
+    /// Drains the inputs queued for this node (the simulation's loop; the
+    /// real one also waits for them).
+    pub(crate) fn drain_inbox(&mut self) -> Option<oneshot::Sender<()>> {
+        let mut stop = None;
+        while stop.is_none() {
+            match self.inbox.try_recv() {
+                Ok(input) => stop = self.on_input(input),
+                Err(_) => break,
+            }
+        }
+        stop
+    }
+
     /// One pass: start reads, propose, handle Ready, notice role changes.
-    fn round(&mut self) -> Result<(), StorageError> {
+    pub(crate) fn round(&mut self) -> Result<(), StorageError> {
         // Notice a lost leadership before starting a read round: as a
         // follower, raft-rs would forward the round to the new leader, and
         // its answer must not confirm this node's stale memory.
@@ -407,7 +540,7 @@ impl Node {
     }
 
     fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.time.now().duration_since(self.started).as_millis() as u64
     }
 
     fn leader_hint(&self) -> Option<u64> {
@@ -418,7 +551,7 @@ impl Node {
         }
     }
 
-    fn on_input(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
+    pub(crate) fn on_input(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
         match input {
             Input::Raft(msg) => {
                 if let Err(e) = self.raw.step(*msg) {
@@ -485,6 +618,12 @@ impl Node {
 
     fn start_read_round(&mut self) {
         if self.unconfirmed.is_empty() || !self.core.is_serving() {
+            return;
+        }
+        if self.skip_leadership_check {
+            for call in std::mem::take(&mut self.unconfirmed) {
+                self.serve(call);
+            }
             return;
         }
         let ctx = self.next_ctx;
@@ -1228,7 +1367,7 @@ impl Node {
             term: self.raw.raft.term,
             to,
             phase: HandoverPhase::Trimming,
-            deadline: Instant::now() + self.election_timeout * 2,
+            deadline: self.time.now() + self.election_timeout * 2,
             reply,
             exit,
         });
@@ -1268,7 +1407,7 @@ impl Node {
                 self.raw.transfer_leader(t);
             }
             // Single voter: nobody to hand to; the trim alone avoids holes.
-            None => h.deadline = Instant::now(),
+            None => h.deadline = self.time.now(),
         }
     }
 
@@ -1344,7 +1483,7 @@ impl Node {
         metrics::gauge!(m::LAYOUT_YEARS_LEFT).set(issuer.layout().years_left(now));
     }
 
-    fn status(&self) -> NodeStatus {
+    pub(crate) fn status(&self) -> NodeStatus {
         let store = self.raw.store();
         let (worker, ids_active, fence_ms) = {
             let issuer = lock(&self.ids);

@@ -170,6 +170,20 @@ async fn peer_loop(
     }
 }
 
+/// Decodes the Raft message a peer's frame carries; the frame's sender must
+/// match the message's.
+pub fn decode_frame(frame: &RaftFrame) -> Result<Message, Status> {
+    let msg = Message::parse_from_bytes(&frame.message)
+        .map_err(|e| Status::invalid_argument(format!("message: not a raft message: {e}")))?;
+    if msg.from != frame.from {
+        return Err(Status::invalid_argument(format!(
+            "from: frame says {} but the message says {}",
+            frame.from, msg.from
+        )));
+    }
+    Ok(msg)
+}
+
 /// Receives raft messages from peers and feeds them to the node thread.
 pub struct PeerService {
     node: mpsc::Sender<Input>,
@@ -190,15 +204,7 @@ impl Peer for PeerService {
     ) -> Result<Response<RaftAck>, Status> {
         let mut stream = request.into_inner();
         while let Some(frame) = stream.message().await? {
-            let msg = Message::parse_from_bytes(&frame.message).map_err(|e| {
-                Status::invalid_argument(format!("message: not a raft message: {e}"))
-            })?;
-            if msg.from != frame.from {
-                return Err(Status::invalid_argument(format!(
-                    "from: frame says {} but the message says {}",
-                    frame.from, msg.from
-                )));
-            }
+            let msg = decode_frame(&frame)?;
             if self.faults.isolated.load(Ordering::Relaxed) {
                 continue;
             }

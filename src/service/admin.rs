@@ -7,11 +7,12 @@ use crate::pb::admin_server::Admin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::core::SystemClock;
 use crate::pb::{
     AddNodeRequest, InjectFaultRequest, InjectFaultResponse, MembershipResponse, RemoveNodeRequest,
     StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
-use crate::raft::{Faults, IdState, Membership, MembershipChange, NodeHandle};
+use crate::raft::{Faults, Membership, MembershipChange, NodeHandle};
 
 fn membership(m: Membership) -> Response<MembershipResponse> {
     Response::new(MembershipResponse {
@@ -23,7 +24,7 @@ fn membership(m: Membership) -> Response<MembershipResponse> {
 pub struct AdminService {
     node: NodeHandle,
     peers: PeerAddrs,
-    ids: Arc<IdState>,
+    clock: Arc<SystemClock>,
     faults: Arc<Faults>,
     allow_faults: bool,
 }
@@ -32,14 +33,14 @@ impl AdminService {
     pub fn new(
         node: NodeHandle,
         peers: PeerAddrs,
-        ids: Arc<IdState>,
+        clock: Arc<SystemClock>,
         faults: Arc<Faults>,
         allow_faults: bool,
     ) -> Self {
         Self {
             node,
             peers,
-            ids,
+            clock,
             faults,
             allow_faults,
         }
@@ -155,7 +156,7 @@ impl Admin for AdminService {
             ));
         }
         let req = request.into_inner();
-        self.ids.clock.set_offset_ms(req.clock_offset_ms);
+        self.clock.set_offset_ms(req.clock_offset_ms);
         self.faults.isolated.store(req.isolate, Ordering::Relaxed);
         tracing::warn!(
             clock_offset_ms = req.clock_offset_ms,

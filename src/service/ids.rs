@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::observe;
-use crate::core::{Clock as _, IdError};
+use crate::core::IdError;
 use crate::metrics as m;
 use crate::pb::ids_server::Ids;
 use crate::pb::{DecodeRequest, DecodeResponse, NextIdsRequest, NextIdsResponse};
@@ -47,12 +47,7 @@ impl Ids for IdsService {
         request: Request<DecodeRequest>,
     ) -> Result<Response<DecodeResponse>, Status> {
         let id = request.into_inner().id;
-        let layout = *self
-            .ids
-            .issuer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .layout();
+        let layout = *self.ids.lock().layout();
         let (unix_ms, worker, sequence) = layout.decode(id).ok_or_else(|| {
             Status::invalid_argument("id: has the sign bit set; not a seqd Snowflake ID")
         })?;
@@ -79,28 +74,16 @@ impl IdsService {
                 self.max_count
             )));
         }
-        let now = self.ids.clock.now_ms();
-        let mono = self.ids.mono_ms();
         let mut ids = Vec::new();
-        let (result, worker) = {
-            let mut issuer = self.ids.issuer.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                issuer.issue(now, mono, u64::from(count), &mut ids),
-                issuer.worker(),
-            )
-        };
-        match result {
-            Ok(report) => {
+        match self.ids.issue(u64::from(count), &mut ids) {
+            Ok((report, worker)) => {
                 if let Some(back) = report.stepped_back_ms {
                     tracing::warn!(
                         stepped_back_ms = back,
                         "clock stepped back; riding it on the logical clock"
                     );
                 }
-                Ok(Response::new(NextIdsResponse {
-                    ids,
-                    worker: worker.unwrap_or_default(),
-                }))
+                Ok(Response::new(NextIdsResponse { ids, worker }))
             }
             Err(e) => {
                 if let IdError::ClockBackwards { by_ms, .. } = e {

@@ -3,7 +3,7 @@
 
 mod admin;
 mod ids;
-mod sequencer;
+pub mod sequencer;
 
 pub use admin::AdminService;
 pub use ids::IdsService;

@@ -30,11 +30,78 @@ impl SequencerService {
             peers,
         }
     }
+}
 
-    fn key(&self, namespace: &str, key: String) -> Result<SeqKey, InvalidArgument> {
-        let ns = self.namespaces.resolve(namespace)?;
-        SeqKey::try_new(&self.namespaces, ns, key)
+/// A `Next` request, checked.
+#[derive(Debug)]
+pub struct NextCall {
+    pub key: SeqKey,
+    pub count: u32,
+    pub request_id: Option<RequestId>,
+}
+
+fn parse_key(
+    namespaces: &Namespaces,
+    namespace: &str,
+    key: String,
+) -> Result<SeqKey, InvalidArgument> {
+    let ns = namespaces.resolve(namespace)?;
+    SeqKey::try_new(namespaces, ns, key)
+}
+
+/// Checks a `Next` request from a client (every field, naming the bad one).
+pub fn parse_next(namespaces: &Namespaces, req: NextRequest) -> Result<NextCall, InvalidArgument> {
+    let key = parse_key(namespaces, &req.namespace, req.key)?;
+    let count = namespaces.check_count(key.namespace(), req.count)?;
+    let request_id = RequestId::try_new(req.request_id)?;
+    Ok(NextCall {
+        key,
+        count,
+        request_id,
+    })
+}
+
+/// Checks a `NextBatch` request: every item, no key twice.
+pub fn parse_next_batch(
+    namespaces: &Namespaces,
+    req: NextBatchRequest,
+) -> Result<Vec<(SeqKey, u32)>, InvalidArgument> {
+    let ns = namespaces.resolve(&req.namespace)?;
+    if req.items.is_empty() {
+        return Err(InvalidArgument::EmptyBatch);
     }
+    if req.items.len() > MAX_BATCH_ITEMS {
+        return Err(InvalidArgument::TooManyItems {
+            len: req.items.len(),
+            max: MAX_BATCH_ITEMS,
+        });
+    }
+    let mut seen = HashSet::with_capacity(req.items.len());
+    let mut items = Vec::with_capacity(req.items.len());
+    for (index, item) in req.items.into_iter().enumerate() {
+        let wrap = |e| InvalidArgument::Item {
+            index,
+            source: Box::new(e),
+        };
+        let key = SeqKey::try_new(namespaces, ns, item.key).map_err(wrap)?;
+        let count = namespaces.check_count(ns, item.count).map_err(wrap)?;
+        if !seen.insert(key.key().to_string()) {
+            return Err(InvalidArgument::DuplicateKey {
+                index,
+                key: key.key().to_string(),
+            });
+        }
+        items.push((key, count));
+    }
+    Ok(items)
+}
+
+/// Checks a `Current` request.
+pub fn parse_current(
+    namespaces: &Namespaces,
+    req: CurrentRequest,
+) -> Result<SeqKey, InvalidArgument> {
+    parse_key(namespaces, &req.namespace, req.key)
 }
 
 #[tonic::async_trait]
@@ -73,13 +140,11 @@ impl SequencerService {
         &self,
         request: Request<NextRequest>,
     ) -> Result<Response<NextResponse>, Status> {
-        let req = request.into_inner();
-        let key = self.key(&req.namespace, req.key).map_err(invalid)?;
-        let count = self
-            .namespaces
-            .check_count(key.namespace(), req.count)
-            .map_err(invalid)?;
-        let request_id = RequestId::try_new(req.request_id).map_err(invalid)?;
+        let NextCall {
+            key,
+            count,
+            request_id,
+        } = parse_next(&self.namespaces, request.into_inner()).map_err(invalid)?;
         let grant = self
             .node
             .allocate(vec![(key, count)], request_id)
@@ -98,38 +163,7 @@ impl SequencerService {
         &self,
         request: Request<NextBatchRequest>,
     ) -> Result<Response<NextBatchResponse>, Status> {
-        let req = request.into_inner();
-        let ns = self.namespaces.resolve(&req.namespace).map_err(invalid)?;
-        if req.items.is_empty() {
-            return Err(invalid(InvalidArgument::EmptyBatch));
-        }
-        if req.items.len() > MAX_BATCH_ITEMS {
-            return Err(invalid(InvalidArgument::TooManyItems {
-                len: req.items.len(),
-                max: MAX_BATCH_ITEMS,
-            }));
-        }
-        let mut seen = HashSet::with_capacity(req.items.len());
-        let mut items = Vec::with_capacity(req.items.len());
-        for (index, item) in req.items.into_iter().enumerate() {
-            let wrap = |e| InvalidArgument::Item {
-                index,
-                source: Box::new(e),
-            };
-            let key =
-                SeqKey::try_new(&self.namespaces, ns, item.key).map_err(|e| invalid(wrap(e)))?;
-            let count = self
-                .namespaces
-                .check_count(ns, item.count)
-                .map_err(|e| invalid(wrap(e)))?;
-            if !seen.insert(key.key().to_string()) {
-                return Err(invalid(InvalidArgument::DuplicateKey {
-                    index,
-                    key: key.key().to_string(),
-                }));
-            }
-            items.push((key, count));
-        }
+        let items = parse_next_batch(&self.namespaces, request.into_inner()).map_err(invalid)?;
         let keys: Vec<String> = items.iter().map(|(k, _)| k.key().to_string()).collect();
         let grant = self
             .node
@@ -156,8 +190,7 @@ impl SequencerService {
         &self,
         request: Request<CurrentRequest>,
     ) -> Result<Response<CurrentResponse>, Status> {
-        let req = request.into_inner();
-        let key = self.key(&req.namespace, req.key).map_err(invalid)?;
+        let key = parse_current(&self.namespaces, request.into_inner()).map_err(invalid)?;
         let (current, epoch) = self
             .node
             .current(key)

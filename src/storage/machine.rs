@@ -2,14 +2,13 @@
 //! the applied index, in the `state` column family.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType};
 use rocksdb::{WriteBatch, DB};
 
-use super::{cf, decode_u64, StorageError, CF_STATE};
+use super::{cf, decode_u64, Disk, StorageError, CF_STATE};
 use crate::pb::state::{
     command, Command, KeyCeiling, MachineMeta, Member, RenewFence, SnapshotData, WorkerEntry,
     WorkerRecord,
@@ -91,13 +90,13 @@ pub enum Applied {
 
 /// The state machine. Owned by the Raft thread.
 pub struct Machine {
-    db: Arc<DB>,
+    db: Disk,
     meta: MachineMeta,
     applied: u64,
 }
 
 impl Machine {
-    pub fn open(db: Arc<DB>) -> Result<Self, StorageError> {
+    pub fn open(db: Disk) -> Result<Self, StorageError> {
         let mut m = Self {
             db,
             meta: MachineMeta::default(),
@@ -288,13 +287,13 @@ impl Machine {
 
 /// One apply batch: writes go to a RocksDB batch, and reads see them.
 struct Txn<'a> {
-    db: &'a DB,
+    db: &'a Disk,
     batch: WriteBatch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl<'a> Txn<'a> {
-    fn new(db: &'a DB) -> Self {
+    fn new(db: &'a Disk) -> Self {
         Self {
             db,
             batch: WriteBatch::default(),
@@ -410,7 +409,7 @@ impl<'a> Txn<'a> {
     }
 
     fn commit(self) -> Result<(), StorageError> {
-        self.db.write(self.batch)?;
+        self.db.write_batch(self.batch, false)?;
         Ok(())
     }
 }
@@ -601,7 +600,7 @@ mod tests {
         m2.apply(&[entry(1, raise("z", "old", 99))]).unwrap();
         let mut batch = WriteBatch::default();
         write_snapshot(&db2, &mut batch, index, &bytes).unwrap();
-        db2.write(batch).unwrap();
+        db2.write_batch(batch, false).unwrap();
         m2.reload().unwrap();
         assert_eq!(m2.applied(), 4);
         assert_eq!(m2.ceiling("b", "k2").unwrap(), 20);

@@ -12,10 +12,11 @@
 pub mod machine;
 pub mod raft_log;
 
+use std::ops::Deref;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
 pub use machine::{Applied, Machine};
 pub use raft_log::RaftStore;
@@ -48,23 +49,134 @@ impl StorageError {
     }
 }
 
-/// Opens (creating if needed) the node's database under `dir`.
-pub fn open(dir: &Path) -> Result<Arc<DB>, StorageError> {
-    std::fs::create_dir_all(dir).map_err(|source| StorageError::Dir {
-        path: dir.display().to_string(),
-        source,
-    })?;
+/// A node's database. Reads go straight to RocksDB (through `Deref`);
+/// every write goes through [`Disk::write_batch`], which says whether it
+/// must be synced and, in the deterministic simulation, records it so that
+/// a simulated crash can keep exactly the synced prefix.
+#[derive(Clone)]
+pub struct Disk {
+    db: Arc<DB>,
+    journal: Option<Arc<Mutex<Journal>>>,
+}
+
+impl Deref for Disk {
+    type Target = DB;
+
+    fn deref(&self) -> &DB {
+        &self.db
+    }
+}
+
+impl Disk {
+    pub fn write_batch(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+        if let Some(journal) = &self.journal {
+            let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
+            match j.power_fails_in {
+                Some(0) => return Err(StorageError::corrupt("simulated disk", "power lost")),
+                Some(n) => j.power_fails_in = Some(n - 1),
+                None => {}
+            }
+            j.writes.push((batch.data().to_vec(), sync));
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+}
+
+/// Every write a simulated node made, in order, with its sync flag.
+/// RocksDB has one write-ahead log, so a synced write also persists every
+/// write before it: what survives a power loss is the prefix up to the last
+/// synced write.
+#[derive(Debug, Default)]
+pub struct Journal {
+    writes: Vec<(Vec<u8>, bool)>,
+    /// Writes left before the simulated power loss (which fails the write).
+    power_fails_in: Option<u64>,
+}
+
+impl Journal {
+    /// Fails the write after the next `writes` ones, as a power loss in
+    /// the middle of the node's work would.
+    pub fn fail_after(&mut self, writes: u64) {
+        self.power_fails_in = Some(writes);
+    }
+
+    /// Whether the armed power loss has happened.
+    pub fn power_failed(&self) -> bool {
+        self.power_fails_in == Some(0)
+    }
+
+    /// Forgets the writes after the last synced one, as a power loss would.
+    pub fn lose_unsynced(&mut self) -> usize {
+        let keep = self
+            .writes
+            .iter()
+            .rposition(|(_, sync)| *sync)
+            .map_or(0, |i| i + 1);
+        let lost = self.writes.len() - keep;
+        self.writes.truncate(keep);
+        self.power_fails_in = None;
+        lost
+    }
+
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+fn options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     // Small values and a short log: keep memory and background work modest.
     opts.set_max_background_jobs(2);
     opts.set_write_buffer_size(32 << 20);
+    opts
+}
+
+fn open_with(opts: &Options, path: &Path) -> Result<DB, StorageError> {
     let cfs = [CF_LOG, CF_META, CF_STATE]
         .into_iter()
         .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-    let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?;
-    Ok(Arc::new(db))
+    Ok(DB::open_cf_descriptors(opts, path, cfs)?)
+}
+
+/// Opens (creating if needed) the node's database under `dir`.
+pub fn open(dir: &Path) -> Result<Disk, StorageError> {
+    std::fs::create_dir_all(dir).map_err(|source| StorageError::Dir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let db = open_with(&options(), &dir.join("db"))?;
+    Ok(Disk {
+        db: Arc::new(db),
+        journal: None,
+    })
+}
+
+/// Opens a fresh in-memory database holding what `journal` recorded, and
+/// records further writes in it. The simulation's disk: a crash is
+/// [`Journal::lose_unsynced`] followed by this.
+pub fn open_journaled(journal: Arc<Mutex<Journal>>) -> Result<Disk, StorageError> {
+    let mut opts = options();
+    opts.set_env(&rocksdb::Env::mem_env()?);
+    let db = open_with(&opts, Path::new("/sim/db"))?;
+    {
+        let j = journal.lock().unwrap_or_else(|p| p.into_inner());
+        for (data, _) in &j.writes {
+            db.write(WriteBatch::from_data(data))?;
+        }
+    }
+    Ok(Disk {
+        db: Arc::new(db),
+        journal: Some(journal),
+    })
 }
 
 pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {

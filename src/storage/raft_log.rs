@@ -2,14 +2,13 @@
 //! [`raft::Storage`].
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
-use rocksdb::{WriteBatch, WriteOptions, DB};
+use rocksdb::{WriteBatch, DB};
 
-use super::{cf, decode_u64, machine, StorageError, CF_LOG, CF_META, CF_STATE};
+use super::{cf, decode_u64, machine, Disk, StorageError, CF_LOG, CF_META, CF_STATE};
 
 const HARD_STATE: &[u8] = b"hard_state";
 pub(super) const CONF_STATE: &[u8] = b"conf_state";
@@ -21,15 +20,9 @@ fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn synced() -> WriteOptions {
-    let mut w = WriteOptions::default();
-    w.set_sync(true);
-    w
-}
-
 /// The Raft side of a node's storage. Owned by the Raft thread.
 pub struct RaftStore {
-    db: Arc<DB>,
+    db: Disk,
     hard_state: HardState,
     conf_state: ConfState,
     /// Index and term just below the first entry in the log.
@@ -43,7 +36,7 @@ impl RaftStore {
     /// Opens the log. On a fresh database, records `voters` as the initial
     /// configuration (every member of a new cluster starts with the same
     /// list, so no bootstrap step is needed).
-    pub fn open(db: Arc<DB>, voters: &[u64]) -> Result<Self, StorageError> {
+    pub fn open(db: Disk, voters: &[u64]) -> Result<Self, StorageError> {
         let meta = cf(&db, CF_META);
         let hard_state = match db.get_cf(meta, HARD_STATE)? {
             Some(b) => HardState::parse_from_bytes(&b)
@@ -106,7 +99,7 @@ impl RaftStore {
     /// configuration: every founder starts identically, and a node that
     /// joins later (empty, no voters) must receive a snapshot, which carries
     /// the configuration that its empty log could not replay.
-    fn bootstrap(db: &DB, voters: &[u64]) -> Result<(HardState, ConfState), StorageError> {
+    fn bootstrap(db: &Disk, voters: &[u64]) -> Result<(HardState, ConfState), StorageError> {
         let meta = cf(db, CF_META);
         let cs = ConfState {
             voters: voters.to_vec(),
@@ -131,7 +124,7 @@ impl RaftStore {
             .write_to_bytes()
             .map_err(|e| StorageError::corrupt("hard state", e))?;
         batch.put_cf(meta, HARD_STATE, hs_bytes);
-        db.write_opt(batch, &synced())?;
+        db.write_batch(batch, true)?;
         Ok((hs, cs))
     }
 
@@ -202,7 +195,7 @@ impl RaftStore {
                 .map_err(|e| StorageError::corrupt("hard state", e))?;
             batch.put_cf(cf(&self.db, CF_META), HARD_STATE, bytes);
         }
-        self.db.write_opt(batch, &synced())?;
+        self.db.write_batch(batch, true)?;
 
         if let Some(first) = entries.first() {
             let keep = (first.index - self.compacted.0 - 1) as usize;
@@ -223,7 +216,9 @@ impl RaftStore {
             .hard_state
             .write_to_bytes()
             .map_err(|e| StorageError::corrupt("hard state", e))?;
-        self.db.put_cf(cf(&self.db, CF_META), HARD_STATE, bytes)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf(&self.db, CF_META), HARD_STATE, bytes);
+        self.db.write_batch(batch, false)?;
         Ok(())
     }
 
@@ -248,8 +243,9 @@ impl RaftStore {
         let bytes = cs
             .write_to_bytes()
             .map_err(|e| StorageError::corrupt("conf state", e))?;
-        self.db
-            .put_cf_opt(cf(&self.db, CF_META), CONF_STATE, bytes, &synced())?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf(&self.db, CF_META), CONF_STATE, bytes);
+        self.db.write_batch(batch, true)?;
         self.conf_state = cs;
         Ok(())
     }
@@ -279,7 +275,7 @@ impl RaftStore {
             COMPACTED,
             compaction_point(index, term),
         );
-        self.db.write_opt(batch, &synced())?;
+        self.db.write_batch(batch, true)?;
         let drop = (index - self.compacted.0) as usize;
         self.terms.drain(..drop);
         self.compacted = (index, term);
@@ -309,7 +305,7 @@ impl RaftStore {
             .write_to_bytes()
             .map_err(|e| StorageError::corrupt("hard state", e))?;
         batch.put_cf(metacf, HARD_STATE, hs_bytes);
-        self.db.write_opt(batch, &synced())?;
+        self.db.write_batch(batch, true)?;
         self.hard_state = hs;
         self.conf_state = cs;
         self.compacted = (meta.index, meta.term);

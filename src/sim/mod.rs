@@ -1,0 +1,908 @@
+//! Deterministic simulation of a seqd cluster.
+//!
+//! The real node loop (raft-rs, the allocator core, the state machine on
+//! RocksDB) runs for 3 or 5 nodes inside one thread, against virtual time, a
+//! simulated network and a simulated disk, all driven by one seed:
+//!
+//! - **Time** advances one millisecond per step. Each node ticks on its own
+//!   jittered schedule; raft-rs's election timeout is fixed to one value
+//!   (it would draw from a thread RNG), so the seed alone decides who
+//!   campaigns first.
+//! - **Network**: every message gets a seeded delay (so messages reorder), may
+//!   be lost or duplicated, and links can be cut both ways or one way.
+//! - **Disk**: RocksDB in memory, with every write journaled; a crash keeps
+//!   only the writes up to the last synced one (see [`Journal`]).
+//! - **Clocks**: each node's wall clock has its own offset, jumped forward and
+//!   back by the nemesis; its monotonic clock is virtual time.
+//! - **Clients** call whichever node they believe leads (and sometimes any
+//!   node); Snowflake IDs are issued from every node.
+//!
+//! Every completed call and every issued ID goes through the [`Checker`]
+//! as it happens. The same seed replays the same run: the report carries a
+//! digest of everything handed out, and a failure prints its seed.
+
+mod checker;
+
+pub use checker::Checker;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use ::raft::prelude::{Message, MessageType};
+use tokio::sync::oneshot;
+
+use crate::config::{RaftConfig, SnowflakeConfig};
+use crate::core::{Clock, Issuer, Layout, Mode, NamespaceSpec, Namespaces, SeqKey, MAX_SEQUENCE};
+use crate::raft::{
+    Grant, IdState, Input, Node, NodeError, NodeParams, NodeTesting, NodeTime, Outbox, VirtualTime,
+};
+use crate::storage::{self, Journal};
+
+/// The wall clock every simulated node starts from (2026-01-01).
+const WALL_ORIGIN_MS: u64 = 1_767_225_600_000;
+/// How long a client waits for an answer before giving up on a call.
+const CLIENT_PATIENCE_MS: u64 = 1_500;
+/// How long the cluster gets, once the nemesis stops, to serve again.
+const RECOVERY_MS: u64 = 10_000;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub nodes: usize,
+    /// Virtual time under the nemesis, in milliseconds.
+    pub duration_ms: u64,
+    pub clients: usize,
+    /// Inject crashes, pauses, partitions, message chaos and clock jumps.
+    pub faults: bool,
+    /// Serve calls without the ReadIndex round (a deliberate bug).
+    pub break_leadership_check: bool,
+    /// Print every fault and leader change (for replaying a seed).
+    pub trace: bool,
+}
+
+impl SimConfig {
+    pub fn new(nodes: usize) -> Self {
+        Self {
+            nodes,
+            duration_ms: 15_000,
+            clients: 9,
+            faults: true,
+            break_leadership_check: false,
+            trace: std::env::var_os("SEQD_SIM_TRACE").is_some(),
+        }
+    }
+}
+
+/// What a run did and found.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    pub seed: u64,
+    pub nodes: usize,
+    pub steps: u64,
+    /// Completed calls, one per key of a batch.
+    pub calls: u64,
+    pub numbers: u64,
+    pub failed_calls: u64,
+    pub ids: u64,
+    pub id_errors: u64,
+    pub crashes: u64,
+    /// Journaled writes lost by crashes (written but not yet synced).
+    pub lost_writes: u64,
+    pub pauses: u64,
+    pub partitions: u64,
+    pub chaos: u64,
+    pub clock_jumps: u64,
+    pub messages: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    /// Whether a call succeeded after the nemesis stopped.
+    pub recovered: bool,
+    pub violations: Vec<String>,
+    /// Hash of every number and ID handed out, in order: equal digests
+    /// mean the same run.
+    pub digest: u64,
+}
+
+impl fmt::Display for SimReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed), {} IDs ({} refused), \
+             faults: {} crashes ({} unsynced writes lost), {} pauses, {} partitions, {} chaos, \
+             {} clock jumps; {} messages ({} dropped, {} duplicated); recovered: {}; \
+             violations: {}; digest {:016x}",
+            self.seed,
+            self.nodes,
+            self.steps,
+            self.calls,
+            self.numbers,
+            self.failed_calls,
+            self.ids,
+            self.id_errors,
+            self.crashes,
+            self.lost_writes,
+            self.pauses,
+            self.partitions,
+            self.chaos,
+            self.clock_jumps,
+            self.messages,
+            self.dropped,
+            self.duplicated,
+            self.recovered,
+            self.violations.len(),
+            self.digest
+        )
+    }
+}
+
+/// SplitMix64: small, fast, and the same everywhere.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// True with probability `per_million` / 1,000,000.
+    pub fn chance(&mut self, per_million: u64) -> bool {
+        self.next_u64() % 1_000_000 < per_million
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[(self.next_u64() % items.len() as u64) as usize]
+    }
+}
+
+/// A node's wall clock: virtual time plus an offset the nemesis moves.
+struct SimClock {
+    time: Arc<VirtualTime>,
+    offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl SimClock {
+    fn offset(&self) -> i64 {
+        self.offset_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn jump(&self, by_ms: i64) {
+        self.offset_ms
+            .fetch_add(by_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> u64 {
+        (WALL_ORIGIN_MS + self.time.ms()).saturating_add_signed(self.offset())
+    }
+
+    fn mono_ms(&self) -> u64 {
+        self.time.ms()
+    }
+}
+
+/// A node's outgoing messages, collected for the network after each step.
+struct SimOutbox(Arc<Mutex<Vec<Message>>>);
+
+impl Outbox for SimOutbox {
+    fn send(&mut self, msgs: Vec<Message>) {
+        lock(&self.0).extend(msgs);
+    }
+
+    fn add_peer(&mut self, _id: u64, _addr: &str) {}
+
+    fn remove_peer(&mut self, _id: u64) {}
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One simulated machine: the process (when running) and what outlives it.
+struct Slot {
+    id: u64,
+    node: Option<Node>,
+    tx: mpsc::Sender<Input>,
+    outbox: Arc<Mutex<Vec<Message>>>,
+    journal: Arc<Mutex<Journal>>,
+    clock: Arc<SimClock>,
+    ids: Arc<IdState>,
+    next_tick: u64,
+    paused_until: u64,
+    restart_at: u64,
+}
+
+impl Slot {
+    fn up(&self, now: u64) -> bool {
+        self.node.is_some() && self.paused_until <= now
+    }
+}
+
+/// Links and messages in flight.
+#[derive(Default)]
+struct Net {
+    /// (delivery time, sequence) → (from, message).
+    queue: BTreeMap<(u64, u64), (u64, Message)>,
+    seq: u64,
+    /// Directed links that lose everything: (from, to).
+    cut: Vec<(u64, u64)>,
+    heal_at: u64,
+    chaos_until: u64,
+}
+
+/// A call a client is waiting on.
+struct Pending {
+    rx: oneshot::Receiver<Result<Grant, NodeError>>,
+    keys: Vec<usize>,
+    invoked: u64,
+    node: u64,
+}
+
+struct SimClient {
+    target: u64,
+    pending: Option<Pending>,
+    next_at: u64,
+}
+
+/// Indexes into [`KEYS`].
+const SEGMENTED_KEYS: std::ops::Range<usize> = 0..3;
+const DENSE_KEYS: std::ops::Range<usize> = 3..5;
+
+/// The keys clients use: a few hot segmented ones and two dense ones.
+const KEYS: &[(&str, &str)] = &[
+    ("chat", "g1"),
+    ("chat", "g2"),
+    ("chat", "g3"),
+    ("dense", "d1"),
+    ("dense", "d2"),
+];
+
+struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    time: Arc<VirtualTime>,
+    now: u64,
+    slots: Vec<Slot>,
+    net: Net,
+    clients: Vec<SimClient>,
+    checker: Checker,
+    report: SimReport,
+    namespaces: Namespaces,
+    keys: Vec<SeqKey>,
+    raft: RaftConfig,
+    snowflake: SnowflakeConfig,
+    layout: Layout,
+    digest: u64,
+    next_fault: u64,
+    /// Leader (id, term) last seen, for the trace.
+    last_leader: Option<(u64, u64)>,
+}
+
+/// Runs one seed and reports what happened. Deterministic: the same seed
+/// and configuration give the same report.
+pub fn run(seed: u64, cfg: &SimConfig) -> SimReport {
+    let mut sim = Sim::new(seed, cfg.clone());
+    sim.run();
+    sim.finish()
+}
+
+fn namespaces() -> Namespaces {
+    let spec = |name: &str, mode| NamespaceSpec {
+        name: name.to_string(),
+        mode,
+        // Steps from small (refills, and so leader-side state, change
+        // often) to large (a deposed leader holds many unused numbers).
+        step_min: 4,
+        step_max: 4_096,
+        refill_interval_ms: 1_000,
+        max_count: 16,
+        max_key_bytes: 64,
+        max_value: MAX_SEQUENCE,
+    };
+    Namespaces::new(vec![
+        spec("chat", Mode::Segmented),
+        spec("dense", Mode::Dense),
+    ])
+}
+
+impl Sim {
+    fn new(seed: u64, cfg: SimConfig) -> Self {
+        let namespaces = namespaces();
+        let keys = KEYS
+            .iter()
+            .map(|(ns, key)| {
+                let id = namespaces.lookup(ns).expect("simulated namespace");
+                SeqKey::try_new(&namespaces, id, *key).expect("simulated key")
+            })
+            .collect();
+        let raft = RaftConfig {
+            tick_ms: 10,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            // Compact often so lagging and restarted nodes need snapshots.
+            compact_threshold: 200,
+            request_timeout_ms: 1_000,
+            ..RaftConfig::default()
+        };
+        let snowflake = SnowflakeConfig::default();
+        let layout = Layout::try_new(
+            snowflake.epoch_ms,
+            snowflake.time_bits,
+            snowflake.worker_bits,
+            snowflake.sequence_bits,
+        )
+        .expect("default layout");
+        let time = Arc::new(VirtualTime::new());
+        let mut sim = Sim {
+            rng: Rng::new(seed),
+            report: SimReport {
+                seed,
+                nodes: cfg.nodes,
+                ..SimReport::default()
+            },
+            clients: (0..cfg.clients)
+                .map(|i| SimClient {
+                    target: 1 + (i % cfg.nodes) as u64,
+                    pending: None,
+                    next_at: 0,
+                })
+                .collect(),
+            cfg,
+            time,
+            now: 0,
+            slots: Vec::new(),
+            net: Net::default(),
+            checker: Checker::default(),
+            namespaces,
+            keys,
+            raft,
+            snowflake,
+            layout,
+            digest: 0xcbf2_9ce4_8422_2325,
+            next_fault: 1_000,
+            last_leader: None,
+        };
+        for id in 1..=sim.cfg.nodes as u64 {
+            let clock = Arc::new(SimClock {
+                time: sim.time.clone(),
+                offset_ms: std::sync::atomic::AtomicI64::new(0),
+            });
+            let (tx, _) = mpsc::channel();
+            let slot = Slot {
+                id,
+                node: None,
+                tx,
+                outbox: Arc::default(),
+                journal: Arc::default(),
+                ids: sim.id_state(&clock),
+                clock,
+                next_tick: 0,
+                paused_until: 0,
+                restart_at: 0,
+            };
+            sim.slots.push(slot);
+            sim.boot(id as usize - 1);
+        }
+        sim
+    }
+
+    fn id_state(&self, clock: &Arc<SimClock>) -> Arc<IdState> {
+        Arc::new(IdState::new(
+            Issuer::new(
+                self.layout,
+                self.snowflake.max_rollback_ms,
+                self.snowflake.fence_ahead_ms,
+            ),
+            clock.clone(),
+        ))
+    }
+
+    /// Starts the node process of slot `i` from what its disk kept.
+    fn boot(&mut self, i: usize) {
+        let ids = self.id_state(&self.slots[i].clock);
+        let boot = self.rng.next_u64();
+        let slot = &mut self.slots[i];
+        slot.ids = ids.clone();
+        let disk = storage::open_journaled(slot.journal.clone())
+            .unwrap_or_else(|e| panic!("node {}: simulated disk: {e}", slot.id));
+        let (tx, rx) = mpsc::channel();
+        let voters: Vec<u64> = (1..=self.cfg.nodes as u64).collect();
+        let params = NodeParams {
+            id: slot.id,
+            voters: voters.clone(),
+            peers: voters.iter().map(|v| (*v, format!("sim-{v}"))).collect(),
+            data_dir: PathBuf::new(),
+            raft: self.raft.clone(),
+            namespaces: self.namespaces.clone(),
+            join: false,
+            snowflake: self.snowflake.clone(),
+            ids,
+            faults: Arc::default(),
+            boot,
+            testing: NodeTesting {
+                fixed_election_timeout: true,
+                skip_leadership_check: self.cfg.break_leadership_check,
+            },
+        };
+        let outbox = slot.outbox.clone();
+        let node = Node::open(
+            params,
+            disk,
+            NodeTime::Virtual(self.time.clone()),
+            rx,
+            |_| Box::new(SimOutbox(outbox)),
+        )
+        .unwrap_or_else(|e| panic!("node {}: restart failed: {e}", slot.id));
+        slot.node = Some(node);
+        slot.tx = tx;
+        slot.next_tick = self.now + self.rng.range(1, self.raft.tick_ms);
+    }
+
+    /// Kills slot `i`'s process: unsynced writes are lost, calls in it fail.
+    fn crash(&mut self, i: usize, down_ms: u64) {
+        let slot = &mut self.slots[i];
+        if slot.node.take().is_none() {
+            return;
+        }
+        lock(&slot.outbox).clear();
+        let lost = lock(&slot.journal).lose_unsynced();
+        self.report.lost_writes += lost as u64;
+        self.report.crashes += 1;
+        slot.paused_until = 0;
+        slot.restart_at = self.now + down_ms;
+        self.trace(format_args!(
+            "crash node {} for {down_ms} ms, {lost} unsynced writes lost",
+            i + 1
+        ));
+    }
+
+    fn run(&mut self) {
+        let end = self.cfg.duration_ms;
+        while self.now < end {
+            self.step(true);
+        }
+        // Heal everything and see the cluster serve again.
+        self.net.cut.clear();
+        self.net.chaos_until = 0;
+        for i in 0..self.slots.len() {
+            self.slots[i].paused_until = 0;
+            if self.slots[i].node.is_none() {
+                self.slots[i].restart_at = self.now;
+            }
+        }
+        let calls_before = self.checker.calls();
+        while self.now < end + RECOVERY_MS && !self.report.recovered {
+            self.step(false);
+            self.report.recovered = self.checker.calls() > calls_before;
+        }
+    }
+
+    fn step(&mut self, nemesis: bool) {
+        self.now += 1;
+        self.time.set_ms(self.now);
+        if nemesis && self.cfg.faults && self.now >= self.next_fault {
+            self.inject_fault();
+            self.next_fault = self.now + self.rng.range(100, 900);
+        }
+        if self.net.heal_at != 0 && self.now >= self.net.heal_at {
+            self.net.cut.clear();
+            self.net.heal_at = 0;
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i].node.is_none() && self.now >= self.slots[i].restart_at {
+                self.boot(i);
+            }
+        }
+        self.deliver();
+        self.start_calls();
+        self.issue_ids();
+        for i in 0..self.slots.len() {
+            self.run_node(i);
+        }
+        self.collect_replies();
+        if self.cfg.trace {
+            let leader = self.leader().map(|i| {
+                let st = self.slots[i].node.as_ref().map(|n| n.status());
+                (i as u64 + 1, st.map_or(0, |s| s.term))
+            });
+            if leader != self.last_leader {
+                self.trace(format_args!("leader now {leader:?}"));
+                self.last_leader = leader;
+            }
+        }
+        self.report.steps += 1;
+    }
+
+    fn trace(&self, what: std::fmt::Arguments<'_>) {
+        if self.cfg.trace {
+            println!("[seed {} t={}ms] {what}", self.report.seed, self.now);
+        }
+    }
+
+    fn run_node(&mut self, i: usize) {
+        let now = self.now;
+        let jitter = self.rng.range(0, 4);
+        let slot = &mut self.slots[i];
+        if !slot.up(now) {
+            return;
+        }
+        let Some(node) = slot.node.as_mut() else {
+            return;
+        };
+        // A Shutdown is never sent here, so no stop signal can come back.
+        let _ = node.drain_inbox();
+        if now >= slot.next_tick {
+            let _ = node.on_tick(self.time.instant());
+            // Ticks drift: 8..12 ms apart around a 10 ms tick.
+            slot.next_tick = now + self.raft.tick_ms - 2 + jitter;
+        }
+        if let Err(e) = node.round() {
+            if lock(&slot.journal).power_failed() {
+                // The armed power loss hit in the middle of the round.
+                let down = self.rng.range(50, 1_000);
+                self.crash(i, down);
+                return;
+            }
+            panic!("node {}: storage failed in the simulation: {e}", slot.id);
+        }
+        let msgs = std::mem::take(&mut *lock(&slot.outbox));
+        let from = slot.id;
+        for msg in msgs {
+            self.send(from, msg);
+        }
+    }
+
+    fn send(&mut self, from: u64, msg: Message) {
+        self.report.messages += 1;
+        let to = msg.to;
+        let snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+        let chaos = self.now < self.net.chaos_until;
+        let lost = self.net.cut.contains(&(from, to))
+            || self.rng.chance(if chaos { 150_000 } else { 2_000 });
+        if snapshot {
+            // The transport reports whether a snapshot went out.
+            let _ = self.slots[from as usize - 1]
+                .tx
+                .send(Input::SnapshotSent { to, ok: !lost });
+        }
+        if lost {
+            self.report.dropped += 1;
+            return;
+        }
+        let copies = if chaos && self.rng.chance(100_000) {
+            self.report.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = if chaos {
+                self.rng.range(1, 80)
+            } else {
+                self.rng.range(1, 3)
+            };
+            self.net.seq += 1;
+            self.net
+                .queue
+                .insert((self.now + delay, self.net.seq), (from, msg.clone()));
+        }
+    }
+
+    fn deliver(&mut self) {
+        let mut held = Vec::new();
+        while let Some(entry) = self.net.queue.first_entry() {
+            if entry.key().0 > self.now {
+                break;
+            }
+            let (_, (from, msg)) = entry.remove_entry();
+            let slot = &self.slots[msg.to as usize - 1];
+            if slot.node.is_none() {
+                continue;
+            }
+            if slot.paused_until > self.now {
+                // A stopped process's socket buffers hold what arrives.
+                held.push((from, msg));
+                continue;
+            }
+            let _ = slot.tx.send(Input::Raft(Box::new(msg)));
+        }
+        for (from, msg) in held {
+            let at = self.slots[msg.to as usize - 1].paused_until;
+            self.net.seq += 1;
+            self.net.queue.insert((at, self.net.seq), (from, msg));
+        }
+    }
+
+    fn start_calls(&mut self) {
+        let n = self.slots.len() as u64;
+        for c in 0..self.clients.len() {
+            if self.clients[c].pending.is_some() || self.now < self.clients[c].next_at {
+                continue;
+            }
+            // Mostly the node believed to lead; sometimes any node, as a
+            // frontend with stale routing would.
+            let target = if self.rng.chance(100_000) {
+                self.rng.range(1, n)
+            } else {
+                self.clients[c].target
+            };
+            // Every third client uses the dense keys, the others the
+            // segmented ones; a batch names two keys of one namespace.
+            let group = if c % 3 == 2 {
+                DENSE_KEYS
+            } else {
+                SEGMENTED_KEYS
+            };
+            let pick = |rng: &mut Rng| group.start + rng.range(0, group.len() as u64 - 1) as usize;
+            let first = pick(&mut self.rng);
+            let mut keys = vec![first];
+            if self.rng.chance(150_000) {
+                let second = pick(&mut self.rng);
+                if second != first {
+                    keys.push(second);
+                }
+            }
+            let items = keys
+                .iter()
+                .map(|&k| (self.keys[k].clone(), self.rng.range(1, 3) as u32))
+                .collect();
+            let slot = &self.slots[target as usize - 1];
+            if slot.node.is_none() {
+                // Connection refused: try another node next time.
+                self.report.failed_calls += 1;
+                self.clients[c].target = self.rng.range(1, n);
+                self.clients[c].next_at = self.now + 5;
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            let deadline =
+                self.time.instant() + Duration::from_millis(self.raft.request_timeout_ms);
+            let _ = slot.tx.send(Input::Allocate {
+                items,
+                request_id: None,
+                reply,
+                deadline,
+            });
+            self.clients[c].target = target;
+            self.clients[c].pending = Some(Pending {
+                rx,
+                keys,
+                invoked: self.now,
+                node: target,
+            });
+        }
+    }
+
+    fn collect_replies(&mut self) {
+        let n = self.slots.len() as u64;
+        for c in 0..self.clients.len() {
+            let Some(p) = self.clients[c].pending.as_mut() else {
+                continue;
+            };
+            let outcome = match p.rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(oneshot::error::TryRecvError::Closed) => Some(Err(NodeError::Stopped)),
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    (self.now - p.invoked > CLIENT_PATIENCE_MS).then_some(Err(NodeError::Timeout(
+                        Duration::from_millis(CLIENT_PATIENCE_MS),
+                    )))
+                }
+            };
+            let Some(outcome) = outcome else {
+                continue;
+            };
+            let Some(p) = self.clients[c].pending.take() else {
+                continue;
+            };
+            self.clients[c].next_at = self.now + self.rng.range(0, 4);
+            match outcome {
+                Ok(grant) => {
+                    for (k, range) in p.keys.iter().zip(&grant.ranges) {
+                        let (ns, key) = KEYS[*k];
+                        let name = format!("{ns}/{key}");
+                        self.checker.record_call(
+                            &name,
+                            p.invoked,
+                            self.now,
+                            range.first(),
+                            range.last(),
+                        );
+                        self.mix(&[*k as u64, range.first(), range.last()]);
+                        if self.cfg.trace {
+                            self.trace(format_args!(
+                                "client {c} node {} {name} [{}, {}] (invoked {})",
+                                p.node,
+                                range.first(),
+                                range.last(),
+                                p.invoked
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.report.failed_calls += 1;
+                    self.clients[c].target = match e {
+                        NodeError::NotLeader { leader: Some(l) } => l,
+                        _ => self.rng.range(1, n),
+                    };
+                }
+            }
+        }
+    }
+
+    fn issue_ids(&mut self) {
+        if !self.rng.chance(100_000) {
+            return;
+        }
+        let i = self.rng.range(0, self.slots.len() as u64 - 1) as usize;
+        if !self.slots[i].up(self.now) {
+            return;
+        }
+        let count = self.rng.range(1, 64);
+        let mut ids = Vec::new();
+        match self.slots[i].ids.issue(count, &mut ids) {
+            Ok(_) => {
+                let id = self.slots[i].id;
+                self.checker.record_ids(id, &ids);
+                self.mix(&ids);
+            }
+            // No worker yet, fence reached, clock too far back: refused,
+            // which is allowed; handing out a duplicate is not.
+            Err(_) => self.report.id_errors += 1,
+        }
+    }
+
+    fn inject_fault(&mut self) {
+        let n = self.slots.len();
+        let majority_margin = (n - 1) / 2;
+        let impaired = self
+            .slots
+            .iter()
+            .filter(|s| s.node.is_none() || s.paused_until > self.now)
+            .count();
+        let i = self.rng.range(0, n as u64 - 1) as usize;
+        match self.rng.range(0, 5) {
+            0 if impaired < majority_margin => {
+                if self.rng.chance(500_000) {
+                    let down = self.rng.range(50, 2_000);
+                    self.crash(i, down);
+                } else if self.slots[i].node.is_some() {
+                    // Power fails a few writes from now, mid-round.
+                    let writes = self.rng.range(0, 6);
+                    lock(&self.slots[i].journal).fail_after(writes);
+                    self.trace(format_args!(
+                        "node {} loses power in {writes} writes",
+                        i + 1
+                    ));
+                }
+            }
+            1 if impaired < majority_margin && self.slots[i].node.is_some() => {
+                self.slots[i].paused_until = self.now + self.rng.range(100, 1_500);
+                self.report.pauses += 1;
+                let until = self.slots[i].paused_until;
+                self.trace(format_args!("pause node {} until {until} ms", i + 1));
+            }
+            2 => {
+                self.partition();
+                self.report.partitions += 1;
+            }
+            3 => {
+                self.net.chaos_until = self.now + self.rng.range(300, 2_000);
+                self.report.chaos += 1;
+                let until = self.net.chaos_until;
+                self.trace(format_args!("message chaos until {until} ms"));
+            }
+            4 => {
+                // Backward more often than forward: the dangerous direction.
+                let by = self.rng.range(10, 3_000) as i64;
+                let by = if self.rng.chance(650_000) { -by } else { by };
+                self.slots[i].clock.jump(by);
+                self.report.clock_jumps += 1;
+                self.trace(format_args!("node {} clock jumps {by} ms", i + 1));
+            }
+            _ => {
+                // Whoever leads now crashes: the failover case.
+                if impaired < majority_margin {
+                    if let Some(l) = self.leader() {
+                        let down = self.rng.range(50, 1_000);
+                        self.crash(l, down);
+                    }
+                }
+            }
+        }
+    }
+
+    fn partition(&mut self) {
+        let n = self.slots.len() as u64;
+        let ids: Vec<u64> = (1..=n).collect();
+        let mut cut = Vec::new();
+        match self.rng.range(0, 2) {
+            0 => {
+                // Isolate one node (often the leader).
+                let victim = match self.leader() {
+                    Some(l) if self.rng.chance(600_000) => l as u64 + 1,
+                    _ => self.rng.pick(&ids),
+                };
+                for &o in &ids {
+                    if o != victim {
+                        cut.push((victim, o));
+                        cut.push((o, victim));
+                    }
+                }
+            }
+            1 => {
+                // Split into two random sides.
+                let side: Vec<bool> = ids.iter().map(|_| self.rng.chance(500_000)).collect();
+                for &a in &ids {
+                    for &b in &ids {
+                        if side[a as usize - 1] != side[b as usize - 1] {
+                            cut.push((a, b));
+                        }
+                    }
+                }
+            }
+            _ => {
+                // One-way loss on a few links.
+                for _ in 0..self.rng.range(1, n) {
+                    let a = self.rng.pick(&ids);
+                    let b = self.rng.pick(&ids);
+                    if a != b {
+                        cut.push((a, b));
+                    }
+                }
+            }
+        }
+        self.net.heal_at = self.now + self.rng.range(200, 3_000);
+        self.trace(format_args!(
+            "cut links {cut:?} until {} ms",
+            self.net.heal_at
+        ));
+        self.net.cut = cut;
+    }
+
+    /// The slot whose node believes it leads in the highest term.
+    fn leader(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.node.as_ref().map(|n| (i, n.status())))
+            .filter(|(_, st)| st.role == "Leader")
+            .max_by_key(|(_, st)| st.term)
+            .map(|(i, _)| i)
+    }
+
+    /// FNV-1a over what was handed out.
+    fn mix(&mut self, values: &[u64]) {
+        for v in values {
+            for b in v.to_le_bytes() {
+                self.digest ^= u64::from(b);
+                self.digest = self.digest.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+    }
+
+    fn finish(mut self) -> SimReport {
+        self.report.calls = self.checker.calls();
+        self.report.numbers = self.checker.numbers();
+        self.report.ids = self.checker.ids();
+        self.report.violations = self.checker.violations().to_vec();
+        self.report.digest = self.digest;
+        self.report
+    }
+}
