@@ -1,0 +1,241 @@
+//! Command line: which targets, which workloads, and the load shape.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Default location of the release seqd that `scripts/compare.sh` builds.
+pub const DEFAULT_SEQD_BIN: &str = "/var/cache/seqd-target-release/release/seqd";
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "seqcompare",
+    version,
+    about = "Starts seqd (1 and 3 nodes), Redis (no persistence, fsync always) and etcd on \
+             loopback, drives each with the same callers and keys, and compares \
+             throughput and latency",
+    after_help = "Every target runs in a fresh temporary directory on free loopback ports and \
+                  is stopped at the end (also on Ctrl-C). Results go to the terminal and, as \
+                  JSON, to --json."
+)]
+pub struct Args {
+    /// seqd binary to run.
+    #[arg(long, env = "SEQD_BIN", default_value = DEFAULT_SEQD_BIN)]
+    pub seqd_bin: PathBuf,
+    /// redis-server binary to run.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_bin: PathBuf,
+    /// etcd binary to run (Debian's etcd-server, 3.4).
+    #[arg(long, default_value = "etcd")]
+    pub etcd_bin: PathBuf,
+    /// Targets to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "seqd-1node,seqd-3node,redis-none,redis-always,etcd"
+    )]
+    pub targets: Vec<TargetKind>,
+    /// Workloads to run, comma-separated; a workload a target cannot run is
+    /// reported as n/a.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "next,next-count,batch,ids"
+    )]
+    pub workloads: Vec<Workload>,
+    /// Concurrent callers per target (each one call in flight at a time).
+    #[arg(long, default_value_t = 32)]
+    pub callers: usize,
+    /// Measured seconds per (target, workload).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Warm-up seconds before each measurement, excluded from the figures.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_seconds: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// How callers pick keys.
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub dist: Dist,
+    /// Zipf exponent for --dist zipf (key of rank r drawn with weight 1/r^s).
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf_s: f64,
+    /// Numbers per call for next-count and ids.
+    #[arg(long, default_value_t = 10)]
+    pub count: u32,
+    /// Keys per call for batch.
+    #[arg(long, default_value_t = 50)]
+    pub fanout: usize,
+    /// seqd namespace the sequence workloads use ("conv": segmented, "inbox":
+    /// dense; both are in the generated config).
+    #[arg(long, default_value = "conv")]
+    pub namespace: String,
+    /// Connections per target node shared by the callers (gRPC channels,
+    /// Redis multiplexed connections, etcd clients); caller i uses i mod N.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// Seed of the callers' key choices (caller i uses seed + i).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    pub json: PathBuf,
+    /// Parent directory of the targets' temporary directories (default: the
+    /// system temp dir). Must be a real disk for the fsync figures to mean
+    /// anything, not tmpfs.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Seconds to wait for a target to start and elect a leader.
+    #[arg(long, default_value_t = 60)]
+    pub start_timeout: u64,
+}
+
+impl Args {
+    /// Rejects combinations that cannot be run, naming the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.callers == 0 {
+            return Err("--callers must be at least 1".into());
+        }
+        if self.seconds == 0 {
+            return Err("--seconds must be at least 1".into());
+        }
+        if self.keys == 0 {
+            return Err("--keys must be at least 1".into());
+        }
+        if self.count == 0 {
+            return Err("--count must be at least 1".into());
+        }
+        if self.fanout == 0 || self.fanout as u64 > self.keys {
+            return Err(format!(
+                "--fanout must be between 1 and --keys ({}): a batch needs distinct keys",
+                self.keys
+            ));
+        }
+        if self.fanout > 10_000 {
+            return Err("--fanout must be at most 10000 (seqd's NextBatch limit)".into());
+        }
+        if !(self.zipf_s.is_finite() && self.zipf_s > 0.0) {
+            return Err("--zipf-s must be a positive number".into());
+        }
+        if self.connections == 0 {
+            return Err("--connections must be at least 1".into());
+        }
+        if self.targets.is_empty() || self.workloads.is_empty() {
+            return Err("--targets and --workloads must name at least one each".into());
+        }
+        Ok(())
+    }
+}
+
+/// The systems compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetKind {
+    /// One seqd node (a Raft group of one).
+    #[value(name = "seqd-1node")]
+    Seqd1,
+    /// Three seqd processes forming one Raft group; calls go to the leader.
+    #[value(name = "seqd-3node")]
+    Seqd3,
+    /// redis-server without persistence.
+    RedisNone,
+    /// redis-server with an append-only file fsync'd on every write.
+    RedisAlways,
+    /// A single etcd node; a counter is a get + compare-and-swap transaction.
+    Etcd,
+}
+
+impl TargetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Seqd1 => "seqd-1node",
+            Self::Seqd3 => "seqd-3node",
+            Self::RedisNone => "redis-none",
+            Self::RedisAlways => "redis-always",
+            Self::Etcd => "etcd",
+        }
+    }
+
+    /// What a returned number survives, as stated in the results.
+    pub fn durability(self) -> &'static str {
+        match self {
+            Self::Seqd1 | Self::Seqd3 | Self::Etcd => "raft majority fsync",
+            Self::RedisNone => "none (memory)",
+            Self::RedisAlways => "fsync every write, single node",
+        }
+    }
+
+    pub fn is_seqd(self) -> bool {
+        matches!(self, Self::Seqd1 | Self::Seqd3)
+    }
+}
+
+impl fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// One number per call (seqd Next count 1, Redis INCR, etcd +1).
+    Next,
+    /// --count numbers per call (seqd Next, Redis INCRBY, etcd +count).
+    NextCount,
+    /// One number for each of --fanout distinct keys per call (seqd
+    /// NextBatch, Redis MULTI/EXEC of INCRs, etcd one multi-key transaction).
+    Batch,
+    /// --count Snowflake IDs per call, callers spread over every node (seqd
+    /// only).
+    Ids,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Next => "next",
+            Self::NextCount => "next-count",
+            Self::Batch => "batch",
+            Self::Ids => "ids",
+        }
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dist {
+    Uniform,
+    Zipf,
+}
+
+/// What one call of a workload does, independent of the target.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    /// `count` numbers for one key.
+    Next { count: u32 },
+    /// One number for each of `fanout` distinct keys.
+    Batch { fanout: usize },
+    /// `count` Snowflake IDs.
+    Ids { count: u32 },
+}
+
+impl Op {
+    pub fn of(workload: Workload, args: &Args) -> Self {
+        match workload {
+            Workload::Next => Self::Next { count: 1 },
+            Workload::NextCount => Self::Next { count: args.count },
+            Workload::Batch => Self::Batch {
+                fanout: args.fanout,
+            },
+            Workload::Ids => Self::Ids { count: args.count },
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Key choice: uniform or Zipf over `keys` keys, from a seeded RNG so two
+//! runs (and every target in one run) see the same key sequence per caller.
+
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// How keys are drawn; shared by all callers of a run.
+#[derive(Debug, Clone)]
+pub enum KeyDist {
+    Uniform {
+        keys: u64,
+    },
+    /// Cumulative probabilities of ranks 1..=keys; rank r has weight 1/r^s.
+    /// Precomputed once so a draw is one binary search.
+    Zipf {
+        cdf: Arc<Vec<f64>>,
+    },
+}
+
+impl KeyDist {
+    pub fn uniform(keys: u64) -> Self {
+        Self::Uniform { keys }
+    }
+
+    pub fn zipf(keys: u64, s: f64) -> Self {
+        let mut cdf = Vec::with_capacity(keys as usize);
+        let mut sum = 0.0;
+        for rank in 1..=keys {
+            sum += (rank as f64).powf(-s);
+            cdf.push(sum);
+        }
+        for c in &mut cdf {
+            *c /= sum;
+        }
+        // Rounding may leave the last entry a hair under 1.0; a draw of
+        // u in [0, 1) must always find an index.
+        if let Some(last) = cdf.last_mut() {
+            *last = 1.0;
+        }
+        Self::Zipf { cdf: Arc::new(cdf) }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Self::Uniform { keys } => *keys,
+            Self::Zipf { cdf } => cdf.len() as u64,
+        }
+    }
+}
+
+/// One caller's key source.
+pub struct KeyPicker {
+    dist: KeyDist,
+    rng: SmallRng,
+}
+
+impl KeyPicker {
+    pub fn new(dist: KeyDist, seed: u64) -> Self {
+        Self {
+            dist,
+            rng: SmallRng::seed_from_u64(seed),
+        }
+    }
+
+    /// A key index in `0..keys`; with Zipf, index 0 is the most popular.
+    pub fn index(&mut self) -> u64 {
+        match &self.dist {
+            KeyDist::Uniform { keys } => self.rng.random_range(0..*keys),
+            KeyDist::Zipf { cdf } => {
+                let u: f64 = self.rng.random();
+                cdf.partition_point(|&c| c <= u) as u64
+            }
+        }
+    }
+
+    /// A key name, the same for every target.
+    pub fn key(&mut self) -> String {
+        key_name(self.index())
+    }
+
+    /// `n` distinct keys (n <= keys, checked by the CLI). Redraws repeats:
+    /// with Zipf the head keys come up often, but a batch is small next to
+    /// the key space, so this ends quickly.
+    pub fn distinct_keys(&mut self, n: usize) -> Vec<String> {
+        debug_assert!(n as u64 <= self.dist.len());
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let i = self.index();
+            if seen.insert(i) {
+                out.push(key_name(i));
+            }
+        }
+        out
+    }
+}
+
+pub fn key_name(index: u64) -> String {
+    format!("k{index}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_stays_in_range() {
+        let mut p = KeyPicker::new(KeyDist::uniform(7), 3);
+        for _ in 0..10_000 {
+            assert!(p.index() < 7);
+        }
+    }
+
+    #[test]
+    fn zipf_cdf_is_monotone_and_ends_at_one() {
+        let KeyDist::Zipf { cdf } = KeyDist::zipf(1000, 1.0) else {
+            unreachable!()
+        };
+        assert!(cdf.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*cdf.last().unwrap(), 1.0);
+    }
+
+    #[test]
+    fn zipf_favours_low_ranks_as_expected() {
+        // s = 1, 100 keys: P(rank 1) = 1 / H(100) ~ 0.193, P(rank 2) ~ 0.096.
+        let mut p = KeyPicker::new(KeyDist::zipf(100, 1.0), 42);
+        let n = 200_000;
+        let mut counts = [0u32; 100];
+        for _ in 0..n {
+            counts[p.index() as usize] += 1;
+        }
+        let f0 = f64::from(counts[0]) / n as f64;
+        let f1 = f64::from(counts[1]) / n as f64;
+        assert!((f0 - 0.1928).abs() < 0.01, "rank 1 frequency {f0}");
+        assert!((f1 - 0.0964).abs() < 0.01, "rank 2 frequency {f1}");
+        assert!(counts[99] > 0);
+    }
+
+    #[test]
+    fn same_seed_same_keys() {
+        let mut a = KeyPicker::new(KeyDist::zipf(50, 1.2), 9);
+        let mut b = KeyPicker::new(KeyDist::zipf(50, 1.2), 9);
+        for _ in 0..100 {
+            assert_eq!(a.index(), b.index());
+        }
+    }
+
+    #[test]
+    fn distinct_keys_are_distinct() {
+        let mut p = KeyPicker::new(KeyDist::zipf(60, 1.0), 1);
+        let keys = p.distinct_keys(50);
+        let set: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(set.len(), 50);
+    }
+}

@@ -1,0 +1,344 @@
+//! seqcompare: starts seqd (one node and three), Redis (no persistence and
+//! fsync always) and etcd on loopback, each in a fresh temporary directory,
+//! drives every one with the same callers, keys and workloads, and prints
+//! one table row per (workload, target) with its durability and its
+//! throughput relative to seqd measured in the same run. See README.md.
+
+mod cli;
+mod driver;
+mod etcd_target;
+mod keys;
+mod process;
+mod redis_target;
+mod report;
+mod seqd;
+mod targets;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+use serde_json::json;
+
+use cli::{Args, Dist, Op, TargetKind};
+use keys::{KeyDist, KeyPicker};
+use process::{find_program, fs_type, version_line};
+use report::{Row, Status};
+use targets::{Programs, Target};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = args.validate() {
+        eprintln!("seqcompare: {e}");
+        return ExitCode::from(2);
+    }
+    let programs = match resolve_programs(&args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("seqcompare: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("seqcompare: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Ctrl-C or SIGTERM drops the run's future, and with it the guards that
+    // kill every target process and remove its directory.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(&args, &programs) => r,
+            s = shutdown_signal() => Err(anyhow!("{s}: targets stopped, no results written")),
+        }
+    });
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("seqcompare: some targets failed (see the notes above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("seqcompare: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = term.recv() => "terminated",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "interrupted"
+}
+
+/// Finds the program of every selected target before anything starts, so a
+/// missing one fails in a second rather than minutes into the run.
+fn resolve_programs(args: &Args) -> Result<Programs> {
+    let wants = |f: fn(TargetKind) -> bool| args.targets.iter().any(|t| f(*t));
+    let seqd = if wants(TargetKind::is_seqd) {
+        Some(find_program(
+            &args.seqd_bin,
+            "seqd binary",
+            "run scripts/compare.sh (it builds the release binary), or pass --seqd-bin or set SEQD_BIN",
+        )?)
+    } else {
+        None
+    };
+    let redis = if wants(|t| matches!(t, TargetKind::RedisNone | TargetKind::RedisAlways)) {
+        Some(find_program(
+            &args.redis_bin,
+            "redis-server",
+            "run scripts/compare.sh (it installs Debian's redis-server), or pass --redis-bin",
+        )?)
+    } else {
+        None
+    };
+    let etcd = if wants(|t| t == TargetKind::Etcd) {
+        Some(find_program(
+            &args.etcd_bin,
+            "etcd",
+            "run scripts/compare.sh (it installs Debian's etcd-server), or pass --etcd-bin",
+        )?)
+    } else {
+        None
+    };
+    Ok(Programs { seqd, redis, etcd })
+}
+
+/// Runs everything; Ok(false) when some target failed.
+async fn run(args: &Args, programs: &Programs) -> Result<bool> {
+    let base: PathBuf = match &args.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            d.clone()
+        }
+        None => std::env::temp_dir(),
+    };
+    let fs = fs_type(&base).unwrap_or_else(|| "unknown".into());
+    if matches!(fs.as_str(), "tmpfs" | "ramfs") {
+        eprintln!(
+            "seqcompare: warning: {} is on {fs}: fsync costs nothing there, so the durable \
+             rows do not show the cost of durability; pass --work-dir on a disk",
+            base.display()
+        );
+    }
+    let seqd_debug = programs
+        .seqd
+        .as_deref()
+        .is_some_and(|p| p.components().any(|c| c.as_os_str() == "debug"));
+    if let Some(seqd) = programs.seqd.as_deref().filter(|_| seqd_debug) {
+        eprintln!(
+            "seqcompare: warning: {} looks like a debug build; seqd's figures will be far \
+             below a release build's",
+            seqd.display()
+        );
+    }
+
+    let dist = match args.dist {
+        Dist::Uniform => KeyDist::uniform(args.keys),
+        Dist::Zipf => KeyDist::zipf(args.keys, args.zipf_s),
+    };
+    let runs: usize = args
+        .targets
+        .iter()
+        .map(|t| {
+            args.workloads
+                .iter()
+                .filter(|w| Target::unsupported(*t, **w).is_none())
+                .count()
+        })
+        .sum();
+    let per_run = args.warmup_seconds + args.seconds;
+    eprintln!(
+        "seqcompare: {runs} runs of {}+{} s ({} callers, {} keys, {}); about {} s plus target start-up",
+        args.warmup_seconds,
+        args.seconds,
+        args.callers,
+        args.keys,
+        dist_name(args),
+        runs as u64 * per_run
+    );
+
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut done = 0;
+    for &kind in &args.targets {
+        let applicable: Vec<_> = args
+            .workloads
+            .iter()
+            .copied()
+            .filter(|w| Target::unsupported(kind, *w).is_none())
+            .collect();
+        for &w in &args.workloads {
+            if let Some(why) = Target::unsupported(kind, w) {
+                rows.push(Row::not_applicable(w, kind, why));
+            }
+        }
+        if applicable.is_empty() {
+            continue;
+        }
+        eprintln!("seqcompare: starting {kind}");
+        let mut target = match Target::start(kind, args, programs, &base).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("seqcompare: {kind} failed to start: {e:#}");
+                for &w in &applicable {
+                    rows.push(Row::failed(w, kind, format!("failed to start: {e:#}")));
+                }
+                done += applicable.len();
+                continue;
+            }
+        };
+        for &w in &applicable {
+            done += 1;
+            match measure_one(kind, &mut target, args, w, &dist).await {
+                Ok(row) => {
+                    eprintln!(
+                        "[{done}/{runs}] {w:<10} {kind:<12} {:>12.0} calls/s  p99 {:.3} ms  errors {}",
+                        row.calls_per_s, row.p99_ms, row.errors
+                    );
+                    rows.push(row);
+                }
+                Err(e) => {
+                    eprintln!("[{done}/{runs}] {w} on {kind} failed: {e:#}");
+                    rows.push(Row::failed(w, kind, format!("{e:#}")));
+                }
+            }
+        }
+        // Stop this target before the next starts: they share two cores.
+        drop(target);
+    }
+
+    // Rows grouped by workload in the order asked for, targets in order.
+    let order = |r: &Row| {
+        let w = args.workloads.iter().position(|w| w.name() == r.workload);
+        let t = args.targets.iter().position(|t| t.name() == r.target);
+        (w, t)
+    };
+    rows.sort_by_key(order);
+    report::fill_ratios(&mut rows);
+
+    println!();
+    println!(
+        "seqcompare: {} callers, {} keys ({}), count {}, fanout {}, namespace {:?}, {} s measured after {} s warm-up, {} connection(s) per node",
+        args.callers,
+        args.keys,
+        dist_name(args),
+        args.count,
+        args.fanout,
+        args.namespace,
+        args.seconds,
+        args.warmup_seconds,
+        args.connections
+    );
+    println!("latency: per call, from send to reply; ratios: calls/s over seqd's, same workload, same run");
+    let versions = [
+        ("seqd", programs.seqd.as_deref()),
+        ("redis", programs.redis.as_deref()),
+        ("etcd", programs.etcd.as_deref()),
+    ]
+    .map(|(name, p)| p.map(|p| (name, p, version_line(p))));
+    for (name, path, version) in versions.iter().flatten() {
+        let debug = if *name == "seqd" && seqd_debug {
+            " (DEBUG BUILD: not representative)"
+        } else {
+            ""
+        };
+        println!("{name}: {} ({version}){debug}", path.display());
+    }
+    println!();
+    print!("{}", report::table(&rows));
+
+    let doc = json!({
+        "tool": "seqcompare",
+        "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "settings": {
+            "callers": args.callers,
+            "seconds": args.seconds,
+            "warmup_seconds": args.warmup_seconds,
+            "keys": args.keys,
+            "dist": match args.dist { Dist::Uniform => "uniform", Dist::Zipf => "zipf" },
+            "zipf_s": args.zipf_s,
+            "count": args.count,
+            "fanout": args.fanout,
+            "namespace": args.namespace,
+            "connections": args.connections,
+            "seed": args.seed,
+        },
+        "programs": {
+            "seqd": versions[0].as_ref().map(|(_, p, v)| json!({"path": p, "version": v, "debug_build": seqd_debug})),
+            "redis": versions[1].as_ref().map(|(_, p, v)| json!({"path": p, "version": v})),
+            "etcd": versions[2].as_ref().map(|(_, p, v)| json!({"path": p, "version": v})),
+        },
+        "machine": {
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "work_dir": base,
+            "work_dir_fs": fs,
+        },
+        "rows": rows,
+    });
+    write_json(&args.json, &doc)?;
+    println!(
+        "\nresults written to {} ({:.0} s in all)",
+        args.json.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(rows.iter().all(|r| r.status != Status::Failed))
+}
+
+/// "uniform" or "zipf s=1", for the headers.
+fn dist_name(args: &Args) -> String {
+    match args.dist {
+        Dist::Uniform => "uniform".into(),
+        Dist::Zipf => format!("zipf s={}", args.zipf_s),
+    }
+}
+
+/// One (target, workload) measurement.
+async fn measure_one(
+    kind: TargetKind,
+    target: &mut Target,
+    args: &Args,
+    workload: cli::Workload,
+    dist: &KeyDist,
+) -> Result<Row> {
+    target.check_alive()?;
+    target
+        .prepare(Duration::from_secs(args.start_timeout))
+        .await?;
+    // Caller i gets seed + i on every target: all see the same keys.
+    let pickers = (0..args.callers)
+        .map(|i| KeyPicker::new(dist.clone(), args.seed.wrapping_add(i as u64)))
+        .collect();
+    let callers = target
+        .callers(Op::of(workload, args), args, pickers)
+        .await
+        .context("cannot connect the callers")?;
+    let m = driver::drive(
+        callers,
+        Duration::from_secs(args.warmup_seconds),
+        Duration::from_secs(args.seconds),
+    )
+    .await;
+    target.check_alive()?;
+    Ok(Row::measured(workload, kind, m))
+}
+
+fn write_json(path: &Path, doc: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(doc)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,196 @@
+//! Running the targets: free loopback ports, child processes that are killed
+//! when their guard drops (normal end, error, panic or Ctrl-C), and the
+//! checks that turn a failed start into a message naming the problem.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// `n` distinct free TCP ports on 127.0.0.1. The listeners stay open until
+/// all `n` are picked, so one call never hands out the same port twice; the
+/// child that binds them starts right after (a race with unrelated programs
+/// remains possible, and shows as a failed start naming the port).
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("cannot bind a free loopback port"))
+        .collect::<Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// A started process; killed and reaped on drop.
+pub struct ChildGuard {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Starts `cmd` with its output going to `log`, no stdin, and the working
+    /// directory `cwd` (Redis and etcd write files into their cwd; it is
+    /// always a temporary directory, never the repository).
+    pub fn spawn(name: &str, mut cmd: Command, cwd: &Path, log: PathBuf) -> Result<Self> {
+        let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    /// Errors, with the end of its log, if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited ({status}); last lines of {}:\n{}",
+                self.name,
+                self.log.display(),
+                log_tail(&self.log, 15)
+            );
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log, 15)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // SIGKILL, then reap: nothing the targets do at shutdown matters to
+        // the figures, and a stuck target must not outlive the run.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last `lines` lines of a log file (at most 16 KiB are read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return format!("(cannot read {})", path.display());
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Removes the caller's variables with `prefix` from a child's environment:
+/// e.g. a `SEQD_LISTEN` or `ETCD_DATA_DIR` in the user's shell would override
+/// the generated configuration.
+pub fn clear_env_prefix(cmd: &mut Command, prefix: &str, keep: &[&str]) {
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str() {
+            if k.starts_with(prefix) && !keep.contains(&k) {
+                cmd.env_remove(k);
+            }
+        }
+    }
+}
+
+/// Resolves a program name on PATH (or checks a path), naming the fix when
+/// it is missing.
+pub fn find_program(program: &Path, what: &str, fix: &str) -> Result<PathBuf> {
+    if program.components().count() > 1 {
+        if program.is_file() {
+            return Ok(program.to_path_buf());
+        }
+        bail!("{what} not found at {}: {fix}", program.display());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{what} not found ({} is not on PATH): {fix}",
+        program.display()
+    )
+}
+
+/// First line of `program --version`, for the results.
+pub fn version_line(program: &Path) -> String {
+    Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The filesystem type `dir` lives on, from /proc/self/mountinfo (Linux);
+/// used to warn when fsync would cost nothing (tmpfs), which would make the
+/// durable rows meaningless.
+pub fn fs_type(dir: &Path) -> Option<String> {
+    let dir = dir.canonicalize().ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        // Fields: id parent major:minor root mount-point options ... - fstype source opts
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(mount), Some(dash)) = (fields.get(4), fields.iter().position(|f| *f == "-"))
+        else {
+            continue;
+        };
+        let Some(fstype) = fields.get(dash + 1) else {
+            continue;
+        };
+        let mount = mount.replace("\\040", " ");
+        if dir.starts_with(&mount) && best.as_ref().is_none_or(|(len, _)| mount.len() >= *len) {
+            best = Some((mount.len(), fstype.to_string()));
+        }
+    }
+    best.map(|(_, t)| t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let ports = free_ports(5).unwrap();
+        let set: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(set.len(), 5);
+    }
+
+    #[test]
+    fn missing_program_names_the_fix() {
+        let e = find_program(Path::new("no-such-program-xyz"), "thing", "install it").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "thing not found (no-such-program-xyz is not on PATH): install it"
+        );
+    }
+
+    #[test]
+    fn root_has_a_filesystem_type() {
+        assert!(fs_type(Path::new("/")).is_some());
+    }
+}

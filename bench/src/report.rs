@@ -1,0 +1,287 @@
+//! Results: one row per (workload, target), printed as a table and written
+//! as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::cli::{TargetKind, Workload};
+use crate::driver::Measurement;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Measured.
+    Ok,
+    /// The workload does not apply to the target.
+    #[serde(rename = "n/a")]
+    NotApplicable,
+    /// The target failed to start or died.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub workload: String,
+    pub target: String,
+    /// What a returned number survives.
+    pub durability: String,
+    pub status: Status,
+    /// Why n/a or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub seconds: f64,
+    pub calls: u64,
+    pub numbers: u64,
+    pub errors: u64,
+    /// Lost compare-and-swaps that were retried (etcd).
+    pub retries: u64,
+    pub calls_per_s: f64,
+    pub numbers_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// This row's calls/s divided by seqd-3node's for the same workload in
+    /// this run.
+    pub vs_seqd_3node: Option<f64>,
+    /// The same against seqd-1node.
+    pub vs_seqd_1node: Option<f64>,
+    /// Distinct error messages seen, with counts (at most a few).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_kinds: BTreeMap<String, u64>,
+}
+
+impl Row {
+    fn blank(workload: Workload, target: TargetKind, status: Status, note: Option<String>) -> Self {
+        Self {
+            workload: workload.name().into(),
+            target: target.name().into(),
+            durability: target.durability().into(),
+            status,
+            note,
+            seconds: 0.0,
+            calls: 0,
+            numbers: 0,
+            errors: 0,
+            retries: 0,
+            calls_per_s: 0.0,
+            numbers_per_s: 0.0,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            p999_ms: 0.0,
+            max_ms: 0.0,
+            vs_seqd_3node: None,
+            vs_seqd_1node: None,
+            error_kinds: BTreeMap::new(),
+        }
+    }
+
+    pub fn not_applicable(workload: Workload, target: TargetKind, why: &str) -> Self {
+        Self::blank(workload, target, Status::NotApplicable, Some(why.into()))
+    }
+
+    pub fn failed(workload: Workload, target: TargetKind, why: String) -> Self {
+        Self::blank(workload, target, Status::Failed, Some(why))
+    }
+
+    pub fn measured(workload: Workload, target: TargetKind, m: Measurement) -> Self {
+        let mut row = Self::blank(workload, target, Status::Ok, None);
+        row.seconds = m.seconds;
+        row.calls = m.calls;
+        row.numbers = m.numbers;
+        row.errors = m.errors;
+        row.retries = m.retries;
+        row.calls_per_s = m.calls as f64 / m.seconds;
+        row.numbers_per_s = m.numbers as f64 / m.seconds;
+        if m.calls > 0 {
+            row.p50_ms = m.quantile_ms(0.5);
+            row.p99_ms = m.quantile_ms(0.99);
+            row.p999_ms = m.quantile_ms(0.999);
+            row.max_ms = m.max_ms();
+        }
+        row.error_kinds = m.error_kinds;
+        row
+    }
+}
+
+/// Fills each row's ratios against the seqd rows of the same workload.
+pub fn fill_ratios(rows: &mut [Row]) {
+    let base = |rows: &[Row], workload: &str, target: TargetKind| {
+        rows.iter()
+            .find(|r| r.workload == workload && r.target == target.name() && r.status == Status::Ok)
+            .map(|r| r.calls_per_s)
+            .filter(|v| *v > 0.0)
+    };
+    for i in 0..rows.len() {
+        if rows[i].status != Status::Ok {
+            continue;
+        }
+        let b3 = base(rows, &rows[i].workload, TargetKind::Seqd3);
+        let b1 = base(rows, &rows[i].workload, TargetKind::Seqd1);
+        let v = rows[i].calls_per_s;
+        rows[i].vs_seqd_3node = b3.map(|b| v / b);
+        rows[i].vs_seqd_1node = b1.map(|b| v / b);
+    }
+}
+
+/// 1234567.8 -> "1,234,568".
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn ratio(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
+}
+
+/// The table, with notes (n/a reasons, failures, errors) under it.
+pub fn table(rows: &[Row]) -> String {
+    let header = [
+        "workload",
+        "target",
+        "calls/s",
+        "numbers/s",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "max ms",
+        "errors",
+        "vs 3node",
+        "vs 1node",
+        "durability",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let mut notes = Vec::new();
+    for r in rows {
+        let mut line = vec![r.workload.clone(), r.target.clone()];
+        match r.status {
+            Status::Ok => line.extend([
+                thousands(r.calls_per_s),
+                thousands(r.numbers_per_s),
+                format!("{:.3}", r.p50_ms),
+                format!("{:.3}", r.p99_ms),
+                format!("{:.3}", r.p999_ms),
+                format!("{:.3}", r.max_ms),
+                r.errors.to_string(),
+                ratio(r.vs_seqd_3node),
+                ratio(r.vs_seqd_1node),
+            ]),
+            Status::NotApplicable | Status::Failed => {
+                let word = if r.status == Status::Failed {
+                    "FAILED"
+                } else {
+                    "n/a"
+                };
+                line.push(word.into());
+                line.extend(std::iter::repeat_n("-".to_string(), 8));
+            }
+        }
+        line.push(r.durability.clone());
+        cells.push(line);
+        if let Some(n) = &r.note {
+            let first = n.lines().next().unwrap_or_default();
+            notes.push(format!("{} / {}: {first}", r.workload, r.target));
+        }
+        if r.retries > 0 {
+            notes.push(format!(
+                "{} / {}: {} compare-and-swap conflicts retried",
+                r.workload, r.target, r.retries
+            ));
+        }
+        for (e, n) in &r.error_kinds {
+            notes.push(format!("{} / {}: {n} x {e}", r.workload, r.target));
+        }
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            cells
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (i, line) in cells.iter().enumerate() {
+        let mut text = String::new();
+        for (c, cell) in line.iter().enumerate() {
+            // Names and durability left-aligned, figures right-aligned.
+            if c < 2 || c == header.len() - 1 {
+                let _ = write!(text, "{cell:<w$}  ", w = widths[c]);
+            } else {
+                let _ = write!(text, "{cell:>w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+        if i == 0 {
+            let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            out.push_str(&"-".repeat(total));
+            out.push('\n');
+        }
+    }
+    if !notes.is_empty() {
+        out.push_str("\nnotes:\n");
+        for n in notes {
+            let _ = writeln!(out, "  {n}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(workload: &str, target: TargetKind, cps: f64) -> Row {
+        let mut r = Row::blank(Workload::Next, target, Status::Ok, None);
+        r.workload = workload.into();
+        r.calls_per_s = cps;
+        r
+    }
+
+    #[test]
+    fn ratios_are_against_the_same_workload() {
+        let mut rows = vec![
+            ok("next", TargetKind::Seqd1, 200.0),
+            ok("next", TargetKind::Seqd3, 100.0),
+            ok("next", TargetKind::RedisNone, 50.0),
+            ok("batch", TargetKind::Seqd3, 10.0),
+            ok("batch", TargetKind::Etcd, 1.0),
+        ];
+        fill_ratios(&mut rows);
+        assert_eq!(rows[2].vs_seqd_3node, Some(0.5));
+        assert_eq!(rows[2].vs_seqd_1node, Some(0.25));
+        assert_eq!(rows[4].vs_seqd_3node, Some(0.1));
+        assert_eq!(rows[4].vs_seqd_1node, None);
+    }
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0.4), "0");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.8), "1,234,568");
+    }
+
+    #[test]
+    fn table_marks_na_rows_and_lists_notes() {
+        let rows = vec![
+            ok("ids", TargetKind::Seqd3, 5.0),
+            Row::not_applicable(Workload::Ids, TargetKind::Etcd, "no Snowflake ID service"),
+        ];
+        let t = table(&rows);
+        assert!(t.contains("n/a"));
+        assert!(t.contains("ids / etcd: no Snowflake ID service"));
+        assert!(t.contains("raft majority fsync"));
+    }
+}

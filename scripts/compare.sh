@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Compares seqd with Redis INCR and an etcd compare-and-swap counter on this
+# machine: installs what is missing, builds seqd (release) and the bench
+# crate, then runs `seqcompare` with any arguments given here, e.g.
+#
+#   ./scripts/compare.sh                          # everything, about 4-5 minutes
+#   ./scripts/compare.sh --seconds 2 --workloads next,batch --dist zipf
+#   ./scripts/compare.sh --help
+#
+# Results: a table on stdout and bench-results.json in the current directory
+# (--json FILE to change). The targets run on free loopback ports in fresh
+# temporary directories, never in the repository. See bench/README.md.
+#
+# Environment:
+#   SEQD_BIN         seqd binary to benchmark (default: the release build below)
+#   SKIP_SEQD_BUILD  1: do not build seqd, use SEQD_BIN as it is
+# Idempotent: installed packages and up-to-date builds are left alone.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+caller_dir="$PWD"
+release_target=/var/cache/seqd-target-release
+bench_target=/var/cache/seqd-target-bench
+
+"$repo/scripts/setup.sh"
+
+# The compared systems, from Debian. apt may try to start their system
+# services; seqcompare runs its own instances on other ports, so those do not
+# interfere.
+missing=()
+for p in redis-server etcd-server; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+if ((${#missing[@]})); then
+    echo "compare: installing ${missing[*]}"
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+    echo "compare: redis-server and etcd-server present"
+fi
+
+if [ "${SKIP_SEQD_BUILD:-0}" != 1 ]; then
+    echo "compare: building seqd (release; the first build compiles RocksDB, 10-20 minutes)"
+    (cd "$repo" && CARGO_TARGET_DIR="$release_target" cargo build --release --bin seqd)
+fi
+export SEQD_BIN="${SEQD_BIN:-$release_target/release/seqd}"
+
+# Built from bench/ so bench/.cargo/config.toml applies (it points
+# etcd-client's build at the vendored protoc).
+echo "compare: building seqcompare"
+(cd "$repo/bench" && CARGO_TARGET_DIR="$bench_target" cargo build --release --locked)
+
+cd "$caller_dir"
+exec "$bench_target/release/seqcompare" "$@"
