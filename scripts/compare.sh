@@ -22,26 +22,10 @@ caller_dir="$PWD"
 release_target=/var/cache/seqd-target-release
 bench_target=/var/cache/seqd-target-bench
 
-"$repo/scripts/setup.sh"
-
-# The compared systems, from Debian. apt may try to start their system
+# The compared systems come from Debian. apt may start their system
 # services; seqcompare runs its own instances on other ports, so those do not
 # interfere.
-missing=()
-for p in redis-server etcd-server; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$p")
-    fi
-done
-if ((${#missing[@]})); then
-    echo "compare: installing ${missing[*]}"
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
-else
-    echo "compare: redis-server and etcd-server present"
-fi
+"$repo/scripts/setup.sh" redis-server etcd-server
 
 if [ "${SKIP_SEQD_BUILD:-0}" != 1 ]; then
     echo "compare: building seqd (release; the first build compiles RocksDB, 10-20 minutes)"

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs what building and testing seqd needs on a fresh Debian machine.
+# Installs what building and testing seqd needs on a fresh Debian machine,
+# plus any extra Debian packages named as arguments (scripts/compare.sh
+# passes the systems it compares against).
 # Idempotent: packages already present are left alone.
 set -euo pipefail
 
 # bindgen (RocksDB's bindings) needs libclang; RocksDB's C++ needs a C++ compiler.
 # The metrics test runs a real Prometheus; the compose test runs the cluster
 # in Docker (the engine itself comes with the machine).
-packages=(libclang-dev clang build-essential pkg-config prometheus docker-compose)
+packages=(libclang-dev clang build-essential pkg-config prometheus docker-compose "$@")
 
 missing=()
 for p in "${packages[@]}"; do

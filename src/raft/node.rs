@@ -346,10 +346,6 @@ fn command_kind(cmd: &Command) -> &'static str {
     }
 }
 
-fn lock(ids: &IdState) -> std::sync::MutexGuard<'_, crate::core::Issuer> {
-    ids.lock()
-}
-
 impl Node {
     /// Builds a node over an opened disk. `outbox` gets every peer's id and
     /// address (configured ones completed by recorded membership).
@@ -896,11 +892,11 @@ impl Node {
             metrics::counter!(m::SNAPSHOTS_INSTALLED_TOTAL).increment(1);
             match self.machine.worker_of(self.id)? {
                 Some((worker, fence)) => {
-                    let mut issuer = lock(&self.ids);
+                    let mut issuer = self.ids.lock();
                     issuer.assign_worker(worker, fence);
                     issuer.foreign_fence(fence);
                 }
-                None => lock(&self.ids).release_worker(),
+                None => self.ids.lock().release_worker(),
             }
             for (id, addr) in self.machine.members()? {
                 self.transport.add_peer(id, &addr);
@@ -1010,7 +1006,7 @@ impl Node {
                     worker,
                     fence_ms,
                 } if *node_id == self.id => {
-                    lock(&self.ids).assign_worker(*worker, *fence_ms);
+                    self.ids.lock().assign_worker(*worker, *fence_ms);
                     self.acquire_sent = None;
                     self.renew_sent = None;
                     tracing::info!(
@@ -1032,7 +1028,7 @@ impl Node {
                     fence_ms,
                     boot,
                 } if *node_id == self.id => {
-                    let mut issuer = lock(&self.ids);
+                    let mut issuer = self.ids.lock();
                     if issuer.worker() == Some(*worker) {
                         if *boot == self.boot {
                             issuer.own_fence(*fence_ms);
@@ -1070,7 +1066,7 @@ impl Node {
                 ConfChangeType::RemoveNode => {
                     self.transport.remove_peer(cc.node_id);
                     if cc.node_id == self.id {
-                        lock(&self.ids).release_worker();
+                        self.ids.lock().release_worker();
                         tracing::warn!(node_id = self.id, "this node was removed from the cluster");
                     }
                 }
@@ -1145,7 +1141,7 @@ impl Node {
         }
         let clock_now = self.ids.clock.now_ms();
         let (worker, active, headroom, next) = {
-            let issuer = lock(&self.ids);
+            let issuer = self.ids.lock();
             (
                 issuer.worker(),
                 issuer.is_active(),
@@ -1476,7 +1472,7 @@ impl Node {
         metrics::gauge!(m::RAFT_APPLIED_INDEX).set(self.machine.applied() as f64);
         metrics::gauge!(m::ACTIVE_KEYS).set(self.core.active_keys() as f64);
         let now = self.ids.clock.now_ms();
-        let issuer = lock(&self.ids);
+        let issuer = self.ids.lock();
         if issuer.is_active() {
             metrics::gauge!(m::FENCE_HEADROOM_SECONDS).set(issuer.headroom_ms(now) as f64 / 1000.0);
         }
@@ -1486,7 +1482,7 @@ impl Node {
     pub(crate) fn status(&self) -> NodeStatus {
         let store = self.raw.store();
         let (worker, ids_active, fence_ms) = {
-            let issuer = lock(&self.ids);
+            let issuer = self.ids.lock();
             (issuer.worker(), issuer.is_active(), issuer.fence_ms())
         };
         NodeStatus {
