@@ -7,8 +7,9 @@ set -euo pipefail
 
 # bindgen (RocksDB's bindings) needs libclang; RocksDB's C++ needs a C++ compiler.
 # The metrics test runs a real Prometheus; the compose test runs the cluster
-# in Docker (the engine itself comes with the machine).
-packages=(libclang-dev clang build-essential pkg-config prometheus docker-compose "$@")
+# in Docker (the engine itself comes with the machine); the nemesis puts
+# nodes in network namespaces (iproute2's `ip`).
+packages=(libclang-dev clang build-essential pkg-config prometheus docker-compose iproute2 "$@")
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,12 +1,15 @@
-//! Nemesis against real processes: three `seqd` nodes under concurrent
-//! sequence (segmented and dense) and ID load, while random faults hit one
-//! node at a time: SIGKILL and restart, SIGSTOP/SIGCONT past the election
-//! timeout, network isolation (all Raft traffic dropped), and clock shifts
-//! back and forward. Every completed call is checked for I1 and I2, every
-//! ID for uniqueness (I5).
+//! Nemesis against real processes: three `seqd` nodes, each in its own
+//! network namespace with its own address, under concurrent sequence
+//! (segmented and dense) and ID load, while random faults hit the cluster
+//! one at a time: SIGKILL and restart, SIGSTOP/SIGCONT past the election
+//! timeout, a node cut off from everyone (its switch port down), one link
+//! between two nodes cut (each still reaches the third and the clients) or
+//! lost in one direction, and clock shifts back and forward. Every completed
+//! call is checked for I1 and I2, every ID for uniqueness (I5).
 //!
 //! Short by default (CI); `SEQD_NEMESIS_SECS=600` for a long run and
-//! `SEQD_NEMESIS_SEED=n` to repeat a fault schedule.
+//! `SEQD_NEMESIS_SEED=n` to repeat a fault schedule. Needs root (network
+//! namespaces).
 
 mod common;
 
@@ -40,11 +43,11 @@ impl Rng {
     }
 }
 
-async fn inject(c: &Cluster, id: u64, clock_offset_ms: i64, isolate: bool) {
+async fn shift_clock(c: &Cluster, id: u64, clock_offset_ms: i64) {
     let mut admin = c.admin(id).await;
     let req = InjectFaultRequest {
         clock_offset_ms,
-        isolate,
+        isolate: false,
     };
     // The node may be restarting; the fault is then moot.
     let _ = tokio::time::timeout(Duration::from_secs(2), admin.inject_fault(req)).await;
@@ -63,7 +66,7 @@ async fn nemesis_keeps_every_invariant() {
     eprintln!("nemesis: seed {seed}, {secs} s (repeat with SEQD_NEMESIS_SEED={seed})");
     let mut rng = Rng(seed);
 
-    let mut c = Cluster::start(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    let mut c = Cluster::start_netns(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
     c.wait_leader(Duration::from_secs(20)).await;
     for id in 1..=3 {
         c.wait_status(id, Duration::from_secs(20), "issuing IDs", |s| s.ids_active)
@@ -74,12 +77,22 @@ async fn nemesis_keeps_every_invariant() {
     let dense = Load::start(client.clone(), "inbox", 4, 2);
     let ids = IdLoad::start(c.addrs(), 20);
 
-    let mut faults = [0u32; 4];
+    const KINDS: [&str; 6] = [
+        "kill+restart",
+        "pause",
+        "isolate",
+        "link cut",
+        "one-way loss",
+        "clock shift",
+    ];
+    let mut faults = [0u32; KINDS.len()];
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         let node = 1 + rng.below(3);
+        let other = 1 + (node + rng.below(2)) % 3;
         let hold = rng.millis(800, 2_500);
-        let kind = rng.below(4) as usize;
+        let kind = rng.below(KINDS.len() as u64) as usize;
+        let net = c.net.as_ref().expect("nodes in network namespaces");
         match kind {
             0 => {
                 c.kill(node);
@@ -92,21 +105,33 @@ async fn nemesis_keeps_every_invariant() {
                 c.resume(node);
             }
             2 => {
-                inject(&c, node, 0, true).await;
+                net.isolate(node);
                 tokio::time::sleep(hold).await;
-                inject(&c, node, 0, false).await;
+                net.rejoin(node);
+            }
+            3 => {
+                net.drop_link(node, other);
+                net.drop_link(other, node);
+                tokio::time::sleep(hold).await;
+                net.heal();
+            }
+            4 => {
+                net.drop_link(node, other);
+                tokio::time::sleep(hold).await;
+                net.heal();
             }
             _ => {
                 let shift = rng.below(6_000) as i64 - 3_000;
-                inject(&c, node, shift, false).await;
+                shift_clock(&c, node, shift).await;
                 tokio::time::sleep(hold).await;
-                inject(&c, node, 0, false).await;
+                shift_clock(&c, node, 0).await;
             }
         }
         faults[kind] += 1;
-        // Next fault only once the victim is back and clients are served,
+        // Next fault only once the victims are back and clients are served,
         // so a majority is always there to be found.
         c.wait_rejoined(node, Duration::from_secs(30)).await;
+        c.wait_rejoined(other, Duration::from_secs(30)).await;
         seg.progress(100, Duration::from_secs(30)).await;
     }
 
@@ -119,12 +144,14 @@ async fn nemesis_keeps_every_invariant() {
     }));
     let (ids, duplicates) = ids.finish().await;
     let numbers = check_history(&ops);
+    let injected: Vec<String> = KINDS
+        .iter()
+        .zip(faults)
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
     eprintln!(
-        "nemesis: faults: {} kill+restart, {} pause, {} isolate, {} clock shift; {} calls, {numbers} numbers and {} ids checked, {} client errors; violations: I1/I2 0 (checked above), I5 {duplicates}",
-        faults[0],
-        faults[1],
-        faults[2],
-        faults[3],
+        "nemesis: faults: {}; {} calls, {numbers} numbers and {} ids checked, {} client errors; violations: I1/I2 0 (checked above), I5 {duplicates}",
+        injected.join(", "),
         ops.len(),
         ids.len(),
         errors.len(),
@@ -134,4 +161,36 @@ async fn nemesis_keeps_every_invariant() {
         errors.is_empty(),
         "calls failed through the client: {errors:?}"
     );
+}
+
+/// The namespace faults are real: a leader whose port is down loses its
+/// leadership to the others, the client moves on, and it rejoins after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_by_the_network_is_replaced() {
+    let c = Cluster::start_netns(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    let old = c.wait_leader(Duration::from_secs(20)).await;
+    let client = c.client();
+    let before = client.next("conv", "k", 1).await.expect("served before");
+    let net = c.net.as_ref().expect("namespaces");
+
+    net.isolate(old);
+    let new = c.wait_other_leader(old, Duration::from_secs(10)).await;
+    assert_ne!(new, old);
+    assert!(
+        c.status(old).await.is_none(),
+        "node {old} still answers the test process through a port that is down"
+    );
+    let during = client
+        .next("conv", "k", 1)
+        .await
+        .expect("served by the new leader");
+    assert!(during.first > before.first, "I2 across the partition");
+
+    net.rejoin(old);
+    c.wait_rejoined(old, Duration::from_secs(20)).await;
+    let after = client
+        .next("conv", "k", 1)
+        .await
+        .expect("served after healing");
+    assert!(after.first > during.first);
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -76,12 +78,15 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
     extra_args: Vec<String>,
+    /// Set when every node runs in its own network namespace. Dropped after
+    /// the processes are killed (field order).
+    pub net: Option<netns::Net>,
 }
 
 impl Cluster {
-    /// Starts `n` nodes with `raft_section` (TOML lines under `[raft]`).
+    /// Starts `n` nodes on loopback with `raft_section` (TOML lines under
+    /// `[raft]`).
     pub fn start(n: usize, raft_section: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
         let ports = free_ports(2 * n);
         let addrs: Vec<String> = ports[..n]
             .iter()
@@ -91,6 +96,30 @@ impl Cluster {
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
+        Self::start_at(addrs, metrics, raft_section, None)
+    }
+
+    /// Starts `n` nodes, each in its own network namespace with its own
+    /// address (see [`netns::Net`]), so tests can cut real links.
+    pub fn start_netns(n: usize, raft_section: &str) -> Self {
+        let net = netns::Net::create(n);
+        let ids = 1..=n as u64;
+        let addrs = ids
+            .clone()
+            .map(|id| format!("{}:7000", net.ip(id)))
+            .collect();
+        let metrics = ids.map(|id| format!("{}:9100", net.ip(id))).collect();
+        Self::start_at(addrs, metrics, raft_section, Some(net))
+    }
+
+    fn start_at(
+        addrs: Vec<String>,
+        metrics: Vec<String>,
+        raft_section: &str,
+        net: Option<netns::Net>,
+    ) -> Self {
+        let n = addrs.len();
+        let dir = tempfile::tempdir().expect("temp dir");
         let mut peers = String::new();
         for (i, a) in addrs.iter().enumerate() {
             peers.push_str(&format!("[[peers]]\nid = {}\naddr = \"{a}\"\n\n", i + 1));
@@ -119,6 +148,7 @@ impl Cluster {
             dir,
             nodes,
             extra_args: Vec::new(),
+            net,
         };
         for id in 1..=n as u64 {
             cluster.spawn(id);
@@ -148,7 +178,18 @@ impl Cluster {
             .append(true)
             .open(&node.log)
             .expect("open log");
-        let child = Command::new(env!("CARGO_BIN_EXE_seqd"))
+        let bin = env!("CARGO_BIN_EXE_seqd");
+        // `ip netns exec` execs the binary in place: the child is seqd itself,
+        // so signals reach it directly.
+        let mut cmd = match &self.net {
+            Some(net) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &net.ns(id), bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&node.config)
             .args(&self.extra_args)
