@@ -150,8 +150,13 @@ impl RaftStore {
     }
 
     /// Appends entries (replacing any conflicting suffix) and the new hard
-    /// state in one synced write: raft-rs requires both on disk before the
-    /// messages that depend on them are sent.
+    /// state in one write, synced when it carries entries, a term or a vote:
+    /// raft-rs requires those on disk before the messages that depend on them
+    /// are sent. A hard state that only moves the commit index is written
+    /// without a sync, as [`RaftStore::set_commit`] does: a lost commit index
+    /// is learnt again from the leader, and a later synced write (the WAL is
+    /// one ordered file) persists it anyway. This saves one fsync per commit
+    /// advance on every node.
     pub fn append(
         &mut self,
         entries: &[Entry],
@@ -195,7 +200,11 @@ impl RaftStore {
                 .map_err(|e| StorageError::corrupt("hard state", e))?;
             batch.put_cf(cf(&self.db, CF_META), HARD_STATE, bytes);
         }
-        self.db.write_batch(batch, true)?;
+        let sync = !entries.is_empty()
+            || hs.is_some_and(|hs| {
+                hs.term != self.hard_state.term || hs.vote != self.hard_state.vote
+            });
+        self.db.write_batch(batch, sync)?;
 
         if let Some(first) = entries.first() {
             let keep = (first.index - self.compacted.0 - 1) as usize;
@@ -462,6 +471,35 @@ mod tests {
             .entries(2, 4, None, GetEntriesContext::empty(false))
             .unwrap();
         assert_eq!(got.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn only_a_commit_advance_is_written_without_a_sync() {
+        use crate::storage::{open_journaled, Journal};
+        use std::sync::{Arc, Mutex};
+        let journal = Arc::new(Mutex::new(Journal::default()));
+        let mut s = RaftStore::open(open_journaled(journal.clone()).unwrap(), &[1]).unwrap();
+        let hs = |term, vote, commit| HardState {
+            term,
+            vote,
+            commit,
+            ..Default::default()
+        };
+        s.append(&[entry(2, 1), entry(3, 1)], Some(&hs(1, 1, 1)))
+            .unwrap();
+        s.append(&[], Some(&hs(1, 1, 3))).unwrap();
+        let lost = journal.lock().unwrap().lose_unsynced();
+        assert_eq!(lost, 1, "the commit-only write is the one not synced");
+        let s = RaftStore::open(open_journaled(journal.clone()).unwrap(), &[1]).unwrap();
+        assert_eq!((s.last(), s.hard_state().commit), (3, 1));
+
+        // A new term or vote is synced even without entries.
+        let mut s = s;
+        s.append(&[], Some(&hs(2, 0, 1))).unwrap();
+        s.append(&[], Some(&hs(2, 3, 1))).unwrap();
+        assert_eq!(journal.lock().unwrap().lose_unsynced(), 0);
+        let s = RaftStore::open(open_journaled(journal).unwrap(), &[1]).unwrap();
+        assert_eq!((s.hard_state().term, s.hard_state().vote), (2, 3));
     }
 
     #[test]
