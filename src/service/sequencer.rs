@@ -135,7 +135,7 @@ impl Sequencer for SequencerService {
 }
 
 impl SequencerService {
-    #[tracing::instrument(skip_all, fields(namespace = %request.get_ref().namespace, count = request.get_ref().count))]
+    #[tracing::instrument(level = "debug", skip_all, fields(namespace = %request.get_ref().namespace, count = request.get_ref().count))]
     async fn next_inner(
         &self,
         request: Request<NextRequest>,
@@ -158,7 +158,7 @@ impl SequencerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(namespace = %request.get_ref().namespace, items = request.get_ref().items.len()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(namespace = %request.get_ref().namespace, items = request.get_ref().items.len()))]
     async fn next_batch_inner(
         &self,
         request: Request<NextBatchRequest>,
@@ -185,7 +185,7 @@ impl SequencerService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(namespace = %request.get_ref().namespace))]
+    #[tracing::instrument(level = "debug", skip_all, fields(namespace = %request.get_ref().namespace))]
     async fn current_inner(
         &self,
         request: Request<CurrentRequest>,
