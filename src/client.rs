@@ -4,10 +4,24 @@
 //! Retrying `Next` is safe for I1: a call that failed in flight may have
 //! taken numbers that are never returned (a hole), never numbers that are
 //! returned twice. Give a `request_id` to get the same range back instead.
+//!
+//! # Coalescing
+//!
+//! Concurrent [`Client::next`] calls of one namespace share RPCs: while
+//! [`ClientOptions::max_in_flight`] RPCs are already on the wire, new calls
+//! queue, and the next RPC carries every queued call (one `NextBatch`, each
+//! key at most once per batch). At low load nothing waits; at high load one
+//! RPC (one gRPC frame, one leadership round on the server) serves many
+//! callers, as a pipelining Redis client does. I2 holds: a call that starts
+//! after another completed goes out in a later RPC than the one that served
+//! it, and the server orders RPCs. A batch the server rejects as a whole
+//! (one bad key) is retried call by call, so each caller gets its own answer.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
 
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -18,7 +32,11 @@ use crate::pb::{
     BatchItem, CurrentRequest, NextBatchRequest, NextBatchResponse, NextRequest, NextResponse,
     StatusRequest, StatusResponse,
 };
-use crate::service::{LEADER_ADDR_HEADER, LEADER_ID_HEADER};
+
+/// Response metadata naming the leader's address (set by a follower).
+pub const LEADER_ADDR_HEADER: &str = "seqd-leader-addr";
+/// Response metadata naming the leader's node id.
+pub const LEADER_ID_HEADER: &str = "seqd-leader-id";
 
 /// Client tuning.
 #[derive(Debug, Clone)]
@@ -30,6 +48,9 @@ pub struct ClientOptions {
     /// First and largest pause between attempts.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// RPCs of coalesced `next` calls on the wire at once, per namespace;
+    /// 0 sends every call on its own.
+    pub max_in_flight: usize,
 }
 
 impl Default for ClientOptions {
@@ -39,11 +60,12 @@ impl Default for ClientOptions {
             attempt_timeout: Duration::from_secs(1),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
+            max_in_flight: 4,
         }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("no endpoints given")]
     NoEndpoints,
@@ -69,6 +91,12 @@ impl ClientError {
 
 /// A client for a seqd cluster. Cheap to share between tasks.
 pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// What the client's calls share. Coalesced RPCs run on spawned tasks, so a
+/// caller that gives up never strands the calls riding with it.
+struct Inner {
     endpoints: Vec<String>,
     channels: Mutex<HashMap<String, Channel>>,
     /// Address of the node believed to lead.
@@ -78,7 +106,26 @@ pub struct Client {
     /// which this client may not reach; its id maps to an endpoint it can.
     ids: Mutex<HashMap<u64, String>>,
     opts: ClientOptions,
+    /// Namespace → its coalesced `next` calls.
+    lanes: Mutex<HashMap<String, Lane>>,
 }
+
+/// One namespace's queued calls, and how many of its RPCs are on the wire.
+#[derive(Default)]
+struct Lane {
+    queued: Vec<Waiter>,
+    in_flight: usize,
+}
+
+/// A `next` call waiting for its share of an RPC.
+struct Waiter {
+    key: String,
+    count: u32,
+    reply: oneshot::Sender<Result<NextResponse, ClientError>>,
+}
+
+/// Calls one coalesced RPC carries at most.
+const MAX_COALESCED: usize = 512;
 
 impl Client {
     /// A client for the nodes at `endpoints` (`host:port`). Connections are
@@ -88,17 +135,246 @@ impl Client {
             return Err(ClientError::NoEndpoints);
         }
         let endpoints: Vec<String> = endpoints.iter().map(|e| e.as_ref().to_string()).collect();
-        let client = Self {
+        let inner = Inner {
             endpoints: endpoints.clone(),
             channels: Mutex::new(HashMap::new()),
             leader: Mutex::new(None),
             ids: Mutex::new(HashMap::new()),
             opts,
+            lanes: Mutex::new(HashMap::new()),
         };
         for e in &endpoints {
-            client.channel(e)?;
+            inner.channel(e)?;
         }
-        Ok(client)
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// `count` consecutive numbers for `key`, coalesced with concurrent
+    /// calls of the same namespace (see the module docs).
+    pub async fn next(
+        &self,
+        namespace: &str,
+        key: &str,
+        count: u32,
+    ) -> Result<NextResponse, ClientError> {
+        if self.inner.opts.max_in_flight == 0 {
+            return self.inner.next_one(namespace, key, count, "").await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let waiter = Waiter {
+            key: key.to_string(),
+            count,
+            reply,
+        };
+        let start = {
+            let mut lanes = lock(&self.inner.lanes);
+            let lane = lanes.entry(namespace.to_string()).or_default();
+            lane.queued.push(waiter);
+            if lane.in_flight < self.inner.opts.max_in_flight {
+                lane.in_flight += 1;
+                Some(take_batch(&mut lane.queued))
+            } else {
+                None
+            }
+        };
+        if let Some(batch) = start {
+            let inner = self.inner.clone();
+            tokio::spawn(inner.drive_lane(namespace.to_string(), batch));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(ClientError::Rejected(Status::internal(
+                "the client task carrying this call ended without an answer",
+            )))
+        })
+    }
+
+    /// Like [`Client::next`], with an idempotency token; never coalesced
+    /// (the server remembers a token per single-key call).
+    pub async fn next_with_id(
+        &self,
+        namespace: &str,
+        key: &str,
+        count: u32,
+        request_id: &str,
+    ) -> Result<NextResponse, ClientError> {
+        self.inner.next_one(namespace, key, count, request_id).await
+    }
+
+    /// Ranges for many keys of one namespace, all or nothing.
+    pub async fn next_batch(
+        &self,
+        namespace: &str,
+        items: &[(&str, u32)],
+    ) -> Result<NextBatchResponse, ClientError> {
+        let items = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
+        self.inner.next_batch(namespace, items).await
+    }
+
+    /// The highest number that may have been handed out for `key`.
+    pub async fn current(&self, namespace: &str, key: &str) -> Result<u64, ClientError> {
+        let req = CurrentRequest {
+            namespace: namespace.to_string(),
+            key: key.to_string(),
+        };
+        self.inner
+            .call(|ch| {
+                let req = req.clone();
+                async move {
+                    SequencerClient::new(ch)
+                        .current(req)
+                        .await
+                        .map(|r| r.into_inner().current)
+                }
+            })
+            .await
+    }
+
+    /// Status of the node at `addr` (no retries, no leader following).
+    pub async fn node_status(&self, addr: &str) -> Result<StatusResponse, ClientError> {
+        AdminClient::new(self.inner.channel(addr)?)
+            .status(StatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(ClientError::Rejected)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The queued calls the next RPC carries: in arrival order, each key once
+/// (`NextBatch` takes a key once; a second call for it waits for the next
+/// RPC), at most [`MAX_COALESCED`].
+fn take_batch(queued: &mut Vec<Waiter>) -> Vec<Waiter> {
+    let mut keys = HashSet::new();
+    let mut batch = Vec::new();
+    let mut rest = Vec::new();
+    for w in queued.drain(..) {
+        if batch.len() < MAX_COALESCED && keys.insert(w.key.clone()) {
+            batch.push(w);
+        } else {
+            rest.push(w);
+        }
+    }
+    *queued = rest;
+    batch
+}
+
+impl Inner {
+    /// Sends `batch`, then whatever queued meanwhile, until the lane is
+    /// empty; then gives its in-flight slot back.
+    async fn drive_lane(self: Arc<Self>, namespace: String, mut batch: Vec<Waiter>) {
+        loop {
+            self.serve_batch(&namespace, batch).await;
+            let mut lanes = lock(&self.lanes);
+            let Some(lane) = lanes.get_mut(&namespace) else {
+                return;
+            };
+            if lane.queued.is_empty() {
+                lane.in_flight -= 1;
+                return;
+            }
+            batch = take_batch(&mut lane.queued);
+        }
+    }
+
+    /// One RPC for `batch` (a plain `Next` for a single call); every
+    /// waiter answered.
+    async fn serve_batch(&self, namespace: &str, mut batch: Vec<Waiter>) {
+        if batch.len() == 1 {
+            let w = batch.remove(0);
+            let result = self.next_one(namespace, &w.key, w.count, "").await;
+            let _ = w.reply.send(result);
+            return;
+        }
+        let items = batch.iter().map(|w| (w.key.clone(), w.count)).collect();
+        match self.next_batch(namespace, items).await {
+            Ok(resp) if resp.ranges.len() == batch.len() => {
+                for (w, r) in batch.into_iter().zip(resp.ranges) {
+                    let _ = w.reply.send(Ok(NextResponse {
+                        first: r.first,
+                        count: r.count,
+                        epoch: resp.epoch,
+                    }));
+                }
+            }
+            Ok(resp) => {
+                let status = Status::internal(format!(
+                    "NextBatch of {} keys answered with {} ranges",
+                    batch.len(),
+                    resp.ranges.len()
+                ));
+                for w in batch {
+                    let _ = w.reply.send(Err(ClientError::Rejected(status.clone())));
+                }
+            }
+            // The server refused the batch as a whole (one bad key or
+            // count): ask for each call on its own, so only the bad one fails.
+            Err(ClientError::Rejected(_)) => {
+                let singles = batch.into_iter().map(|w| async move {
+                    let result = self.next_one(namespace, &w.key, w.count, "").await;
+                    let _ = w.reply.send(result);
+                });
+                futures::future::join_all(singles).await;
+            }
+            Err(e) => {
+                for w in batch {
+                    let _ = w.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    async fn next_one(
+        &self,
+        namespace: &str,
+        key: &str,
+        count: u32,
+        request_id: &str,
+    ) -> Result<NextResponse, ClientError> {
+        let req = NextRequest {
+            namespace: namespace.to_string(),
+            key: key.to_string(),
+            count,
+            request_id: request_id.to_string(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move {
+                SequencerClient::new(ch)
+                    .next(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    async fn next_batch(
+        &self,
+        namespace: &str,
+        items: Vec<(String, u32)>,
+    ) -> Result<NextBatchResponse, ClientError> {
+        let req = NextBatchRequest {
+            namespace: namespace.to_string(),
+            items: items
+                .into_iter()
+                .map(|(key, count)| BatchItem { key, count })
+                .collect(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move {
+                SequencerClient::new(ch)
+                    .next_batch(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
@@ -219,97 +495,6 @@ impl Client {
                 self.lock_ids().insert(r.into_inner().id, e.clone());
             }
         }
-    }
-
-    /// `count` consecutive numbers for `key`.
-    pub async fn next(
-        &self,
-        namespace: &str,
-        key: &str,
-        count: u32,
-    ) -> Result<NextResponse, ClientError> {
-        self.next_with_id(namespace, key, count, "").await
-    }
-
-    /// Like [`Client::next`], with an idempotency token.
-    pub async fn next_with_id(
-        &self,
-        namespace: &str,
-        key: &str,
-        count: u32,
-        request_id: &str,
-    ) -> Result<NextResponse, ClientError> {
-        let req = NextRequest {
-            namespace: namespace.to_string(),
-            key: key.to_string(),
-            count,
-            request_id: request_id.to_string(),
-        };
-        self.call(|ch| {
-            let req = req.clone();
-            async move {
-                SequencerClient::new(ch)
-                    .next(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
-        })
-        .await
-    }
-
-    /// Ranges for many keys of one namespace, all or nothing.
-    pub async fn next_batch(
-        &self,
-        namespace: &str,
-        items: &[(&str, u32)],
-    ) -> Result<NextBatchResponse, ClientError> {
-        let req = NextBatchRequest {
-            namespace: namespace.to_string(),
-            items: items
-                .iter()
-                .map(|(k, c)| BatchItem {
-                    key: k.to_string(),
-                    count: *c,
-                })
-                .collect(),
-        };
-        self.call(|ch| {
-            let req = req.clone();
-            async move {
-                SequencerClient::new(ch)
-                    .next_batch(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
-        })
-        .await
-    }
-
-    /// The highest number that may have been handed out for `key`.
-    pub async fn current(&self, namespace: &str, key: &str) -> Result<u64, ClientError> {
-        let req = CurrentRequest {
-            namespace: namespace.to_string(),
-            key: key.to_string(),
-        };
-        self.call(|ch| {
-            let req = req.clone();
-            async move {
-                SequencerClient::new(ch)
-                    .current(req)
-                    .await
-                    .map(|r| r.into_inner().current)
-            }
-        })
-        .await
-    }
-
-    /// Status of the node at `addr` (no retries, no leader following).
-    pub async fn node_status(&self, addr: &str) -> Result<StatusResponse, ClientError> {
-        AdminClient::new(self.channel(addr)?)
-            .status(StatusRequest {})
-            .await
-            .map(|r| r.into_inner())
-            .map_err(ClientError::Rejected)
     }
 }
 

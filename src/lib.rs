@@ -17,15 +17,27 @@
 //! - [`config`]: typed configuration, files + flags + `SEQD_*` variables.
 //! - [`metrics`]: every metric name, and the Prometheus exporter.
 //! - [`server`]: wiring and ordered shutdown.
+//!
+//! Everything but [`client`] and [`pb`] is behind the default `server`
+//! feature; without it the crate is a client library that builds no RocksDB.
 
 pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod core;
+#[cfg(feature = "server")]
 pub mod metrics;
 pub mod pb;
+#[cfg(feature = "server")]
 pub mod raft;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod service;
+#[cfg(feature = "server")]
 pub mod sim;
+#[cfg(feature = "server")]
 pub mod storage;
+#[cfg(feature = "server")]
 pub mod telemetry;

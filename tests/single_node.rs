@@ -97,3 +97,66 @@ async fn request_id_returns_the_same_range() {
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
     assert!(err.to_string().contains("request_id"), "{err}");
 }
+
+/// Sum of `seqd_requests_total` samples for `op` (every code).
+fn requests(metrics: &str, op: &str) -> f64 {
+    let label = format!("op=\"{op}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("seqd_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_share_rpcs_and_each_gets_its_own_answer() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = std::sync::Arc::new(c.client());
+    let too_long = "x".repeat(65);
+    let calls: Vec<_> = (0..300)
+        .map(|i| {
+            let client = client.clone();
+            // Every 50th call is bad: a key over conv's 64 bytes.
+            let key = if i % 50 == 7 {
+                too_long.clone()
+            } else {
+                format!("k{}", i % 10)
+            };
+            tokio::spawn(async move { (key.clone(), client.next("conv", &key, 2).await) })
+        })
+        .collect();
+    let mut got: std::collections::HashMap<String, Vec<(u64, u32)>> = Default::default();
+    let mut bad = 0;
+    for call in calls {
+        let (key, result) = call.await.unwrap();
+        if key.len() > 64 {
+            let err = result.expect_err("a key over the limit is refused");
+            assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+            assert!(err.to_string().contains("key"), "{err}");
+            bad += 1;
+            continue;
+        }
+        let r = result.unwrap_or_else(|e| panic!("call for {key} failed: {e}"));
+        assert_eq!(r.count, 2, "each caller gets the count it asked for");
+        got.entry(key).or_default().push((r.first, r.count));
+    }
+    assert_eq!(bad, 6);
+    for (key, mut ranges) in got {
+        ranges.sort();
+        for w in ranges.windows(2) {
+            assert!(
+                w[1].0 >= w[0].0 + u64::from(w[0].1),
+                "key {key}: {:?} overlaps {:?}",
+                w[0],
+                w[1]
+            );
+        }
+    }
+    let metrics = common::http_get(&c.node(1).metrics_addr, "/metrics").expect("metrics");
+    let (next, batch) = (requests(&metrics, "Next"), requests(&metrics, "NextBatch"));
+    assert!(
+        batch >= 1.0 && next + batch < 300.0,
+        "300 concurrent calls should share RPCs: {next} Next and {batch} NextBatch"
+    );
+}

@@ -34,7 +34,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "seqd-1node,seqd-3node,redis-none,redis-always,etcd"
+        default_value = "seqd-1node,seqd-3node,seqd-3node-raw,redis-none,redis-always,etcd"
     )]
     pub targets: Vec<TargetKind>,
     /// Workloads to run, comma-separated; a workload a target cannot run is
@@ -137,9 +137,14 @@ pub enum TargetKind {
     /// One seqd node (a Raft group of one).
     #[value(name = "seqd-1node")]
     Seqd1,
-    /// Three seqd processes forming one Raft group; calls go to the leader.
+    /// Three seqd processes forming one Raft group; calls go to the leader
+    /// through seqd's client library, which coalesces concurrent `Next`
+    /// calls into shared RPCs.
     #[value(name = "seqd-3node")]
     Seqd3,
+    /// The same three-node group, every call its own RPC (raw gRPC stubs).
+    #[value(name = "seqd-3node-raw")]
+    Seqd3Raw,
     /// redis-server without persistence.
     RedisNone,
     /// redis-server with an append-only file fsync'd on every write.
@@ -153,6 +158,7 @@ impl TargetKind {
         match self {
             Self::Seqd1 => "seqd-1node",
             Self::Seqd3 => "seqd-3node",
+            Self::Seqd3Raw => "seqd-3node-raw",
             Self::RedisNone => "redis-none",
             Self::RedisAlways => "redis-always",
             Self::Etcd => "etcd",
@@ -162,14 +168,14 @@ impl TargetKind {
     /// What a returned number survives, as stated in the results.
     pub fn durability(self) -> &'static str {
         match self {
-            Self::Seqd1 | Self::Seqd3 | Self::Etcd => "raft majority fsync",
+            Self::Seqd1 | Self::Seqd3 | Self::Seqd3Raw | Self::Etcd => "raft majority fsync",
             Self::RedisNone => "none (memory)",
             Self::RedisAlways => "fsync every write, single node",
         }
     }
 
     pub fn is_seqd(self) -> bool {
-        matches!(self, Self::Seqd1 | Self::Seqd3)
+        matches!(self, Self::Seqd1 | Self::Seqd3 | Self::Seqd3Raw)
     }
 }
 

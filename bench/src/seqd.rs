@@ -1,6 +1,9 @@
 //! seqd as a target: one or three `seqd` processes with generated configs,
 //! leader discovery through `Admin.Status`, and callers that send sequence
-//! calls to the leader and Snowflake calls to every node.
+//! calls to the leader and Snowflake calls to every node. `Next` calls go
+//! through seqd's own client library (`seqd::client`, built without the
+//! server), as a frontend would make them, or, for the raw rows, each as its
+//! own RPC on a generated stub.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -40,6 +43,9 @@ pub struct SeqdCluster {
     /// `connections` channels per node, in node order.
     channels: Vec<Vec<Channel>>,
     leader: usize,
+    /// seqd's client library for `Next`, shared by every caller; `None`
+    /// sends each call as its own RPC.
+    client: Option<Arc<seqd::client::Client>>,
     _dir: TempDir,
 }
 
@@ -51,6 +57,7 @@ impl SeqdCluster {
         n: usize,
         base: &Path,
         connections: usize,
+        library_client: bool,
         timeout: Duration,
     ) -> Result<Self> {
         let dir = tempfile::Builder::new()
@@ -86,11 +93,19 @@ impl SeqdCluster {
             }
             channels.push(per_node);
         }
+        let client = if library_client {
+            let client = seqd::client::Client::new(&addrs, seqd::client::ClientOptions::default())
+                .map_err(|e| anyhow!("seqd client: {e}"))?;
+            Some(Arc::new(client))
+        } else {
+            None
+        };
         let mut cluster = Self {
             nodes,
             addrs,
             channels,
             leader: 0,
+            client,
             _dir: dir,
         };
         cluster.wait_ready(timeout).await?;
@@ -200,6 +215,7 @@ impl SeqdCluster {
                     seq: SequencerClient::new(conns[i % conns.len()].clone()),
                     ids: IdsClient::new(ids_node[(i / n) % ids_node.len()].clone()),
                     by_addr: by_addr.clone(),
+                    client: self.client.clone(),
                 }
             })
             .collect()
@@ -266,6 +282,7 @@ pub struct SeqdCaller {
     seq: SequencerClient<Channel>,
     ids: IdsClient<Channel>,
     by_addr: Arc<HashMap<String, Vec<Channel>>>,
+    client: Option<Arc<seqd::client::Client>>,
 }
 
 impl SeqdCaller {
@@ -288,6 +305,17 @@ impl SeqdCaller {
 impl Caller for SeqdCaller {
     async fn call(&mut self) -> Result<Done, String> {
         let result = match self.op {
+            Op::Next { count } if self.client.is_some() => {
+                let client = self.client.as_ref().expect("checked above");
+                // The library follows leader hints and retries itself.
+                return match client.next(&self.namespace, &self.keys.key(), count).await {
+                    Ok(r) => Ok(Done {
+                        numbers: u64::from(r.count),
+                        retries: 0,
+                    }),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
             Op::Next { count } => self
                 .seq
                 .next(NextRequest {

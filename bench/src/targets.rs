@@ -40,7 +40,7 @@ impl Target {
         let program =
             |p: &Option<PathBuf>| p.clone().expect("program resolved for a selected target");
         Ok(match kind {
-            TargetKind::Seqd1 | TargetKind::Seqd3 => {
+            TargetKind::Seqd1 | TargetKind::Seqd3 | TargetKind::Seqd3Raw => {
                 let n = if kind == TargetKind::Seqd1 { 1 } else { 3 };
                 Self::Seqd(
                     SeqdCluster::start(
@@ -48,6 +48,7 @@ impl Target {
                         n,
                         base,
                         args.connections,
+                        kind != TargetKind::Seqd3Raw,
                         timeout,
                     )
                     .await?,

@@ -50,6 +50,10 @@ struct Args {
     fanout: usize,
     #[arg(long, default_value = "conv")]
     namespace: String,
+    /// Coalesced `Next` RPCs on the wire at once (the client's
+    /// `max_in_flight`); 0 sends every call as its own RPC.
+    #[arg(long, default_value_t = ClientOptions::default().max_in_flight)]
+    max_in_flight: usize,
     /// Print JSON instead of a table row.
     #[arg(long)]
     json: bool,
@@ -145,7 +149,14 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 async fn run(args: Args) -> Result<(), String> {
     let args = Arc::new(args);
     let client = Arc::new(
-        Client::new(&args.endpoints, ClientOptions::default()).map_err(|e| e.to_string())?,
+        Client::new(
+            &args.endpoints,
+            ClientOptions {
+                max_in_flight: args.max_in_flight,
+                ..ClientOptions::default()
+            },
+        )
+        .map_err(|e| e.to_string())?,
     );
     // Warm up: find the leader and load the keys' segments.
     for i in 0..args.callers.min(8) {

@@ -18,10 +18,7 @@ use tonic::{Code, Status};
 use crate::core::InvalidArgument;
 use crate::raft::NodeError;
 
-/// Response metadata naming the leader's address.
-pub const LEADER_ADDR_HEADER: &str = "seqd-leader-addr";
-/// Response metadata naming the leader's node id.
-pub const LEADER_ID_HEADER: &str = "seqd-leader-id";
+pub use crate::client::{LEADER_ADDR_HEADER, LEADER_ID_HEADER};
 
 /// Node id → client address, for leader hints.
 #[derive(Debug, Clone, Default)]
