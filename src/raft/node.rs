@@ -42,6 +42,12 @@ use crate::storage::{self, Applied, Machine, RaftStore, StorageError};
 
 /// Most inputs handled between two Ready rounds, so ticks stay on time.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
+/// ReadIndex rounds on the wire at once. Calls that arrive while they are
+/// out wait for the next round, which starts as soon as one completes: under
+/// load each round confirms many calls, and the leader's work per call (two
+/// heartbeats and their answers per round) shrinks instead of growing with
+/// the call rate.
+const MAX_READ_ROUNDS: usize = 1;
 /// Idempotency records kept by a segmented leader.
 const RECENT_REQUESTS: usize = 100_000;
 
@@ -525,8 +531,10 @@ impl Node {
         self.propose_raises();
         self.on_ready()?;
         self.check_role();
-        // Calls served during the Ready (confirmed reads, applied refills)
-        // may have queued raises: propose them now, not a tick later.
+        // A round that completed in the Ready makes room for the calls that
+        // queued behind it; calls served during the Ready (confirmed reads,
+        // applied refills) may have queued raises. Both now, not a tick later.
+        self.start_read_round();
         self.propose_raises();
         // A role change may have queued work too (LeaderStart).
         if self.raw.has_ready() {
@@ -614,6 +622,9 @@ impl Node {
 
     fn start_read_round(&mut self) {
         if self.unconfirmed.is_empty() || !self.core.is_serving() {
+            return;
+        }
+        if self.reads.len() >= MAX_READ_ROUNDS && !self.skip_leadership_check {
             return;
         }
         if self.skip_leadership_check {
@@ -862,15 +873,15 @@ impl Node {
                 call.fail(timeout.clone());
             }
         }
-        if !self.core.is_serving() {
-            let (expired, kept): (Vec<Call>, Vec<Call>) = self
-                .unconfirmed
-                .drain(..)
-                .partition(|c| c.deadline() <= now);
-            self.unconfirmed = kept;
-            for call in expired {
-                call.fail(timeout.clone());
-            }
+        // Calls wait here while the leader is not serving yet, or while a
+        // read round that cannot complete (no quorum) holds the next one.
+        let (expired, kept): (Vec<Call>, Vec<Call>) = self
+            .unconfirmed
+            .drain(..)
+            .partition(|c| c.deadline() <= now);
+        self.unconfirmed = kept;
+        for call in expired {
+            call.fail(timeout.clone());
         }
     }
 
