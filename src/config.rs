@@ -128,6 +128,24 @@ pub struct RaftConfig {
     pub max_size_per_msg: u64,
     /// Append messages in flight per follower.
     pub max_inflight_msgs: usize,
+    /// How a leader makes sure it still leads before answering (I2).
+    pub read_mode: ReadMode,
+}
+
+/// The leadership check before answering from memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum ReadMode {
+    /// A ReadIndex heartbeat round per batch of calls, started after they
+    /// arrived. Trusts no clock.
+    #[default]
+    ReadIndex,
+    /// A completed round also grants a lease of 0.8 election timeouts,
+    /// counted from when it started, during which calls are answered at
+    /// once. Trusts that the nodes' monotonic clocks run at nearly the same
+    /// rate; never trusts wall clocks.
+    Lease,
 }
 
 impl Default for RaftConfig {
@@ -140,6 +158,7 @@ impl Default for RaftConfig {
             request_timeout_ms: 3_000,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            read_mode: ReadMode::ReadIndex,
         }
     }
 }
@@ -225,6 +244,7 @@ pub struct Overrides {
     pub tick_ms: Option<u64>,
     pub election_ticks: Option<usize>,
     pub compact_threshold: Option<u64>,
+    pub read_mode: Option<ReadMode>,
     pub join: Option<bool>,
     pub clock_offset_ms: Option<i64>,
     pub allow_fault_injection: Option<bool>,
@@ -282,6 +302,9 @@ impl Config {
         }
         if let Some(t) = o.compact_threshold {
             self.raft.compact_threshold = t;
+        }
+        if let Some(m) = o.read_mode {
+            self.raft.read_mode = m;
         }
         if let Some(j) = o.join {
             self.node.join = j;
@@ -541,6 +564,20 @@ mod tests {
             assert_eq!(cfg.node.id, n);
             assert_eq!(cfg.voter_ids(), vec![1, 2, 3]);
         }
+    }
+
+    #[test]
+    fn read_mode_is_read_index_unless_lease_is_chosen() {
+        let cfg = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(cfg.raft.read_mode, ReadMode::ReadIndex);
+        let text = EMBEDDED_SINGLE.replace("read_mode = \"read_index\"", "read_mode = \"lease\"");
+        assert_eq!(
+            Config::parse("t", &text).unwrap().raft.read_mode,
+            ReadMode::Lease
+        );
+        let bad = EMBEDDED_SINGLE.replace("read_mode = \"read_index\"", "read_mode = \"fast\"");
+        let err = Config::parse("t", &bad).unwrap_err().to_string();
+        assert!(err.contains("read_mode") || err.contains("fast"), "{err}");
     }
 
     #[test]

@@ -37,6 +37,9 @@ struct Args {
     /// Overrides raft.compact_threshold.
     #[arg(long, env = "SEQD_COMPACT_THRESHOLD")]
     compact_threshold: Option<u64>,
+    /// Overrides raft.read_mode: read_index or lease.
+    #[arg(long, env = "SEQD_READ_MODE", value_enum)]
+    read_mode: Option<seqd::config::ReadMode>,
     /// Overrides node.join: start empty and wait to be added to a cluster.
     #[arg(long, env = "SEQD_JOIN")]
     join: bool,
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         tick_ms: args.tick_ms,
         election_ticks: args.election_ticks,
         compact_threshold: args.compact_threshold,
+        read_mode: args.read_mode,
         join: args.join.then_some(true),
         clock_offset_ms: args.clock_offset_ms,
         allow_fault_injection: args.allow_fault_injection.then_some(true),

@@ -28,6 +28,7 @@ pub const RAFT_LEADER_CHANGES_TOTAL: &str = "seqd_raft_leader_changes_total";
 pub const RAFT_APPEND_SECONDS: &str = "seqd_raft_log_append_seconds";
 /// ReadIndex rounds (leadership confirmations), one per batch of calls.
 pub const RAFT_READ_ROUNDS_TOTAL: &str = "seqd_raft_read_index_rounds_total";
+pub const LEASE_READS_TOTAL: &str = "seqd_lease_reads_total";
 /// Snapshots handed to the transport for a follower, and installed here.
 pub const SNAPSHOTS_SENT_TOTAL: &str = "seqd_raft_snapshots_sent_total";
 pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "seqd_raft_snapshots_installed_total";
@@ -89,6 +90,10 @@ fn describe() {
     describe_counter!(
         RAFT_READ_ROUNDS_TOTAL,
         "ReadIndex leadership confirmations."
+    );
+    describe_counter!(
+        LEASE_READS_TOTAL,
+        "Calls answered under a leader lease, without a round (read_mode = lease)."
     );
     describe_counter!(SNAPSHOTS_SENT_TOTAL, "Snapshots sent to followers.");
     describe_counter!(

@@ -29,7 +29,7 @@ use super::{
     logger, Faults, Grant, IdState, Input, Membership, MembershipChange, NodeError, NodeHandle,
     NodeStatus, Reply,
 };
-use crate::config::{RaftConfig, SnowflakeConfig};
+use crate::config::{RaftConfig, ReadMode, SnowflakeConfig};
 use crate::core::{
     AllocError, Allocation, Allocator, CeilingSource, DenseRaise, NamespaceId, Namespaces,
     RequestId, Role, SeqKey, SeqRange,
@@ -48,6 +48,12 @@ const MAX_INPUTS_PER_ROUND: usize = 4096;
 /// heartbeats and their answers per round) shrinks instead of growing with
 /// the call rate.
 const MAX_READ_ROUNDS: usize = 1;
+/// Share of the election timeout a completed read round leases (read_mode
+/// = "lease"), as a fraction: the margin covers monotonic clocks that run at
+/// slightly different rates and tick threads that run late (which only
+/// delays elections).
+const LEASE_NUM: u32 = 4;
+const LEASE_DEN: u32 = 5;
 /// Idempotency records kept by a segmented leader.
 const RECENT_REQUESTS: usize = 100_000;
 
@@ -80,6 +86,9 @@ pub struct NodeTesting {
     /// Answer calls without the ReadIndex round: a deliberately broken
     /// leadership check, to show the simulation catches I2 violations.
     pub skip_leadership_check: bool,
+    /// Lease mode with a lease three election timeouts long, outliving the
+    /// followers' promise: a deliberately broken lease.
+    pub stretch_lease: bool,
 }
 
 /// Where a node's Raft messages go: the gRPC transport, or the simulated
@@ -315,8 +324,12 @@ pub(crate) struct Node {
     started: Instant,
     /// Calls waiting for the next ReadIndex round.
     unconfirmed: Vec<Call>,
-    /// ReadIndex rounds in flight, oldest first.
-    reads: VecDeque<(u64, Vec<Call>)>,
+    /// ReadIndex rounds in flight, oldest first: context, start, calls.
+    reads: VecDeque<(u64, Instant, Vec<Call>)>,
+    /// Lease length when read_mode = "lease".
+    lease: Option<Duration>,
+    /// Until when this leadership may answer without a round (lease mode).
+    lease_until: Option<Instant>,
     /// Confirmed calls waiting for a refill to apply.
     waiting: Vec<Call>,
     /// Dense reservations for the next proposal.
@@ -427,6 +440,16 @@ impl Node {
             started,
             unconfirmed: Vec::new(),
             reads: VecDeque::new(),
+            lease: (params.raft.read_mode == ReadMode::Lease).then(|| {
+                let election =
+                    Duration::from_millis(params.raft.tick_ms * params.raft.election_ticks as u64);
+                if params.testing.stretch_lease {
+                    election * 3
+                } else {
+                    election * LEASE_NUM / LEASE_DEN
+                }
+            }),
+            lease_until: None,
             waiting: Vec::new(),
             dense_pending: Vec::new(),
             proposals: BTreeMap::new(),
@@ -558,6 +581,9 @@ impl Node {
     pub(crate) fn on_input(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
         match input {
             Input::Raft(msg) => {
+                if self.refuses_vote(&msg) {
+                    return None;
+                }
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
@@ -617,7 +643,59 @@ impl Node {
             });
             return;
         }
+        if self.lease_valid() {
+            metrics::counter!(m::LEASE_READS_TOTAL).increment(1);
+            self.serve(call);
+            self.renew_lease_early();
+            return;
+        }
         self.unconfirmed.push(call);
+    }
+
+    /// Whether this leadership holds a lease now: a read round that started
+    /// less than a lease ago has completed, and no handover has begun (a
+    /// transfer lets the new leader campaign at once, through any lease).
+    fn lease_valid(&self) -> bool {
+        match self.lease_until {
+            Some(until) => {
+                self.handover.is_none() && self.core.is_serving() && self.time.now() < until
+            }
+            None => false,
+        }
+    }
+
+    /// Under steady load, renews the lease before it runs out so calls
+    /// never wait for a round: a round with no calls once half is used.
+    fn renew_lease_early(&mut self) {
+        let (Some(lease), Some(until)) = (self.lease, self.lease_until) else {
+            return;
+        };
+        if self.reads.is_empty() && until.saturating_duration_since(self.time.now()) < lease / 2 {
+            self.send_read_round(Vec::new());
+        }
+    }
+
+    /// Lease mode: a follower promised, by acknowledging a leader's
+    /// heartbeat, not to vote for anyone else for an election timeout
+    /// (raft-rs ignores votes while it has heard from a leader within that
+    /// time, with check_quorum). A restarted node has forgotten that promise,
+    /// so it refuses every vote for an election timeout after it starts.
+    fn refuses_vote(&self, msg: &::raft::prelude::Message) -> bool {
+        use ::raft::prelude::MessageType;
+        let vote = matches!(
+            msg.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        );
+        let refuse =
+            vote && self.lease.is_some() && self.time.now() < self.started + self.election_timeout;
+        if refuse {
+            tracing::debug!(
+                node_id = self.id,
+                from = msg.from,
+                "vote refused: started less than an election timeout ago (lease mode)"
+            );
+        }
+        refuse
     }
 
     fn start_read_round(&mut self) {
@@ -633,12 +711,16 @@ impl Node {
             }
             return;
         }
+        let calls = std::mem::take(&mut self.unconfirmed);
+        self.send_read_round(calls);
+    }
+
+    fn send_read_round(&mut self, calls: Vec<Call>) {
         let ctx = self.next_ctx;
         self.next_ctx += 1;
         self.raw.read_index(ctx.to_be_bytes().to_vec());
         metrics::counter!(m::RAFT_READ_ROUNDS_TOTAL).increment(1);
-        let calls = std::mem::take(&mut self.unconfirmed);
-        self.reads.push_back((ctx, calls));
+        self.reads.push_back((ctx, self.time.now(), calls));
     }
 
     fn on_read_states(&mut self, states: Vec<ReadState>) {
@@ -647,10 +729,16 @@ impl Node {
                 continue;
             };
             let ctx = u64::from_be_bytes(bytes);
-            while let Some((c, calls)) = self.reads.pop_front() {
+            while let Some((c, started, calls)) = self.reads.pop_front() {
                 if c > ctx {
-                    self.reads.push_front((c, calls));
+                    self.reads.push_front((c, started, calls));
                     break;
+                }
+                // A majority heard from this leader after `started`, so none
+                // of them votes for another before started + election timeout.
+                if let Some(lease) = self.lease {
+                    let until = started + lease;
+                    self.lease_until = Some(self.lease_until.map_or(until, |u| u.max(until)));
                 }
                 // Rounds complete in order; one that completes confirms every
                 // earlier round too.
@@ -841,11 +929,12 @@ impl Node {
     }
 
     fn fail_all(&mut self, err: NodeError) {
+        self.lease_until = None;
         self.reset_allocator();
         for call in self.unconfirmed.drain(..) {
             call.fail(err.clone());
         }
-        for (_, calls) in self.reads.drain(..) {
+        for (_, _, calls) in self.reads.drain(..) {
             for call in calls {
                 call.fail(err.clone());
             }
@@ -865,7 +954,7 @@ impl Node {
         for call in expired {
             call.fail(timeout.clone());
         }
-        for (_, calls) in self.reads.iter_mut() {
+        for (_, _, calls) in self.reads.iter_mut() {
             let (expired, kept): (Vec<Call>, Vec<Call>) =
                 calls.drain(..).partition(|c| c.deadline() <= now);
             *calls = kept;
@@ -1347,13 +1436,14 @@ impl Node {
             }
             return;
         }
+        self.lease_until = None;
         let trim = self.core.begin_trim();
         let hint = to.or(self.best_follower());
         // Calls not yet answered go to the next leader.
         for call in self.unconfirmed.drain(..).chain(self.waiting.drain(..)) {
             call.fail(NodeError::NotLeader { leader: hint });
         }
-        for (_, calls) in self.reads.drain(..) {
+        for (_, _, calls) in self.reads.drain(..) {
             for call in calls {
                 call.fail(NodeError::NotLeader { leader: hint });
             }

@@ -34,7 +34,7 @@ use std::time::Duration;
 use ::raft::prelude::{Message, MessageType};
 use tokio::sync::oneshot;
 
-use crate::config::{RaftConfig, SnowflakeConfig};
+use crate::config::{RaftConfig, ReadMode, SnowflakeConfig};
 use crate::core::{Clock, Issuer, Layout, Mode, NamespaceSpec, Namespaces, SeqKey, MAX_SEQUENCE};
 use crate::raft::{
     Grant, IdState, Input, Node, NodeError, NodeParams, NodeTesting, NodeTime, Outbox, VirtualTime,
@@ -59,6 +59,10 @@ pub struct SimConfig {
     pub faults: bool,
     /// Serve calls without the ReadIndex round (a deliberate bug).
     pub break_leadership_check: bool,
+    /// Leaders answer under a lease (read_mode = "lease").
+    pub lease: bool,
+    /// A lease that outlives the followers' promise (a deliberate bug).
+    pub break_lease: bool,
     /// Print every fault and leader change (for replaying a seed).
     pub trace: bool,
 }
@@ -71,6 +75,8 @@ impl SimConfig {
             clients: 9,
             faults: true,
             break_leadership_check: false,
+            lease: false,
+            break_lease: false,
             trace: std::env::var_os("SEQD_SIM_TRACE").is_some(),
         }
     }
@@ -338,6 +344,11 @@ impl Sim {
             // Compact often so lagging and restarted nodes need snapshots.
             compact_threshold: 200,
             request_timeout_ms: 1_000,
+            read_mode: if cfg.lease {
+                ReadMode::Lease
+            } else {
+                ReadMode::ReadIndex
+            },
             ..RaftConfig::default()
         };
         let snowflake = SnowflakeConfig::default();
@@ -438,6 +449,7 @@ impl Sim {
             testing: NodeTesting {
                 fixed_election_timeout: true,
                 skip_leadership_check: self.cfg.break_leadership_check,
+                stretch_lease: self.cfg.break_lease,
             },
         };
         let outbox = slot.outbox.clone();
