@@ -34,7 +34,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "seqd-1node,seqd-3node,seqd-3node-raw,redis-none,redis-always,etcd"
+        default_value = "seqd-1node,seqd-3node,seqd-3node-raw,seqd-3node-lease,redis-none,redis-always,etcd"
     )]
     pub targets: Vec<TargetKind>,
     /// Workloads to run, comma-separated; a workload a target cannot run is
@@ -145,6 +145,9 @@ pub enum TargetKind {
     /// The same three-node group, every call its own RPC (raw gRPC stubs).
     #[value(name = "seqd-3node-raw")]
     Seqd3Raw,
+    /// Three nodes with read_mode = "lease", through the client library.
+    #[value(name = "seqd-3node-lease")]
+    Seqd3Lease,
     /// redis-server without persistence.
     RedisNone,
     /// redis-server with an append-only file fsync'd on every write.
@@ -159,6 +162,7 @@ impl TargetKind {
             Self::Seqd1 => "seqd-1node",
             Self::Seqd3 => "seqd-3node",
             Self::Seqd3Raw => "seqd-3node-raw",
+            Self::Seqd3Lease => "seqd-3node-lease",
             Self::RedisNone => "redis-none",
             Self::RedisAlways => "redis-always",
             Self::Etcd => "etcd",
@@ -169,13 +173,17 @@ impl TargetKind {
     pub fn durability(self) -> &'static str {
         match self {
             Self::Seqd1 | Self::Seqd3 | Self::Seqd3Raw | Self::Etcd => "raft majority fsync",
+            Self::Seqd3Lease => "raft majority fsync (lease reads)",
             Self::RedisNone => "none (memory)",
             Self::RedisAlways => "fsync every write, single node",
         }
     }
 
     pub fn is_seqd(self) -> bool {
-        matches!(self, Self::Seqd1 | Self::Seqd3 | Self::Seqd3Raw)
+        matches!(
+            self,
+            Self::Seqd1 | Self::Seqd3 | Self::Seqd3Raw | Self::Seqd3Lease
+        )
     }
 }
 

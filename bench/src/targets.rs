@@ -40,7 +40,10 @@ impl Target {
         let program =
             |p: &Option<PathBuf>| p.clone().expect("program resolved for a selected target");
         Ok(match kind {
-            TargetKind::Seqd1 | TargetKind::Seqd3 | TargetKind::Seqd3Raw => {
+            TargetKind::Seqd1
+            | TargetKind::Seqd3
+            | TargetKind::Seqd3Raw
+            | TargetKind::Seqd3Lease => {
                 let n = if kind == TargetKind::Seqd1 { 1 } else { 3 };
                 Self::Seqd(
                     SeqdCluster::start(
@@ -49,6 +52,7 @@ impl Target {
                         base,
                         args.connections,
                         kind != TargetKind::Seqd3Raw,
+                        kind == TargetKind::Seqd3Lease,
                         timeout,
                     )
                     .await?,
