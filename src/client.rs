@@ -17,7 +17,7 @@
 //! it, and the server orders RPCs. A batch the server rejects as a whole
 //! (one bad key) is retried call by call, so each caller gets its own answer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -180,11 +180,16 @@ impl Client {
             }
         };
         if let Some(batch) = start {
-            let inner = self.inner.clone();
-            tokio::spawn(inner.drive_lane(namespace.to_string(), batch));
+            // The slot is taken before the task exists: if spawning fails or
+            // the task never runs, dropping it still gives the slot back.
+            let slot = Slot {
+                inner: self.inner.clone(),
+                namespace: namespace.to_string(),
+            };
+            tokio::spawn(drive_lane(slot, batch));
         }
         answer.await.unwrap_or_else(|_| {
-            Err(ClientError::Rejected(Status::internal(
+            Err(ClientError::Rejected(Status::cancelled(
                 "the client task carrying this call ended without an answer",
             )))
         })
@@ -245,83 +250,142 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The queued calls the next RPC carries: in arrival order, each key once
-/// (`NextBatch` takes a key once; a second call for it waits for the next
-/// RPC), at most [`MAX_COALESCED`].
-fn take_batch(queued: &mut Vec<Waiter>) -> Vec<Waiter> {
-    let mut keys = HashSet::new();
-    let mut batch = Vec::new();
+/// Calls for one key riding the same RPC as one `NextBatch` item (a key
+/// may appear once per batch): their counts are summed and the range split
+/// among them in queue order. They were concurrent, so any order keeps I2.
+struct Item {
+    key: String,
+    count: u32,
+    waiters: Vec<Waiter>,
+}
+
+/// The queued calls the next RPC carries: every queued call, grouped by
+/// key, at most [`MAX_COALESCED`] keys; the rest wait for the next RPC.
+fn take_batch(queued: &mut Vec<Waiter>) -> Vec<Item> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut items: Vec<Item> = Vec::new();
     let mut rest = Vec::new();
     for w in queued.drain(..) {
-        if batch.len() < MAX_COALESCED && keys.insert(w.key.clone()) {
-            batch.push(w);
-        } else {
-            rest.push(w);
+        match index.get(&w.key) {
+            Some(&i) if items[i].count.checked_add(w.count).is_some() => {
+                items[i].count += w.count;
+                items[i].waiters.push(w);
+            }
+            None if items.len() < MAX_COALESCED => {
+                index.insert(w.key.clone(), items.len());
+                items.push(Item {
+                    key: w.key.clone(),
+                    count: w.count,
+                    waiters: vec![w],
+                });
+            }
+            _ => rest.push(w),
         }
     }
     *queued = rest;
-    batch
+    items
+}
+
+/// Gives a lane's in-flight slot back however its driver ends: normally,
+/// or cancelled (its runtime shut down) or unwinding. Calls still queued
+/// with no driver left are failed rather than left waiting forever.
+struct Slot {
+    inner: Arc<Inner>,
+    namespace: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut lanes = lock(&self.inner.lanes);
+        let Some(lane) = lanes.get_mut(&self.namespace) else {
+            return;
+        };
+        lane.in_flight -= 1;
+        if lane.in_flight == 0 {
+            for w in lane.queued.drain(..) {
+                let _ = w.reply.send(Err(ClientError::Rejected(Status::cancelled(
+                    "the client task that was to send this call ended",
+                ))));
+            }
+        }
+    }
+}
+
+/// Sends `batch`, then whatever queued meanwhile, until the lane is empty;
+/// then gives its in-flight slot back (by dropping it).
+async fn drive_lane(slot: Slot, mut batch: Vec<Item>) {
+    loop {
+        slot.inner.serve_batch(&slot.namespace, batch).await;
+        let mut lanes = lock(&slot.inner.lanes);
+        let Some(lane) = lanes.get_mut(&slot.namespace) else {
+            return;
+        };
+        if lane.queued.is_empty() {
+            return;
+        }
+        batch = take_batch(&mut lane.queued);
+    }
 }
 
 impl Inner {
-    /// Sends `batch`, then whatever queued meanwhile, until the lane is
-    /// empty; then gives its in-flight slot back.
-    async fn drive_lane(self: Arc<Self>, namespace: String, mut batch: Vec<Waiter>) {
-        loop {
-            self.serve_batch(&namespace, batch).await;
-            let mut lanes = lock(&self.lanes);
-            let Some(lane) = lanes.get_mut(&namespace) else {
-                return;
-            };
-            if lane.queued.is_empty() {
-                lane.in_flight -= 1;
-                return;
-            }
-            batch = take_batch(&mut lane.queued);
-        }
-    }
-
     /// One RPC for `batch` (a plain `Next` for a single call); every
     /// waiter answered.
-    async fn serve_batch(&self, namespace: &str, mut batch: Vec<Waiter>) {
-        if batch.len() == 1 {
-            let w = batch.remove(0);
+    async fn serve_batch(&self, namespace: &str, mut batch: Vec<Item>) {
+        if batch.len() == 1 && batch[0].waiters.len() == 1 {
+            let w = batch.remove(0).waiters.remove(0);
             let result = self.next_one(namespace, &w.key, w.count, "").await;
             let _ = w.reply.send(result);
             return;
         }
-        let items = batch.iter().map(|w| (w.key.clone(), w.count)).collect();
-        match self.next_batch(namespace, items).await {
-            Ok(resp) if resp.ranges.len() == batch.len() => {
-                for (w, r) in batch.into_iter().zip(resp.ranges) {
-                    let _ = w.reply.send(Ok(NextResponse {
-                        first: r.first,
-                        count: r.count,
-                        epoch: resp.epoch,
-                    }));
+        let items = batch.iter().map(|i| (i.key.clone(), i.count)).collect();
+        let result = self.next_batch(namespace, items).await;
+        let fits = |resp: &NextBatchResponse| {
+            resp.ranges.len() == batch.len()
+                && resp
+                    .ranges
+                    .iter()
+                    .zip(&batch)
+                    .all(|(r, i)| r.count == i.count)
+        };
+        match result {
+            Ok(resp) if fits(&resp) => {
+                for (item, r) in batch.into_iter().zip(resp.ranges) {
+                    let mut first = r.first;
+                    for w in item.waiters {
+                        let _ = w.reply.send(Ok(NextResponse {
+                            first,
+                            count: w.count,
+                            epoch: resp.epoch,
+                        }));
+                        first += u64::from(w.count);
+                    }
                 }
             }
             Ok(resp) => {
                 let status = Status::internal(format!(
-                    "NextBatch of {} keys answered with {} ranges",
+                    "NextBatch of {} keys answered with ranges that do not match: {:?}",
                     batch.len(),
-                    resp.ranges.len()
+                    resp.ranges
                 ));
-                for w in batch {
+                for w in batch.into_iter().flat_map(|i| i.waiters) {
                     let _ = w.reply.send(Err(ClientError::Rejected(status.clone())));
                 }
             }
-            // The server refused the batch as a whole (one bad key or
-            // count): ask for each call on its own, so only the bad one fails.
+            // The server refused the batch as a whole (one bad key, or a
+            // summed count over the namespace's limit): ask for each call on
+            // its own, so only a bad one fails.
             Err(ClientError::Rejected(_)) => {
-                let singles = batch.into_iter().map(|w| async move {
-                    let result = self.next_one(namespace, &w.key, w.count, "").await;
-                    let _ = w.reply.send(result);
-                });
+                let singles = batch
+                    .into_iter()
+                    .flat_map(|i| i.waiters)
+                    .map(|w| async move {
+                        let result = self.next_one(namespace, &w.key, w.count, "").await;
+                        let _ = w.reply.send(result);
+                    });
                 futures::future::join_all(singles).await;
             }
             Err(e) => {
-                for w in batch {
+                for w in batch.into_iter().flat_map(|i| i.waiters) {
                     let _ = w.reply.send(Err(e.clone()));
                 }
             }
@@ -504,4 +568,47 @@ fn retryable(status: &Status) -> bool {
         status.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter(key: &str, count: u32) -> Waiter {
+        Waiter {
+            key: key.to_string(),
+            count,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_batch_groups_calls_by_key_in_queue_order() {
+        let mut queued = vec![waiter("a", 1), waiter("b", 2), waiter("a", 3)];
+        let items = take_batch(&mut queued);
+        assert!(queued.is_empty());
+        let got: Vec<(&str, u32, Vec<u32>)> = items
+            .iter()
+            .map(|i| {
+                let counts = i.waiters.iter().map(|w| w.count).collect();
+                (i.key.as_str(), i.count, counts)
+            })
+            .collect();
+        assert_eq!(got, vec![("a", 4, vec![1, 3]), ("b", 2, vec![2])]);
+    }
+
+    #[test]
+    fn what_does_not_fit_waits_for_the_next_batch() {
+        let mut queued: Vec<Waiter> = (0..MAX_COALESCED + 2)
+            .map(|i| waiter(&format!("k{i}"), 1))
+            .collect();
+        queued.push(waiter("k0", u32::MAX));
+        let items = take_batch(&mut queued);
+        assert_eq!(items.len(), MAX_COALESCED);
+        // Two keys over the limit, and a count that would overflow k0's sum.
+        let left: Vec<&str> = queued.iter().map(|w| w.key.as_str()).collect();
+        let last = format!("k{}", MAX_COALESCED + 1);
+        let before = format!("k{MAX_COALESCED}");
+        assert_eq!(left, vec![before.as_str(), last.as_str(), "k0"]);
+    }
 }

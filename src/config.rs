@@ -141,9 +141,9 @@ pub enum ReadMode {
     /// arrived. Trusts no clock.
     #[default]
     ReadIndex,
-    /// A completed round also grants a lease of 0.8 election timeouts,
-    /// counted from when it started, during which calls are answered at
-    /// once. Trusts that the nodes' monotonic clocks run at nearly the same
+    /// A completed round also grants a lease of 0.8 x (election_ticks - 2)
+    /// ticks, counted from when it started, during which calls are answered
+    /// at once. Trusts that the nodes' monotonic clocks run at nearly the same
     /// rate; never trusts wall clocks.
     Lease,
 }
@@ -364,6 +364,12 @@ impl Config {
         }
         if r.heartbeat_ticks == 0 {
             return Err(invalid("raft.heartbeat_ticks", "must be at least 1"));
+        }
+        if r.read_mode == ReadMode::Lease && r.election_ticks < 5 {
+            return Err(invalid(
+                "raft.election_ticks",
+                "must be at least 5 with read_mode = \"lease\" (the lease is 0.8 x (election_ticks - 2) ticks)",
+            ));
         }
         if r.election_ticks <= r.heartbeat_ticks {
             return Err(invalid(

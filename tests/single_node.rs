@@ -108,40 +108,52 @@ fn requests(metrics: &str, op: &str) -> f64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_calls_share_rpcs_and_each_gets_its_own_answer() {
-    let c = Cluster::start(1, RAFT);
-    c.wait_leader(Duration::from_secs(20)).await;
-    let client = std::sync::Arc::new(c.client());
-    let too_long = "x".repeat(65);
-    let calls: Vec<_> = (0..300)
+/// `calls` concurrent `next("conv", ..., 2)` calls over 10 keys; every
+/// `bad_every`-th key is over conv's 64 bytes. Returns each call's key and
+/// outcome.
+async fn concurrent_calls(
+    client: &std::sync::Arc<seqd::client::Client>,
+    calls: usize,
+    bad_every: Option<usize>,
+) -> Vec<(
+    String,
+    Result<seqd::pb::NextResponse, seqd::client::ClientError>,
+)> {
+    let tasks: Vec<_> = (0..calls)
         .map(|i| {
             let client = client.clone();
-            // Every 50th call is bad: a key over conv's 64 bytes.
-            let key = if i % 50 == 7 {
-                too_long.clone()
-            } else {
-                format!("k{}", i % 10)
+            let key = match bad_every {
+                Some(n) if i % n == 7 => "x".repeat(65),
+                _ => format!("k{}", i % 10),
             };
-            tokio::spawn(async move { (key.clone(), client.next("conv", &key, 2).await) })
+            tokio::spawn(async move {
+                let result = client.next("conv", &key, 2).await;
+                (key, result)
+            })
         })
         .collect();
-    let mut got: std::collections::HashMap<String, Vec<(u64, u32)>> = Default::default();
-    let mut bad = 0;
-    for call in calls {
-        let (key, result) = call.await.unwrap();
-        if key.len() > 64 {
-            let err = result.expect_err("a key over the limit is refused");
-            assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
-            assert!(err.to_string().contains("key"), "{err}");
-            bad += 1;
-            continue;
-        }
-        let r = result.unwrap_or_else(|e| panic!("call for {key} failed: {e}"));
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// I1 over the answers, grouped by key; panics on any failed call.
+fn assert_disjoint(
+    answers: &[(
+        String,
+        Result<seqd::pb::NextResponse, seqd::client::ClientError>,
+    )],
+) {
+    let mut got: std::collections::HashMap<&str, Vec<(u64, u32)>> = Default::default();
+    for (key, result) in answers {
+        let r = result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("call for {key} failed: {e}"));
         assert_eq!(r.count, 2, "each caller gets the count it asked for");
         got.entry(key).or_default().push((r.first, r.count));
     }
-    assert_eq!(bad, 6);
     for (key, mut ranges) in got {
         ranges.sort();
         for w in ranges.windows(2) {
@@ -153,10 +165,31 @@ async fn concurrent_calls_share_rpcs_and_each_gets_its_own_answer() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_share_rpcs_and_each_gets_its_own_answer() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = std::sync::Arc::new(c.client());
+
+    let answers = concurrent_calls(&client, 300, None).await;
+    assert_disjoint(&answers);
     let metrics = common::http_get(&c.node(1).metrics_addr, "/metrics").expect("metrics");
     let (next, batch) = (requests(&metrics, "Next"), requests(&metrics, "NextBatch"));
     assert!(
         batch >= 1.0 && next + batch < 300.0,
         "300 concurrent calls should share RPCs: {next} Next and {batch} NextBatch"
     );
+
+    // A bad call in a shared RPC fails alone; its neighbours are answered.
+    let answers = concurrent_calls(&client, 300, Some(50)).await;
+    let (bad, good): (Vec<_>, Vec<_>) = answers.into_iter().partition(|(k, _)| k.len() > 64);
+    assert_eq!(bad.len(), 6);
+    for (_, result) in bad {
+        let err = result.expect_err("a key over the limit is refused");
+        assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+        assert!(err.to_string().contains("key"), "{err}");
+    }
+    assert_disjoint(&good);
 }

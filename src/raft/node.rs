@@ -48,10 +48,12 @@ const MAX_INPUTS_PER_ROUND: usize = 4096;
 /// heartbeats and their answers per round) shrinks instead of growing with
 /// the call rate.
 const MAX_READ_ROUNDS: usize = 1;
-/// Share of the election timeout a completed read round leases (read_mode
-/// = "lease"), as a fraction: the margin covers monotonic clocks that run at
-/// slightly different rates and tick threads that run late (which only
-/// delays elections).
+/// Share of a follower's promise a completed read round leases (read_mode =
+/// "lease"), as a fraction. The promise is shorter than the election timeout
+/// by two ticks: a late loop iteration can count a tick just after the
+/// heartbeat that reset the count, and the next one comes on schedule, so E
+/// ticks can pass in E - 2 tick lengths. The fraction is the margin for
+/// monotonic clocks running at slightly different rates.
 const LEASE_NUM: u32 = 4;
 const LEASE_DEN: u32 = 5;
 /// Idempotency records kept by a segmented leader.
@@ -330,6 +332,10 @@ pub(crate) struct Node {
     lease: Option<Duration>,
     /// Until when this leadership may answer without a round (lease mode).
     lease_until: Option<Instant>,
+    /// A term in which this node asked raft-rs to transfer leadership: the
+    /// target may campaign any time later in it (a transfer's votes ignore
+    /// leases), even after the handover gave up, so no lease in that term.
+    lease_forbidden_term: u64,
     /// Confirmed calls waiting for a refill to apply.
     waiting: Vec<Call>,
     /// Dense reservations for the next proposal.
@@ -441,14 +447,15 @@ impl Node {
             unconfirmed: Vec::new(),
             reads: VecDeque::new(),
             lease: (params.raft.read_mode == ReadMode::Lease).then(|| {
-                let election =
-                    Duration::from_millis(params.raft.tick_ms * params.raft.election_ticks as u64);
+                let tick = Duration::from_millis(params.raft.tick_ms);
+                let promise = tick * (params.raft.election_ticks.saturating_sub(2) as u32);
                 if params.testing.stretch_lease {
-                    election * 3
+                    tick * params.raft.election_ticks as u32 * 3
                 } else {
-                    election * LEASE_NUM / LEASE_DEN
+                    promise * LEASE_NUM / LEASE_DEN
                 }
             }),
+            lease_forbidden_term: 0,
             lease_until: None,
             waiting: Vec::new(),
             dense_pending: Vec::new(),
@@ -658,7 +665,10 @@ impl Node {
     fn lease_valid(&self) -> bool {
         match self.lease_until {
             Some(until) => {
-                self.handover.is_none() && self.core.is_serving() && self.time.now() < until
+                self.handover.is_none()
+                    && self.raw.raft.term != self.lease_forbidden_term
+                    && self.core.is_serving()
+                    && self.time.now() < until
             }
             None => false,
         }
@@ -675,11 +685,14 @@ impl Node {
         }
     }
 
-    /// Lease mode: a follower promised, by acknowledging a leader's
-    /// heartbeat, not to vote for anyone else for an election timeout
-    /// (raft-rs ignores votes while it has heard from a leader within that
-    /// time, with check_quorum). A restarted node has forgotten that promise,
-    /// so it refuses every vote for an election timeout after it starts.
+    /// A follower promised, by acknowledging a leader's heartbeat, not to
+    /// vote for anyone else for an election timeout (raft-rs ignores votes
+    /// while it has heard from a leader within that time, with check_quorum);
+    /// a lease-mode leader relies on it. A restarted node has forgotten that
+    /// promise, so it refuses every vote for an election timeout after it
+    /// starts. In every mode, as read_mode is per node: a read_index node may
+    /// serve a lease-mode leader. It costs nothing, as raft-rs waits at least
+    /// that long before it campaigns itself.
     fn refuses_vote(&self, msg: &::raft::prelude::Message) -> bool {
         use ::raft::prelude::MessageType;
         let vote = matches!(
@@ -692,7 +705,7 @@ impl Node {
             tracing::debug!(
                 node_id = self.id,
                 from = msg.from,
-                "vote refused: started less than an election timeout ago (lease mode)"
+                "vote refused: started less than an election timeout ago"
             );
         }
         refuse
@@ -1501,6 +1514,8 @@ impl Node {
                     to = t,
                     "handing over: transferring leadership"
                 );
+                self.lease_forbidden_term = self.raw.raft.term;
+                self.lease_until = None;
                 self.raw.transfer_leader(t);
             }
             // Single voter: nobody to hand to; the trim alone avoids holes.
