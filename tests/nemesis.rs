@@ -55,6 +55,15 @@ async fn shift_clock(c: &Cluster, id: u64, clock_offset_ms: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nemesis_keeps_every_invariant() {
+    nemesis("read_index").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nemesis_keeps_every_invariant_with_leader_leases() {
+    nemesis("lease").await;
+}
+
+async fn nemesis(read_mode: &str) {
     let secs = env_u64("SEQD_NEMESIS_SECS").unwrap_or(20);
     let seed = env_u64("SEQD_NEMESIS_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -63,10 +72,15 @@ async fn nemesis_keeps_every_invariant() {
             .unwrap_or(1)
             | 1
     });
-    eprintln!("nemesis: seed {seed}, {secs} s (repeat with SEQD_NEMESIS_SEED={seed})");
+    eprintln!(
+        "nemesis ({read_mode}): seed {seed}, {secs} s (repeat with SEQD_NEMESIS_SEED={seed})"
+    );
     let mut rng = Rng(seed);
 
-    let mut c = Cluster::start_netns(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    let raft = format!(
+        "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2\nread_mode = \"{read_mode}\""
+    );
+    let mut c = Cluster::start_netns(3, &raft);
     c.wait_leader(Duration::from_secs(20)).await;
     for id in 1..=3 {
         c.wait_status(id, Duration::from_secs(20), "issuing IDs", |s| s.ids_active)
@@ -150,7 +164,7 @@ async fn nemesis_keeps_every_invariant() {
         .map(|(k, n)| format!("{n} {k}"))
         .collect();
     eprintln!(
-        "nemesis: faults: {}; {} calls, {numbers} numbers and {} ids checked, {} client errors; violations: I1/I2 0 (checked above), I5 {duplicates}",
+        "nemesis ({read_mode}): faults: {}; {} calls, {numbers} numbers and {} ids checked, {} client errors; violations: I1/I2 0 (checked above), I5 {duplicates}",
         injected.join(", "),
         ops.len(),
         ids.len(),
