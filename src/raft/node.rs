@@ -699,8 +699,7 @@ impl Node {
             msg.get_msg_type(),
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
         );
-        let refuse =
-            vote && self.lease.is_some() && self.time.now() < self.started + self.election_timeout;
+        let refuse = vote && self.time.now() < self.started + self.election_timeout;
         if refuse {
             tracing::debug!(
                 node_id = self.id,
