@@ -97,6 +97,23 @@ fn assert_clean(reports: &[SimReport]) {
     assert!(reports.iter().all(|r| r.calls > 0 && r.ids > 0));
 }
 
+/// Seeds whose run reported an I2 violation (printed, with an example).
+fn seeds_reporting_i2(reports: &[SimReport]) -> Vec<u64> {
+    let caught: Vec<(u64, &String)> = reports
+        .iter()
+        .filter_map(|r| {
+            let v = r.violations.iter().find(|v| v.starts_with("I2"))?;
+            Some((r.seed, v))
+        })
+        .collect();
+    let seeds: Vec<u64> = caught.iter().map(|(seed, _)| *seed).collect();
+    println!("I2 violations found by seeds {seeds:?}");
+    if let Some((_, v)) = caught.first() {
+        println!("for example: {v}");
+    }
+    seeds
+}
+
 #[test]
 fn three_nodes_keep_the_invariants_under_the_nemesis() {
     let reports = run_all(&seeds(1..=16, 0), &config(3));
@@ -147,12 +164,7 @@ fn a_lease_that_outlives_the_promise_is_caught() {
     cfg.lease = true;
     cfg.break_lease = true;
     let reports = run_all(&seeds(201..=216, 200_000), &cfg);
-    let caught: Vec<u64> = reports
-        .iter()
-        .filter(|r| r.violations.iter().any(|v| v.starts_with("I2")))
-        .map(|r| r.seed)
-        .collect();
-    println!("I2 violations found by seeds {caught:?}");
+    let caught = seeds_reporting_i2(&reports);
     assert!(!caught.is_empty(), "no seed caught the stretched lease");
 }
 
@@ -164,15 +176,7 @@ fn a_broken_leadership_check_is_caught() {
     let mut cfg = config(3);
     cfg.break_leadership_check = true;
     let reports = run_all(&seeds(1..=16, 0), &cfg);
-    let caught: Vec<u64> = reports
-        .iter()
-        .filter(|r| r.violations.iter().any(|v| v.starts_with("I2")))
-        .map(|r| r.seed)
-        .collect();
-    println!("I2 violations found by seeds {caught:?}");
-    if let Some(r) = reports.iter().find(|r| caught.contains(&r.seed)) {
-        println!("for example: {}", r.violations[0]);
-    }
+    let caught = seeds_reporting_i2(&reports);
     assert!(
         !caught.is_empty(),
         "no seed caught the broken leadership check"

@@ -714,13 +714,13 @@ impl Node {
         if self.unconfirmed.is_empty() || !self.core.is_serving() {
             return;
         }
-        if self.reads.len() >= MAX_READ_ROUNDS && !self.skip_leadership_check {
-            return;
-        }
         if self.skip_leadership_check {
             for call in std::mem::take(&mut self.unconfirmed) {
                 self.serve(call);
             }
+            return;
+        }
+        if self.reads.len() >= MAX_READ_ROUNDS {
             return;
         }
         let calls = std::mem::take(&mut self.unconfirmed);
