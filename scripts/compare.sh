@@ -3,7 +3,7 @@
 # machine: installs what is missing, builds seqd (release) and the bench
 # crate, then runs `seqcompare` with any arguments given here, e.g.
 #
-#   ./scripts/compare.sh                          # everything, about 4-5 minutes
+#   ./scripts/compare.sh                          # everything, about 8 minutes
 #   ./scripts/compare.sh --seconds 2 --workloads next,batch --dist zipf
 #   ./scripts/compare.sh --help
 #

@@ -18,3 +18,14 @@ echo "== cargo test"
 # variable, not --test-threads: the criterion bench, run once in test mode,
 # takes no such flag.)
 RUST_TEST_THREADS=1 cargo test --all-targets
+
+# The comparison harness is its own workspace (no RocksDB); built from its
+# directory so its .cargo/config.toml points etcd-client at the vendored
+# protoc.
+echo "== bench/: fmt, clippy, test"
+(
+    cd bench
+    cargo fmt -- --check
+    cargo clippy --all-targets --locked -- -D warnings
+    cargo test --locked
+)

@@ -55,6 +55,19 @@ pub struct Args {
     /// Warm-up seconds before each measurement, excluded from the figures.
     #[arg(long, default_value_t = 2)]
     pub warmup_seconds: u64,
+    /// After each closed-loop run, an open-loop run at this fraction of the
+    /// calls/s that run reached (0: none): latency at a load the target keeps
+    /// up with, as DESIGN.md's "p99 at half of peak" asks.
+    #[arg(long, default_value_t = 0.5)]
+    pub open_loop_fraction: f64,
+    /// Callers of the open-loop runs: how many calls may be in flight at
+    /// once. More than --callers, so that the harness does not queue calls
+    /// a real frontend would have sent (the arrival rate sets the load).
+    #[arg(long, default_value_t = 256)]
+    pub open_loop_callers: usize,
+    /// Measured seconds of each open-loop run (after a 1 s warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub open_loop_seconds: u64,
     /// Distinct keys.
     #[arg(long, default_value_t = 10_000)]
     pub keys: u64,
@@ -78,6 +91,10 @@ pub struct Args {
     /// Redis multiplexed connections, etcd clients); caller i uses i mod N.
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
+    /// seqd client library: coalesced RPCs on the wire at once per
+    /// namespace (`ClientOptions::max_in_flight`; 0: one RPC per call).
+    #[arg(long, default_value_t = seqd::client::ClientOptions::default().max_in_flight)]
+    pub max_in_flight: usize,
     /// Seed of the callers' key choices (caller i uses seed + i).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -102,6 +119,17 @@ impl Args {
         }
         if self.seconds == 0 {
             return Err("--seconds must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.open_loop_fraction) {
+            return Err("--open-loop-fraction must be between 0 (no open-loop run) and 1".into());
+        }
+        if self.open_loop_fraction > 0.0 && self.open_loop_seconds == 0 {
+            return Err(
+                "--open-loop-seconds must be at least 1 (or --open-loop-fraction 0)".into(),
+            );
+        }
+        if self.open_loop_fraction > 0.0 && self.open_loop_callers == 0 {
+            return Err("--open-loop-callers must be at least 1".into());
         }
         if self.keys == 0 {
             return Err("--keys must be at least 1".into());

@@ -1,10 +1,16 @@
-//! Closed-loop load: N callers, each with one call in flight, for a warm-up
-//! and then a measured window. Only calls that complete inside the window
-//! count, so throughput is completions per second of the window.
+//! Load: closed loop (N callers, each with one call in flight, for a warm-up
+//! and then a measured window; only calls that complete inside the window
+//! count, so throughput is completions per second of the window) and open
+//! loop (calls due at a fixed rate, latency from when each was due).
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::Sender;
+use tokio::sync::Semaphore;
 
 use hdrhistogram::Histogram;
 
@@ -76,6 +82,24 @@ impl Measurement {
         }
     }
 
+    /// Counts one call that took `took`.
+    fn record(&mut self, result: Result<Done, String>, took: Duration) {
+        match result {
+            Ok(done) => {
+                self.calls += 1;
+                self.numbers += done.numbers;
+                self.retries += u64::from(done.retries);
+                self.latency_us.saturating_record(micros(took));
+            }
+            Err(e) => {
+                self.errors += 1;
+                if self.error_kinds.len() < MAX_ERROR_KINDS || self.error_kinds.contains_key(&e) {
+                    *self.error_kinds.entry(e).or_default() += 1;
+                }
+            }
+        }
+    }
+
     /// Latency at quantile `q`, in milliseconds.
     pub fn quantile_ms(&self, q: f64) -> f64 {
         self.latency_us.value_at_quantile(q) as f64 / 1000.0
@@ -124,28 +148,155 @@ async fn caller_loop<C: Caller>(mut c: C, (from, until): (Instant, Instant)) -> 
         };
         let t1 = Instant::now();
         let counted = t1 >= from && t1 <= until;
-        match result {
-            Ok(done) if counted => {
-                m.calls += 1;
-                m.numbers += done.numbers;
-                m.retries += u64::from(done.retries);
-                let us = (t1 - t0).as_micros().max(1);
-                m.latency_us
-                    .saturating_record(u64::try_from(us).unwrap_or(u64::MAX));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if counted {
-                    m.errors += 1;
-                    if m.error_kinds.len() < MAX_ERROR_KINDS || m.error_kinds.contains_key(&e) {
-                        *m.error_kinds.entry(e).or_default() += 1;
-                    }
-                }
-                tokio::time::sleep(ERROR_PAUSE).await;
-            }
+        let failed = result.is_err();
+        if counted {
+            m.record(result, t1 - t0);
+        }
+        if failed {
+            tokio::time::sleep(ERROR_PAUSE).await;
         }
     }
     m
+}
+
+/// What an open-loop run measured: the calls as [`Measurement`] (latency
+/// from when each call was sent, waits for a free caller included, see
+/// [`drive_open`]), plus how well the schedule was kept.
+#[derive(Debug)]
+pub struct OpenMeasurement {
+    /// Calls per second the schedule asked for.
+    pub offered_per_s: f64,
+    pub m: Measurement,
+    /// Counted calls that found every caller busy, so waited for one (and
+    /// that wait is in their latency).
+    pub behind: u64,
+    /// How late the dispatcher sent calls against the schedule, in µs (the
+    /// harness's imprecision; not part of the latency).
+    pub dispatch_late_us: Histogram<u64>,
+}
+
+/// Shortest sleep of the open-loop dispatcher.
+const MIN_SLEEP: Duration = Duration::from_micros(100);
+
+/// The callers of an open-loop run: a call takes a free one, waiting in
+/// line (the semaphore is fair) when all are busy.
+struct Pool<C> {
+    free: std::sync::Mutex<Vec<C>>,
+    permits: Semaphore,
+    /// Every counted call's outcome.
+    m: std::sync::Mutex<Measurement>,
+    behind: AtomicU64,
+}
+
+/// Open loop: calls are due at a fixed `rate` (calls/s) whatever the target
+/// does, as with many independent users, and `callers` are the connections
+/// free to make them; calls in the first `warmup` are not counted. A
+/// dispatcher thread sends each call when due (std's sleep has tens of
+/// microseconds of precision where tokio's timer has a millisecond, which
+/// would bunch calls into bursts) as a task that takes a free caller. Its
+/// latency runs from when it was sent, waiting for a free caller included,
+/// so a stalled target is charged for the calls that queue behind it (no
+/// coordinated omission). How late the dispatcher itself sent calls is
+/// reported apart.
+pub async fn drive_open<C: Caller>(
+    callers: Vec<C>,
+    rate: f64,
+    warmup: Duration,
+    measure: Duration,
+) -> OpenMeasurement {
+    let pool = Arc::new(Pool {
+        permits: Semaphore::new(callers.len()),
+        free: std::sync::Mutex::new(callers),
+        m: std::sync::Mutex::new(Measurement::empty()),
+        behind: AtomicU64::new(0),
+    });
+    let rt = tokio::runtime::Handle::current();
+    // Every call task holds a clone of `done`; once the dispatcher has
+    // dropped the original and every task has ended, `recv` returns None.
+    let (done, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+    let dispatcher = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let (from, until) = (start + warmup, start + warmup + measure);
+            let mut late_us = new_histogram();
+            let mut k: u32 = 0;
+            loop {
+                let due = start + interval * k;
+                if due >= until {
+                    break;
+                }
+                let now = Instant::now();
+                if due > now {
+                    // At high rates, wake once per MIN_SLEEP and send what
+                    // fell due meanwhile: a sleep per call would cost the
+                    // harness more CPU than the calls (its lateness is
+                    // measured below either way).
+                    std::thread::sleep((due - now).max(MIN_SLEEP));
+                    continue;
+                }
+                let counted = due >= from;
+                if counted {
+                    late_us.saturating_record(micros(now - due));
+                }
+                rt.spawn(open_call(pool.clone(), counted, done.clone()));
+                k += 1;
+            }
+            late_us
+        })
+    };
+    let dispatch_late_us = match tokio::task::spawn_blocking(move || dispatcher.join()).await {
+        Ok(Ok(h)) => h,
+        _ => new_histogram(),
+    };
+    let _ = all_done.recv().await;
+    let mut m = std::mem::replace(&mut *lock(&pool.m), Measurement::empty());
+    m.seconds = measure.as_secs_f64();
+    OpenMeasurement {
+        offered_per_s: rate,
+        m,
+        behind: pool.behind.load(Ordering::Relaxed),
+        dispatch_late_us,
+    }
+}
+
+async fn open_call<C: Caller>(pool: Arc<Pool<C>>, counted: bool, _done: Sender<()>) {
+    let sent = Instant::now();
+    let permit = match pool.permits.try_acquire() {
+        Ok(p) => p,
+        Err(_) => {
+            if counted {
+                pool.behind.fetch_add(1, Ordering::Relaxed);
+            }
+            pool.permits
+                .acquire()
+                .await
+                .expect("semaphore never closed")
+        }
+    };
+    let mut caller = lock(&pool.free)
+        .pop()
+        .expect("a permit means a free caller");
+    let result = match tokio::time::timeout(CALL_TIMEOUT, caller.call()).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+    };
+    let took = sent.elapsed();
+    lock(&pool.free).push(caller);
+    drop(permit);
+    if counted {
+        lock(&pool.m).record(result, took);
+    }
+}
+
+/// Locks a mutex whose holders never panic while holding it.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros().max(1)).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -184,5 +335,74 @@ mod tests {
         assert_eq!(m.error_kinds.get("boom"), Some(&m.errors));
         assert!(m.quantile_ms(0.5) >= 1.0);
         assert_eq!(m.seconds, 0.2);
+    }
+
+    /// Answers after 1 ms, except that its `stall_at`-th call takes 300 ms.
+    struct Staller {
+        calls: Arc<AtomicU64>,
+        stall_at: u64,
+    }
+
+    impl Caller for Staller {
+        async fn call(&mut self) -> Result<Done, String> {
+            let n = self.calls.fetch_add(1, Ordering::Relaxed);
+            let ms = if n == self.stall_at { 300 } else { 1 };
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(Done {
+                numbers: 1,
+                retries: 0,
+            })
+        }
+    }
+
+    fn stallers(n: usize, stall_at: u64) -> Vec<Staller> {
+        let calls = Arc::new(AtomicU64::new(0));
+        (0..n)
+            .map(|_| Staller {
+                calls: calls.clone(),
+                stall_at,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn open_loop_sends_at_the_rate_asked_whatever_the_latency() {
+        let o = drive_open(
+            stallers(4, u64::MAX),
+            400.0,
+            Duration::from_millis(100),
+            Duration::from_millis(500),
+        )
+        .await;
+        // 400/s over 0.5 s: exactly the 200 calls due in the window.
+        assert_eq!(o.m.calls, 200);
+        assert_eq!(o.m.errors, 0);
+        assert_eq!(o.offered_per_s, 400.0);
+        assert!(o.m.quantile_ms(0.5) >= 1.0);
+        assert!(
+            o.m.quantile_ms(0.99) < 100.0,
+            "p99 {}",
+            o.m.quantile_ms(0.99)
+        );
+    }
+
+    #[tokio::test]
+    async fn open_loop_charges_a_stall_to_the_calls_queued_behind_it() {
+        // One caller at 200/s: the 300 ms stall holds up ~60 calls that were
+        // due meanwhile. A closed loop would see one slow call; the open loop
+        // must see every queued call wait.
+        let o = drive_open(
+            stallers(1, 40),
+            200.0,
+            Duration::from_millis(50),
+            Duration::from_millis(1000),
+        )
+        .await;
+        assert_eq!(o.m.calls, 200);
+        assert!(o.behind >= 50, "behind {}", o.behind);
+        assert!(o.m.max_ms() >= 300.0, "max {}", o.m.max_ms());
+        // ~60 of 200 calls queued behind the stall: p90 is far above 1 ms.
+        let p90 = o.m.quantile_ms(0.90);
+        assert!(p90 >= 50.0, "p90 {p90}");
     }
 }

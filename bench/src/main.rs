@@ -25,7 +25,7 @@ use serde_json::json;
 use cli::{Args, Dist, Op, TargetKind};
 use keys::{KeyDist, KeyPicker};
 use process::{find_program, fs_type, version_line};
-use report::{Row, Status};
+use report::{OpenLoopRow, Row, Status};
 use targets::{Programs, Target};
 
 fn main() -> ExitCode {
@@ -161,7 +161,12 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
                 .count()
         })
         .sum();
-    let per_run = args.warmup_seconds + args.seconds;
+    let open_run = if args.open_loop_fraction > 0.0 {
+        OPEN_LOOP_WARMUP.as_secs() + args.open_loop_seconds
+    } else {
+        0
+    };
+    let per_run = args.warmup_seconds + args.seconds + open_run;
     eprintln!(
         "seqcompare: {runs} runs of {}+{} s ({} callers, {} keys, {}); about {} s plus target start-up",
         args.warmup_seconds,
@@ -206,8 +211,14 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             done += 1;
             match measure_one(kind, &mut target, args, w, &dist).await {
                 Ok(row) => {
+                    let open = row.open_loop.as_ref().map_or_else(String::new, |o| {
+                        format!(
+                            "; open loop at {:.0}/s: p99 {:.3} ms, p999 {:.3} ms",
+                            o.offered_per_s, o.p99_ms, o.p999_ms
+                        )
+                    });
                     eprintln!(
-                        "[{done}/{runs}] {w:<10} {kind:<12} {:>12.0} calls/s  p99 {:.3} ms  errors {}",
+                        "[{done}/{runs}] {w:<10} {kind:<12} {:>12.0} calls/s  p99 {:.3} ms  errors {}{open}",
                         row.calls_per_s, row.p99_ms, row.errors
                     );
                     rows.push(row);
@@ -233,7 +244,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
 
     println!();
     println!(
-        "seqcompare: {} callers, {} keys ({}), count {}, fanout {}, namespace {:?}, {} s measured after {} s warm-up, {} connection(s) per node",
+        "seqcompare: {} callers, {} keys ({}), count {}, fanout {}, namespace {:?}, {} s measured after {} s warm-up, {} connection(s) per node, seqd client max_in_flight {}",
         args.callers,
         args.keys,
         dist_name(args),
@@ -242,7 +253,8 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         args.namespace,
         args.seconds,
         args.warmup_seconds,
-        args.connections
+        args.connections,
+        args.max_in_flight
     );
     println!("latency: per call, from send to reply; ratios: calls/s over seqd's, same workload, same run");
     let versions = [
@@ -261,6 +273,22 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
     }
     println!();
     print!("{}", report::table(&rows));
+    let open = report::open_loop_table(&rows);
+    if !open.is_empty() {
+        println!();
+        println!(
+            "open loop: calls due at {:.0}% of each row's calls/s above, {} s after {} s warm-up, \
+             up to {} in flight; latency from when a call was sent, waiting for a free caller \
+             included (\"behind\": calls that found every caller busy; \"sent late\": the \
+             harness's own lateness against the schedule, not in the latency)",
+            args.open_loop_fraction * 100.0,
+            args.open_loop_seconds,
+            OPEN_LOOP_WARMUP.as_secs(),
+            args.open_loop_callers
+        );
+        println!();
+        print!("{open}");
+    }
 
     let doc = json!({
         "tool": "seqcompare",
@@ -277,7 +305,12 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "fanout": args.fanout,
             "namespace": args.namespace,
             "connections": args.connections,
+            "max_in_flight": args.max_in_flight,
             "seed": args.seed,
+            "open_loop_fraction": args.open_loop_fraction,
+            "open_loop_seconds": args.open_loop_seconds,
+            "open_loop_callers": args.open_loop_callers,
+            "open_loop_warmup_seconds": OPEN_LOOP_WARMUP.as_secs(),
         },
         "programs": {
             "seqd": versions[0].as_ref().map(|(_, p, v)| json!({"path": p, "version": v, "debug_build": seqd_debug})),
@@ -320,12 +353,12 @@ async fn measure_one(
     target
         .prepare(Duration::from_secs(args.start_timeout))
         .await?;
-    // Caller i gets seed + i on every target: all see the same keys.
-    let pickers = (0..args.callers)
-        .map(|i| KeyPicker::new(dist.clone(), args.seed.wrapping_add(i as u64)))
-        .collect();
     let callers = target
-        .callers(Op::of(workload, args), args, pickers)
+        .callers(
+            Op::of(workload, args),
+            args,
+            pickers(args.callers, args, dist),
+        )
         .await
         .context("cannot connect the callers")?;
     let m = driver::drive(
@@ -335,7 +368,40 @@ async fn measure_one(
     )
     .await;
     target.check_alive()?;
-    Ok(Row::measured(workload, kind, m))
+    let mut row = Row::measured(workload, kind, m);
+    if args.open_loop_fraction > 0.0 && row.calls_per_s > 0.0 {
+        let rate = args.open_loop_fraction * row.calls_per_s;
+        let callers = target
+            .callers(
+                Op::of(workload, args),
+                args,
+                pickers(args.open_loop_callers, args, dist),
+            )
+            .await
+            .context("cannot connect the open-loop callers")?;
+        let o = driver::drive_open(
+            callers,
+            rate,
+            OPEN_LOOP_WARMUP,
+            Duration::from_secs(args.open_loop_seconds),
+        )
+        .await;
+        target.check_alive()?;
+        row.open_loop = Some(OpenLoopRow::new(args.open_loop_fraction, o));
+    }
+    Ok(row)
+}
+
+/// Warm-up of an open-loop run (the target is already warm from the closed
+/// run before it).
+const OPEN_LOOP_WARMUP: Duration = Duration::from_secs(1);
+
+/// One key picker for each of `n` callers; caller i gets seed + i on every
+/// target, so all see the same keys.
+fn pickers(n: usize, args: &Args, dist: &KeyDist) -> Vec<KeyPicker> {
+    (0..n)
+        .map(|i| KeyPicker::new(dist.clone(), args.seed.wrapping_add(i as u64)))
+        .collect()
 }
 
 fn write_json(path: &Path, doc: &serde_json::Value) -> Result<()> {

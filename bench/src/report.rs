@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cli::{TargetKind, Workload};
-use crate::driver::Measurement;
+use crate::driver::{Measurement, OpenMeasurement};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,6 +51,52 @@ pub struct Row {
     /// Distinct error messages seen, with counts (at most a few).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub error_kinds: BTreeMap<String, u64>,
+    /// The open-loop run at a fraction of this row's calls/s, if one ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_loop: Option<OpenLoopRow>,
+}
+
+/// An open-loop run: calls due at `offered_per_s`, latency from when each
+/// was due.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenLoopRow {
+    /// Of the closed-loop row's calls/s.
+    pub fraction: f64,
+    pub offered_per_s: f64,
+    pub calls_per_s: f64,
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// Share of calls that found every caller busy and waited for one.
+    pub behind_schedule: f64,
+    /// p99 of how late the harness's dispatcher sent calls against the
+    /// schedule (not part of the latency figures).
+    pub dispatch_late_p99_ms: f64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_kinds: BTreeMap<String, u64>,
+}
+
+impl OpenLoopRow {
+    pub fn new(fraction: f64, o: OpenMeasurement) -> Self {
+        let m = &o.m;
+        let q = |q| if m.calls > 0 { m.quantile_ms(q) } else { 0.0 };
+        let due = (m.calls + m.errors).max(1);
+        Self {
+            fraction,
+            offered_per_s: o.offered_per_s,
+            calls_per_s: m.calls as f64 / m.seconds,
+            errors: m.errors,
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+            p999_ms: q(0.999),
+            max_ms: if m.calls > 0 { m.max_ms() } else { 0.0 },
+            behind_schedule: o.behind as f64 / due as f64,
+            dispatch_late_p99_ms: o.dispatch_late_us.value_at_quantile(0.99) as f64 / 1000.0,
+            error_kinds: o.m.error_kinds,
+        }
+    }
 }
 
 impl Row {
@@ -75,6 +121,7 @@ impl Row {
             vs_seqd_3node: None,
             vs_seqd_1node: None,
             error_kinds: BTreeMap::new(),
+            open_loop: None,
         }
     }
 
@@ -201,6 +248,61 @@ pub fn table(rows: &[Row]) -> String {
             notes.push(format!("{} / {}: {n} x {e}", r.workload, r.target));
         }
     }
+    let mut out = render(&header, &cells, &[0, 1, header.len() - 1]);
+    push_notes(&mut out, &notes);
+    out
+}
+
+/// The open-loop runs' table (rows without one are left out), with notes.
+pub fn open_loop_table(rows: &[Row]) -> String {
+    let header = [
+        "workload",
+        "target",
+        "offered/s",
+        "calls/s",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "max ms",
+        "errors",
+        "behind",
+        "sent late p99 ms",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let mut notes = Vec::new();
+    for r in rows {
+        let Some(o) = &r.open_loop else { continue };
+        cells.push(vec![
+            r.workload.clone(),
+            r.target.clone(),
+            thousands(o.offered_per_s),
+            thousands(o.calls_per_s),
+            format!("{:.3}", o.p50_ms),
+            format!("{:.3}", o.p99_ms),
+            format!("{:.3}", o.p999_ms),
+            format!("{:.3}", o.max_ms),
+            o.errors.to_string(),
+            format!("{:.1}%", o.behind_schedule * 100.0),
+            format!("{:.3}", o.dispatch_late_p99_ms),
+        ]);
+        for (e, n) in &o.error_kinds {
+            notes.push(format!(
+                "{} / {} (open loop): {n} x {e}",
+                r.workload, r.target
+            ));
+        }
+    }
+    if cells.len() == 1 {
+        return String::new();
+    }
+    let mut out = render(&header, &cells, &[0, 1]);
+    push_notes(&mut out, &notes);
+    out
+}
+
+/// Aligned columns: the columns in `left` left-aligned, the rest (figures)
+/// right-aligned; a rule under the header.
+fn render(header: &[&str], cells: &[Vec<String>], left: &[usize]) -> String {
     let widths: Vec<usize> = (0..header.len())
         .map(|c| {
             cells
@@ -214,8 +316,7 @@ pub fn table(rows: &[Row]) -> String {
     for (i, line) in cells.iter().enumerate() {
         let mut text = String::new();
         for (c, cell) in line.iter().enumerate() {
-            // Names and durability left-aligned, figures right-aligned.
-            if c < 2 || c == header.len() - 1 {
+            if left.contains(&c) {
                 let _ = write!(text, "{cell:<w$}  ", w = widths[c]);
             } else {
                 let _ = write!(text, "{cell:>w$}  ", w = widths[c]);
@@ -229,13 +330,16 @@ pub fn table(rows: &[Row]) -> String {
             out.push('\n');
         }
     }
+    out
+}
+
+fn push_notes(out: &mut String, notes: &[String]) {
     if !notes.is_empty() {
         out.push_str("\nnotes:\n");
         for n in notes {
             let _ = writeln!(out, "  {n}");
         }
     }
-    out
 }
 
 #[cfg(test)]

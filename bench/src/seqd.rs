@@ -57,7 +57,7 @@ impl SeqdCluster {
         n: usize,
         base: &Path,
         connections: usize,
-        library_client: bool,
+        library_client: Option<seqd::client::ClientOptions>,
         lease: bool,
         timeout: Duration,
     ) -> Result<Self> {
@@ -97,12 +97,11 @@ impl SeqdCluster {
             }
             channels.push(per_node);
         }
-        let client = if library_client {
-            let client = seqd::client::Client::new(&addrs, seqd::client::ClientOptions::default())
-                .map_err(|e| anyhow!("seqd client: {e}"))?;
-            Some(Arc::new(client))
-        } else {
-            None
+        let client = match library_client {
+            Some(opts) => Some(Arc::new(
+                seqd::client::Client::new(&addrs, opts).map_err(|e| anyhow!("seqd client: {e}"))?,
+            )),
+            None => None,
         };
         let mut cluster = Self {
             nodes,

@@ -51,7 +51,10 @@ impl Target {
                         n,
                         base,
                         args.connections,
-                        kind != TargetKind::Seqd3Raw,
+                        (kind != TargetKind::Seqd3Raw).then(|| seqd::client::ClientOptions {
+                            max_in_flight: args.max_in_flight,
+                            ..seqd::client::ClientOptions::default()
+                        }),
                         kind == TargetKind::Seqd3Lease,
                         timeout,
                     )
