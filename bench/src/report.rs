@@ -253,6 +253,10 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+/// Dispatch lateness (p99) above which an open-loop row's latency is
+/// flagged as not the target's alone.
+const LATE_HARNESS_MS: f64 = 1.0;
+
 /// The open-loop runs' table (rows without one are left out), with notes.
 pub fn open_loop_table(rows: &[Row]) -> String {
     let header = [
@@ -285,6 +289,13 @@ pub fn open_loop_table(rows: &[Row]) -> String {
             format!("{:.1}%", o.behind_schedule * 100.0),
             format!("{:.3}", o.dispatch_late_p99_ms),
         ]);
+        if o.dispatch_late_p99_ms > LATE_HARNESS_MS {
+            notes.push(format!(
+                "{} / {} (open loop): the harness fell behind its schedule (sent late p99 {:.1} ms), \
+                 so calls left in bursts: this row's latency is the harness's as much as the target's",
+                r.workload, r.target, o.dispatch_late_p99_ms
+            ));
+        }
         for (e, n) in &o.error_kinds {
             notes.push(format!(
                 "{} / {} (open loop): {n} x {e}",
@@ -367,6 +378,37 @@ mod tests {
         assert_eq!(rows[2].vs_seqd_1node, Some(0.25));
         assert_eq!(rows[4].vs_seqd_3node, Some(0.1));
         assert_eq!(rows[4].vs_seqd_1node, None);
+    }
+
+    #[test]
+    fn open_loop_table_flags_a_harness_that_fell_behind() {
+        let open = |late_ms: f64| OpenLoopRow {
+            fraction: 0.5,
+            offered_per_s: 100.0,
+            calls_per_s: 100.0,
+            errors: 0,
+            p50_ms: 0.1,
+            p99_ms: 0.2,
+            p999_ms: 0.3,
+            max_ms: 0.4,
+            behind_schedule: 0.0,
+            dispatch_late_p99_ms: late_ms,
+            error_kinds: BTreeMap::new(),
+        };
+        let mut on_time = ok("next", TargetKind::Seqd3, 200.0);
+        on_time.open_loop = Some(open(0.2));
+        let mut late = ok("next", TargetKind::RedisNone, 400.0);
+        late.open_loop = Some(open(19.5));
+        let closed_only = ok("next", TargetKind::Etcd, 10.0);
+        let t = open_loop_table(&[on_time, late, closed_only]);
+        assert!(t.contains("seqd-3node"));
+        assert!(
+            !t.contains("etcd"),
+            "a row without an open-loop run is left out:\n{t}"
+        );
+        assert!(t.contains("next / redis-none (open loop): the harness fell behind"));
+        assert!(!t.contains("next / seqd-3node (open loop)"));
+        assert_eq!(open_loop_table(&[ok("next", TargetKind::Seqd1, 1.0)]), "");
     }
 
     #[test]
