@@ -680,7 +680,10 @@ impl Node {
         let (Some(lease), Some(until)) = (self.lease, self.lease_until) else {
             return;
         };
-        if self.reads.is_empty() && until.saturating_duration_since(self.time.now()) < lease / 2 {
+        if self.reads.is_empty()
+            && self.raw.raft.commit_to_current_term()
+            && until.saturating_duration_since(self.time.now()) < lease / 2
+        {
             self.send_read_round(Vec::new());
         }
     }
@@ -720,14 +723,18 @@ impl Node {
             }
             return;
         }
-        if self.reads.len() >= MAX_READ_ROUNDS {
+        if self.reads.len() >= MAX_READ_ROUNDS || !self.raw.raft.commit_to_current_term() {
             return;
         }
         let calls = std::mem::take(&mut self.unconfirmed);
         self.send_read_round(calls);
     }
 
+    /// Sends a ReadIndex round. Only once this term has committed an entry:
+    /// raft-rs drops a round asked for before that without a word, and the
+    /// round would then hold its place in `reads` until the term ends.
     fn send_read_round(&mut self, calls: Vec<Call>) {
+        debug_assert!(self.raw.raft.commit_to_current_term());
         let ctx = self.next_ctx;
         self.next_ctx += 1;
         self.raw.read_index(ctx.to_be_bytes().to_vec());
