@@ -118,6 +118,11 @@ pub enum IdError {
         behind_ms: u64,
         limit_ms: u64,
     },
+    /// Calls asked for more than the layout's IDs per millisecond for long
+    /// enough that the stamps ran as far ahead of the clock as a clock step
+    /// may be ridden; the clock itself is fine.
+    #[error("ID demand is above this node's {per_ms} IDs per millisecond: its stamps have run {ahead_ms} ms ahead of the clock, the most they may; retry after a pause, or spread calls over more nodes")]
+    OverCapacity { per_ms: u64, ahead_ms: u64 },
     #[error("the layout's time bits are exhausted")]
     LayoutExhausted,
 }
@@ -280,6 +285,14 @@ impl Issuer {
         if now_ms > ts {
             (ts, seq) = (now_ms, 0);
         } else if ts - now_ms > self.ride_limit(ts) {
+            // No step back seen and the cursor past the restart floor: the
+            // stamps got ahead by issuing more than per_ms a millisecond.
+            if step.is_none() && ts > self.floor_ms + 1 {
+                return Err(IdError::OverCapacity {
+                    per_ms: self.layout.per_ms(),
+                    ahead_ms: ts - now_ms,
+                });
+            }
             return Err(IdError::ClockBackwards {
                 by_ms: step.unwrap_or(ts - now_ms),
                 behind_ms: ts - now_ms,
@@ -330,6 +343,38 @@ mod tests {
         i.assign_worker(worker, floor);
         i.own_fence(fence);
         i
+    }
+
+    #[test]
+    fn demand_above_the_layout_is_over_capacity_not_a_clock_step() {
+        let now = EPOCH + 10_000;
+        let mut i = active(1, now - 1, now + 3_000);
+        let mut out = Vec::new();
+        // The clock stands still (no step back, just a burst within one ms):
+        // the stamps borrow from the next milliseconds, up to the ride limit.
+        let err = loop {
+            if let Err(e) = i.issue(now, 0, 4096, &mut out) {
+                break e;
+            }
+        };
+        // A whole ride limit (1,000 ms) of stamps was borrowed first.
+        assert_eq!(out.len(), 1_002 * 4096);
+        assert_eq!(
+            err,
+            IdError::OverCapacity {
+                per_ms: 4096,
+                ahead_ms: 1_001
+            }
+        );
+        assert!(err
+            .to_string()
+            .contains("above this node's 4096 IDs per millisecond"));
+        // Time passing lets it issue again, above everything issued.
+        let last = *out.last().unwrap();
+        i.issue(now + 2, 2, 1, &mut out).unwrap();
+        assert!(*out.last().unwrap() > last);
+        let unique: HashSet<u64> = out.iter().copied().collect();
+        assert_eq!(unique.len(), out.len());
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn id_status(e: IdError) -> Status {
     match e {
         IdError::NoWorker | IdError::FenceReached { .. } => Status::unavailable(e.to_string()),
         IdError::ClockBackwards { .. } => Status::failed_precondition(e.to_string()),
+        IdError::OverCapacity { .. } => Status::resource_exhausted(e.to_string()),
         IdError::LayoutExhausted => Status::resource_exhausted(e.to_string()),
     }
 }
