@@ -180,12 +180,15 @@ impl Client {
             }
         };
         if let Some(batch) = start {
-            // The slot is taken before the task exists: if spawning fails or
-            // the task never runs, dropping it still gives the slot back.
+            // The slot is taken before any task exists: however what drives
+            // it ends, dropping it gives the slot back (see `Slot`).
             let slot = Slot {
                 inner: self.inner.clone(),
                 namespace: namespace.to_string(),
+                released: false,
             };
+            // A task of its own, so that this caller giving up cannot take
+            // the answers of the callers riding with it.
             tokio::spawn(drive_lane(slot, batch));
         }
         answer.await.unwrap_or_else(|_| {
@@ -286,20 +289,57 @@ fn take_batch(queued: &mut Vec<Waiter>) -> Vec<Item> {
     items
 }
 
-/// Gives a lane's in-flight slot back however its driver ends: normally,
-/// or cancelled (its runtime shut down) or unwinding. Calls still queued
-/// with no driver left are failed rather than left waiting forever.
+/// One of a lane's in-flight slots, held by the driver task that sends its
+/// RPCs. It is given back by [`Slot::next_batch`] when nothing is left
+/// queued, in the same critical section that sees the queue empty: given
+/// back later, a call queued in between (while every slot looked busy)
+/// could find no driver left and be failed unsent. A slot dropped without
+/// that (its task cancelled, or unwinding) hands what is queued to a new
+/// driver, or, with no runtime left to run one, fails those calls rather
+/// than leave them waiting forever.
 struct Slot {
     inner: Arc<Inner>,
     namespace: String,
+    released: bool,
+}
+
+impl Slot {
+    /// The next batch this slot should send, or `None` after giving the
+    /// slot back because nothing is queued.
+    fn next_batch(&mut self) -> Option<Vec<Item>> {
+        let mut lanes = lock(&self.inner.lanes);
+        let lane = lanes.get_mut(&self.namespace)?;
+        if lane.queued.is_empty() {
+            lane.in_flight -= 1;
+            self.released = true;
+            return None;
+        }
+        Some(take_batch(&mut lane.queued))
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         let mut lanes = lock(&self.inner.lanes);
         let Some(lane) = lanes.get_mut(&self.namespace) else {
             return;
         };
+        if !lane.queued.is_empty() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let batch = take_batch(&mut lane.queued);
+                drop(lanes);
+                let heir = Slot {
+                    inner: self.inner.clone(),
+                    namespace: self.namespace.clone(),
+                    released: false,
+                };
+                rt.spawn(drive_lane(heir, batch));
+                return;
+            }
+        }
         lane.in_flight -= 1;
         if lane.in_flight == 0 {
             for w in lane.queued.drain(..) {
@@ -311,19 +351,15 @@ impl Drop for Slot {
     }
 }
 
-/// Sends `batch`, then whatever queued meanwhile, until the lane is empty;
-/// then gives its in-flight slot back (by dropping it).
-async fn drive_lane(slot: Slot, mut batch: Vec<Item>) {
+/// Sends `batch`, then whatever queued meanwhile, until the lane is empty
+/// and the slot given back.
+async fn drive_lane(mut slot: Slot, mut batch: Vec<Item>) {
     loop {
         slot.inner.serve_batch(&slot.namespace, batch).await;
-        let mut lanes = lock(&slot.inner.lanes);
-        let Some(lane) = lanes.get_mut(&slot.namespace) else {
-            return;
-        };
-        if lane.queued.is_empty() {
-            return;
+        match slot.next_batch() {
+            Some(more) => batch = more,
+            None => return,
         }
-        batch = take_batch(&mut lane.queued);
     }
 }
 
@@ -580,6 +616,88 @@ mod tests {
             count,
             reply: oneshot::channel().0,
         }
+    }
+
+    /// A client whose only node does not exist, giving up quickly, with
+    /// one call queued in `ns` and one slot in flight.
+    fn client_with_a_queued_call() -> (Client, oneshot::Receiver<Result<NextResponse, ClientError>>)
+    {
+        let opts = ClientOptions {
+            overall_timeout: Duration::from_millis(200),
+            attempt_timeout: Duration::from_millis(50),
+            backoff_min: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(20),
+            max_in_flight: 1,
+        };
+        let client = Client::new(&["127.0.0.1:1"], opts).unwrap();
+        let (reply, answer) = oneshot::channel();
+        let mut lanes = lock(&client.inner.lanes);
+        let lane = lanes.entry("ns".into()).or_default();
+        lane.in_flight = 1;
+        lane.queued.push(Waiter {
+            key: "k".into(),
+            count: 1,
+            reply,
+        });
+        drop(lanes);
+        (client, answer)
+    }
+
+    fn slot(client: &Client) -> Slot {
+        Slot {
+            inner: client.inner.clone(),
+            namespace: "ns".into(),
+            released: false,
+        }
+    }
+
+    fn in_flight(client: &Client) -> usize {
+        lock(&client.inner.lanes)["ns"].in_flight
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_given_back_only_when_nothing_is_queued() {
+        let (client, _answer) = client_with_a_queued_call();
+        let mut s = slot(&client);
+        let batch = s.next_batch().expect("the queued call");
+        assert_eq!(batch.len(), 1);
+        assert_eq!(in_flight(&client), 1, "still held while it has work");
+        assert!(s.next_batch().is_none());
+        assert_eq!(in_flight(&client), 0);
+        drop(s);
+        assert_eq!(in_flight(&client), 0, "given back once, not twice");
+    }
+
+    #[tokio::test]
+    async fn a_slot_dropped_with_calls_queued_hands_them_to_a_new_driver() {
+        let (client, answer) = client_with_a_queued_call();
+        drop(slot(&client));
+        // The heir sends the call: it fails for want of a server, after its
+        // retries, rather than being cancelled unsent.
+        match answer.await.expect("answered") {
+            Err(ClientError::Exhausted { .. }) => {}
+            other => panic!("expected the heir's failed attempts, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(in_flight(&client), 0);
+    }
+
+    #[test]
+    fn a_slot_dropped_without_a_runtime_fails_queued_calls() {
+        // Made in a runtime (the client's channels need one), dropped
+        // outside it, as when a runtime has shut down under a driver.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (client, mut answer) = rt.block_on(async { client_with_a_queued_call() });
+        drop(slot(&client));
+        let got = answer.try_recv().expect("answered at once");
+        assert!(
+            matches!(&got, Err(ClientError::Rejected(s)) if s.code() == Code::Cancelled),
+            "{got:?}"
+        );
+        assert_eq!(in_flight(&client), 0);
     }
 
     #[test]
