@@ -1,7 +1,7 @@
 //! Load: closed loop (N callers, each with one call in flight, for a warm-up
 //! and then a measured window; only calls that complete inside the window
 //! count, so throughput is completions per second of the window) and open
-//! loop (calls due at a fixed rate, latency from when each was due).
+//! loop (calls due at a fixed rate, latency from when each was sent).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -240,7 +240,7 @@ pub async fn drive_open<C: Caller>(
                 if counted {
                     late_us.saturating_record(micros(now - due));
                 }
-                rt.spawn(open_call(pool.clone(), counted, done.clone()));
+                rt.spawn(open_call(pool.clone(), now, counted, done.clone()));
                 k += 1;
             }
             late_us
@@ -261,8 +261,9 @@ pub async fn drive_open<C: Caller>(
     }
 }
 
-async fn open_call<C: Caller>(pool: Arc<Pool<C>>, counted: bool, _done: Sender<()>) {
-    let sent = Instant::now();
+/// One call, sent by the dispatcher at `sent`: its latency includes the
+/// wait for a runtime thread to poll it, as well as for a free caller.
+async fn open_call<C: Caller>(pool: Arc<Pool<C>>, sent: Instant, counted: bool, _done: Sender<()>) {
     let permit = match pool.permits.try_acquire() {
         Ok(p) => p,
         Err(_) => {

@@ -57,12 +57,15 @@ pub struct Row {
 }
 
 /// An open-loop run: calls due at `offered_per_s`, latency from when each
-/// was due.
+/// was sent (see `driver::drive_open`).
 #[derive(Debug, Clone, Serialize)]
 pub struct OpenLoopRow {
     /// Of the closed-loop row's calls/s.
     pub fraction: f64,
     pub offered_per_s: f64,
+    /// Calls due in the window that succeeded (whenever they ended), per
+    /// second of the window: the offered rate less errors, unless the
+    /// harness could not send them all.
     pub calls_per_s: f64,
     pub errors: u64,
     pub p50_ms: f64,

@@ -160,6 +160,10 @@ pub struct Issuer {
     /// Largest (wall clock − monotonic clock) seen: a wall clock that steps
     /// back shows as a drop below it, whatever time passed between calls.
     max_skew_ms: Option<i64>,
+    /// The previous call's skew: a step is reported once, when it happens.
+    last_skew_ms: Option<i64>,
+    /// Highest wall clock reading seen.
+    max_wall_ms: u64,
 }
 
 impl Issuer {
@@ -174,6 +178,8 @@ impl Issuer {
             floor_ms: 0,
             cursor: (0, 0),
             max_skew_ms: None,
+            last_skew_ms: None,
+            max_wall_ms: 0,
         }
     }
 
@@ -245,13 +251,40 @@ impl Issuer {
             .max(self.floor_ms + 1)
     }
 
-    /// How far the next stamp may run ahead of the wall clock.
-    fn ride_limit(&self, ts: u64) -> u64 {
-        if ts <= self.floor_ms + 1 {
-            // Still at the floor: a restart within a fence's reach.
-            self.fence_ahead_ms + self.ride_ms
+    /// How far the stamps may run ahead of the wall clock: `ride_ms`, plus
+    /// how far the floor lies ahead of the clock, up to a fence's reach
+    /// (right after a restart the floor, the last fence, may lie that far
+    /// ahead of a correct clock, and stamps start above it).
+    fn ride_limit(&self, now_ms: u64) -> u64 {
+        let floor_gap = (self.floor_ms + 1)
+            .saturating_sub(now_ms)
+            .min(self.fence_ahead_ms);
+        self.ride_ms + floor_gap
+    }
+
+    /// Why stamps at `ts` are too far ahead of `now_ms`: the clock fell
+    /// behind readings already seen (or, while the node was down, behind
+    /// its floor by more than a fence's reach), or calls asked for more
+    /// than the layout's IDs per millisecond. The larger share names it.
+    fn too_far_ahead(&self, ts: u64, now_ms: u64, step: Option<u64>) -> IdError {
+        let floor = self.floor_ms + 1;
+        let by_clock = self.max_wall_ms.saturating_sub(now_ms).max(
+            floor
+                .saturating_sub(now_ms)
+                .saturating_sub(self.fence_ahead_ms),
+        );
+        let by_demand = ts.saturating_sub(self.max_wall_ms.max(floor));
+        if by_demand > by_clock {
+            IdError::OverCapacity {
+                per_ms: self.layout.per_ms(),
+                ahead_ms: ts - now_ms,
+            }
         } else {
-            self.ride_ms
+            IdError::ClockBackwards {
+                by_ms: step.unwrap_or(ts - now_ms),
+                behind_ms: ts - now_ms,
+                limit_ms: self.ride_limit(now_ms),
+            }
         }
     }
 
@@ -274,8 +307,14 @@ impl Issuer {
             Some(max) if max - skew > 1 => Some((max - skew) as u64),
             _ => None,
         };
-        report.stepped_back_ms = step;
+        // Reported on the call that sees it, not on every call after.
+        report.stepped_back_ms = match self.last_skew_ms {
+            Some(last) if last - skew > 1 => step,
+            _ => None,
+        };
+        self.last_skew_ms = Some(skew);
         self.max_skew_ms = Some(self.max_skew_ms.map_or(skew, |m| m.max(skew)));
+        self.max_wall_ms = self.max_wall_ms.max(now_ms);
 
         let worker = match (self.worker, self.active) {
             (Some(w), true) => w,
@@ -284,20 +323,8 @@ impl Issuer {
         let (mut ts, mut seq) = self.cursor;
         if now_ms > ts {
             (ts, seq) = (now_ms, 0);
-        } else if ts - now_ms > self.ride_limit(ts) {
-            // No step back seen and the cursor past the restart floor: the
-            // stamps got ahead by issuing more than per_ms a millisecond.
-            if step.is_none() && ts > self.floor_ms + 1 {
-                return Err(IdError::OverCapacity {
-                    per_ms: self.layout.per_ms(),
-                    ahead_ms: ts - now_ms,
-                });
-            }
-            return Err(IdError::ClockBackwards {
-                by_ms: step.unwrap_or(ts - now_ms),
-                behind_ms: ts - now_ms,
-                limit_ms: self.ride_limit(ts),
-            });
+        } else if ts - now_ms > self.ride_limit(now_ms) {
+            return Err(self.too_far_ahead(ts, now_ms, step));
         } else if ts > now_ms {
             report.rode = true;
         }
@@ -375,6 +402,49 @@ mod tests {
         assert!(*out.last().unwrap() > last);
         let unique: HashSet<u64> = out.iter().copied().collect();
         assert_eq!(unique.len(), out.len());
+    }
+
+    #[test]
+    fn over_capacity_is_named_as_such_long_after_a_clock_step() {
+        let now = EPOCH + 10_000;
+        let mut i = active(1, 0, now + 10_000);
+        let mut out = Vec::new();
+        i.issue(now, 0, 1, &mut out).unwrap();
+        // A 50 ms step back, ridden, reported once.
+        let r = i.issue(now - 40, 10, 1, &mut out).unwrap();
+        assert_eq!(r.stepped_back_ms, Some(50));
+        let r = i.issue(now - 30, 20, 1, &mut out).unwrap();
+        assert_eq!(r.stepped_back_ms, None, "a step is reported once");
+        // Later, with the clock past every reading, a burst above the layout.
+        let later = now + 100;
+        let err = loop {
+            if let Err(e) = i.issue(later, 150, 4096, &mut out) {
+                break e;
+            }
+        };
+        assert!(matches!(err, IdError::OverCapacity { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_quick_restart_issues_more_than_one_millisecond_of_ids() {
+        // Restarted 1 s after its last fence renewal: the floor (that fence)
+        // is 2 s ahead of a correct clock, and stamps start above it.
+        let now = EPOCH + 10_000;
+        let mut i = active(1, now + 2_000, now + 5_000);
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            i.issue(now, 0, 4096, &mut out).unwrap();
+        }
+        let (ts, _, _) = layout().decode(*out.last().unwrap()).unwrap();
+        assert_eq!(ts, now + 2_100);
+        // Demand that outruns the ride limit above the floor is over
+        // capacity, not a clock step (the clock is fine).
+        let err = loop {
+            if let Err(e) = i.issue(now, 0, 4096, &mut out) {
+                break e;
+            }
+        };
+        assert!(matches!(err, IdError::OverCapacity { .. }), "{err:?}");
     }
 
     #[test]
