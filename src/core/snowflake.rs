@@ -372,6 +372,16 @@ mod tests {
         i
     }
 
+    /// Issues a millisecond's worth of IDs per call, with the clocks
+    /// standing still, until the issuer refuses; returns why.
+    fn issue_until_refused(i: &mut Issuer, now: u64, mono: u64, out: &mut Vec<u64>) -> IdError {
+        loop {
+            if let Err(e) = i.issue(now, mono, 4096, out) {
+                return e;
+            }
+        }
+    }
+
     #[test]
     fn demand_above_the_layout_is_over_capacity_not_a_clock_step() {
         let now = EPOCH + 10_000;
@@ -379,11 +389,7 @@ mod tests {
         let mut out = Vec::new();
         // The clock stands still (no step back, just a burst within one ms):
         // the stamps borrow from the next milliseconds, up to the ride limit.
-        let err = loop {
-            if let Err(e) = i.issue(now, 0, 4096, &mut out) {
-                break e;
-            }
-        };
+        let err = issue_until_refused(&mut i, now, 0, &mut out);
         // A whole ride limit (1,000 ms) of stamps was borrowed first.
         assert_eq!(out.len(), 1_002 * 4096);
         assert_eq!(
@@ -417,11 +423,7 @@ mod tests {
         assert_eq!(r.stepped_back_ms, None, "a step is reported once");
         // Later, with the clock past every reading, a burst above the layout.
         let later = now + 100;
-        let err = loop {
-            if let Err(e) = i.issue(later, 150, 4096, &mut out) {
-                break e;
-            }
-        };
+        let err = issue_until_refused(&mut i, later, 150, &mut out);
         assert!(matches!(err, IdError::OverCapacity { .. }), "{err:?}");
     }
 
@@ -439,11 +441,7 @@ mod tests {
         assert_eq!(ts, now + 2_100);
         // Demand that outruns the ride limit above the floor is over
         // capacity, not a clock step (the clock is fine).
-        let err = loop {
-            if let Err(e) = i.issue(now, 0, 4096, &mut out) {
-                break e;
-            }
-        };
+        let err = issue_until_refused(&mut i, now, 0, &mut out);
         assert!(matches!(err, IdError::OverCapacity { .. }), "{err:?}");
     }
 
