@@ -9,7 +9,7 @@ set -euo pipefail
 # The metrics test runs a real Prometheus; the compose test runs the cluster
 # in Docker (the engine itself comes with the machine); the nemesis puts
 # nodes in network namespaces (iproute2's `ip`).
-packages=(libclang-dev clang build-essential pkg-config prometheus docker-compose iproute2 "$@")
+packages=(libclang-dev clang build-essential pkg-config librocksdb-dev prometheus docker-compose iproute2 "$@")
 
 missing=()
 for p in "${packages[@]}"; do
