@@ -4,8 +4,8 @@
 # this file plus rootfs/ (binaries, libraries, the raft-config files).
 #
 # Elsewhere, with public images, a two-stage build works the same way:
-#   FROM rust:1-bookworm AS build   (apt-get install libclang-dev; cargo build --release)
-#   FROM debian:bookworm-slim       (COPY the two binaries to /usr/local/bin)
+#   FROM rust:1-bookworm AS build   (scripts/setup.sh; cargo build --release)
+#   FROM debian:bookworm-slim       (apt-get install librocksdb7.8; COPY the two binaries to /usr/local/bin)
 FROM scratch
 COPY rootfs/ /
 VOLUME ["/data"]

@@ -20,23 +20,26 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 caller_dir="$PWD"
 release_target=/var/cache/seqd-target-release
-bench_target=/var/cache/seqd-target-bench
 
 # The compared systems come from Debian. apt may start their system
 # services; seqcompare runs its own instances on other ports, so those do not
 # interfere.
 "$repo/scripts/setup.sh" redis-server etcd-server
 
+# One cargo run builds both: bench/ is a member of seqd's workspace, so the
+# dependencies they share compile once.
+cd "$repo"
+# etcd-client (a dependency of bench/) runs the `protoc` on PATH at build
+# time; bench/tools/protoc runs the one vendored from crates.io.
+export PATH="$PWD/bench/tools:$PATH"
 if [ "${SKIP_SEQD_BUILD:-0}" != 1 ]; then
-    echo "compare: building seqd (release; the first build compiles RocksDB, 10-20 minutes)"
-    (cd "$repo" && CARGO_TARGET_DIR="$release_target" cargo build --release --bin seqd)
+    echo "compare: building seqd and seqcompare (release; 3-4 minutes the first time on two cores)"
+    CARGO_TARGET_DIR="$release_target" cargo build --release --locked -p seqd --bin seqd -p seqd-bench --bin seqcompare
+else
+    echo "compare: building seqcompare (release)"
+    CARGO_TARGET_DIR="$release_target" cargo build --release --locked -p seqd-bench --bin seqcompare
 fi
 export SEQD_BIN="${SEQD_BIN:-$release_target/release/seqd}"
 
-# Built from bench/ so bench/.cargo/config.toml applies (it points
-# etcd-client's build at the vendored protoc).
-echo "compare: building seqcompare"
-(cd "$repo/bench" && CARGO_TARGET_DIR="$bench_target" cargo build --release --locked)
-
 cd "$caller_dir"
-exec "$bench_target/release/seqcompare" "$@"
+exec "$release_target/release/seqcompare" "$@"

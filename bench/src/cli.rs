@@ -49,11 +49,14 @@ pub struct Args {
     /// Concurrent callers per target (each one call in flight at a time).
     #[arg(long, default_value_t = 32)]
     pub callers: usize,
-    /// Measured seconds per (target, workload).
-    #[arg(long, default_value_t = 10)]
+    /// Measured seconds per (target, workload). The defaults keep a whole
+    /// run (25 rows) near four minutes, so that a fresh machine installs,
+    /// builds and compares within ten; `--seconds 10 --warmup-seconds 2
+    /// --open-loop-seconds 5` is the longer run the README's table used.
+    #[arg(long, default_value_t = 5)]
     pub seconds: u64,
     /// Warm-up seconds before each measurement, excluded from the figures.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub warmup_seconds: u64,
     /// After each closed-loop run, an open-loop run at this fraction of the
     /// calls/s that run reached (0: none): latency at a load the target keeps
@@ -66,7 +69,7 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub open_loop_callers: usize,
     /// Measured seconds of each open-loop run (after a 1 s warm-up).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     pub open_loop_seconds: u64,
     /// Distinct keys.
     #[arg(long, default_value_t = 10_000)]

@@ -22,15 +22,10 @@ use crate::driver::{Caller, Done};
 use crate::keys::KeyPicker;
 use crate::process::{clear_env_prefix, free_ports, ChildGuard};
 
-/// The client generated from ../proto/seqd/v1/api.proto by build.rs.
-pub mod pb {
-    tonic::include_proto!("seqd.v1");
-}
-
-use pb::admin_client::AdminClient;
-use pb::ids_client::IdsClient;
-use pb::sequencer_client::SequencerClient;
-use pb::{BatchItem, NextBatchRequest, NextIdsRequest, NextRequest, StatusRequest};
+use seqd::pb::admin_client::AdminClient;
+use seqd::pb::ids_client::IdsClient;
+use seqd::pb::sequencer_client::SequencerClient;
+use seqd::pb::{BatchItem, NextBatchRequest, NextIdsRequest, NextRequest, StatusRequest};
 
 /// Response metadata a follower puts the leader's address in.
 const LEADER_ADDR_HEADER: &str = "seqd-leader-addr";
