@@ -3,16 +3,18 @@
 //! decode + check and its reply's encode (what the service does per call
 //! besides waiting for the node).
 
+mod common;
+
 use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prost::Message as _;
-use seqd::core::{
-    Allocation, Allocator, CeilingSource, Issuer, Layout, Mode, NamespaceSpec, Namespaces, SeqKey,
-};
+use seqd::core::{Allocation, Allocator, CeilingSource, Issuer, Layout, SeqKey};
 use seqd::pb::{BatchItem, NextBatchRequest, NextRequest, NextResponse};
 use seqd::service::sequencer::{parse_next, parse_next_batch};
+
+use common::namespaces;
 
 /// Applied ceilings, as the state machine would report them.
 #[derive(Default)]
@@ -22,19 +24,6 @@ impl CeilingSource for Applied {
     fn committed_ceiling(&self, key: &SeqKey) -> u64 {
         self.0.get(key).copied().unwrap_or(0)
     }
-}
-
-fn namespaces() -> Namespaces {
-    Namespaces::new(vec![NamespaceSpec {
-        name: "conv".into(),
-        mode: Mode::Segmented,
-        step_min: 1_000,
-        step_max: 1_000_000,
-        refill_interval_ms: 1_000,
-        max_count: 10_000,
-        max_key_bytes: 256,
-        max_value: seqd::core::MAX_SEQUENCE,
-    }])
 }
 
 /// Allocates, applying refills at once, as a leader with a fast log would.

@@ -14,13 +14,15 @@
 //! live in RocksDB (its caches are bounded by configuration) and are read
 //! when a key is first served in a term; request-id records are capped.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use seqd::core::{
-    Allocation, Allocator, CeilingSource, Mode, NamespaceSpec, Namespaces, SeqKey, MAX_SEQUENCE,
-};
+use seqd::core::{Allocation, Allocator, CeilingSource, SeqKey};
+
+use common::namespaces;
 
 /// Counts live heap bytes, so that the allocator's footprint is measured
 /// rather than estimated from `size_of`.
@@ -58,19 +60,6 @@ impl CeilingSource for Empty {
     fn committed_ceiling(&self, _: &SeqKey) -> u64 {
         0
     }
-}
-
-fn namespaces() -> Namespaces {
-    Namespaces::new(vec![NamespaceSpec {
-        name: "conv".into(),
-        mode: Mode::Segmented,
-        step_min: 1_000,
-        step_max: 1_000_000,
-        refill_interval_ms: 1_000,
-        max_count: 10_000,
-        max_key_bytes: 256,
-        max_value: MAX_SEQUENCE,
-    }])
 }
 
 /// Serves one number for each of `n` keys (`key_len` bytes each), applying
