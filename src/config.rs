@@ -181,6 +181,11 @@ pub struct NamespaceConfig {
     pub max_key_bytes: usize,
     #[serde(default = "default_max_value")]
     pub max_value: u64,
+    /// Milliseconds without a call after which a key leaves the leader's
+    /// memory (trimmed through the log first, so no hole); 0 keeps every
+    /// key until the next leader change.
+    #[serde(default = "default_forget_idle_ms")]
+    pub forget_idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -210,6 +215,9 @@ fn default_max_key_bytes() -> usize {
 }
 fn default_max_value() -> u64 {
     MAX_SEQUENCE
+}
+fn default_forget_idle_ms() -> u64 {
+    600_000
 }
 
 /// A configuration problem, naming the field.
@@ -460,6 +468,12 @@ impl Config {
                     "must be between 1 and 4096",
                 ));
             }
+            if ns.forget_idle_ms != 0 && ns.forget_idle_ms < 1_000 {
+                return Err(invalid(
+                    field("forget_idle_ms"),
+                    "must be 0 (never) or at least 1000",
+                ));
+            }
             if ns.max_value == 0 || ns.max_value > MAX_SEQUENCE {
                 return Err(invalid(
                     field("max_value"),
@@ -508,6 +522,7 @@ impl Config {
                     max_count: n.max_count,
                     max_key_bytes: n.max_key_bytes,
                     max_value: n.max_value,
+                    forget_idle_ms: n.forget_idle_ms,
                 })
                 .collect(),
         )

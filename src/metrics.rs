@@ -15,6 +15,9 @@ pub const REQUESTS_TOTAL: &str = "seqd_requests_total";
 pub const REFILLS_TOTAL: &str = "seqd_segment_refills_total";
 /// Calls that found no room and waited for a refill to commit.
 pub const REFILL_WAITS_TOTAL: &str = "seqd_refill_waits_total";
+/// Idle keys whose unused room a serving leader released through the log
+/// (applied) before they left its memory.
+pub const IDLE_RELEASES_TOTAL: &str = "seqd_idle_key_releases_total";
 /// Raft term, leader flag (1 on the leader), commit and applied index.
 pub const RAFT_TERM: &str = "seqd_raft_term";
 pub const RAFT_IS_LEADER: &str = "seqd_raft_is_leader";
@@ -72,6 +75,10 @@ fn describe() {
     describe_counter!(
         REFILL_WAITS_TOTAL,
         "Calls that waited for a refill to commit."
+    );
+    describe_counter!(
+        IDLE_RELEASES_TOTAL,
+        "Idle keys released through the log (applied) before leaving the leader's memory."
     );
     describe_gauge!(RAFT_TERM, "Current Raft term.");
     describe_gauge!(RAFT_IS_LEADER, "1 on the leader, 0 elsewhere.");

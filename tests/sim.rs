@@ -84,8 +84,10 @@ fn assert_clean(reports: &[SimReport]) {
         .iter()
         .map(|r| r.crashes + r.pauses + r.partitions + r.chaos + r.clock_jumps)
         .sum();
+    let released: u64 = reports.iter().map(|r| r.keys_released).sum();
     println!(
-        "checked {} seeds: {calls} calls, {ids} IDs, {faults} faults, {} failed seeds",
+        "checked {} seeds: {calls} calls, {ids} IDs, {faults} faults, \
+         {released} idle keys released, {} failed seeds",
         reports.len(),
         failed.len()
     );
@@ -95,6 +97,8 @@ fn assert_clean(reports: &[SimReport]) {
     );
     // A run that handed nothing out would check nothing.
     assert!(reports.iter().all(|r| r.calls > 0 && r.ids > 0));
+    // Nor would one whose leaders never released an idle key check that.
+    assert!(released > 0, "no idle key was released in any seed");
 }
 
 /// Seeds whose run reported an I2 violation (printed, with an example).

@@ -2,7 +2,8 @@
 
 use seqd::core::{Mode, NamespaceSpec, Namespaces, MAX_SEQUENCE};
 
-/// One segmented namespace, "conv".
+/// One segmented namespace, "conv", forgetting keys after the default ten
+/// idle minutes.
 pub fn namespaces() -> Namespaces {
     Namespaces::new(vec![NamespaceSpec {
         name: "conv".into(),
@@ -13,5 +14,6 @@ pub fn namespaces() -> Namespaces {
         max_count: 10_000,
         max_key_bytes: 256,
         max_value: MAX_SEQUENCE,
+        forget_idle_ms: 600_000,
     }])
 }

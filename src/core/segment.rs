@@ -6,8 +6,15 @@
 //! - a leader that starts serving, or that forgets a key, restarts the key at
 //!   `committed ceiling + 1`, above anything any earlier leader could have
 //!   handed out (I1), at the price of a hole.
+//!
+//! An idle key leaves memory without a hole by a release: its ceiling is
+//! lowered through the log to the last number handed out, and until that
+//! applies the key serves nothing (a call on it waits), so nothing above the
+//! lowered ceiling is ever handed out.
 
 use std::collections::HashMap;
+
+use indexmap::IndexMap;
 
 use super::types::{Mode, NamespaceId, Namespaces, SeqKey, SeqRange};
 
@@ -77,13 +84,34 @@ struct KeyState {
     queued: bool,
     /// When the key was last refilled (caller's milliseconds), 0 = never.
     last_refill_ms: u64,
+    /// When a call last asked for the key (caller's milliseconds, as of the
+    /// last [`Allocator::take_raises`] or [`Allocator::take_releases`]).
+    last_used_ms: u64,
+    /// A release of the key is in the log: it MUST NOT hand out anything
+    /// until the release applies (and the key leaves memory) or fails.
+    releasing: bool,
+}
+
+/// A key that may leave the leader's memory once its ceiling is lowered to
+/// `ceiling`, the last number handed out; `from` is the ceiling the leader
+/// saw, which the state machine checks is still in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub key: SeqKey,
+    pub ceiling: u64,
+    pub from: u64,
 }
 
 /// The leader's in-memory allocation state.
 #[derive(Debug)]
 pub struct Allocator {
     namespaces: Namespaces,
-    keys: HashMap<SeqKey, KeyState>,
+    /// Indexed, so that the idle sweep can walk it a slice at a time.
+    keys: IndexMap<SeqKey, KeyState>,
+    /// The caller's clock as of the last call that passed it.
+    now_ms: u64,
+    /// Where the idle sweep goes on.
+    sweep_at: usize,
     role: Role,
     epoch: u64,
     /// Keys whose refill should go into the next proposal.
@@ -96,7 +124,9 @@ impl Allocator {
     pub fn new(namespaces: Namespaces) -> Self {
         Self {
             namespaces,
-            keys: HashMap::new(),
+            keys: IndexMap::new(),
+            now_ms: 0,
+            sweep_at: 0,
             role: Role::Follower,
             epoch: 0,
             refill_queue: Vec::new(),
@@ -157,6 +187,7 @@ impl Allocator {
     /// dense reservation, since those numbers are forgotten too.
     pub fn forget_all(&mut self) {
         self.keys.clear();
+        self.sweep_at = 0;
         self.refill_queue.clear();
         self.dense_raises.clear();
     }
@@ -182,8 +213,12 @@ impl Allocator {
         };
 
         // Check every item before touching any, so a failure changes nothing.
+        let now_ms = self.now_ms;
+        let mut releasing = false;
         for (key, count) in items {
             let state = self.load(key, source);
+            state.last_used_ms = now_ms;
+            releasing |= state.releasing;
             if state.next > max_value || max_value - state.next + 1 < u64::from(*count) {
                 return Err(AllocError::Exhausted {
                     key: key.key().to_string(),
@@ -191,6 +226,11 @@ impl Allocator {
                     max: max_value,
                 });
             }
+        }
+        // A key being released serves nothing until the release has applied
+        // (it then reloads at the lowered ceiling) or failed.
+        if releasing {
+            return Ok(Allocation::Wait);
         }
 
         if mode == Mode::Dense {
@@ -250,6 +290,7 @@ impl Allocator {
     /// (segmented) and exact reservations (dense). Adapts each refilled key's
     /// step to how often it refills.
     pub fn take_raises(&mut self, now_ms: u64) -> Vec<DenseRaise> {
+        self.now_ms = self.now_ms.max(now_ms);
         let mut raises: Vec<DenseRaise> = self
             .dense_raises
             .drain()
@@ -293,6 +334,88 @@ impl Allocator {
             }
             if state.want <= state.ceiling {
                 state.want = 0;
+            }
+        }
+    }
+
+    /// Looks at up to `budget` keys (a slice of the map, round robin, so a
+    /// sweep costs the same however many keys are held) and returns those
+    /// idle past their namespace's `forget_idle_ms` whose unused room must
+    /// be released through the log before they leave memory. Idle keys with
+    /// no unused room leave memory at once: their committed ceiling is
+    /// already where they stand. A returned key serves nothing until
+    /// [`Allocator::on_released`] or [`Allocator::end_release`].
+    pub fn take_releases(&mut self, now_ms: u64, budget: usize) -> Vec<Release> {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.is_serving() || self.keys.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for _ in 0..budget.min(self.keys.len()) {
+            if self.sweep_at >= self.keys.len() {
+                self.sweep_at = 0;
+            }
+            let i = self.sweep_at;
+            self.sweep_at += 1;
+            let Some((key, state)) = self.keys.get_index_mut(i) else {
+                break;
+            };
+            let spec = self.namespaces.spec(key.namespace());
+            let idle = spec.forget_idle_ms != 0
+                && self.now_ms.saturating_sub(state.last_used_ms) >= spec.forget_idle_ms;
+            // Anything on its way to the log keeps the key: a refill or a
+            // dense reservation in flight, a call waiting for room.
+            let settled = !state.releasing
+                && !state.queued
+                && state.in_flight == 0
+                && state.want == 0
+                && !self.dense_raises.contains_key(key);
+            if !idle || !settled {
+                continue;
+            }
+            if state.next - 1 == state.ceiling {
+                gone.push(i);
+            } else if spec.mode == Mode::Segmented && state.next - 1 < state.ceiling {
+                state.releasing = true;
+                out.push(Release {
+                    key: key.clone(),
+                    ceiling: state.next - 1,
+                    from: state.ceiling,
+                });
+            }
+        }
+        // From the highest index down, so that each swap_remove moves an
+        // entry that is not itself about to be removed.
+        for i in gone.into_iter().rev() {
+            self.keys.swap_remove_index(i);
+        }
+        out
+    }
+
+    /// A release of `key` down to `ceiling` has been applied: the key leaves
+    /// memory and reloads from the lowered ceiling when next asked for.
+    ///
+    /// A key in memory that is not releasing was forgotten and loaded again
+    /// while the release was in the log (at the ceiling the release lowers
+    /// from, so above it, with nothing handed out until a raise proposed
+    /// after the release applies): it stays.
+    pub fn on_released(&mut self, key: &SeqKey, ceiling: u64) {
+        if let Some(state) = self.keys.get(key) {
+            if state.releasing {
+                // It handed out nothing since the release was taken.
+                debug_assert_eq!(state.next - 1, ceiling);
+                self.keys.swap_remove(key);
+            }
+        }
+    }
+
+    /// The releases of `keys` are settled (applied, refused by the state
+    /// machine, or lost): those still in memory serve again.
+    pub fn end_release(&mut self, keys: &[SeqKey]) {
+        for key in keys {
+            if let Some(state) = self.keys.get_mut(key) {
+                state.releasing = false;
             }
         }
     }
@@ -349,6 +472,8 @@ impl Allocator {
                 in_flight: 0,
                 queued: false,
                 last_refill_ms: 0,
+                last_used_ms: 0,
+                releasing: false,
             }
         })
     }
@@ -568,6 +693,125 @@ mod tests {
         );
     }
 
+    fn idle_spec(mode: Mode) -> NamespaceSpec {
+        let mut spec = test_spec("conv");
+        spec.mode = mode;
+        spec.forget_idle_ms = 1_000;
+        spec
+    }
+
+    /// Serves `count` numbers for `key` at `now`, refilling as needed.
+    fn serve(a: &mut Allocator, db: &mut Applied, key: &SeqKey, count: u32, now: u64) -> SeqRange {
+        a.take_raises(now);
+        for _ in 0..3 {
+            match a.allocate(&[(key.clone(), count)], db).unwrap() {
+                Allocation::Granted(r) => return r[0],
+                Allocation::Reserved(r) => {
+                    let raises = a.take_raises(now);
+                    db.apply(a, &raises);
+                    return r[0];
+                }
+                Allocation::Wait => {
+                    let raises = a.take_raises(now);
+                    db.apply(a, &raises);
+                }
+            }
+        }
+        panic!("no number after two refills");
+    }
+
+    #[test]
+    fn an_idle_key_leaves_memory_through_a_release_and_resumes_without_a_hole() {
+        let (mut a, key) = setup(idle_spec(Mode::Segmented));
+        let mut db = Applied::default();
+        assert_eq!(serve(&mut a, &mut db, &key, 5, 100).first(), 1);
+        assert!(a.take_releases(900, 10).is_empty(), "not idle yet");
+
+        let releases = a.take_releases(1_100, 10);
+        assert_eq!(
+            releases,
+            vec![Release {
+                key: key.clone(),
+                ceiling: 5,
+                from: db.committed_ceiling(&key),
+            }]
+        );
+        // While the release is in the log the key serves nothing and asks
+        // for no refill (a raise after the release would be lowered by it).
+        assert_eq!(
+            a.allocate(&[(key.clone(), 1)], &db).unwrap(),
+            Allocation::Wait
+        );
+        assert!(a.take_raises(1_100).is_empty());
+        assert!(a.take_releases(5_000, 10).is_empty(), "released once");
+
+        db.0.insert(key.clone(), 5);
+        a.on_released(&key, 5);
+        a.end_release(std::slice::from_ref(&key));
+        assert_eq!(a.active_keys(), 0);
+        assert_eq!(a.current(&key, &db).unwrap(), 5);
+        assert_eq!(serve(&mut a, &mut db, &key, 1, 1_200).first(), 6, "no hole");
+    }
+
+    #[test]
+    fn a_release_that_does_not_apply_lets_the_key_serve_on() {
+        let (mut a, key) = setup(idle_spec(Mode::Segmented));
+        let mut db = Applied::default();
+        serve(&mut a, &mut db, &key, 5, 100);
+        assert_eq!(a.take_releases(2_000, 10).len(), 1);
+        a.end_release(std::slice::from_ref(&key));
+        assert_eq!(serve(&mut a, &mut db, &key, 1, 2_000).first(), 6);
+        assert_eq!(a.active_keys(), 1);
+    }
+
+    #[test]
+    fn busy_keys_stay_and_keys_without_room_leave_at_once() {
+        let (mut a, key) = setup(idle_spec(Mode::Segmented));
+        let mut db = Applied::default();
+        serve(&mut a, &mut db, &key, 5, 100);
+        // Used again at 1,500: idle for 1,000 ms only at 2,500.
+        serve(&mut a, &mut db, &key, 1, 1_500);
+        assert!(a.take_releases(2_400, 10).is_empty());
+
+        // A refill in flight keeps the key too.
+        let used = db.committed_ceiling(&key);
+        let left = u32::try_from(used - 6).unwrap();
+        serve(&mut a, &mut db, &key, left, 2_400);
+        assert!(!a.take_raises(2_400).is_empty(), "refill asked for");
+        assert!(a.take_releases(9_000, 10).is_empty());
+
+        // Dense keys stand at their ceiling once their raise applied: they
+        // leave without a log entry and reload where they stood.
+        let (mut d, dkey) = setup(idle_spec(Mode::Dense));
+        let mut ddb = Applied::default();
+        assert_eq!(serve(&mut d, &mut ddb, &dkey, 3, 100).last(), 3);
+        assert!(d.take_releases(2_000, 10).is_empty());
+        assert_eq!(d.active_keys(), 0);
+        assert_eq!(serve(&mut d, &mut ddb, &dkey, 1, 2_100).first(), 4);
+    }
+
+    #[test]
+    fn the_sweep_visits_a_slice_of_the_keys_per_call() {
+        let spec = idle_spec(Mode::Segmented);
+        let ns = Namespaces::new(vec![spec]);
+        let id = ns.resolve("conv").unwrap();
+        let mut a = Allocator::new(ns.clone());
+        a.become_leader(1);
+        a.start_serving(1);
+        let mut db = Applied::default();
+        for i in 0..5 {
+            let key = SeqKey::try_new(&ns, id, format!("k{i}")).unwrap();
+            serve(&mut a, &mut db, &key, 1, 100);
+        }
+        let mut released = 0;
+        for _ in 0..3 {
+            let r = a.take_releases(5_000, 2);
+            assert!(r.len() <= 2);
+            released += r.len();
+        }
+        assert_eq!(released, 5, "three slices of two cover five keys");
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Alloc { key: u8, count: u32 },
@@ -576,6 +820,34 @@ mod tests {
         LoseProposals,
         ChangeLeader,
         AdvanceTime(u64),
+        Release(usize),
+    }
+
+    /// A log entry of the property test.
+    #[derive(Debug, Clone)]
+    enum Entry {
+        Raise(Vec<DenseRaise>),
+        Release(Vec<Release>),
+    }
+
+    impl Applied {
+        /// Applies an entry the way the state machine and the node do.
+        fn apply_entry(&mut self, a: &mut Allocator, e: &Entry) {
+            match e {
+                Entry::Raise(raises) => self.apply(a, raises),
+                Entry::Release(releases) => {
+                    for r in releases {
+                        let current = self.committed_ceiling(&r.key);
+                        if current == r.from && r.ceiling < current {
+                            self.0.insert(r.key.clone(), r.ceiling);
+                            a.on_released(&r.key, r.ceiling);
+                        }
+                    }
+                    let keys: Vec<SeqKey> = releases.iter().map(|r| r.key.clone()).collect();
+                    a.end_release(&keys);
+                }
+            }
+        }
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -586,6 +858,7 @@ mod tests {
             1 => Just(Op::LoseProposals),
             1 => Just(Op::ChangeLeader),
             1 => (0u64..5_000).prop_map(Op::AdvanceTime),
+            2 => (1usize..4).prop_map(Op::Release),
         ]
     }
 
@@ -612,13 +885,14 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the interleaving of calls, refills, lost proposals and
-        /// leader changes: no number is handed out twice, numbers per key
+        /// Whatever the interleaving of calls, refills, idle releases, lost
+        /// proposals and leader changes: no number is handed out twice, numbers per key
         /// only grow, and nothing is handed out above an applied ceiling.
         #[test]
         fn never_duplicates_or_goes_backwards(ops in proptest::collection::vec(op(), 1..300), dense in any::<bool>()) {
             let mut spec = test_spec("conv");
             spec.max_value = 20_000;
+            spec.forget_idle_ms = 1_000;
             if dense { spec.mode = Mode::Dense; }
             let ns = Namespaces::new(vec![spec]);
             let id = ns.resolve("conv").unwrap();
@@ -628,7 +902,7 @@ mod tests {
             let mut term = 1;
             a.become_leader(term);
             a.start_serving(term);
-            let mut log: Vec<Vec<DenseRaise>> = Vec::new();
+            let mut log: Vec<Entry> = Vec::new();
             // Dense reservations become visible only when their entry applies.
             let mut pending_dense: Vec<(usize, SeqKey, SeqRange)> = Vec::new();
             let mut applied_entries = 0usize;
@@ -649,7 +923,7 @@ mod tests {
                     }
                     Op::Propose => {
                         let raises = a.take_raises(now);
-                        log.push(raises);
+                        log.push(Entry::Raise(raises));
                         for (k, r) in reserved_since_propose.drain(..) {
                             pending_dense.push((log.len() - 1, k, r));
                         }
@@ -657,8 +931,8 @@ mod tests {
                     Op::ApplySome(n) => {
                         for _ in 0..n {
                             if applied_entries == log.len() { break; }
-                            let raises = log[applied_entries].clone();
-                            db.apply(&mut a, &raises);
+                            let entry = log[applied_entries].clone();
+                            db.apply_entry(&mut a, &entry);
                             let done: Vec<_> = pending_dense.iter().filter(|(i, _, _)| *i == applied_entries).cloned().collect();
                             pending_dense.retain(|(i, _, _)| *i != applied_entries);
                             for (_, k, r) in done { hand_out(&k, r, &db, &mut last)?; }
@@ -677,8 +951,8 @@ mod tests {
                     Op::ChangeLeader => {
                         // Entries survive; the new leader applies them all first.
                         while applied_entries < log.len() {
-                            let raises = log[applied_entries].clone();
-                            db.apply(&mut a, &raises);
+                            let entry = log[applied_entries].clone();
+                            db.apply_entry(&mut a, &entry);
                             applied_entries += 1;
                         }
                         term += 1;
@@ -689,6 +963,12 @@ mod tests {
                         reserved_since_propose.clear();
                     }
                     Op::AdvanceTime(ms) => now += ms,
+                    Op::Release(budget) => {
+                        let releases = a.take_releases(now, budget);
+                        if !releases.is_empty() {
+                            log.push(Entry::Release(releases));
+                        }
+                    }
                 }
             }
         }

@@ -45,6 +45,10 @@ pub struct NamespaceSpec {
     /// Highest number a key of this namespace may reach (at most
     /// [`MAX_SEQUENCE`]); beyond it calls fail as exhausted.
     pub max_value: u64,
+    /// A key unused for this long leaves the leader's memory (0: never),
+    /// after its ceiling is lowered through the log to the last number
+    /// handed out, so it continues without a hole when it comes back.
+    pub forget_idle_ms: u64,
 }
 
 /// Index of a namespace in [`Namespaces`].
@@ -257,6 +261,7 @@ pub(crate) fn test_spec(name: &str) -> NamespaceSpec {
         max_count: 1_000,
         max_key_bytes: 32,
         max_value: MAX_SEQUENCE,
+        forget_idle_ms: 0,
     }
 }
 

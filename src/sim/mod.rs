@@ -104,6 +104,8 @@ pub struct SimReport {
     pub messages: u64,
     pub dropped: u64,
     pub duplicated: u64,
+    /// Idle keys released from a leader's memory through the log.
+    pub keys_released: u64,
     /// Whether a call succeeded after the nemesis stopped.
     pub recovered: bool,
     pub violations: Vec<String>,
@@ -118,7 +120,8 @@ impl fmt::Display for SimReport {
             f,
             "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed), {} IDs ({} refused), \
              faults: {} crashes ({} unsynced writes lost), {} pauses, {} partitions, {} chaos, \
-             {} clock jumps; {} messages ({} dropped, {} duplicated); recovered: {}; \
+             {} clock jumps; {} messages ({} dropped, {} duplicated); {} idle keys released; \
+             recovered: {}; \
              violations: {}; digest {:016x}",
             self.seed,
             self.nodes,
@@ -137,6 +140,7 @@ impl fmt::Display for SimReport {
             self.messages,
             self.dropped,
             self.duplicated,
+            self.keys_released,
             self.recovered,
             self.violations.len(),
             self.digest
@@ -269,14 +273,20 @@ struct SimClient {
 /// Indexes into [`KEYS`].
 const SEGMENTED_KEYS: std::ops::Range<usize> = 0..3;
 const DENSE_KEYS: std::ops::Range<usize> = 3..5;
+const COLD_KEYS: std::ops::Range<usize> = 5..8;
 
-/// The keys clients use: a few hot segmented ones and two dense ones.
+/// The keys clients use: a few hot segmented ones, two dense ones, and
+/// cold segmented ones, used so rarely that they go idle (and are released
+/// from the leader's memory) between uses.
 const KEYS: &[(&str, &str)] = &[
     ("chat", "g1"),
     ("chat", "g2"),
     ("chat", "g3"),
     ("dense", "d1"),
     ("dense", "d2"),
+    ("chat", "c1"),
+    ("chat", "c2"),
+    ("chat", "c3"),
 ];
 
 struct Sim {
@@ -320,6 +330,9 @@ fn namespaces() -> Namespaces {
         max_count: 16,
         max_key_bytes: 64,
         max_value: MAX_SEQUENCE,
+        // Far below a deployment's minutes, so that keys leave the leader's
+        // memory (and come back) all through a run, under every fault.
+        forget_idle_ms: 300,
     };
     Namespaces::new(vec![
         spec("chat", Mode::Segmented),
@@ -469,9 +482,10 @@ impl Sim {
     /// Kills slot `i`'s process: unsynced writes are lost, calls in it fail.
     fn crash(&mut self, i: usize, down_ms: u64) {
         let slot = &mut self.slots[i];
-        if slot.node.take().is_none() {
+        let Some(node) = slot.node.take() else {
             return;
-        }
+        };
+        self.report.keys_released += node.keys_released;
         lock(&slot.outbox).clear();
         let lost = lock(&slot.journal).lose_unsynced();
         self.report.lost_writes += lost as u64;
@@ -658,6 +672,8 @@ impl Sim {
             // segmented ones; a batch names two keys of one namespace.
             let group = if c % 3 == 2 {
                 DENSE_KEYS
+            } else if self.rng.chance(20_000) {
+                COLD_KEYS
             } else {
                 SEGMENTED_KEYS
             };
@@ -910,6 +926,11 @@ impl Sim {
     }
 
     fn finish(mut self) -> SimReport {
+        for slot in &self.slots {
+            if let Some(node) = &slot.node {
+                self.report.keys_released += node.keys_released;
+            }
+        }
         self.report.calls = self.checker.calls();
         self.report.numbers = self.checker.numbers();
         self.report.ids = self.checker.ids();

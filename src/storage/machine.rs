@@ -64,6 +64,9 @@ pub enum Applied {
     LeaderStarted { term: u64, node_id: u64, epoch: u64 },
     /// Ceilings set by a hand-over trim.
     Trimmed(Vec<KeyCeiling>),
+    /// Idle keys whose ceiling was lowered to the last number handed out
+    /// (those whose ceiling had moved since are left out).
+    Released(Vec<KeyCeiling>),
     /// A configuration change; the Raft loop applies it to raft-rs. Member
     /// addresses and freed workers are already recorded.
     ConfChange(Entry),
@@ -257,6 +260,24 @@ impl Machine {
                             }
                             meta.clean_handoff = true;
                             Applied::Trimmed(t.keys)
+                        }
+                        Some(command::Kind::Release(r)) => {
+                            let mut done = Vec::with_capacity(r.keys.len());
+                            for rk in r.keys {
+                                let k = ceiling_key(&rk.namespace, &rk.key);
+                                let current = txn.get_u64(&k)?.unwrap_or(0);
+                                // Only down, and only from the ceiling the
+                                // leader saw: never below a raise it did not.
+                                if current == rk.from && rk.ceiling < current {
+                                    txn.put(k, rk.ceiling.to_be_bytes().to_vec());
+                                    done.push(KeyCeiling {
+                                        namespace: rk.namespace,
+                                        key: rk.key,
+                                        ceiling: rk.ceiling,
+                                    });
+                                }
+                            }
+                            Applied::Released(done)
                         }
                         Some(command::Kind::AcquireWorker(a)) => {
                             txn.acquire_worker(a.node_id, a.max_workers)?

@@ -37,6 +37,15 @@ max_count = 1000
 max_key_bytes = 64
 
 [[namespaces]]
+name = "idle"
+mode = "segmented"
+step_min = 1000
+step_max = 1000
+max_count = 1000
+max_key_bytes = 64
+forget_idle_ms = 1000
+
+[[namespaces]]
 name = "tiny"
 mode = "segmented"
 step_min = 10
