@@ -182,14 +182,34 @@ impl Allocator {
         self.role = Role::Follower;
     }
 
-    /// Drops every in-memory key. Safe at any time: keys reload above their
-    /// committed ceiling. Callers MUST fail every call still waiting on a
-    /// dense reservation, since those numbers are forgotten too.
+    /// Drops every in-memory key: they reload above their committed ceiling.
+    /// Safe when leadership changes (a new term serves only after every
+    /// earlier entry applied) and after a trim; a leader that goes on
+    /// serving with releases in the log MUST use
+    /// [`Allocator::forget_settled`] instead. Callers MUST fail every call
+    /// still waiting on a dense reservation, since those numbers are
+    /// forgotten too.
     pub fn forget_all(&mut self) {
         self.keys.clear();
         self.sweep_at = 0;
         self.refill_queue.clear();
         self.dense_raises.clear();
+    }
+
+    /// Drops every in-memory key except those being released, for a leader
+    /// that keeps serving but lost a proposal (see [`Allocator::forget_all`]
+    /// for what callers MUST do). A releasing key keeps its memory: it
+    /// serves nothing until its release settles, and forgetting it could let
+    /// it reload at its old ceiling, serve from a later raise, and then be
+    /// lowered under what it served by the release still in the log. Its
+    /// memory stays true meanwhile: it has no refill or reservation in
+    /// flight, and only a trim could move its ceiling (a trim MUST be
+    /// followed by [`Allocator::forget_all`]).
+    pub fn forget_settled(&mut self) {
+        self.keys.retain(|_, state| state.releasing);
+        self.refill_queue.clear();
+        self.dense_raises.clear();
+        self.sweep_at = 0;
     }
 
     /// Allocates `count` numbers for each item, all or nothing. Items MUST
@@ -385,9 +405,10 @@ impl Allocator {
                 });
             }
         }
-        // From the highest index down, so that each swap_remove moves an
-        // entry that is not itself about to be removed.
-        for i in gone.into_iter().rev() {
+        // From the highest index down (the walk may have wrapped), so that
+        // each swap_remove moves an entry that is not itself to be removed.
+        gone.sort_unstable_by(|x, y| y.cmp(x));
+        for i in gone {
             self.keys.swap_remove_index(i);
         }
         out
@@ -754,6 +775,33 @@ mod tests {
     }
 
     #[test]
+    fn a_reset_while_serving_keeps_a_releasing_key_until_its_release_settles() {
+        let (mut a, key) = setup(idle_spec(Mode::Segmented));
+        let other = SeqKey::try_new(a.namespaces(), key.namespace(), "other").unwrap();
+        let mut db = Applied::default();
+        serve(&mut a, &mut db, &key, 5, 100);
+        serve(&mut a, &mut db, &other, 1, 1_000);
+        let releases = a.take_releases(1_500, 10);
+        assert_eq!(releases.len(), 1);
+
+        // A dropped proposal resets the memory of every other key. Were the
+        // releasing key forgotten too, it could reload at its old ceiling
+        // and serve from a later raise while the release (which lowers the
+        // ceiling under those numbers) is still in the log.
+        a.forget_settled();
+        assert_eq!(a.active_keys(), 1);
+        assert_eq!(
+            a.allocate(&[(key.clone(), 1)], &db).unwrap(),
+            Allocation::Wait
+        );
+
+        db.0.insert(key.clone(), 5);
+        a.on_released(&key, 5);
+        a.end_release(std::slice::from_ref(&key));
+        assert_eq!(serve(&mut a, &mut db, &key, 1, 1_600).first(), 6);
+    }
+
+    #[test]
     fn a_release_that_does_not_apply_lets_the_key_serve_on() {
         let (mut a, key) = setup(idle_spec(Mode::Segmented));
         let mut db = Applied::default();
@@ -821,6 +869,7 @@ mod tests {
         ChangeLeader,
         AdvanceTime(u64),
         Release(usize),
+        DropProposal,
     }
 
     /// A log entry of the property test.
@@ -859,6 +908,7 @@ mod tests {
             1 => Just(Op::ChangeLeader),
             1 => (0u64..5_000).prop_map(Op::AdvanceTime),
             2 => (1usize..4).prop_map(Op::Release),
+            1 => Just(Op::DropProposal),
         ]
     }
 
@@ -885,8 +935,8 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the interleaving of calls, refills, idle releases, lost
-        /// proposals and leader changes: no number is handed out twice, numbers per key
+        /// Whatever the interleaving of calls, refills, idle releases,
+        /// dropped and lost proposals and leader changes: no number is handed out twice, numbers per key
         /// only grow, and nothing is handed out above an applied ceiling.
         #[test]
         fn never_duplicates_or_goes_backwards(ops in proptest::collection::vec(op(), 1..300), dense in any::<bool>()) {
@@ -963,6 +1013,15 @@ mod tests {
                         reserved_since_propose.clear();
                     }
                     Op::AdvanceTime(ms) => now += ms,
+                    Op::DropProposal => {
+                        // raft-rs refuses a proposal: the leader serves on
+                        // with its memory reset and fails every call holding
+                        // a dense reservation, as the node does.
+                        a.take_raises(now);
+                        a.forget_settled();
+                        pending_dense.clear();
+                        reserved_since_propose.clear();
+                    }
                     Op::Release(budget) => {
                         let releases = a.take_releases(now, budget);
                         if !releases.is_empty() {

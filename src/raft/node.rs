@@ -918,6 +918,12 @@ impl Node {
     /// Proposes the release of keys idle past their namespace's limit (see
     /// [`crate::core::Allocator::take_releases`]).
     fn release_idle_keys(&mut self) {
+        // Only from this term's memory: a node deposed and elected again
+        // since the last round still holds the old term's until check_role.
+        let term = self.raw.raft.term;
+        if !matches!(self.core.role(), Role::Leader { term: t, .. } if t == term) {
+            return;
+        }
         let releases = self.core.take_releases(self.now_ms(), IDLE_SWEEP_PER_TICK);
         if releases.is_empty() {
             return;
@@ -968,10 +974,12 @@ impl Node {
         }
     }
 
-    /// Forgets the allocator's memory and fails every call holding a dense
-    /// reservation, which the forgotten state can no longer protect.
+    /// Forgets the allocator's memory (but keys being released, see
+    /// [`crate::core::Allocator::forget_settled`]) and fails every call
+    /// holding a dense reservation, which the forgotten state can no longer
+    /// protect.
     fn reset_allocator(&mut self) {
-        self.core.forget_all();
+        self.core.forget_settled();
         self.recent.clear();
         let hint = self.leader_hint();
         for w in self.dense_pending.drain(..) {
@@ -1142,9 +1150,11 @@ impl Node {
             match &outcome {
                 Applied::Trimmed(_) => {
                     // A trim lowers ceilings: memory of the old segments must
-                    // not outlive it (the allocator reloads from the state).
+                    // not outlive it (the allocator reloads from the state),
+                    // releasing keys' included.
                     raised = true;
                     self.reset_allocator();
+                    self.core.forget_all();
                 }
                 Applied::Raised(kcs) => {
                     raised = true;
