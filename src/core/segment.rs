@@ -202,9 +202,10 @@ impl Allocator {
     /// serves nothing until its release settles, and forgetting it could let
     /// it reload at its old ceiling, serve from a later raise, and then be
     /// lowered under what it served by the release still in the log. Its
-    /// memory stays true meanwhile: it has no refill or reservation in
-    /// flight, and only a trim could move its ceiling (a trim MUST be
-    /// followed by [`Allocator::forget_all`]).
+    /// memory stays true meanwhile: a raise for it that applies first moves
+    /// its memory up with the stored ceiling (and makes the release fail),
+    /// and only a trim lowers a ceiling (a trim MUST be followed by
+    /// [`Allocator::forget_all`]).
     pub fn forget_settled(&mut self) {
         self.keys.retain(|_, state| state.releasing);
         self.refill_queue.clear();
