@@ -397,7 +397,9 @@ impl Allocator {
             }
             if state.next - 1 == state.ceiling {
                 gone.push(i);
-            } else if spec.mode == Mode::Segmented && state.next - 1 < state.ceiling {
+            } else if state.next - 1 < state.ceiling {
+                // Unused room: a segment's rest, or (dense) the room of a
+                // reservation whose call failed when memory was reset.
                 state.releasing = true;
                 out.push(Release {
                     key: key.clone(),
