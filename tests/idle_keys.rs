@@ -30,6 +30,12 @@ async fn a_released_key_survives_a_leader_crash_without_a_hole() {
         .await;
     assert_eq!(s.epoch, a.epoch, "a release opens no hole");
     assert_eq!(client.current("idle", "room:1").await.unwrap(), 5);
+    let metrics = common::http_get(&c.node(leader).metrics_addr, "/metrics").expect("metrics");
+    let released = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("seqd_idle_key_releases_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert_eq!(released, Some(1.0), "one key released:\n{metrics}");
 
     c.kill(leader);
     let next = c.wait_other_leader(leader, Duration::from_secs(20)).await;
