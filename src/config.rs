@@ -182,8 +182,8 @@ pub struct NamespaceConfig {
     #[serde(default = "default_max_value")]
     pub max_value: u64,
     /// Milliseconds without a call after which a key leaves the leader's
-    /// memory (trimmed through the log first, so no hole); 0 keeps every
-    /// key until the next leader change.
+    /// memory (its unused room released through the log first, so no
+    /// hole); 0 keeps every key until the next leader change.
     #[serde(default = "default_forget_idle_ms")]
     pub forget_idle_ms: u64,
 }

@@ -947,6 +947,14 @@ impl Node {
         }
     }
 
+    /// The key an applied record names, if this node's configuration still
+    /// has its namespace and accepts the key (a record written under an
+    /// older configuration may name neither).
+    fn applied_key(&self, kc: &KeyCeiling) -> Option<SeqKey> {
+        let ns = self.core.namespaces().lookup(&kc.namespace)?;
+        SeqKey::try_new(self.core.namespaces(), ns, kc.key.clone()).ok()
+    }
+
     fn key_ceilings(&self, raises: &[DenseRaise]) -> Vec<KeyCeiling> {
         raises
             .iter()
@@ -1159,12 +1167,8 @@ impl Node {
                 Applied::Raised(kcs) => {
                     raised = true;
                     for kc in kcs {
-                        if let Some(ns) = self.core.namespaces().lookup(&kc.namespace) {
-                            if let Ok(key) =
-                                SeqKey::try_new(self.core.namespaces(), ns, kc.key.clone())
-                            {
-                                self.core.on_ceiling_applied(&key, kc.ceiling);
-                            }
+                        if let Some(key) = self.applied_key(kc) {
+                            self.core.on_ceiling_applied(&key, kc.ceiling);
                         }
                     }
                 }
@@ -1176,12 +1180,8 @@ impl Node {
                         metrics::counter!(m::IDLE_RELEASES_TOTAL).increment(kcs.len() as u64);
                     }
                     for kc in kcs {
-                        if let Some(ns) = self.core.namespaces().lookup(&kc.namespace) {
-                            if let Ok(key) =
-                                SeqKey::try_new(self.core.namespaces(), ns, kc.key.clone())
-                            {
-                                self.core.on_released(&key, kc.ceiling);
-                            }
+                        if let Some(key) = self.applied_key(kc) {
+                            self.core.on_released(&key, kc.ceiling);
                         }
                     }
                 }
