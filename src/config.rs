@@ -130,6 +130,25 @@ pub struct RaftConfig {
     pub max_inflight_msgs: usize,
     /// How a leader makes sure it still leads before answering (I2).
     pub read_mode: ReadMode,
+    /// Which followers a leadership check asks.
+    pub read_round_peers: ReadRoundPeers,
+}
+
+/// Followers a ReadIndex round's heartbeat goes to. Either way a round
+/// completes on a majority's acknowledgements; this only decides who does
+/// the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadRoundPeers {
+    /// Just enough for a majority: the followers that answered fastest when
+    /// last asked all (asked all again when they answer slowly). Spares the
+    /// other followers' CPU, which matters when nodes share cores.
+    #[default]
+    Majority,
+    /// Every follower: the fastest majority's answers complete the round, a
+    /// hedge against one slow follower, at the cost of every follower
+    /// handling every round.
+    All,
 }
 
 /// The leadership check before answering from memory.
@@ -159,6 +178,7 @@ impl Default for RaftConfig {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             read_mode: ReadMode::ReadIndex,
+            read_round_peers: ReadRoundPeers::Majority,
         }
     }
 }
@@ -585,6 +605,23 @@ mod tests {
             assert_eq!(cfg.node.id, n);
             assert_eq!(cfg.voter_ids(), vec![1, 2, 3]);
         }
+    }
+
+    #[test]
+    fn read_rounds_ask_a_majority_unless_all_is_chosen() {
+        let cfg = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(cfg.raft.read_round_peers, ReadRoundPeers::Majority);
+        let with = |v: &str| {
+            let text = EMBEDDED_SINGLE.replace(
+                "read_mode = \"read_index\"",
+                &format!("read_mode = \"read_index\"\nread_round_peers = \"{v}\""),
+            );
+            Config::parse("t", &text).map(|c| c.raft.read_round_peers)
+        };
+        assert_eq!(with("all").unwrap(), ReadRoundPeers::All);
+        assert_eq!(with("majority").unwrap(), ReadRoundPeers::Majority);
+        let err = with("some").unwrap_err().to_string();
+        assert!(err.contains("some") && err.contains("majority"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,12 @@ pub const RAFT_LEADER_CHANGES_TOTAL: &str = "seqd_raft_leader_changes_total";
 pub const RAFT_APPEND_SECONDS: &str = "seqd_raft_log_append_seconds";
 /// ReadIndex rounds (leadership confirmations), one per batch of calls.
 pub const RAFT_READ_ROUNDS_TOTAL: &str = "seqd_raft_read_index_rounds_total";
+/// Read rounds sent to every follower again because the followers chosen
+/// for them answered slowly.
+pub const RAFT_READ_RESENDS_TOTAL: &str = "seqd_raft_read_index_resends_total";
+/// Time from sending a ReadIndex round to its confirmation by a majority:
+/// the part of a call's latency spent proving leadership.
+pub const RAFT_READ_ROUND_SECONDS: &str = "seqd_raft_read_index_round_seconds";
 pub const LEASE_READS_TOTAL: &str = "seqd_lease_reads_total";
 /// Snapshots handed to the transport for a follower, and installed here.
 pub const SNAPSHOTS_SENT_TOTAL: &str = "seqd_raft_snapshots_sent_total";
@@ -97,6 +103,15 @@ fn describe() {
     describe_counter!(
         RAFT_READ_ROUNDS_TOTAL,
         "ReadIndex leadership confirmations."
+    );
+    describe_counter!(
+        RAFT_READ_RESENDS_TOTAL,
+        "Read rounds sent to every follower again after the chosen ones answered slowly."
+    );
+    describe_histogram!(
+        RAFT_READ_ROUND_SECONDS,
+        Unit::Seconds,
+        "Time from sending a ReadIndex round to its confirmation by a majority."
     );
     describe_counter!(
         LEASE_READS_TOTAL,

@@ -114,6 +114,13 @@ async fn prometheus_sees_latency_and_one_leader() {
         Duration::from_secs(30),
         |v| v.is_finite() && v > 0.0,
     );
+    // The leadership check that every Next call waits for is seen too.
+    let round_p50 = wait_query(
+        &prom,
+        "histogram_quantile(0.5, sum by (le) (rate(seqd_raft_read_index_round_seconds_bucket[30s])))",
+        Duration::from_secs(30),
+        |v| v.is_finite() && v > 0.0,
+    );
     let calls = wait_query(
         &prom,
         "sum(seqd_requests_total{op=\"Next\",code=\"OK\"})",
@@ -121,12 +128,13 @@ async fn prometheus_sees_latency_and_one_leader() {
         |v| v > 0.0,
     );
     let (ops, errors) = load.finish().await;
-    eprintln!("prometheus: Next p99 {p99:.6} s, NextIds p99 {p99_ids:.6} s, {calls} OK Next calls scraped, {} made", ops.len());
+    eprintln!("prometheus: Next p99 {p99:.6} s, NextIds p99 {p99_ids:.6} s, read round p50 {round_p50:.6} s, {calls} OK Next calls scraped, {} made", ops.len());
     assert!(errors.is_empty(), "{errors:?}");
     // Sane, not just present: a loopback allocation is well under a second,
     // and Prometheus saw a meaningful share of the calls made.
     assert!(p99 < 1.0, "Next p99 {p99} s");
     assert!(p99_ids < 1.0, "NextIds p99 {p99_ids} s");
+    assert!(round_p50 < 1.0, "read round p50 {round_p50} s");
     assert!(
         calls >= ops.len() as f64 / 10.0,
         "{calls} scraped of {} made",

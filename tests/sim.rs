@@ -9,6 +9,7 @@
 //! SEQD_SIM_SECS=60                                                      # virtual seconds per seed
 //! ```
 
+use seqd::config::ReadRoundPeers;
 use seqd::sim::{run, SimConfig, SimReport};
 
 /// Seeds to run: one (`SEQD_SIM_SEED`), the first N (`SEQD_SIM_SEEDS`), or
@@ -85,9 +86,12 @@ fn assert_clean(reports: &[SimReport]) {
         .map(|r| r.crashes + r.pauses + r.partitions + r.chaos + r.clock_jumps)
         .sum();
     let released: u64 = reports.iter().map(|r| r.keys_released).sum();
+    let rounds: u64 = reports.iter().map(|r| r.read_rounds).sum();
+    let heartbeats: u64 = reports.iter().map(|r| r.read_heartbeats).sum();
     println!(
         "checked {} seeds: {calls} calls, {ids} IDs, {faults} faults, \
-         {released} idle keys released, {} failed seeds",
+         {released} idle keys released, {rounds} read rounds in {heartbeats} heartbeats, \
+         {} failed seeds",
         reports.len(),
         failed.len()
     );
@@ -99,6 +103,20 @@ fn assert_clean(reports: &[SimReport]) {
     assert!(reports.iter().all(|r| r.calls > 0 && r.ids > 0));
     // Nor would one whose leaders never released an idle key check that.
     assert!(released > 0, "no idle key was released in any seed");
+}
+
+/// Read rounds go to just enough followers (src/raft/read_peers.rs), not to
+/// all of them, which takes nodes - 1 heartbeats per round and more (raft-rs's
+/// periodic heartbeats carry a pending round too). Not for lease runs, whose
+/// few rounds are mostly carried by the periodic heartbeats.
+fn assert_rounds_spare_followers(reports: &[SimReport]) {
+    let rounds: u64 = reports.iter().map(|r| r.read_rounds).sum();
+    let heartbeats: u64 = reports.iter().map(|r| r.read_heartbeats).sum();
+    let followers = reports[0].nodes as u64 - 1;
+    assert!(
+        rounds > 0 && heartbeats < followers * rounds,
+        "{rounds} read rounds took {heartbeats} heartbeats with {followers} followers"
+    );
 }
 
 /// Seeds whose run reported an I2 violation (printed, with an example).
@@ -122,12 +140,28 @@ fn seeds_reporting_i2(reports: &[SimReport]) -> Vec<u64> {
 fn three_nodes_keep_the_invariants_under_the_nemesis() {
     let reports = run_all(&seeds(1..=16, 0), &config(3));
     assert_clean(&reports);
+    assert_rounds_spare_followers(&reports);
 }
 
 #[test]
 fn five_nodes_keep_the_invariants_under_the_nemesis() {
     let reports = run_all(&seeds(101..=108, 100_000), &config(5));
     assert_clean(&reports);
+    assert_rounds_spare_followers(&reports);
+}
+
+#[test]
+fn three_nodes_asking_every_follower_keep_the_invariants() {
+    let mut cfg = config(3);
+    cfg.read_round_peers = ReadRoundPeers::All;
+    let reports = run_all(&seeds(401..=408, 400_000), &cfg);
+    assert_clean(&reports);
+    let rounds: u64 = reports.iter().map(|r| r.read_rounds).sum();
+    let heartbeats: u64 = reports.iter().map(|r| r.read_heartbeats).sum();
+    assert!(
+        heartbeats >= 2 * rounds,
+        "read_round_peers = all: {rounds} rounds in only {heartbeats} heartbeats"
+    );
 }
 
 #[test]

@@ -64,6 +64,11 @@ pub struct Args {
     /// up with, as DESIGN.md's "p99 at half of peak" asks.
     #[arg(long, default_value_t = 0.5)]
     pub open_loop_fraction: f64,
+    /// Open-loop runs at this many calls/s for every row instead of a
+    /// fraction of its peak: the same offered load for every target (or
+    /// for two seqd builds compared against each other).
+    #[arg(long)]
+    pub open_loop_rate: Option<f64>,
     /// Callers of the open-loop runs: how many calls may be in flight at
     /// once. More than --callers, so that the harness does not queue calls
     /// a real frontend would have sent (the arrival rate sets the load).
@@ -116,6 +121,11 @@ pub struct Args {
 }
 
 impl Args {
+    /// Whether each row gets an open-loop run after its closed-loop one.
+    pub fn open_loop(&self) -> bool {
+        self.open_loop_rate.is_some() || self.open_loop_fraction > 0.0
+    }
+
     /// Rejects combinations that cannot be run, naming the flag.
     pub fn validate(&self) -> Result<(), String> {
         if self.callers == 0 {
@@ -127,12 +137,18 @@ impl Args {
         if !(0.0..=1.0).contains(&self.open_loop_fraction) {
             return Err("--open-loop-fraction must be between 0 (no open-loop run) and 1".into());
         }
-        if self.open_loop_fraction > 0.0 && self.open_loop_seconds == 0 {
+        if self
+            .open_loop_rate
+            .is_some_and(|r| !(r.is_finite() && r > 0.0))
+        {
+            return Err("--open-loop-rate must be a positive number of calls per second".into());
+        }
+        if self.open_loop() && self.open_loop_seconds == 0 {
             return Err(
                 "--open-loop-seconds must be at least 1 (or --open-loop-fraction 0)".into(),
             );
         }
-        if self.open_loop_fraction > 0.0 && self.open_loop_callers == 0 {
+        if self.open_loop() && self.open_loop_callers == 0 {
             return Err("--open-loop-callers must be at least 1".into());
         }
         if self.keys == 0 {

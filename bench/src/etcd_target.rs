@@ -70,6 +70,10 @@ impl EtcdServer {
         Ok(server)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
     pub fn check_alive(&mut self) -> Result<()> {
         self.child.check_alive()
     }

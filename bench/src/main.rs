@@ -161,7 +161,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
                 .count()
         })
         .sum();
-    let open_run = if args.open_loop_fraction > 0.0 {
+    let open_run = if args.open_loop() {
         OPEN_LOOP_WARMUP.as_secs() + args.open_loop_seconds
     } else {
         0
@@ -276,12 +276,19 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
     let open = report::open_loop_table(&rows);
     if !open.is_empty() {
         println!();
+        let due = match args.open_loop_rate {
+            Some(rate) => format!("{rate:.0} calls/s for every row"),
+            None => format!(
+                "{:.0}% of each row's calls/s above",
+                args.open_loop_fraction * 100.0
+            ),
+        };
         println!(
-            "open loop: calls due at {:.0}% of each row's calls/s above, {} s after {} s warm-up, \
+            "open loop: calls due at {due}, {} s after {} s warm-up, \
              up to {} in flight; latency from when a call was sent, waiting for a free caller \
              included (\"behind\": calls that found every caller busy; \"sent late\": the \
-             harness's own lateness against the schedule, not in the latency)",
-            args.open_loop_fraction * 100.0,
+             harness's own lateness against the schedule, not in the latency; \"cpu\": the \
+             target's processes' CPU per call and cores in use, the harness's cores)",
             args.open_loop_seconds,
             OPEN_LOOP_WARMUP.as_secs(),
             args.open_loop_callers
@@ -308,6 +315,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "max_in_flight": args.max_in_flight,
             "seed": args.seed,
             "open_loop_fraction": args.open_loop_fraction,
+            "open_loop_rate": args.open_loop_rate,
             "open_loop_seconds": args.open_loop_seconds,
             "open_loop_callers": args.open_loop_callers,
             "open_loop_warmup_seconds": OPEN_LOOP_WARMUP.as_secs(),
@@ -361,16 +369,20 @@ async fn measure_one(
         )
         .await
         .context("cannot connect the callers")?;
-    let m = driver::drive(
-        callers,
+    let (warmup, seconds) = (
         Duration::from_secs(args.warmup_seconds),
         Duration::from_secs(args.seconds),
-    )
-    .await;
+    );
+    let (m, cpu) = tokio::join!(
+        driver::drive(callers, warmup, seconds),
+        process::cpu_over(target.pids(), warmup, seconds)
+    );
     target.check_alive()?;
-    let mut row = Row::measured(workload, kind, m);
-    if args.open_loop_fraction > 0.0 && row.calls_per_s > 0.0 {
-        let rate = args.open_loop_fraction * row.calls_per_s;
+    let mut row = Row::measured(workload, kind, m, cpu);
+    if args.open_loop() && row.calls_per_s > 0.0 {
+        let rate = args
+            .open_loop_rate
+            .unwrap_or(args.open_loop_fraction * row.calls_per_s);
         let callers = target
             .callers(
                 Op::of(workload, args),
@@ -379,15 +391,13 @@ async fn measure_one(
             )
             .await
             .context("cannot connect the open-loop callers")?;
-        let o = driver::drive_open(
-            callers,
-            rate,
-            OPEN_LOOP_WARMUP,
-            Duration::from_secs(args.open_loop_seconds),
-        )
-        .await;
+        let seconds = Duration::from_secs(args.open_loop_seconds);
+        let (o, cpu) = tokio::join!(
+            driver::drive_open(callers, rate, OPEN_LOOP_WARMUP, seconds),
+            process::cpu_over(target.pids(), OPEN_LOOP_WARMUP, seconds)
+        );
         target.check_alive()?;
-        row.open_loop = Some(OpenLoopRow::new(args.open_loop_fraction, o));
+        row.open_loop = Some(OpenLoopRow::new(rate / row.calls_per_s, o, cpu));
     }
     Ok(row)
 }

@@ -7,6 +7,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -68,6 +69,70 @@ impl ChildGuard {
     pub fn log_tail(&self) -> String {
         log_tail(&self.log, 15)
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// CPU time (user + system, all threads) a process has used so far, from
+/// /proc; None where /proc does not have it (not Linux, or it has exited).
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".into(),
+    };
+    parse_cpu_seconds(&std::fs::read_to_string(path).ok()?)
+}
+
+/// Average cores used over a measurement window by the target's processes
+/// and by this harness (its callers, client library and dispatcher).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct CpuUse {
+    pub target_cores: f64,
+    pub harness_cores: f64,
+}
+
+impl CpuUse {
+    /// Target CPU per call, in microseconds.
+    pub fn target_us_per_call(&self, calls_per_s: f64) -> Option<f64> {
+        (calls_per_s > 0.0).then(|| self.target_cores * 1e6 / calls_per_s)
+    }
+}
+
+/// Measures CPU use over the window a driver measures in (`warmup` from now,
+/// `measure` long); start it together with the driver. None if /proc cannot
+/// tell (a process ended, or not Linux).
+pub async fn cpu_over(pids: Vec<u32>, warmup: Duration, measure: Duration) -> Option<CpuUse> {
+    let sample = |pids: &[u32]| -> Option<(f64, f64)> {
+        let mut target = 0.0;
+        for p in pids {
+            target += cpu_seconds(Some(*p))?;
+        }
+        Some((target, cpu_seconds(None)?))
+    };
+    tokio::time::sleep(warmup).await;
+    let before = sample(&pids);
+    tokio::time::sleep(measure).await;
+    let (t0, h0) = before?;
+    let (t1, h1) = sample(&pids)?;
+    let secs = measure.as_secs_f64();
+    Some(CpuUse {
+        target_cores: (t1 - t0) / secs,
+        harness_cores: (h1 - h0) / secs,
+    })
+}
+
+/// utime and stime of a /proc/<pid>/stat line (fields 14 and 15), in clock
+/// ticks of USER_HZ, which Linux fixes at 100 for what it shows in /proc.
+fn parse_cpu_seconds(stat: &str) -> Option<f64> {
+    // The command name (field 2) is in parentheses and may hold spaces or
+    // parentheses itself: fields are counted from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 impl Drop for ChildGuard {

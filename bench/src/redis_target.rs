@@ -75,6 +75,10 @@ impl RedisServer {
         Ok(server)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
     pub fn check_alive(&mut self) -> Result<()> {
         self.child.check_alive()
     }

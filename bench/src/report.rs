@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::cli::{TargetKind, Workload};
 use crate::driver::{Measurement, OpenMeasurement};
+use crate::process::CpuUse;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -48,6 +49,10 @@ pub struct Row {
     pub vs_seqd_3node: Option<f64>,
     /// The same against seqd-1node.
     pub vs_seqd_1node: Option<f64>,
+    /// CPU the target and the harness used in the measured window.
+    pub cpu: Option<CpuUse>,
+    /// The target's CPU per call, in microseconds.
+    pub target_cpu_us_per_call: Option<f64>,
     /// Distinct error messages seen, with counts (at most a few).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub error_kinds: BTreeMap<String, u64>,
@@ -77,19 +82,26 @@ pub struct OpenLoopRow {
     /// p99 of how late the harness's dispatcher sent calls against the
     /// schedule (not part of the latency figures).
     pub dispatch_late_p99_ms: f64,
+    /// CPU the target and the harness used in the measured window.
+    pub cpu: Option<CpuUse>,
+    /// The target's CPU per call, in microseconds.
+    pub target_cpu_us_per_call: Option<f64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub error_kinds: BTreeMap<String, u64>,
 }
 
 impl OpenLoopRow {
-    pub fn new(fraction: f64, o: OpenMeasurement) -> Self {
+    pub fn new(fraction: f64, o: OpenMeasurement, cpu: Option<CpuUse>) -> Self {
         let m = &o.m;
         let q = |q| if m.calls > 0 { m.quantile_ms(q) } else { 0.0 };
         let due = (m.calls + m.errors).max(1);
+        let calls_per_s = m.calls as f64 / m.seconds;
         Self {
             fraction,
             offered_per_s: o.offered_per_s,
-            calls_per_s: m.calls as f64 / m.seconds,
+            calls_per_s,
+            cpu,
+            target_cpu_us_per_call: cpu.and_then(|c| c.target_us_per_call(calls_per_s)),
             errors: m.errors,
             p50_ms: q(0.5),
             p99_ms: q(0.99),
@@ -123,6 +135,8 @@ impl Row {
             max_ms: 0.0,
             vs_seqd_3node: None,
             vs_seqd_1node: None,
+            cpu: None,
+            target_cpu_us_per_call: None,
             error_kinds: BTreeMap::new(),
             open_loop: None,
         }
@@ -136,7 +150,12 @@ impl Row {
         Self::blank(workload, target, Status::Failed, Some(why))
     }
 
-    pub fn measured(workload: Workload, target: TargetKind, m: Measurement) -> Self {
+    pub fn measured(
+        workload: Workload,
+        target: TargetKind,
+        m: Measurement,
+        cpu: Option<CpuUse>,
+    ) -> Self {
         let mut row = Self::blank(workload, target, Status::Ok, None);
         row.seconds = m.seconds;
         row.calls = m.calls;
@@ -145,6 +164,8 @@ impl Row {
         row.retries = m.retries;
         row.calls_per_s = m.calls as f64 / m.seconds;
         row.numbers_per_s = m.numbers as f64 / m.seconds;
+        row.cpu = cpu;
+        row.target_cpu_us_per_call = cpu.and_then(|c| c.target_us_per_call(row.calls_per_s));
         if m.calls > 0 {
             row.p50_ms = m.quantile_ms(0.5);
             row.p99_ms = m.quantile_ms(0.99);
@@ -189,6 +210,10 @@ fn thousands(v: f64) -> String {
     out
 }
 
+fn cpu_per_call(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |us| format!("{us:.1}"))
+}
+
 fn ratio(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
 }
@@ -205,6 +230,7 @@ pub fn table(rows: &[Row]) -> String {
         "p999 ms",
         "max ms",
         "errors",
+        "cpu us/call",
         "vs 3node",
         "vs 1node",
         "durability",
@@ -222,6 +248,7 @@ pub fn table(rows: &[Row]) -> String {
                 format!("{:.3}", r.p999_ms),
                 format!("{:.3}", r.max_ms),
                 r.errors.to_string(),
+                cpu_per_call(r.target_cpu_us_per_call),
                 ratio(r.vs_seqd_3node),
                 ratio(r.vs_seqd_1node),
             ]),
@@ -232,7 +259,7 @@ pub fn table(rows: &[Row]) -> String {
                     "n/a"
                 };
                 line.push(word.into());
-                line.extend(std::iter::repeat_n("-".to_string(), 8));
+                line.extend(std::iter::repeat_n("-".to_string(), 9));
             }
         }
         line.push(r.durability.clone());
@@ -274,6 +301,9 @@ pub fn open_loop_table(rows: &[Row]) -> String {
         "errors",
         "behind",
         "sent late p99 ms",
+        "cpu us/call",
+        "target cores",
+        "harness cores",
     ];
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut notes = Vec::new();
@@ -291,6 +321,11 @@ pub fn open_loop_table(rows: &[Row]) -> String {
             o.errors.to_string(),
             format!("{:.1}%", o.behind_schedule * 100.0),
             format!("{:.3}", o.dispatch_late_p99_ms),
+            cpu_per_call(o.target_cpu_us_per_call),
+            o.cpu
+                .map_or("-".into(), |c| format!("{:.2}", c.target_cores)),
+            o.cpu
+                .map_or("-".into(), |c| format!("{:.2}", c.harness_cores)),
         ]);
         if o.dispatch_late_p99_ms > LATE_HARNESS_MS {
             notes.push(format!(
@@ -396,6 +431,11 @@ mod tests {
             max_ms: 0.4,
             behind_schedule: 0.0,
             dispatch_late_p99_ms: late_ms,
+            cpu: Some(CpuUse {
+                target_cores: 0.5,
+                harness_cores: 0.25,
+            }),
+            target_cpu_us_per_call: Some(5000.0),
             error_kinds: BTreeMap::new(),
         };
         let mut on_time = ok("next", TargetKind::Seqd3, 200.0);
@@ -405,6 +445,7 @@ mod tests {
         let closed_only = ok("next", TargetKind::Etcd, 10.0);
         let t = open_loop_table(&[on_time, late, closed_only]);
         assert!(t.contains("seqd-3node"));
+        assert!(t.contains("5000.0"), "CPU per call:\n{t}");
         assert!(
             !t.contains("etcd"),
             "a row without an open-loop run is left out:\n{t}"

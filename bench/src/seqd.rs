@@ -110,6 +110,10 @@ impl SeqdCluster {
         Ok(cluster)
     }
 
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(ChildGuard::pid).collect()
+    }
+
     /// Errors if any node has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         self.nodes.iter_mut().try_for_each(ChildGuard::check_alive)

@@ -121,6 +121,15 @@ impl Target {
         })
     }
 
+    /// The target's processes.
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Self::Seqd(c) => c.pids(),
+            Self::Redis(r) => vec![r.pid()],
+            Self::Etcd(e) => vec![e.pid()],
+        }
+    }
+
     /// Errors if a target process has exited (a crash under load must not
     /// pass as a slow run).
     pub fn check_alive(&mut self) -> Result<()> {

@@ -4,6 +4,7 @@
 
 mod logger;
 mod node;
+mod read_peers;
 pub mod transport;
 
 use std::sync::mpsc;

@@ -18,18 +18,21 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ::raft::prelude::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType};
+use ::raft::prelude::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, MessageType,
+};
 use ::raft::{RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole, Storage as _};
 use prost::Message as _;
 use protobuf::Message as _;
 use tokio::sync::oneshot;
 
+use super::read_peers::{followers_needed, ReadPeers};
 use super::transport::{PeerService, Transport};
 use super::{
     logger, Faults, Grant, IdState, Input, Membership, MembershipChange, NodeError, NodeHandle,
     NodeStatus, Reply,
 };
-use crate::config::{RaftConfig, ReadMode, SnowflakeConfig};
+use crate::config::{RaftConfig, ReadMode, ReadRoundPeers, SnowflakeConfig};
 use crate::core::{
     AllocError, Allocation, Allocator, CeilingSource, DenseRaise, NamespaceId, Namespaces,
     RequestId, Role, SeqKey, SeqRange,
@@ -335,6 +338,8 @@ pub(crate) struct Node {
     unconfirmed: Vec<Call>,
     /// ReadIndex rounds in flight, oldest first: context, start, calls.
     reads: VecDeque<(u64, Instant, Vec<Call>)>,
+    /// Which followers read rounds go to (None: all of them).
+    read_peers: Option<ReadPeers>,
     /// Lease length when read_mode = "lease".
     lease: Option<Duration>,
     /// Until when this leadership may answer without a round (lease mode).
@@ -368,6 +373,9 @@ pub(crate) struct Node {
     /// Idle keys this node released from memory while leading (the
     /// simulation reports it, to show releases happen under its faults).
     pub(crate) keys_released: u64,
+    /// Read rounds this node sent (the simulation compares them with the
+    /// heartbeats that carried them).
+    pub(crate) read_rounds_sent: u64,
 }
 
 fn command_kind(cmd: &Command) -> &'static str {
@@ -457,6 +465,8 @@ impl Node {
             started,
             unconfirmed: Vec::new(),
             reads: VecDeque::new(),
+            read_peers: (params.raft.read_round_peers == ReadRoundPeers::Majority)
+                .then(ReadPeers::default),
             lease: (params.raft.read_mode == ReadMode::Lease).then(|| {
                 let tick = Duration::from_millis(params.raft.tick_ms);
                 let promise = tick * (params.raft.election_ticks.saturating_sub(2) as u32);
@@ -485,6 +495,7 @@ impl Node {
             renew_sent: None,
             skip_leadership_check: params.testing.skip_leadership_check,
             keys_released: 0,
+            read_rounds_sent: 0,
         })
     }
 
@@ -570,6 +581,7 @@ impl Node {
         // follower, raft-rs would forward the round to the new leader, and
         // its answer must not confirm this node's stale memory.
         self.check_role();
+        self.resend_slow_round();
         self.start_read_round();
         self.propose_raises();
         self.on_ready()?;
@@ -604,6 +616,7 @@ impl Node {
                 if self.refuses_vote(&msg) {
                     return None;
                 }
+                self.note_read_ack(&msg);
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
@@ -710,7 +723,6 @@ impl Node {
     /// serve a lease-mode leader. It costs nothing, as raft-rs waits at least
     /// that long before it campaigns itself.
     fn refuses_vote(&self, msg: &::raft::prelude::Message) -> bool {
-        use ::raft::prelude::MessageType;
         let vote = matches!(
             msg.get_msg_type(),
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
@@ -750,9 +762,72 @@ impl Node {
         debug_assert!(self.raw.raft.commit_to_current_term());
         let ctx = self.next_ctx;
         self.next_ctx += 1;
+        let queued = self.raw.raft.msgs.len();
         self.raw.read_index(ctx.to_be_bytes().to_vec());
+        // raft-rs has queued the round's heartbeat for every follower; keep
+        // those to the chosen ones (see `read_peers`).
+        let majority = self.read_peers.is_some().then(|| self.read_followers());
+        if let (Some(peers), Some(Some((followers, needed)))) = (self.read_peers.as_mut(), majority)
+        {
+            if let Some(chosen) = peers.targets(ctx, &followers, needed) {
+                let mut i = 0;
+                self.raw.raft.msgs.retain(|m| {
+                    i += 1;
+                    i <= queued
+                        || m.get_msg_type() != MessageType::MsgHeartbeat
+                        || chosen.contains(&m.to)
+                });
+            }
+        }
         metrics::counter!(m::RAFT_READ_ROUNDS_TOTAL).increment(1);
+        self.read_rounds_sent += 1;
         self.reads.push_back((ctx, self.time.now(), calls));
+    }
+
+    /// The voters other than this leader and how many of them make a
+    /// majority with it (None: rounds go to everyone).
+    fn read_followers(&self) -> Option<(Vec<u64>, usize)> {
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        followers_needed(self.id, cs.voters, !cs.voters_outgoing.is_empty())
+    }
+
+    /// A follower's answer to a read round's heartbeat (or to raft-rs's
+    /// periodic one, which carries the newest pending round).
+    fn note_read_ack(&mut self, msg: &::raft::prelude::Message) {
+        if msg.get_msg_type() != MessageType::MsgHeartbeatResponse
+            || self.reads.is_empty()
+            || self.read_peers.is_none()
+        {
+            return;
+        }
+        let Ok(bytes) = <[u8; 8]>::try_from(msg.get_context()) else {
+            return;
+        };
+        if let (Some((followers, needed)), Some(peers)) =
+            (self.read_followers(), self.read_peers.as_mut())
+        {
+            let ctx = u64::from_be_bytes(bytes);
+            peers.on_ack(msg.from, ctx, &followers, needed);
+        }
+    }
+
+    /// Sends the pending rounds to every follower if the oldest has waited
+    /// too long on the chosen ones.
+    fn resend_slow_round(&mut self) {
+        let (Some((_, started, _)), Some((newest, _, _))) = (self.reads.front(), self.reads.back())
+        else {
+            return;
+        };
+        let age = self.time.now().saturating_duration_since(*started);
+        let Some(peers) = self.read_peers.as_mut() else {
+            return;
+        };
+        if peers.resend(age, *newest) {
+            metrics::counter!(m::RAFT_READ_RESENDS_TOTAL).increment(1);
+            // Carries the newest pending round's context: its answers
+            // confirm every older round too.
+            self.raw.raft.bcast_heartbeat();
+        }
     }
 
     fn on_read_states(&mut self, states: Vec<ReadState>) {
@@ -765,6 +840,11 @@ impl Node {
                 if c > ctx {
                     self.reads.push_front((c, started, calls));
                     break;
+                }
+                let took = self.time.now().saturating_duration_since(started);
+                metrics::histogram!(m::RAFT_READ_ROUND_SECONDS).record(took.as_secs_f64());
+                if let Some(peers) = self.read_peers.as_mut() {
+                    peers.on_complete(took);
                 }
                 // A majority heard from this leader after `started`, so none
                 // of them votes for another before started + election timeout.
@@ -1004,6 +1084,9 @@ impl Node {
 
     fn fail_all(&mut self, err: NodeError) {
         self.lease_until = None;
+        if let Some(peers) = self.read_peers.as_mut() {
+            peers.reset();
+        }
         self.reset_allocator();
         for call in self.unconfirmed.drain(..) {
             call.fail(err.clone());

@@ -34,7 +34,7 @@ use std::time::Duration;
 use ::raft::prelude::{Message, MessageType};
 use tokio::sync::oneshot;
 
-use crate::config::{RaftConfig, ReadMode, SnowflakeConfig};
+use crate::config::{RaftConfig, ReadMode, ReadRoundPeers, SnowflakeConfig};
 use crate::core::{Clock, Issuer, Layout, Mode, NamespaceSpec, Namespaces, SeqKey, MAX_SEQUENCE};
 use crate::raft::{
     Grant, IdState, Input, Node, NodeError, NodeParams, NodeTesting, NodeTime, Outbox, VirtualTime,
@@ -63,6 +63,8 @@ pub struct SimConfig {
     pub lease: bool,
     /// A lease that outlives the followers' promise (a deliberate bug).
     pub break_lease: bool,
+    /// Which followers read rounds ask (raft.read_round_peers).
+    pub read_round_peers: ReadRoundPeers,
     /// Print every fault and leader change (for replaying a seed).
     pub trace: bool,
 }
@@ -77,6 +79,7 @@ impl SimConfig {
             break_leadership_check: false,
             lease: false,
             break_lease: false,
+            read_round_peers: ReadRoundPeers::default(),
             trace: std::env::var_os("SEQD_SIM_TRACE").is_some(),
         }
     }
@@ -106,6 +109,10 @@ pub struct SimReport {
     pub duplicated: u64,
     /// Idle keys released from a leader's memory through the log.
     pub keys_released: u64,
+    /// Read rounds leaders sent, and the heartbeats that carried one (a
+    /// round's own, and raft-rs's periodic ones while one was pending).
+    pub read_rounds: u64,
+    pub read_heartbeats: u64,
     /// Whether a call succeeded after the nemesis stopped.
     pub recovered: bool,
     pub violations: Vec<String>,
@@ -121,7 +128,7 @@ impl fmt::Display for SimReport {
             "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed), {} IDs ({} refused), \
              faults: {} crashes ({} unsynced writes lost), {} pauses, {} partitions, {} chaos, \
              {} clock jumps; {} messages ({} dropped, {} duplicated); {} idle keys released; \
-             recovered: {}; \
+             {} read rounds in {} heartbeats; recovered: {}; \
              violations: {}; digest {:016x}",
             self.seed,
             self.nodes,
@@ -141,6 +148,8 @@ impl fmt::Display for SimReport {
             self.dropped,
             self.duplicated,
             self.keys_released,
+            self.read_rounds,
+            self.read_heartbeats,
             self.recovered,
             self.violations.len(),
             self.digest
@@ -362,6 +371,7 @@ impl Sim {
             } else {
                 ReadMode::ReadIndex
             },
+            read_round_peers: cfg.read_round_peers,
             ..RaftConfig::default()
         };
         let snowflake = SnowflakeConfig::default();
@@ -486,6 +496,7 @@ impl Sim {
             return;
         };
         self.report.keys_released += node.keys_released;
+        self.report.read_rounds += node.read_rounds_sent;
         lock(&slot.outbox).clear();
         let lost = lock(&slot.journal).lose_unsynced();
         self.report.lost_writes += lost as u64;
@@ -596,6 +607,9 @@ impl Sim {
 
     fn send(&mut self, from: u64, msg: Message) {
         self.report.messages += 1;
+        if msg.get_msg_type() == MessageType::MsgHeartbeat && !msg.get_context().is_empty() {
+            self.report.read_heartbeats += 1;
+        }
         let to = msg.to;
         let snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
         let chaos = self.now < self.net.chaos_until;
@@ -929,6 +943,7 @@ impl Sim {
         for slot in &self.slots {
             if let Some(node) = &slot.node {
                 self.report.keys_released += node.keys_released;
+                self.report.read_rounds += node.read_rounds_sent;
             }
         }
         self.report.calls = self.checker.calls();
