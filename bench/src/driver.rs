@@ -111,6 +111,36 @@ impl Measurement {
 }
 
 /// Runs every caller concurrently for `warmup` + `measure`.
+/// Makes exactly `calls_each` calls on every caller, concurrently; returns
+/// the first error, if any call failed.
+pub async fn run_calls<C: Caller>(callers: Vec<C>, calls_each: u64) -> Result<(), String> {
+    let tasks: Vec<_> = callers
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                for _ in 0..calls_each {
+                    match tokio::time::timeout(CALL_TIMEOUT, c.call()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => return Err(format!("no answer within {CALL_TIMEOUT:?}")),
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut first = Ok(());
+    for t in tasks {
+        let r = t
+            .await
+            .unwrap_or_else(|e| Err(format!("caller task failed: {e}")));
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
 pub async fn drive<C: Caller>(callers: Vec<C>, warmup: Duration, measure: Duration) -> Measurement {
     let start = Instant::now();
     let window = (start + warmup, start + warmup + measure);

@@ -17,6 +17,14 @@ pub enum KeyDist {
     Zipf {
         cdf: Arc<Vec<f64>>,
     },
+    /// Every key in turn: caller `first` of `step` callers takes keys
+    /// first, first + step, ... (wrapping), so together they touch each key
+    /// once per `keys` calls (used to prime a target).
+    Stride {
+        keys: u64,
+        first: u64,
+        step: u64,
+    },
 }
 
 impl KeyDist {
@@ -44,7 +52,7 @@ impl KeyDist {
 
     fn len(&self) -> u64 {
         match self {
-            Self::Uniform { keys } => *keys,
+            Self::Uniform { keys } | Self::Stride { keys, .. } => *keys,
             Self::Zipf { cdf } => cdf.len() as u64,
         }
     }
@@ -54,6 +62,8 @@ impl KeyDist {
 pub struct KeyPicker {
     dist: KeyDist,
     rng: SmallRng,
+    /// Keys taken so far (for Stride).
+    taken: u64,
 }
 
 impl KeyPicker {
@@ -61,6 +71,7 @@ impl KeyPicker {
         Self {
             dist,
             rng: SmallRng::seed_from_u64(seed),
+            taken: 0,
         }
     }
 
@@ -71,6 +82,11 @@ impl KeyPicker {
             KeyDist::Zipf { cdf } => {
                 let u: f64 = self.rng.random();
                 cdf.partition_point(|&c| c <= u) as u64
+            }
+            KeyDist::Stride { keys, first, step } => {
+                let i = (first + self.taken * step) % keys;
+                self.taken += 1;
+                i
             }
         }
     }
@@ -104,6 +120,27 @@ pub fn key_name(index: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strides_cover_every_key_once() {
+        let (keys, callers) = (10, 3);
+        let mut seen = vec![0; keys as usize];
+        for c in 0..callers {
+            let dist = KeyDist::Stride {
+                keys,
+                first: c,
+                step: callers,
+            };
+            let mut p = KeyPicker::new(dist, 0);
+            for _ in 0..keys.div_ceil(callers) {
+                seen[p.index() as usize] += 1;
+            }
+        }
+        // 3 callers x 4 calls = 12 calls over 10 keys: each key at least
+        // once, two of them twice (the wrap).
+        assert!(seen.iter().all(|&n| n >= 1), "{seen:?}");
+        assert_eq!(seen.iter().sum::<u32>(), 12);
+    }
 
     #[test]
     fn uniform_stays_in_range() {

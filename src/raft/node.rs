@@ -507,7 +507,11 @@ impl Node {
         );
         let mut next_tick = Instant::now() + self.tick;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            // Wake for the tick, or sooner to resend a slow read round.
+            let wake = self
+                .read_resend_at()
+                .map_or(next_tick, |at| at.min(next_tick));
+            let wait = wake.saturating_duration_since(Instant::now());
             let first = match self.inbox.recv_timeout(wait) {
                 Ok(input) => Some(input),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -809,6 +813,13 @@ impl Node {
             let ctx = u64::from_be_bytes(bytes);
             peers.on_ack(msg.from, ctx, &followers, needed);
         }
+    }
+
+    /// When the oldest pending round goes to every follower if it has not
+    /// completed by then.
+    fn read_resend_at(&self) -> Option<Instant> {
+        let (_, started, _) = self.reads.front()?;
+        Some(*started + self.read_peers.as_ref()?.resend_after()?)
     }
 
     /// Sends the pending rounds to every follower if the oldest has waited

@@ -83,18 +83,24 @@ impl ReadPeers {
         self.last_round = Some(took);
     }
 
+    /// How long a round sent to the chosen followers may take before it
+    /// goes to everyone (None: rounds go to everyone already).
+    pub(crate) fn resend_after(&self) -> Option<Duration> {
+        if self.chosen.is_empty() {
+            return None;
+        }
+        Some(
+            self.last_round
+                .map_or(RESEND_MIN, |d| d * RESEND_FACTOR)
+                .clamp(RESEND_MIN, RESEND_MAX),
+        )
+    }
+
     /// Whether a round out for `age` (sent to the chosen followers) should
     /// go to everyone: then the choice is dropped and a probe starts with
     /// `newest`, the newest pending round's context.
     pub(crate) fn resend(&mut self, age: Duration, newest: u64) -> bool {
-        if self.chosen.is_empty() {
-            return false;
-        }
-        let limit = self
-            .last_round
-            .map_or(RESEND_MIN, |d| d * RESEND_FACTOR)
-            .clamp(RESEND_MIN, RESEND_MAX);
-        if age < limit {
+        if self.resend_after().is_none_or(|limit| age < limit) {
             return false;
         }
         self.chosen.clear();
@@ -192,9 +198,11 @@ mod tests {
         p.on_ack(2, 1, &f, 1);
         p.on_complete(MS / 2);
         assert_eq!(p.targets(2, &f, 1), Some(&[2][..]));
+        assert_eq!(p.resend_after(), Some(2 * MS));
         assert!(!p.resend(MS, 2), "under the 2 ms floor");
         assert!(p.resend(2 * MS, 2));
         assert!(!p.resend(30 * MS, 2), "once: it now goes to everyone");
+        assert_eq!(p.resend_after(), None);
         assert_eq!(p.targets(3, &f, 1), None);
         p.on_ack(3, 2, &f, 1);
         assert_eq!(p.targets(4, &f, 1), Some(&[3][..]));
