@@ -112,11 +112,15 @@ fn assert_clean(reports: &[SimReport]) {
 fn assert_rounds_spare_followers(reports: &[SimReport]) {
     let rounds: u64 = reports.iter().map(|r| r.read_rounds).sum();
     let heartbeats: u64 = reports.iter().map(|r| r.read_heartbeats).sum();
+    let resends: u64 = reports.iter().map(|r| r.read_resends).sum();
     let followers = reports[0].nodes as u64 - 1;
     assert!(
         rounds > 0 && heartbeats < followers * rounds,
         "{rounds} read rounds took {heartbeats} heartbeats with {followers} followers"
     );
+    // The nemesis slows and cuts chosen followers: rounds must have been
+    // sent to everyone again, or that path went unchecked.
+    assert!(resends > 0, "no read round was resent in {rounds}");
 }
 
 /// Seeds whose run reported an I2 violation (printed, with an example).

@@ -376,6 +376,9 @@ pub(crate) struct Node {
     /// Read rounds this node sent (the simulation compares them with the
     /// heartbeats that carried them).
     pub(crate) read_rounds_sent: u64,
+    /// Read rounds it sent to every follower again (a chosen one answered
+    /// slowly or became unreachable).
+    pub(crate) read_resends: u64,
 }
 
 fn command_kind(cmd: &Command) -> &'static str {
@@ -496,6 +499,7 @@ impl Node {
             skip_leadership_check: params.testing.skip_leadership_check,
             keys_released: 0,
             read_rounds_sent: 0,
+            read_resends: 0,
         })
     }
 
@@ -625,7 +629,15 @@ impl Node {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
             }
-            Input::Unreachable(id) => self.raw.report_unreachable(id),
+            Input::Unreachable(id) => {
+                self.raw.report_unreachable(id);
+                // Do not wait out the resend delay on a follower the
+                // transport already knows it cannot reach.
+                let chosen = self.read_peers.as_mut().is_some_and(|p| p.forget(id));
+                if chosen && !self.reads.is_empty() && self.raw.raft.state == StateRole::Leader {
+                    self.broadcast_pending_round();
+                }
+            }
             Input::SnapshotSent { to, ok } => {
                 if ok {
                     metrics::counter!(m::SNAPSHOTS_SENT_TOTAL).increment(1);
@@ -768,24 +780,40 @@ impl Node {
         self.next_ctx += 1;
         let queued = self.raw.raft.msgs.len();
         self.raw.read_index(ctx.to_be_bytes().to_vec());
-        // raft-rs has queued the round's heartbeat for every follower; keep
-        // those to the chosen ones (see `read_peers`).
-        let majority = self.read_peers.is_some().then(|| self.read_followers());
-        if let (Some(peers), Some(Some((followers, needed)))) = (self.read_peers.as_mut(), majority)
-        {
-            if let Some(chosen) = peers.targets(ctx, &followers, needed) {
-                let mut i = 0;
-                self.raw.raft.msgs.retain(|m| {
-                    i += 1;
-                    i <= queued
-                        || m.get_msg_type() != MessageType::MsgHeartbeat
-                        || chosen.contains(&m.to)
-                });
-            }
-        }
+        self.keep_round_heartbeats(ctx, queued);
         metrics::counter!(m::RAFT_READ_ROUNDS_TOTAL).increment(1);
         self.read_rounds_sent += 1;
         self.reads.push_back((ctx, self.time.now(), calls));
+    }
+
+    /// raft-rs has just queued, after the first `queued` messages, round
+    /// `ctx`'s heartbeat for every other node (learners too); keeps those
+    /// to the followers chosen for it (see `read_peers`).
+    fn keep_round_heartbeats(&mut self, ctx: u64, queued: usize) {
+        if self.read_peers.is_none() {
+            return;
+        }
+        let majority = self.read_followers();
+        let Some(peers) = self.read_peers.as_mut() else {
+            return;
+        };
+        let Some((followers, needed)) = majority else {
+            peers.reset();
+            return;
+        };
+        let Some(chosen) = peers.targets(ctx, &followers, needed) else {
+            return;
+        };
+        let ctx = ctx.to_be_bytes();
+        let added = self.raw.raft.msgs.split_off(queued);
+        debug_assert!(added
+            .iter()
+            .all(|m| m.get_msg_type() == MessageType::MsgHeartbeat && m.get_context() == ctx));
+        self.raw.raft.msgs.extend(added.into_iter().filter(|m| {
+            m.get_msg_type() != MessageType::MsgHeartbeat
+                || m.get_context() != ctx
+                || chosen.contains(&m.to)
+        }));
     }
 
     /// The voters other than this leader and how many of them make a
@@ -798,9 +826,10 @@ impl Node {
     /// A follower's answer to a read round's heartbeat (or to raft-rs's
     /// periodic one, which carries the newest pending round).
     fn note_read_ack(&mut self, msg: &::raft::prelude::Message) {
+        let probing = self.read_peers.as_ref().is_some_and(ReadPeers::probing);
         if msg.get_msg_type() != MessageType::MsgHeartbeatResponse
             || self.reads.is_empty()
-            || self.read_peers.is_none()
+            || !probing
         {
             return;
         }
@@ -822,8 +851,9 @@ impl Node {
         Some(*started + self.read_peers.as_ref()?.resend_after()?)
     }
 
-    /// Sends the pending rounds to every follower if the oldest has waited
-    /// too long on the chosen ones.
+    /// Sends the pending round to every follower if it has waited too long
+    /// on the chosen ones. (With MAX_READ_ROUNDS = 1 one round is pending;
+    /// were there more, the newest's answers would confirm the older ones.)
     fn resend_slow_round(&mut self) {
         let (Some((_, started, _)), Some((newest, _, _))) = (self.reads.front(), self.reads.back())
         else {
@@ -834,11 +864,16 @@ impl Node {
             return;
         };
         if peers.resend(age, *newest) {
-            metrics::counter!(m::RAFT_READ_RESENDS_TOTAL).increment(1);
-            // Carries the newest pending round's context: its answers
-            // confirm every older round too.
-            self.raw.raft.bcast_heartbeat();
+            self.broadcast_pending_round();
         }
+    }
+
+    /// Sends raft-rs's heartbeat, which carries the newest pending round's
+    /// context, to every follower.
+    fn broadcast_pending_round(&mut self) {
+        metrics::counter!(m::RAFT_READ_RESENDS_TOTAL).increment(1);
+        self.read_resends += 1;
+        self.raw.raft.bcast_heartbeat();
     }
 
     fn on_read_states(&mut self, states: Vec<ReadState>) {

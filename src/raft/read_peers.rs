@@ -5,8 +5,9 @@
 //! from. Asking every follower makes the rest do the same work for nothing:
 //! in a three-node cluster every round wakes a follower whose answer is never
 //! needed. So rounds go to just enough followers: the ones that answered a
-//! broadcast round first. A round that takes much longer than the previous
-//! one is sent to everyone again, and then the fastest answers choose anew.
+//! broadcast round first. A round that takes much longer than the fastest
+//! one since that choice is sent to everyone again, as is one round in every
+//! few hundred, and then the fastest answers choose anew.
 //!
 //! Safety does not depend on the choice (a round still needs a majority's
 //! acknowledgements); only how soon a round completes does. Raft-rs's own
@@ -17,23 +18,32 @@
 use std::time::Duration;
 
 /// A round is sent to everyone again once it has taken this many times as
-/// long as the previous round took ...
+/// long as a recent fast round (see `ReadPeers::baseline`) ...
 const RESEND_FACTOR: u32 = 3;
 /// ... but never sooner than this (a round on loopback takes a fraction of a
 /// millisecond; a slower one should not flap between followers) ...
 const RESEND_MIN: Duration = Duration::from_millis(2);
 /// ... and never later than this.
 const RESEND_MAX: Duration = Duration::from_millis(20);
+/// Rounds sent to one choice before a round goes to everyone again, so a
+/// chosen follower that slowed down gradually (never past the resend
+/// limit) is still replaced by a faster one.
+const REPROBE_EVERY: u32 = 256;
 
 #[derive(Debug, Default)]
 pub(crate) struct ReadPeers {
     /// Followers rounds go to; empty: every follower.
     chosen: Vec<u64>,
+    /// Rounds sent to the current choice.
+    sent_to_chosen: u32,
     /// A broadcast round's context and the voters that acknowledged it (or
     /// a later round), in the order they did.
     probe: Option<(u64, Vec<u64>)>,
-    /// How long the last completed round took.
-    last_round: Option<Duration>,
+    /// How long a fast round takes lately: the fastest completed round,
+    /// forgotten slowly (it grows by 1/64 per completed round), so a
+    /// follower that slows down step by step still runs into the limit,
+    /// while one slow round does not raise it.
+    baseline: Option<Duration>,
 }
 
 impl ReadPeers {
@@ -41,15 +51,27 @@ impl ReadPeers {
     /// every follower. `followers` are the voters other than this leader;
     /// `needed` is how many of them make a majority with it.
     pub(crate) fn targets(&mut self, ctx: u64, followers: &[u64], needed: usize) -> Option<&[u64]> {
-        let valid = needed > 0
-            && self.chosen.len() == needed
-            && self.chosen.iter().all(|id| followers.contains(id));
+        if needed == 0 {
+            // A single voter: raft-rs completes the round without messages.
+            self.reset();
+            return None;
+        }
+        let valid = self.chosen.len() == needed
+            && self.chosen.iter().all(|id| followers.contains(id))
+            && self.sent_to_chosen < REPROBE_EVERY;
         if valid {
+            self.sent_to_chosen += 1;
             return Some(&self.chosen);
         }
-        self.chosen.clear();
+        self.drop_choice();
         self.start_probe(ctx);
         None
+    }
+
+    /// Whether acknowledgements are being collected to choose followers
+    /// (otherwise [`Self::on_ack`] has nothing to do).
+    pub(crate) fn probing(&self) -> bool {
+        self.probe.is_some()
     }
 
     /// A round (or raft-rs's heartbeat carrying the newest pending round)
@@ -59,6 +81,11 @@ impl ReadPeers {
         if self.probe.is_none() {
             self.probe = Some((ctx, Vec::new()));
         }
+    }
+
+    fn drop_choice(&mut self) {
+        self.chosen.clear();
+        self.sent_to_chosen = 0;
     }
 
     /// Follower `from` acknowledged a round with context `ctx`.
@@ -73,14 +100,28 @@ impl ReadPeers {
         }
         acked.push(from);
         if acked.len() >= needed {
-            self.chosen = std::mem::take(acked);
+            let mut chosen = std::mem::take(acked);
+            chosen.truncate(needed);
+            self.drop_choice();
+            self.chosen = chosen;
             self.probe = None;
         }
     }
 
     /// A round completed after `took`.
     pub(crate) fn on_complete(&mut self, took: Duration) {
-        self.last_round = Some(took);
+        self.baseline = Some(self.baseline.map_or(took, |b| took.min(b + b / 64)));
+    }
+
+    /// Follower `id` is unreachable (the transport says so): a choice with
+    /// it in it is dropped, and the caller should send the pending round to
+    /// everyone.
+    pub(crate) fn forget(&mut self, id: u64) -> bool {
+        if !self.chosen.contains(&id) {
+            return false;
+        }
+        self.drop_choice();
+        true
     }
 
     /// How long a round sent to the chosen followers may take before it
@@ -90,26 +131,27 @@ impl ReadPeers {
             return None;
         }
         Some(
-            self.last_round
+            self.baseline
                 .map_or(RESEND_MIN, |d| d * RESEND_FACTOR)
                 .clamp(RESEND_MIN, RESEND_MAX),
         )
     }
 
-    /// Whether a round out for `age` (sent to the chosen followers) should
-    /// go to everyone: then the choice is dropped and a probe starts with
-    /// `newest`, the newest pending round's context.
-    pub(crate) fn resend(&mut self, age: Duration, newest: u64) -> bool {
+    /// Whether the pending round, out for `age`, should go to everyone:
+    /// then the choice is dropped and a probe starts with `ctx`, the pending
+    /// round's context.
+    pub(crate) fn resend(&mut self, age: Duration, ctx: u64) -> bool {
         if self.resend_after().is_none_or(|limit| age < limit) {
             return false;
         }
-        self.chosen.clear();
+        self.drop_choice();
         self.probe = None;
-        self.start_probe(newest);
+        self.start_probe(ctx);
         true
     }
 
-    /// Forgets everything (leadership gained or lost).
+    /// Forgets everything (leadership gained or lost, or a configuration in
+    /// which rounds go to everyone).
     pub(crate) fn reset(&mut self) {
         *self = Self::default();
     }
@@ -197,23 +239,74 @@ mod tests {
         p.targets(1, &f, 1);
         p.on_ack(2, 1, &f, 1);
         p.on_complete(MS / 2);
+        assert_eq!(p.resend_after(), Some(2 * MS), "the 2 ms floor");
         assert_eq!(p.targets(2, &f, 1), Some(&[2][..]));
-        assert_eq!(p.resend_after(), Some(2 * MS));
-        assert!(!p.resend(MS, 2), "under the 2 ms floor");
+        assert!(!p.resend(MS, 2));
         assert!(p.resend(2 * MS, 2));
         assert!(!p.resend(30 * MS, 2), "once: it now goes to everyone");
         assert_eq!(p.resend_after(), None);
         assert_eq!(p.targets(3, &f, 1), None);
         p.on_ack(3, 2, &f, 1);
         assert_eq!(p.targets(4, &f, 1), Some(&[3][..]));
-        // After slow rounds the limit follows them, up to 20 ms.
+        // The limit follows a recent fast round, not the latest: one slow
+        // round does not raise it, and it rises only slowly, so a follower
+        // slowing down step by step still runs into it.
+        let mut p = ReadPeers::default();
+        p.targets(1, &f, 1);
+        p.on_ack(3, 1, &f, 1);
         p.on_complete(5 * MS);
-        assert!(!p.resend(14 * MS, 4));
-        assert!(p.resend(15 * MS, 4));
-        p.targets(5, &f, 1);
-        p.on_ack(3, 5, &f, 1);
+        assert_eq!(p.resend_after(), Some(15 * MS));
+        p.on_complete(14 * MS);
+        let limit = p.resend_after().unwrap();
+        assert!(limit > 15 * MS && limit < 16 * MS, "{limit:?}");
+        let mut took = 5 * MS;
+        let mut rounds = 0;
+        while !p.resend(took, 4) {
+            assert_eq!(p.targets(4, &f, 1), Some(&[3][..]));
+            p.on_complete(took);
+            took = took * 11 / 10; // 10% slower each round
+            rounds += 1;
+        }
+        assert!(rounds < 20, "caught after {rounds} rounds");
+        // At most 20 ms.
+        let mut p = ReadPeers::default();
+        p.targets(1, &f, 1);
+        p.on_ack(3, 1, &f, 1);
         p.on_complete(100 * MS);
-        assert!(p.resend(20 * MS, 6));
+        assert_eq!(p.resend_after(), Some(20 * MS));
+    }
+
+    #[test]
+    fn a_choice_is_asked_again_after_a_while_or_when_unreachable() {
+        let mut p = ReadPeers::default();
+        let f = [2, 3];
+        p.targets(1, &f, 1);
+        p.on_ack(2, 1, &f, 1);
+        for ctx in 2..2 + u64::from(REPROBE_EVERY) {
+            assert_eq!(p.targets(ctx, &f, 1), Some(&[2][..]));
+        }
+        assert_eq!(p.targets(1000, &f, 1), None, "re-probed");
+        assert!(p.probing());
+        p.on_ack(3, 1000, &f, 1);
+        assert!(!p.probing());
+        assert_eq!(p.targets(1001, &f, 1), Some(&[3][..]));
+        assert!(!p.forget(2), "not chosen");
+        assert!(p.forget(3));
+        assert_eq!(p.targets(1002, &f, 1), None);
+    }
+
+    #[test]
+    fn a_probe_chooses_no_more_than_needed_and_none_for_one_voter() {
+        let mut p = ReadPeers::default();
+        let five = [2, 3, 4, 5];
+        p.targets(1, &five, 2);
+        p.on_ack(2, 1, &five, 2);
+        // The cluster shrank to three voters meanwhile.
+        p.on_ack(3, 1, &[2, 3], 1);
+        assert_eq!(p.targets(2, &[2, 3], 1), Some(&[2][..]));
+        let mut p = ReadPeers::default();
+        assert_eq!(p.targets(1, &[], 0), None);
+        assert!(!p.probing(), "nothing to choose with one voter");
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub struct SimReport {
     /// round's own, and raft-rs's periodic ones while one was pending).
     pub read_rounds: u64,
     pub read_heartbeats: u64,
+    /// Rounds sent to every follower again after the chosen ones were slow.
+    pub read_resends: u64,
     /// Whether a call succeeded after the nemesis stopped.
     pub recovered: bool,
     pub violations: Vec<String>,
@@ -128,7 +130,7 @@ impl fmt::Display for SimReport {
             "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed), {} IDs ({} refused), \
              faults: {} crashes ({} unsynced writes lost), {} pauses, {} partitions, {} chaos, \
              {} clock jumps; {} messages ({} dropped, {} duplicated); {} idle keys released; \
-             {} read rounds in {} heartbeats; recovered: {}; \
+             {} read rounds in {} heartbeats ({} resent); recovered: {}; \
              violations: {}; digest {:016x}",
             self.seed,
             self.nodes,
@@ -150,6 +152,7 @@ impl fmt::Display for SimReport {
             self.keys_released,
             self.read_rounds,
             self.read_heartbeats,
+            self.read_resends,
             self.recovered,
             self.violations.len(),
             self.digest
@@ -497,6 +500,7 @@ impl Sim {
         };
         self.report.keys_released += node.keys_released;
         self.report.read_rounds += node.read_rounds_sent;
+        self.report.read_resends += node.read_resends;
         lock(&slot.outbox).clear();
         let lost = lock(&slot.journal).lose_unsynced();
         self.report.lost_writes += lost as u64;
@@ -944,6 +948,7 @@ impl Sim {
             if let Some(node) = &slot.node {
                 self.report.keys_released += node.keys_released;
                 self.report.read_rounds += node.read_rounds_sent;
+                self.report.read_resends += node.read_resends;
             }
         }
         self.report.calls = self.checker.calls();
