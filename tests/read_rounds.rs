@@ -1,0 +1,74 @@
+//! A leader's read rounds go to one follower (`raft.read_round_peers =
+//! "majority"`, the default). Killing either follower of three real nodes
+//! under load fails no call and elects no one: when the follower the rounds
+//! went to dies, the pending round is sent to everyone again and the other
+//! follower's answer completes it. Every number handed out is checked for I1
+//! and I2.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{check_history, longest_stall, Cluster, Load};
+
+const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_either_follower_under_load_fails_no_call() {
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let client = Arc::new(c.client());
+    let load = Load::start(client.clone(), "conv", 40, 12);
+    load.progress(1000, Duration::from_secs(30)).await;
+
+    let started = Instant::now();
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    for &f in &followers {
+        c.kill(f);
+        // The leader and the other follower serve on their own.
+        load.progress(1000, Duration::from_secs(20)).await;
+        c.spawn(f);
+        c.wait_rejoined(f, Duration::from_secs(30)).await;
+        load.progress(1000, Duration::from_secs(20)).await;
+    }
+
+    let (ops, errors) = load.finish().await;
+    let stall = longest_stall(&ops, started);
+    let checked = check_history(&ops);
+    eprintln!("{checked} calls checked, longest stall {stall:?}");
+    if !errors.is_empty() {
+        c.dump_logs();
+    }
+    assert!(
+        errors.is_empty(),
+        "calls failed: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    assert_eq!(
+        c.wait_leader(Duration::from_secs(5)).await,
+        leader,
+        "a follower's death must not cost the leader its leadership"
+    );
+    // One of the two kills took the follower the rounds went to.
+    let metrics = common::http_get(&c.node(leader).metrics_addr, "/metrics").expect("metrics");
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let rounds = value("seqd_raft_read_index_rounds_total");
+    let resends = value("seqd_raft_read_index_resends_total");
+    eprintln!("{rounds} read rounds, {resends} sent to everyone again");
+    assert!(rounds > 0.0, "no read round counted:\n{metrics}");
+    assert!(
+        resends >= 1.0,
+        "no round was re-sent although the chosen follower died"
+    );
+    assert!(
+        stall < Duration::from_secs(1),
+        "calls stalled for {stall:?} while a follower was down"
+    );
+}
