@@ -77,6 +77,11 @@ pub struct Args {
     /// Measured seconds of each open-loop run (after a 1 s warm-up).
     #[arg(long, default_value_t = 3)]
     pub open_loop_seconds: u64,
+    /// Do not call every key once before measuring a target (then the keys
+    /// first touched inside a measured window charge their one-time cost,
+    /// for seqd a ceiling raised through the log, to that window).
+    #[arg(long)]
+    pub no_prime: bool,
     /// Distinct keys.
     #[arg(long, default_value_t = 10_000)]
     pub keys: u64,

@@ -207,7 +207,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
                 continue;
             }
         };
-        if applicable.iter().any(|w| *w != cli::Workload::Ids) {
+        if !args.no_prime && applicable.iter().any(|w| *w != cli::Workload::Ids) {
             if let Err(e) = prime(&mut target, args).await {
                 eprintln!("seqcompare: priming {kind} failed: {e:#}");
             }
@@ -321,6 +321,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "seed": args.seed,
             "open_loop_fraction": args.open_loop_fraction,
             "open_loop_rate": args.open_loop_rate,
+            "primed": !args.no_prime,
             "open_loop_seconds": args.open_loop_seconds,
             "open_loop_callers": args.open_loop_callers,
             "open_loop_warmup_seconds": OPEN_LOOP_WARMUP.as_secs(),
