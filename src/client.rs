@@ -8,7 +8,8 @@
 //! # Coalescing
 //!
 //! Concurrent [`Client::next`] calls of one namespace share RPCs: while
-//! [`ClientOptions::max_in_flight`] RPCs are already on the wire, new calls
+//! [`ClientOptions::max_in_flight`] RPCs are already on the wire, or the
+//! newest went out less than [`ClientOptions::rpc_spacing`] ago, new calls
 //! queue, and the next RPC carries every queued call (one `NextBatch`, each
 //! key at most once per batch). At low load nothing waits; at high load one
 //! RPC (one gRPC frame, one leadership round on the server) serves many
@@ -51,6 +52,14 @@ pub struct ClientOptions {
     /// RPCs of coalesced `next` calls on the wire at once, per namespace;
     /// 0 sends every call on its own.
     pub max_in_flight: usize,
+    /// While an RPC of coalesced calls is on the wire, another starts only
+    /// once the newest has been out this long; until then calls queue for
+    /// the RPC after the current one. Fewer, fuller RPCs at moderate load
+    /// (less CPU on both sides), while a slow RPC (a cold key waiting for
+    /// its first ceiling) still cannot hold the calls behind it for longer
+    /// than this. Zero: a new RPC whenever fewer than `max_in_flight` are
+    /// out.
+    pub rpc_spacing: Duration,
 }
 
 impl Default for ClientOptions {
@@ -61,6 +70,7 @@ impl Default for ClientOptions {
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
             max_in_flight: 4,
+            rpc_spacing: Duration::from_millis(1),
         }
     }
 }
@@ -115,6 +125,28 @@ struct Inner {
 struct Lane {
     queued: Vec<Waiter>,
     in_flight: usize,
+    /// When the newest RPC went out.
+    last_sent: Option<Instant>,
+}
+
+impl Lane {
+    /// Takes a slot and the queued calls for a new RPC, if one may start at
+    /// `now`. With nothing out a call goes at once. With RPCs out, queued
+    /// calls always have a sender that looks at the queue when its answer
+    /// comes (see `Slot`), so they may wait for it: they do while every slot
+    /// is taken or the newest RPC went out less than `rpc_spacing` ago.
+    fn start_rpc(&mut self, opts: &ClientOptions, now: Instant) -> Option<Vec<Item>> {
+        let spaced = self.in_flight == 0
+            || self
+                .last_sent
+                .is_none_or(|t| now.saturating_duration_since(t) >= opts.rpc_spacing);
+        if self.in_flight >= opts.max_in_flight || !spaced {
+            return None;
+        }
+        self.in_flight += 1;
+        self.last_sent = Some(now);
+        Some(take_batch(&mut self.queued))
+    }
 }
 
 /// A `next` call waiting for its share of an RPC.
@@ -172,12 +204,7 @@ impl Client {
             let mut lanes = lock(&self.inner.lanes);
             let lane = lanes.entry(namespace.to_string()).or_default();
             lane.queued.push(waiter);
-            if lane.in_flight < self.inner.opts.max_in_flight {
-                lane.in_flight += 1;
-                Some(take_batch(&mut lane.queued))
-            } else {
-                None
-            }
+            lane.start_rpc(&self.inner.opts, Instant::now())
         };
         if let Some(batch) = start {
             // The slot is taken before any task exists: however what drives
@@ -314,6 +341,7 @@ impl Slot {
             self.released = true;
             return None;
         }
+        lane.last_sent = Some(Instant::now());
         Some(take_batch(&mut lane.queued))
     }
 }
@@ -628,6 +656,7 @@ mod tests {
             backoff_min: Duration::from_millis(5),
             backoff_max: Duration::from_millis(20),
             max_in_flight: 1,
+            rpc_spacing: Duration::ZERO,
         };
         let client = Client::new(&["127.0.0.1:1"], opts).unwrap();
         let (reply, answer) = oneshot::channel();
@@ -653,6 +682,57 @@ mod tests {
 
     fn in_flight(client: &Client) -> usize {
         lock(&client.inner.lanes)["ns"].in_flight
+    }
+
+    #[test]
+    fn a_second_rpc_waits_for_the_spacing() {
+        let opts = ClientOptions {
+            max_in_flight: 2,
+            rpc_spacing: Duration::from_millis(1),
+            ..ClientOptions::default()
+        };
+        let queue = |lane: &mut Lane| {
+            let (reply, _) = oneshot::channel();
+            lane.queued.push(Waiter {
+                key: format!("k{}", lane.queued.len()),
+                count: 1,
+                reply,
+            });
+        };
+        let t0 = Instant::now();
+        let mut lane = Lane::default();
+        queue(&mut lane);
+        assert_eq!(
+            lane.start_rpc(&opts, t0).map(|b| b.len()),
+            Some(1),
+            "idle: at once"
+        );
+        queue(&mut lane);
+        assert!(
+            lane.start_rpc(&opts, t0 + opts.rpc_spacing / 2).is_none(),
+            "too soon"
+        );
+        queue(&mut lane);
+        let batch = lane
+            .start_rpc(&opts, t0 + opts.rpc_spacing)
+            .expect("spaced");
+        assert_eq!(batch.len(), 2, "carries both queued calls");
+        assert_eq!(lane.in_flight, 2);
+        queue(&mut lane);
+        assert!(
+            lane.start_rpc(&opts, t0 + 10 * opts.rpc_spacing).is_none(),
+            "every slot taken"
+        );
+        // Zero spacing: a new RPC whenever a slot is free.
+        let zero = ClientOptions {
+            rpc_spacing: Duration::ZERO,
+            ..opts
+        };
+        let mut lane = Lane::default();
+        queue(&mut lane);
+        assert!(lane.start_rpc(&zero, t0).is_some());
+        queue(&mut lane);
+        assert!(lane.start_rpc(&zero, t0).is_some());
     }
 
     #[tokio::test]

@@ -109,6 +109,11 @@ pub struct Args {
     /// namespace (`ClientOptions::max_in_flight`; 0: one RPC per call).
     #[arg(long, default_value_t = seqd::client::ClientOptions::default().max_in_flight)]
     pub max_in_flight: usize,
+    /// seqd client library: microseconds the newest coalesced RPC must
+    /// have been out before another may start (`ClientOptions::rpc_spacing`;
+    /// 0: whenever a slot is free).
+    #[arg(long, default_value_t = seqd::client::ClientOptions::default().rpc_spacing.as_micros() as u64)]
+    pub rpc_spacing_us: u64,
     /// Seed of the callers' key choices (caller i uses seed + i).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

@@ -53,6 +53,7 @@ impl Target {
                         args.connections,
                         (kind != TargetKind::Seqd3Raw).then(|| seqd::client::ClientOptions {
                             max_in_flight: args.max_in_flight,
+                            rpc_spacing: Duration::from_micros(args.rpc_spacing_us),
                             ..seqd::client::ClientOptions::default()
                         }),
                         kind == TargetKind::Seqd3Lease,
