@@ -56,9 +56,9 @@ pub struct ClientOptions {
     /// once the newest has been out this long; until then calls queue for
     /// the RPC after the current one. Fewer, fuller RPCs at moderate load
     /// (less CPU on both sides), while a slow RPC (a cold key waiting for
-    /// its first ceiling) still cannot hold the calls behind it for longer
-    /// than this. Zero: a new RPC whenever fewer than `max_in_flight` are
-    /// out.
+    /// its first ceiling) cannot hold the calls behind it much longer than
+    /// this (a timer sends them; tokio's timer rounds up to a millisecond).
+    /// Zero: a new RPC whenever fewer than `max_in_flight` are out.
     pub rpc_spacing: Duration,
 }
 
@@ -127,11 +127,13 @@ struct Lane {
     in_flight: usize,
     /// When the newest RPC went out.
     last_sent: Option<Instant>,
+    /// A task will look at the queue once the spacing has passed.
+    timer_armed: bool,
 }
 
 impl Lane {
-    /// Takes a slot and the queued calls for a new RPC, if one may start at
-    /// `now`. With nothing out a call goes at once. With RPCs out, queued
+    /// Takes a slot and the queued calls for a new RPC, if there are any
+    /// and one may start at `now`. With nothing out a call goes at once. With RPCs out, queued
     /// calls always have a sender that looks at the queue when its answer
     /// comes (see `Slot`), so they may wait for it: they do while every slot
     /// is taken or the newest RPC went out less than `rpc_spacing` ago.
@@ -140,13 +142,58 @@ impl Lane {
             || self
                 .last_sent
                 .is_none_or(|t| now.saturating_duration_since(t) >= opts.rpc_spacing);
-        if self.in_flight >= opts.max_in_flight || !spaced {
+        if self.queued.is_empty() || self.in_flight >= opts.max_in_flight || !spaced {
             return None;
         }
         self.in_flight += 1;
         self.last_sent = Some(now);
         Some(take_batch(&mut self.queued))
     }
+
+    /// Calls queued only for the spacing (a slot is free) must not wait
+    /// for a slow RPC's answer: unless a timer is already armed, arms one
+    /// and returns when it should fire. (Calls queued because every slot is
+    /// taken are picked up as answers come.)
+    fn arm_spacing_timer(&mut self, opts: &ClientOptions, now: Instant) -> Option<Duration> {
+        if self.timer_armed
+            || self.queued.is_empty()
+            || self.in_flight == 0
+            || self.in_flight >= opts.max_in_flight
+        {
+            return None;
+        }
+        let since = now.saturating_duration_since(self.last_sent?);
+        self.timer_armed = true;
+        Some(opts.rpc_spacing.saturating_sub(since))
+    }
+}
+
+/// Once the spacing has passed, sends what is still queued in a new RPC
+/// (if a slot is free and no newer RPC went out meanwhile; otherwise the
+/// RPCs out will pick the calls up, or the timer is armed again).
+async fn send_when_spaced(inner: Arc<Inner>, namespace: String, mut delay: Duration) {
+    let batch = loop {
+        tokio::time::sleep(delay).await;
+        let mut lanes = lock(&inner.lanes);
+        let Some(lane) = lanes.get_mut(&namespace) else {
+            return;
+        };
+        lane.timer_armed = false;
+        let now = Instant::now();
+        if let Some(batch) = lane.start_rpc(&inner.opts, now) {
+            break batch;
+        }
+        match lane.arm_spacing_timer(&inner.opts, now) {
+            Some(d) => delay = d,
+            None => return,
+        }
+    };
+    let slot = Slot {
+        inner,
+        namespace,
+        released: false,
+    };
+    drive_lane(slot, batch).await;
 }
 
 /// A `next` call waiting for its share of an RPC.
@@ -200,12 +247,23 @@ impl Client {
             count,
             reply,
         };
-        let start = {
+        let (start, wake_in) = {
             let mut lanes = lock(&self.inner.lanes);
             let lane = lanes.entry(namespace.to_string()).or_default();
             lane.queued.push(waiter);
-            lane.start_rpc(&self.inner.opts, Instant::now())
+            let now = Instant::now();
+            match lane.start_rpc(&self.inner.opts, now) {
+                Some(batch) => (Some(batch), None),
+                None => (None, lane.arm_spacing_timer(&self.inner.opts, now)),
+            }
         };
+        if let Some(delay) = wake_in {
+            tokio::spawn(send_when_spaced(
+                self.inner.clone(),
+                namespace.to_string(),
+                delay,
+            ));
+        }
         if let Some(batch) = start {
             // The slot is taken before any task exists: however what drives
             // it ends, dropping it gives the slot back (see `Slot`).
@@ -708,10 +766,15 @@ mod tests {
             "idle: at once"
         );
         queue(&mut lane);
-        assert!(
-            lane.start_rpc(&opts, t0 + opts.rpc_spacing / 2).is_none(),
-            "too soon"
+        let soon = t0 + opts.rpc_spacing / 4;
+        assert!(lane.start_rpc(&opts, soon).is_none(), "too soon");
+        assert_eq!(
+            lane.arm_spacing_timer(&opts, soon),
+            Some(opts.rpc_spacing * 3 / 4),
+            "the queued call goes when the spacing has passed"
         );
+        assert_eq!(lane.arm_spacing_timer(&opts, soon), None, "armed once");
+        lane.timer_armed = false;
         queue(&mut lane);
         let batch = lane
             .start_rpc(&opts, t0 + opts.rpc_spacing)
@@ -722,6 +785,15 @@ mod tests {
         assert!(
             lane.start_rpc(&opts, t0 + 10 * opts.rpc_spacing).is_none(),
             "every slot taken"
+        );
+        assert_eq!(
+            lane.arm_spacing_timer(&opts, t0 + 10 * opts.rpc_spacing),
+            None,
+            "no timer: answers will pick the call up"
+        );
+        assert!(
+            Lane::default().start_rpc(&opts, t0).is_none(),
+            "nothing queued, no RPC"
         );
         // Zero spacing: a new RPC whenever a slot is free.
         let zero = ClientOptions {
