@@ -30,12 +30,11 @@ async fn a_call_queued_behind_a_slow_rpc_goes_out_after_the_spacing() {
     for &f in &followers {
         c.pause(f);
     }
-    // `join!` polls the cold call first: its RPC is out before the warm
-    // call is made, 100 µs later (a blocking sleep: tokio's timer would
-    // round it up past the 1 ms spacing).
+    // `join!` polls the cold call first, and `next` sends (or queues) before
+    // its first await: the cold call's RPC is out when the warm call is
+    // made, well inside the 1 ms spacing, so the warm one queues.
     let cold = client.next("conv", "cold", 1);
     let warm = async {
-        std::thread::sleep(Duration::from_micros(100));
         let answer =
             tokio::time::timeout(Duration::from_millis(150), client.next("conv", "warm", 1)).await;
         for &f in &followers {
