@@ -27,8 +27,15 @@ pub const RAFT_APPLIED_INDEX: &str = "seqd_raft_applied_index";
 pub const RAFT_PROPOSALS_TOTAL: &str = "seqd_raft_proposals_total";
 /// Times this node saw the leader change.
 pub const RAFT_LEADER_CHANGES_TOTAL: &str = "seqd_raft_leader_changes_total";
-/// Time to append entries and hard state to RocksDB, fsync included.
+/// Time to write entries and hard state to RocksDB (the node loop's part;
+/// the fsync they need runs on the sync thread, see the next).
 pub const RAFT_APPEND_SECONDS: &str = "seqd_raft_log_append_seconds";
+/// Time of one fsync of the Raft log by the sync thread (it covers every
+/// write made before it).
+pub const RAFT_SYNC_SECONDS: &str = "seqd_raft_log_sync_seconds";
+/// How long the oldest write still waiting for its fsync has waited (0 when
+/// none does): a disk going bad shows here before the node gives up on it.
+pub const RAFT_SYNC_PENDING_SECONDS: &str = "seqd_raft_log_sync_pending_seconds";
 /// ReadIndex rounds (leadership confirmations), one per batch of calls.
 pub const RAFT_READ_ROUNDS_TOTAL: &str = "seqd_raft_read_index_rounds_total";
 /// Read rounds sent to every follower again because the followers chosen
@@ -98,7 +105,17 @@ fn describe() {
     describe_histogram!(
         RAFT_APPEND_SECONDS,
         Unit::Seconds,
-        "Raft log append and fsync time."
+        "Raft log write time (without the fsync, which the sync thread does)."
+    );
+    describe_histogram!(
+        RAFT_SYNC_SECONDS,
+        Unit::Seconds,
+        "Raft log fsync time, one per batch of writes."
+    );
+    describe_gauge!(
+        RAFT_SYNC_PENDING_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest Raft log write waiting for its fsync (0: none)."
     );
     describe_counter!(
         RAFT_READ_ROUNDS_TOTAL,

@@ -91,7 +91,7 @@ pub async fn serve(
         clock.clone(),
     ));
     let faults = Arc::new(Faults::default());
-    let (node, peer_service, thread) = spawn(
+    let (node, peer_service, node_task) = spawn(
         NodeParams {
             id: config.node.id,
             voters: config.voter_ids(),
@@ -174,9 +174,9 @@ pub async fn serve(
         }
     }
     health_task.abort();
-    // The node thread has returned (or will, now that every handle is gone).
+    // The node's loop has returned (or will, now that every handle is gone).
     drop(node);
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    let _ = node_task.await;
     tracing::info!("seqd stopped");
     Ok(())
 }

@@ -58,6 +58,7 @@ async fn health_follows_reachability_of_the_majority() {
         .inject_fault(InjectFaultRequest {
             clock_offset_ms: 0,
             isolate: true,
+            sync_delay_ms: 0,
         })
         .await
         .unwrap();
@@ -69,6 +70,7 @@ async fn health_follows_reachability_of_the_majority() {
         .inject_fault(InjectFaultRequest {
             clock_offset_ms: 0,
             isolate: false,
+            sync_delay_ms: 0,
         })
         .await
         .unwrap();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_ports, Cluster, Load};
+use seqd::client::{Client, ClientOptions};
 use seqd::pb::NextIdsRequest;
 
 struct Prometheus {
@@ -75,7 +76,18 @@ async fn prometheus_sees_latency_and_one_leader() {
     c.wait_leader(Duration::from_secs(20)).await;
     let prom = start_prometheus(&c);
 
-    let client = Arc::new(c.client());
+    // Every call its own `Next` RPC (no coalescing), so that the count
+    // Prometheus scrapes can be held against the calls made.
+    let client = Arc::new(
+        Client::new(
+            &c.addrs(),
+            ClientOptions {
+                max_in_flight: 0,
+                ..ClientOptions::default()
+            },
+        )
+        .expect("client"),
+    );
     let load = Load::start(client.clone(), "conv", 50, 8);
     let mut ids = c.ids(1).await;
     let deadline = Instant::now() + Duration::from_secs(8);
@@ -121,6 +133,20 @@ async fn prometheus_sees_latency_and_one_leader() {
         Duration::from_secs(30),
         |v| v.is_finite() && v > 0.0,
     );
+    // The log's fsyncs (off the node loop) are timed: every node syncs
+    // the ceilings the load raises.
+    let syncs = wait_query(
+        &prom,
+        "min(seqd_raft_log_sync_seconds_count)",
+        Duration::from_secs(30),
+        |v| v > 0.0,
+    );
+    let sync_pending = wait_query(
+        &prom,
+        "max(seqd_raft_log_sync_pending_seconds)",
+        Duration::from_secs(30),
+        |v| v.is_finite(),
+    );
     let calls = wait_query(
         &prom,
         "sum(seqd_requests_total{op=\"Next\",code=\"OK\"})",
@@ -135,6 +161,11 @@ async fn prometheus_sees_latency_and_one_leader() {
     assert!(p99 < 1.0, "Next p99 {p99} s");
     assert!(p99_ids < 1.0, "NextIds p99 {p99_ids} s");
     assert!(round_p50 < 1.0, "read round p50 {round_p50} s");
+    assert!(syncs > 0.0, "{syncs} fsyncs on the node that synced least");
+    assert!(
+        sync_pending < 1.0,
+        "a write waited {sync_pending} s for its fsync"
+    );
     assert!(
         calls >= ops.len() as f64 / 10.0,
         "{calls} scraped of {} made",

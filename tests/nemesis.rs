@@ -48,6 +48,7 @@ async fn shift_clock(c: &Cluster, id: u64, clock_offset_ms: i64) {
     let req = InjectFaultRequest {
         clock_offset_ms,
         isolate: false,
+        sync_delay_ms: 0,
     };
     // The node may be restarting; the fault is then moot.
     let _ = tokio::time::timeout(Duration::from_secs(2), admin.inject_fault(req)).await;

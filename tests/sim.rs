@@ -205,7 +205,9 @@ fn a_lease_that_outlives_the_promise_is_caught() {
     let mut cfg = config(3);
     cfg.lease = true;
     cfg.break_lease = true;
-    let reports = run_all(&seeds(201..=216, 200_000), &cfg);
+    // About one seed in five catches it (13 of the first 64 long-mode
+    // seeds); 40 seeds miss it with odds of about 1 in 7,000.
+    let reports = run_all(&seeds(201..=240, 200_000), &cfg);
     let caught = seeds_reporting_i2(&reports);
     assert!(!caught.is_empty(), "no seed caught the stretched lease");
 }

@@ -32,6 +32,7 @@ async fn fault(c: &Cluster, id: u64, clock_offset_ms: i64, isolate: bool) {
         .inject_fault(InjectFaultRequest {
             clock_offset_ms,
             isolate,
+            sync_delay_ms: 0,
         })
         .await
         .unwrap();

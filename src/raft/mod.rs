@@ -1,5 +1,6 @@
-//! The Raft node: one thread owns raft-rs's `RawNode`, the RocksDB log and
-//! state machine, and the allocator core. Everything else talks to it
+//! The Raft node: one task (the node loop, on the server's runtime) owns
+//! raft-rs's `RawNode`, the RocksDB log and state machine, and the
+//! allocator core. Everything else talks to it
 //! through a mailbox ([`NodeHandle`]) and gets answers on oneshot channels.
 
 mod logger;
@@ -7,16 +8,15 @@ mod node;
 mod read_peers;
 pub mod transport;
 
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ::raft::prelude::Message;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{RequestId, SeqKey, SeqRange};
 
 pub use node::{spawn, NodeParams, NodeTesting, NodeTime, VirtualTime};
-pub(crate) use node::{Node, Outbox};
+pub(crate) use node::{Node, Outbox, Syncer};
 
 /// Numbers handed out by one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,10 +73,12 @@ pub struct Membership {
 pub struct Faults {
     /// Drop every Raft message to and from this node.
     pub isolated: std::sync::atomic::AtomicBool,
+    /// Delay every fsync of the Raft log by this many ms (a slow disk).
+    pub sync_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The node's Snowflake issuer and the clock it reads, shared by the node
-/// thread (worker and fence updates) and the `Ids` service (issuing).
+/// loop (worker and fence updates) and the `Ids` service (issuing).
 pub struct IdState {
     pub issuer: std::sync::Mutex<crate::core::Issuer>,
     pub clock: std::sync::Arc<dyn crate::core::Clock>,
@@ -131,7 +133,11 @@ pub enum NodeError {
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
-/// What the node thread receives.
+/// The node's mailbox. Unbounded: its senders (gRPC handlers, the peer
+/// transport) must never block, and calls carry their own deadlines.
+pub(crate) type Mailbox = mpsc::UnboundedSender<Input>;
+
+/// What the node loop receives.
 pub(crate) enum Input {
     /// A Raft message from a peer.
     Raft(Box<Message>),
@@ -142,6 +148,8 @@ pub(crate) enum Input {
         to: u64,
         ok: bool,
     },
+    /// Every write made before Ready `number` was handled is durable.
+    Persisted(u64),
     Allocate {
         items: Vec<(SeqKey, u32)>,
         request_id: Option<RequestId>,
@@ -163,19 +171,19 @@ pub(crate) enum Input {
         change: MembershipChange,
         reply: Reply<Membership>,
     },
-    /// Trim and hand over leadership if leader, then stop the thread.
+    /// Trim and hand over leadership if leader, then stop the loop.
     Shutdown(oneshot::Sender<()>),
 }
 
-/// Cheap, cloneable access to the node thread.
+/// Cheap, cloneable access to the node loop.
 #[derive(Clone)]
 pub struct NodeHandle {
-    tx: mpsc::Sender<Input>,
+    tx: Mailbox,
     request_timeout: Duration,
 }
 
 impl NodeHandle {
-    pub(crate) fn new(tx: mpsc::Sender<Input>, request_timeout: Duration) -> Self {
+    pub(crate) fn new(tx: Mailbox, request_timeout: Duration) -> Self {
         Self {
             tx,
             request_timeout,
@@ -191,7 +199,7 @@ impl NodeHandle {
         let deadline = Instant::now() + self.request_timeout;
         self.send(make(tx, deadline))?;
         // The node fails calls at their deadline itself; the margin covers a
-        // node thread that is stuck on a slow disk.
+        // node loop that is stuck on a slow disk.
         match tokio::time::timeout(self.request_timeout + Duration::from_secs(1), rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(NodeError::Stopped),
@@ -246,7 +254,7 @@ impl NodeHandle {
             .await
     }
 
-    /// Hands over leadership cleanly (if leader) and stops the node thread.
+    /// Hands over leadership cleanly (if leader) and stops the node loop.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
         if self.send(Input::Shutdown(tx)).is_ok() {

@@ -1,4 +1,4 @@
-//! The node loop: the one thread that owns `RawNode`, storage and the
+//! The node loop: the one task that owns `RawNode`, storage and the
 //! allocator core.
 //!
 //! # Leadership check (I2)
@@ -12,10 +12,18 @@
 //! not complete. This needs no clock assumptions, unlike a lease (which would
 //! save one round trip but trusts bounded clock drift); it costs one network
 //! round trip and no fsync per batch of calls.
+//!
+//! # Persistence
+//!
+//! The loop writes new entries and hard state without a sync and hands the
+//! fsync to a [`Syncer`] (raft-rs's asynchronous Ready): raft-rs counts the
+//! entries, and the messages that depend on them go, only once the syncer
+//! reports them durable. The loop meanwhile keeps answering calls, so a slow
+//! fsync delays refills and elections, not reads of warm keys.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::raft::prelude::{
@@ -24,7 +32,7 @@ use ::raft::prelude::{
 use ::raft::{RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole, Storage as _};
 use prost::Message as _;
 use protobuf::Message as _;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::read_peers::{followers_needed, ReadPeers};
 use super::transport::{PeerService, Transport};
@@ -44,6 +52,8 @@ use crate::pb::state::{
 };
 use crate::storage::{self, Applied, Machine, RaftStore, StorageError};
 
+/// A log fsync that has not returned for this long means the disk is gone.
+const SYNC_STALL_LIMIT: Duration = Duration::from_secs(10);
 /// Most inputs handled between two Ready rounds, so ticks stay on time.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
 /// ReadIndex rounds on the wire at once. Calls that arrive while they are
@@ -123,6 +133,68 @@ impl Outbox for Transport {
     }
 }
 
+/// Makes a node's log durable off its loop: a thread that fsyncs the
+/// write-ahead log, or the simulation at a virtual time of its choosing.
+/// Either answers `request(n)` with [`Input::Persisted`] carrying `n` (or a
+/// later request's number) once every write made before the request is
+/// durable.
+pub(crate) trait Syncer: Send {
+    fn request(&mut self, number: u64);
+}
+
+/// The real [`Syncer`]: requests go to a thread of their own, since an
+/// fsync blocks (for 1-50 ms on some disks, seen here).
+struct WalSyncer(std::sync::mpsc::Sender<u64>);
+
+impl Syncer for WalSyncer {
+    fn request(&mut self, number: u64) {
+        // The thread only stops when the process does.
+        let _ = self.0.send(number);
+    }
+}
+
+impl WalSyncer {
+    fn start(
+        id: u64,
+        disk: storage::Disk,
+        mailbox: &super::Mailbox,
+        faults: Arc<super::Faults>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        // Weak: the node's loop ends when the last handle to it goes, and
+        // this thread must not keep it alive.
+        let mailbox = mailbox.downgrade();
+        std::thread::Builder::new()
+            .name(format!("raft-sync-{id}"))
+            .spawn(move || {
+                while let Ok(mut number) = rx.recv() {
+                    // Requests that queued during the last fsync share the next.
+                    while let Ok(n) = rx.try_recv() {
+                        number = number.max(n);
+                    }
+                    let started = Instant::now();
+                    let delay = faults.sync_delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+                    if delay > 0 {
+                        std::thread::sleep(Duration::from_millis(delay));
+                    }
+                    if let Err(e) = disk.sync_wal() {
+                        tracing::error!(node_id = id, error = %e, "cannot sync the Raft log; stopping the node");
+                        std::process::exit(70);
+                    }
+                    metrics::histogram!(m::RAFT_SYNC_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                    let Some(mailbox) = mailbox.upgrade() else {
+                        return;
+                    };
+                    if mailbox.send(Input::Persisted(number)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self(tx))
+    }
+}
+
 /// The node's sense of time: the machine's monotonic clock, or the
 /// simulation's virtual one.
 #[derive(Clone)]
@@ -174,34 +246,42 @@ impl NodeTime {
     }
 }
 
-/// Opens storage, starts the node thread and the peer transport.
+/// Opens storage, starts the node's loop and the peer transport on `rt`
+/// (a multi-thread runtime: the loop hands its worker off while it waits
+/// for the disk, see [`Node::blocking`]).
 pub fn spawn(
     params: NodeParams,
     rt: &tokio::runtime::Handle,
-) -> Result<(NodeHandle, PeerService, std::thread::JoinHandle<()>), StorageError> {
+) -> Result<(NodeHandle, PeerService, tokio::task::JoinHandle<()>), StorageError> {
     let disk = storage::open(&params.data_dir)?;
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     let faults = params.faults.clone();
     let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);
     let id = params.id;
     let transport_tx = tx.clone();
-    let node = Node::open(params, disk, NodeTime::Real, rx, |peers| {
-        Box::new(Transport::start(
-            rt,
-            id,
-            peers,
-            transport_tx,
-            faults.clone(),
-        ))
-    })?;
-    let thread = std::thread::Builder::new()
-        .name(format!("raft-{id}"))
-        .spawn(move || node.run())
-        .map_err(|e| StorageError::corrupt("raft thread", e))?;
+    let syncer = WalSyncer::start(id, disk.clone(), &tx, faults.clone())
+        .map_err(|e| StorageError::corrupt("raft sync thread", e))?;
+    let node = Node::open(
+        params,
+        disk,
+        NodeTime::Real,
+        rx,
+        |peers| {
+            Box::new(Transport::start(
+                rt,
+                id,
+                peers,
+                transport_tx,
+                faults.clone(),
+            ))
+        },
+        Box::new(syncer),
+    )?;
+    let task = rt.spawn(node.run());
     Ok((
         NodeHandle::new(tx.clone(), request_timeout),
         PeerService::new(tx, faults),
-        thread,
+        task,
     ))
 }
 
@@ -328,7 +408,16 @@ pub(crate) struct Node {
     /// them while the allocator is borrowed mutably.
     namespaces: Namespaces,
     transport: Box<dyn Outbox>,
-    inbox: mpsc::Receiver<Input>,
+    syncer: Box<dyn Syncer>,
+    /// The newest Ready whose writes wait for the syncer, if any.
+    sync_pending: Option<u64>,
+    /// Since when a sync has been pending.
+    sync_since: Option<Instant>,
+    /// Messages that may go only once the log is synced up to that Ready
+    /// (a follower's acknowledgements, a candidate's vote requests), oldest
+    /// first.
+    held: VecDeque<(u64, Vec<::raft::prelude::Message>)>,
+    inbox: mpsc::UnboundedReceiver<Input>,
     time: NodeTime,
     tick: Duration,
     election_timeout: Duration,
@@ -379,6 +468,8 @@ pub(crate) struct Node {
     /// Read rounds it sent to every follower again (a chosen one answered
     /// slowly or became unreachable).
     pub(crate) read_resends: u64,
+    /// Set by `run`: the node runs as a task on a multi-thread runtime.
+    on_runtime: bool,
 }
 
 fn command_kind(cmd: &Command) -> &'static str {
@@ -400,8 +491,9 @@ impl Node {
         params: NodeParams,
         disk: storage::Disk,
         time: NodeTime,
-        inbox: mpsc::Receiver<Input>,
+        inbox: mpsc::UnboundedReceiver<Input>,
         outbox: impl FnOnce(&[(u64, String)]) -> Box<dyn Outbox>,
+        syncer: Box<dyn Syncer>,
     ) -> Result<Node, StorageError> {
         let voters = if params.join {
             Vec::new()
@@ -458,6 +550,10 @@ impl Node {
             core: Allocator::new(params.namespaces.clone()),
             namespaces: params.namespaces,
             transport: outbox(&peers),
+            syncer,
+            sync_pending: None,
+            sync_since: None,
+            held: VecDeque::new(),
             inbox,
             time,
             tick: Duration::from_millis(params.raft.tick_ms),
@@ -500,10 +596,18 @@ impl Node {
             keys_released: 0,
             read_rounds_sent: 0,
             read_resends: 0,
+            on_runtime: false,
         })
     }
 
-    fn run(mut self) {
+    /// The node's loop: a task on the server's runtime rather than a thread
+    /// of its own, so that a call's trip from its gRPC handler to the node
+    /// and back is a task wake-up on the same workers, not two cross-thread
+    /// wake-ups (on the two-core VM each waited ~70 us for a core under
+    /// load). The loop awaits only its mailbox; disk writes run through
+    /// [`Node::blocking`].
+    async fn run(mut self) {
+        self.on_runtime = true;
         tracing::info!(
             node_id = self.id,
             applied = self.machine.applied(),
@@ -515,11 +619,10 @@ impl Node {
             let wake = self
                 .read_resend_at()
                 .map_or(next_tick, |at| at.min(next_tick));
-            let wait = wake.saturating_duration_since(Instant::now());
-            let first = match self.inbox.recv_timeout(wait) {
-                Ok(input) => Some(input),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            let first = match tokio::time::timeout_at(wake.into(), self.inbox.recv()).await {
+                Ok(Some(input)) => Some(input),
+                Ok(None) => return,
+                Err(_elapsed) => None,
             };
             let mut stop = None;
             if let Some(input) = first {
@@ -562,6 +665,7 @@ impl Node {
     /// One Raft tick and the timers that run with it. Returns the sender to
     /// notify if a handover that was to stop the node has run out of time.
     pub(crate) fn on_tick(&mut self, now: Instant) -> Option<oneshot::Sender<()>> {
+        self.check_pending_sync(now);
         self.raw.tick();
         self.expire(now);
         self.release_idle_keys();
@@ -629,6 +733,7 @@ impl Node {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
             }
+            Input::Persisted(number) => self.on_persisted(number),
             Input::Unreachable(id) => {
                 self.raw.report_unreachable(id);
                 // Do not wait out the resend delay on a follower the
@@ -1186,6 +1291,84 @@ impl Node {
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
+        // New entries and hard state are written without waiting for the
+        // disk (the syncer makes them durable), and so are applied entries;
+        // but installing a snapshot, compacting the log after applying, and
+        // recording a configuration write synced.
+        let waits_for_disk = !ready.snapshot().is_empty() || !ready.committed_entries().is_empty();
+        if waits_for_disk {
+            self.blocking(|node| node.finish_ready(ready))
+        } else {
+            self.finish_ready(ready)
+        }
+    }
+
+    /// Before a tick: a lone voter wins an election within the tick, and
+    /// raft-rs requires a new leader's log to be persisted, so what a
+    /// follower-era Ready left to the syncer is synced here first (a
+    /// two-voter cluster whose leader was demoted, during a slow fsync). And
+    /// a sync pending for [`SYNC_STALL_LIMIT`] means a dead disk: the node
+    /// stops, as on any storage failure, rather than lead without being
+    /// able to commit (its heartbeats would keep the others from electing
+    /// a leader that can).
+    fn check_pending_sync(&mut self, now: Instant) {
+        let Some(pending) = self.sync_pending else {
+            return;
+        };
+        let voters = self.raw.raft.prs().conf().voters();
+        let lone_voter = voters.is_singleton() && voters.contains(self.id);
+        if lone_voter && self.raw.raft.state != StateRole::Leader {
+            if let Err(e) = self.blocking(|node| node.raw.store().sync_wal()) {
+                tracing::error!(node_id = self.id, error = %e, "cannot sync the Raft log; stopping the node");
+                std::process::exit(70);
+            }
+            self.on_persisted(pending);
+            return;
+        }
+        let stalled = self
+            .sync_since
+            .is_some_and(|since| now.saturating_duration_since(since) > SYNC_STALL_LIMIT);
+        if stalled && self.on_runtime {
+            tracing::error!(
+                node_id = self.id,
+                limit = ?SYNC_STALL_LIMIT,
+                "the Raft log's fsync has not returned; stopping the node"
+            );
+            std::process::exit(70);
+        }
+    }
+
+    /// The log is durable up to Ready `number` (every write before it):
+    /// raft-rs may count those entries, and the messages that waited for
+    /// them go.
+    fn on_persisted(&mut self, number: u64) {
+        self.raw.on_persist_ready(number);
+        if self.sync_pending.is_some_and(|pending| pending <= number) {
+            self.sync_pending = None;
+            self.sync_since = None;
+        }
+        while self.held.front().is_some_and(|(n, _)| *n <= number) {
+            if let Some((_, msgs)) = self.held.pop_front() {
+                self.transport.send(msgs);
+            }
+        }
+    }
+
+    /// Runs `f`, which writes to the disk (a synced write takes
+    /// milliseconds on some disks). On the runtime through
+    /// `block_in_place`, so that the worker's other tasks (gRPC calls, the
+    /// peer transport) move to another thread meanwhile; in the simulation,
+    /// directly.
+    fn blocking<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        if self.on_runtime {
+            tokio::task::block_in_place(|| f(self))
+        } else {
+            f(self)
+        }
+    }
+
+    /// Steps 2-6 of handling a Ready (after its first messages went out).
+    fn finish_ready(&mut self, mut ready: ::raft::Ready) -> Result<(), StorageError> {
         // 2. A snapshot from the leader replaces state and log.
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
@@ -1213,25 +1396,62 @@ impl Node {
         }
         // 3. Apply what is committed.
         self.apply(ready.take_committed_entries())?;
-        // 4. Persist entries and hard state in one synced write.
+        // 4. Entries and hard state. What needs a sync (entries, a term, a
+        //    vote) is synced off this loop by the syncer, so that calls keep
+        //    being answered during the fsync; with a snapshot installed,
+        //    at once (that write was synced anyway).
+        let number = ready.number();
+        let sync_now = !ready.snapshot().is_empty();
+        let mut owed = false;
         if !ready.entries().is_empty() || ready.hs().is_some() {
             let hs = ready.hs().cloned();
             let started = Instant::now();
-            self.raw.mut_store().append(ready.entries(), hs.as_ref())?;
+            owed = self
+                .raw
+                .mut_store()
+                .append(ready.entries(), hs.as_ref(), sync_now)?;
             metrics::histogram!(m::RAFT_APPEND_SECONDS).record(started.elapsed().as_secs_f64());
         }
-        // 5. Messages that needed the write above.
-        if !ready.persisted_messages().is_empty() {
-            self.transport.send(ready.take_persisted_messages());
-        }
+        let persisted_msgs = ready.take_persisted_messages();
         let read_states = ready.take_read_states();
-        // 6. Advance, then handle what the light ready carries.
-        let mut light = self.raw.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            self.raw.mut_store().set_commit(commit)?;
+        // 5. Advance. raft-rs counts this Ready's entries as persisted only
+        //    at `on_persisted`; what that makes possible (a commit, the
+        //    entries to apply) comes in a later Ready.
+        self.raw.advance_append_async(ready);
+        if owed {
+            if self.sync_pending.is_none() {
+                self.sync_since = Some(self.time.now());
+            }
+            self.sync_pending = Some(number);
+            self.syncer.request(number);
         }
-        self.transport.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
+        // 6. Messages that needed the write above, in order: after the sync
+        //    if one is owed (this Ready's or an earlier one's). Heartbeat
+        //    answers go at once: they claim nothing about this node's log
+        //    (raft-rs answers from a commit index the leader capped at what
+        //    this node acknowledged), and they are what confirms the
+        //    leader's read rounds, which must not wait for a follower's fsync.
+        if !persisted_msgs.is_empty() {
+            match self.sync_pending {
+                Some(pending) => {
+                    let (now, later): (Vec<_>, Vec<_>) = persisted_msgs
+                        .into_iter()
+                        .partition(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse);
+                    if !now.is_empty() {
+                        self.transport.send(now);
+                    }
+                    if !later.is_empty() {
+                        self.held.push_back((pending, later));
+                    }
+                }
+                None => self.transport.send(persisted_msgs),
+            }
+        }
+        if self.sync_pending.is_none() || sync_now {
+            self.on_persisted(number);
+        }
+        // The entries applied above were persisted when raft-rs handed them
+        // out (and a snapshot just now).
         self.raw.advance_apply();
         self.on_read_states(read_states);
         Ok(())
@@ -1798,6 +2018,13 @@ impl Node {
         metrics::gauge!(m::RAFT_COMMIT_INDEX).set(raft.raft_log.committed as f64);
         metrics::gauge!(m::RAFT_APPLIED_INDEX).set(self.machine.applied() as f64);
         metrics::gauge!(m::ACTIVE_KEYS).set(self.core.active_keys() as f64);
+        let sync_wait = self.sync_since.map_or(0.0, |since| {
+            self.time
+                .now()
+                .saturating_duration_since(since)
+                .as_secs_f64()
+        });
+        metrics::gauge!(m::RAFT_SYNC_PENDING_SECONDS).set(sync_wait);
         let now = self.ids.clock.now_ms();
         let issuer = self.ids.lock();
         if issuer.is_active() {

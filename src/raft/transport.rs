@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::raft::prelude::{Message, MessageType};
@@ -13,7 +13,7 @@ use tokio::sync::mpsc as tmpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Faults, Input};
+use super::{Faults, Input, Mailbox};
 use crate::pb::peer_client::PeerClient;
 use crate::pb::peer_server::Peer;
 use crate::pb::{RaftAck, RaftFrame};
@@ -23,12 +23,12 @@ const PEER_QUEUE: usize = 4096;
 /// Largest message a peer may send (snapshots travel in one message).
 pub const MAX_PEER_MESSAGE: usize = 512 << 20;
 
-/// Sends raft messages to peers. Owned by the node thread; never blocks.
+/// Sends raft messages to peers. Owned by the node loop; never blocks.
 pub struct Transport {
     self_id: u64,
     rt: tokio::runtime::Handle,
     peers: HashMap<u64, (String, tmpsc::Sender<Message>)>,
-    node: mpsc::Sender<Input>,
+    node: Mailbox,
     faults: Arc<Faults>,
 }
 
@@ -38,7 +38,7 @@ impl Transport {
         rt: &tokio::runtime::Handle,
         self_id: u64,
         peers: &[(u64, String)],
-        node: mpsc::Sender<Input>,
+        node: Mailbox,
         faults: Arc<Faults>,
     ) -> Self {
         let mut t = Self {
@@ -101,7 +101,7 @@ async fn peer_loop(
     peer_id: u64,
     addr: String,
     mut queue: tmpsc::Receiver<Message>,
-    node: mpsc::Sender<Input>,
+    node: Mailbox,
 ) {
     let mut backoff = Duration::from_millis(20);
     let uri = format!("http://{addr}");
@@ -184,14 +184,14 @@ pub fn decode_frame(frame: &RaftFrame) -> Result<Message, Status> {
     Ok(msg)
 }
 
-/// Receives raft messages from peers and feeds them to the node thread.
+/// Receives raft messages from peers and feeds them to the node loop.
 pub struct PeerService {
-    node: mpsc::Sender<Input>,
+    node: Mailbox,
     faults: Arc<Faults>,
 }
 
 impl PeerService {
-    pub(crate) fn new(node: mpsc::Sender<Input>, faults: Arc<Faults>) -> Self {
+    pub(crate) fn new(node: Mailbox, faults: Arc<Faults>) -> Self {
         Self { node, faults }
     }
 }

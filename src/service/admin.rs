@@ -158,9 +158,13 @@ impl Admin for AdminService {
         let req = request.into_inner();
         self.clock.set_offset_ms(req.clock_offset_ms);
         self.faults.isolated.store(req.isolate, Ordering::Relaxed);
+        self.faults
+            .sync_delay_ms
+            .store(u64::from(req.sync_delay_ms), Ordering::Relaxed);
         tracing::warn!(
             clock_offset_ms = req.clock_offset_ms,
             isolate = req.isolate,
+            sync_delay_ms = req.sync_delay_ms,
             "fault injected"
         );
         Ok(Response::new(InjectFaultResponse {}))

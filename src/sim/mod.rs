@@ -28,16 +28,17 @@ pub use checker::Checker;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::raft::prelude::{Message, MessageType};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{RaftConfig, ReadMode, ReadRoundPeers, SnowflakeConfig};
 use crate::core::{Clock, Issuer, Layout, Mode, NamespaceSpec, Namespaces, SeqKey, MAX_SEQUENCE};
 use crate::raft::{
-    Grant, IdState, Input, Node, NodeError, NodeParams, NodeTesting, NodeTime, Outbox, VirtualTime,
+    Grant, IdState, Input, Node, NodeError, NodeParams, NodeTesting, NodeTime, Outbox, Syncer,
+    VirtualTime,
 };
 use crate::storage::{self, Journal};
 
@@ -220,6 +221,16 @@ impl Clock for SimClock {
 }
 
 /// A node's outgoing messages, collected for the network after each step.
+/// A node's sync requests; the simulation syncs its journal when it
+/// decides the fsync is done.
+struct SimSyncer(Arc<Mutex<Vec<u64>>>);
+
+impl Syncer for SimSyncer {
+    fn request(&mut self, number: u64) {
+        lock(&self.0).push(number);
+    }
+}
+
 struct SimOutbox(Arc<Mutex<Vec<Message>>>);
 
 impl Outbox for SimOutbox {
@@ -240,9 +251,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Slot {
     id: u64,
     node: Option<Node>,
-    tx: mpsc::Sender<Input>,
+    tx: mpsc::UnboundedSender<Input>,
     outbox: Arc<Mutex<Vec<Message>>>,
     journal: Arc<Mutex<Journal>>,
+    /// Sync requests the node made that the simulated disk has not done.
+    syncs: Arc<Mutex<Vec<u64>>>,
+    /// When the fsync in progress completes (0: none started).
+    sync_due: u64,
+    /// The newest request the fsync in progress covers (made before it
+    /// started).
+    sync_covers: u64,
     clock: Arc<SimClock>,
     ids: Arc<IdState>,
     next_tick: u64,
@@ -420,13 +438,16 @@ impl Sim {
                 time: sim.time.clone(),
                 offset_ms: std::sync::atomic::AtomicI64::new(0),
             });
-            let (tx, _) = mpsc::channel();
+            let (tx, _) = mpsc::unbounded_channel();
             let slot = Slot {
                 id,
                 node: None,
                 tx,
                 outbox: Arc::default(),
                 journal: Arc::default(),
+                syncs: Arc::default(),
+                sync_due: 0,
+                sync_covers: 0,
                 ids: sim.id_state(&clock),
                 clock,
                 next_tick: 0,
@@ -458,7 +479,7 @@ impl Sim {
         slot.ids = ids.clone();
         let disk = storage::open_journaled(slot.journal.clone())
             .unwrap_or_else(|e| panic!("node {}: simulated disk: {e}", slot.id));
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let voters: Vec<u64> = (1..=self.cfg.nodes as u64).collect();
         let params = NodeParams {
             id: slot.id,
@@ -479,12 +500,15 @@ impl Sim {
             },
         };
         let outbox = slot.outbox.clone();
+        lock(&slot.syncs).clear();
+        slot.sync_due = 0;
         let node = Node::open(
             params,
             disk,
             NodeTime::Virtual(self.time.clone()),
             rx,
             |_| Box::new(SimOutbox(outbox)),
+            Box::new(SimSyncer(slot.syncs.clone())),
         )
         .unwrap_or_else(|e| panic!("node {}: restart failed: {e}", slot.id));
         slot.node = Some(node);
@@ -494,6 +518,8 @@ impl Sim {
 
     /// Kills slot `i`'s process: unsynced writes are lost, calls in it fail.
     fn crash(&mut self, i: usize, down_ms: u64) {
+        let keep_some = self.rng.chance(250_000);
+        let pick = self.rng.next_u64();
         let slot = &mut self.slots[i];
         let Some(node) = slot.node.take() else {
             return;
@@ -502,7 +528,19 @@ impl Sim {
         self.report.read_rounds += node.read_rounds_sent;
         self.report.read_resends += node.read_resends;
         lock(&slot.outbox).clear();
-        let lost = lock(&slot.journal).lose_unsynced();
+        lock(&slot.syncs).clear();
+        slot.sync_due = 0;
+        let lost = {
+            let mut journal = lock(&slot.journal);
+            // Some of what was written but not synced may survive (a
+            // prefix); most often none of it does.
+            let keep = if keep_some {
+                (pick % (journal.unsynced() as u64 + 1)) as usize
+            } else {
+                0
+            };
+            journal.lose_unsynced_but(keep)
+        };
         self.report.lost_writes += lost as u64;
         self.report.crashes += 1;
         slot.paused_until = 0;
@@ -579,6 +617,13 @@ impl Sim {
     fn run_node(&mut self, i: usize) {
         let now = self.now;
         let jitter = self.rng.range(0, 4);
+        // An fsync takes 1-3 ms, and one in fifty stalls for 20-200 ms (as
+        // this project's VM disk does).
+        let fsync_ms = if self.rng.chance(20_000) {
+            self.rng.range(20, 200)
+        } else {
+            self.rng.range(0, 3)
+        };
         let slot = &mut self.slots[i];
         if !slot.up(now) {
             return;
@@ -586,6 +631,22 @@ impl Sim {
         let Some(node) = slot.node.as_mut() else {
             return;
         };
+        // One fsync at a time, as the sync thread does: it covers the
+        // requests made before it started and answers for those only;
+        // requests made meanwhile wait for the next one.
+        if slot.sync_due != 0 && now >= slot.sync_due {
+            let covers = slot.sync_covers;
+            lock(&slot.syncs).retain(|&n| n > covers);
+            slot.sync_due = 0;
+            lock(&slot.journal).sync();
+            let _ = slot.tx.send(Input::Persisted(covers));
+        }
+        if slot.sync_due == 0 {
+            if let Some(newest) = lock(&slot.syncs).iter().copied().max() {
+                slot.sync_due = now + fsync_ms.max(1);
+                slot.sync_covers = newest;
+            }
+        }
         // A Shutdown is never sent here, so no stop signal can come back.
         let _ = node.drain_inbox();
         if now >= slot.next_tick {

@@ -91,7 +91,7 @@ pub enum Applied {
     Empty,
 }
 
-/// The state machine. Owned by the Raft thread.
+/// The state machine. Owned by the node loop.
 pub struct Machine {
     db: Disk,
     meta: MachineMeta,

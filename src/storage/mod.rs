@@ -83,6 +83,19 @@ impl Disk {
         self.db.write_opt(batch, &opts)?;
         Ok(())
     }
+
+    /// Makes every write made so far durable (one fsync of the write-ahead
+    /// log), as a synced write would. Safe to call from another thread
+    /// while writes go on: what it covers is what was written before it.
+    pub fn sync_wal(&self) -> Result<(), StorageError> {
+        match &self.journal {
+            // The simulation's in-memory RocksDB has no WAL file to sync;
+            // its journal is what a crash keeps.
+            Some(journal) => journal.lock().unwrap_or_else(|p| p.into_inner()).sync(),
+            None => self.db.flush_wal(true)?,
+        }
+        Ok(())
+    }
 }
 
 /// Every write a simulated node made, in order, with its sync flag.
@@ -108,13 +121,32 @@ impl Journal {
         self.power_fails_in == Some(0)
     }
 
+    /// Makes every write so far durable (the simulation's WAL fsync).
+    pub fn sync(&mut self) {
+        self.writes.push((Vec::new(), true));
+    }
+
     /// Forgets the writes after the last synced one, as a power loss would.
     pub fn lose_unsynced(&mut self) -> usize {
-        let keep = self
-            .writes
+        self.lose_unsynced_but(0)
+    }
+
+    /// Writes made since the last synced one.
+    pub fn unsynced(&self) -> usize {
+        self.writes
             .iter()
-            .rposition(|(_, sync)| *sync)
-            .map_or(0, |i| i + 1);
+            .rev()
+            .take_while(|(_, sync)| !sync)
+            .count()
+    }
+
+    /// Forgets the writes after the last synced one except the first
+    /// `keep` of them: a power loss may leave some of the write-ahead log
+    /// that was not synced, always a prefix (RocksDB recovers up to the
+    /// first torn record). Returns how many were lost.
+    pub fn lose_unsynced_but(&mut self, keep: usize) -> usize {
+        let synced = self.writes.len() - self.unsynced();
+        let keep = synced + keep.min(self.unsynced());
         let lost = self.writes.len() - keep;
         self.writes.truncate(keep);
         self.power_fails_in = None;
@@ -169,7 +201,8 @@ pub fn open_journaled(journal: Arc<Mutex<Journal>>) -> Result<Disk, StorageError
     let db = open_with(&opts, Path::new("/sim/db"))?;
     {
         let j = journal.lock().unwrap_or_else(|p| p.into_inner());
-        for (data, _) in &j.writes {
+        // Empty records are `sync_wal` marks.
+        for (data, _) in j.writes.iter().filter(|(data, _)| !data.is_empty()) {
             db.write(WriteBatch::from_data(data))?;
         }
     }

@@ -20,7 +20,7 @@ fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-/// The Raft side of a node's storage. Owned by the Raft thread.
+/// The Raft side of a node's storage. Owned by the node loop.
 pub struct RaftStore {
     db: Disk,
     hard_state: HardState,
@@ -150,20 +150,24 @@ impl RaftStore {
     }
 
     /// Appends entries (replacing any conflicting suffix) and the new hard
-    /// state in one write, synced when it carries entries, a term or a vote:
-    /// raft-rs requires those on disk before the messages that depend on them
-    /// are sent. A hard state that only moves the commit index is written
-    /// without a sync, as [`RaftStore::set_commit`] does: a lost commit index
-    /// is learnt again from the leader, and a later synced write (the WAL is
-    /// one ordered file) persists it anyway. This saves one fsync per commit
+    /// state in one write. Returns whether the write needs a sync: it does
+    /// when it carries entries, a term or a vote, as raft-rs requires those
+    /// on disk before the messages that depend on them are sent. The write
+    /// is synced at once when `sync_now`; otherwise the caller must have the
+    /// log synced ([`Disk::sync_wal`]) before it tells raft-rs the entries
+    /// are persisted. A hard state that only moves the commit index needs no
+    /// sync, as with [`RaftStore::set_commit`]: a lost commit index is learnt
+    /// again from the leader, and a later synced write (the WAL is one
+    /// ordered file) persists it anyway. This saves one fsync per commit
     /// advance on every node.
     pub fn append(
         &mut self,
         entries: &[Entry],
         hs: Option<&HardState>,
-    ) -> Result<(), StorageError> {
+        sync_now: bool,
+    ) -> Result<bool, StorageError> {
         if entries.is_empty() && hs.is_none() {
-            return Ok(());
+            return Ok(false);
         }
         let mut batch = WriteBatch::default();
         let log = cf(&self.db, CF_LOG);
@@ -200,11 +204,11 @@ impl RaftStore {
                 .map_err(|e| StorageError::corrupt("hard state", e))?;
             batch.put_cf(cf(&self.db, CF_META), HARD_STATE, bytes);
         }
-        let sync = !entries.is_empty()
+        let needs_sync = !entries.is_empty()
             || hs.is_some_and(|hs| {
                 hs.term != self.hard_state.term || hs.vote != self.hard_state.vote
             });
-        self.db.write_batch(batch, sync)?;
+        self.db.write_batch(batch, needs_sync && sync_now)?;
 
         if let Some(first) = entries.first() {
             let keep = (first.index - self.compacted.0 - 1) as usize;
@@ -214,7 +218,12 @@ impl RaftStore {
         if let Some(hs) = hs {
             self.hard_state = hs.clone();
         }
-        Ok(())
+        Ok(needs_sync && !sync_now)
+    }
+
+    /// Makes every write so far durable (see [`Disk::sync_wal`]).
+    pub fn sync_wal(&self) -> Result<(), StorageError> {
+        self.db.sync_wal()
     }
 
     /// Records a new commit index. Not synced: raft-rs recovers the commit
@@ -401,7 +410,7 @@ impl raft::Storage for RaftStore {
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         // The state CF always holds exactly the applied state: it is written
-        // by this thread only, one applied batch at a time.
+        // by the node loop only, one applied batch at a time.
         let (applied, data) = machine::read_snapshot(&self.db).map_err(other)?;
         // A fresh cluster's bootstrap index counts as applied (empty state).
         let applied = applied.max(self.compacted.0);
@@ -457,14 +466,17 @@ mod tests {
         };
         // A founding member starts after a compacted index 1.
         assert_eq!((s.first(), s.last()), (2, 1));
-        s.append(&[entry(2, 1), entry(3, 1), entry(4, 1)], Some(&hs))
+        s.append(&[entry(2, 1), entry(3, 1), entry(4, 1)], Some(&hs), true)
             .unwrap();
-        s.append(&[entry(3, 2)], None).unwrap();
-        assert_eq!((s.first(), s.last()), (2, 3));
+        assert!(!s.append(&[entry(3, 2)], None, true).unwrap(), "synced");
+        // Entries written for a later sync, then synced: on a real disk.
+        assert!(s.append(&[entry(4, 2)], None, false).unwrap(), "owed");
+        db.sync_wal().unwrap();
+        assert_eq!((s.first(), s.last()), (2, 4));
         assert_eq!(s.term(3).unwrap(), 2);
         drop(s);
         let s = RaftStore::open(db, &[9]).unwrap();
-        assert_eq!(s.last(), 3);
+        assert_eq!(s.last(), 4);
         assert_eq!(s.hard_state().vote, 1);
         assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
         let got = s
@@ -485,9 +497,9 @@ mod tests {
             commit,
             ..Default::default()
         };
-        s.append(&[entry(2, 1), entry(3, 1)], Some(&hs(1, 1, 1)))
+        s.append(&[entry(2, 1), entry(3, 1)], Some(&hs(1, 1, 1)), true)
             .unwrap();
-        s.append(&[], Some(&hs(1, 1, 3))).unwrap();
+        assert!(!s.append(&[], Some(&hs(1, 1, 3)), false).unwrap());
         let lost = journal.lock().unwrap().lose_unsynced();
         assert_eq!(lost, 1, "the commit-only write is the one not synced");
         let s = RaftStore::open(open_journaled(journal.clone()).unwrap(), &[1]).unwrap();
@@ -495,11 +507,38 @@ mod tests {
 
         // A new term or vote is synced even without entries.
         let mut s = s;
-        s.append(&[], Some(&hs(2, 0, 1))).unwrap();
-        s.append(&[], Some(&hs(2, 3, 1))).unwrap();
+        s.append(&[], Some(&hs(2, 0, 1)), true).unwrap();
+        s.append(&[], Some(&hs(2, 3, 1)), true).unwrap();
         assert_eq!(journal.lock().unwrap().lose_unsynced(), 0);
         let s = RaftStore::open(open_journaled(journal).unwrap(), &[1]).unwrap();
         assert_eq!((s.hard_state().term, s.hard_state().vote), (2, 3));
+    }
+
+    #[test]
+    fn a_deferred_sync_is_owed_until_the_log_is_synced() {
+        use crate::storage::{open_journaled, Journal};
+        use std::sync::{Arc, Mutex};
+        let journal = Arc::new(Mutex::new(Journal::default()));
+        let disk = open_journaled(journal.clone()).unwrap();
+        let mut s = RaftStore::open(disk.clone(), &[1]).unwrap();
+        let vote = HardState {
+            term: 1,
+            vote: 1,
+            ..Default::default()
+        };
+        let owed = s.append(&[entry(2, 1)], Some(&vote), false).unwrap();
+        assert!(owed, "entries and a vote need a sync");
+        // Readable at once (raft-rs reads them before they are synced)...
+        assert_eq!((s.last(), s.term(2).unwrap()), (2, 1));
+        // ...but a crash now would lose them.
+        let unsynced = |j: &Journal| j.writes.iter().rev().take_while(|(_, sync)| !sync).count();
+        assert_eq!(unsynced(&journal.lock().unwrap()), 1);
+        // Synced, they survive one.
+        disk.sync_wal().unwrap();
+        assert_eq!(unsynced(&journal.lock().unwrap()), 0);
+        assert_eq!(journal.lock().unwrap().lose_unsynced(), 0);
+        let s = RaftStore::open(open_journaled(journal).unwrap(), &[1]).unwrap();
+        assert_eq!((s.last(), s.hard_state().vote), (2, 1));
     }
 
     #[test]
@@ -517,7 +556,7 @@ mod tests {
         let db = super::super::open(dir.path()).unwrap();
         let mut s = RaftStore::open(db.clone(), &[1]).unwrap();
         let es: Vec<Entry> = (2..=10).map(|i| entry(i, 1 + i / 5)).collect();
-        s.append(&es, None).unwrap();
+        s.append(&es, None, true).unwrap();
         s.compact(6).unwrap();
         assert_eq!(s.first(), 7);
         assert_eq!(s.term(6).unwrap(), 2);

@@ -239,6 +239,24 @@ impl Cluster {
         }
     }
 
+    /// Waits up to `within` for node `id` to exit by itself; its status.
+    pub async fn wait_exit(
+        &mut self,
+        id: u64,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let child = self.nodes[id as usize - 1].child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.nodes[id as usize - 1].child = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// SIGSTOP: the process keeps its state but stops running.
     pub fn pause(&mut self, id: u64) {
         if let Some(child) = &self.nodes[id as usize - 1].child {
@@ -579,6 +597,14 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
     s.read_to_string(&mut buf).ok()?;
     let (head, body) = buf.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.").then(|| body.to_string())
+}
+
+/// The value of an unlabelled metric in a node's `/metrics` text.
+pub fn metric(metrics_addr: &str, name: &str) -> Option<f64> {
+    http_get(metrics_addr, "/metrics")?
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 pub fn encode(q: &str) -> String {

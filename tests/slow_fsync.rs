@@ -1,0 +1,114 @@
+//! A slow fsync of the Raft log delays what needs the disk (a refill, a
+//! cold key's first ceiling), not calls the leader answers from memory: the
+//! log is synced off the node's loop (src/raft/node.rs, "Persistence").
+//!
+//! One real node; the test-only fault `sync_delay_ms` makes every fsync of
+//! its log take 1.5 s. A call on a cold key must wait for that fsync, and a
+//! call on a warm key made while it runs must be answered at once. An
+//! fsync that does not return at all is a dead disk: the node stops.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use seqd::client::{Client, ClientOptions};
+use seqd::pb::InjectFaultRequest;
+
+const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
+const SYNC_DELAY: Duration = Duration::from_millis(1500);
+
+async fn set_sync_delay(c: &Cluster, delay: Duration) {
+    c.admin(1)
+        .await
+        .inject_fault(InjectFaultRequest {
+            clock_offset_ms: 0,
+            isolate: false,
+            sync_delay_ms: delay.as_millis() as u32,
+        })
+        .await
+        .expect("inject fault");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warm_key_is_answered_while_the_log_fsync_is_slow() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    // Every call its own RPC: the cold call's RPC must not carry the warm one.
+    let client = Client::new(
+        &c.addrs(),
+        ClientOptions {
+            max_in_flight: 0,
+            ..ClientOptions::default()
+        },
+    )
+    .expect("client");
+    for expect in 1..=3 {
+        assert_eq!(client.next("conv", "warm", 1).await.unwrap().first, expect);
+    }
+
+    set_sync_delay(&c, SYNC_DELAY).await;
+    let started = Instant::now();
+    let cold = async {
+        let answer = client.next("conv", "cold", 1).await;
+        (answer, started.elapsed())
+    };
+    let warm = async {
+        // Ask once the cold call's ceiling is in the log and its fsync is
+        // under way: the node reports a write waiting for one.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while common::metric(
+            &c.node(1).metrics_addr,
+            "seqd_raft_log_sync_pending_seconds",
+        )
+        .unwrap_or(0.0)
+            <= 0.0
+        {
+            assert!(Instant::now() < deadline, "no write waited for an fsync");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let asked = Instant::now();
+        let answer = client.next("conv", "warm", 1).await;
+        (answer, asked.elapsed(), started.elapsed())
+    };
+    let ((cold, cold_took), (warm, warm_took, warm_done)) = tokio::join!(cold, warm);
+    set_sync_delay(&c, Duration::ZERO).await;
+
+    assert_eq!(warm.expect("warm call").first, 4, "the warm key continues");
+    assert_eq!(cold.expect("cold call").first, 1);
+    // The fault took effect: the cold key's ceiling waited for the fsync.
+    assert!(
+        cold_took >= SYNC_DELAY - Duration::from_millis(100),
+        "the cold call took {cold_took:?}: was the fsync delayed at all?"
+    );
+    // The warm call did not wait for it.
+    assert!(
+        warm_done < cold_took,
+        "the warm call ({warm_took:?}) waited for the fsync ({cold_took:?})"
+    );
+    assert!(
+        warm_took < Duration::from_millis(500),
+        "the warm call took {warm_took:?} during a slow fsync"
+    );
+}
+
+/// A log fsync that has not returned for 10 s means a dead disk: the node
+/// stops with exit code 70, as on any storage failure, rather than keep
+/// leading (and keep others from being elected) without being able to commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_fsync_does_not_return_stops() {
+    let mut c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = c.client();
+    assert_eq!(client.next("conv", "warm", 1).await.unwrap().first, 1);
+
+    set_sync_delay(&c, Duration::from_secs(120)).await;
+    // A cold key's ceiling needs the log, whose fsync now hangs.
+    let cold = tokio::spawn(async move { client.next("conv", "cold", 1).await });
+    let status = c
+        .wait_exit(1, Duration::from_secs(30))
+        .await
+        .expect("the node still runs 30 s into a hung fsync");
+    assert_eq!(status.code(), Some(70), "{status}");
+    cold.abort();
+}
