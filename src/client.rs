@@ -257,7 +257,12 @@ impl Client {
         };
         let (start, wake_in) = {
             let mut lanes = lock(&self.inner.lanes);
-            let lane = lanes.entry(namespace.to_string()).or_default();
+            // Looked up before inserting: the namespace is copied once per
+            // lane, not once per call.
+            if !lanes.contains_key(namespace) {
+                lanes.insert(namespace.to_string(), Lane::default());
+            }
+            let lane = lanes.get_mut(namespace).expect("inserted above");
             lane.queued.push(waiter);
             let now = Instant::now();
             match lane.start_rpc(&self.inner.opts, now) {
@@ -345,33 +350,64 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Calls for one key riding the same RPC as one `NextBatch` item (a key
 /// may appear once per batch): their counts are summed and the range split
 /// among them in queue order. They were concurrent, so any order keeps I2.
+/// The key is the item's; its waiters' own copies are left empty.
 struct Item {
     key: String,
     count: u32,
     waiters: Vec<Waiter>,
 }
 
+/// Where a queued call goes in the batch being taken.
+enum Place {
+    /// Starts a new item.
+    New,
+    /// Joins item `usize`.
+    Join(usize),
+    /// Waits for the next batch.
+    Later,
+}
+
 /// The queued calls the next RPC carries: every queued call, grouped by
 /// key, at most [`MAX_COALESCED`] keys; the rest wait for the next RPC.
 fn take_batch(queued: &mut Vec<Waiter>) -> Vec<Item> {
-    let mut index: HashMap<String, usize> = HashMap::new();
+    // Grouped by borrowed keys first, so that no key is copied: each
+    // item takes its first waiter's key.
+    let mut places = Vec::with_capacity(queued.len());
+    {
+        let mut index: HashMap<&str, (usize, u32)> = HashMap::with_capacity(queued.len());
+        for w in queued.iter() {
+            let items = index.len();
+            let place = match index.get_mut(w.key.as_str()) {
+                Some((i, sum)) => match sum.checked_add(w.count) {
+                    Some(total) => {
+                        *sum = total;
+                        Place::Join(*i)
+                    }
+                    None => Place::Later,
+                },
+                None if items < MAX_COALESCED => {
+                    index.insert(&w.key, (items, w.count));
+                    Place::New
+                }
+                None => Place::Later,
+            };
+            places.push(place);
+        }
+    }
     let mut items: Vec<Item> = Vec::new();
     let mut rest = Vec::new();
-    for w in queued.drain(..) {
-        match index.get(&w.key) {
-            Some(&i) if items[i].count.checked_add(w.count).is_some() => {
+    for (mut w, place) in queued.drain(..).zip(places) {
+        match place {
+            Place::New => items.push(Item {
+                key: std::mem::take(&mut w.key),
+                count: w.count,
+                waiters: vec![w],
+            }),
+            Place::Join(i) => {
                 items[i].count += w.count;
                 items[i].waiters.push(w);
             }
-            None if items.len() < MAX_COALESCED => {
-                index.insert(w.key.clone(), items.len());
-                items.push(Item {
-                    key: w.key.clone(),
-                    count: w.count,
-                    waiters: vec![w],
-                });
-            }
-            _ => rest.push(w),
+            Place::Later => rest.push(w),
         }
     }
     *queued = rest;
@@ -488,13 +524,17 @@ impl Inner {
     /// waiter answered.
     async fn serve_batch(&self, namespace: &str, mut batch: Vec<Item>) {
         if batch.len() == 1 && batch[0].waiters.len() == 1 {
-            let w = batch.remove(0).waiters.remove(0);
-            let result = self.next_one(namespace, &w.key, w.count, "").await;
+            let mut item = batch.remove(0);
+            let w = item.waiters.remove(0);
+            let result = self.next_one(namespace, &item.key, w.count, "").await;
             let _ = w.reply.send(result);
             return;
         }
-        let items = batch.iter().map(|i| (i.key.clone(), i.count)).collect();
-        let result = self.next_batch(namespace, items).await;
+        let items = batch
+            .iter_mut()
+            .map(|i| (std::mem::take(&mut i.key), i.count))
+            .collect();
+        let (result, keys) = self.next_batch_keeping_keys(namespace, items).await;
         let fits = |resp: &NextBatchResponse| {
             resp.ranges.len() == batch.len()
                 && resp
@@ -533,9 +573,10 @@ impl Inner {
             Err(ClientError::Rejected(_)) => {
                 let singles = batch
                     .into_iter()
-                    .flat_map(|i| i.waiters)
-                    .map(|w| async move {
-                        let result = self.next_one(namespace, &w.key, w.count, "").await;
+                    .zip(keys)
+                    .flat_map(|(i, key)| i.waiters.into_iter().map(move |w| (key.clone(), w)))
+                    .map(|(key, w)| async move {
+                        let result = self.next_one(namespace, &key, w.count, "").await;
                         let _ = w.reply.send(result);
                     });
                 futures::future::join_all(singles).await;
@@ -578,6 +619,16 @@ impl Inner {
         namespace: &str,
         items: Vec<(String, u32)>,
     ) -> Result<NextBatchResponse, ClientError> {
+        self.next_batch_keeping_keys(namespace, items).await.0
+    }
+
+    /// [`Inner::next_batch`], giving the keys back (in order) for a retry
+    /// call by call.
+    async fn next_batch_keeping_keys(
+        &self,
+        namespace: &str,
+        items: Vec<(String, u32)>,
+    ) -> (Result<NextBatchResponse, ClientError>, Vec<String>) {
         let req = NextBatchRequest {
             namespace: namespace.to_string(),
             items: items
@@ -585,16 +636,18 @@ impl Inner {
                 .map(|(key, count)| BatchItem { key, count })
                 .collect(),
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move {
-                SequencerClient::new(ch)
-                    .next_batch(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
-        })
-        .await
+        let result = self
+            .call(|ch| {
+                let req = req.clone();
+                async move {
+                    SequencerClient::new(ch)
+                        .next_batch(req)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            })
+            .await;
+        (result, req.items.into_iter().map(|i| i.key).collect())
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, ClientError> {

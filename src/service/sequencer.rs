@@ -76,7 +76,6 @@ pub fn parse_next_batch(
             max: MAX_BATCH_ITEMS,
         });
     }
-    let mut seen = HashSet::with_capacity(req.items.len());
     let mut items = Vec::with_capacity(req.items.len());
     for (index, item) in req.items.into_iter().enumerate() {
         let wrap = |e| InvalidArgument::Item {
@@ -85,13 +84,16 @@ pub fn parse_next_batch(
         };
         let key = SeqKey::try_new(namespaces, ns, item.key).map_err(wrap)?;
         let count = namespaces.check_count(ns, item.count).map_err(wrap)?;
-        if !seen.insert(key.key().to_string()) {
-            return Err(InvalidArgument::DuplicateKey {
-                index,
-                key: key.key().to_string(),
-            });
-        }
         items.push((key, count));
+    }
+    // Checked once every item is, against borrowed keys (no copies); the
+    // first repeat is named.
+    let mut seen = HashSet::with_capacity(items.len());
+    if let Some(index) = items.iter().position(|(k, _)| !seen.insert(k.key())) {
+        return Err(InvalidArgument::DuplicateKey {
+            index,
+            key: items[index].0.key().to_string(),
+        });
     }
     Ok(items)
 }
