@@ -22,7 +22,7 @@
 //! rejects as a whole (one bad key) is retried call by call, so each caller
 //! gets its own answer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use crate::pb::admin_client::AdminClient;
 use crate::pb::sequencer_client::SequencerClient;
 use crate::pb::{
     BatchItem, CurrentRequest, NextBatchRequest, NextBatchResponse, NextRequest, NextResponse,
-    StatusRequest, StatusResponse,
+    NextStreamReply, NextStreamRequest, StatusRequest, StatusResponse, StreamError,
 };
 
 /// Response metadata naming the leader's address (set by a follower).
@@ -122,6 +122,11 @@ struct Inner {
     opts: ClientOptions,
     /// Namespace → its coalesced `next` calls.
     lanes: Mutex<HashMap<String, Lane>>,
+    /// Endpoint → its `NextStream`, which carries coalesced batches.
+    streams: Mutex<HashMap<String, Arc<BatchStream>>>,
+    /// Endpoints that answered `NextStream` with UNIMPLEMENTED (an older
+    /// seqd): their batches go as `NextBatch` RPCs.
+    no_stream: Mutex<HashSet<String>>,
 }
 
 /// One namespace's queued calls, and how many of its RPCs are on the wire.
@@ -229,6 +234,8 @@ impl Client {
             ids: Mutex::new(HashMap::new()),
             opts,
             lanes: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            no_stream: Mutex::new(HashSet::new()),
         };
         for e in &endpoints {
             inner.channel(e)?;
@@ -321,7 +328,7 @@ impl Client {
             key: key.to_string(),
         };
         self.inner
-            .call(|ch| {
+            .call(|_, ch| {
                 let req = req.clone();
                 async move {
                     SequencerClient::new(ch)
@@ -519,6 +526,161 @@ async fn drive_lane(mut slot: Slot, mut batch: Vec<Item>) {
     }
 }
 
+async fn unary_batch(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResponse, Status> {
+    SequencerClient::new(ch)
+        .next_batch(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A `NextStream` to one node: each batch goes out with an id, and its
+/// reply, which may overtake replies to earlier batches, names it. Once
+/// closed (the stream ended, or a caller gave up on a reply) it takes
+/// nothing more, and what it still owes fails with the stream's status.
+struct BatchStream {
+    state: Mutex<StreamState>,
+}
+
+struct StreamState {
+    /// Where batches go; `None` once the stream is closed.
+    tx: Option<futures::channel::mpsc::UnboundedSender<NextStreamRequest>>,
+    next_id: u64,
+    /// Who waits for the reply to each batch sent.
+    waiting: HashMap<u64, oneshot::Sender<Result<NextBatchResponse, Status>>>,
+}
+
+impl BatchStream {
+    /// Starts the stream on `ch`: a task reads its replies until it ends.
+    fn open(ch: Channel) -> Arc<Self> {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let stream = Arc::new(Self {
+            state: Mutex::new(StreamState {
+                tx: Some(tx),
+                next_id: 0,
+                waiting: HashMap::new(),
+            }),
+        });
+        let reader = stream.clone();
+        tokio::spawn(async move {
+            let ended = match SequencerClient::new(ch).next_stream(rx).await {
+                Ok(replies) => {
+                    let mut replies = replies.into_inner();
+                    loop {
+                        match replies.message().await {
+                            Ok(Some(reply)) => reader.answer(reply),
+                            Ok(None) => break Status::unavailable("the batch stream ended"),
+                            Err(status) => break status,
+                        }
+                    }
+                }
+                Err(status) => status,
+            };
+            reader.fail_all(ended);
+        });
+        stream
+    }
+
+    fn is_open(&self) -> bool {
+        lock(&self.state).tx.is_some()
+    }
+
+    /// Sends `batch`; `None` if the stream is closed.
+    fn send(
+        &self,
+        batch: NextBatchRequest,
+    ) -> Option<oneshot::Receiver<Result<NextBatchResponse, Status>>> {
+        let mut state = lock(&self.state);
+        let id = state.next_id;
+        let req = NextStreamRequest {
+            id,
+            batch: Some(batch),
+        };
+        state.tx.as_ref()?.unbounded_send(req).ok()?;
+        state.next_id += 1;
+        let (reply, answer) = oneshot::channel();
+        state.waiting.insert(id, reply);
+        Some(answer)
+    }
+
+    /// Takes no more batches. Replies to those already sent are still
+    /// delivered while the server sends them; it ends the stream after the
+    /// last.
+    fn close(&self) {
+        lock(&self.state).tx = None;
+    }
+
+    fn answer(&self, reply: NextStreamReply) {
+        let Some(waiter) = lock(&self.state).waiting.remove(&reply.id) else {
+            return;
+        };
+        let result = match reply {
+            NextStreamReply { ok: Some(resp), .. } => Ok(resp),
+            NextStreamReply {
+                error: Some(error), ..
+            } => Err(Status::from(error)),
+            NextStreamReply {
+                ok: None,
+                error: None,
+                ..
+            } => Err(Status::internal(
+                "a batch stream reply with neither ok nor error",
+            )),
+        };
+        let _ = waiter.send(result);
+    }
+
+    /// The stream ended with `status`: every batch still owed fails with it.
+    fn fail_all(&self, status: Status) {
+        let mut state = lock(&self.state);
+        state.tx = None;
+        for (_, waiter) in state.waiting.drain() {
+            let _ = waiter.send(Err(status.clone()));
+        }
+    }
+}
+
+impl From<&Status> for StreamError {
+    /// A batch's failure as a stream reply carries it: code, message and
+    /// the leader hints a follower adds.
+    fn from(status: &Status) -> Self {
+        let header = |name| {
+            status
+                .metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        StreamError {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+            leader_addr: header(LEADER_ADDR_HEADER).unwrap_or_default(),
+            leader_id: header(LEADER_ID_HEADER)
+                .and_then(|id| id.parse().ok())
+                .unwrap_or(0),
+        }
+    }
+}
+
+impl From<StreamError> for Status {
+    /// Back to the status the `NextBatch` RPC would have failed with, so
+    /// that retries and leader hints work the same over either.
+    fn from(error: StreamError) -> Self {
+        let mut status = Status::new(Code::from_i32(error.code), error.message);
+        if !error.leader_addr.is_empty() {
+            if let Ok(v) = tonic::metadata::MetadataValue::try_from(error.leader_addr.as_str()) {
+                status.metadata_mut().insert(LEADER_ADDR_HEADER, v);
+            }
+        }
+        if error.leader_id != 0 {
+            status.metadata_mut().insert(
+                LEADER_ID_HEADER,
+                tonic::metadata::MetadataValue::from(error.leader_id),
+            );
+        }
+        status
+    }
+}
+
 impl Inner {
     /// One RPC for `batch` (a plain `Next` for a single call); every
     /// waiter answered.
@@ -534,7 +696,7 @@ impl Inner {
             .iter_mut()
             .map(|i| (std::mem::take(&mut i.key), i.count))
             .collect();
-        let (result, keys) = self.next_batch_keeping_keys(namespace, items).await;
+        let (result, keys) = self.stream_batch(namespace, items).await;
         let fits = |resp: &NextBatchResponse| {
             resp.ranges.len() == batch.len()
                 && resp
@@ -602,7 +764,7 @@ impl Inner {
             count,
             request_id: request_id.to_string(),
         };
-        self.call(|ch| {
+        self.call(|_, ch| {
             let req = req.clone();
             async move {
                 SequencerClient::new(ch)
@@ -637,7 +799,7 @@ impl Inner {
                 .collect(),
         };
         let result = self
-            .call(|ch| {
+            .call(|_, ch| {
                 let req = req.clone();
                 async move {
                     SequencerClient::new(ch)
@@ -648,6 +810,75 @@ impl Inner {
             })
             .await;
         (result, req.items.into_iter().map(|i| i.key).collect())
+    }
+
+    /// [`Inner::next_batch_keeping_keys`] over the leader's `NextStream`
+    /// (the RPC itself for a node without one), with the same retries.
+    async fn stream_batch(
+        &self,
+        namespace: &str,
+        items: Vec<(String, u32)>,
+    ) -> (Result<NextBatchResponse, ClientError>, Vec<String>) {
+        let req = NextBatchRequest {
+            namespace: namespace.to_string(),
+            items: items
+                .into_iter()
+                .map(|(key, count)| BatchItem { key, count })
+                .collect(),
+        };
+        let result = self
+            .call(|target, ch| {
+                let req = req.clone();
+                async move { self.send_on_stream(&target, ch, req).await }
+            })
+            .await;
+        (result, req.items.into_iter().map(|i| i.key).collect())
+    }
+
+    /// One attempt: `req` on `target`'s stream, opened if it has none or
+    /// the last one broke.
+    async fn send_on_stream(
+        &self,
+        target: &str,
+        ch: Channel,
+        req: NextBatchRequest,
+    ) -> Result<NextBatchResponse, Status> {
+        if lock(&self.no_stream).contains(target) {
+            return unary_batch(ch, req).await;
+        }
+        let stream = {
+            let mut streams = lock(&self.streams);
+            match streams.get(target) {
+                Some(s) if s.is_open() => s.clone(),
+                _ => {
+                    let s = BatchStream::open(ch.clone());
+                    streams.insert(target.to_string(), s.clone());
+                    s
+                }
+            }
+        };
+        let Some(answer) = stream.send(req.clone()) else {
+            return Err(Status::unavailable("the batch stream to this node broke"));
+        };
+        let result = match tokio::time::timeout(self.opts.attempt_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Status::unavailable("the batch stream to this node ended")),
+            Err(_) => {
+                // Later replies on this stream could no longer be matched
+                // to what they answer once one is given up on.
+                stream.close();
+                Err(Status::deadline_exceeded(
+                    "no reply on the batch stream within the attempt timeout",
+                ))
+            }
+        };
+        match result {
+            Err(status) if status.code() == Code::Unimplemented => {
+                lock(&self.no_stream).insert(target.to_string());
+                unary_batch(ch, req).await
+            }
+            other => other,
+        }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
@@ -682,10 +913,11 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = addr;
     }
 
-    /// Runs `f` against the leader, following hints and retrying.
+    /// Runs `f` against the leader (given its address and channel),
+    /// following hints and retrying.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(String, Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let deadline = Instant::now() + self.opts.overall_timeout;
@@ -697,7 +929,7 @@ impl Inner {
                 .leader_guess()
                 .unwrap_or_else(|| self.endpoints[rotate % self.endpoints.len()].clone());
             attempts += 1;
-            let status = match f(self.channel(&target)?).await {
+            let status = match f(target.clone(), self.channel(&target)?).await {
                 Ok(v) => {
                     self.set_leader(Some(target));
                     return Ok(v);
@@ -995,6 +1227,19 @@ mod tests {
             _: tonic::Request<CurrentRequest>,
         ) -> Result<tonic::Response<crate::pb::CurrentResponse>, Status> {
             Err(Status::unimplemented("not needed here"))
+        }
+
+        type NextStreamStream = std::pin::Pin<
+            Box<dyn futures::Stream<Item = Result<NextStreamReply, Status>> + Send + 'static>,
+        >;
+
+        /// As a seqd from before `NextStream`: the client falls back to
+        /// `NextBatch` RPCs, which this server counts.
+        async fn next_stream(
+            &self,
+            _: tonic::Request<tonic::Streaming<NextStreamRequest>>,
+        ) -> Result<tonic::Response<Self::NextStreamStream>, Status> {
+            Err(Status::unimplemented("an older server"))
         }
     }
 

@@ -11,6 +11,10 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 pub const REQUEST_SECONDS: &str = "seqd_request_duration_seconds";
 /// Public calls by `op` and result `code`.
 pub const REQUESTS_TOTAL: &str = "seqd_requests_total";
+/// `NextStream`s opened by clients (each then carries many batches, counted
+/// as `NextBatch` in the two above): a count that keeps rising under
+/// steady load means clients keep losing their streams.
+pub const NEXT_STREAMS_TOTAL: &str = "seqd_next_streams_opened_total";
 /// Keys whose ceiling was raised ahead of demand (segment refills).
 pub const REFILLS_TOTAL: &str = "seqd_segment_refills_total";
 /// Calls that found no room and waited for a refill to commit.
@@ -84,6 +88,10 @@ fn describe() {
         "Latency of public calls, by op."
     );
     describe_counter!(REQUESTS_TOTAL, "Public calls, by op and gRPC code.");
+    describe_counter!(
+        NEXT_STREAMS_TOTAL,
+        "NextStream batch streams opened by clients."
+    );
     describe_counter!(REFILLS_TOTAL, "Keys refilled ahead of demand.");
     describe_counter!(
         REFILL_WAITS_TOTAL,

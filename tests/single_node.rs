@@ -181,6 +181,9 @@ async fn concurrent_calls_share_rpcs_and_each_gets_its_own_answer() {
         batch >= 1.0 && next + batch < 300.0,
         "300 concurrent calls should share RPCs: {next} Next and {batch} NextBatch"
     );
+    // The batches went over one NextStream, not an RPC each.
+    let streams = common::metric(&c.node(1).metrics_addr, "seqd_next_streams_opened_total");
+    assert_eq!(streams, Some(1.0), "batches should share one stream");
 
     // A bad call in a shared RPC fails alone; its neighbours are answered.
     let answers = concurrent_calls(&client, 300, Some(50)).await;
@@ -192,4 +195,19 @@ async fn concurrent_calls_share_rpcs_and_each_gets_its_own_answer() {
         assert!(err.to_string().contains("key"), "{err}");
     }
     assert_disjoint(&good);
+}
+
+/// A client's batch stream outlives its attempt timeout (1 s by default):
+/// the timeout bounds each batch's reply, not the stream, so batches far
+/// apart in time still share one stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_batch_stream_outlives_the_attempt_timeout() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = std::sync::Arc::new(c.client());
+    assert_disjoint(&concurrent_calls(&client, 50, None).await);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_disjoint(&concurrent_calls(&client, 50, None).await);
+    let streams = common::metric(&c.node(1).metrics_addr, "seqd_next_streams_opened_total");
+    assert_eq!(streams, Some(1.0), "one stream for both rounds");
 }

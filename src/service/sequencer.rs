@@ -1,10 +1,11 @@
 //! The public `Sequencer` service.
 
 use std::collections::HashSet;
-
-use tonic::{Request, Response, Status};
-
+use std::pin::Pin;
 use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{invalid, observe, status_from, PeerAddrs};
 use crate::core::types::MAX_BATCH_ITEMS;
@@ -12,10 +13,16 @@ use crate::core::{InvalidArgument, Namespaces, RequestId, SeqKey};
 use crate::pb::sequencer_server::Sequencer;
 use crate::pb::{
     CurrentRequest, CurrentResponse, NextBatchRequest, NextBatchResponse, NextRequest,
-    NextResponse, Range,
+    NextResponse, NextStreamReply, NextStreamRequest, Range, StreamError,
 };
 use crate::raft::NodeHandle;
 
+/// Batches of one `NextStream` being served at once, each replied to when
+/// done: a client pipelines batches (its `max_in_flight`) as it does with
+/// separate RPCs, and a slow one holds up no other.
+const STREAM_BATCHES_IN_FLIGHT: usize = 8;
+
+#[derive(Clone)]
 pub struct SequencerService {
     node: NodeHandle,
     namespaces: Namespaces,
@@ -133,6 +140,48 @@ impl Sequencer for SequencerService {
         let result = self.current_inner(request).await;
         observe("Current", start, &result);
         result
+    }
+
+    type NextStreamStream =
+        Pin<Box<dyn Stream<Item = Result<NextStreamReply, Status>> + Send + 'static>>;
+
+    /// Each request is served as a `NextBatch` (same checks, same metrics,
+    /// recorded as `NextBatch`) and answered with its id when done. A
+    /// request that cannot be read ends the stream with its status.
+    async fn next_stream(
+        &self,
+        request: Request<Streaming<NextStreamRequest>>,
+    ) -> Result<Response<Self::NextStreamStream>, Status> {
+        metrics::counter!(crate::metrics::NEXT_STREAMS_TOTAL).increment(1);
+        let service = self.clone();
+        let replies = request
+            .into_inner()
+            .map(move |message| {
+                let service = service.clone();
+                async move {
+                    let NextStreamRequest { id, batch } = message?;
+                    let start = Instant::now();
+                    let result = match batch {
+                        Some(batch) => service.next_batch_inner(Request::new(batch)).await,
+                        None => Err(Status::invalid_argument("batch: missing")),
+                    };
+                    observe("NextBatch", start, &result);
+                    Ok(match result {
+                        Ok(resp) => NextStreamReply {
+                            id,
+                            ok: Some(resp.into_inner()),
+                            error: None,
+                        },
+                        Err(status) => NextStreamReply {
+                            id,
+                            ok: None,
+                            error: Some(StreamError::from(&status)),
+                        },
+                    })
+                }
+            })
+            .buffer_unordered(STREAM_BATCHES_IN_FLIGHT);
+        Ok(Response::new(Box::pin(replies)))
     }
 }
 
