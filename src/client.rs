@@ -536,7 +536,8 @@ async fn unary_batch(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResp
 /// A `NextStream` to one node: each batch goes out with an id, and its
 /// reply, which may overtake replies to earlier batches, names it. Once
 /// closed (the stream ended, or a caller gave up on a reply) it takes
-/// nothing more, and what it still owes fails with the stream's status.
+/// nothing more; what it still owes is delivered if the node sends it,
+/// and fails with the stream's status when the stream ends.
 struct BatchStream {
     state: Mutex<StreamState>,
 }
@@ -864,8 +865,11 @@ impl Inner {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Status::unavailable("the batch stream to this node ended")),
             Err(_) => {
-                // Later replies on this stream could no longer be matched
-                // to what they answer once one is given up on.
+                // A stream that lets a reply wait this long may never send
+                // it (a node that stopped answering), and whoever waited
+                // for it would stay in its table as long as it lives: the
+                // next batch opens a new stream, and this one ends once the
+                // node answers what it still owes, or its connection dies.
                 stream.close();
                 Err(Status::deadline_exceeded(
                     "no reply on the batch stream within the attempt timeout",

@@ -112,3 +112,62 @@ async fn a_node_whose_fsync_does_not_return_stops() {
     assert_eq!(status.code(), Some(70), "{status}");
     cold.abort();
 }
+
+/// A batch whose reply does not come within the client's attempt timeout
+/// (cold keys waiting for a slow fsync) is given up on: its stream takes no
+/// more batches (it may never answer), and the batch is sent again on a new
+/// one until it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_given_up_on_is_retried_on_a_new_stream() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = Client::new(
+        &c.addrs(),
+        ClientOptions {
+            attempt_timeout: Duration::from_millis(300),
+            ..ClientOptions::default()
+        },
+    )
+    .expect("client");
+    let streams =
+        || common::metric(&c.node(1).metrics_addr, "seqd_next_streams_opened_total").unwrap_or(0.0);
+    // The first of three concurrent calls goes alone; the other two queue
+    // behind it and leave together, as a batch on the stream.
+    let warm = futures::future::join3(
+        client.next("conv", "w1", 1),
+        client.next("conv", "w2", 1),
+        client.next("conv", "w3", 1),
+    )
+    .await;
+    assert!(warm.0.is_ok() && warm.1.is_ok() && warm.2.is_ok());
+    assert_eq!(streams(), 1.0);
+
+    set_sync_delay(&c, Duration::from_millis(1000)).await;
+    let started = Instant::now();
+    let cold = futures::future::join3(
+        client.next("conv", "c1", 1),
+        client.next("conv", "c2", 1),
+        client.next("conv", "c3", 1),
+    )
+    .await;
+    let took = started.elapsed();
+    set_sync_delay(&c, Duration::ZERO).await;
+
+    // Every call is answered. Attempts given up on were still served by
+    // the node when the fsync returned, so a retried key may start above 1
+    // (numbers handed to nobody: a hole, which I1 allows), never at a
+    // number handed out before.
+    for (key, answer) in [("c1", cold.0), ("c2", cold.1), ("c3", cold.2)] {
+        let answer = answer.unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert!(answer.first >= 1 && answer.count == 1, "{key}: {answer:?}");
+    }
+    assert!(
+        took >= Duration::from_millis(900),
+        "the cold calls took {took:?}: was the fsync delayed at all?"
+    );
+    assert!(
+        streams() >= 2.0,
+        "the batch given up on should have been sent again on a new stream ({} opened)",
+        streams()
+    );
+}
