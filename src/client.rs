@@ -683,16 +683,10 @@ impl From<StreamError> for Status {
 }
 
 impl Inner {
-    /// One RPC for `batch` (a plain `Next` for a single call); every
-    /// waiter answered.
+    /// Sends `batch` on the stream (a single call too: a batch on an open
+    /// stream costs both sides less than a `Next` RPC); every waiter
+    /// answered.
     async fn serve_batch(&self, namespace: &str, mut batch: Vec<Item>) {
-        if batch.len() == 1 && batch[0].waiters.len() == 1 {
-            let mut item = batch.remove(0);
-            let w = item.waiters.remove(0);
-            let result = self.next_one(namespace, &item.key, w.count, "").await;
-            let _ = w.reply.send(result);
-            return;
-        }
         let items = batch
             .iter_mut()
             .map(|i| (std::mem::take(&mut i.key), i.count))
