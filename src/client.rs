@@ -526,6 +526,17 @@ async fn drive_lane(mut slot: Slot, mut batch: Vec<Item>) {
     }
 }
 
+impl Drop for Inner {
+    /// Each stream's reply reader keeps it alive; closing them lets the
+    /// nodes end them (after answering what they owe), and the readers
+    /// and connections go with them.
+    fn drop(&mut self) {
+        for stream in lock(&self.streams).values() {
+            stream.close();
+        }
+    }
+}
+
 async fn unary_batch(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResponse, Status> {
     SequencerClient::new(ch)
         .next_batch(req)

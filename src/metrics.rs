@@ -15,6 +15,8 @@ pub const REQUESTS_TOTAL: &str = "seqd_requests_total";
 /// as `NextBatch` in the two above): a count that keeps rising under
 /// steady load means clients keep losing their streams.
 pub const NEXT_STREAMS_TOTAL: &str = "seqd_next_streams_opened_total";
+/// `NextStream`s open now: about one per client process and node.
+pub const NEXT_STREAMS_OPEN: &str = "seqd_next_streams_open";
 /// Keys whose ceiling was raised ahead of demand (segment refills).
 pub const REFILLS_TOTAL: &str = "seqd_segment_refills_total";
 /// Calls that found no room and waited for a refill to commit.
@@ -92,6 +94,7 @@ fn describe() {
         NEXT_STREAMS_TOTAL,
         "NextStream batch streams opened by clients."
     );
+    describe_gauge!(NEXT_STREAMS_OPEN, "NextStream batch streams open now.");
     describe_counter!(REFILLS_TOTAL, "Keys refilled ahead of demand.");
     describe_counter!(
         REFILL_WAITS_TOTAL,

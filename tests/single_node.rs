@@ -210,4 +210,18 @@ async fn the_batch_stream_outlives_the_attempt_timeout() {
     assert_disjoint(&concurrent_calls(&client, 50, None).await);
     let streams = common::metric(&c.node(1).metrics_addr, "seqd_next_streams_opened_total");
     assert_eq!(streams, Some(1.0), "one stream for both rounds");
+
+    // A client dropped ends its streams: none stays open on the node.
+    let open = || common::metric(&c.node(1).metrics_addr, "seqd_next_streams_open");
+    assert_eq!(open(), Some(1.0));
+    drop(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while open() != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream of a dropped client is still open: {:?}",
+            open()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

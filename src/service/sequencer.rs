@@ -18,9 +18,27 @@ use crate::pb::{
 use crate::raft::NodeHandle;
 
 /// Batches of one `NextStream` being served at once, each replied to when
-/// done: a client pipelines batches (its `max_in_flight`) as it does with
-/// separate RPCs, and a slow one holds up no other.
-const STREAM_BATCHES_IN_FLIGHT: usize = 8;
+/// done: a client pipelines batches (its `max_in_flight` per namespace,
+/// and one stream carries every namespace) as it does with separate RPCs,
+/// and a slow one holds up no other. Beyond this many the stream is read
+/// no further until one is answered (HTTP/2 flow control holds the rest).
+const STREAM_BATCHES_IN_FLIGHT: usize = 32;
+
+/// Counts a `NextStream` in `seqd_next_streams_open` while it lives.
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> Self {
+        metrics::gauge!(crate::metrics::NEXT_STREAMS_OPEN).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::NEXT_STREAMS_OPEN).decrement(1.0);
+    }
+}
 
 #[derive(Clone)]
 pub struct SequencerService {
@@ -153,10 +171,14 @@ impl Sequencer for SequencerService {
         request: Request<Streaming<NextStreamRequest>>,
     ) -> Result<Response<Self::NextStreamStream>, Status> {
         metrics::counter!(crate::metrics::NEXT_STREAMS_TOTAL).increment(1);
+        let open = OpenStream::new();
         let service = self.clone();
         let replies = request
             .into_inner()
             .map(move |message| {
+                // Counted open until the replies stream is dropped: ended,
+                // or its client gone.
+                let _open = &open;
                 let service = service.clone();
                 async move {
                     let NextStreamRequest { id, batch } = message?;
