@@ -22,7 +22,7 @@
 //! rejects as a whole (one bad key) is retried call by call, so each caller
 //! gets its own answer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,8 +125,10 @@ struct Inner {
     /// Endpoint → its `NextStream`, which carries coalesced batches.
     streams: Mutex<HashMap<String, Arc<BatchStream>>>,
     /// Endpoints that answered `NextStream` with UNIMPLEMENTED (an older
-    /// seqd): their batches go as `NextBatch` RPCs.
-    no_stream: Mutex<HashSet<String>>,
+    /// seqd), and when: their batches go as `NextBatch` RPCs for
+    /// [`NO_STREAM_RECHECK`], then the stream is tried again (the node may
+    /// have been upgraded meanwhile).
+    no_stream: Mutex<HashMap<String, Instant>>,
 }
 
 /// One namespace's queued calls, and how many of its RPCs are on the wire.
@@ -216,6 +218,10 @@ struct Waiter {
     reply: oneshot::Sender<Result<NextResponse, ClientError>>,
 }
 
+/// How long batches to a node without `NextStream` go as RPCs before the
+/// stream is tried again.
+const NO_STREAM_RECHECK: Duration = Duration::from_secs(60);
+
 /// Calls one coalesced RPC carries at most.
 const MAX_COALESCED: usize = 512;
 
@@ -235,7 +241,7 @@ impl Client {
             opts,
             lanes: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
-            no_stream: Mutex::new(HashSet::new()),
+            no_stream: Mutex::new(HashMap::new()),
         };
         for e in &endpoints {
             inner.channel(e)?;
@@ -849,7 +855,10 @@ impl Inner {
         ch: Channel,
         req: NextBatchRequest,
     ) -> Result<NextBatchResponse, Status> {
-        if lock(&self.no_stream).contains(target) {
+        let without_stream = lock(&self.no_stream)
+            .get(target)
+            .is_some_and(|since| since.elapsed() < NO_STREAM_RECHECK);
+        if without_stream {
             return unary_batch(ch, req).await;
         }
         let stream = {
@@ -883,7 +892,7 @@ impl Inner {
         };
         match result {
             Err(status) if status.code() == Code::Unimplemented => {
-                lock(&self.no_stream).insert(target.to_string());
+                lock(&self.no_stream).insert(target.to_string(), Instant::now());
                 unary_batch(ch, req).await
             }
             other => other,
