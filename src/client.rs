@@ -648,7 +648,19 @@ impl BatchStream {
     }
 
     /// The stream ended with `status`: every batch still owed fails with it.
+    /// A node answers for a batch in its reply, so the stream's own status
+    /// says only that the stream is gone (a node stopping sends GOAWAY,
+    /// which tonic reports as INTERNAL): retryable, as UNAVAILABLE, except
+    /// UNIMPLEMENTED, which tells an older node (see `send_on_stream`).
     fn fail_all(&self, status: Status) {
+        let status = match status.code() {
+            Code::Unimplemented | Code::Unavailable => status,
+            _ => Status::unavailable(format!(
+                "the batch stream broke: {}: {}",
+                status.code(),
+                status.message()
+            )),
+        };
         let mut state = lock(&self.state);
         state.tx = None;
         for (_, waiter) in state.waiting.drain() {
