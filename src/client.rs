@@ -543,6 +543,16 @@ impl Drop for Inner {
     }
 }
 
+fn batch_request(namespace: &str, items: Vec<(String, u32)>) -> NextBatchRequest {
+    NextBatchRequest {
+        namespace: namespace.to_string(),
+        items: items
+            .into_iter()
+            .map(|(key, count)| BatchItem { key, count })
+            .collect(),
+    }
+}
+
 async fn unary_batch(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResponse, Status> {
     SequencerClient::new(ch)
         .next_batch(req)
@@ -805,54 +815,22 @@ impl Inner {
         namespace: &str,
         items: Vec<(String, u32)>,
     ) -> Result<NextBatchResponse, ClientError> {
-        self.next_batch_keeping_keys(namespace, items).await.0
+        let req = batch_request(namespace, items);
+        self.call(|_, ch| unary_batch(ch, req.clone())).await
     }
 
-    /// [`Inner::next_batch`], giving the keys back (in order) for a retry
-    /// call by call.
-    async fn next_batch_keeping_keys(
-        &self,
-        namespace: &str,
-        items: Vec<(String, u32)>,
-    ) -> (Result<NextBatchResponse, ClientError>, Vec<String>) {
-        let req = NextBatchRequest {
-            namespace: namespace.to_string(),
-            items: items
-                .into_iter()
-                .map(|(key, count)| BatchItem { key, count })
-                .collect(),
-        };
-        let result = self
-            .call(|_, ch| {
-                let req = req.clone();
-                async move {
-                    SequencerClient::new(ch)
-                        .next_batch(req)
-                        .await
-                        .map(|r| r.into_inner())
-                }
-            })
-            .await;
-        (result, req.items.into_iter().map(|i| i.key).collect())
-    }
-
-    /// [`Inner::next_batch_keeping_keys`] over the leader's `NextStream`
-    /// (the RPC itself for a node without one), with the same retries.
+    /// [`Inner::next_batch`] over the leader's `NextStream` (the RPC itself
+    /// for a node without one), with the same retries; gives the keys back
+    /// (in order) for a retry call by call.
     async fn stream_batch(
         &self,
         namespace: &str,
         items: Vec<(String, u32)>,
     ) -> (Result<NextBatchResponse, ClientError>, Vec<String>) {
-        let req = NextBatchRequest {
-            namespace: namespace.to_string(),
-            items: items
-                .into_iter()
-                .map(|(key, count)| BatchItem { key, count })
-                .collect(),
-        };
+        let req = batch_request(namespace, items);
         let result = self
             .call(|target, ch| {
-                let req = req.clone();
+                let req = &req;
                 async move { self.send_on_stream(&target, ch, req).await }
             })
             .await;
@@ -865,13 +843,13 @@ impl Inner {
         &self,
         target: &str,
         ch: Channel,
-        req: NextBatchRequest,
+        req: &NextBatchRequest,
     ) -> Result<NextBatchResponse, Status> {
         let without_stream = lock(&self.no_stream)
             .get(target)
             .is_some_and(|since| since.elapsed() < NO_STREAM_RECHECK);
         if without_stream {
-            return unary_batch(ch, req).await;
+            return unary_batch(ch, req.clone()).await;
         }
         let stream = {
             let mut streams = lock(&self.streams);
@@ -905,7 +883,7 @@ impl Inner {
         match result {
             Err(status) if status.code() == Code::Unimplemented => {
                 lock(&self.no_stream).insert(target.to_string(), Instant::now());
-                unary_batch(ch, req).await
+                unary_batch(ch, req.clone()).await
             }
             other => other,
         }

@@ -172,7 +172,9 @@ impl Sequencer for SequencerService {
     ) -> Result<Response<Self::NextStreamStream>, Status> {
         metrics::counter!(crate::metrics::NEXT_STREAMS_TOTAL).increment(1);
         let open = OpenStream::new();
-        let service = self.clone();
+        // Shared by the stream's batches: cloning the service itself would
+        // copy the namespace table for every batch.
+        let service = std::sync::Arc::new(self.clone());
         let replies = request
             .into_inner()
             .map(move |message| {
