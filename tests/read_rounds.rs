@@ -65,3 +65,79 @@ async fn killing_either_follower_under_load_fails_no_call() {
         "calls stalled for {stall:?} while a follower was down"
     );
 }
+
+/// Shrinks three nodes to a lone voter and grows them back, under load.
+/// A lone voter answers without read rounds (no other node can be elected
+/// without its vote); growing back to two voters must bring the rounds back
+/// at once, or a deposed leader could answer: every number is checked for
+/// I1 and I2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lone_voter_answers_without_rounds_and_grows_back_under_load() {
+    use seqd::pb::{AddNodeRequest, RemoveNodeRequest};
+
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let client = Arc::new(c.client());
+    let load = Load::start(client.clone(), "conv", 40, 12);
+    load.progress(500, Duration::from_secs(30)).await;
+
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    let mut admin = c.admin(leader).await;
+    for &f in &followers {
+        admin
+            .remove_node(RemoveNodeRequest { id: f })
+            .await
+            .unwrap_or_else(|e| panic!("remove node {f}: {e}"));
+        c.kill(f);
+        std::fs::remove_dir_all(c.data_dir(f)).unwrap();
+    }
+    let metrics_addr = c.node(leader).metrics_addr.clone();
+    let rounds =
+        || common::metric(&metrics_addr, "seqd_raft_read_index_rounds_total").unwrap_or(0.0);
+    // Calls already waiting on a round when the second removal applied
+    // may still start one; after that, none.
+    load.progress(500, Duration::from_secs(20)).await;
+    let before = rounds();
+    load.progress(2000, Duration::from_secs(20)).await;
+    let alone = rounds() - before;
+    assert_eq!(alone, 0.0, "a lone voter sent {alone} read rounds");
+
+    for &f in &followers {
+        c.spawn_with(f, &["--join"]);
+        let addr = c.node(f).addr.clone();
+        for voter in [false, true] {
+            admin
+                .add_node(AddNodeRequest {
+                    id: f,
+                    addr: addr.clone(),
+                    voter,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("add node {f} (voter {voter}): {e}"));
+            if !voter {
+                c.wait_status(f, Duration::from_secs(30), "caught up", |s| {
+                    s.applied_index > 0 && s.leader_id != 0
+                })
+                .await;
+            }
+        }
+        let grown = rounds();
+        load.progress(500, Duration::from_secs(20)).await;
+        assert!(
+            rounds() > grown,
+            "no read round after node {f} became a voter"
+        );
+    }
+
+    let (ops, errors) = load.finish().await;
+    let checked = check_history(&ops);
+    eprintln!("{checked} calls checked");
+    if !errors.is_empty() {
+        c.dump_logs();
+    }
+    assert!(
+        errors.is_empty(),
+        "calls failed: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+}

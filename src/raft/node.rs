@@ -803,7 +803,26 @@ impl Node {
             self.renew_lease_early();
             return;
         }
+        if self.core.is_serving() && self.lone_voter_leading() {
+            self.serve(call);
+            return;
+        }
         self.unconfirmed.push(call);
+    }
+
+    /// Whether this node leads a configuration in which it is the only
+    /// voter. Then no other node can be elected without this one's vote,
+    /// which this loop would have to grant (stepping down) before it
+    /// serves another call; raft-rs answers such a leader's read rounds
+    /// from the same check, without messages, but only in the next Ready.
+    /// The configuration is the applied one (raft-rs switches on applying
+    /// a change), and a change to it is committed by this voter alone, so
+    /// no node can hold a newer one that this node has not committed.
+    fn lone_voter_leading(&self) -> bool {
+        let voters = self.raw.raft.prs().conf().voters();
+        self.raw.raft.state == StateRole::Leader
+            && voters.is_singleton()
+            && voters.contains(self.id)
     }
 
     /// Whether this leadership holds a lease now: a read round that started
