@@ -144,12 +144,31 @@ pub(crate) trait Syncer: Send {
 
 /// The real [`Syncer`]: requests go to a thread of their own, since an
 /// fsync blocks (for 1-50 ms on some disks, seen here).
-struct WalSyncer(std::sync::mpsc::Sender<u64>);
+struct WalSyncer {
+    requests: Option<std::sync::mpsc::Sender<u64>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 impl Syncer for WalSyncer {
     fn request(&mut self, number: u64) {
-        // The thread only stops when the process does.
-        let _ = self.0.send(number);
+        if let Some(requests) = &self.requests {
+            // The thread stops only once this syncer is dropped.
+            let _ = requests.send(number);
+        }
+    }
+}
+
+impl Drop for WalSyncer {
+    /// Stops the thread and waits for it (at most one fsync), so that its
+    /// handle on the database is gone before the node's: the database then
+    /// closes with the node, not on this thread while the process exits
+    /// (RocksDB's shutdown racing the C++ runtime's teardown crashed the
+    /// thread on exit, after a clean stop, with SIGSEGV).
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -164,7 +183,7 @@ impl WalSyncer {
         // Weak: the node's loop ends when the last handle to it goes, and
         // this thread must not keep it alive.
         let mailbox = mailbox.downgrade();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("raft-sync-{id}"))
             .spawn(move || {
                 while let Ok(mut number) = rx.recv() {
@@ -191,7 +210,10 @@ impl WalSyncer {
                     }
                 }
             })?;
-        Ok(Self(tx))
+        Ok(Self {
+            requests: Some(tx),
+            thread: Some(thread),
+        })
     }
 }
 
