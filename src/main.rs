@@ -52,6 +52,9 @@ struct Args {
     /// Overrides metrics.listen: serve Prometheus /metrics on ip:port.
     #[arg(long, env = "SEQD_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Overrides node.worker_threads (0: one per CPU).
+    #[arg(long, env = "SEQD_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Log JSON lines instead of text.
     #[arg(long, env = "SEQD_LOG_JSON")]
     log_json: bool,
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         clock_offset_ms: args.clock_offset_ms,
         allow_fault_injection: args.allow_fault_injection.then_some(true),
         metrics_listen: args.metrics_listen,
+        worker_threads: args.worker_threads,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,
@@ -81,7 +85,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if config.node.worker_threads > 0 {
+        builder.worker_threads(config.node.worker_threads);
+    }
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("seqd: cannot start the runtime: {e}");

@@ -112,6 +112,7 @@ pub async fn serve(
         node_id = config.node.id,
         listen = %config.node.listen,
         data_dir = %config.node.data_dir.display(),
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "seqd serving"
     );
 

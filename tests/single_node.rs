@@ -225,3 +225,25 @@ async fn the_batch_stream_outlives_the_attempt_timeout() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `--worker-threads` sets the runtime's worker count (the node says how
+/// many it runs with), and a node on one worker serves as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_on_one_worker_thread_serves() {
+    let mut c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        c.log(1).contains(&format!("worker_threads={cpus}\n")),
+        "by default one worker per CPU ({cpus})"
+    );
+    c.terminate(1);
+    c.spawn_with(1, &["--worker-threads", "1"]);
+    c.wait_leader(Duration::from_secs(20)).await;
+    assert!(
+        c.log(1).contains("worker_threads=1\n"),
+        "the restarted node runs one worker"
+    );
+    let client = std::sync::Arc::new(c.client());
+    assert_disjoint(&concurrent_calls(&client, 64, None).await);
+}

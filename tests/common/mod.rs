@@ -393,6 +393,11 @@ impl Cluster {
         }
     }
 
+    /// Node `id`'s log so far.
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.nodes[id as usize - 1].log).unwrap_or_default()
+    }
+
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("node{id}"))
     }
