@@ -159,6 +159,7 @@ fn bench(c: &mut Criterion) {
                 count: 1,
             })
             .collect(),
+        request_id: String::new(),
     }
     .encode_to_vec();
     g.throughput(Throughput::Elements(100));

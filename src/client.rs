@@ -3,7 +3,10 @@
 //!
 //! Retrying `Next` is safe for I1: a call that failed in flight may have
 //! taken numbers that are never returned (a hole), never numbers that are
-//! returned twice. Give a `request_id` to get the same range back instead.
+//! returned twice. Every batch this client sends carries a request id of its
+//! own, kept by its retries, so a retry that reaches the same leader gets
+//! the ranges the lost attempt got (no hole); after a leader change it gets
+//! new ones. A single call given its own `request_id` goes on its own.
 //!
 //! # Coalescing
 //!
@@ -129,6 +132,25 @@ struct Inner {
     /// [`NO_STREAM_RECHECK`], then the stream is tried again (the node may
     /// have been upgraded meanwhile).
     no_stream: Mutex<HashMap<String, Instant>>,
+    /// Request ids of batches: this client's random prefix and a counter.
+    batch_ids: (u64, std::sync::atomic::AtomicU64),
+}
+
+/// A number that differs between clients (processes, and clients of one
+/// process): the prefix of their batches' request ids.
+fn client_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS once per thread and stepped per
+    // instance; time and process id make a collision across machines as
+    // unlikely as across threads.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// One namespace's queued calls, and how many of its RPCs are on the wire.
@@ -242,6 +264,7 @@ impl Client {
             lanes: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             no_stream: Mutex::new(HashMap::new()),
+            batch_ids: (client_nonce(), std::sync::atomic::AtomicU64::new(0)),
         };
         for e in &endpoints {
             inner.channel(e)?;
@@ -543,13 +566,22 @@ impl Drop for Inner {
     }
 }
 
-fn batch_request(namespace: &str, items: Vec<(String, u32)>) -> NextBatchRequest {
-    NextBatchRequest {
-        namespace: namespace.to_string(),
-        items: items
-            .into_iter()
-            .map(|(key, count)| BatchItem { key, count })
-            .collect(),
+impl Inner {
+    /// A batch with a request id of its own, kept by every attempt: a
+    /// retry (a timeout, a broken stream) gets the ranges the first attempt
+    /// got if the same leader took it, rather than a second allocation, which
+    /// in a dense namespace would leave a hole once both commit.
+    fn batch_request(&self, namespace: &str, items: Vec<(String, u32)>) -> NextBatchRequest {
+        let (nonce, counter) = &self.batch_ids;
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        NextBatchRequest {
+            namespace: namespace.to_string(),
+            items: items
+                .into_iter()
+                .map(|(key, count)| BatchItem { key, count })
+                .collect(),
+            request_id: format!("seqd-client-{nonce:016x}-{n}"),
+        }
     }
 }
 
@@ -815,7 +847,7 @@ impl Inner {
         namespace: &str,
         items: Vec<(String, u32)>,
     ) -> Result<NextBatchResponse, ClientError> {
-        let req = batch_request(namespace, items);
+        let req = self.batch_request(namespace, items);
         self.call(|_, ch| unary_batch(ch, req.clone())).await
     }
 
@@ -827,7 +859,7 @@ impl Inner {
         namespace: &str,
         items: Vec<(String, u32)>,
     ) -> (Result<NextBatchResponse, ClientError>, Vec<String>) {
-        let req = batch_request(namespace, items);
+        let req = self.batch_request(namespace, items);
         let result = self
             .call(|target, ch| {
                 let req = &req;

@@ -30,6 +30,7 @@ fn batch(ns: &str, items: &[(&str, u32)]) -> NextBatchRequest {
                 count: *c,
             })
             .collect(),
+        request_id: String::new(),
     }
 }
 
@@ -75,6 +76,13 @@ async fn bad_input_names_the_field_and_changes_nothing() {
         (batch("conv", &[("a", 1), ("", 1)]), "items[1].key:"),
         (batch("conv", &[("a", 1), ("b", 0)]), "items[1].count:"),
         (batch("conv", &[("a", 1), ("a", 1)]), "items[1].key:"),
+        (
+            NextBatchRequest {
+                request_id: long_id.clone(),
+                ..batch("conv", &[("a", 1)])
+            },
+            "request_id:",
+        ),
     ];
     for (req, field) in batch_cases {
         let desc = format!("{req:?}");
@@ -91,6 +99,52 @@ async fn bad_input_names_the_field_and_changes_nothing() {
     let err = api.next_batch(batch("conv", &refs)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("items:"), "{}", err.message());
+
+    // A batch's request id: the same items get the same ranges again,
+    // other items are refused.
+    for ns in ["conv", "inbox"] {
+        let with_id = |items: &[(&str, u32)]| NextBatchRequest {
+            request_id: "batch-1".into(),
+            ..batch(ns, items)
+        };
+        let first = api
+            .next_batch(with_id(&[("x", 1), ("y", 2)]))
+            .await
+            .unwrap()
+            .into_inner();
+        let again = api
+            .next_batch(with_id(&[("x", 1), ("y", 2)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            first.ranges, again.ranges,
+            "{ns}: a retry gets the same ranges"
+        );
+        for other in [
+            &[("x", 1), ("y", 3)][..],
+            &[("y", 2), ("x", 1)],
+            &[("x", 1)],
+        ] {
+            let err = api.next_batch(with_id(other)).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{ns} {other:?}: {err:?}");
+            assert!(
+                err.message().starts_with("request_id:"),
+                "{}",
+                err.message()
+            );
+        }
+        let next = api
+            .next_batch(batch(ns, &[("x", 1)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            next.ranges[0].first,
+            first.ranges[0].first + 1,
+            "{ns}: the retry and the refused batches took nothing"
+        );
+    }
 
     let err = api
         .current(CurrentRequest {

@@ -116,7 +116,9 @@ async fn a_node_whose_fsync_does_not_return_stops() {
 /// A batch whose reply does not come within the client's attempt timeout
 /// (cold keys waiting for a slow fsync) is given up on: its stream takes no
 /// more batches (it may never answer), and the batch is sent again on a new
-/// one until it is answered.
+/// one until it is answered. Every attempt carries the batch's request id,
+/// so the retries get the ranges the first attempt got: no number is handed
+/// to nobody.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_given_up_on_is_retried_on_a_new_stream() {
     let c = Cluster::start(1, RAFT);
@@ -153,13 +155,12 @@ async fn a_batch_given_up_on_is_retried_on_a_new_stream() {
     let took = started.elapsed();
     set_sync_delay(&c, Duration::ZERO).await;
 
-    // Every call is answered. Attempts given up on were still served by
-    // the node when the fsync returned, so a retried key may start above 1
-    // (numbers handed to nobody: a hole, which I1 allows), never at a
-    // number handed out before.
+    // Every call is answered, each with its key's first number: the node
+    // served the attempts given up on when the fsync returned, and the
+    // retries got what those got.
     for (key, answer) in [("c1", cold.0), ("c2", cold.1), ("c3", cold.2)] {
         let answer = answer.unwrap_or_else(|e| panic!("{key}: {e}"));
-        assert!(answer.first >= 1 && answer.count == 1, "{key}: {answer:?}");
+        assert_eq!((answer.first, answer.count), (1, 1), "{key}");
     }
     assert!(
         took >= Duration::from_millis(900),
@@ -170,4 +171,49 @@ async fn a_batch_given_up_on_is_retried_on_a_new_stream() {
         "the batch given up on should have been sent again on a new stream ({} opened)",
         streams()
     );
+}
+
+/// A dense namespace stays gap-free when calls are retried: calls whose
+/// raise waits for a slow fsync outlast the client's attempt timeout and
+/// are sent again, several times, each time with the batch's request id.
+/// The node answers the retries with the range the first attempt reserved
+/// instead of reserving another (which would leave a hole once both
+/// commit), so each key's numbers run 1, 2, 3, ... with nothing skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retried_dense_calls_leave_no_hole() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = Client::new(
+        &c.addrs(),
+        ClientOptions {
+            attempt_timeout: Duration::from_millis(300),
+            ..ClientOptions::default()
+        },
+    )
+    .expect("client");
+    let keys = ["d1", "d2", "d3"];
+    let round = || futures::future::join_all(keys.iter().map(|k| client.next("inbox", k, 1)));
+    let mut got: Vec<Vec<u64>> = vec![Vec::new(); keys.len()];
+    let mut record = |answers: Vec<Result<seqd::pb::NextResponse, seqd::client::ClientError>>| {
+        for (i, a) in answers.into_iter().enumerate() {
+            let a = a.unwrap_or_else(|e| panic!("{}: {e}", keys[i]));
+            got[i].push(a.first);
+        }
+    };
+    record(round().await);
+
+    set_sync_delay(&c, Duration::from_millis(1000)).await;
+    let started = Instant::now();
+    record(round().await);
+    let took = started.elapsed();
+    set_sync_delay(&c, Duration::ZERO).await;
+    record(round().await);
+
+    assert!(
+        took >= Duration::from_millis(900),
+        "the delayed round took {took:?}: were its calls retried at all?"
+    );
+    for (i, firsts) in got.iter().enumerate() {
+        assert_eq!(firsts, &[1, 2, 3], "{}: a hole in a dense key", keys[i]);
+    }
 }

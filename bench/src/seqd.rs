@@ -343,6 +343,7 @@ impl Caller for SeqdCaller {
                         .into_iter()
                         .map(|key| BatchItem { key, count: 1 })
                         .collect(),
+                    request_id: String::new(),
                 })
                 .await
                 .map(|r| {

@@ -227,7 +227,7 @@ pub enum InvalidArgument {
     CountTooLarge { count: u32, max: u32 },
     #[error("request_id: {len} bytes is longer than the maximum of {max}")]
     RequestIdTooLong { len: usize, max: usize },
-    #[error("request_id: already used for a different key or count")]
+    #[error("request_id: already used for other keys or counts")]
     RequestIdReused,
     #[error("items: must not be empty")]
     EmptyBatch,

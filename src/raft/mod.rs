@@ -121,7 +121,7 @@ pub enum NodeError {
     NotLeader { leader: Option<u64> },
     #[error("{0}")]
     Exhausted(String),
-    #[error("request_id: already used for a different key or count")]
+    #[error("request_id: already used for other keys or counts")]
     RequestIdReused,
     #[error("timed out after {0:?} waiting for the cluster")]
     Timeout(Duration),

@@ -70,8 +70,11 @@ const MAX_READ_ROUNDS: usize = 1;
 /// monotonic clocks running at slightly different rates.
 const LEASE_NUM: u32 = 4;
 const LEASE_DEN: u32 = 5;
-/// Idempotency records kept by a segmented leader.
+/// Idempotency records a leader keeps: at most this many ...
 const RECENT_REQUESTS: usize = 100_000;
+/// ... holding at most this many ranges in all (a batch's record holds one
+/// per item; 16 bytes each).
+const RECENT_RANGES: usize = 1_000_000;
 /// Keys the idle sweep looks at per tick: a whole pass over 10 million keys
 /// takes 1,000 ticks, and each tick spends about 40 µs on it
 /// (`cargo bench --bench memory`).
@@ -345,7 +348,32 @@ impl Call {
 struct DenseWaiter {
     reply: Reply<Grant>,
     ranges: Vec<SeqRange>,
-    request: Option<(RequestId, SeqKey, u32)>,
+    /// The call's request id and a hash of its items.
+    request: Option<(RequestKey, u64)>,
+}
+
+/// A request id within its namespace.
+type RequestKey = (NamespaceId, RequestId);
+
+/// A hash of a call's items: a retry must ask for the same keys and counts
+/// (in the same order) to get the first call's ranges.
+fn items_hash(items: &[(SeqKey, u32)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (key, count) in items {
+        key.key().hash(&mut h);
+        count.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// A dense call with a request id whose raise has not committed yet, and
+/// the retries of it that arrived meanwhile: they get its answer, so a retry
+/// never reserves a second range (which would leave a hole in a gap-free
+/// namespace once the first commits).
+struct PendingRequest {
+    items: u64,
+    retries: Vec<Reply<Grant>>,
 }
 
 enum Proposal {
@@ -373,26 +401,33 @@ struct Handover {
     exit: Option<oneshot::Sender<()>>,
 }
 
-/// Idempotency records of the current leadership (segmented namespaces).
+/// Idempotency records of the current leadership: what each request id
+/// was answered with (a hash of its items, and its ranges).
 #[derive(Default)]
 struct RecentRequests {
-    map: HashMap<(NamespaceId, RequestId), (SeqKey, u32, SeqRange)>,
-    order: VecDeque<(NamespaceId, RequestId)>,
+    map: HashMap<RequestKey, (u64, Vec<SeqRange>)>,
+    order: VecDeque<RequestKey>,
+    /// Ranges held in `map`.
+    ranges: usize,
 }
 
 impl RecentRequests {
-    fn get(&self, ns: NamespaceId, id: &RequestId) -> Option<&(SeqKey, u32, SeqRange)> {
-        self.map.get(&(ns, id.clone()))
+    fn get(&self, key: &RequestKey) -> Option<&(u64, Vec<SeqRange>)> {
+        self.map.get(key)
     }
 
-    fn insert(&mut self, id: RequestId, key: SeqKey, count: u32, range: SeqRange) {
-        let k = (key.namespace(), id);
-        if self.map.insert(k.clone(), (key, count, range)).is_none() {
-            self.order.push_back(k);
+    fn insert(&mut self, key: RequestKey, items: u64, ranges: Vec<SeqRange>) {
+        self.ranges += ranges.len();
+        match self.map.insert(key.clone(), (items, ranges)) {
+            Some((_, old)) => self.ranges -= old.len(),
+            None => self.order.push_back(key),
         }
-        while self.order.len() > RECENT_REQUESTS {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
+        while self.order.len() > RECENT_REQUESTS || self.ranges > RECENT_RANGES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, r)) = self.map.remove(&old) {
+                self.ranges -= r.len();
             }
         }
     }
@@ -400,6 +435,7 @@ impl RecentRequests {
     fn clear(&mut self) {
         self.map.clear();
         self.order.clear();
+        self.ranges = 0;
     }
 }
 
@@ -469,6 +505,8 @@ pub(crate) struct Node {
     leader_start: Option<u64>,
     next_ctx: u64,
     recent: RecentRequests,
+    /// Dense calls with a request id waiting for their raise to commit.
+    pending_requests: HashMap<RequestKey, PendingRequest>,
     handover: Option<Handover>,
     last_leader: u64,
     snapshots_installed: u64,
@@ -605,6 +643,7 @@ impl Node {
             leader_start: None,
             next_ctx: 1,
             recent: RecentRequests::default(),
+            pending_requests: HashMap::new(),
             handover: None,
             last_leader: 0,
             snapshots_installed: 0,
@@ -1087,11 +1126,17 @@ impl Node {
                 if reply.is_closed() {
                     return;
                 }
-                if let (Some(id), [(key, count)]) = (&request_id, items.as_slice()) {
-                    if let Some((k, c, range)) = self.recent.get(key.namespace(), id) {
-                        let result = if k == key && c == count {
+                let request = match (&request_id, items.first()) {
+                    (Some(id), Some((key, _))) => {
+                        Some(((key.namespace(), id.clone()), items_hash(&items)))
+                    }
+                    _ => None,
+                };
+                if let Some((rkey, hash)) = &request {
+                    if let Some((recorded, ranges)) = self.recent.get(rkey) {
+                        let result = if recorded == hash {
                             Ok(Grant {
-                                ranges: vec![*range],
+                                ranges: ranges.clone(),
                                 epoch: self.core.epoch(),
                             })
                         } else {
@@ -1100,11 +1145,19 @@ impl Node {
                         let _ = reply.send(result);
                         return;
                     }
+                    if let Some(pending) = self.pending_requests.get_mut(rkey) {
+                        if pending.items == *hash {
+                            pending.retries.push(reply);
+                        } else {
+                            let _ = reply.send(Err(NodeError::RequestIdReused));
+                        }
+                        return;
+                    }
                 }
                 match self.core.allocate(&items, &source) {
                     Ok(Allocation::Granted(ranges)) => {
-                        if let (Some(id), [(key, count)]) = (request_id, items.as_slice()) {
-                            self.recent.insert(id, key.clone(), *count, ranges[0]);
+                        if let Some((rkey, hash)) = request {
+                            self.recent.insert(rkey, hash, ranges.clone());
                         }
                         let _ = reply.send(Ok(Grant {
                             ranges,
@@ -1121,10 +1174,15 @@ impl Node {
                         })
                     }
                     Ok(Allocation::Reserved(ranges)) => {
-                        let request = match (request_id, items.as_slice()) {
-                            (Some(id), [(key, count)]) => Some((id, key.clone(), *count)),
-                            _ => None,
-                        };
+                        if let Some((rkey, hash)) = &request {
+                            self.pending_requests.insert(
+                                rkey.clone(),
+                                PendingRequest {
+                                    items: *hash,
+                                    retries: Vec::new(),
+                                },
+                            );
+                        }
                         self.dense_pending.push(DenseWaiter {
                             reply,
                             ranges,
@@ -1173,9 +1231,10 @@ impl Node {
             // so nothing reserved is reused, and fail the calls.
             if let Proposal::Raises(ws) = waiters {
                 for w in ws {
-                    let _ = w.reply.send(Err(NodeError::NotLeader {
+                    let err = NodeError::NotLeader {
                         leader: self.leader_hint(),
-                    }));
+                    };
+                    self.settle_dense(w, Err(err));
                 }
             }
             self.reset_allocator();
@@ -1272,6 +1331,30 @@ impl Node {
                 }
             }
         }
+        for (_, pending) in self.pending_requests.drain() {
+            for reply in pending.retries {
+                let _ = reply.send(Err(NodeError::NotLeader { leader: hint }));
+            }
+        }
+    }
+
+    /// Answers a dense call whose raise has settled, and the retries that
+    /// joined it; records what a request id got.
+    fn settle_dense(&mut self, w: DenseWaiter, result: Result<Grant, NodeError>) {
+        if let Some((rkey, hash)) = w.request {
+            let retries = self
+                .pending_requests
+                .remove(&rkey)
+                .map(|p| p.retries)
+                .unwrap_or_default();
+            if let Ok(grant) = &result {
+                self.recent.insert(rkey, hash, grant.ranges.clone());
+            }
+            for reply in retries {
+                let _ = reply.send(result.clone());
+            }
+        }
+        let _ = w.reply.send(result);
     }
 
     fn fail_all(&mut self, err: NodeError) {
@@ -1773,13 +1856,10 @@ impl Node {
             let ours = pindex == index && pterm == term;
             match what {
                 Proposal::Raises(waiters) => {
-                    for w in waiters {
+                    for mut w in waiters {
                         let result = if ours {
-                            if let Some((id, key, count)) = w.request {
-                                self.recent.insert(id, key, count, w.ranges[0]);
-                            }
                             Ok(Grant {
-                                ranges: w.ranges,
+                                ranges: std::mem::take(&mut w.ranges),
                                 epoch: self.core.epoch(),
                             })
                         } else {
@@ -1787,7 +1867,7 @@ impl Node {
                                 leader: self.leader_hint(),
                             })
                         };
-                        let _ = w.reply.send(result);
+                        self.settle_dense(w, result);
                     }
                 }
                 Proposal::LeaderStart => {

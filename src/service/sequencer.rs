@@ -238,11 +238,14 @@ impl SequencerService {
         &self,
         request: Request<NextBatchRequest>,
     ) -> Result<Response<NextBatchResponse>, Status> {
-        let items = parse_next_batch(&self.namespaces, request.into_inner()).map_err(invalid)?;
+        let mut req = request.into_inner();
+        let request_id =
+            RequestId::try_new(std::mem::take(&mut req.request_id)).map_err(invalid)?;
+        let items = parse_next_batch(&self.namespaces, req).map_err(invalid)?;
         let keys: Vec<String> = items.iter().map(|(k, _)| k.key().to_string()).collect();
         let grant = self
             .node
-            .allocate(items, None)
+            .allocate(items, request_id)
             .await
             .map_err(|e| status_from(e, &self.peers))?;
         let ranges = keys
