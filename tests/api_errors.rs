@@ -97,7 +97,7 @@ async fn bad_input_names_the_field_and_changes_nothing() {
     let too_many: Vec<(String, u32)> = (0..10_001).map(|i| (format!("k{i}"), 1)).collect();
     let refs: Vec<(&str, u32)> = too_many.iter().map(|(k, c)| (k.as_str(), *c)).collect();
     let err = api.next_batch(batch("conv", &refs)).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("items:"), "{}", err.message());
 
     // A batch's request id: the same items get the same ranges again,

@@ -116,3 +116,61 @@ async fn paused_leader_is_deposed_and_hands_out_nothing_stale() {
     );
     assert!(stall < Duration::from_secs(5), "stalled for {stall:?}");
 }
+
+/// What a dense batch with a request id got is in the log: when its
+/// leader dies (its answer lost, say) and the batch is sent again to the
+/// new leader, the retry gets the same ranges, not new ones that would leave
+/// a hole in a gap-free namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dense_request_id_outlives_its_leader() {
+    use seqd::pb::sequencer_client::SequencerClient;
+    use seqd::pb::{BatchItem, NextBatchRequest};
+
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let batch = |items: &[(&str, u32)], request_id: &str| NextBatchRequest {
+        namespace: "inbox".into(),
+        items: items
+            .iter()
+            .map(|(key, count)| BatchItem {
+                key: key.to_string(),
+                count: *count,
+            })
+            .collect(),
+        request_id: request_id.into(),
+    };
+    let retried = batch(&[("r1", 2), ("r2", 1)], "lost-answer");
+    let mut api = SequencerClient::connect(format!("http://{}", c.node(leader).addr))
+        .await
+        .unwrap();
+    let first = api.next_batch(retried.clone()).await.unwrap().into_inner();
+
+    c.kill(leader);
+    let new_leader = c.wait_other_leader(leader, Duration::from_secs(20)).await;
+    let mut api = SequencerClient::connect(format!("http://{}", c.node(new_leader).addr))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match api.next_batch(retried.clone()).await {
+            Ok(r) => break r.into_inner(),
+            // Not serving yet (its start-of-term entry not applied).
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("retry: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the new leader never answered: {e}"),
+        }
+    };
+    assert_eq!(again.ranges, first.ranges, "the retry got other ranges");
+    let next = api
+        .next_batch(batch(&[("r1", 1)], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next.ranges[0].first,
+        first.ranges[0].first + 2,
+        "a dense key went on with a hole"
+    );
+}

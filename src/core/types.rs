@@ -166,6 +166,10 @@ impl fmt::Display for SeqKey {
 pub struct RequestId(Box<str>);
 
 impl RequestId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// `Ok(None)` for the empty string (no token).
     pub fn try_new(id: impl Into<String>) -> Result<Option<Self>, InvalidArgument> {
         let id = id.into();

@@ -48,7 +48,7 @@ use crate::core::{
 use crate::metrics as m;
 use crate::pb::state::{
     command, AcquireWorker, Command, KeyCeiling, LeaderStart, RaiseCeilings, ReleaseKeys,
-    ReleasedKey, RenewFence, Trim,
+    ReleasedKey, RenewFence, RequestGrant, Trim,
 };
 use crate::storage::{self, Applied, Machine, RaftStore, StorageError};
 
@@ -356,15 +356,24 @@ struct DenseWaiter {
 type RequestKey = (NamespaceId, RequestId);
 
 /// A hash of a call's items: a retry must ask for the same keys and counts
-/// (in the same order) to get the first call's ranges.
+/// (in the same order) to get the first call's ranges. FNV-1a over each
+/// key's length, bytes and count: it goes into the log (dense calls), so
+/// every node, whatever its build, must compute the same.
 fn items_hash(items: &[(SeqKey, u32)]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(PRIME);
+        }
+    };
     for (key, count) in items {
-        key.key().hash(&mut h);
-        count.hash(&mut h);
+        eat(&(key.key().len() as u64).to_le_bytes());
+        eat(key.key().as_bytes());
+        eat(&count.to_le_bytes());
     }
-    h.finish()
+    h
 }
 
 /// A dense call with a request id whose raise has not committed yet, and
@@ -505,6 +514,10 @@ pub(crate) struct Node {
     leader_start: Option<u64>,
     next_ctx: u64,
     recent: RecentRequests,
+    /// What dense calls with a request id got, recorded by every node from
+    /// the raises it applies (since it started), so a new leader answers a
+    /// retry as the old one would have.
+    applied_requests: RecentRequests,
     /// Dense calls with a request id waiting for their raise to commit.
     pending_requests: HashMap<RequestKey, PendingRequest>,
     handover: Option<Handover>,
@@ -643,6 +656,7 @@ impl Node {
             leader_start: None,
             next_ctx: 1,
             recent: RecentRequests::default(),
+            applied_requests: RecentRequests::default(),
             pending_requests: HashMap::new(),
             handover: None,
             last_leader: 0,
@@ -1133,7 +1147,11 @@ impl Node {
                     _ => None,
                 };
                 if let Some((rkey, hash)) = &request {
-                    if let Some((recorded, ranges)) = self.recent.get(rkey) {
+                    let recorded = self
+                        .recent
+                        .get(rkey)
+                        .or_else(|| self.applied_requests.get(rkey));
+                    if let Some((recorded, ranges)) = recorded {
                         let result = if recorded == hash {
                             Ok(Grant {
                                 ranges: ranges.clone(),
@@ -1222,10 +1240,23 @@ impl Node {
             .count();
         metrics::counter!(m::REFILLS_TOTAL).increment(refills as u64);
         let keys = self.key_ceilings(&raises);
-        let cmd = Command {
-            kind: Some(command::Kind::Raise(RaiseCeilings { keys })),
-        };
         let waiters = std::mem::take(&mut self.dense_pending);
+        let requests = waiters
+            .iter()
+            .filter_map(|w| {
+                let ((ns, id), items) = w.request.as_ref()?;
+                Some(RequestGrant {
+                    namespace: self.core.namespace_name(*ns).to_string(),
+                    request_id: id.as_str().to_string(),
+                    items: *items,
+                    firsts: w.ranges.iter().map(SeqRange::first).collect(),
+                    counts: w.ranges.iter().map(SeqRange::count).collect(),
+                })
+            })
+            .collect();
+        let cmd = Command {
+            kind: Some(command::Kind::Raise(RaiseCeilings { keys, requests })),
+        };
         if let Err(waiters) = self.propose(cmd, Proposal::Raises(waiters)) {
             // The reservations are lost with the proposal: forget every key
             // so nothing reserved is reused, and fail the calls.
@@ -1286,6 +1317,30 @@ impl Node {
         SeqKey::try_new(self.core.namespaces(), ns, kc.key.clone()).ok()
     }
 
+    /// Records what an applied raise gave a request id. Entries this build
+    /// cannot read (an unknown namespace, a malformed range) are skipped:
+    /// the record only saves a retry a new range.
+    fn record_applied_request(&mut self, g: &RequestGrant) {
+        let Ok(ns) = self.namespaces.resolve(&g.namespace) else {
+            return;
+        };
+        let Ok(Some(id)) = RequestId::try_new(g.request_id.as_str()) else {
+            return;
+        };
+        let ranges: Option<Vec<SeqRange>> = g
+            .firsts
+            .iter()
+            .zip(&g.counts)
+            .map(|(first, count)| SeqRange::try_new(*first, *count))
+            .collect();
+        match ranges {
+            Some(ranges) if !ranges.is_empty() && g.firsts.len() == g.counts.len() => {
+                self.applied_requests.insert((ns, id), g.items, ranges);
+            }
+            _ => {}
+        }
+    }
+
     fn key_ceilings(&self, raises: &[DenseRaise]) -> Vec<KeyCeiling> {
         raises
             .iter()
@@ -1339,17 +1394,15 @@ impl Node {
     }
 
     /// Answers a dense call whose raise has settled, and the retries that
-    /// joined it; records what a request id got.
+    /// joined it. (What a request id got was recorded when its raise
+    /// applied.)
     fn settle_dense(&mut self, w: DenseWaiter, result: Result<Grant, NodeError>) {
-        if let Some((rkey, hash)) = w.request {
+        if let Some((rkey, _)) = w.request {
             let retries = self
                 .pending_requests
                 .remove(&rkey)
                 .map(|p| p.retries)
                 .unwrap_or_default();
-            if let Ok(grant) = &result {
-                self.recent.insert(rkey, hash, grant.ranges.clone());
-            }
             for reply in retries {
                 let _ = reply.send(result.clone());
             }
@@ -1637,12 +1690,15 @@ impl Node {
                     self.reset_allocator();
                     self.core.forget_all();
                 }
-                Applied::Raised(kcs) => {
+                Applied::Raised(kcs, grants) => {
                     raised = true;
                     for kc in kcs {
                         if let Some(key) = self.applied_key(kc) {
                             self.core.on_ceiling_applied(&key, kc.ceiling);
                         }
+                    }
+                    for g in grants {
+                        self.record_applied_request(g);
                     }
                 }
                 Applied::Released(kcs) => {
@@ -2180,5 +2236,30 @@ impl Node {
             ids_active,
             fence_ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::config::Overrides;
+
+    /// The items' hash goes into the log and is compared by other nodes,
+    /// maybe other builds: it must not change.
+    #[test]
+    fn items_hash_is_a_fixed_function_of_keys_and_counts() {
+        let namespaces = Config::load(None, &Overrides::default())
+            .unwrap()
+            .namespaces();
+        let ns = namespaces.resolve("conv").unwrap();
+        let key = |k: &str| SeqKey::try_new(&namespaces, ns, k.to_string()).unwrap();
+        let items = [(key("conv-1"), 1), (key("x"), 300)];
+        assert_eq!(items_hash(&items), 0xa301_55ef_1ce4_f072);
+        let swapped = [(key("x"), 300), (key("conv-1"), 1)];
+        assert_ne!(items_hash(&items), items_hash(&swapped));
+        let moved = [(key("conv-"), 1), (key("1x"), 300)];
+        assert_ne!(items_hash(&items), items_hash(&moved));
+        assert_ne!(items_hash(&items), items_hash(&items[..1]));
     }
 }

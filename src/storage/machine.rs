@@ -10,8 +10,8 @@ use rocksdb::{WriteBatch, DB};
 
 use super::{cf, decode_u64, Disk, StorageError, CF_STATE};
 use crate::pb::state::{
-    command, Command, KeyCeiling, MachineMeta, Member, RenewFence, SnapshotData, WorkerEntry,
-    WorkerRecord,
+    command, Command, KeyCeiling, MachineMeta, Member, RenewFence, RequestGrant, SnapshotData,
+    WorkerEntry, WorkerRecord,
 };
 
 const META: &[u8] = b"m";
@@ -58,8 +58,9 @@ fn split_ceiling_key(k: &[u8]) -> Result<(String, String), StorageError> {
 /// What applying one entry changed, for the leader's allocator.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Applied {
-    /// Ceilings after the raise (each is the new applied value).
-    Raised(Vec<KeyCeiling>),
+    /// Ceilings after the raise (each is the new applied value), and the
+    /// request ids it answered.
+    Raised(Vec<KeyCeiling>, Vec<RequestGrant>),
     /// A leader's start-of-term entry, with the epoch now in force.
     LeaderStarted { term: u64, node_id: u64, epoch: u64 },
     /// Ceilings set by a hand-over trim.
@@ -240,7 +241,7 @@ impl Machine {
                             // A raise after a trim means the trimmed hand-over
                             // is over: the next leader change may open holes.
                             meta.clean_handoff = false;
-                            Applied::Raised(done)
+                            Applied::Raised(done, r.requests)
                         }
                         Some(command::Kind::LeaderStart(ls)) => {
                             if !meta.clean_handoff {
@@ -541,6 +542,7 @@ mod tests {
                 key: key.into(),
                 ceiling,
             }],
+            requests: Vec::new(),
         })
     }
 
