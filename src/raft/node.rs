@@ -70,7 +70,7 @@ const MAX_READ_ROUNDS: usize = 1;
 /// monotonic clocks running at slightly different rates.
 const LEASE_NUM: u32 = 4;
 const LEASE_DEN: u32 = 5;
-/// Idempotency records a leader keeps: at most this many ...
+/// Idempotency records a node keeps (per table): at most this many ...
 const RECENT_REQUESTS: usize = 100_000;
 /// ... holding at most this many ranges in all (a batch's record holds one
 /// per item; 16 bytes each).
@@ -410,8 +410,8 @@ struct Handover {
     exit: Option<oneshot::Sender<()>>,
 }
 
-/// Idempotency records of the current leadership: what each request id
-/// was answered with (a hash of its items, and its ranges).
+/// Idempotency records: what each request id was answered with (a hash of
+/// its items, and its ranges), oldest dropped first.
 #[derive(Default)]
 struct RecentRequests {
     map: HashMap<RequestKey, (u64, Vec<SeqRange>)>,
@@ -513,6 +513,8 @@ pub(crate) struct Node {
     /// Index of this leadership's LeaderStart entry, once proposed.
     leader_start: Option<u64>,
     next_ctx: u64,
+    /// What calls with a request id this leadership answered from memory
+    /// (segmented namespaces); forgotten when the allocator's memory is.
     recent: RecentRequests,
     /// What dense calls with a request id got, recorded by every node from
     /// the raises it applies (since it started), so a new leader answers a
