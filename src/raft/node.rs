@@ -162,15 +162,30 @@ impl Syncer for WalSyncer {
 }
 
 impl Drop for WalSyncer {
-    /// Stops the thread and waits for it (at most one fsync), so that its
+    /// Stops the thread and waits for it (one fsync, normally), so that its
     /// handle on the database is gone before the node's: the database then
     /// closes with the node, not on this thread while the process exits
     /// (RocksDB's shutdown racing the C++ runtime's teardown crashed the
     /// thread on exit, after a clean stop, with SIGSEGV).
+    /// A disk whose fsync never returns must not hang the stop for good:
+    /// after [`SYNC_STALL_LIMIT`] the thread is left behind (and the exit
+    /// may then crash as before, on a node already stopped).
     fn drop(&mut self) {
         self.requests = None;
-        if let Some(thread) = self.thread.take() {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = Instant::now() + SYNC_STALL_LIMIT;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if thread.is_finished() {
             let _ = thread.join();
+        } else {
+            tracing::warn!(
+                limit = ?SYNC_STALL_LIMIT,
+                "the Raft log's sync thread has not returned; stopping without it"
+            );
         }
     }
 }
