@@ -113,6 +113,19 @@ async fn a_node_whose_fsync_does_not_return_stops() {
     cold.abort();
 }
 
+/// A client that gives up on an attempt after 300 ms, well within one
+/// delayed fsync.
+fn impatient_client(c: &Cluster) -> Client {
+    Client::new(
+        &c.addrs(),
+        ClientOptions {
+            attempt_timeout: Duration::from_millis(300),
+            ..ClientOptions::default()
+        },
+    )
+    .expect("client")
+}
+
 /// A batch whose reply does not come within the client's attempt timeout
 /// (cold keys waiting for a slow fsync) is given up on: its stream takes no
 /// more batches (it may never answer), and the batch is sent again on a new
@@ -123,14 +136,7 @@ async fn a_node_whose_fsync_does_not_return_stops() {
 async fn a_batch_given_up_on_is_retried_on_a_new_stream() {
     let c = Cluster::start(1, RAFT);
     c.wait_leader(Duration::from_secs(20)).await;
-    let client = Client::new(
-        &c.addrs(),
-        ClientOptions {
-            attempt_timeout: Duration::from_millis(300),
-            ..ClientOptions::default()
-        },
-    )
-    .expect("client");
+    let client = impatient_client(&c);
     let streams =
         || common::metric(&c.node(1).metrics_addr, "seqd_next_streams_opened_total").unwrap_or(0.0);
     // The first of three concurrent calls goes alone; the other two queue
@@ -183,14 +189,7 @@ async fn a_batch_given_up_on_is_retried_on_a_new_stream() {
 async fn retried_dense_calls_leave_no_hole() {
     let c = Cluster::start(1, RAFT);
     c.wait_leader(Duration::from_secs(20)).await;
-    let client = Client::new(
-        &c.addrs(),
-        ClientOptions {
-            attempt_timeout: Duration::from_millis(300),
-            ..ClientOptions::default()
-        },
-    )
-    .expect("client");
+    let client = impatient_client(&c);
     let keys = ["d1", "d2", "d3"];
     let round = || futures::future::join_all(keys.iter().map(|k| client.next("inbox", k, 1)));
     let mut got: Vec<Vec<u64>> = vec![Vec::new(); keys.len()];

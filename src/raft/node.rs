@@ -150,6 +150,8 @@ pub(crate) trait Syncer: Send {
 struct WalSyncer {
     requests: Option<std::sync::mpsc::Sender<u64>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Disconnected once the thread has let go of the database.
+    released: std::sync::mpsc::Receiver<()>,
 }
 
 impl Syncer for WalSyncer {
@@ -175,17 +177,14 @@ impl Drop for WalSyncer {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        let deadline = Instant::now() + SYNC_STALL_LIMIT;
-        while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if thread.is_finished() {
-            let _ = thread.join();
-        } else {
-            tracing::warn!(
+        match self.released.recv_timeout(SYNC_STALL_LIMIT) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => tracing::warn!(
                 limit = ?SYNC_STALL_LIMIT,
                 "the Raft log's sync thread has not returned; stopping without it"
-            );
+            ),
+            _ => {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -201,6 +200,7 @@ impl WalSyncer {
         // Weak: the node's loop ends when the last handle to it goes, and
         // this thread must not keep it alive.
         let mailbox = mailbox.downgrade();
+        let (release, released) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("raft-sync-{id}"))
             .spawn(move || {
@@ -221,16 +221,19 @@ impl WalSyncer {
                     metrics::histogram!(m::RAFT_SYNC_SECONDS)
                         .record(started.elapsed().as_secs_f64());
                     let Some(mailbox) = mailbox.upgrade() else {
-                        return;
+                        break;
                     };
                     if mailbox.send(Input::Persisted(number)).is_err() {
-                        return;
+                        break;
                     }
                 }
+                drop(disk);
+                drop(release);
             })?;
         Ok(Self {
             requests: Some(tx),
             thread: Some(thread),
+            released,
         })
     }
 }
