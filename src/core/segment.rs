@@ -236,8 +236,13 @@ impl Allocator {
         // Check every item before touching any, so a failure changes nothing.
         let now_ms = self.now_ms;
         let mut releasing = false;
+        // Each key's index in `keys`, found once: the passes below reach
+        // its state without hashing or comparing it again (nothing is
+        // removed from `keys` within this call).
+        let mut at = Vec::with_capacity(items.len());
         for (key, count) in items {
-            let state = self.load(key, source);
+            let (index, state) = self.load(key, source);
+            at.push(index);
             state.last_used_ms = now_ms;
             releasing |= state.releasing;
             if state.next > max_value || max_value - state.next + 1 < u64::from(*count) {
@@ -256,11 +261,8 @@ impl Allocator {
 
         if mode == Mode::Dense {
             let mut ranges = Vec::with_capacity(items.len());
-            for (key, count) in items {
-                let Some(state) = self.keys.get_mut(key) else {
-                    unreachable!("loaded above");
-                };
-                let range = reserve(state, *count);
+            for ((key, count), &index) in items.iter().zip(&at) {
+                let range = reserve(&mut self.keys[index], *count);
                 self.dense_raises.insert(key.clone(), range.last());
                 ranges.push(range);
             }
@@ -268,10 +270,8 @@ impl Allocator {
         }
 
         let mut short = false;
-        for (key, count) in items {
-            let Some(state) = self.keys.get_mut(key) else {
-                unreachable!("loaded above");
-            };
+        for ((key, count), &index) in items.iter().zip(&at) {
+            let state = &mut self.keys[index];
             let need = state.next + u64::from(*count) - 1;
             if need > state.ceiling {
                 short = true;
@@ -287,10 +287,8 @@ impl Allocator {
         }
 
         let mut ranges = Vec::with_capacity(items.len());
-        for (key, count) in items {
-            let Some(state) = self.keys.get_mut(key) else {
-                unreachable!("loaded above");
-            };
+        for ((key, count), &index) in items.iter().zip(&at) {
+            let state = &mut self.keys[index];
             ranges.push(reserve(state, *count));
             // Double buffering: ask for the next segment while this one still
             // has room, so steady-state calls never wait on the log.
@@ -484,22 +482,29 @@ impl Allocator {
         out
     }
 
-    fn load(&mut self, key: &SeqKey, source: &impl CeilingSource) -> &mut KeyState {
-        let step = self.namespaces.spec(key.namespace()).step_min;
-        self.keys.entry(key.clone()).or_insert_with(|| {
-            let ceiling = source.committed_ceiling(key);
-            KeyState {
-                next: ceiling + 1,
-                ceiling,
-                step,
-                want: 0,
-                in_flight: 0,
-                queued: false,
-                last_refill_ms: 0,
-                last_used_ms: 0,
-                releasing: false,
+    /// The key's state and its index in `keys`, loaded at its committed
+    /// ceiling if it is not in memory. A key in memory is found by one hash
+    /// lookup and not copied (this runs once per item of every call).
+    fn load(&mut self, key: &SeqKey, source: &impl CeilingSource) -> (usize, &mut KeyState) {
+        let index = match self.keys.get_index_of(key) {
+            Some(index) => index,
+            None => {
+                let ceiling = source.committed_ceiling(key);
+                let state = KeyState {
+                    next: ceiling + 1,
+                    ceiling,
+                    step: self.namespaces.spec(key.namespace()).step_min,
+                    want: 0,
+                    in_flight: 0,
+                    queued: false,
+                    last_refill_ms: 0,
+                    last_used_ms: 0,
+                    releasing: false,
+                };
+                self.keys.insert_full(key.clone(), state).0
             }
-        })
+        };
+        (index, &mut self.keys[index])
     }
 
     /// Namespace of a key, for callers that map keys back to names.
