@@ -105,12 +105,28 @@ pub struct NodeConfig {
     #[serde(default)]
     pub join: bool,
     /// Threads running gRPC, the peer transport and the Raft loop (tokio
-    /// workers); 0: one per CPU. A call costs a few microseconds, so one
-    /// thread serves well over 100,000 calls/s; more spread HTTP/2 work
-    /// over cores but hand each batch between threads (see README,
-    /// "worker threads").
+    /// workers); 0: one per CPU but one, at least one (see
+    /// [`NodeConfig::runtime_workers`]).
     #[serde(default)]
     pub worker_threads: usize,
+}
+
+impl NodeConfig {
+    /// The tokio workers to run on a machine (or cgroup) with `cpus` CPUs.
+    /// By default one CPU is left to what runs beside them: the log's
+    /// fsync thread, RocksDB's flushes, the kernel's network stack (and,
+    /// where nodes share a small machine, the other nodes and the clients).
+    /// A call costs a few microseconds, so one worker serves well over
+    /// 100,000 calls/s; on two cores a second one made each batch's trip
+    /// through the connection, stream and node tasks a hand-off between
+    /// threads, and cost a third more CPU per call for a lower peak (README,
+    /// "Worker threads").
+    pub fn runtime_workers(&self, cpus: usize) -> usize {
+        match self.worker_threads {
+            0 => cpus.saturating_sub(1).max(1),
+            n => n,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -380,7 +396,7 @@ impl Config {
             return Err(invalid(
                 "node.worker_threads",
                 format!(
-                    "{} is more than {MAX_WORKER_THREADS} (0: one per CPU)",
+                    "{} is more than {MAX_WORKER_THREADS} (0: one per CPU but one)",
                     self.node.worker_threads
                 ),
             ));
@@ -649,13 +665,17 @@ mod tests {
     }
 
     #[test]
-    fn worker_threads_default_to_one_per_cpu_and_are_bounded() {
+    fn worker_threads_default_to_all_cpus_but_one_and_are_bounded() {
         let cfg = Config::load(None, &Overrides::default()).unwrap();
         assert_eq!(cfg.node.worker_threads, 0);
+        assert_eq!(cfg.node.runtime_workers(1), 1);
+        assert_eq!(cfg.node.runtime_workers(2), 1);
+        assert_eq!(cfg.node.runtime_workers(16), 15);
         let text = EMBEDDED_SINGLE.replace("[node]\n", "[node]\nworker_threads = 2\n");
         let mut cfg = Config::parse("t", &text).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.node.worker_threads, 2);
+        assert_eq!(cfg.node.runtime_workers(16), 2);
         let over = Overrides {
             worker_threads: Some(1),
             ..Overrides::default()

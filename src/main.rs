@@ -52,7 +52,7 @@ struct Args {
     /// Overrides metrics.listen: serve Prometheus /metrics on ip:port.
     #[arg(long, env = "SEQD_METRICS_LISTEN")]
     metrics_listen: Option<String>,
-    /// Overrides node.worker_threads (0: one per CPU).
+    /// Overrides node.worker_threads (0: one per CPU but one, at least one).
     #[arg(long, env = "SEQD_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// Log JSON lines instead of text.
@@ -85,11 +85,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // available_parallelism counts the CPUs this process may use (affinity,
+    // cgroup quota), so a container limited to two CPUs runs one worker.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if config.node.worker_threads > 0 {
-        builder.worker_threads(config.node.worker_threads);
-    }
+    builder
+        .enable_all()
+        .worker_threads(config.node.runtime_workers(cpus));
     let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -226,23 +226,29 @@ async fn the_batch_stream_outlives_the_attempt_timeout() {
     }
 }
 
-/// `--worker-threads` sets the runtime's worker count (the node says how
-/// many it runs with), and a node on one worker serves as before.
+/// The runtime's worker count is one per CPU but one by default and
+/// `--worker-threads` when given (the node says how many it runs with); a
+/// node serves on either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_node_on_one_worker_thread_serves() {
+async fn a_node_serves_on_the_worker_threads_it_is_given() {
     let mut c = Cluster::start(1, RAFT);
     c.wait_leader(Duration::from_secs(20)).await;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = cpus.saturating_sub(1).max(1);
     assert!(
-        c.log(1).contains(&format!("worker_threads={cpus}\n")),
-        "by default one worker per CPU ({cpus})"
+        c.log(1).contains(&format!("worker_threads={default}\n")),
+        "by default one worker per CPU but one ({cpus} CPUs)"
     );
+    let client = std::sync::Arc::new(c.client());
+    assert_disjoint(&concurrent_calls(&client, 64, None).await);
+    // More workers than the default: batches are handed between threads.
+    let more = default + 1;
     c.terminate(1);
-    c.spawn_with(1, &["--worker-threads", "1"]);
+    c.spawn_with(1, &["--worker-threads", &more.to_string()]);
     c.wait_leader(Duration::from_secs(20)).await;
     assert!(
-        c.log(1).contains("worker_threads=1\n"),
-        "the restarted node runs one worker"
+        c.log(1).contains(&format!("worker_threads={more}\n")),
+        "the restarted node runs {more} workers"
     );
     let client = std::sync::Arc::new(c.client());
     assert_disjoint(&concurrent_calls(&client, 64, None).await);
