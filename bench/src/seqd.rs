@@ -76,8 +76,8 @@ impl SeqdCluster {
             cmd.arg("--config").arg(&config);
             // SEQD_* in the caller's shell would override the file
             // (listen address, peers, data dir); keep only the log level
-            // and the worker count (`SEQD_WORKER_THREADS=1
-            // ./scripts/compare.sh` measures nodes on one thread each).
+            // and the worker count (`SEQD_WORKER_THREADS=2
+            // ./scripts/compare.sh` measures nodes on two threads each).
             clear_env_prefix(&mut cmd, "SEQD_", &["SEQD_LOG", "SEQD_WORKER_THREADS"]);
             nodes.push(ChildGuard::spawn(
                 &format!("seqd node {id}"),
