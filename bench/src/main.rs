@@ -8,6 +8,7 @@ mod cli;
 mod driver;
 mod etcd_target;
 mod keys;
+mod ports;
 mod process;
 mod redis_target;
 mod report;

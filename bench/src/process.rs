@@ -4,25 +4,18 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-/// `n` distinct free TCP ports on 127.0.0.1. The listeners stay open until
-/// all `n` are picked, so one call never hands out the same port twice; the
-/// child that binds them starts right after (a race with unrelated programs
-/// remains possible, and shows as a failed start naming the port).
+/// `n` distinct free TCP ports on 127.0.0.1, below the kernel's ephemeral
+/// range (see [`crate::ports::free_ports`]); the child that binds them
+/// starts right after (a race with a program binding the same port remains
+/// possible, and shows as a failed start naming the port).
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").context("cannot bind a free loopback port"))
-        .collect::<Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    crate::ports::free_ports(n).context("cannot find free loopback ports")
 }
 
 /// A started process; killed and reaped on drop.

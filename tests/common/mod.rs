@@ -8,7 +8,6 @@ pub mod netns;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -55,15 +54,13 @@ max_key_bytes = 8
 max_value = 100
 "#;
 
-/// Picks free loopback ports (bound, then released for the node to take).
+#[path = "../../bench/src/ports.rs"]
+mod ports;
+
+/// Free loopback ports below the ephemeral range, which the nodes'
+/// outgoing connections cannot take before the nodes bind them.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+    ports::free_ports(n).expect("free loopback ports")
 }
 
 pub struct Node {
