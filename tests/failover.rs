@@ -164,4 +164,21 @@ async fn a_dense_request_id_outlives_its_leader() {
         first.ranges[0].first + 2,
         "a dense key went on with a hole"
     );
+
+    // Every node restarted: the records come back from their disks.
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let mut api = SequencerClient::connect(format!("http://{}", c.node(leader).addr))
+        .await
+        .unwrap();
+    let after_restart = api.next_batch(retried).await.unwrap().into_inner();
+    assert_eq!(
+        after_restart.ranges, first.ranges,
+        "after a restart of every node the retry got other ranges"
+    );
 }

@@ -1,5 +1,6 @@
 //! A follower stopped long enough for the log to be compacted past it
-//! catches up by snapshot, and can then lead with the right state.
+//! catches up by snapshot, and can then lead with the right state
+//! (ceilings, and what dense calls with a request id were given).
 
 mod common;
 
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use common::{check_history, Cluster, Load};
 use seqd::pb::admin_client::AdminClient;
-use seqd::pb::TransferLeaderRequest;
+use seqd::pb::sequencer_client::SequencerClient;
+use seqd::pb::{BatchItem, NextBatchRequest, TransferLeaderRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lagging_follower_catches_up_by_snapshot() {
@@ -19,6 +21,20 @@ async fn lagging_follower_catches_up_by_snapshot() {
     let leader = c.wait_leader(Duration::from_secs(20)).await;
     let lagger = leader % 3 + 1;
     c.kill(lagger);
+    // A dense call with a request id whose record the lagger can only get
+    // from the snapshot.
+    let mut api = SequencerClient::connect(format!("http://{}", c.node(leader).addr))
+        .await
+        .unwrap();
+    let retried = NextBatchRequest {
+        namespace: "inbox".into(),
+        items: vec![BatchItem {
+            key: "before-snapshot".into(),
+            count: 3,
+        }],
+        request_id: "answered-before-the-snapshot".into(),
+    };
+    let first = api.next_batch(retried.clone()).await.unwrap().into_inner();
 
     let client = Arc::new(c.client());
     // Many keys: every first call per key is a refill, i.e. a log entry.
@@ -47,6 +63,14 @@ async fn lagging_follower_catches_up_by_snapshot() {
         .unwrap();
     c.wait_status(lagger, Duration::from_secs(20), "leading", |s| s.serving)
         .await;
+    let mut api = SequencerClient::connect(format!("http://{}", c.node(lagger).addr))
+        .await
+        .unwrap();
+    let again = api.next_batch(retried).await.unwrap().into_inner();
+    assert_eq!(
+        again.ranges, first.ranges,
+        "the leader rebuilt from a snapshot gave a retried dense call other numbers"
+    );
     // Calls served by the rebuilt leader.
     load.progress(300, Duration::from_secs(30)).await;
     let (ops, errors) = load.finish().await;

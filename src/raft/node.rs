@@ -70,11 +70,12 @@ const MAX_READ_ROUNDS: usize = 1;
 /// monotonic clocks running at slightly different rates.
 const LEASE_NUM: u32 = 4;
 const LEASE_DEN: u32 = 5;
-/// Idempotency records a node keeps (per table): at most this many ...
-const RECENT_REQUESTS: usize = 100_000;
+/// Idempotency records a node keeps (per table; the applied ones are also
+/// what the state machine stores): at most this many ...
+const RECENT_REQUESTS: usize = storage::REQUEST_RECORDS;
 /// ... holding at most this many ranges in all (a batch's record holds one
-/// per item; 16 bytes each).
-const RECENT_RANGES: usize = 1_000_000;
+/// per item; 16 bytes each in memory).
+const RECENT_RANGES: usize = storage::REQUEST_RECORD_RANGES;
 /// Keys the idle sweep looks at per tick: a whole pass over 10 million keys
 /// takes 1,000 ticks, and each tick spends about 40 µs on it
 /// (`cargo bench --bench memory`).
@@ -535,8 +536,9 @@ pub(crate) struct Node {
     /// (segmented namespaces); forgotten when the allocator's memory is.
     recent: RecentRequests,
     /// What dense calls with a request id got, recorded by every node from
-    /// the raises it applies (since it started), so a new leader answers a
-    /// retry as the old one would have.
+    /// the raises it applies and loaded at start from the state machine's
+    /// records, so a new (or restarted) leader answers a retry as the old
+    /// one would have.
     applied_requests: RecentRequests,
     /// Dense calls with a request id waiting for their raise to commit.
     pending_requests: HashMap<RequestKey, PendingRequest>,
@@ -636,7 +638,7 @@ impl Node {
             .map_err(|e| StorageError::corrupt("raft state", e))?;
         let started = time.now();
         let max_workers = params.ids.lock().layout().max_workers();
-        Ok(Node {
+        let mut node = Node {
             id: params.id,
             raw,
             machine,
@@ -692,7 +694,9 @@ impl Node {
             read_rounds_sent: 0,
             read_resends: 0,
             on_runtime: false,
-        })
+        };
+        node.load_request_records()?;
+        Ok(node)
     }
 
     /// The node's loop: a task on the server's runtime rather than a thread
@@ -1337,6 +1341,17 @@ impl Node {
         SeqKey::try_new(self.core.namespaces(), ns, kc.key.clone()).ok()
     }
 
+    /// Fills the applied-request table from the records the state machine
+    /// stores (at start, and after a snapshot replaced the state), so a
+    /// retry finds what its id got before this node restarted or caught up.
+    fn load_request_records(&mut self) -> Result<(), StorageError> {
+        self.applied_requests.clear();
+        for g in self.machine.request_grants()? {
+            self.record_applied_request(&g);
+        }
+        Ok(())
+    }
+
     /// Records what an applied raise gave a request id. Entries this build
     /// cannot read (an unknown namespace, a malformed range) are skipped:
     /// the record only saves a retry a new range.
@@ -1571,6 +1586,7 @@ impl Node {
             let snap = ready.snapshot().clone();
             self.raw.mut_store().install_snapshot(&snap)?;
             self.machine.reload()?;
+            self.load_request_records()?;
             self.snapshots_installed += 1;
             metrics::counter!(m::SNAPSHOTS_INSTALLED_TOTAL).increment(1);
             match self.machine.worker_of(self.id)? {

@@ -1,7 +1,8 @@
-//! The replicated state machine: per-key ceilings, the allocation epoch and
-//! the applied index, in the `state` column family.
+//! The replicated state machine: per-key ceilings, the allocation epoch,
+//! Snowflake workers, members, what recent dense calls with a request id
+//! were given, and the applied index, in the `state` column family.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use prost::Message as _;
 use protobuf::Message as _;
@@ -23,6 +24,14 @@ const WORKER_PREFIX: u8 = b'w';
 const NODE_WORKER_PREFIX: u8 = b'n';
 /// `p` + node id (BE) → member address.
 const MEMBER_PREFIX: u8 = b'p';
+/// `r` + sequence number (BE, in apply order) → RequestGrant.
+const REQUEST_PREFIX: u8 = b'r';
+
+/// Request records kept (in memory and on disk): at most this many ...
+pub const REQUEST_RECORDS: usize = 100_000;
+/// ... holding at most this many ranges in all (a batch's record holds one
+/// per item).
+pub const REQUEST_RECORD_RANGES: usize = 1_000_000;
 
 fn id_key(prefix: u8, id: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -97,6 +106,13 @@ pub struct Machine {
     db: Disk,
     meta: MachineMeta,
     applied: u64,
+    /// The stored request records, oldest first: sequence number and ranges.
+    grants: VecDeque<(u64, usize)>,
+    /// Ranges in `grants`.
+    grant_ranges: usize,
+    /// Most records and ranges kept ([`REQUEST_RECORDS`],
+    /// [`REQUEST_RECORD_RANGES`]; smaller in tests).
+    grant_bounds: (usize, usize),
 }
 
 impl Machine {
@@ -105,6 +121,9 @@ impl Machine {
             db,
             meta: MachineMeta::default(),
             applied: 0,
+            grants: VecDeque::new(),
+            grant_ranges: 0,
+            grant_bounds: (REQUEST_RECORDS, REQUEST_RECORD_RANGES),
         };
         m.reload()?;
         Ok(m)
@@ -122,7 +141,38 @@ impl Machine {
             Some(b) => decode_u64("applied index", &b)?,
             None => 0,
         };
+        self.grants.clear();
+        self.grant_ranges = 0;
+        for (seq, grant) in self.stored_grants()? {
+            self.grants.push_back((seq, grant.firsts.len()));
+            self.grant_ranges += grant.firsts.len();
+        }
         Ok(())
+    }
+
+    /// The stored request records, oldest first: what recent dense calls
+    /// with a request id were given, as their raises applied.
+    pub fn request_grants(&self) -> Result<Vec<RequestGrant>, StorageError> {
+        Ok(self.stored_grants()?.into_iter().map(|(_, g)| g).collect())
+    }
+
+    fn stored_grants(&self) -> Result<Vec<(u64, RequestGrant)>, StorageError> {
+        let mut out = Vec::new();
+        let prefix = [REQUEST_PREFIX];
+        for item in self.db.iterator_cf(
+            cf(&self.db, CF_STATE),
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if k.first() != Some(&REQUEST_PREFIX) {
+                break;
+            }
+            let seq = decode_u64("request record key", &k[1..])?;
+            let grant = RequestGrant::decode(v.as_ref())
+                .map_err(|e| StorageError::corrupt("request record", e))?;
+            out.push((seq, grant));
+        }
+        Ok(out)
     }
 
     pub fn applied(&self) -> u64 {
@@ -208,6 +258,9 @@ impl Machine {
         let mut out = Vec::with_capacity(entries.len());
         let mut applied = self.applied;
         let mut meta = self.meta;
+        // Request records stored by this batch: sequence number and ranges.
+        let mut new_grants: Vec<(u64, usize)> = Vec::new();
+        let mut next_seq = self.grants.back().map_or(0, |(seq, _)| seq + 1);
         for e in entries {
             if e.index <= applied {
                 continue;
@@ -241,6 +294,14 @@ impl Machine {
                             // A raise after a trim means the trimmed hand-over
                             // is over: the next leader change may open holes.
                             meta.clean_handoff = false;
+                            for g in &r.requests {
+                                txn.put(
+                                    id_key(REQUEST_PREFIX, next_seq).to_vec(),
+                                    g.encode_to_vec(),
+                                );
+                                new_grants.push((next_seq, g.firsts.len()));
+                                next_seq += 1;
+                            }
                             Applied::Raised(done, r.requests)
                         }
                         Some(command::Kind::LeaderStart(ls)) => {
@@ -298,12 +359,43 @@ impl Machine {
         if applied == self.applied {
             return Ok(out);
         }
+        let evicted = self.evict_grants(&mut txn, &new_grants);
         txn.put(META.to_vec(), meta.encode_to_vec());
         txn.put(APPLIED.to_vec(), applied.to_be_bytes().to_vec());
         txn.commit()?;
         self.applied = applied;
         self.meta = meta;
+        for (seq, ranges) in new_grants {
+            self.grants.push_back((seq, ranges));
+            self.grant_ranges += ranges;
+        }
+        for _ in 0..evicted {
+            if let Some((_, ranges)) = self.grants.pop_front() {
+                self.grant_ranges -= ranges;
+            }
+        }
         Ok(out)
+    }
+
+    /// Deletes in `txn` the oldest request records while those kept and
+    /// `added` (stored by `txn`) are over the bounds; returns how many
+    /// records, oldest first, it deleted (some of `added` may be among
+    /// them, deleted after their put).
+    fn evict_grants(&self, txn: &mut Txn<'_>, added: &[(u64, usize)]) -> usize {
+        let (max_records, max_ranges) = self.grant_bounds;
+        let mut records = self.grants.len() + added.len();
+        let mut ranges = self.grant_ranges + added.iter().map(|(_, r)| r).sum::<usize>();
+        let mut evicted = 0;
+        for &(seq, r) in self.grants.iter().chain(added) {
+            if records <= max_records && ranges <= max_ranges {
+                break;
+            }
+            txn.delete(id_key(REQUEST_PREFIX, seq).to_vec());
+            records -= 1;
+            ranges -= r;
+            evicted += 1;
+        }
+        evicted
     }
 }
 
@@ -472,6 +564,10 @@ pub(super) fn read_snapshot(db: &DB) -> Result<(u64, Vec<u8>), StorageError> {
                         .map_err(|e| StorageError::corrupt("worker record", e))?,
                 ),
             }),
+            Some(&REQUEST_PREFIX) => data.requests.push(
+                RequestGrant::decode(v.as_ref())
+                    .map_err(|e| StorageError::corrupt("request record", e))?,
+            ),
             Some(&MEMBER_PREFIX) => data.members.push(Member {
                 node_id: decode_u64("member key", &k[1..])?,
                 addr: String::from_utf8(v.to_vec())
@@ -515,6 +611,10 @@ pub(super) fn write_snapshot(
     }
     for m in &data.members {
         batch.put_cf(state, id_key(MEMBER_PREFIX, m.node_id), m.addr.as_bytes());
+    }
+    // In the order they were stored: the oldest is evicted first.
+    for (seq, g) in (0u64..).zip(&data.requests) {
+        batch.put_cf(state, id_key(REQUEST_PREFIX, seq), g.encode_to_vec());
     }
     batch.put_cf(state, META, data.meta.unwrap_or_default().encode_to_vec());
     batch.put_cf(state, APPLIED, index.to_be_bytes());
@@ -595,6 +695,73 @@ mod tests {
         assert_eq!(m.epoch(), 2, "an untrimmed take-over bumps it");
     }
 
+    /// A dense raise of `key` to `ceiling` that answered `request_id`
+    /// with the 10 numbers below it.
+    fn granted(ns: &str, key: &str, ceiling: u64, request_id: &str) -> command::Kind {
+        command::Kind::Raise(RaiseCeilings {
+            keys: vec![KeyCeiling {
+                namespace: ns.into(),
+                key: key.into(),
+                ceiling,
+            }],
+            requests: vec![RequestGrant {
+                namespace: ns.into(),
+                request_id: request_id.into(),
+                items: 7,
+                firsts: vec![ceiling - 9],
+                counts: vec![10],
+            }],
+        })
+    }
+
+    fn grant_ids(m: &Machine) -> Vec<String> {
+        m.request_grants()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.request_id)
+            .collect()
+    }
+
+    #[test]
+    fn request_records_outlive_a_restart_and_the_oldest_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut m = Machine::open(db.clone()).unwrap();
+        m.grant_bounds = (3, 100);
+        m.apply(&[
+            entry(1, granted("d", "k", 10, "a")),
+            entry(2, granted("d", "k", 20, "b")),
+        ])
+        .unwrap();
+        m.apply(&[entry(3, granted("d", "k", 30, "c"))]).unwrap();
+        assert_eq!(grant_ids(&m), ["a", "b", "c"]);
+        m.apply(&[
+            entry(4, granted("d", "k", 40, "d")),
+            entry(5, granted("d", "k", 50, "e")),
+        ])
+        .unwrap();
+        assert_eq!(grant_ids(&m), ["c", "d", "e"], "at most 3 records");
+        // A replayed entry stores nothing twice.
+        m.apply(&[entry(5, granted("d", "k", 50, "e"))]).unwrap();
+        assert_eq!(grant_ids(&m), ["c", "d", "e"]);
+
+        drop(m);
+        let mut m = Machine::open(db.clone()).unwrap();
+        assert_eq!(grant_ids(&m), ["c", "d", "e"], "kept across a restart");
+        let g = &m.request_grants().unwrap()[2];
+        assert_eq!(
+            (g.items, g.firsts.as_slice(), g.counts.as_slice()),
+            (7, [41].as_slice(), [10].as_slice())
+        );
+        // Bounded by ranges too: one per record here, 2 at most.
+        m.grant_bounds = (100, 2);
+        m.apply(&[entry(6, granted("d", "k", 60, "f"))]).unwrap();
+        assert_eq!(grant_ids(&m), ["e", "f"]);
+        drop(m);
+        let m = Machine::open(db).unwrap();
+        assert_eq!(grant_ids(&m), ["e", "f"]);
+    }
+
     #[test]
     fn snapshot_round_trips() {
         let dir = tempfile::tempdir().unwrap();
@@ -613,9 +780,13 @@ mod tests {
             entry(4, acquire(8)),
         ])
         .unwrap();
+        m.apply(&[entry(5, granted("b", "k2", 30, "id-1"))])
+            .unwrap();
+        m.apply(&[entry(6, granted("b", "k2", 40, "id-2"))])
+            .unwrap();
         assert_eq!(m.worker_of(8).unwrap(), Some((1, 0)));
         let (index, bytes) = read_snapshot(&db).unwrap();
-        assert_eq!(index, 4);
+        assert_eq!(index, 6);
 
         let dir2 = tempfile::tempdir().unwrap();
         let db2 = super::super::open(dir2.path()).unwrap();
@@ -625,10 +796,18 @@ mod tests {
         write_snapshot(&db2, &mut batch, index, &bytes).unwrap();
         db2.write_batch(batch, false).unwrap();
         m2.reload().unwrap();
-        assert_eq!(m2.applied(), 4);
-        assert_eq!(m2.ceiling("b", "k2").unwrap(), 20);
+        assert_eq!(m2.applied(), 6);
+        assert_eq!(m2.ceiling("b", "k2").unwrap(), 40);
         assert_eq!(m2.worker_of(7).unwrap(), Some((0, 0)));
-        let out = m2.apply(&[entry(5, acquire(9))]).unwrap();
+        assert_eq!(
+            grant_ids(&m2),
+            ["id-1", "id-2"],
+            "request records come with the snapshot, in order"
+        );
+        m2.apply(&[entry(7, granted("b", "k2", 50, "id-3"))])
+            .unwrap();
+        assert_eq!(grant_ids(&m2), ["id-1", "id-2", "id-3"]);
+        let out = m2.apply(&[entry(8, acquire(9))]).unwrap();
         assert_eq!(
             out[0].1,
             Applied::WorkerAssigned {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
-pub use machine::{Applied, Machine};
+pub use machine::{Applied, Machine, REQUEST_RECORDS, REQUEST_RECORD_RANGES};
 pub use raft_log::RaftStore;
 
 pub const CF_LOG: &str = "raft_log";
