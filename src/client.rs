@@ -132,6 +132,8 @@ struct Inner {
     /// [`NO_STREAM_RECHECK`], then the stream is tried again (the node may
     /// have been upgraded meanwhile).
     no_stream: Mutex<HashMap<String, Instant>>,
+    /// [`NO_STREAM_RECHECK`] (shorter in tests).
+    no_stream_recheck: Duration,
     /// Request ids of batches: this client's random prefix and a counter.
     batch_ids: (u64, std::sync::atomic::AtomicU64),
 }
@@ -264,6 +266,7 @@ impl Client {
             lanes: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             no_stream: Mutex::new(HashMap::new()),
+            no_stream_recheck: NO_STREAM_RECHECK,
             batch_ids: (client_nonce(), std::sync::atomic::AtomicU64::new(0)),
         };
         for e in &endpoints {
@@ -879,7 +882,7 @@ impl Inner {
     ) -> Result<NextBatchResponse, Status> {
         let without_stream = lock(&self.no_stream)
             .get(target)
-            .is_some_and(|since| since.elapsed() < NO_STREAM_RECHECK);
+            .is_some_and(|since| since.elapsed() < self.no_stream_recheck);
         if without_stream {
             return unary_batch(ch, req.clone()).await;
         }
@@ -1227,6 +1230,13 @@ mod tests {
     #[derive(Clone, Default)]
     struct CountingServer {
         calls_per_rpc: Arc<Mutex<Vec<usize>>>,
+        /// Serve `NextStream` (off: answer it UNIMPLEMENTED, as a seqd
+        /// from before it).
+        stream: Arc<std::sync::atomic::AtomicBool>,
+        /// `NextStream` calls, served or not.
+        streams_asked: Arc<std::sync::atomic::AtomicUsize>,
+        /// Batches answered on a stream.
+        stream_batches: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     #[cfg(feature = "server")]
@@ -1273,14 +1283,98 @@ mod tests {
             Box<dyn futures::Stream<Item = Result<NextStreamReply, Status>> + Send + 'static>,
         >;
 
-        /// As a seqd from before `NextStream`: the client falls back to
-        /// `NextBatch` RPCs, which this server counts.
+        /// Unless `stream` is on, as a seqd from before `NextStream`: the
+        /// client falls back to `NextBatch` RPCs, which this server counts.
         async fn next_stream(
             &self,
-            _: tonic::Request<tonic::Streaming<NextStreamRequest>>,
+            request: tonic::Request<tonic::Streaming<NextStreamRequest>>,
         ) -> Result<tonic::Response<Self::NextStreamStream>, Status> {
-            Err(Status::unimplemented("an older server"))
+            use futures::StreamExt;
+            use std::sync::atomic::Ordering;
+            self.streams_asked.fetch_add(1, Ordering::SeqCst);
+            if !self.stream.load(Ordering::SeqCst) {
+                return Err(Status::unimplemented("an older server"));
+            }
+            let answered = self.stream_batches.clone();
+            let replies = request.into_inner().map(move |message| {
+                let NextStreamRequest { id, batch } = message?;
+                answered.fetch_add(1, Ordering::SeqCst);
+                let ranges = batch
+                    .unwrap_or_default()
+                    .items
+                    .into_iter()
+                    .map(|i| crate::pb::Range {
+                        key: i.key,
+                        first: 1,
+                        count: i.count,
+                    })
+                    .collect();
+                Ok(NextStreamReply {
+                    id,
+                    ok: Some(NextBatchResponse { ranges, epoch: 1 }),
+                    error: None,
+                })
+            });
+            Ok(tonic::Response::new(Box::pin(replies)))
         }
+    }
+
+    /// Serves `server` on a loopback port; returns its address.
+    #[cfg(feature = "server")]
+    async fn serve(server: CountingServer) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(crate::pb::sequencer_server::SequencerServer::new(server))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    /// A node that answered `NextStream` UNIMPLEMENTED gets batches as
+    /// `NextBatch` RPCs, without being asked for the stream on each; once
+    /// the recheck interval has passed the stream is tried again, and used
+    /// when the node (upgraded meanwhile) has it.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_node_without_the_stream_is_asked_again_after_a_while() {
+        use std::sync::atomic::Ordering;
+        let server = CountingServer::default();
+        let addr = serve(server.clone()).await;
+        let mut client = Client::new(&[addr.to_string()], ClientOptions::default()).unwrap();
+        let recheck = Duration::from_secs(2);
+        Arc::get_mut(&mut client.inner)
+            .expect("not shared yet")
+            .no_stream_recheck = recheck;
+
+        let first = client.next("ns", "k", 1).await.unwrap();
+        assert_eq!(first.first, 1);
+        assert_eq!(server.streams_asked.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            lock(&server.calls_per_rpc).len(),
+            1,
+            "fell back to NextBatch"
+        );
+        let asked_at = Instant::now();
+
+        // Upgraded, but the client does not ask again before the recheck.
+        server.stream.store(true, Ordering::SeqCst);
+        client.next("ns", "k", 1).await.unwrap();
+        if asked_at.elapsed() < recheck {
+            assert_eq!(server.streams_asked.load(Ordering::SeqCst), 1);
+            assert_eq!(lock(&server.calls_per_rpc).len(), 2);
+        }
+
+        tokio::time::sleep_until((asked_at + recheck).into()).await;
+        client.next("ns", "k", 1).await.unwrap();
+        client.next("ns", "k", 1).await.unwrap();
+        assert_eq!(
+            server.streams_asked.load(Ordering::SeqCst),
+            2,
+            "asked once more, then kept"
+        );
+        assert_eq!(server.stream_batches.load(Ordering::SeqCst), 2);
     }
 
     /// Callers answered by one RPC that call again at once go out together
@@ -1292,15 +1386,7 @@ mod tests {
         const CALLERS: usize = 8;
         const ROUNDS: usize = 20;
         let server = CountingServer::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(crate::pb::sequencer_server::SequencerServer::new(
-                    server.clone(),
-                ))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let addr = serve(server.clone()).await;
         // No spacing: only the gathering keeps callers who call again
         // from starting RPCs of their own (a free slot lets them). With the
         // default 1 ms spacing the outcome hung on the round trip: one
