@@ -12,8 +12,9 @@
 //!
 //! Concurrent [`Client::next`] calls of one namespace share RPCs: while
 //! [`ClientOptions::max_in_flight`] RPCs are already on the wire, or the
-//! newest went out less than [`ClientOptions::rpc_spacing`] ago, new calls
-//! queue, and the next RPC carries every queued call (one `NextBatch`, each
+//! newest went out less than [`ClientOptions::rpc_spacing`] ago and fewer
+//! than [`ClientOptions::rpc_fill`] calls are queued, new calls queue, and
+//! the next RPC carries every queued call (one `NextBatch`, each
 //! key at most once per batch). At low load nothing waits; at high load one
 //! RPC (one gRPC frame, one leadership round on the server) serves many
 //! callers, as a pipelining Redis client does. When an RPC's answer comes,
@@ -67,6 +68,13 @@ pub struct ClientOptions {
     /// this (a timer sends them; tokio's timer rounds up to a millisecond).
     /// Zero: a new RPC whenever fewer than `max_in_flight` are out.
     pub rpc_spacing: Duration,
+    /// Once this many calls are queued they go at once (a slot free),
+    /// spacing or not: they fill an RPC well enough that waiting for the
+    /// spacing would save little CPU and cost them a round trip. Under a
+    /// steady closed loop this puts a second RPC on the wire while the
+    /// first is out, instead of one RPC going back and forth with every
+    /// caller on it. 0: only the spacing decides.
+    pub rpc_fill: usize,
 }
 
 impl Default for ClientOptions {
@@ -78,6 +86,7 @@ impl Default for ClientOptions {
             backoff_max: Duration::from_millis(500),
             max_in_flight: 4,
             rpc_spacing: Duration::from_millis(1),
+            rpc_fill: 8,
         }
     }
 }
@@ -175,9 +184,11 @@ impl Lane {
     /// and one may start at `now`. With nothing out a call goes at once. With RPCs out, queued
     /// calls always have a sender that looks at the queue when its answer
     /// comes (see `Slot`), so they may wait for it: they do while every slot
-    /// is taken or the newest RPC went out less than `rpc_spacing` ago.
+    /// is taken, or the newest RPC went out less than `rpc_spacing` ago and
+    /// fewer than `rpc_fill` calls are queued.
     fn start_rpc(&mut self, opts: &ClientOptions, now: Instant) -> Option<Vec<Item>> {
         let spaced = self.in_flight == 0
+            || (opts.rpc_fill > 0 && self.queued.len() >= opts.rpc_fill)
             || self
                 .last_sent
                 .is_none_or(|t| now.saturating_duration_since(t) >= opts.rpc_spacing);
@@ -1077,6 +1088,7 @@ mod tests {
             backoff_max: Duration::from_millis(20),
             max_in_flight: 1,
             rpc_spacing: Duration::ZERO,
+            rpc_fill: 0,
         };
         let client = Client::new(&["127.0.0.1:1"], opts).unwrap();
         let (reply, answer) = oneshot::channel();
@@ -1098,6 +1110,49 @@ mod tests {
 
     fn in_flight(client: &Client) -> usize {
         lock(&client.inner.lanes)["ns"].in_flight
+    }
+
+    #[test]
+    fn enough_queued_calls_go_without_waiting_for_the_spacing() {
+        let opts = ClientOptions {
+            max_in_flight: 2,
+            rpc_spacing: Duration::from_millis(1),
+            rpc_fill: 3,
+            ..ClientOptions::default()
+        };
+        let queue = |lane: &mut Lane| {
+            let (reply, _) = oneshot::channel();
+            lane.queued.push(Waiter {
+                key: format!("k{}", lane.queued.len()),
+                count: 1,
+                reply,
+            });
+        };
+        let t0 = Instant::now();
+        let mut lane = Lane::default();
+        queue(&mut lane);
+        assert!(lane.start_rpc(&opts, t0).is_some(), "idle: at once");
+        let soon = t0 + opts.rpc_spacing / 4;
+        queue(&mut lane);
+        queue(&mut lane);
+        assert!(
+            lane.start_rpc(&opts, soon).is_none(),
+            "two wait for the spacing"
+        );
+        queue(&mut lane);
+        let batch = lane.start_rpc(&opts, soon).expect("three fill an RPC");
+        assert_eq!(batch.len(), 3);
+        assert_eq!(lane.in_flight, 2);
+        for _ in 0..3 {
+            queue(&mut lane);
+        }
+        assert!(lane.start_rpc(&opts, soon).is_none(), "every slot taken");
+        lane.in_flight = 1;
+        lane.gathering = 1;
+        assert!(
+            lane.start_rpc(&opts, soon).is_none(),
+            "a driver about to take the queue takes them"
+        );
     }
 
     #[test]

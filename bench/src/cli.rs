@@ -114,6 +114,11 @@ pub struct Args {
     /// 0: whenever a slot is free).
     #[arg(long, default_value_t = seqd::client::ClientOptions::default().rpc_spacing.as_micros() as u64)]
     pub rpc_spacing_us: u64,
+
+    /// Queued calls that go at once, whatever the spacing
+    /// (`ClientOptions::rpc_fill`; 0: the spacing alone decides).
+    #[arg(long, default_value_t = seqd::client::ClientOptions::default().rpc_fill)]
+    pub rpc_fill: usize,
     /// Seed of the callers' key choices (caller i uses seed + i).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

@@ -320,6 +320,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "connections": args.connections,
             "max_in_flight": args.max_in_flight,
             "rpc_spacing_us": args.rpc_spacing_us,
+            "rpc_fill": args.rpc_fill,
             "seed": args.seed,
             "open_loop_fraction": args.open_loop_fraction,
             "open_loop_rate": args.open_loop_rate,

@@ -54,6 +54,7 @@ impl Target {
                         (kind != TargetKind::Seqd3Raw).then(|| seqd::client::ClientOptions {
                             max_in_flight: args.max_in_flight,
                             rpc_spacing: Duration::from_micros(args.rpc_spacing_us),
+                            rpc_fill: args.rpc_fill,
                             ..seqd::client::ClientOptions::default()
                         }),
                         kind == TargetKind::Seqd3Lease,
