@@ -1112,6 +1112,12 @@ mod tests {
         lock(&client.inner.lanes)["ns"].in_flight
     }
 
+    /// Queues a call for a key of its own.
+    fn queue_one(lane: &mut Lane) {
+        let key = format!("k{}", lane.queued.len());
+        lane.queued.push(waiter(&key, 1));
+    }
+
     #[test]
     fn enough_queued_calls_go_without_waiting_for_the_spacing() {
         let opts = ClientOptions {
@@ -1120,31 +1126,23 @@ mod tests {
             rpc_fill: 3,
             ..ClientOptions::default()
         };
-        let queue = |lane: &mut Lane| {
-            let (reply, _) = oneshot::channel();
-            lane.queued.push(Waiter {
-                key: format!("k{}", lane.queued.len()),
-                count: 1,
-                reply,
-            });
-        };
         let t0 = Instant::now();
         let mut lane = Lane::default();
-        queue(&mut lane);
+        queue_one(&mut lane);
         assert!(lane.start_rpc(&opts, t0).is_some(), "idle: at once");
         let soon = t0 + opts.rpc_spacing / 4;
-        queue(&mut lane);
-        queue(&mut lane);
+        queue_one(&mut lane);
+        queue_one(&mut lane);
         assert!(
             lane.start_rpc(&opts, soon).is_none(),
             "two wait for the spacing"
         );
-        queue(&mut lane);
+        queue_one(&mut lane);
         let batch = lane.start_rpc(&opts, soon).expect("three fill an RPC");
         assert_eq!(batch.len(), 3);
         assert_eq!(lane.in_flight, 2);
         for _ in 0..3 {
-            queue(&mut lane);
+            queue_one(&mut lane);
         }
         assert!(lane.start_rpc(&opts, soon).is_none(), "every slot taken");
         lane.in_flight = 1;
@@ -1162,23 +1160,15 @@ mod tests {
             rpc_spacing: Duration::from_millis(1),
             ..ClientOptions::default()
         };
-        let queue = |lane: &mut Lane| {
-            let (reply, _) = oneshot::channel();
-            lane.queued.push(Waiter {
-                key: format!("k{}", lane.queued.len()),
-                count: 1,
-                reply,
-            });
-        };
         let t0 = Instant::now();
         let mut lane = Lane::default();
-        queue(&mut lane);
+        queue_one(&mut lane);
         assert_eq!(
             lane.start_rpc(&opts, t0).map(|b| b.len()),
             Some(1),
             "idle: at once"
         );
-        queue(&mut lane);
+        queue_one(&mut lane);
         let soon = t0 + opts.rpc_spacing / 4;
         assert!(lane.start_rpc(&opts, soon).is_none(), "too soon");
         assert_eq!(
@@ -1188,13 +1178,13 @@ mod tests {
         );
         assert_eq!(lane.arm_spacing_timer(&opts, soon), None, "armed once");
         lane.timer_armed = false;
-        queue(&mut lane);
+        queue_one(&mut lane);
         let batch = lane
             .start_rpc(&opts, t0 + opts.rpc_spacing)
             .expect("spaced");
         assert_eq!(batch.len(), 2, "carries both queued calls");
         assert_eq!(lane.in_flight, 2);
-        queue(&mut lane);
+        queue_one(&mut lane);
         assert!(
             lane.start_rpc(&opts, t0 + 10 * opts.rpc_spacing).is_none(),
             "every slot taken"
@@ -1214,9 +1204,9 @@ mod tests {
             ..opts
         };
         let mut lane = Lane::default();
-        queue(&mut lane);
+        queue_one(&mut lane);
         assert!(lane.start_rpc(&zero, t0).is_some());
-        queue(&mut lane);
+        queue_one(&mut lane);
         assert!(lane.start_rpc(&zero, t0).is_some());
         // A driver about to take the queue: new calls ride its RPC, start
         // none of their own and arm no timer, whatever the spacing says.
@@ -1225,7 +1215,7 @@ mod tests {
             gathering: 1,
             ..Lane::default()
         };
-        queue(&mut lane);
+        queue_one(&mut lane);
         assert!(lane.start_rpc(&zero, t0).is_none());
         assert_eq!(lane.arm_spacing_timer(&opts, t0 + opts.rpc_spacing), None);
     }
@@ -1294,6 +1284,20 @@ mod tests {
         stream_batches: Arc<std::sync::atomic::AtomicUsize>,
     }
 
+    /// Every item answered from 1 (the client only checks the counts).
+    #[cfg(feature = "server")]
+    fn answer_from_one(items: Vec<BatchItem>) -> NextBatchResponse {
+        let ranges = items
+            .into_iter()
+            .map(|i| crate::pb::Range {
+                key: i.key,
+                first: 1,
+                count: i.count,
+            })
+            .collect();
+        NextBatchResponse { ranges, epoch: 1 }
+    }
+
     #[cfg(feature = "server")]
     #[tonic::async_trait]
     impl crate::pb::sequencer_server::Sequencer for CountingServer {
@@ -1316,15 +1320,7 @@ mod tests {
             let items = request.into_inner().items;
             let calls = items.iter().map(|i| i.count as usize).sum();
             lock(&self.calls_per_rpc).push(calls);
-            let ranges = items
-                .into_iter()
-                .map(|i| crate::pb::Range {
-                    key: i.key,
-                    first: 1,
-                    count: i.count,
-                })
-                .collect();
-            Ok(tonic::Response::new(NextBatchResponse { ranges, epoch: 1 }))
+            Ok(tonic::Response::new(answer_from_one(items)))
         }
 
         async fn current(
@@ -1354,19 +1350,9 @@ mod tests {
             let replies = request.into_inner().map(move |message| {
                 let NextStreamRequest { id, batch } = message?;
                 answered.fetch_add(1, Ordering::SeqCst);
-                let ranges = batch
-                    .unwrap_or_default()
-                    .items
-                    .into_iter()
-                    .map(|i| crate::pb::Range {
-                        key: i.key,
-                        first: 1,
-                        count: i.count,
-                    })
-                    .collect();
                 Ok(NextStreamReply {
                     id,
-                    ok: Some(NextBatchResponse { ranges, epoch: 1 }),
+                    ok: Some(answer_from_one(batch.unwrap_or_default().items)),
                     error: None,
                 })
             });

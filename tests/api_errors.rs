@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::Cluster;
-use seqd::pb::sequencer_client::SequencerClient;
 use seqd::pb::{BatchItem, CurrentRequest, NextBatchRequest, NextRequest};
 use tonic::Code;
 
@@ -38,9 +37,7 @@ fn batch(ns: &str, items: &[(&str, u32)]) -> NextBatchRequest {
 async fn bad_input_names_the_field_and_changes_nothing() {
     let c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
     c.wait_leader(Duration::from_secs(20)).await;
-    let mut api = SequencerClient::connect(format!("http://{}", c.node(1).addr))
-        .await
-        .unwrap();
+    let mut api = c.sequencer(1).await;
     let first = api
         .next(next("conv", "k", 1, ""))
         .await

@@ -123,7 +123,6 @@ async fn paused_leader_is_deposed_and_hands_out_nothing_stale() {
 /// a hole in a gap-free namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dense_request_id_outlives_its_leader() {
-    use seqd::pb::sequencer_client::SequencerClient;
     use seqd::pb::{BatchItem, NextBatchRequest};
 
     let mut c = Cluster::start(3, RAFT);
@@ -140,16 +139,12 @@ async fn a_dense_request_id_outlives_its_leader() {
         request_id: request_id.into(),
     };
     let retried = batch(&[("r1", 2), ("r2", 1)], "lost-answer");
-    let mut api = SequencerClient::connect(format!("http://{}", c.node(leader).addr))
-        .await
-        .unwrap();
+    let mut api = c.sequencer(leader).await;
     let first = api.next_batch(retried.clone()).await.unwrap().into_inner();
 
     c.kill(leader);
     let new_leader = c.wait_other_leader(leader, Duration::from_secs(20)).await;
-    let mut api = SequencerClient::connect(format!("http://{}", c.node(new_leader).addr))
-        .await
-        .unwrap();
+    let mut api = c.sequencer(new_leader).await;
     // It serves: it has applied its start-of-term entry, and so every raise
     // committed before it.
     let again = api.next_batch(retried.clone()).await.unwrap().into_inner();
@@ -173,9 +168,7 @@ async fn a_dense_request_id_outlives_its_leader() {
         c.spawn(id);
     }
     let leader = c.wait_leader(Duration::from_secs(20)).await;
-    let mut api = SequencerClient::connect(format!("http://{}", c.node(leader).addr))
-        .await
-        .unwrap();
+    let mut api = c.sequencer(leader).await;
     let after_restart = api.next_batch(retried).await.unwrap().into_inner();
     assert_eq!(
         after_restart.ranges, first.ranges,

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::{check_history, Cluster, Load};
 use seqd::pb::admin_client::AdminClient;
-use seqd::pb::sequencer_client::SequencerClient;
 use seqd::pb::{BatchItem, NextBatchRequest, TransferLeaderRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -23,9 +22,7 @@ async fn lagging_follower_catches_up_by_snapshot() {
     c.kill(lagger);
     // A dense call with a request id whose record the lagger can only get
     // from the snapshot.
-    let mut api = SequencerClient::connect(format!("http://{}", c.node(leader).addr))
-        .await
-        .unwrap();
+    let mut api = c.sequencer(leader).await;
     let retried = NextBatchRequest {
         namespace: "inbox".into(),
         items: vec![BatchItem {
@@ -63,9 +60,7 @@ async fn lagging_follower_catches_up_by_snapshot() {
         .unwrap();
     c.wait_status(lagger, Duration::from_secs(20), "leading", |s| s.serving)
         .await;
-    let mut api = SequencerClient::connect(format!("http://{}", c.node(lagger).addr))
-        .await
-        .unwrap();
+    let mut api = c.sequencer(lagger).await;
     let again = api.next_batch(retried).await.unwrap().into_inner();
     assert_eq!(
         again.ranges, first.ranges,

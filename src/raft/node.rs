@@ -2359,7 +2359,10 @@ mod tests {
             let (items, ranges) = recent.get(&request(ns, n)).expect("a newest record");
             assert_eq!((*items, ranges.clone()), (7, range(n)));
         }
-        assert!(recent.get(&request(ns, 0)).is_none(), "the oldest kept");
+        assert!(
+            recent.get(&request(ns, 0)).is_none(),
+            "the oldest outlived two generations"
+        );
 
         // Bounded by ranges too: records of many ranges rotate sooner.
         let mut recent = RecentRequests::default();

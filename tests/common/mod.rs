@@ -278,6 +278,19 @@ impl Cluster {
             .expect("connect admin")
     }
 
+    /// Sequencer API of node `id` (raw RPCs, without the client library).
+    pub async fn sequencer(
+        &self,
+        id: u64,
+    ) -> seqd::pb::sequencer_client::SequencerClient<tonic::transport::Channel> {
+        seqd::pb::sequencer_client::SequencerClient::connect(format!(
+            "http://{}",
+            self.node(id).addr
+        ))
+        .await
+        .expect("connect sequencer")
+    }
+
     /// Ids API of node `id`.
     pub async fn ids(&self, id: u64) -> seqd::pb::ids_client::IdsClient<tonic::transport::Channel> {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.node(id).addr))
