@@ -54,6 +54,14 @@ struct Args {
     /// `max_in_flight`); 0 sends every call as its own RPC.
     #[arg(long, default_value_t = ClientOptions::default().max_in_flight)]
     max_in_flight: usize,
+    /// Microseconds the newest coalesced RPC must have been out before
+    /// another may start (the client's `rpc_spacing`).
+    #[arg(long, default_value_t = ClientOptions::default().rpc_spacing.as_micros() as u64)]
+    rpc_spacing_us: u64,
+    /// Queued calls that go at once, whatever the spacing (the client's
+    /// `rpc_fill`; 0: the spacing alone decides).
+    #[arg(long, default_value_t = ClientOptions::default().rpc_fill)]
+    rpc_fill: usize,
     /// Print JSON instead of a table row.
     #[arg(long)]
     json: bool,
@@ -153,6 +161,8 @@ async fn run(args: Args) -> Result<(), String> {
             &args.endpoints,
             ClientOptions {
                 max_in_flight: args.max_in_flight,
+                rpc_spacing: Duration::from_micros(args.rpc_spacing_us),
+                rpc_fill: args.rpc_fill,
                 ..ClientOptions::default()
             },
         )
