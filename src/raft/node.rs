@@ -60,8 +60,12 @@ const MAX_INPUTS_PER_ROUND: usize = 4096;
 /// out wait for the next round, which starts as soon as one completes: under
 /// load each round confirms many calls, and the leader's work per call (two
 /// heartbeats and their answers per round) shrinks instead of growing with
-/// the call rate.
-const MAX_READ_ROUNDS: usize = 1;
+/// the call rate. Two, not one: with the client keeping two batches on the
+/// wire (`rpc_fill`), a batch that arrived just after a round started waited
+/// for that round and then a whole one of its own; a second round in flight
+/// takes it at once (three nodes: peak +10-20 %, latency lower at the same
+/// rate, CPU per call the same; `bench/results/2026-12-04-read-rounds/`).
+const MAX_READ_ROUNDS: usize = 2;
 /// Share of a follower's promise a completed read round leases (read_mode =
 /// "lease"), as a fraction. The promise is shorter than the election timeout
 /// by two ticks: a late loop iteration can count a tick just after the
@@ -1105,9 +1109,9 @@ impl Node {
         Some(*started + self.read_peers.as_ref()?.resend_after()?)
     }
 
-    /// Sends the pending round to every follower if it has waited too long
-    /// on the chosen ones. (With MAX_READ_ROUNDS = 1 one round is pending;
-    /// were there more, the newest's answers would confirm the older ones.)
+    /// Sends the pending rounds to every follower if the oldest has waited
+    /// too long on the chosen ones: raft-rs's heartbeat carries the newest
+    /// pending round, and its answers confirm the older ones too.
     fn resend_slow_round(&mut self) {
         let (Some((_, started, _)), Some((newest, _, _))) = (self.reads.front(), self.reads.back())
         else {
