@@ -2316,13 +2316,18 @@ mod tests {
     use crate::config::Config;
     use crate::config::Overrides;
 
+    /// The namespaces of the embedded single-node configuration.
+    fn embedded_namespaces() -> Namespaces {
+        Config::load(None, &Overrides::default())
+            .unwrap()
+            .namespaces()
+    }
+
     /// The items' hash goes into the log and is compared by other nodes,
     /// maybe other builds: it must not change.
     #[test]
     fn items_hash_is_a_fixed_function_of_keys_and_counts() {
-        let namespaces = Config::load(None, &Overrides::default())
-            .unwrap()
-            .namespaces();
+        let namespaces = embedded_namespaces();
         let ns = namespaces.resolve("conv").unwrap();
         let key = |k: &str| SeqKey::try_new(&namespaces, ns, k.to_string()).unwrap();
         let items = [(key("conv-1"), 1), (key("x"), 300)];
@@ -2343,9 +2348,7 @@ mod tests {
     /// record (it is never rehashed while the node loop waits).
     #[test]
     fn recent_requests_keep_the_newest_without_rehashing() {
-        let namespaces = Config::load(None, &Overrides::default())
-            .unwrap()
-            .namespaces();
+        let namespaces = embedded_namespaces();
         let ns = namespaces.resolve("conv").unwrap();
         let range = |n: usize| vec![SeqRange::try_new(n as u64 + 1, 1).unwrap()];
         let mut recent = RecentRequests::default();

@@ -24,7 +24,9 @@ const WORKER_PREFIX: u8 = b'w';
 const NODE_WORKER_PREFIX: u8 = b'n';
 /// `p` + node id (BE) → member address.
 const MEMBER_PREFIX: u8 = b'p';
-/// `r` + sequence number (BE, in apply order) → RequestGrant.
+/// `r` + sequence number (BE, in apply order) + its ranges (BE u32) →
+/// RequestGrant. The ranges are in the key so that the bounds can be
+/// counted at start without decoding every record.
 const REQUEST_PREFIX: u8 = b'r';
 
 /// Request records kept (in memory and on disk): at most this many ...
@@ -38,6 +40,19 @@ fn id_key(prefix: u8, id: u64) -> [u8; 9] {
     k[0] = prefix;
     k[1..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+fn request_key(seq: u64, ranges: u32) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[..9].copy_from_slice(&id_key(REQUEST_PREFIX, seq));
+    k[9..].copy_from_slice(&ranges.to_be_bytes());
+    k
+}
+
+/// A record's ranges as its key counts them (a batch has at most
+/// MAX_BATCH_ITEMS, far below u32::MAX).
+fn grant_ranges(g: &RequestGrant) -> u32 {
+    u32::try_from(g.firsts.len()).unwrap_or(u32::MAX)
 }
 
 fn ceiling_key(namespace: &str, key: &str) -> Vec<u8> {
@@ -107,7 +122,7 @@ pub struct Machine {
     meta: MachineMeta,
     applied: u64,
     /// The stored request records, oldest first: sequence number and ranges.
-    grants: VecDeque<(u64, usize)>,
+    grants: VecDeque<(u64, u32)>,
     /// Ranges in `grants`.
     grant_ranges: usize,
     /// Most records and ranges kept ([`REQUEST_RECORDS`],
@@ -141,38 +156,50 @@ impl Machine {
             Some(b) => decode_u64("applied index", &b)?,
             None => 0,
         };
-        self.grants.clear();
-        self.grant_ranges = 0;
-        for (seq, grant) in self.stored_grants()? {
-            self.grants.push_back((seq, grant.firsts.len()));
-            self.grant_ranges += grant.firsts.len();
-        }
+        let mut grants = VecDeque::new();
+        self.scan(REQUEST_PREFIX, |k, _| {
+            let bad = || StorageError::corrupt("request record key", format!("{} bytes", k.len()));
+            let seq = decode_u64("request record key", k.get(1..9).ok_or_else(bad)?)?;
+            let ranges: [u8; 4] = k.get(9..).and_then(|r| r.try_into().ok()).ok_or_else(bad)?;
+            grants.push_back((seq, u32::from_be_bytes(ranges)));
+            Ok(())
+        })?;
+        self.grant_ranges = grants.iter().map(|(_, r)| *r as usize).sum();
+        self.grants = grants;
         Ok(())
     }
 
     /// The stored request records, oldest first: what recent dense calls
     /// with a request id were given, as their raises applied.
     pub fn request_grants(&self) -> Result<Vec<RequestGrant>, StorageError> {
-        Ok(self.stored_grants()?.into_iter().map(|(_, g)| g).collect())
+        let mut out = Vec::with_capacity(self.grants.len());
+        self.scan(REQUEST_PREFIX, |_, v| {
+            out.push(
+                RequestGrant::decode(v).map_err(|e| StorageError::corrupt("request record", e))?,
+            );
+            Ok(())
+        })?;
+        Ok(out)
     }
 
-    fn stored_grants(&self) -> Result<Vec<(u64, RequestGrant)>, StorageError> {
-        let mut out = Vec::new();
-        let prefix = [REQUEST_PREFIX];
+    /// Calls `f` with every key and value under `prefix`, in key order.
+    fn scan(
+        &self,
+        prefix: u8,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        let from = [prefix];
         for item in self.db.iterator_cf(
             cf(&self.db, CF_STATE),
-            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+            rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
         ) {
             let (k, v) = item?;
-            if k.first() != Some(&REQUEST_PREFIX) {
+            if k.first() != Some(&prefix) {
                 break;
             }
-            let seq = decode_u64("request record key", &k[1..])?;
-            let grant = RequestGrant::decode(v.as_ref())
-                .map_err(|e| StorageError::corrupt("request record", e))?;
-            out.push((seq, grant));
+            f(&k, &v)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn applied(&self) -> u64 {
@@ -212,20 +239,13 @@ impl Machine {
     /// Every member address recorded by conf changes.
     pub fn members(&self) -> Result<Vec<(u64, String)>, StorageError> {
         let mut out = Vec::new();
-        let prefix = [MEMBER_PREFIX];
-        for item in self.db.iterator_cf(
-            cf(&self.db, CF_STATE),
-            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            if k.first() != Some(&MEMBER_PREFIX) {
-                break;
-            }
+        self.scan(MEMBER_PREFIX, |k, v| {
             let id = decode_u64("member key", &k[1..])?;
             let addr =
                 String::from_utf8(v.to_vec()).map_err(|e| StorageError::corrupt("member", e))?;
             out.push((id, addr));
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -259,7 +279,7 @@ impl Machine {
         let mut applied = self.applied;
         let mut meta = self.meta;
         // Request records stored by this batch: sequence number and ranges.
-        let mut new_grants: Vec<(u64, usize)> = Vec::new();
+        let mut new_grants: Vec<(u64, u32)> = Vec::new();
         let mut next_seq = self.grants.back().map_or(0, |(seq, _)| seq + 1);
         for e in entries {
             if e.index <= applied {
@@ -295,11 +315,9 @@ impl Machine {
                             // is over: the next leader change may open holes.
                             meta.clean_handoff = false;
                             for g in &r.requests {
-                                txn.put(
-                                    id_key(REQUEST_PREFIX, next_seq).to_vec(),
-                                    g.encode_to_vec(),
-                                );
-                                new_grants.push((next_seq, g.firsts.len()));
+                                let ranges = grant_ranges(g);
+                                txn.put(request_key(next_seq, ranges).to_vec(), g.encode_to_vec());
+                                new_grants.push((next_seq, ranges));
                                 next_seq += 1;
                             }
                             Applied::Raised(done, r.requests)
@@ -367,11 +385,11 @@ impl Machine {
         self.meta = meta;
         for (seq, ranges) in new_grants {
             self.grants.push_back((seq, ranges));
-            self.grant_ranges += ranges;
+            self.grant_ranges += ranges as usize;
         }
         for _ in 0..evicted {
             if let Some((_, ranges)) = self.grants.pop_front() {
-                self.grant_ranges -= ranges;
+                self.grant_ranges -= ranges as usize;
             }
         }
         Ok(out)
@@ -381,18 +399,18 @@ impl Machine {
     /// `added` (stored by `txn`) are over the bounds; returns how many
     /// records, oldest first, it deleted (some of `added` may be among
     /// them, deleted after their put).
-    fn evict_grants(&self, txn: &mut Txn<'_>, added: &[(u64, usize)]) -> usize {
+    fn evict_grants(&self, txn: &mut Txn<'_>, added: &[(u64, u32)]) -> usize {
         let (max_records, max_ranges) = self.grant_bounds;
         let mut records = self.grants.len() + added.len();
-        let mut ranges = self.grant_ranges + added.iter().map(|(_, r)| r).sum::<usize>();
+        let mut ranges = self.grant_ranges + added.iter().map(|(_, r)| *r as usize).sum::<usize>();
         let mut evicted = 0;
         for &(seq, r) in self.grants.iter().chain(added) {
             if records <= max_records && ranges <= max_ranges {
                 break;
             }
-            txn.delete(id_key(REQUEST_PREFIX, seq).to_vec());
+            txn.delete(request_key(seq, r).to_vec());
             records -= 1;
-            ranges -= r;
+            ranges -= r as usize;
             evicted += 1;
         }
         evicted
@@ -614,7 +632,7 @@ pub(super) fn write_snapshot(
     }
     // In the order they were stored: the oldest is evicted first.
     for (seq, g) in (0u64..).zip(&data.requests) {
-        batch.put_cf(state, id_key(REQUEST_PREFIX, seq), g.encode_to_vec());
+        batch.put_cf(state, request_key(seq, grant_ranges(g)), g.encode_to_vec());
     }
     batch.put_cf(state, META, data.meta.unwrap_or_default().encode_to_vec());
     batch.put_cf(state, APPLIED, index.to_be_bytes());
