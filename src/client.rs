@@ -25,8 +25,18 @@
 //! the one that served it, and the server orders RPCs. A batch the server
 //! rejects as a whole (one bad key) is retried call by call, so each caller
 //! gets its own answer.
+//!
+//! Concurrent [`Client::next_ids`] calls share RPCs the same way, in a lane
+//! of their own: one `NextIds` asks for their summed count and each caller
+//! gets its slice, in queue order (strictly increasing, like any call's
+//! IDs). Any node issues IDs, so they go to one node of the client's own
+//! (spread over the endpoints by the client's random prefix), and to the
+//! next when that one cannot issue or refuses.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,10 +46,12 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::pb::admin_client::AdminClient;
+use crate::pb::ids_client::IdsClient;
 use crate::pb::sequencer_client::SequencerClient;
 use crate::pb::{
-    BatchItem, CurrentRequest, NextBatchRequest, NextBatchResponse, NextRequest, NextResponse,
-    NextStreamReply, NextStreamRequest, StatusRequest, StatusResponse, StreamError,
+    BatchItem, CurrentRequest, NextBatchRequest, NextBatchResponse, NextIdsRequest,
+    NextIdsResponse, NextRequest, NextResponse, NextStreamReply, NextStreamRequest, StatusRequest,
+    StatusResponse, StreamError,
 };
 
 /// Response metadata naming the leader's address (set by a follower).
@@ -57,8 +69,8 @@ pub struct ClientOptions {
     /// First and largest pause between attempts.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    /// RPCs of coalesced `next` calls on the wire at once, per namespace;
-    /// 0 sends every call on its own.
+    /// RPCs of coalesced `next` calls on the wire at once, per namespace
+    /// (and of coalesced `next_ids` calls); 0 sends every call on its own.
     pub max_in_flight: usize,
     /// While an RPC of coalesced calls is on the wire, another starts only
     /// once the newest has been out this long; until then calls queue for
@@ -133,7 +145,11 @@ struct Inner {
     ids: Mutex<HashMap<u64, String>>,
     opts: ClientOptions,
     /// Namespace → its coalesced `next` calls.
-    lanes: Mutex<HashMap<String, Lane>>,
+    lanes: Mutex<HashMap<String, Lane<Seqs>>>,
+    /// The coalesced `next_ids` calls: one lane, named "".
+    ids_lanes: Mutex<HashMap<String, Lane<Ids>>>,
+    /// Index (modulo the endpoints) of the node this client asks for IDs.
+    ids_node: AtomicUsize,
     /// Endpoint → its `NextStream`, which carries coalesced batches.
     streams: Mutex<HashMap<String, Arc<BatchStream>>>,
     /// Endpoints that answered `NextStream` with UNIMPLEMENTED (an older
@@ -164,10 +180,86 @@ fn client_nonce() -> u64 {
     h.finish()
 }
 
-/// One namespace's queued calls, and how many of its RPCs are on the wire.
-#[derive(Default)]
-struct Lane {
-    queued: Vec<Waiter>,
+/// What a lane coalesces: the calls it queues and how one RPC answers a
+/// batch of them. `next` calls queue per namespace ([`Seqs`]), `next_ids`
+/// calls in a lane of their own ([`Ids`]).
+trait Calls: Sized + 'static {
+    type Waiter: Send + 'static;
+    type Batch: Send + 'static;
+    /// The client's lanes of this kind.
+    fn lanes(inner: &Inner) -> &Mutex<HashMap<String, Lane<Self>>>;
+    /// What the next RPC carries, taken from `queued`; what does not fit
+    /// stays queued, in order.
+    fn take(queued: &mut Vec<Self::Waiter>) -> Self::Batch;
+    /// Answers a call that will not be sent.
+    fn fail(waiter: Self::Waiter, error: ClientError);
+    /// Sends `batch` (with retries) and answers each of its calls.
+    fn serve<'a>(
+        inner: &'a Inner,
+        lane: &'a str,
+        batch: Self::Batch,
+    ) -> impl Future<Output = ()> + Send + 'a;
+}
+
+/// `next` calls, a lane per namespace.
+struct Seqs;
+
+impl Calls for Seqs {
+    type Waiter = Waiter;
+    type Batch = Vec<Item>;
+
+    fn lanes(inner: &Inner) -> &Mutex<HashMap<String, Lane<Self>>> {
+        &inner.lanes
+    }
+
+    fn take(queued: &mut Vec<Waiter>) -> Vec<Item> {
+        take_batch(queued)
+    }
+
+    fn fail(waiter: Waiter, error: ClientError) {
+        let _ = waiter.reply.send(Err(error));
+    }
+
+    fn serve<'a>(
+        inner: &'a Inner,
+        namespace: &'a str,
+        batch: Vec<Item>,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        inner.serve_batch(namespace, batch)
+    }
+}
+
+/// `next_ids` calls, one lane.
+struct Ids;
+
+impl Calls for Ids {
+    type Waiter = IdsWaiter;
+    type Batch = Vec<IdsWaiter>;
+
+    fn lanes(inner: &Inner) -> &Mutex<HashMap<String, Lane<Self>>> {
+        &inner.ids_lanes
+    }
+
+    fn take(queued: &mut Vec<IdsWaiter>) -> Vec<IdsWaiter> {
+        take_ids(queued)
+    }
+
+    fn fail(waiter: IdsWaiter, error: ClientError) {
+        let _ = waiter.reply.send(Err(error));
+    }
+
+    fn serve<'a>(
+        inner: &'a Inner,
+        _: &'a str,
+        batch: Vec<IdsWaiter>,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        inner.serve_ids(batch)
+    }
+}
+
+/// One lane's queued calls, and how many of its RPCs are on the wire.
+struct Lane<C: Calls> {
+    queued: Vec<C::Waiter>,
     in_flight: usize,
     /// When the newest RPC went out.
     last_sent: Option<Instant>,
@@ -179,14 +271,26 @@ struct Lane {
     gathering: usize,
 }
 
-impl Lane {
+impl<C: Calls> Default for Lane<C> {
+    fn default() -> Self {
+        Self {
+            queued: Vec::new(),
+            in_flight: 0,
+            last_sent: None,
+            timer_armed: false,
+            gathering: 0,
+        }
+    }
+}
+
+impl<C: Calls> Lane<C> {
     /// Takes a slot and the queued calls for a new RPC, if there are any
     /// and one may start at `now`. With nothing out a call goes at once. With RPCs out, queued
     /// calls always have a sender that looks at the queue when its answer
     /// comes (see `Slot`), so they may wait for it: they do while every slot
     /// is taken, or the newest RPC went out less than `rpc_spacing` ago and
     /// fewer than `rpc_fill` calls are queued.
-    fn start_rpc(&mut self, opts: &ClientOptions, now: Instant) -> Option<Vec<Item>> {
+    fn start_rpc(&mut self, opts: &ClientOptions, now: Instant) -> Option<C::Batch> {
         let spaced = self.in_flight == 0
             || (opts.rpc_fill > 0 && self.queued.len() >= opts.rpc_fill)
             || self
@@ -201,7 +305,7 @@ impl Lane {
         }
         self.in_flight += 1;
         self.last_sent = Some(now);
-        Some(take_batch(&mut self.queued))
+        Some(C::take(&mut self.queued))
     }
 
     /// Calls queued only for the spacing (a slot is free) must not wait
@@ -226,10 +330,10 @@ impl Lane {
 /// Once the spacing has passed, sends what is still queued in a new RPC
 /// (if a slot is free and no newer RPC went out meanwhile; otherwise the
 /// RPCs out will pick the calls up, or the timer is armed again).
-async fn send_when_spaced(inner: Arc<Inner>, namespace: String, mut delay: Duration) {
+async fn send_when_spaced<C: Calls>(inner: Arc<Inner>, namespace: String, mut delay: Duration) {
     let batch = loop {
         tokio::time::sleep(delay).await;
-        let mut lanes = lock(&inner.lanes);
+        let mut lanes = lock(C::lanes(&inner));
         let Some(lane) = lanes.get_mut(&namespace) else {
             return;
         };
@@ -243,7 +347,7 @@ async fn send_when_spaced(inner: Arc<Inner>, namespace: String, mut delay: Durat
             None => return,
         }
     };
-    drive_lane(Slot::new(inner, namespace), batch).await;
+    drive_lane(Slot::<C>::new(inner, namespace), batch).await;
 }
 
 /// A `next` call waiting for its share of an RPC.
@@ -253,12 +357,24 @@ struct Waiter {
     reply: oneshot::Sender<Result<NextResponse, ClientError>>,
 }
 
+/// A `next_ids` call waiting for its share of an RPC.
+struct IdsWaiter {
+    count: u32,
+    reply: oneshot::Sender<Result<NextIdsResponse, ClientError>>,
+}
+
 /// How long batches to a node without `NextStream` go as RPCs before the
 /// stream is tried again.
 const NO_STREAM_RECHECK: Duration = Duration::from_secs(60);
 
 /// Calls one coalesced RPC carries at most.
 const MAX_COALESCED: usize = 512;
+
+/// IDs one coalesced `NextIds` asks for at most (a call asking for more
+/// goes alone): a millisecond's worth of the default layout, well under
+/// the server's default `snowflake.max_count`. A server configured below
+/// it refuses the sum, and the calls are then sent one by one.
+const MAX_COALESCED_IDS: u64 = 4096;
 
 impl Client {
     /// A client for the nodes at `endpoints` (`host:port`). Connections are
@@ -268,6 +384,7 @@ impl Client {
             return Err(ClientError::NoEndpoints);
         }
         let endpoints: Vec<String> = endpoints.iter().map(|e| e.as_ref().to_string()).collect();
+        let nonce = client_nonce();
         let inner = Inner {
             endpoints: endpoints.clone(),
             channels: Mutex::new(HashMap::new()),
@@ -275,10 +392,14 @@ impl Client {
             ids: Mutex::new(HashMap::new()),
             opts,
             lanes: Mutex::new(HashMap::new()),
+            ids_lanes: Mutex::new(HashMap::new()),
+            // Clients of one frontend fleet spread their IDs calls over
+            // the nodes.
+            ids_node: AtomicUsize::new((nonce % endpoints.len() as u64) as usize),
             streams: Mutex::new(HashMap::new()),
             no_stream: Mutex::new(HashMap::new()),
             no_stream_recheck: NO_STREAM_RECHECK,
-            batch_ids: (client_nonce(), std::sync::atomic::AtomicU64::new(0)),
+            batch_ids: (nonce, std::sync::atomic::AtomicU64::new(0)),
         };
         for e in &endpoints {
             inner.channel(e)?;
@@ -305,14 +426,34 @@ impl Client {
             count,
             reply,
         };
+        self.enqueue::<Seqs>(namespace, waiter);
+        answered(answer).await
+    }
+
+    /// `count` Snowflake IDs, strictly increasing, all from one node (the
+    /// response names its worker id), coalesced with concurrent calls
+    /// (see the module docs).
+    pub async fn next_ids(&self, count: u32) -> Result<NextIdsResponse, ClientError> {
+        // A count of 0 goes alone, for the server's error naming it.
+        if self.inner.opts.max_in_flight == 0 || count == 0 {
+            return self.inner.call_ids(count).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.enqueue::<Ids>("", IdsWaiter { count, reply });
+        answered(answer).await
+    }
+
+    /// Queues `waiter` in lane `name`, and sends the lane's queue now or
+    /// arms the spacing timer, as [`Lane::start_rpc`] decides.
+    fn enqueue<C: Calls>(&self, name: &str, waiter: C::Waiter) {
         let (start, wake_in) = {
-            let mut lanes = lock(&self.inner.lanes);
-            // Looked up before inserting: the namespace is copied once per
+            let mut lanes = lock(C::lanes(&self.inner));
+            // Looked up before inserting: the name is copied once per
             // lane, not once per call.
-            if !lanes.contains_key(namespace) {
-                lanes.insert(namespace.to_string(), Lane::default());
+            if !lanes.contains_key(name) {
+                lanes.insert(name.to_string(), Lane::default());
             }
-            let lane = lanes.get_mut(namespace).expect("inserted above");
+            let lane = lanes.get_mut(name).expect("inserted above");
             lane.queued.push(waiter);
             let now = Instant::now();
             match lane.start_rpc(&self.inner.opts, now) {
@@ -321,25 +462,20 @@ impl Client {
             }
         };
         if let Some(delay) = wake_in {
-            tokio::spawn(send_when_spaced(
+            tokio::spawn(send_when_spaced::<C>(
                 self.inner.clone(),
-                namespace.to_string(),
+                name.to_string(),
                 delay,
             ));
         }
         if let Some(batch) = start {
             // The slot is taken before any task exists: however what drives
             // it ends, dropping it gives the slot back (see `Slot`).
-            let slot = Slot::new(self.inner.clone(), namespace.to_string());
+            let slot = Slot::<C>::new(self.inner.clone(), name.to_string());
             // A task of its own, so that this caller giving up cannot take
             // the answers of the callers riding with it.
             tokio::spawn(drive_lane(slot, batch));
         }
-        answer.await.unwrap_or_else(|_| {
-            Err(ClientError::Rejected(Status::cancelled(
-                "the client task carrying this call ended without an answer",
-            )))
-        })
     }
 
     /// Like [`Client::next`], with an idempotency token; never coalesced
@@ -395,6 +531,15 @@ impl Client {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A queued call's answer.
+async fn answered<T>(answer: oneshot::Receiver<Result<T, ClientError>>) -> Result<T, ClientError> {
+    answer.await.unwrap_or_else(|_| {
+        Err(ClientError::Rejected(Status::cancelled(
+            "the client task carrying this call ended without an answer",
+        )))
+    })
 }
 
 /// Calls for one key riding the same RPC as one `NextBatch` item (a key
@@ -464,6 +609,21 @@ fn take_batch(queued: &mut Vec<Waiter>) -> Vec<Item> {
     items
 }
 
+/// The queued `next_ids` calls the next RPC carries: in queue order, while
+/// their counts sum to at most [`MAX_COALESCED_IDS`] (the first always).
+fn take_ids(queued: &mut Vec<IdsWaiter>) -> Vec<IdsWaiter> {
+    let mut total = 0;
+    let fit = queued
+        .iter()
+        .take_while(|w| {
+            total += u64::from(w.count);
+            total <= MAX_COALESCED_IDS
+        })
+        .count()
+        .max(1);
+    queued.drain(..fit.min(queued.len())).collect()
+}
+
 /// One of a lane's in-flight slots, held by the driver task that sends its
 /// RPCs. It is given back by [`Slot::next_batch`] when nothing is left
 /// queued, in the same critical section that sees the queue empty: given
@@ -472,15 +632,16 @@ fn take_batch(queued: &mut Vec<Waiter>) -> Vec<Item> {
 /// that (its task cancelled, or unwinding) hands what is queued to a new
 /// driver, or, with no runtime left to run one, fails those calls rather
 /// than leave them waiting forever.
-struct Slot {
+struct Slot<C: Calls> {
     inner: Arc<Inner>,
     namespace: String,
     released: bool,
     /// Counted in the lane's `gathering`.
     gathering: bool,
+    calls: PhantomData<fn() -> C>,
 }
 
-impl Slot {
+impl<C: Calls> Slot<C> {
     /// A slot already counted in the lane's `in_flight`.
     fn new(inner: Arc<Inner>, namespace: String) -> Self {
         Self {
@@ -488,13 +649,14 @@ impl Slot {
             namespace,
             released: false,
             gathering: false,
+            calls: PhantomData,
         }
     }
 
     /// Marks the lane as having a driver about to take the queue, so that
     /// calls made meanwhile wait for it rather than start RPCs of their own.
     fn gather(&mut self) {
-        if let Some(lane) = lock(&self.inner.lanes).get_mut(&self.namespace) {
+        if let Some(lane) = lock(C::lanes(&self.inner)).get_mut(&self.namespace) {
             lane.gathering += 1;
             self.gathering = true;
         }
@@ -502,8 +664,8 @@ impl Slot {
 
     /// The next batch this slot should send, or `None` after giving the
     /// slot back because nothing is queued.
-    fn next_batch(&mut self) -> Option<Vec<Item>> {
-        let mut lanes = lock(&self.inner.lanes);
+    fn next_batch(&mut self) -> Option<C::Batch> {
+        let mut lanes = lock(C::lanes(&self.inner));
         let lane = lanes.get_mut(&self.namespace)?;
         if std::mem::take(&mut self.gathering) {
             lane.gathering -= 1;
@@ -514,16 +676,16 @@ impl Slot {
             return None;
         }
         lane.last_sent = Some(Instant::now());
-        Some(take_batch(&mut lane.queued))
+        Some(C::take(&mut lane.queued))
     }
 }
 
-impl Drop for Slot {
+impl<C: Calls> Drop for Slot<C> {
     fn drop(&mut self) {
         if self.released {
             return;
         }
-        let mut lanes = lock(&self.inner.lanes);
+        let mut lanes = lock(C::lanes(&self.inner));
         let Some(lane) = lanes.get_mut(&self.namespace) else {
             return;
         };
@@ -532,9 +694,9 @@ impl Drop for Slot {
         }
         if !lane.queued.is_empty() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let batch = take_batch(&mut lane.queued);
+                let batch = C::take(&mut lane.queued);
                 drop(lanes);
-                let heir = Slot::new(self.inner.clone(), self.namespace.clone());
+                let heir = Slot::<C>::new(self.inner.clone(), self.namespace.clone());
                 rt.spawn(drive_lane(heir, batch));
                 return;
             }
@@ -542,9 +704,12 @@ impl Drop for Slot {
         lane.in_flight -= 1;
         if lane.in_flight == 0 {
             for w in lane.queued.drain(..) {
-                let _ = w.reply.send(Err(ClientError::Rejected(Status::cancelled(
-                    "the client task that was to send this call ended",
-                ))));
+                C::fail(
+                    w,
+                    ClientError::Rejected(Status::cancelled(
+                        "the client task that was to send this call ended",
+                    )),
+                );
             }
         }
     }
@@ -552,9 +717,9 @@ impl Drop for Slot {
 
 /// Sends `batch`, then whatever queued meanwhile, until the lane is empty
 /// and the slot given back.
-async fn drive_lane(mut slot: Slot, mut batch: Vec<Item>) {
+async fn drive_lane<C: Calls>(mut slot: Slot<C>, mut batch: C::Batch) {
     loop {
-        slot.inner.serve_batch(&slot.namespace, batch).await;
+        C::serve(&slot.inner, &slot.namespace, batch).await;
         // The callers just answered often call again at once. Letting them
         // run first puts their calls in this RPC's successor; deciding now
         // would send it with the one or two already queued, and the rest
@@ -974,15 +1139,13 @@ impl Inner {
         F: Fn(String, Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let deadline = Instant::now() + self.opts.overall_timeout;
-        let mut backoff = self.opts.backoff_min;
+        let mut retry = Retry::new(&self.opts);
         let mut rotate = 0usize;
-        let mut attempts = 0u32;
         loop {
             let target = self
                 .leader_guess()
                 .unwrap_or_else(|| self.endpoints[rotate % self.endpoints.len()].clone());
-            attempts += 1;
+            retry.attempts += 1;
             let status = match f(target.clone(), self.channel(&target)?).await {
                 Ok(v) => {
                     self.set_leader(Some(target));
@@ -999,17 +1162,90 @@ impl Inner {
                 rotate += 1;
             }
             self.set_leader(hint);
-            if Instant::now() >= deadline {
-                return Err(ClientError::Exhausted {
-                    attempts,
-                    last: status,
-                });
-            }
             // A fresh hint is worth trying at once; anything else waits.
-            if !followed_hint {
-                tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())))
-                    .await;
-                backoff = (backoff * 2).min(self.opts.backoff_max);
+            retry.after(status, !followed_hint).await?;
+        }
+    }
+
+    /// `count` IDs from the node this client asks for IDs; on to the next
+    /// endpoint when it cannot issue (down, no worker id yet, its time
+    /// fence reached) or refuses (its clock stepped back too far, demand
+    /// over its capacity). Refusals end the call once every node has
+    /// refused.
+    async fn call_ids(&self, count: u32) -> Result<NextIdsResponse, ClientError> {
+        let nodes = self.endpoints.len();
+        let mut retry = Retry::new(&self.opts);
+        let mut refused = 0;
+        loop {
+            let at = self.ids_node.load(Ordering::Relaxed);
+            let target = &self.endpoints[at % nodes];
+            retry.attempts += 1;
+            let mut ids = IdsClient::new(self.channel(target)?);
+            let status = match ids.next_ids(NextIdsRequest { count }).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(status) => status,
+            };
+            if matches!(
+                status.code(),
+                Code::FailedPrecondition | Code::ResourceExhausted
+            ) {
+                refused += 1;
+                if refused >= nodes {
+                    return Err(ClientError::Rejected(status));
+                }
+            } else if !retryable(&status) {
+                return Err(ClientError::Rejected(status));
+            }
+            // Calls failing together at one node move the client on once,
+            // not once each.
+            let _ = self.ids_node.compare_exchange(
+                at,
+                at.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            // Another node is worth trying at once; a pause only after
+            // every node has failed in turn.
+            let round_done = retry.attempts as usize % nodes == 0;
+            retry.after(status, round_done).await?;
+        }
+    }
+
+    /// Sends one `NextIds` for the calls of `batch` together and gives
+    /// each its slice, in queue order.
+    async fn serve_ids(&self, batch: Vec<IdsWaiter>) {
+        let total: u32 = batch.iter().map(|w| w.count).sum();
+        match self.call_ids(total).await {
+            Ok(resp) if resp.ids.len() == total as usize => {
+                let mut ids = resp.ids.into_iter();
+                for w in batch {
+                    let _ = w.reply.send(Ok(NextIdsResponse {
+                        ids: ids.by_ref().take(w.count as usize).collect(),
+                        worker: resp.worker,
+                    }));
+                }
+            }
+            Ok(resp) => {
+                let status = Status::internal(format!(
+                    "NextIds for {total} answered with {} ids",
+                    resp.ids.len()
+                ));
+                for w in batch {
+                    let _ = w.reply.send(Err(ClientError::Rejected(status.clone())));
+                }
+            }
+            // Refused as a whole (the sum over a lower `max_count`): each
+            // call on its own, so only one over the limit fails.
+            Err(ClientError::Rejected(_)) if batch.len() > 1 => {
+                let singles = batch.into_iter().map(|w| async move {
+                    let _ = w.reply.send(self.call_ids(w.count).await);
+                });
+                futures::future::join_all(singles).await;
+            }
+            Err(e) => {
+                for w in batch {
+                    let _ = w.reply.send(Err(e.clone()));
+                }
             }
         }
     }
@@ -1054,6 +1290,43 @@ impl Inner {
                 self.lock_ids().insert(r.into_inner().id, e.clone());
             }
         }
+    }
+}
+
+/// The attempts of one call, until the overall deadline.
+struct Retry {
+    deadline: Instant,
+    backoff: Duration,
+    backoff_max: Duration,
+    attempts: u32,
+}
+
+impl Retry {
+    fn new(opts: &ClientOptions) -> Self {
+        Self {
+            deadline: Instant::now() + opts.overall_timeout,
+            backoff: opts.backoff_min,
+            backoff_max: opts.backoff_max,
+            attempts: 0,
+        }
+    }
+
+    /// After a failed attempt (`last`): gives up once the deadline has
+    /// passed; otherwise, if `pause`, waits the backoff (doubled for next
+    /// time) before the next attempt.
+    async fn after(&mut self, last: Status, pause: bool) -> Result<(), ClientError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Exhausted {
+                attempts: self.attempts,
+                last,
+            });
+        }
+        if pause {
+            tokio::time::sleep(self.backoff.min(left)).await;
+            self.backoff = (self.backoff * 2).min(self.backoff_max);
+        }
+        Ok(())
     }
 }
 
@@ -1104,7 +1377,7 @@ mod tests {
         (client, answer)
     }
 
-    fn slot(client: &Client) -> Slot {
+    fn slot(client: &Client) -> Slot<Seqs> {
         Slot::new(client.inner.clone(), "ns".into())
     }
 
@@ -1113,7 +1386,7 @@ mod tests {
     }
 
     /// Queues a call for a key of its own.
-    fn queue_one(lane: &mut Lane) {
+    fn queue_one(lane: &mut Lane<Seqs>) {
         let key = format!("k{}", lane.queued.len());
         lane.queued.push(waiter(&key, 1));
     }
@@ -1195,7 +1468,7 @@ mod tests {
             "no timer: answers will pick the call up"
         );
         assert!(
-            Lane::default().start_rpc(&opts, t0).is_none(),
+            Lane::<Seqs>::default().start_rpc(&opts, t0).is_none(),
             "nothing queued, no RPC"
         );
         // Zero spacing: a new RPC whenever a slot is free.
@@ -1360,17 +1633,218 @@ mod tests {
         }
     }
 
-    /// Serves `server` on a loopback port; returns its address.
+    /// Serves `router` on a loopback port; returns its address.
     #[cfg(feature = "server")]
-    async fn serve(server: CountingServer) -> std::net::SocketAddr {
+    async fn listen(router: tonic::transport::server::Router) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(crate::pb::sequencer_server::SequencerServer::new(server))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         addr
+    }
+
+    #[cfg(feature = "server")]
+    async fn serve(server: CountingServer) -> std::net::SocketAddr {
+        listen(
+            tonic::transport::Server::builder()
+                .add_service(crate::pb::sequencer_server::SequencerServer::new(server)),
+        )
+        .await
+    }
+
+    /// An `Ids` service that issues consecutive numbers, or refuses every
+    /// call with `refuse`, recording the count each RPC asked for.
+    #[cfg(feature = "server")]
+    #[derive(Clone, Default)]
+    struct FakeIds {
+        next: Arc<std::sync::atomic::AtomicU64>,
+        counts: Arc<Mutex<Vec<u32>>>,
+        refuse: Option<Code>,
+        /// The largest count it takes (0: any).
+        max_count: u32,
+    }
+
+    #[cfg(feature = "server")]
+    #[tonic::async_trait]
+    impl crate::pb::ids_server::Ids for FakeIds {
+        async fn next_ids(
+            &self,
+            request: tonic::Request<NextIdsRequest>,
+        ) -> Result<tonic::Response<NextIdsResponse>, Status> {
+            let count = request.into_inner().count;
+            lock(&self.counts).push(count);
+            if let Some(code) = self.refuse {
+                return Err(Status::new(code, "refused"));
+            }
+            if count == 0 || (self.max_count > 0 && count > self.max_count) {
+                return Err(Status::invalid_argument(format!("count: {count}")));
+            }
+            let first = self.next.fetch_add(u64::from(count), Ordering::SeqCst);
+            Ok(tonic::Response::new(NextIdsResponse {
+                ids: (first..first + u64::from(count)).collect(),
+                worker: 7,
+            }))
+        }
+
+        async fn decode(
+            &self,
+            _: tonic::Request<crate::pb::DecodeRequest>,
+        ) -> Result<tonic::Response<crate::pb::DecodeResponse>, Status> {
+            Err(Status::unimplemented("not needed here"))
+        }
+    }
+
+    #[cfg(feature = "server")]
+    async fn serve_ids(server: FakeIds) -> String {
+        listen(
+            tonic::transport::Server::builder()
+                .add_service(crate::pb::ids_server::IdsServer::new(server)),
+        )
+        .await
+        .to_string()
+    }
+
+    /// A client of `endpoints` that asks the first for IDs first.
+    #[cfg(feature = "server")]
+    fn ids_client(endpoints: &[String], opts: ClientOptions) -> Client {
+        let client = Client::new(endpoints, opts).unwrap();
+        client.inner.ids_node.store(0, Ordering::SeqCst);
+        client
+    }
+
+    /// Concurrent callers share `NextIds` RPCs; each gets exactly its
+    /// count, strictly increasing, and no ID goes to two callers.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn id_calls_share_rpcs_and_each_gets_its_own_ids() {
+        const CALLERS: u32 = 8;
+        const ROUNDS: usize = 20;
+        let server = FakeIds::default();
+        let client = ids_client(&[serve_ids(server.clone()).await], ClientOptions::default());
+        let callers = (1..=CALLERS).map(|count| {
+            let client = &client;
+            async move {
+                let mut got = Vec::new();
+                for _ in 0..ROUNDS {
+                    let r = client.next_ids(count).await.unwrap();
+                    assert_eq!(r.ids.len(), count as usize);
+                    assert!(r.ids.windows(2).all(|w| w[0] < w[1]), "{:?}", r.ids);
+                    assert_eq!(r.worker, 7);
+                    got.extend(r.ids);
+                }
+                got
+            }
+        });
+        let all: Vec<u64> = futures::future::join_all(callers)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let unique: std::collections::HashSet<u64> = all.iter().copied().collect();
+        assert_eq!(unique.len(), all.len(), "an ID went to two callers");
+        let counts = lock(&server.counts).clone();
+        assert_eq!(counts.iter().map(|&c| c as usize).sum::<usize>(), all.len());
+        assert!(
+            counts.len() <= ROUNDS * 2,
+            "{} calls took {} RPCs: {counts:?}",
+            CALLERS as usize * ROUNDS,
+            counts.len()
+        );
+    }
+
+    #[test]
+    fn an_id_batch_sums_to_at_most_the_limit_and_takes_a_large_call_alone() {
+        let waiter = |count| IdsWaiter {
+            count,
+            reply: oneshot::channel().0,
+        };
+        let big = MAX_COALESCED_IDS as u32;
+        let mut queued = vec![waiter(1000), waiter(big - 1000), waiter(1), waiter(big + 1)];
+        let counts = |b: Vec<IdsWaiter>| b.iter().map(|w| w.count).collect::<Vec<_>>();
+        assert_eq!(counts(take_ids(&mut queued)), vec![1000, big - 1000]);
+        assert_eq!(
+            counts(take_ids(&mut queued)),
+            vec![1],
+            "the next would not fit"
+        );
+        assert_eq!(counts(take_ids(&mut queued)), vec![big + 1], "alone");
+        assert!(queued.is_empty());
+    }
+
+    /// A node that cannot issue is left for the next, and the client stays
+    /// there: later calls do not try the first node again.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn id_calls_move_on_from_a_node_that_cannot_issue() {
+        let down = FakeIds {
+            refuse: Some(Code::Unavailable),
+            ..FakeIds::default()
+        };
+        let up = FakeIds::default();
+        let endpoints = [serve_ids(down.clone()).await, serve_ids(up.clone()).await];
+        let client = ids_client(&endpoints, ClientOptions::default());
+        for _ in 0..3 {
+            assert_eq!(client.next_ids(5).await.unwrap().ids.len(), 5);
+        }
+        assert_eq!(lock(&down.counts).len(), 1, "asked once");
+        assert_eq!(*lock(&up.counts), vec![5, 5, 5]);
+    }
+
+    /// A refusal (clock stepped back, over capacity) is tried on every
+    /// node once, then returned; bad input is returned at once.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn id_refusals_end_the_call_once_every_node_refused() {
+        let refusing = || FakeIds {
+            refuse: Some(Code::FailedPrecondition),
+            ..FakeIds::default()
+        };
+        let (a, b) = (refusing(), refusing());
+        let endpoints = [serve_ids(a.clone()).await, serve_ids(b.clone()).await];
+        let client = ids_client(&endpoints, ClientOptions::default());
+        let err = client.next_ids(1).await.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Rejected(s) if s.code() == Code::FailedPrecondition),
+            "{err:?}"
+        );
+        assert_eq!(lock(&a.counts).len(), 1);
+        assert_eq!(lock(&b.counts).len(), 1);
+
+        let server = FakeIds::default();
+        let client = ids_client(&[serve_ids(server.clone()).await], ClientOptions::default());
+        let err = client.next_ids(0).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{err:?}");
+        assert_eq!(*lock(&server.counts), vec![0], "not retried");
+    }
+
+    /// Calls whose sum a server's lower `max_count` refuses are sent one
+    /// by one: each within the limit gets its IDs, one over it its error.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn id_calls_refused_together_are_sent_one_by_one() {
+        let server = FakeIds {
+            max_count: 10,
+            ..FakeIds::default()
+        };
+        let opts = ClientOptions {
+            max_in_flight: 1,
+            ..ClientOptions::default()
+        };
+        let client = ids_client(&[serve_ids(server.clone()).await], opts);
+        // The first goes at once and alone; the rest queue behind it and
+        // go together (sum 27), which the server refuses.
+        let results = futures::future::join_all([8, 8, 8, 11].map(|n| client.next_ids(n))).await;
+        let lens: Vec<Result<usize, Option<Code>>> = results
+            .into_iter()
+            .map(|r| r.map(|r| r.ids.len()).map_err(|e| e.code()))
+            .collect();
+        assert_eq!(
+            lens,
+            vec![Ok(8), Ok(8), Ok(8), Err(Some(Code::InvalidArgument))]
+        );
+        let counts = lock(&server.counts).clone();
+        assert_eq!(counts[..2], [8, 27], "{counts:?}");
     }
 
     /// A node that answered `NextStream` UNIMPLEMENTED gets batches as

@@ -354,3 +354,83 @@ async fn decode_returns_the_parts_and_bad_counts_are_rejected() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("id:"), "{}", err.message());
 }
+
+/// The client's `next_ids`: concurrent callers share RPCs to one node; when
+/// that node is killed they go on at another without a failed call, and
+/// every ID handed out is unique, each call's strictly increasing and of
+/// the count asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_ids_go_on_at_another_node_when_theirs_is_killed() {
+    const CALLERS: u32 = 16;
+    let mut c = Cluster::start(3, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut node_of_worker = std::collections::HashMap::new();
+    for id in 1..=3 {
+        wait_ids_active(&c, id).await;
+        node_of_worker.insert(c.status(id).await.unwrap().worker, id);
+    }
+    let client = Arc::new(c.client());
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (1..=CALLERS)
+        .map(|count| {
+            let (client, stop, killed, calls) =
+                (client.clone(), stop.clone(), killed.clone(), calls.clone());
+            tokio::spawn(async move {
+                // Each call's worker, IDs, and whether it started after
+                // the kill.
+                let mut got = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let late = killed.load(Ordering::SeqCst);
+                    let r = client.next_ids(count).await.expect("next_ids");
+                    assert_eq!(r.ids.len(), count as usize);
+                    assert_increasing(r.worker, &r.ids);
+                    got.push((r.worker, r.ids, late));
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+                got
+            })
+        })
+        .collect();
+    let wait_calls = |more: usize| {
+        let calls = calls.clone();
+        async move {
+            let target = calls.load(Ordering::Relaxed) + more;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while calls.load(Ordering::Relaxed) < target {
+                assert!(Instant::now() < deadline, "no {more} calls within 30 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_calls(2_000).await;
+    let used_worker = client.next_ids(1).await.unwrap().worker;
+    let used = node_of_worker[&used_worker];
+    c.kill(used);
+    killed.store(true, Ordering::SeqCst);
+    wait_calls(2_000).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let mut all = HashSet::new();
+    let (mut total_calls, mut late_calls) = (0, 0);
+    for t in callers {
+        for (worker, ids, late) in t.await.expect("caller") {
+            total_calls += 1;
+            if late {
+                late_calls += 1;
+                assert_ne!(worker, used_worker, "answered by the killed node {used}");
+            }
+            for id in ids {
+                assert!(
+                    all.insert(id),
+                    "duplicate id {id} ({:?})",
+                    layout().decode(id)
+                );
+            }
+        }
+    }
+    assert!(late_calls >= 1_000, "{late_calls} calls after the kill");
+    let ids = all.len();
+    eprintln!("client next_ids: {total_calls} calls, {ids} ids, node {used} killed");
+}

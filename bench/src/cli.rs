@@ -200,12 +200,13 @@ pub enum TargetKind {
     /// One seqd node (a Raft group of one).
     #[value(name = "seqd-1node")]
     Seqd1,
-    /// Three seqd processes forming one Raft group; calls go to the leader
-    /// through seqd's client library, which coalesces concurrent `Next`
-    /// calls into shared RPCs.
+    /// Three seqd processes forming one Raft group; calls go through seqd's
+    /// client library, which coalesces concurrent calls into shared RPCs
+    /// (`Next` to the leader, `NextIds` to one node of the client's).
     #[value(name = "seqd-3node")]
     Seqd3,
-    /// The same three-node group, every call its own RPC (raw gRPC stubs).
+    /// The same three-node group, every call its own RPC (raw gRPC stubs;
+    /// `NextIds` callers spread over every node).
     #[value(name = "seqd-3node-raw")]
     Seqd3Raw,
     /// Three nodes with read_mode = "lease", through the client library.
@@ -265,8 +266,9 @@ pub enum Workload {
     /// One number for each of --fanout distinct keys per call (seqd
     /// NextBatch, Redis MULTI/EXEC of INCRs, etcd one multi-key transaction).
     Batch,
-    /// --count Snowflake IDs per call, callers spread over every node (seqd
-    /// only).
+    /// --count Snowflake IDs per call (seqd only): through the client
+    /// library, coalesced, from one node; on seqd-3node-raw one RPC per
+    /// call, the callers spread over every node.
     Ids,
 }
 

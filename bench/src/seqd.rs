@@ -323,6 +323,18 @@ impl Caller for SeqdCaller {
                     Err(e) => Err(e.to_string()),
                 };
             }
+            Op::Ids { count } if self.client.is_some() => {
+                let client = self.client.as_ref().expect("checked above");
+                // Coalesced, to the client's one node, which it leaves for
+                // another if it fails.
+                return match client.next_ids(count).await {
+                    Ok(r) => Ok(Done {
+                        numbers: r.ids.len() as u64,
+                        retries: 0,
+                    }),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
             Op::Next { count } => self
                 .seq
                 .next(NextRequest {

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! Workloads: `next` (count 1), `next-count` (count = --count), `batch`
-//! (NextBatch of --fanout keys), `ids` (NextIds of --count, every node).
+//! (NextBatch of --fanout keys), `ids` (NextIds of --count: through the
+//! client, coalesced, from one node; with `--max-in-flight 0` one RPC per
+//! call, the callers spread over every node).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -86,7 +88,7 @@ async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, until: Instant)
     let mut t = Tally::default();
     let mut x = 0x9E37_79B9_7F4A_7C15 ^ seed;
     let mut ids = match args.workload {
-        Workload::Ids => {
+        Workload::Ids if args.max_in_flight == 0 => {
             let addr = &args.endpoints[seed as usize % args.endpoints.len()];
             let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
                 .ok()
@@ -125,6 +127,11 @@ async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, until: Instant)
                     .map(|r| r.ranges.len() as u64)
                     .map_err(|e| e.to_string())
             }
+            Workload::Ids if args.max_in_flight > 0 => client
+                .next_ids(args.count)
+                .await
+                .map(|r| r.ids.len() as u64)
+                .map_err(|e| e.to_string()),
             Workload::Ids => match ids.as_mut() {
                 Some(c) => c
                     .next_ids(NextIdsRequest { count: args.count })
