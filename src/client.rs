@@ -1234,9 +1234,12 @@ impl Inner {
                     let _ = w.reply.send(Err(ClientError::Rejected(status.clone())));
                 }
             }
-            // Refused as a whole (the sum over a lower `max_count`): each
-            // call on its own, so only one over the limit fails.
-            Err(ClientError::Rejected(_)) if batch.len() > 1 => {
+            // The sum refused as bad input (over a node's lower
+            // `max_count`): each call on its own, so only one over the
+            // limit fails. (Any other refusal would refuse each alone too.)
+            Err(ClientError::Rejected(s))
+                if batch.len() > 1 && s.code() == Code::InvalidArgument =>
+            {
                 let singles = batch.into_iter().map(|w| async move {
                     let _ = w.reply.send(self.call_ids(w.count).await);
                 });
