@@ -15,6 +15,10 @@ use crate::core::{Clock as _, Mode, NamespaceSpec, Namespaces, MAX_SEQUENCE};
 pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// The single-node configuration used when no file is given.
+/// Upper bound of `raft.refill_batch_ms`: well under the half second of
+/// headroom a refill asked for ahead of need has by default.
+pub const MAX_REFILL_BATCH_MS: u64 = 100;
+
 pub const EMBEDDED_SINGLE: &str = include_str!("../raft-config/single.toml");
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +163,12 @@ pub struct RaftConfig {
     pub read_mode: ReadMode,
     /// Which followers a leadership check asks.
     pub read_round_peers: ReadRoundPeers,
+    /// Refills no call waits for go to the log at most this often, in one
+    /// entry (each entry is a synced write on every node and a
+    /// replication round). A refill a call waits for, or whose key has
+    /// used half the room it had left when the refill was asked for, goes
+    /// at once. 0: every refill as soon as it is asked for.
+    pub refill_batch_ms: u64,
 }
 
 /// Followers a ReadIndex round's heartbeat goes to. Either way a round
@@ -206,6 +216,7 @@ impl Default for RaftConfig {
             max_inflight_msgs: 256,
             read_mode: ReadMode::ReadIndex,
             read_round_peers: ReadRoundPeers::Majority,
+            refill_batch_ms: 5,
         }
     }
 }
@@ -454,6 +465,12 @@ impl Config {
         if r.max_inflight_msgs == 0 {
             return Err(invalid("raft.max_inflight_msgs", "must be at least 1"));
         }
+        if r.refill_batch_ms > MAX_REFILL_BATCH_MS {
+            return Err(invalid(
+                "raft.refill_batch_ms",
+                format!("must be at most {MAX_REFILL_BATCH_MS} (refills are asked for half a segment ahead, about half of refill_interval_ms)"),
+            ));
+        }
         let sf = &self.snowflake;
         let layout = self
             .layout()
@@ -645,6 +662,24 @@ mod tests {
             assert_eq!(cfg.node.id, n);
             assert_eq!(cfg.voter_ids(), vec![1, 2, 3]);
         }
+    }
+
+    #[test]
+    fn refill_batches_default_to_5_ms_and_are_bounded() {
+        let cfg = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(cfg.raft.refill_batch_ms, 5);
+        let with = |ms: u64| {
+            let text = EMBEDDED_SINGLE.replace(
+                "read_mode = \"read_index\"",
+                &format!("read_mode = \"read_index\"\nrefill_batch_ms = {ms}"),
+            );
+            let mut cfg = Config::parse("t", &text)?;
+            cfg.validate().map(|()| cfg.raft.refill_batch_ms)
+        };
+        assert_eq!(with(0).unwrap(), 0);
+        assert_eq!(with(MAX_REFILL_BATCH_MS).unwrap(), MAX_REFILL_BATCH_MS);
+        let err = with(MAX_REFILL_BATCH_MS + 1).unwrap_err().to_string();
+        assert!(err.contains("raft.refill_batch_ms"), "{err}");
     }
 
     #[test]

@@ -253,3 +253,62 @@ async fn a_node_serves_on_the_worker_threads_it_is_given() {
     let client = std::sync::Arc::new(c.client());
     assert_disjoint(&concurrent_calls(&client, 64, None).await);
 }
+
+/// Refills no call waits for share raise entries in the log (each costs a
+/// synced write and, in a cluster, a replication round): a caller whose
+/// every call queues a refill for another key, one call per RPC, gets
+/// several refills per entry, not one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refills_ahead_of_need_share_log_entries() {
+    const KEYS: usize = 100;
+    const ROUNDS: usize = 10;
+    // Batches of 100 ms (the default is 5): tens of calls in each however
+    // slow the machine, so the test does not hang on its speed.
+    let c = Cluster::start(1, &format!("{RAFT}\nrefill_batch_ms = 100"));
+    c.wait_leader(Duration::from_secs(20)).await;
+    let seq = c.sequencer(1).await;
+    // "idle" refills by a fixed step of 1,000: after a first call, every
+    // other call of 500 leaves 500 of room and queues a refill no call
+    // waits for (it applies before the key comes round again).
+    let call = |k: usize| {
+        let req = seqd::pb::NextRequest {
+            namespace: "idle".into(),
+            key: format!("k{k}"),
+            count: 500,
+            request_id: String::new(),
+        };
+        let mut seq = seq.clone();
+        async move { seq.next(req).await.expect("next") }
+    };
+    for k in 0..KEYS {
+        call(k).await;
+    }
+    let addr = c.node(1).metrics_addr.clone();
+    let counts = || {
+        let refills = common::metric(&addr, "seqd_segment_refills_total").unwrap_or(0.0);
+        let entries =
+            common::metric(&addr, "seqd_raft_proposals_total{kind=\"raise\"}").unwrap_or(0.0);
+        (refills, entries)
+    };
+    let (refills_before, entries_before) = counts();
+    for _ in 0..ROUNDS {
+        for k in 0..KEYS {
+            call(k).await;
+        }
+    }
+    let (refills_after, entries_after) = counts();
+    let (refills, entries) = (
+        refills_after - refills_before,
+        entries_after - entries_before,
+    );
+    assert!(
+        refills >= (KEYS * ROUNDS / 2) as f64 * 0.9,
+        "{refills} refills for {} calls",
+        KEYS * ROUNDS
+    );
+    assert!(
+        refills >= 4.0 * entries,
+        "{refills} refills in {entries} raise entries"
+    );
+    eprintln!("{refills} refills in {entries} raise entries");
+}

@@ -116,6 +116,9 @@ pub struct Allocator {
     epoch: u64,
     /// Keys whose refill should go into the next proposal.
     refill_queue: Vec<SeqKey>,
+    /// A queued refill should not wait for the next batch (see
+    /// [`Allocator::refill_urgent`]).
+    urgent: bool,
     /// Exact raises for dense reservations, for the next proposal.
     dense_raises: HashMap<SeqKey, u64>,
 }
@@ -130,6 +133,7 @@ impl Allocator {
             role: Role::Follower,
             epoch: 0,
             refill_queue: Vec::new(),
+            urgent: false,
             dense_raises: HashMap::new(),
         }
     }
@@ -193,6 +197,7 @@ impl Allocator {
         self.keys.clear();
         self.sweep_at = 0;
         self.refill_queue.clear();
+        self.urgent = false;
         self.dense_raises.clear();
     }
 
@@ -209,6 +214,7 @@ impl Allocator {
     pub fn forget_settled(&mut self) {
         self.keys.retain(|_, state| state.releasing);
         self.refill_queue.clear();
+        self.urgent = false;
         self.dense_raises.clear();
         self.sweep_at = 0;
     }
@@ -275,6 +281,7 @@ impl Allocator {
             let need = state.next + u64::from(*count) - 1;
             if need > state.ceiling {
                 short = true;
+                self.urgent = true;
                 state.want = state.want.max(need);
                 if state.in_flight < need && !state.queued {
                     state.queued = true;
@@ -295,14 +302,31 @@ impl Allocator {
             let room = state.ceiling + 1 - state.next;
             if room < state.step / 2 + 1
                 && state.in_flight <= state.ceiling
-                && !state.queued
                 && state.ceiling < max_value
             {
-                state.queued = true;
-                self.refill_queue.push(key.clone());
+                if !state.queued {
+                    state.queued = true;
+                    self.refill_queue.push(key.clone());
+                }
+                // Half of that room gone and the refill still queued: the
+                // key uses its room faster than refills are batched.
+                if room < state.step / 4 + 1 {
+                    self.urgent = true;
+                }
             }
         }
         Ok(Allocation::Granted(ranges))
+    }
+
+    /// Whether a queued refill should go to the log now rather than with
+    /// the next batch of refills: a call waits for it, or its key has used
+    /// half of the room it had left when the refill was queued (a key
+    /// that runs through its segment faster than refills are batched).
+    /// Refills are queued with half a segment to go, and a segment lasts
+    /// about `refill_interval_ms` once the step has adapted, so the others
+    /// can wait for company.
+    pub fn refill_urgent(&self) -> bool {
+        self.urgent
     }
 
     /// Takes the raises to replicate in one log entry: queued refills
@@ -310,6 +334,7 @@ impl Allocator {
     /// step to how often it refills.
     pub fn take_raises(&mut self, now_ms: u64) -> Vec<DenseRaise> {
         self.now_ms = self.now_ms.max(now_ms);
+        self.urgent = false;
         let mut raises: Vec<DenseRaise> = self
             .dense_raises
             .drain()
@@ -604,6 +629,41 @@ mod tests {
         assert_eq!(at, 51, "refill when 50 of 101 remain");
         // Refilled within the target interval: the step doubles.
         assert_eq!(r[0].ceiling, 301);
+    }
+
+    /// A refill asked for ahead of need may wait for the next batch; one a
+    /// call waits for, or one whose key has used half of its remaining
+    /// room meanwhile, may not.
+    #[test]
+    fn refills_are_urgent_when_a_call_waits_or_the_room_runs_low() {
+        let (mut a, key) = setup(test_spec("conv"));
+        let mut db = Applied::default();
+        assert!(!a.refill_urgent());
+        assert_eq!(
+            a.allocate(&[(key.clone(), 1)], &db).unwrap(),
+            Allocation::Wait
+        );
+        assert!(a.refill_urgent(), "a call waits");
+        let r = a.take_raises(0);
+        assert!(!a.refill_urgent(), "taken");
+        db.apply(&mut a, &r);
+        // Room 101 (step 100): queued once under 51 remain, urgent once
+        // under 26 remain with the refill still queued.
+        let serve = |a: &mut Allocator, count| {
+            let got = a.allocate(&[(key.clone(), count)], &db).unwrap();
+            assert!(matches!(got, Allocation::Granted(_)), "{got:?}");
+        };
+        serve(&mut a, 51);
+        assert!(!a.refill_urgent(), "50 remain: queued, not urgent");
+        serve(&mut a, 24);
+        assert!(!a.refill_urgent(), "26 remain");
+        serve(&mut a, 1);
+        assert!(a.refill_urgent(), "25 remain and the refill not yet taken");
+        let r = a.take_raises(1);
+        assert_eq!(r.len(), 1);
+        // In flight now: using more room does not make it urgent again.
+        serve(&mut a, 20);
+        assert!(!a.refill_urgent());
     }
 
     #[test]

@@ -562,6 +562,15 @@ pub(crate) struct Node {
     waiting: Vec<Call>,
     /// Dense reservations for the next proposal.
     dense_pending: Vec<DenseWaiter>,
+    /// When (`now_ms`) raises last went to the log.
+    raises_sent_ms: Option<u64>,
+    /// Refills no call waits for go to the log at most this often,
+    /// together (`raft.refill_batch_ms`; see
+    /// [`Allocator::refill_urgent`] for those that go at once). Under load
+    /// keys cross their half-segment marks one by one: a proposal per
+    /// pass put an entry (a synced write on every node, a replication
+    /// round) in the log for every one or two keys.
+    refill_batch_ms: u64,
     /// Our proposals in flight: log index → (term, what).
     proposals: BTreeMap<u64, (u64, Proposal)>,
     /// Index of this leadership's LeaderStart entry, once proposed.
@@ -709,6 +718,8 @@ impl Node {
             lease_until: None,
             waiting: Vec::new(),
             dense_pending: Vec::new(),
+            raises_sent_ms: None,
+            refill_batch_ms: params.raft.refill_batch_ms,
             proposals: BTreeMap::new(),
             leader_start: None,
             next_ctx: 1,
@@ -1287,10 +1298,20 @@ impl Node {
         if !self.core.is_serving() {
             return;
         }
-        let raises = self.core.take_raises(self.now_ms());
+        let now_ms = self.now_ms();
+        let due = !self.dense_pending.is_empty()
+            || self.core.refill_urgent()
+            || self
+                .raises_sent_ms
+                .is_none_or(|sent| now_ms >= sent + self.refill_batch_ms);
+        if !due {
+            return;
+        }
+        let raises = self.core.take_raises(now_ms);
         if raises.is_empty() && self.dense_pending.is_empty() {
             return;
         }
+        self.raises_sent_ms = Some(now_ms);
         let refills = raises
             .iter()
             .filter(|r| {
