@@ -669,10 +669,8 @@ mod tests {
         let cfg = Config::load(None, &Overrides::default()).unwrap();
         assert_eq!(cfg.raft.refill_batch_ms, 5);
         let with = |ms: u64| {
-            let text = EMBEDDED_SINGLE.replace(
-                "read_mode = \"read_index\"",
-                &format!("read_mode = \"read_index\"\nrefill_batch_ms = {ms}"),
-            );
+            let text =
+                EMBEDDED_SINGLE.replace("refill_batch_ms = 5", &format!("refill_batch_ms = {ms}"));
             let mut cfg = Config::parse("t", &text)?;
             cfg.validate().map(|()| cfg.raft.refill_batch_ms)
         };
