@@ -608,7 +608,16 @@ pub(super) fn write_snapshot(
     let data =
         SnapshotData::decode(bytes).map_err(|e| StorageError::corrupt("snapshot data", e))?;
     let state = cf(db, CF_STATE);
-    batch.delete_range_cf(state, [0u8].as_slice(), [0xffu8; 2].as_slice());
+    // Key by key, not by a range deletion: the family updates values in
+    // place (see `storage::state_options`), and a put finding an older
+    // value of its key in the memtable would overwrite that value under
+    // the range tombstone, which would then hide the new value too. A
+    // point deletion is the key's newest entry, so the put after it is
+    // added, not written in place.
+    for item in db.iterator_cf(state, rocksdb::IteratorMode::Start) {
+        let (k, _) = item?;
+        batch.delete_cf(state, &k);
+    }
     for kc in &data.ceilings {
         batch.put_cf(
             state,
@@ -683,6 +692,31 @@ mod tests {
         assert_eq!((m.applied(), m.ceiling("a", "k").unwrap()), (2, 100));
         // Keys whose bytes extend another's namespace stay apart.
         assert_eq!(m.ceiling("a", "k\0x").unwrap(), 0);
+    }
+
+    /// A ceiling raised again and again replaces its value in the state
+    /// family's memtable instead of stacking versions there, which every
+    /// raise's read of the stored ceiling would have to walk past.
+    #[test]
+    fn a_raised_ceiling_keeps_one_memtable_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut m = Machine::open(db.clone()).unwrap();
+        let entries_in_memtable = || {
+            db.property_int_value_cf(cf(&db, CF_STATE), "rocksdb.num-entries-active-mem-table")
+                .unwrap()
+                .unwrap()
+        };
+        m.apply(&[entry(1, raise("a", "k", 1))]).unwrap();
+        let before = entries_in_memtable();
+        for i in 2..=1_000 {
+            m.apply(&[entry(i, raise("a", "k", i))]).unwrap();
+        }
+        assert_eq!(m.ceiling("a", "k").unwrap(), 1_000);
+        // The applied index is rewritten in place too; nothing else is new.
+        assert_eq!(entries_in_memtable(), before);
+        let m = Machine::open(db).unwrap();
+        assert_eq!((m.applied(), m.ceiling("a", "k").unwrap()), (1_000, 1_000));
     }
 
     #[test]

@@ -169,13 +169,31 @@ fn options() -> Options {
     // Small values and a short log: keep memory and background work modest.
     opts.set_max_background_jobs(2);
     opts.set_write_buffer_size(32 << 20);
+    // Required by the state family's in-place updates (below); the node
+    // loop is its only writer anyway.
+    opts.set_allow_concurrent_memtable_write(false);
+    opts
+}
+
+/// The state family: a ceiling rewritten in the memtable replaces its
+/// value there rather than adding a version. Applying a raise reads the
+/// key's stored ceiling first; with every version kept since the last
+/// flush (millions under dense load) each of those reads walked a deep
+/// skiplist. In-place updates give up point-in-time iterators under
+/// concurrent writes, which this family never has: the node loop alone
+/// writes it, and reads it (snapshots included) between its own writes.
+fn state_options() -> Options {
+    let mut opts = Options::default();
+    opts.set_inplace_update_support(true);
     opts
 }
 
 fn open_with(opts: &Options, path: &Path) -> Result<DB, StorageError> {
-    let cfs = [CF_LOG, CF_META, CF_STATE]
-        .into_iter()
-        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let cfs = [
+        ColumnFamilyDescriptor::new(CF_LOG, Options::default()),
+        ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ColumnFamilyDescriptor::new(CF_STATE, state_options()),
+    ];
     Ok(DB::open_cf_descriptors(opts, path, cfs)?)
 }
 
