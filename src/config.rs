@@ -14,11 +14,11 @@ use crate::core::{Clock as _, Mode, NamespaceSpec, Namespaces, MAX_SEQUENCE};
 /// larger number is a typo).
 pub const MAX_WORKER_THREADS: usize = 1024;
 
-/// The single-node configuration used when no file is given.
 /// Upper bound of `raft.refill_batch_ms`: well under the half second of
 /// headroom a refill asked for ahead of need has by default.
 pub const MAX_REFILL_BATCH_MS: u64 = 100;
 
+/// The single-node configuration used when no file is given.
 pub const EMBEDDED_SINGLE: &str = include_str!("../raft-config/single.toml");
 
 #[derive(Debug, Clone, Deserialize)]

@@ -182,6 +182,9 @@ fn options() -> Options {
 /// skiplist. In-place updates give up point-in-time iterators under
 /// concurrent writes, which this family never has: the node loop alone
 /// writes it, and reads it (snapshots included) between its own writes.
+/// It MUST NOT see a range deletion: a put that finds an older value of
+/// its key in the memtable is written into that entry, under a newer
+/// range tombstone, which then hides it (see `machine::write_snapshot`).
 fn state_options() -> Options {
     let mut opts = Options::default();
     opts.set_inplace_update_support(true);
