@@ -719,6 +719,34 @@ mod tests {
         assert_eq!((m.applied(), m.ceiling("a", "k").unwrap()), (1_000, 1_000));
     }
 
+    /// A database last written by a build whose snapshot installs used a
+    /// range deletion, with that install still only in the write-ahead
+    /// log, opens with the snapshot's values: replaying the log must not
+    /// write them in place under the range tombstone.
+    #[test]
+    fn a_range_deletion_in_the_log_survives_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let db = super::super::open_with(&super::super::options(), &path, false).unwrap();
+            let state = cf(&db, CF_STATE);
+            let k = ceiling_key("a", "k");
+            let mut first = WriteBatch::default();
+            first.put_cf(state, &k, 100u64.to_be_bytes());
+            first.put_cf(state, APPLIED, 5u64.to_be_bytes());
+            db.write(first).unwrap();
+            // An install as older builds wrote it, in one batch.
+            let mut install = WriteBatch::default();
+            install.delete_range_cf(state, [0u8].as_slice(), [0xffu8; 2].as_slice());
+            install.put_cf(state, &k, 200u64.to_be_bytes());
+            install.put_cf(state, APPLIED, 6u64.to_be_bytes());
+            db.write(install).unwrap();
+            // Closed without a flush: the writes are in the log only.
+        }
+        let m = Machine::open(super::super::open(dir.path()).unwrap()).unwrap();
+        assert_eq!((m.applied(), m.ceiling("a", "k").unwrap()), (6, 200));
+    }
+
     #[test]
     fn epoch_stays_after_a_clean_handoff() {
         let dir = tempfile::tempdir().unwrap();

@@ -162,7 +162,7 @@ impl Journal {
     }
 }
 
-fn options() -> Options {
+pub(crate) fn options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -191,11 +191,18 @@ fn state_options() -> Options {
     opts
 }
 
-fn open_with(opts: &Options, path: &Path) -> Result<DB, StorageError> {
+/// Opens the database at `path`; the state family updates in place only
+/// if `in_place`.
+pub(crate) fn open_with(opts: &Options, path: &Path, in_place: bool) -> Result<DB, StorageError> {
+    let state = if in_place {
+        state_options()
+    } else {
+        Options::default()
+    };
     let cfs = [
         ColumnFamilyDescriptor::new(CF_LOG, Options::default()),
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
-        ColumnFamilyDescriptor::new(CF_STATE, state_options()),
+        ColumnFamilyDescriptor::new(CF_STATE, state),
     ];
     Ok(DB::open_cf_descriptors(opts, path, cfs)?)
 }
@@ -206,7 +213,18 @@ pub fn open(dir: &Path) -> Result<Disk, StorageError> {
         path: dir.display().to_string(),
         source,
     })?;
-    let db = open_with(&options(), &dir.join("db"))?;
+    let path = dir.join("db");
+    // The write-ahead log may hold state writes from before in-place
+    // updates (a snapshot install by an older build: a range deletion and
+    // puts under it). Replayed with in-place updates on, those puts would
+    // land under the tombstone and vanish, and the ceilings with them. So
+    // the log is replayed without them first and the state flushed to a
+    // table file, which the second open no longer replays.
+    {
+        let db = open_with(&options(), &path, false)?;
+        db.flush_cf(cf(&db, CF_STATE))?;
+    }
+    let db = open_with(&options(), &path, true)?;
     Ok(Disk {
         db: Arc::new(db),
         journal: None,
@@ -219,7 +237,7 @@ pub fn open(dir: &Path) -> Result<Disk, StorageError> {
 pub fn open_journaled(journal: Arc<Mutex<Journal>>) -> Result<Disk, StorageError> {
     let mut opts = options();
     opts.set_env(&rocksdb::Env::mem_env()?);
-    let db = open_with(&opts, Path::new("/sim/db"))?;
+    let db = open_with(&opts, Path::new("/sim/db"), true)?;
     {
         let j = journal.lock().unwrap_or_else(|p| p.into_inner());
         // Empty records are `sync_wal` marks.
