@@ -490,14 +490,21 @@ impl Client {
         self.inner.next_one(namespace, key, count, request_id).await
     }
 
-    /// Ranges for many keys of one namespace, all or nothing.
+    /// Ranges for many keys of one namespace, all or nothing. Sent as it
+    /// is (never merged with other calls) on the node's `NextStream`, as
+    /// coalesced calls are: a message on an open stream costs both sides
+    /// less than an RPC of its own (with `max_in_flight` 0, a `NextBatch`
+    /// RPC).
     pub async fn next_batch(
         &self,
         namespace: &str,
         items: &[(&str, u32)],
     ) -> Result<NextBatchResponse, ClientError> {
         let items = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
-        self.inner.next_batch(namespace, items).await
+        if self.inner.opts.max_in_flight == 0 {
+            return self.inner.next_batch(namespace, items).await;
+        }
+        self.inner.stream_batch(namespace, items).await.0
     }
 
     /// The highest number that may have been handed out for `key`.
@@ -1893,6 +1900,40 @@ mod tests {
             "asked once more, then kept"
         );
         assert_eq!(server.stream_batches.load(Ordering::SeqCst), 2);
+    }
+
+    /// A batch call goes on the stream, whole; to a node without the
+    /// stream, as a `NextBatch` RPC.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_batch_call_goes_whole_on_the_stream() {
+        use std::sync::atomic::Ordering;
+        let server = CountingServer::default();
+        server.stream.store(true, Ordering::SeqCst);
+        let addr = serve(server.clone()).await;
+        let client = Client::new(&[addr.to_string()], ClientOptions::default()).unwrap();
+        let resp = client
+            .next_batch("ns", &[("a", 1), ("b", 2)])
+            .await
+            .unwrap();
+        let got: Vec<(&str, u32)> = resp
+            .ranges
+            .iter()
+            .map(|r| (r.key.as_str(), r.count))
+            .collect();
+        assert_eq!(got, vec![("a", 1), ("b", 2)]);
+        assert_eq!(server.stream_batches.load(Ordering::SeqCst), 1);
+        assert!(lock(&server.calls_per_rpc).is_empty(), "no NextBatch RPC");
+
+        let older = CountingServer::default();
+        let addr = serve(older.clone()).await;
+        let client = Client::new(&[addr.to_string()], ClientOptions::default()).unwrap();
+        let resp = client
+            .next_batch("ns", &[("a", 1), ("b", 2)])
+            .await
+            .unwrap();
+        assert_eq!(resp.ranges.len(), 2);
+        assert_eq!(*lock(&older.calls_per_rpc), vec![3], "one NextBatch RPC");
     }
 
     /// Callers answered by one RPC that call again at once go out together

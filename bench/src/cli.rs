@@ -264,7 +264,9 @@ pub enum Workload {
     /// --count numbers per call (seqd Next, Redis INCRBY, etcd +count).
     NextCount,
     /// One number for each of --fanout distinct keys per call (seqd
-    /// NextBatch, Redis MULTI/EXEC of INCRs, etcd one multi-key transaction).
+    /// NextBatch: through the client library, whole on the leader's
+    /// stream; on seqd-3node-raw one RPC per call; Redis MULTI/EXEC of
+    /// INCRs, etcd one multi-key transaction).
     Batch,
     /// --count Snowflake IDs per call (seqd only): through the client
     /// library, coalesced, from one node; on seqd-3node-raw one RPC per

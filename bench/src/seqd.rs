@@ -323,6 +323,19 @@ impl Caller for SeqdCaller {
                     Err(e) => Err(e.to_string()),
                 };
             }
+            Op::Batch { fanout } if self.client.is_some() => {
+                let client = self.client.as_ref().expect("checked above");
+                let keys = self.keys.distinct_keys(fanout);
+                let items: Vec<(&str, u32)> = keys.iter().map(|k| (k.as_str(), 1)).collect();
+                // On the leader's stream, whole (all or nothing).
+                return match client.next_batch(&self.namespace, &items).await {
+                    Ok(r) => Ok(Done {
+                        numbers: r.ranges.iter().map(|r| u64::from(r.count)).sum(),
+                        retries: 0,
+                    }),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
             Op::Ids { count } if self.client.is_some() => {
                 let client = self.client.as_ref().expect("checked above");
                 // Coalesced, to the client's one node, which it leaves for
