@@ -59,6 +59,13 @@ pub struct Args {
     /// Warm-up seconds before each measurement, excluded from the figures.
     #[arg(long, default_value_t = 1)]
     pub warmup_seconds: u64,
+    /// Measure a call count instead of --seconds: each closed-loop run
+    /// ends once this many calls started after the warm-up have completed
+    /// (failed ones included), the same count for every target, and its
+    /// throughput is those calls over the time they took. The open-loop
+    /// run after it still lasts --open-loop-seconds.
+    #[arg(long)]
+    pub calls: Option<u64>,
     /// After each closed-loop run, an open-loop run at this fraction of the
     /// calls/s that run reached (0: none): latency at a load the target keeps
     /// up with, as DESIGN.md's "p99 at half of peak" asks.
@@ -148,6 +155,9 @@ impl Args {
         }
         if self.seconds == 0 {
             return Err("--seconds must be at least 1".into());
+        }
+        if self.calls == Some(0) {
+            return Err("--calls must be at least 1".into());
         }
         if !(0.0..=1.0).contains(&self.open_loop_fraction) {
             return Err("--open-loop-fraction must be between 0 (no open-loop run) and 1".into());
@@ -318,5 +328,24 @@ impl Op {
             },
             Workload::Ids => Self::Ids { count: args.count },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("seqcompare").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn a_call_count_replaces_the_measured_seconds_and_must_be_positive() {
+        assert_eq!(parse(&[]).calls, None);
+        let counted = parse(&["--calls", "100000"]);
+        assert_eq!(counted.calls, Some(100_000));
+        assert!(counted.validate().is_ok());
+        let err = parse(&["--calls", "0"]).validate().unwrap_err();
+        assert!(err.contains("--calls"), "{err}");
     }
 }

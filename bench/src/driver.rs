@@ -165,6 +165,70 @@ pub async fn drive<C: Caller>(callers: Vec<C>, warmup: Duration, measure: Durati
     total
 }
 
+/// Runs every caller concurrently: a `warmup`, then until `total` calls
+/// started after it have completed (failed ones included; each caller
+/// takes a call from the count before it starts one). Seconds run from the
+/// end of the warm-up to the last of those calls' completion.
+pub async fn drive_count<C: Caller>(callers: Vec<C>, warmup: Duration, total: u64) -> Measurement {
+    let from = Instant::now() + warmup;
+    let taken = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = callers
+        .into_iter()
+        .map(|c| tokio::spawn(caller_count_loop(c, from, taken.clone(), total)))
+        .collect();
+    let mut all = Measurement::empty();
+    let mut last = from;
+    for t in tasks {
+        match t.await {
+            Ok((m, end)) => {
+                all.merge(m);
+                last = last.max(end.unwrap_or(from));
+            }
+            Err(e) => {
+                all.errors += 1;
+                *all.error_kinds
+                    .entry(format!("caller task failed: {e}"))
+                    .or_default() += 1;
+            }
+        }
+    }
+    all.seconds = (last - from).as_secs_f64();
+    all
+}
+
+/// One caller of [`drive_count`]: what it measured, and when its last
+/// counted call completed.
+async fn caller_count_loop<C: Caller>(
+    mut c: C,
+    from: Instant,
+    taken: Arc<AtomicU64>,
+    total: u64,
+) -> (Measurement, Option<Instant>) {
+    let mut m = Measurement::empty();
+    let mut last = None;
+    loop {
+        let t0 = Instant::now();
+        let counted = t0 >= from;
+        if counted && taken.fetch_add(1, Ordering::Relaxed) >= total {
+            break;
+        }
+        let result = match tokio::time::timeout(CALL_TIMEOUT, c.call()).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+        };
+        let t1 = Instant::now();
+        let failed = result.is_err();
+        if counted {
+            m.record(result, t1 - t0);
+            last = Some(t1);
+        }
+        if failed {
+            tokio::time::sleep(ERROR_PAUSE).await;
+        }
+    }
+    (m, last)
+}
+
 async fn caller_loop<C: Caller>(mut c: C, (from, until): (Instant, Instant)) -> Measurement {
     let mut m = Measurement::empty();
     loop {
@@ -366,6 +430,21 @@ mod tests {
         assert_eq!(m.error_kinds.get("boom"), Some(&m.errors));
         assert!(m.quantile_ms(0.5) >= 1.0);
         assert_eq!(m.seconds, 0.2);
+    }
+
+    /// A call count is made exactly, by all callers together, after the
+    /// warm-up, and its seconds are the time those calls took.
+    #[tokio::test]
+    async fn a_call_count_is_made_exactly_after_the_warm_up() {
+        let callers = (0..4).map(|_| Fake(0)).collect();
+        let started = Instant::now();
+        let m = drive_count(callers, Duration::from_millis(30), 300).await;
+        assert_eq!(m.calls + m.errors, 300);
+        assert_eq!(m.numbers, 2 * m.calls);
+        assert_eq!(m.error_kinds.get("boom"), Some(&m.errors));
+        // 300 calls of at least 1 ms over four callers.
+        assert!(m.seconds >= 0.075, "seconds {}", m.seconds);
+        assert!(started.elapsed().as_secs_f64() >= 0.03 + m.seconds);
     }
 
     /// Answers after 1 ms, except that its `stall_at`-th call takes 300 ms.

@@ -167,16 +167,24 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
     } else {
         0
     };
-    let per_run = args.warmup_seconds + args.seconds + open_run;
-    eprintln!(
-        "seqcompare: {runs} runs of {}+{} s ({} callers, {} keys, {}); about {} s plus target start-up",
-        args.warmup_seconds,
-        args.seconds,
-        args.callers,
-        args.keys,
-        dist_name(args),
-        runs as u64 * per_run
-    );
+    match args.calls {
+        Some(calls) => eprintln!(
+            "seqcompare: {runs} runs of {} s + {calls} calls ({} callers, {} keys, {})",
+            args.warmup_seconds,
+            args.callers,
+            args.keys,
+            dist_name(args),
+        ),
+        None => eprintln!(
+            "seqcompare: {runs} runs of {}+{} s ({} callers, {} keys, {}); about {} s plus target start-up",
+            args.warmup_seconds,
+            args.seconds,
+            args.callers,
+            args.keys,
+            dist_name(args),
+            runs as u64 * (args.warmup_seconds + args.seconds + open_run)
+        ),
+    }
 
     let started = Instant::now();
     let mut rows = Vec::new();
@@ -250,14 +258,17 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
 
     println!();
     println!(
-        "seqcompare: {} callers, {} keys ({}), count {}, fanout {}, namespace {:?}, {} s measured after {} s warm-up, {} connection(s) per node, seqd client max_in_flight {}",
+        "seqcompare: {} callers, {} keys ({}), count {}, fanout {}, namespace {:?}, {} measured after {} s warm-up, {} connection(s) per node, seqd client max_in_flight {}",
         args.callers,
         args.keys,
         dist_name(args),
         args.count,
         args.fanout,
         args.namespace,
-        args.seconds,
+        match args.calls {
+            Some(calls) => format!("{calls} calls"),
+            None => format!("{} s", args.seconds),
+        },
         args.warmup_seconds,
         args.connections,
         args.max_in_flight
@@ -310,6 +321,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         "settings": {
             "callers": args.callers,
             "seconds": args.seconds,
+            "calls": args.calls,
             "warmup_seconds": args.warmup_seconds,
             "keys": args.keys,
             "dist": match args.dist { Dist::Uniform => "uniform", Dist::Zipf => "zipf" },
@@ -419,10 +431,20 @@ async fn measure_one(
         Duration::from_secs(args.warmup_seconds),
         Duration::from_secs(args.seconds),
     );
-    let (m, cpu) = tokio::join!(
-        driver::drive(callers, warmup, seconds),
-        process::cpu_over(target.pids(), warmup, seconds)
-    );
+    let (m, cpu) = match args.calls {
+        Some(total) => {
+            process::cpu_during(
+                target.pids(),
+                warmup,
+                driver::drive_count(callers, warmup, total),
+            )
+            .await
+        }
+        None => tokio::join!(
+            driver::drive(callers, warmup, seconds),
+            process::cpu_over(target.pids(), warmup, seconds)
+        ),
+    };
     target.check_alive()?;
     let mut row = Row::measured(workload, kind, m, cpu);
     if args.open_loop() && row.calls_per_s > 0.0 {

@@ -93,27 +93,52 @@ impl CpuUse {
     }
 }
 
+/// The target's processes' and this harness's CPU seconds so far.
+fn cpu_sample(pids: &[u32]) -> Option<(f64, f64)> {
+    let mut target = 0.0;
+    for p in pids {
+        target += cpu_seconds(Some(*p))?;
+    }
+    Some((target, cpu_seconds(None)?))
+}
+
+fn cpu_between(before: (f64, f64), after: (f64, f64), secs: f64) -> CpuUse {
+    CpuUse {
+        target_cores: (after.0 - before.0) / secs,
+        harness_cores: (after.1 - before.1) / secs,
+    }
+}
+
 /// Measures CPU use over the window a driver measures in (`warmup` from now,
 /// `measure` long); start it together with the driver. None if /proc cannot
 /// tell (a process ended, or not Linux).
 pub async fn cpu_over(pids: Vec<u32>, warmup: Duration, measure: Duration) -> Option<CpuUse> {
-    let sample = |pids: &[u32]| -> Option<(f64, f64)> {
-        let mut target = 0.0;
-        for p in pids {
-            target += cpu_seconds(Some(*p))?;
-        }
-        Some((target, cpu_seconds(None)?))
-    };
     tokio::time::sleep(warmup).await;
-    let before = sample(&pids);
+    let before = cpu_sample(&pids);
     tokio::time::sleep(measure).await;
-    let (t0, h0) = before?;
-    let (t1, h1) = sample(&pids)?;
-    let secs = measure.as_secs_f64();
-    Some(CpuUse {
-        target_cores: (t1 - t0) / secs,
-        harness_cores: (h1 - h0) / secs,
-    })
+    let after = cpu_sample(&pids)?;
+    Some(cpu_between(before?, after, measure.as_secs_f64()))
+}
+
+/// Runs `run` (a driver whose measured window starts `warmup` from now and
+/// ends with it: a call count) and measures CPU use from the window's start
+/// to `run`'s end.
+pub async fn cpu_during<F: std::future::Future>(
+    pids: Vec<u32>,
+    warmup: Duration,
+    run: F,
+) -> (F::Output, Option<CpuUse>) {
+    let start = async {
+        tokio::time::sleep(warmup).await;
+        (cpu_sample(&pids), std::time::Instant::now())
+    };
+    let (out, (before, from)) = tokio::join!(run, start);
+    let secs = from.elapsed().as_secs_f64();
+    let cpu = match (before, cpu_sample(&pids)) {
+        (Some(b), Some(a)) if secs > 0.0 => Some(cpu_between(b, a, secs)),
+        _ => None,
+    };
+    (out, cpu)
 }
 
 /// utime and stime of a /proc/<pid>/stat line (fields 14 and 15), in clock

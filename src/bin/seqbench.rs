@@ -1,5 +1,8 @@
 //! seqbench: drives a running seqd cluster with N concurrent callers for a
-//! fixed time and prints calls/s, numbers/s and latency percentiles.
+//! fixed time (or a call count, `--calls`) and prints calls/s, numbers/s
+//! and latency percentiles. Keys are uniform here; `seqcompare` (bench/)
+//! also draws them from a Zipf distribution and compares against Redis and
+//! etcd.
 //!
 //! ```text
 //! seqbench --endpoints 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 \
@@ -12,6 +15,7 @@
 //! call, the callers spread over every node).
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +48,10 @@ struct Args {
     keys: u64,
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Make this many calls (all callers together) instead of running for
+    /// --seconds; throughput is over the time they took.
+    #[arg(long)]
+    calls: Option<u64>,
     /// Numbers per call (next-count, ids).
     #[arg(long, default_value_t = 10)]
     count: u32,
@@ -84,7 +92,24 @@ fn next_rand(x: &mut u64) -> u64 {
     *x
 }
 
-async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, until: Instant) -> Tally {
+/// When a caller stops: at a time, or once the shared count of calls
+/// started reaches a total.
+enum Stop {
+    At(Instant),
+    After(Arc<AtomicU64>, u64),
+}
+
+impl Stop {
+    /// Whether the caller may start another call (taking it from the count).
+    fn go_on(&self) -> bool {
+        match self {
+            Stop::At(until) => Instant::now() < *until,
+            Stop::After(started, total) => started.fetch_add(1, Ordering::Relaxed) < *total,
+        }
+    }
+}
+
+async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, stop: Arc<Stop>) -> Tally {
     let mut t = Tally::default();
     let mut x = 0x9E37_79B9_7F4A_7C15 ^ seed;
     let mut ids = match args.workload {
@@ -97,7 +122,7 @@ async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, until: Instant)
         }
         _ => None,
     };
-    while Instant::now() < until {
+    while stop.go_on() {
         let key = format!("k{}", next_rand(&mut x) % args.keys);
         let start = Instant::now();
         let result: Result<u64, String> = match args.workload {
@@ -180,9 +205,19 @@ async fn run(args: Args) -> Result<(), String> {
         let _ = client.next(&args.namespace, &format!("warm{i}"), 1).await;
     }
     let started = Instant::now();
-    let until = started + Duration::from_secs(args.seconds);
+    let stop = Arc::new(match args.calls {
+        Some(total) => Stop::After(Arc::new(AtomicU64::new(0)), total),
+        None => Stop::At(started + Duration::from_secs(args.seconds)),
+    });
     let tasks: Vec<_> = (0..args.callers)
-        .map(|i| tokio::spawn(caller(args.clone(), client.clone(), i as u64 + 1, until)))
+        .map(|i| {
+            tokio::spawn(caller(
+                args.clone(),
+                client.clone(),
+                i as u64 + 1,
+                stop.clone(),
+            ))
+        })
         .collect();
     let mut all = Tally::default();
     for t in tasks {
