@@ -119,7 +119,90 @@ impl Namespaces {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqKey {
     ns: NamespaceId,
-    key: Box<str>,
+    key: KeyText,
+}
+
+/// Longest key kept inside [`SeqKey`] itself.
+const INLINE_KEY_BYTES: usize = 22;
+
+/// A key's text: inside the value when it is short (most IM keys are:
+/// `conv:1234567`), on the heap otherwise. The allocator finds a key by a
+/// hash lookup that compares it with the key stored in the table's entry;
+/// inline, that comparison reads the entry it has just loaded instead of
+/// following a pointer to another cache line. Each text has one form
+/// (inline exactly when it fits), and equality, order and hash are those
+/// of its bytes, as for `str`: the same key is always the same entry.
+#[derive(Clone)]
+enum KeyText {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_KEY_BYTES],
+    },
+    Heap(Box<str>),
+}
+
+impl KeyText {
+    fn new(text: String) -> Self {
+        if text.len() <= INLINE_KEY_BYTES {
+            let mut bytes = [0; INLINE_KEY_BYTES];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            KeyText::Inline {
+                len: text.len() as u8,
+                bytes,
+            }
+        } else {
+            KeyText::Heap(text.into_boxed_str())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            KeyText::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            KeyText::Heap(text) => text.as_bytes(),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            KeyText::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)])
+                .expect("inline key bytes are copied from a str, whole"),
+            KeyText::Heap(text) => text,
+        }
+    }
+}
+
+impl PartialEq for KeyText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for KeyText {}
+
+impl PartialOrd for KeyText {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for KeyText {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl std::hash::Hash for KeyText {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes: its bytes and an end marker.
+        state.write(self.as_bytes());
+        state.write_u8(0xff);
+    }
+}
+
+impl fmt::Debug for KeyText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
 }
 
 impl SeqKey {
@@ -142,7 +225,7 @@ impl SeqKey {
         }
         Ok(Self {
             ns,
-            key: key.into_boxed_str(),
+            key: KeyText::new(key),
         })
     }
 
@@ -151,13 +234,13 @@ impl SeqKey {
     }
 
     pub fn key(&self) -> &str {
-        &self.key
+        self.key.as_str()
     }
 }
 
 impl fmt::Display for SeqKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.ns.0, self.key)
+        write!(f, "{}/{}", self.ns.0, self.key())
     }
 }
 
@@ -293,6 +376,55 @@ mod tests {
         assert_eq!(ns.check_count(id, 0), Err(InvalidArgument::ZeroCount));
         assert!(ns.check_count(id, 1001).is_err());
         assert_eq!(ns.check_count(id, 1000), Ok(1000));
+    }
+
+    fn hash_of(k: &SeqKey) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(k)
+    }
+
+    /// Short keys are kept inline and long ones on the heap, and either way
+    /// a key is equal to, hashes as and orders as its text: one key, one
+    /// entry in the allocator's table, in the order of its text.
+    #[test]
+    fn keys_compare_hash_and_order_as_their_text_inline_or_not() {
+        let mut spec = test_spec("conv");
+        spec.max_key_bytes = 64;
+        let ns = Namespaces::new(vec![spec]);
+        let id = ns.resolve("conv").unwrap();
+        let key = |text: &str| SeqKey::try_new(&ns, id, text).unwrap();
+        // Around the inline limit, in bytes: multi-byte characters too.
+        let mut texts: Vec<String> = (1..=40).map(|n| "k".repeat(n)).collect();
+        texts.push(format!("{}é", "a".repeat(INLINE_KEY_BYTES - 2)));
+        texts.push(format!("{}é", "a".repeat(INLINE_KEY_BYTES - 1)));
+        texts.push(format!("{}\0", "a".repeat(INLINE_KEY_BYTES - 1)));
+        texts.push("a".repeat(INLINE_KEY_BYTES - 1));
+        texts.push("b".into());
+        for t in &texts {
+            let (a, b) = (key(t), key(t));
+            assert_eq!(a.key(), t);
+            assert_eq!(a, b);
+            assert_eq!(hash_of(&a), hash_of(&b));
+            assert_eq!(
+                format!("{a:?}"),
+                format!("SeqKey {{ ns: {id:?}, key: {t:?} }}")
+            );
+            for u in &texts {
+                assert_eq!(
+                    key(t).cmp(&key(u)),
+                    t.as_str().cmp(u.as_str()),
+                    "{t:?} {u:?}"
+                );
+                assert_eq!(key(t) == key(u), t == u, "{t:?} {u:?}");
+            }
+        }
+        let inline = |k: &SeqKey| matches!(k.key, KeyText::Inline { .. });
+        assert!(inline(&key(&"k".repeat(INLINE_KEY_BYTES))));
+        assert!(!inline(&key(&"k".repeat(INLINE_KEY_BYTES + 1))));
+        assert!(!inline(&key(&format!(
+            "{}é",
+            "a".repeat(INLINE_KEY_BYTES - 1)
+        ))));
     }
 
     #[test]
