@@ -110,7 +110,6 @@ impl Measurement {
     }
 }
 
-/// Runs every caller concurrently for `warmup` + `measure`.
 /// Makes exactly `calls_each` calls on every caller, concurrently; returns
 /// the first error, if any call failed.
 pub async fn run_calls<C: Caller>(callers: Vec<C>, calls_each: u64) -> Result<(), String> {
@@ -141,28 +140,12 @@ pub async fn run_calls<C: Caller>(callers: Vec<C>, calls_each: u64) -> Result<()
     first
 }
 
+/// Runs every caller concurrently for `warmup` + `measure`.
 pub async fn drive<C: Caller>(callers: Vec<C>, warmup: Duration, measure: Duration) -> Measurement {
-    let start = Instant::now();
-    let window = (start + warmup, start + warmup + measure);
-    let tasks: Vec<_> = callers
-        .into_iter()
-        .map(|c| tokio::spawn(caller_loop(c, window)))
-        .collect();
-    let mut total = Measurement::empty();
-    for t in tasks {
-        match t.await {
-            Ok(m) => total.merge(m),
-            Err(e) => {
-                total.errors += 1;
-                *total
-                    .error_kinds
-                    .entry(format!("caller task failed: {e}"))
-                    .or_default() += 1;
-            }
-        }
-    }
-    total.seconds = measure.as_secs_f64();
-    total
+    let from = Instant::now() + warmup;
+    let mut m = drive_until(callers, from, End::At(from + measure)).await;
+    m.seconds = measure.as_secs_f64();
+    m
 }
 
 /// Runs every caller concurrently: a `warmup`, then until `total` calls
@@ -172,17 +155,33 @@ pub async fn drive<C: Caller>(callers: Vec<C>, warmup: Duration, measure: Durati
 pub async fn drive_count<C: Caller>(callers: Vec<C>, warmup: Duration, total: u64) -> Measurement {
     let from = Instant::now() + warmup;
     let taken = Arc::new(AtomicU64::new(0));
+    drive_until(callers, from, End::After { taken, total }).await
+}
+
+/// When the callers of a closed-loop run stop, and which calls count.
+#[derive(Clone)]
+enum End {
+    /// At this instant; calls that complete between the warm-up's end and
+    /// it count.
+    At(Instant),
+    /// Once `total` calls started after the warm-up; those count.
+    After { taken: Arc<AtomicU64>, total: u64 },
+}
+
+/// Runs every caller until `end`; seconds are from `from` (the warm-up's
+/// end) to the last counted call's completion.
+async fn drive_until<C: Caller>(callers: Vec<C>, from: Instant, end: End) -> Measurement {
     let tasks: Vec<_> = callers
         .into_iter()
-        .map(|c| tokio::spawn(caller_count_loop(c, from, taken.clone(), total)))
+        .map(|c| tokio::spawn(caller_loop(c, from, end.clone())))
         .collect();
     let mut all = Measurement::empty();
     let mut last = from;
     for t in tasks {
         match t.await {
-            Ok((m, end)) => {
+            Ok((m, done)) => {
                 all.merge(m);
-                last = last.max(end.unwrap_or(from));
+                last = last.max(done.unwrap_or(from));
             }
             Err(e) => {
                 all.errors += 1;
@@ -196,20 +195,24 @@ pub async fn drive_count<C: Caller>(callers: Vec<C>, warmup: Duration, total: u6
     all
 }
 
-/// One caller of [`drive_count`]: what it measured, and when its last
+/// One caller of a closed-loop run: what it measured, and when its last
 /// counted call completed.
-async fn caller_count_loop<C: Caller>(
+async fn caller_loop<C: Caller>(
     mut c: C,
     from: Instant,
-    taken: Arc<AtomicU64>,
-    total: u64,
+    end: End,
 ) -> (Measurement, Option<Instant>) {
     let mut m = Measurement::empty();
     let mut last = None;
     loop {
         let t0 = Instant::now();
-        let counted = t0 >= from;
-        if counted && taken.fetch_add(1, Ordering::Relaxed) >= total {
+        let stop = match &end {
+            End::At(until) => t0 >= *until,
+            End::After { taken, total } => {
+                t0 >= from && taken.fetch_add(1, Ordering::Relaxed) >= *total
+            }
+        };
+        if stop {
             break;
         }
         let result = match tokio::time::timeout(CALL_TIMEOUT, c.call()).await {
@@ -217,6 +220,10 @@ async fn caller_count_loop<C: Caller>(
             Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
         };
         let t1 = Instant::now();
+        let counted = match &end {
+            End::At(until) => t1 >= from && t1 <= *until,
+            End::After { .. } => t0 >= from,
+        };
         let failed = result.is_err();
         if counted {
             m.record(result, t1 - t0);
@@ -227,30 +234,6 @@ async fn caller_count_loop<C: Caller>(
         }
     }
     (m, last)
-}
-
-async fn caller_loop<C: Caller>(mut c: C, (from, until): (Instant, Instant)) -> Measurement {
-    let mut m = Measurement::empty();
-    loop {
-        let t0 = Instant::now();
-        if t0 >= until {
-            break;
-        }
-        let result = match tokio::time::timeout(CALL_TIMEOUT, c.call()).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
-        };
-        let t1 = Instant::now();
-        let counted = t1 >= from && t1 <= until;
-        let failed = result.is_err();
-        if counted {
-            m.record(result, t1 - t0);
-        }
-        if failed {
-            tokio::time::sleep(ERROR_PAUSE).await;
-        }
-    }
-    m
 }
 
 /// What an open-loop run measured: the calls as [`Measurement`] (latency
