@@ -111,7 +111,13 @@ fn apply_leaves_loop(entries: &[Entry], compacted: u64, compact_threshold: u64) 
         || entries
             .iter()
             .any(|e| e.get_entry_type() != EntryType::EntryNormal)
-        || last.index.saturating_sub(compacted) > compact_threshold
+        || compaction_due(last.index, compacted, compact_threshold)
+}
+
+/// Whether the log, applied up to `applied` and compacted up to
+/// `compacted`, is long enough to compact (see `Node::maybe_compact`).
+fn compaction_due(applied: u64, compacted: u64, compact_threshold: u64) -> bool {
+    applied.saturating_sub(compacted) > compact_threshold
 }
 
 /// What [`spawn`] needs.
@@ -2115,7 +2121,7 @@ impl Node {
     fn maybe_compact(&mut self) -> Result<(), StorageError> {
         let applied = self.machine.applied();
         let compacted = self.raw.store().compacted_index();
-        if applied.saturating_sub(compacted) <= self.compact_threshold {
+        if !compaction_due(applied, compacted, self.compact_threshold) {
             return Ok(());
         }
         // Keep a short tail so a follower slightly behind catches up from

@@ -400,7 +400,11 @@ impl Machine {
         txn.put(APPLIED.to_vec(), applied.to_be_bytes().to_vec());
         txn.commit()?;
         for (k, ceiling) in seen {
-            if self.ceilings.len() >= CEILING_CACHE_KEYS && !self.ceilings.contains_key(&k) {
+            if let Some(kept) = self.ceilings.get_mut(&k) {
+                *kept = ceiling;
+                continue;
+            }
+            if self.ceilings.len() >= CEILING_CACHE_KEYS {
                 self.ceilings.clear();
             }
             self.ceilings.insert(k, ceiling);
