@@ -10,9 +10,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prost::Message as _;
-use seqd::core::{Allocation, Allocator, CeilingSource, Issuer, Layout, SeqKey};
+use seqd::core::{Allocation, Allocator, CeilingSource, Issuer, Layout, SeqKey, SeqRange};
 use seqd::pb::{BatchItem, NextBatchRequest, NextRequest, NextResponse};
-use seqd::service::sequencer::{parse_next, parse_next_batch};
+use seqd::service::sequencer::{batch_response, parse_next, parse_next_batch, BatchCall};
 
 use common::namespaces;
 
@@ -167,6 +167,22 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let req = NextBatchRequest::decode(black_box(batch.as_slice())).unwrap();
             black_box(parse_next_batch(&ns, req).unwrap());
+        });
+    });
+    // A batch's work on the node outside the allocator: decode, check,
+    // answer with every key as sent, encode.
+    let ranges: Vec<SeqRange> = (0..100)
+        .map(|i| SeqRange::try_new(1_000 + i, 1).unwrap())
+        .collect();
+    let mut out = Vec::with_capacity(4096);
+    g.bench_function("next_batch_100_decode_check_answer_encode", |b| {
+        b.iter(|| {
+            let req = NextBatchRequest::decode(black_box(batch.as_slice())).unwrap();
+            let BatchCall { items, keys } = parse_next_batch(&ns, req).unwrap();
+            black_box(&items);
+            out.clear();
+            batch_response(keys, &ranges, 3).encode(&mut out).unwrap();
+            black_box(&out);
         });
     });
     g.finish();

@@ -143,16 +143,22 @@ enum KeyText {
 
 impl KeyText {
     fn new(text: String) -> Self {
-        if text.len() <= INLINE_KEY_BYTES {
+        Self::inline(&text).unwrap_or_else(|| KeyText::Heap(text.into_boxed_str()))
+    }
+
+    fn copied(text: &str) -> Self {
+        Self::inline(text).unwrap_or_else(|| KeyText::Heap(text.into()))
+    }
+
+    fn inline(text: &str) -> Option<Self> {
+        (text.len() <= INLINE_KEY_BYTES).then(|| {
             let mut bytes = [0; INLINE_KEY_BYTES];
             bytes[..text.len()].copy_from_slice(text.as_bytes());
             KeyText::Inline {
                 len: text.len() as u8,
                 bytes,
             }
-        } else {
-            KeyText::Heap(text.into_boxed_str())
-        }
+        })
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -213,19 +219,24 @@ impl SeqKey {
         key: impl Into<String>,
     ) -> Result<Self, InvalidArgument> {
         let key = key.into();
-        let max = namespaces.spec(ns).max_key_bytes;
-        if key.is_empty() {
-            return Err(InvalidArgument::EmptyKey);
-        }
-        if key.len() > max {
-            return Err(InvalidArgument::KeyTooLong {
-                len: key.len(),
-                max,
-            });
-        }
+        check_key(namespaces, ns, &key)?;
         Ok(Self {
             ns,
             key: KeyText::new(key),
+        })
+    }
+
+    /// As [`SeqKey::try_new`], copying the text (no allocation for a key
+    /// kept inline), for a caller that keeps its own string.
+    pub fn try_copy(
+        namespaces: &Namespaces,
+        ns: NamespaceId,
+        key: &str,
+    ) -> Result<Self, InvalidArgument> {
+        check_key(namespaces, ns, key)?;
+        Ok(Self {
+            ns,
+            key: KeyText::copied(key),
         })
     }
 
@@ -236,6 +247,20 @@ impl SeqKey {
     pub fn key(&self) -> &str {
         self.key.as_str()
     }
+}
+
+fn check_key(namespaces: &Namespaces, ns: NamespaceId, key: &str) -> Result<(), InvalidArgument> {
+    let max = namespaces.spec(ns).max_key_bytes;
+    if key.is_empty() {
+        return Err(InvalidArgument::EmptyKey);
+    }
+    if key.len() > max {
+        return Err(InvalidArgument::KeyTooLong {
+            len: key.len(),
+            max,
+        });
+    }
+    Ok(())
 }
 
 impl fmt::Display for SeqKey {
@@ -370,6 +395,14 @@ mod tests {
             .starts_with("key:"));
         assert!(SeqKey::try_new(&ns, id, "x".repeat(32)).is_ok());
         assert_eq!(
+            SeqKey::try_copy(&ns, id, "").unwrap_err(),
+            InvalidArgument::EmptyKey
+        );
+        assert_eq!(
+            SeqKey::try_copy(&ns, id, &"x".repeat(33)).unwrap_err(),
+            InvalidArgument::KeyTooLong { len: 33, max: 32 }
+        );
+        assert_eq!(
             ns.resolve("nope").unwrap_err(),
             InvalidArgument::UnknownNamespace("nope".into())
         );
@@ -401,8 +434,11 @@ mod tests {
         texts.push("a".repeat(INLINE_KEY_BYTES - 1));
         texts.push("b".into());
         for t in &texts {
-            let (a, b) = (key(t), key(t));
+            // Built from an owned string and copied from a borrowed one:
+            // one key either way.
+            let (a, b) = (key(t), SeqKey::try_copy(&ns, id, t).unwrap());
             assert_eq!(a.key(), t);
+            assert_eq!(b.key(), t);
             assert_eq!(a, b);
             assert_eq!(hash_of(&a), hash_of(&b));
             assert_eq!(
@@ -421,6 +457,9 @@ mod tests {
         let inline = |k: &SeqKey| matches!(k.key, KeyText::Inline { .. });
         assert!(inline(&key(&"k".repeat(INLINE_KEY_BYTES))));
         assert!(!inline(&key(&"k".repeat(INLINE_KEY_BYTES + 1))));
+        let copied = |t: &str| SeqKey::try_copy(&ns, id, t).unwrap();
+        assert!(inline(&copied(&"k".repeat(INLINE_KEY_BYTES))));
+        assert!(!inline(&copied(&"k".repeat(INLINE_KEY_BYTES + 1))));
         assert!(!inline(&key(&format!(
             "{}é",
             "a".repeat(INLINE_KEY_BYTES - 1)

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{invalid, observe, status_from, PeerAddrs};
 use crate::core::types::MAX_BATCH_ITEMS;
-use crate::core::{InvalidArgument, Namespaces, RequestId, SeqKey};
+use crate::core::{InvalidArgument, Namespaces, RequestId, SeqKey, SeqRange};
 use crate::pb::sequencer_server::Sequencer;
 use crate::pb::{
     CurrentRequest, CurrentResponse, NextBatchRequest, NextBatchResponse, NextRequest,
@@ -86,11 +86,19 @@ pub fn parse_next(namespaces: &Namespaces, req: NextRequest) -> Result<NextCall,
     })
 }
 
+/// A `NextBatch` request, checked: its items, and their keys as sent, in
+/// the same order (each range of the reply names its key).
+#[derive(Debug)]
+pub struct BatchCall {
+    pub items: Vec<(SeqKey, u32)>,
+    pub keys: Vec<String>,
+}
+
 /// Checks a `NextBatch` request: every item, no key twice.
 pub fn parse_next_batch(
     namespaces: &Namespaces,
     req: NextBatchRequest,
-) -> Result<Vec<(SeqKey, u32)>, InvalidArgument> {
+) -> Result<BatchCall, InvalidArgument> {
     let ns = namespaces.resolve(&req.namespace)?;
     if req.items.is_empty() {
         return Err(InvalidArgument::EmptyBatch);
@@ -102,25 +110,42 @@ pub fn parse_next_batch(
         });
     }
     let mut items = Vec::with_capacity(req.items.len());
+    let mut keys = Vec::with_capacity(req.items.len());
     for (index, item) in req.items.into_iter().enumerate() {
         let wrap = |e| InvalidArgument::Item {
             index,
             source: Box::new(e),
         };
-        let key = SeqKey::try_new(namespaces, ns, item.key).map_err(wrap)?;
+        // Copied, so that the reply can move the request's string rather
+        // than allocate another (a short key's copy is inline).
+        let key = SeqKey::try_copy(namespaces, ns, &item.key).map_err(wrap)?;
         let count = namespaces.check_count(ns, item.count).map_err(wrap)?;
         items.push((key, count));
+        keys.push(item.key);
     }
-    // Checked once every item is, against borrowed keys (no copies); the
-    // first repeat is named.
-    let mut seen = HashSet::with_capacity(items.len());
-    if let Some(index) = items.iter().position(|(k, _)| !seen.insert(k.key())) {
+    // Checked once every item is; the first repeat is named.
+    let mut seen = HashSet::with_capacity(keys.len());
+    if let Some(index) = keys.iter().position(|k| !seen.insert(k.as_str())) {
         return Err(InvalidArgument::DuplicateKey {
             index,
-            key: items[index].0.key().to_string(),
+            key: keys[index].clone(),
         });
     }
-    Ok(items)
+    Ok(BatchCall { items, keys })
+}
+
+/// The reply to a batch: each key as sent, with its range.
+pub fn batch_response(keys: Vec<String>, ranges: &[SeqRange], epoch: u64) -> NextBatchResponse {
+    let ranges = keys
+        .into_iter()
+        .zip(ranges)
+        .map(|(key, r)| Range {
+            key,
+            first: r.first(),
+            count: r.count(),
+        })
+        .collect();
+    NextBatchResponse { ranges, epoch }
 }
 
 /// Checks a `Current` request.
@@ -241,26 +266,17 @@ impl SequencerService {
         let mut req = request.into_inner();
         let request_id =
             RequestId::try_new(std::mem::take(&mut req.request_id)).map_err(invalid)?;
-        let items = parse_next_batch(&self.namespaces, req).map_err(invalid)?;
-        let keys: Vec<String> = items.iter().map(|(k, _)| k.key().to_string()).collect();
+        let BatchCall { items, keys } = parse_next_batch(&self.namespaces, req).map_err(invalid)?;
         let grant = self
             .node
             .allocate(items, request_id)
             .await
             .map_err(|e| status_from(e, &self.peers))?;
-        let ranges = keys
-            .into_iter()
-            .zip(grant.ranges)
-            .map(|(key, r)| Range {
-                key,
-                first: r.first(),
-                count: r.count(),
-            })
-            .collect();
-        Ok(Response::new(NextBatchResponse {
-            ranges,
-            epoch: grant.epoch,
-        }))
+        Ok(Response::new(batch_response(
+            keys,
+            &grant.ranges,
+            grant.epoch,
+        )))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(namespace = %request.get_ref().namespace))]
