@@ -11,8 +11,4 @@ COPY rootfs/ /
 VOLUME ["/data"]
 EXPOSE 7001 7002 7003 9100
 ENV SEQD_DATA_DIR=/data
-# No transparent huge pages for seqd's allocator whatever the host's THP
-# setting: mimalloc then disables them for the process (prctl), where
-# zeroing a fresh 2 MiB page on the node loop held calls for milliseconds.
-ENV MIMALLOC_ALLOW_THP=0
 ENTRYPOINT ["/usr/local/bin/seqd"]

@@ -69,6 +69,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     seqd::telemetry::init_logging(args.log_json);
+    disable_transparent_huge_pages();
     let overrides = Overrides {
         node_id: args.node_id,
         listen: args.listen,
@@ -113,6 +114,27 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Transparent huge pages off for this process, whatever the host's
+/// setting (`always` gives them without asking): the first touch of a fresh
+/// 2 MiB page zeroes all of it on the spot, and on the node loop that held
+/// every call for 5-7 ms at a time (session 13, see README "Performance").
+/// mimalloc is built not to ask for them; this covers the kernel's side.
+#[cfg(target_os = "linux")]
+fn disable_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and sets a flag on
+    // this process's memory map; no pointer is passed.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot turn transparent huge pages off; the node loop may stall while the kernel zeroes them"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn disable_transparent_huge_pages() {}
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

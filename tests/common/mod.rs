@@ -408,6 +408,11 @@ impl Cluster {
         std::fs::read_to_string(&self.nodes[id as usize - 1].log).unwrap_or_default()
     }
 
+    /// Node `id`'s process id, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes[id as usize - 1].child.as_ref().map(|c| c.id())
+    }
+
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("node{id}"))
     }
