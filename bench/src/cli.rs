@@ -126,6 +126,14 @@ pub struct Args {
     /// (`ClientOptions::rpc_fill`; 0: the spacing alone decides).
     #[arg(long, default_value_t = seqd::client::ClientOptions::default().rpc_fill)]
     pub rpc_fill: usize,
+    /// Worker threads of the harness's runtime, which runs every target's
+    /// callers and client library (the same for every target). Default:
+    /// one per CPU. The targets share the machine: fewer workers leave
+    /// their server threads cores of their own, which changes the
+    /// closed-loop figures a great deal (README "Performance"), while the
+    /// open-loop runs need the harness's CPU to keep their schedule.
+    #[arg(long)]
+    pub client_threads: Option<usize>,
     /// Seed of the callers' key choices (caller i uses seed + i).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -146,6 +154,12 @@ impl Args {
     /// Whether each row gets an open-loop run after its closed-loop one.
     pub fn open_loop(&self) -> bool {
         self.open_loop_rate.is_some() || self.open_loop_fraction > 0.0
+    }
+
+    /// The harness runtime's worker threads (`--client-threads`, or its
+    /// default for a machine of `cpus`).
+    pub fn client_threads(&self, cpus: usize) -> usize {
+        self.client_threads.unwrap_or(cpus.max(1))
     }
 
     /// Rejects combinations that cannot be run, naming the flag.
@@ -196,6 +210,9 @@ impl Args {
         }
         if self.connections == 0 {
             return Err("--connections must be at least 1".into());
+        }
+        if self.client_threads == Some(0) {
+            return Err("--client-threads must be at least 1".into());
         }
         if self.targets.is_empty() || self.workloads.is_empty() {
             return Err("--targets and --workloads must name at least one each".into());
@@ -347,5 +364,16 @@ mod tests {
         assert!(counted.validate().is_ok());
         let err = parse(&["--calls", "0"]).validate().unwrap_err();
         assert!(err.contains("--calls"), "{err}");
+    }
+
+    #[test]
+    fn the_harness_takes_a_worker_per_cpu_unless_told() {
+        let default = parse(&[]);
+        assert_eq!(default.client_threads(2), 2);
+        assert_eq!(default.client_threads(0), 1);
+        let told = parse(&["--client-threads", "3"]);
+        assert_eq!(told.client_threads(2), 3);
+        let err = parse(&["--client-threads", "0"]).validate().unwrap_err();
+        assert!(err.contains("--client-threads"), "{err}");
     }
 }

@@ -42,7 +42,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let client_threads = args.client_threads(cpus());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(client_threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("seqcompare: cannot start the async runtime: {e}");
@@ -258,7 +263,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
 
     println!();
     println!(
-        "seqcompare: {} callers, {} keys ({}), count {}, fanout {}, namespace {:?}, {} measured after {} s warm-up, {} connection(s) per node, seqd client max_in_flight {}",
+        "seqcompare: {} callers, {} keys ({}), count {}, fanout {}, namespace {:?}, {} measured after {} s warm-up, {} connection(s) per node, seqd client max_in_flight {}, harness runtime {} worker thread(s)",
         args.callers,
         args.keys,
         dist_name(args),
@@ -271,7 +276,8 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         },
         args.warmup_seconds,
         args.connections,
-        args.max_in_flight
+        args.max_in_flight,
+        args.client_threads(cpus())
     );
     println!("latency: per call, from send to reply; ratios: calls/s over seqd's, same workload, same run");
     let versions = [
@@ -333,6 +339,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "max_in_flight": args.max_in_flight,
             "rpc_spacing_us": args.rpc_spacing_us,
             "rpc_fill": args.rpc_fill,
+            "client_threads": args.client_threads(cpus()),
             "seed": args.seed,
             "open_loop_fraction": args.open_loop_fraction,
             "open_loop_rate": args.open_loop_rate,
@@ -347,7 +354,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "etcd": versions[2].as_ref().map(|(_, p, v)| json!({"path": p, "version": v})),
         },
         "machine": {
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpus": cpus(),
             "work_dir": base,
             "work_dir_fs": fs,
         },
@@ -360,6 +367,13 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         started.elapsed().as_secs_f64()
     );
     Ok(rows.iter().all(|r| r.status != Status::Failed))
+}
+
+/// The machine's CPUs (0 where the OS cannot tell).
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0)
 }
 
 /// "uniform" or "zipf s=1", for the headers.

@@ -72,6 +72,11 @@ struct Args {
     /// `rpc_fill`; 0: the spacing alone decides).
     #[arg(long, default_value_t = ClientOptions::default().rpc_fill)]
     rpc_fill: usize,
+    /// Worker threads of this load generator's runtime (default: one per
+    /// CPU). On a machine it shares with the nodes, fewer leave them cores
+    /// of their own (as seqcompare --client-threads).
+    #[arg(long)]
+    client_threads: Option<usize>,
     /// Print JSON instead of a table row.
     #[arg(long)]
     json: bool,
@@ -264,7 +269,18 @@ async fn run(args: Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    match args.client_threads {
+        Some(0) => {
+            eprintln!("seqbench: --client-threads must be at least 1");
+            return ExitCode::from(2);
+        }
+        Some(n) => {
+            builder.worker_threads(n);
+        }
+        None => {}
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("seqbench: cannot start the runtime: {e}");
