@@ -50,8 +50,8 @@ use crate::pb::ids_client::IdsClient;
 use crate::pb::sequencer_client::SequencerClient;
 use crate::pb::{
     BatchItem, CurrentRequest, NextBatchRequest, NextBatchResponse, NextIdsRequest,
-    NextIdsResponse, NextRequest, NextResponse, NextStreamReply, NextStreamRequest, StatusRequest,
-    StatusResponse, StreamError,
+    NextIdsResponse, NextIdsStreamReply, NextIdsStreamRequest, NextRequest, NextResponse,
+    NextStreamReply, NextStreamRequest, StatusRequest, StatusResponse, StreamError,
 };
 
 /// Response metadata naming the leader's address (set by a follower).
@@ -151,12 +151,17 @@ struct Inner {
     /// Index (modulo the endpoints) of the node this client asks for IDs.
     ids_node: AtomicUsize,
     /// Endpoint → its `NextStream`, which carries coalesced batches.
-    streams: Mutex<HashMap<String, Arc<BatchStream>>>,
+    streams: Mutex<HashMap<String, Arc<CallStream<Batches>>>>,
+    /// Endpoint → its `NextIdsStream`, which carries coalesced ID calls.
+    id_streams: Mutex<HashMap<String, Arc<CallStream<IdCalls>>>>,
     /// Endpoints that answered `NextStream` with UNIMPLEMENTED (an older
     /// seqd), and when: their batches go as `NextBatch` RPCs for
     /// [`NO_STREAM_RECHECK`], then the stream is tried again (the node may
     /// have been upgraded meanwhile).
     no_stream: Mutex<HashMap<String, Instant>>,
+    /// The same for `NextIdsStream` (a node may have one stream and not
+    /// the other).
+    no_id_stream: Mutex<HashMap<String, Instant>>,
     /// [`NO_STREAM_RECHECK`] (shorter in tests).
     no_stream_recheck: Duration,
     /// Request ids of batches: this client's random prefix and a counter.
@@ -397,7 +402,9 @@ impl Client {
             // the nodes.
             ids_node: AtomicUsize::new((nonce % endpoints.len() as u64) as usize),
             streams: Mutex::new(HashMap::new()),
+            id_streams: Mutex::new(HashMap::new()),
             no_stream: Mutex::new(HashMap::new()),
+            no_id_stream: Mutex::new(HashMap::new()),
             no_stream_recheck: NO_STREAM_RECHECK,
             batch_ids: (nonce, std::sync::atomic::AtomicU64::new(0)),
         };
@@ -749,6 +756,9 @@ impl Drop for Inner {
         for stream in lock(&self.streams).values() {
             stream.close();
         }
+        for stream in lock(&self.id_streams).values() {
+            stream.close();
+        }
     }
 }
 
@@ -778,87 +788,56 @@ async fn unary_batch(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResp
         .map(|r| r.into_inner())
 }
 
-/// A `NextStream` to one node: each batch goes out with an id, and its
-/// reply, which may overtake replies to earlier batches, names it. Once
-/// closed (the stream ended, or a caller gave up on a reply) it takes
-/// nothing more; what it still owes is delivered if the node sends it,
-/// and fails with the stream's status when the stream ends.
-struct BatchStream {
-    state: Mutex<StreamState>,
+/// What one kind of call stream carries: `NextStream` for batches,
+/// `NextIdsStream` for ID calls. Each message goes out with an id, which
+/// its reply names.
+trait StreamRpc: Sized + 'static {
+    /// A call's request, as the unary RPC takes it.
+    type Body: Clone + Send + 'static;
+    /// A call's answer, as the unary RPC gives it.
+    type Answer: Send + 'static;
+    type Message: Send + 'static;
+    type Reply: Send + 'static;
+    /// Which stream, for errors.
+    const NAME: &'static str;
+    fn message(id: u64, body: Self::Body) -> Self::Message;
+    /// The reply's id and its answer, or the error it carries.
+    fn split(reply: Self::Reply) -> (u64, Result<Self::Answer, Status>);
+    /// Starts the streaming RPC on `ch`, sending what `rx` yields.
+    fn start(
+        ch: Channel,
+        rx: futures::channel::mpsc::UnboundedReceiver<Self::Message>,
+    ) -> impl Future<Output = Result<tonic::Streaming<Self::Reply>, Status>> + Send;
+    /// The call as its own RPC, for a node without the stream.
+    fn unary(
+        ch: Channel,
+        body: Self::Body,
+    ) -> impl Future<Output = Result<Self::Answer, Status>> + Send;
+    /// The client's open streams of this kind, by endpoint.
+    fn streams(inner: &Inner) -> &Mutex<HashMap<String, Arc<CallStream<Self>>>>;
+    /// Endpoints that answered this stream with UNIMPLEMENTED, and when.
+    fn no_stream(inner: &Inner) -> &Mutex<HashMap<String, Instant>>;
 }
 
-struct StreamState {
-    /// Where batches go; `None` once the stream is closed.
-    tx: Option<futures::channel::mpsc::UnboundedSender<NextStreamRequest>>,
-    next_id: u64,
-    /// Who waits for the reply to each batch sent.
-    waiting: HashMap<u64, oneshot::Sender<Result<NextBatchResponse, Status>>>,
-}
+/// Coalesced `next` batches.
+struct Batches;
 
-impl BatchStream {
-    /// Starts the stream on `ch`: a task reads its replies until it ends.
-    fn open(ch: Channel) -> Arc<Self> {
-        let (tx, rx) = futures::channel::mpsc::unbounded();
-        let stream = Arc::new(Self {
-            state: Mutex::new(StreamState {
-                tx: Some(tx),
-                next_id: 0,
-                waiting: HashMap::new(),
-            }),
-        });
-        let reader = stream.clone();
-        tokio::spawn(async move {
-            let ended = match SequencerClient::new(ch).next_stream(rx).await {
-                Ok(replies) => {
-                    let mut replies = replies.into_inner();
-                    loop {
-                        match replies.message().await {
-                            Ok(Some(reply)) => reader.answer(reply),
-                            Ok(None) => break Status::unavailable("the batch stream ended"),
-                            Err(status) => break status,
-                        }
-                    }
-                }
-                Err(status) => status,
-            };
-            reader.fail_all(ended);
-        });
-        stream
-    }
+impl StreamRpc for Batches {
+    type Body = NextBatchRequest;
+    type Answer = NextBatchResponse;
+    type Message = NextStreamRequest;
+    type Reply = NextStreamReply;
+    const NAME: &'static str = "batch stream";
 
-    fn is_open(&self) -> bool {
-        lock(&self.state).tx.is_some()
-    }
-
-    /// Sends `batch`; `None` if the stream is closed.
-    fn send(
-        &self,
-        batch: NextBatchRequest,
-    ) -> Option<oneshot::Receiver<Result<NextBatchResponse, Status>>> {
-        let mut state = lock(&self.state);
-        let id = state.next_id;
-        let req = NextStreamRequest {
+    fn message(id: u64, batch: NextBatchRequest) -> NextStreamRequest {
+        NextStreamRequest {
             id,
             batch: Some(batch),
-        };
-        state.tx.as_ref()?.unbounded_send(req).ok()?;
-        state.next_id += 1;
-        let (reply, answer) = oneshot::channel();
-        state.waiting.insert(id, reply);
-        Some(answer)
+        }
     }
 
-    /// Takes no more batches. Replies to those already sent are still
-    /// delivered while the server sends them; it ends the stream after the
-    /// last.
-    fn close(&self) {
-        lock(&self.state).tx = None;
-    }
-
-    fn answer(&self, reply: NextStreamReply) {
-        let Some(waiter) = lock(&self.state).waiting.remove(&reply.id) else {
-            return;
-        };
+    fn split(reply: NextStreamReply) -> (u64, Result<NextBatchResponse, Status>) {
+        let id = reply.id;
         let result = match reply {
             NextStreamReply { ok: Some(resp), .. } => Ok(resp),
             NextStreamReply {
@@ -872,19 +851,183 @@ impl BatchStream {
                 "a batch stream reply with neither ok nor error",
             )),
         };
+        (id, result)
+    }
+
+    async fn start(
+        ch: Channel,
+        rx: futures::channel::mpsc::UnboundedReceiver<NextStreamRequest>,
+    ) -> Result<tonic::Streaming<NextStreamReply>, Status> {
+        SequencerClient::new(ch)
+            .next_stream(rx)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn unary(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResponse, Status> {
+        unary_batch(ch, req).await
+    }
+
+    fn streams(inner: &Inner) -> &Mutex<HashMap<String, Arc<CallStream<Self>>>> {
+        &inner.streams
+    }
+
+    fn no_stream(inner: &Inner) -> &Mutex<HashMap<String, Instant>> {
+        &inner.no_stream
+    }
+}
+
+/// Coalesced `next_ids` calls.
+struct IdCalls;
+
+impl StreamRpc for IdCalls {
+    type Body = NextIdsRequest;
+    type Answer = NextIdsResponse;
+    type Message = NextIdsStreamRequest;
+    type Reply = NextIdsStreamReply;
+    const NAME: &'static str = "ID stream";
+
+    fn message(id: u64, request: NextIdsRequest) -> NextIdsStreamRequest {
+        NextIdsStreamRequest {
+            id,
+            request: Some(request),
+        }
+    }
+
+    fn split(reply: NextIdsStreamReply) -> (u64, Result<NextIdsResponse, Status>) {
+        let id = reply.id;
+        let result = match reply {
+            NextIdsStreamReply { ok: Some(resp), .. } => Ok(resp),
+            NextIdsStreamReply {
+                error: Some(error), ..
+            } => Err(Status::from(error)),
+            NextIdsStreamReply {
+                ok: None,
+                error: None,
+                ..
+            } => Err(Status::internal(
+                "an ID stream reply with neither ok nor error",
+            )),
+        };
+        (id, result)
+    }
+
+    async fn start(
+        ch: Channel,
+        rx: futures::channel::mpsc::UnboundedReceiver<NextIdsStreamRequest>,
+    ) -> Result<tonic::Streaming<NextIdsStreamReply>, Status> {
+        IdsClient::new(ch)
+            .next_ids_stream(rx)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn unary(ch: Channel, req: NextIdsRequest) -> Result<NextIdsResponse, Status> {
+        IdsClient::new(ch)
+            .next_ids(req)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    fn streams(inner: &Inner) -> &Mutex<HashMap<String, Arc<CallStream<Self>>>> {
+        &inner.id_streams
+    }
+
+    fn no_stream(inner: &Inner) -> &Mutex<HashMap<String, Instant>> {
+        &inner.no_id_stream
+    }
+}
+
+/// A stream of calls to one node: each call goes out with an id, and its
+/// reply, which may overtake replies to earlier calls, names it. Once
+/// closed (the stream ended, or a caller gave up on a reply) it takes
+/// nothing more; what it still owes is delivered if the node sends it,
+/// and fails with the stream's status when the stream ends.
+struct CallStream<P: StreamRpc> {
+    state: Mutex<StreamState<P>>,
+}
+
+struct StreamState<P: StreamRpc> {
+    /// Where calls go; `None` once the stream is closed.
+    tx: Option<futures::channel::mpsc::UnboundedSender<P::Message>>,
+    next_id: u64,
+    /// Who waits for the reply to each call sent.
+    waiting: HashMap<u64, oneshot::Sender<Result<P::Answer, Status>>>,
+}
+
+impl<P: StreamRpc> CallStream<P> {
+    /// Starts the stream on `ch`: a task reads its replies until it ends.
+    fn open(ch: Channel) -> Arc<Self> {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let stream = Arc::new(Self {
+            state: Mutex::new(StreamState {
+                tx: Some(tx),
+                next_id: 0,
+                waiting: HashMap::new(),
+            }),
+        });
+        let reader = stream.clone();
+        tokio::spawn(async move {
+            let ended = match P::start(ch, rx).await {
+                Ok(mut replies) => loop {
+                    match replies.message().await {
+                        Ok(Some(reply)) => reader.answer(reply),
+                        Ok(None) => break Status::unavailable(format!("the {} ended", P::NAME)),
+                        Err(status) => break status,
+                    }
+                },
+                Err(status) => status,
+            };
+            reader.fail_all(ended);
+        });
+        stream
+    }
+
+    fn is_open(&self) -> bool {
+        lock(&self.state).tx.is_some()
+    }
+
+    /// Sends `body`; `None` if the stream is closed.
+    fn send(&self, body: P::Body) -> Option<oneshot::Receiver<Result<P::Answer, Status>>> {
+        let mut state = lock(&self.state);
+        let id = state.next_id;
+        state
+            .tx
+            .as_ref()?
+            .unbounded_send(P::message(id, body))
+            .ok()?;
+        state.next_id += 1;
+        let (reply, answer) = oneshot::channel();
+        state.waiting.insert(id, reply);
+        Some(answer)
+    }
+
+    /// Takes no more calls. Replies to those already sent are still
+    /// delivered while the server sends them; it ends the stream after the
+    /// last.
+    fn close(&self) {
+        lock(&self.state).tx = None;
+    }
+
+    fn answer(&self, reply: P::Reply) {
+        let (id, result) = P::split(reply);
+        let Some(waiter) = lock(&self.state).waiting.remove(&id) else {
+            return;
+        };
         let _ = waiter.send(result);
     }
 
-    /// The stream ended with `status`: every batch still owed fails with it.
-    /// A node answers for a batch in its reply, so the stream's own status
+    /// The stream ended with `status`: every call still owed fails with it.
+    /// A node answers for a call in its reply, so the stream's own status
     /// says only that the stream is gone (a node stopping sends GOAWAY,
     /// which tonic reports as INTERNAL): retryable, as UNAVAILABLE, except
-    /// UNIMPLEMENTED, which tells an older node (see `send_on_stream`).
+    /// UNIMPLEMENTED, which tells an older node (see `Inner::on_stream`).
     fn fail_all(&self, status: Status) {
         let status = match status.code() {
             Code::Unimplemented | Code::Unavailable => status,
             _ => Status::unavailable(format!(
-                "the batch stream broke: {}: {}",
+                "the {} broke: {}: {}",
+                P::NAME,
                 status.code(),
                 status.message()
             )),
@@ -1049,59 +1192,67 @@ impl Inner {
         let result = self
             .call(|target, ch| {
                 let req = &req;
-                async move { self.send_on_stream(&target, ch, req).await }
+                async move { self.on_stream::<Batches>(&target, ch, req).await }
             })
             .await;
         (result, req.items.into_iter().map(|i| i.key).collect())
     }
 
-    /// One attempt: `req` on `target`'s stream, opened if it has none or
-    /// the last one broke.
-    async fn send_on_stream(
+    /// One attempt: `body` on `target`'s stream of kind `P`, opened if it
+    /// has none or the last one broke; as its own RPC if the node has no
+    /// such stream.
+    async fn on_stream<P: StreamRpc>(
         &self,
         target: &str,
         ch: Channel,
-        req: &NextBatchRequest,
-    ) -> Result<NextBatchResponse, Status> {
-        let without_stream = lock(&self.no_stream)
+        body: &P::Body,
+    ) -> Result<P::Answer, Status> {
+        let without_stream = lock(P::no_stream(self))
             .get(target)
             .is_some_and(|since| since.elapsed() < self.no_stream_recheck);
         if without_stream {
-            return unary_batch(ch, req.clone()).await;
+            return P::unary(ch, body.clone()).await;
         }
         let stream = {
-            let mut streams = lock(&self.streams);
+            let mut streams = lock(P::streams(self));
             match streams.get(target) {
                 Some(s) if s.is_open() => s.clone(),
                 _ => {
-                    let s = BatchStream::open(ch.clone());
+                    let s = CallStream::<P>::open(ch.clone());
                     streams.insert(target.to_string(), s.clone());
                     s
                 }
             }
         };
-        let Some(answer) = stream.send(req.clone()) else {
-            return Err(Status::unavailable("the batch stream to this node broke"));
+        let Some(answer) = stream.send(body.clone()) else {
+            return Err(Status::unavailable(format!(
+                "the {} to this node broke",
+                P::NAME
+            )));
         };
         let result = match tokio::time::timeout(self.opts.attempt_timeout, answer).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Status::unavailable("the batch stream to this node ended")),
+            Ok(Err(_)) => Err(Status::unavailable(format!(
+                "the {} to this node ended",
+                P::NAME
+            ))),
             Err(_) => {
                 // A stream that lets a reply wait this long may never send
                 // it (a node that stopped answering), and whoever waited
                 // for it would stay in its table as long as it lives: the
-                // next batch opens a new stream, and this one ends once the
+                // next call opens a new stream, and this one ends once the
                 // node answers what it still owes, or its connection dies.
                 stream.close();
-                Err(Status::deadline_exceeded(
-                    "no reply on the batch stream within the attempt timeout",
-                ))
+                Err(Status::deadline_exceeded(format!(
+                    "no reply on the {} within the attempt timeout",
+                    P::NAME
+                )))
             }
         };
         match result {
             Err(status) if status.code() == Code::Unimplemented => {
-                lock(&self.no_stream).insert(target.to_string(), Instant::now());
-                unary_batch(ch, req.clone()).await
+                lock(P::no_stream(self)).insert(target.to_string(), Instant::now());
+                P::unary(ch, body.clone()).await
             }
             other => other,
         }
@@ -1187,9 +1338,15 @@ impl Inner {
             let at = self.ids_node.load(Ordering::Relaxed);
             let target = &self.endpoints[at % nodes];
             retry.attempts += 1;
-            let mut ids = IdsClient::new(self.channel(target)?);
-            let status = match ids.next_ids(NextIdsRequest { count }).await {
-                Ok(r) => return Ok(r.into_inner()),
+            let ch = self.channel(target)?;
+            let req = NextIdsRequest { count };
+            let result = if self.opts.max_in_flight == 0 {
+                IdCalls::unary(ch, req).await
+            } else {
+                self.on_stream::<IdCalls>(target, ch, &req).await
+            };
+            let status = match result {
+                Ok(resp) => return Ok(resp),
                 Err(status) => status,
             };
             if matches!(
@@ -1673,6 +1830,10 @@ mod tests {
         refuse: Option<Code>,
         /// The largest count it takes (0: any).
         max_count: u32,
+        /// Answers `NextIdsStream` with UNIMPLEMENTED, as an older node.
+        no_stream: bool,
+        /// Calls that came on `NextIdsStream`.
+        streamed: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     #[cfg(feature = "server")]
@@ -1702,6 +1863,43 @@ mod tests {
             _: tonic::Request<crate::pb::DecodeRequest>,
         ) -> Result<tonic::Response<crate::pb::DecodeResponse>, Status> {
             Err(Status::unimplemented("not needed here"))
+        }
+
+        type NextIdsStreamStream = std::pin::Pin<
+            Box<dyn futures::Stream<Item = Result<NextIdsStreamReply, Status>> + Send>,
+        >;
+
+        /// Each message answered as `next_ids` answers it.
+        async fn next_ids_stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<NextIdsStreamRequest>>,
+        ) -> Result<tonic::Response<Self::NextIdsStreamStream>, Status> {
+            use futures::StreamExt;
+            if self.no_stream {
+                return Err(Status::unimplemented("no ID stream here"));
+            }
+            let fake = self.clone();
+            let replies = request.into_inner().then(move |message| {
+                let fake = fake.clone();
+                async move {
+                    let NextIdsStreamRequest { id, request } = message?;
+                    fake.streamed.fetch_add(1, Ordering::SeqCst);
+                    let request = request.unwrap_or_default();
+                    Ok(match fake.next_ids(tonic::Request::new(request)).await {
+                        Ok(resp) => NextIdsStreamReply {
+                            id,
+                            ok: Some(resp.into_inner()),
+                            error: None,
+                        },
+                        Err(status) => NextIdsStreamReply {
+                            id,
+                            ok: None,
+                            error: Some(StreamError::from(&status)),
+                        },
+                    })
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(replies)))
         }
     }
 
@@ -1761,6 +1959,50 @@ mod tests {
             CALLERS as usize * ROUNDS,
             counts.len()
         );
+        assert_eq!(
+            server.streamed.load(Ordering::SeqCst),
+            counts.len(),
+            "every coalesced call went on the ID stream"
+        );
+        assert_eq!(lock(&client.inner.id_streams).len(), 1, "one stream, kept");
+    }
+
+    /// A node without `NextIdsStream` (an older seqd) gets the calls as
+    /// `NextIds` RPCs, and is not asked for the stream again at once; with
+    /// `max_in_flight` 0 every call is its own RPC, never on the stream.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn id_calls_to_a_node_without_the_stream_go_as_rpcs() {
+        let old = FakeIds {
+            no_stream: true,
+            ..FakeIds::default()
+        };
+        let addr = serve_ids(old.clone()).await;
+        let client = ids_client(std::slice::from_ref(&addr), ClientOptions::default());
+        for _ in 0..3 {
+            let r = client.next_ids(5).await.unwrap();
+            assert_eq!(r.ids.len(), 5);
+        }
+        assert_eq!(lock(&old.counts).len(), 3);
+        assert_eq!(old.streamed.load(Ordering::SeqCst), 0);
+        assert!(lock(&client.inner.no_id_stream).contains_key(&addr));
+        assert!(
+            lock(&client.inner.no_stream).is_empty(),
+            "the batch stream is another matter"
+        );
+
+        let new = FakeIds::default();
+        let addr = serve_ids(new.clone()).await;
+        let unary = ids_client(
+            &[addr],
+            ClientOptions {
+                max_in_flight: 0,
+                ..ClientOptions::default()
+            },
+        );
+        unary.next_ids(5).await.unwrap();
+        assert_eq!(lock(&new.counts).len(), 1);
+        assert_eq!(new.streamed.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -355,6 +355,50 @@ async fn decode_returns_the_parts_and_bad_counts_are_rejected() {
     assert!(err.message().starts_with("id:"), "{}", err.message());
 }
 
+/// `NextIdsStream`: each request is answered by its id, a bad one by an
+/// error in its reply (named as the unary RPC names it), and the stream goes
+/// on; IDs keep increasing from one request to the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_id_stream_answers_each_call_by_its_id_and_goes_on_after_a_bad_one() {
+    use seqd::pb::{NextIdsStreamReply, NextIdsStreamRequest};
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+    let mut api = c.ids(1).await;
+    let requests = [
+        (10, Some(3)),
+        (11, Some(0)),
+        (12, None),
+        (13, Some(100_001)),
+        (14, Some(5)),
+    ];
+    let outgoing = futures::stream::iter(requests.map(|(id, count)| NextIdsStreamRequest {
+        id,
+        request: count.map(|count| NextIdsRequest { count }),
+    }));
+    let mut replies = api.next_ids_stream(outgoing).await.unwrap().into_inner();
+    let mut by_id = std::collections::HashMap::new();
+    while let Some(reply) = replies.message().await.unwrap() {
+        let NextIdsStreamReply { id, ok, error } = reply;
+        assert!(
+            by_id.insert(id, (ok, error)).is_none(),
+            "{id} answered twice"
+        );
+    }
+    assert_eq!(by_id.len(), requests.len(), "{by_id:?}");
+    let ids = |id: u64| by_id[&id].0.clone().expect("ok").ids;
+    let error = |id: u64| by_id[&id].1.clone().expect("error");
+    assert_eq!(ids(10).len(), 3);
+    assert_eq!(ids(14).len(), 5);
+    let all: Vec<u64> = ids(10).into_iter().chain(ids(14)).collect();
+    assert_increasing(1, &all);
+    for (id, starts) in [(11, "count:"), (12, "request: missing"), (13, "count:")] {
+        let e = error(id);
+        assert_eq!(e.code, Code::InvalidArgument as i32, "{e:?}");
+        assert!(e.message.starts_with(starts), "{e:?}");
+    }
+}
+
 /// The client's `next_ids`: concurrent callers share RPCs to one node; when
 /// that node is killed they go on at another without a failed call, and
 /// every ID handed out is unique, each call's strictly increasing and of

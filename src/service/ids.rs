@@ -1,14 +1,19 @@
 //! The public `Ids` service: Snowflake IDs from every node.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::observe;
 use crate::core::IdError;
 use crate::metrics as m;
 use crate::pb::ids_server::Ids;
-use crate::pb::{DecodeRequest, DecodeResponse, NextIdsRequest, NextIdsResponse};
+use crate::pb::{
+    DecodeRequest, DecodeResponse, NextIdsRequest, NextIdsResponse, NextIdsStreamReply,
+    NextIdsStreamRequest, StreamError,
+};
 use crate::raft::IdState;
 
 pub struct IdsService {
@@ -43,6 +48,46 @@ impl Ids for IdsService {
         observe("NextIds", start, &result);
         result
     }
+
+    type NextIdsStreamStream =
+        Pin<Box<dyn Stream<Item = Result<NextIdsStreamReply, Status>> + Send + 'static>>;
+
+    /// Each request is served as a `NextIds` (same checks, same metrics,
+    /// recorded as `NextIds`) and answered with its id, in order: issuing
+    /// never waits. A request that cannot be read ends the stream with its
+    /// status.
+    async fn next_ids_stream(
+        &self,
+        request: Request<Streaming<NextIdsStreamRequest>>,
+    ) -> Result<Response<Self::NextIdsStreamStream>, Status> {
+        let service = Self {
+            ids: self.ids.clone(),
+            max_count: self.max_count,
+        };
+        let replies = request.into_inner().map(move |message| {
+            let NextIdsStreamRequest { id, request } = message?;
+            let start = std::time::Instant::now();
+            let result = match request {
+                Some(request) => service.next_ids_inner(Request::new(request)),
+                None => Err(Status::invalid_argument("request: missing")),
+            };
+            observe("NextIds", start, &result);
+            Ok(match result {
+                Ok(resp) => NextIdsStreamReply {
+                    id,
+                    ok: Some(resp.into_inner()),
+                    error: None,
+                },
+                Err(status) => NextIdsStreamReply {
+                    id,
+                    ok: None,
+                    error: Some(StreamError::from(&status)),
+                },
+            })
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+
     async fn decode(
         &self,
         request: Request<DecodeRequest>,
