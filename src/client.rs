@@ -819,6 +819,18 @@ trait StreamRpc: Sized + 'static {
     fn no_stream(inner: &Inner) -> &Mutex<HashMap<String, Instant>>;
 }
 
+/// A stream reply's answer: `ok`, or the status `error` carries.
+fn reply_result<P: StreamRpc, T>(ok: Option<T>, error: Option<StreamError>) -> Result<T, Status> {
+    match (ok, error) {
+        (Some(ok), _) => Ok(ok),
+        (None, Some(error)) => Err(Status::from(error)),
+        (None, None) => Err(Status::internal(format!(
+            "a reply on the {} with neither ok nor error",
+            P::NAME
+        ))),
+    }
+}
+
 /// Coalesced `next` batches.
 struct Batches;
 
@@ -837,21 +849,7 @@ impl StreamRpc for Batches {
     }
 
     fn split(reply: NextStreamReply) -> (u64, Result<NextBatchResponse, Status>) {
-        let id = reply.id;
-        let result = match reply {
-            NextStreamReply { ok: Some(resp), .. } => Ok(resp),
-            NextStreamReply {
-                error: Some(error), ..
-            } => Err(Status::from(error)),
-            NextStreamReply {
-                ok: None,
-                error: None,
-                ..
-            } => Err(Status::internal(
-                "a batch stream reply with neither ok nor error",
-            )),
-        };
-        (id, result)
+        (reply.id, reply_result::<Self, _>(reply.ok, reply.error))
     }
 
     async fn start(
@@ -895,21 +893,7 @@ impl StreamRpc for IdCalls {
     }
 
     fn split(reply: NextIdsStreamReply) -> (u64, Result<NextIdsResponse, Status>) {
-        let id = reply.id;
-        let result = match reply {
-            NextIdsStreamReply { ok: Some(resp), .. } => Ok(resp),
-            NextIdsStreamReply {
-                error: Some(error), ..
-            } => Err(Status::from(error)),
-            NextIdsStreamReply {
-                ok: None,
-                error: None,
-                ..
-            } => Err(Status::internal(
-                "an ID stream reply with neither ok nor error",
-            )),
-        };
-        (id, result)
+        (reply.id, reply_result::<Self, _>(reply.ok, reply.error))
     }
 
     async fn start(
@@ -1036,6 +1020,44 @@ impl<P: StreamRpc> CallStream<P> {
         state.tx = None;
         for (_, waiter) in state.waiting.drain() {
             let _ = waiter.send(Err(status.clone()));
+        }
+    }
+}
+
+impl NextStreamReply {
+    /// The reply to batch `id`: its response, or its failure as the
+    /// `NextBatch` RPC would have reported it.
+    pub fn answering(id: u64, result: Result<NextBatchResponse, Status>) -> Self {
+        match result {
+            Ok(resp) => Self {
+                id,
+                ok: Some(resp),
+                error: None,
+            },
+            Err(status) => Self {
+                id,
+                ok: None,
+                error: Some(StreamError::from(&status)),
+            },
+        }
+    }
+}
+
+impl NextIdsStreamReply {
+    /// The reply to call `id`: its IDs, or its failure as the `NextIds`
+    /// RPC would have reported it.
+    pub fn answering(id: u64, result: Result<NextIdsResponse, Status>) -> Self {
+        match result {
+            Ok(resp) => Self {
+                id,
+                ok: Some(resp),
+                error: None,
+            },
+            Err(status) => Self {
+                id,
+                ok: None,
+                error: Some(StreamError::from(&status)),
+            },
         }
     }
 }
@@ -1885,18 +1907,11 @@ mod tests {
                     let NextIdsStreamRequest { id, request } = message?;
                     fake.streamed.fetch_add(1, Ordering::SeqCst);
                     let request = request.unwrap_or_default();
-                    Ok(match fake.next_ids(tonic::Request::new(request)).await {
-                        Ok(resp) => NextIdsStreamReply {
-                            id,
-                            ok: Some(resp.into_inner()),
-                            error: None,
-                        },
-                        Err(status) => NextIdsStreamReply {
-                            id,
-                            ok: None,
-                            error: Some(StreamError::from(&status)),
-                        },
-                    })
+                    let result = fake.next_ids(tonic::Request::new(request)).await;
+                    Ok(NextIdsStreamReply::answering(
+                        id,
+                        result.map(tonic::Response::into_inner),
+                    ))
                 }
             });
             Ok(tonic::Response::new(Box::pin(replies)))

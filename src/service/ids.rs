@@ -12,7 +12,7 @@ use crate::metrics as m;
 use crate::pb::ids_server::Ids;
 use crate::pb::{
     DecodeRequest, DecodeResponse, NextIdsRequest, NextIdsResponse, NextIdsStreamReply,
-    NextIdsStreamRequest, StreamError,
+    NextIdsStreamRequest,
 };
 use crate::raft::IdState;
 
@@ -72,18 +72,10 @@ impl Ids for IdsService {
                 None => Err(Status::invalid_argument("request: missing")),
             };
             observe("NextIds", start, &result);
-            Ok(match result {
-                Ok(resp) => NextIdsStreamReply {
-                    id,
-                    ok: Some(resp.into_inner()),
-                    error: None,
-                },
-                Err(status) => NextIdsStreamReply {
-                    id,
-                    ok: None,
-                    error: Some(StreamError::from(&status)),
-                },
-            })
+            Ok(NextIdsStreamReply::answering(
+                id,
+                result.map(Response::into_inner),
+            ))
         });
         Ok(Response::new(Box::pin(replies)))
     }

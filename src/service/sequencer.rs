@@ -13,7 +13,7 @@ use crate::core::{InvalidArgument, Namespaces, RequestId, SeqKey, SeqRange};
 use crate::pb::sequencer_server::Sequencer;
 use crate::pb::{
     CurrentRequest, CurrentResponse, NextBatchRequest, NextBatchResponse, NextRequest,
-    NextResponse, NextStreamReply, NextStreamRequest, Range, StreamError,
+    NextResponse, NextStreamReply, NextStreamRequest, Range,
 };
 use crate::raft::NodeHandle;
 
@@ -215,18 +215,10 @@ impl Sequencer for SequencerService {
                         None => Err(Status::invalid_argument("batch: missing")),
                     };
                     observe("NextBatch", start, &result);
-                    Ok(match result {
-                        Ok(resp) => NextStreamReply {
-                            id,
-                            ok: Some(resp.into_inner()),
-                            error: None,
-                        },
-                        Err(status) => NextStreamReply {
-                            id,
-                            ok: None,
-                            error: Some(StreamError::from(&status)),
-                        },
-                    })
+                    Ok(NextStreamReply::answering(
+                        id,
+                        result.map(Response::into_inner),
+                    ))
                 }
             })
             .buffer_unordered(STREAM_BATCHES_IN_FLIGHT);
