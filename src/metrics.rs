@@ -17,6 +17,10 @@ pub const REQUESTS_TOTAL: &str = "seqd_requests_total";
 pub const NEXT_STREAMS_TOTAL: &str = "seqd_next_streams_opened_total";
 /// `NextStream`s open now: about one per client process and node.
 pub const NEXT_STREAMS_OPEN: &str = "seqd_next_streams_open";
+/// `NextIdsStream`s opened by clients, and open now (each carries many
+/// `NextIds` calls, counted as `NextIds`): as the two above.
+pub const ID_STREAMS_TOTAL: &str = "seqd_id_streams_opened_total";
+pub const ID_STREAMS_OPEN: &str = "seqd_id_streams_open";
 /// Keys whose ceiling was raised ahead of demand (segment refills).
 pub const REFILLS_TOTAL: &str = "seqd_segment_refills_total";
 /// Calls that found no room and waited for a refill to commit.
@@ -95,6 +99,8 @@ fn describe() {
         "NextStream batch streams opened by clients."
     );
     describe_gauge!(NEXT_STREAMS_OPEN, "NextStream batch streams open now.");
+    describe_counter!(ID_STREAMS_TOTAL, "NextIdsStream streams opened by clients.");
+    describe_gauge!(ID_STREAMS_OPEN, "NextIdsStream streams open now.");
     describe_counter!(REFILLS_TOTAL, "Keys refilled ahead of demand.");
     describe_counter!(
         REFILL_WAITS_TOTAL,

@@ -399,6 +399,43 @@ async fn the_id_stream_answers_each_call_by_its_id_and_goes_on_after_a_bad_one()
     }
 }
 
+/// A client's ID calls share one `NextIdsStream` to the node, counted in
+/// the node's metrics, and the stream ends when the client is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clients_id_calls_share_one_stream_that_ends_with_the_client() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+    let client = Arc::new(c.client());
+    let mut all = HashSet::new();
+    for _ in 0..2 {
+        let calls = (0..20).map(|_| {
+            let client = client.clone();
+            async move { client.next_ids(3).await.unwrap().ids }
+        });
+        for ids in futures::future::join_all(calls).await {
+            assert_eq!(ids.len(), 3);
+            assert_increasing(1, &ids);
+            for id in ids {
+                assert!(all.insert(id), "id {id} issued twice");
+            }
+        }
+    }
+    let metric = |name| common::metric(&c.node(1).metrics_addr, name);
+    assert_eq!(metric("seqd_id_streams_opened_total"), Some(1.0));
+    assert_eq!(metric("seqd_id_streams_open"), Some(1.0));
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric("seqd_id_streams_open") != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the ID stream of a dropped client is still open: {:?}",
+            metric("seqd_id_streams_open")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The client's `next_ids`: concurrent callers share RPCs to one node; when
 /// that node is killed they go on at another without a failed call, and
 /// every ID handed out is unique, each call's strictly increasing and of

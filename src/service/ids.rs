@@ -60,11 +60,15 @@ impl Ids for IdsService {
         &self,
         request: Request<Streaming<NextIdsStreamRequest>>,
     ) -> Result<Response<Self::NextIdsStreamStream>, Status> {
+        let open = super::OpenStream::new(m::ID_STREAMS_TOTAL, m::ID_STREAMS_OPEN);
         let service = Self {
             ids: self.ids.clone(),
             max_count: self.max_count,
         };
         let replies = request.into_inner().map(move |message| {
+            // Counted open until the replies stream is dropped: ended, or
+            // its client gone.
+            let _open = &open;
             let NextIdsStreamRequest { id, request } = message?;
             let start = std::time::Instant::now();
             let result = match request {

@@ -34,6 +34,26 @@ impl PeerAddrs {
     }
 }
 
+/// A client's call stream (`NextStream`, `NextIdsStream`): counted in
+/// its `opened` counter when made, and in its `open` gauge while it lives.
+struct OpenStream {
+    open: &'static str,
+}
+
+impl OpenStream {
+    fn new(opened: &'static str, open: &'static str) -> Self {
+        metrics::counter!(opened).increment(1);
+        metrics::gauge!(open).increment(1.0);
+        Self { open }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        metrics::gauge!(self.open).decrement(1.0);
+    }
+}
+
 /// Records latency and outcome of one public call.
 pub fn observe<T>(op: &'static str, start: std::time::Instant, result: &Result<T, Status>) {
     let code = match result {

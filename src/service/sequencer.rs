@@ -24,22 +24,6 @@ use crate::raft::NodeHandle;
 /// no further until one is answered (HTTP/2 flow control holds the rest).
 const STREAM_BATCHES_IN_FLIGHT: usize = 32;
 
-/// Counts a `NextStream` in `seqd_next_streams_open` while it lives.
-struct OpenStream;
-
-impl OpenStream {
-    fn new() -> Self {
-        metrics::gauge!(crate::metrics::NEXT_STREAMS_OPEN).increment(1.0);
-        Self
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        metrics::gauge!(crate::metrics::NEXT_STREAMS_OPEN).decrement(1.0);
-    }
-}
-
 #[derive(Clone)]
 pub struct SequencerService {
     node: NodeHandle,
@@ -195,8 +179,10 @@ impl Sequencer for SequencerService {
         &self,
         request: Request<Streaming<NextStreamRequest>>,
     ) -> Result<Response<Self::NextStreamStream>, Status> {
-        metrics::counter!(crate::metrics::NEXT_STREAMS_TOTAL).increment(1);
-        let open = OpenStream::new();
+        let open = super::OpenStream::new(
+            crate::metrics::NEXT_STREAMS_TOTAL,
+            crate::metrics::NEXT_STREAMS_OPEN,
+        );
         // Shared by the stream's batches: cloning the service itself would
         // copy the namespace table for every batch.
         let service = std::sync::Arc::new(self.clone());
