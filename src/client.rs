@@ -29,7 +29,8 @@
 //! Concurrent [`Client::next_ids`] calls share RPCs the same way, in a lane
 //! of their own: one `NextIds` asks for their summed count and each caller
 //! gets its slice, in queue order (strictly increasing, like any call's
-//! IDs). Any node issues IDs, so they go to one node of the client's own
+//! IDs). Batches travel on the node's `NextStream`, ID calls on its
+//! `NextIdsStream` (a node without one gets the unary RPCs). Any node issues IDs, so they go to one node of the client's own
 //! (spread over the endpoints by the client's random prefix), and to the
 //! next when that one cannot issue or refuses.
 
