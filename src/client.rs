@@ -151,18 +151,11 @@ struct Inner {
     ids_lanes: Mutex<HashMap<String, Lane<Ids>>>,
     /// Index (modulo the endpoints) of the node this client asks for IDs.
     ids_node: AtomicUsize,
-    /// Endpoint → its `NextStream`, which carries coalesced batches.
-    streams: Mutex<HashMap<String, Arc<CallStream<Batches>>>>,
-    /// Endpoint → its `NextIdsStream`, which carries coalesced ID calls.
-    id_streams: Mutex<HashMap<String, Arc<CallStream<IdCalls>>>>,
-    /// Endpoints that answered `NextStream` with UNIMPLEMENTED (an older
-    /// seqd), and when: their batches go as `NextBatch` RPCs for
-    /// [`NO_STREAM_RECHECK`], then the stream is tried again (the node may
-    /// have been upgraded meanwhile).
-    no_stream: Mutex<HashMap<String, Instant>>,
-    /// The same for `NextIdsStream` (a node may have one stream and not
-    /// the other).
-    no_id_stream: Mutex<HashMap<String, Instant>>,
+    /// Each node's `NextStream`, which carries coalesced batches.
+    streams: StreamTable<Batches>,
+    /// Each node's `NextIdsStream`, which carries coalesced ID calls (a
+    /// node may have one stream and not the other).
+    id_streams: StreamTable<IdCalls>,
     /// [`NO_STREAM_RECHECK`] (shorter in tests).
     no_stream_recheck: Duration,
     /// Request ids of batches: this client's random prefix and a counter.
@@ -402,10 +395,8 @@ impl Client {
             // Clients of one frontend fleet spread their IDs calls over
             // the nodes.
             ids_node: AtomicUsize::new((nonce % endpoints.len() as u64) as usize),
-            streams: Mutex::new(HashMap::new()),
-            id_streams: Mutex::new(HashMap::new()),
-            no_stream: Mutex::new(HashMap::new()),
-            no_id_stream: Mutex::new(HashMap::new()),
+            streams: StreamTable::default(),
+            id_streams: StreamTable::default(),
             no_stream_recheck: NO_STREAM_RECHECK,
             batch_ids: (nonce, std::sync::atomic::AtomicU64::new(0)),
         };
@@ -754,12 +745,8 @@ impl Drop for Inner {
     /// nodes end them (after answering what they owe), and the readers
     /// and connections go with them.
     fn drop(&mut self) {
-        for stream in lock(&self.streams).values() {
-            stream.close();
-        }
-        for stream in lock(&self.id_streams).values() {
-            stream.close();
-        }
+        self.streams.close_all();
+        self.id_streams.close_all();
     }
 }
 
@@ -780,13 +767,6 @@ impl Inner {
             request_id: format!("seqd-client-{nonce:016x}-{n}"),
         }
     }
-}
-
-async fn unary_batch(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResponse, Status> {
-    SequencerClient::new(ch)
-        .next_batch(req)
-        .await
-        .map(|r| r.into_inner())
 }
 
 /// What one kind of call stream carries: `NextStream` for batches,
@@ -814,10 +794,8 @@ trait StreamRpc: Sized + 'static {
         ch: Channel,
         body: Self::Body,
     ) -> impl Future<Output = Result<Self::Answer, Status>> + Send;
-    /// The client's open streams of this kind, by endpoint.
-    fn streams(inner: &Inner) -> &Mutex<HashMap<String, Arc<CallStream<Self>>>>;
-    /// Endpoints that answered this stream with UNIMPLEMENTED, and when.
-    fn no_stream(inner: &Inner) -> &Mutex<HashMap<String, Instant>>;
+    /// The client's streams of this kind.
+    fn table(inner: &Inner) -> &StreamTable<Self>;
 }
 
 /// A stream reply's answer: `ok`, or the status `error` carries.
@@ -864,15 +842,14 @@ impl StreamRpc for Batches {
     }
 
     async fn unary(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResponse, Status> {
-        unary_batch(ch, req).await
+        SequencerClient::new(ch)
+            .next_batch(req)
+            .await
+            .map(|r| r.into_inner())
     }
 
-    fn streams(inner: &Inner) -> &Mutex<HashMap<String, Arc<CallStream<Self>>>> {
+    fn table(inner: &Inner) -> &StreamTable<Self> {
         &inner.streams
-    }
-
-    fn no_stream(inner: &Inner) -> &Mutex<HashMap<String, Instant>> {
-        &inner.no_stream
     }
 }
 
@@ -914,12 +891,34 @@ impl StreamRpc for IdCalls {
             .map(|r| r.into_inner())
     }
 
-    fn streams(inner: &Inner) -> &Mutex<HashMap<String, Arc<CallStream<Self>>>> {
+    fn table(inner: &Inner) -> &StreamTable<Self> {
         &inner.id_streams
     }
+}
 
-    fn no_stream(inner: &Inner) -> &Mutex<HashMap<String, Instant>> {
-        &inner.no_id_stream
+/// A client's streams of one kind, by endpoint, and the endpoints that
+/// answered that stream with UNIMPLEMENTED (an older seqd), with when:
+/// their calls go as unary RPCs for [`NO_STREAM_RECHECK`], then the stream
+/// is tried again (the node may have been upgraded meanwhile).
+struct StreamTable<P: StreamRpc> {
+    open: Mutex<HashMap<String, Arc<CallStream<P>>>>,
+    missing: Mutex<HashMap<String, Instant>>,
+}
+
+impl<P: StreamRpc> Default for StreamTable<P> {
+    fn default() -> Self {
+        Self {
+            open: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<P: StreamRpc> StreamTable<P> {
+    fn close_all(&self) {
+        for stream in lock(&self.open).values() {
+            stream.close();
+        }
     }
 }
 
@@ -1200,7 +1199,7 @@ impl Inner {
         items: Vec<(String, u32)>,
     ) -> Result<NextBatchResponse, ClientError> {
         let req = self.batch_request(namespace, items);
-        self.call(|_, ch| unary_batch(ch, req.clone())).await
+        self.call(|_, ch| Batches::unary(ch, req.clone())).await
     }
 
     /// [`Inner::next_batch`] over the leader's `NextStream` (the RPC itself
@@ -1230,14 +1229,15 @@ impl Inner {
         ch: Channel,
         body: &P::Body,
     ) -> Result<P::Answer, Status> {
-        let without_stream = lock(P::no_stream(self))
+        let table = P::table(self);
+        let without_stream = lock(&table.missing)
             .get(target)
             .is_some_and(|since| since.elapsed() < self.no_stream_recheck);
         if without_stream {
             return P::unary(ch, body.clone()).await;
         }
         let stream = {
-            let mut streams = lock(P::streams(self));
+            let mut streams = lock(&table.open);
             match streams.get(target) {
                 Some(s) if s.is_open() => s.clone(),
                 _ => {
@@ -1274,7 +1274,7 @@ impl Inner {
         };
         match result {
             Err(status) if status.code() == Code::Unimplemented => {
-                lock(P::no_stream(self)).insert(target.to_string(), Instant::now());
+                lock(&table.missing).insert(target.to_string(), Instant::now());
                 P::unary(ch, body.clone()).await
             }
             other => other,
@@ -1980,7 +1980,11 @@ mod tests {
             counts.len(),
             "every coalesced call went on the ID stream"
         );
-        assert_eq!(lock(&client.inner.id_streams).len(), 1, "one stream, kept");
+        assert_eq!(
+            lock(&client.inner.id_streams.open).len(),
+            1,
+            "one stream, kept"
+        );
     }
 
     /// A node without `NextIdsStream` (an older seqd) gets the calls as
@@ -2001,9 +2005,9 @@ mod tests {
         }
         assert_eq!(lock(&old.counts).len(), 3);
         assert_eq!(old.streamed.load(Ordering::SeqCst), 0);
-        assert!(lock(&client.inner.no_id_stream).contains_key(&addr));
+        assert!(lock(&client.inner.id_streams.missing).contains_key(&addr));
         assert!(
-            lock(&client.inner.no_stream).is_empty(),
+            lock(&client.inner.streams.missing).is_empty(),
             "the batch stream is another matter"
         );
 

@@ -16,6 +16,7 @@ use crate::pb::{
 };
 use crate::raft::IdState;
 
+#[derive(Clone)]
 pub struct IdsService {
     ids: Arc<IdState>,
     max_count: u32,
@@ -61,10 +62,7 @@ impl Ids for IdsService {
         request: Request<Streaming<NextIdsStreamRequest>>,
     ) -> Result<Response<Self::NextIdsStreamStream>, Status> {
         let open = super::OpenStream::new(m::ID_STREAMS_TOTAL, m::ID_STREAMS_OPEN);
-        let service = Self {
-            ids: self.ids.clone(),
-            max_count: self.max_count,
-        };
+        let service = self.clone();
         let replies = request.into_inner().map(move |message| {
             // Counted open until the replies stream is dropped: ended, or
             // its client gone.
