@@ -118,7 +118,8 @@ fn main() -> ExitCode {
 /// Transparent huge pages off for this process, whatever the host's
 /// setting (`always` gives them without asking): the first touch of a fresh
 /// 2 MiB page zeroes all of it on the spot, and on the node loop that held
-/// every call for 5-7 ms at a time (session 13, see README "Performance").
+/// every call for 5-7 ms at a time (session 13,
+/// bench/results/2026-12-05-allocator-and-round-trip/).
 /// mimalloc is built not to ask for them; this covers the kernel's side.
 #[cfg(target_os = "linux")]
 fn disable_transparent_huge_pages() {

@@ -52,8 +52,8 @@ pub struct Args {
     /// Measured seconds per (target, workload). The defaults keep a whole
     /// run (25 rows) near four minutes, so that a fresh machine installs,
     /// builds and compares within ten; `--seconds 10 --warmup-seconds 2
-    /// --open-loop-seconds 5` is the longer run (the README's 2026-11-25
-    /// figures).
+    /// --open-loop-seconds 5` is the longer run (2026-11-25's figures in
+    /// bench/results/HISTORY.md).
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
     /// Warm-up seconds before each measurement, excluded from the figures.
