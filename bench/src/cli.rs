@@ -59,6 +59,14 @@ pub struct Args {
     /// Warm-up seconds before each measurement, excluded from the figures.
     #[arg(long, default_value_t = 1)]
     pub warmup_seconds: u64,
+    /// Runs every target and workload this many times, in turn (each
+    /// round starts every target afresh; every other round takes the
+    /// targets in reverse order), and reports for each row the
+    /// round with the median calls/s, the median of the per-round ratios
+    /// and every round's calls/s: on a shared machine a single round's
+    /// figures move with the minute they ran in.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Measure a call count instead of --seconds: each closed-loop run
     /// ends once this many calls started after the warm-up have completed
     /// (failed ones included), the same count for every target, and its
@@ -169,6 +177,9 @@ impl Args {
         }
         if self.seconds == 0 {
             return Err("--seconds must be at least 1".into());
+        }
+        if self.rounds == 0 {
+            return Err("--rounds must be at least 1".into());
         }
         if self.calls == Some(0) {
             return Err("--calls must be at least 1".into());
@@ -375,5 +386,13 @@ mod tests {
         assert_eq!(told.client_threads(2), 3);
         let err = parse(&["--client-threads", "0"]).validate().unwrap_err();
         assert!(err.contains("--client-threads"), "{err}");
+    }
+
+    #[test]
+    fn one_round_unless_told_and_never_none() {
+        assert_eq!(parse(&[]).rounds, 1);
+        assert_eq!(parse(&["--rounds", "3"]).rounds, 3);
+        let err = parse(&["--rounds", "0"]).validate().unwrap_err();
+        assert!(err.contains("--rounds"), "{err}");
     }
 }

@@ -174,82 +174,38 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
     };
     match args.calls {
         Some(calls) => eprintln!(
-            "seqcompare: {runs} runs of {} s + {calls} calls ({} callers, {} keys, {})",
+            "seqcompare: {} x {runs} runs of {} s + {calls} calls ({} callers, {} keys, {})",
+            args.rounds,
             args.warmup_seconds,
             args.callers,
             args.keys,
             dist_name(args),
         ),
         None => eprintln!(
-            "seqcompare: {runs} runs of {}+{} s ({} callers, {} keys, {}); about {} s plus target start-up",
+            "seqcompare: {} x {runs} runs of {}+{} s ({} callers, {} keys, {}); about {} s plus target start-up",
+            args.rounds,
             args.warmup_seconds,
             args.seconds,
             args.callers,
             args.keys,
             dist_name(args),
-            runs as u64 * (args.warmup_seconds + args.seconds + open_run)
+            (args.rounds * runs) as u64 * (args.warmup_seconds + args.seconds + open_run)
         ),
     }
 
     let started = Instant::now();
-    let mut rows = Vec::new();
-    let mut done = 0;
-    for &kind in &args.targets {
-        let applicable: Vec<_> = args
-            .workloads
-            .iter()
-            .copied()
-            .filter(|w| Target::unsupported(kind, *w).is_none())
-            .collect();
-        for &w in &args.workloads {
-            if let Some(why) = Target::unsupported(kind, w) {
-                rows.push(Row::not_applicable(w, kind, why));
-            }
+    let mut rounds = Vec::with_capacity(args.rounds);
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            eprintln!("seqcompare: round {round} of {}", args.rounds);
         }
-        if applicable.is_empty() {
-            continue;
+        // Every other round runs the targets in reverse, so that a machine
+        // that speeds up or slows down over a round favours none of them.
+        let mut order = args.targets.clone();
+        if round % 2 == 0 {
+            order.reverse();
         }
-        eprintln!("seqcompare: starting {kind}");
-        let mut target = match Target::start(kind, args, programs, &base).await {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("seqcompare: {kind} failed to start: {e:#}");
-                for &w in &applicable {
-                    rows.push(Row::failed(w, kind, format!("failed to start: {e:#}")));
-                }
-                done += applicable.len();
-                continue;
-            }
-        };
-        if !args.no_prime && applicable.iter().any(|w| *w != cli::Workload::Ids) {
-            if let Err(e) = prime(&mut target, args).await {
-                eprintln!("seqcompare: priming {kind} failed: {e:#}");
-            }
-        }
-        for &w in &applicable {
-            done += 1;
-            match measure_one(kind, &mut target, args, w, &dist).await {
-                Ok(row) => {
-                    let open = row.open_loop.as_ref().map_or_else(String::new, |o| {
-                        format!(
-                            "; open loop at {:.0}/s: p99 {:.3} ms, p999 {:.3} ms",
-                            o.offered_per_s, o.p99_ms, o.p999_ms
-                        )
-                    });
-                    eprintln!(
-                        "[{done}/{runs}] {w:<10} {kind:<12} {:>12.0} calls/s  p99 {:.3} ms  errors {}{open}",
-                        row.calls_per_s, row.p99_ms, row.errors
-                    );
-                    rows.push(row);
-                }
-                Err(e) => {
-                    eprintln!("[{done}/{runs}] {w} on {kind} failed: {e:#}");
-                    rows.push(Row::failed(w, kind, format!("{e:#}")));
-                }
-            }
-        }
-        // Stop this target before the next starts: they share two cores.
-        drop(target);
+        rounds.push(run_round(args, &order, programs, &base, &dist, runs).await);
     }
 
     // Rows grouped by workload in the order asked for, targets in order.
@@ -258,8 +214,12 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         let t = args.targets.iter().position(|t| t.name() == r.target);
         (w, t)
     };
-    rows.sort_by_key(order);
-    report::fill_ratios(&mut rows);
+    for round in &mut rounds {
+        round.sort_by_key(order);
+        report::fill_ratios(round);
+    }
+    let per_round = (args.rounds > 1).then(|| rounds.clone());
+    let rows = report::combine_rounds(rounds);
 
     println!();
     println!(
@@ -280,6 +240,13 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         args.client_threads(cpus())
     );
     println!("latency: per call, from send to reply; ratios: calls/s over seqd's, same workload, same run");
+    if args.rounds > 1 {
+        println!(
+            "rounds: {}, each target started afresh in each; a row is the round with the median calls/s, \
+             its ratios the median of the rounds' own; \"rounds:\" columns: lowest-highest over the rounds",
+            args.rounds
+        );
+    }
     let versions = [
         ("seqd", programs.seqd.as_deref()),
         ("redis", programs.redis.as_deref()),
@@ -340,6 +307,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "rpc_spacing_us": args.rpc_spacing_us,
             "rpc_fill": args.rpc_fill,
             "client_threads": args.client_threads(cpus()),
+            "rounds": args.rounds,
             "seed": args.seed,
             "open_loop_fraction": args.open_loop_fraction,
             "open_loop_rate": args.open_loop_rate,
@@ -359,6 +327,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "work_dir_fs": fs,
         },
         "rows": rows,
+        "round_rows": per_round,
     });
     write_json(&args.json, &doc)?;
     println!(
@@ -367,6 +336,80 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         started.elapsed().as_secs_f64()
     );
     Ok(rows.iter().all(|r| r.status != Status::Failed))
+}
+
+/// One round: each of `targets` in turn, started afresh, primed and run
+/// through every workload; its rows in the order measured. `runs` is the
+/// round's count of measured rows, for the progress lines.
+async fn run_round(
+    args: &Args,
+    targets: &[TargetKind],
+    programs: &Programs,
+    base: &Path,
+    dist: &KeyDist,
+    runs: usize,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut done = 0;
+    for &kind in targets {
+        let applicable: Vec<_> = args
+            .workloads
+            .iter()
+            .copied()
+            .filter(|w| Target::unsupported(kind, *w).is_none())
+            .collect();
+        for &w in &args.workloads {
+            if let Some(why) = Target::unsupported(kind, w) {
+                rows.push(Row::not_applicable(w, kind, why));
+            }
+        }
+        if applicable.is_empty() {
+            continue;
+        }
+        eprintln!("seqcompare: starting {kind}");
+        let mut target = match Target::start(kind, args, programs, base).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("seqcompare: {kind} failed to start: {e:#}");
+                for &w in &applicable {
+                    rows.push(Row::failed(w, kind, format!("failed to start: {e:#}")));
+                }
+                done += applicable.len();
+                continue;
+            }
+        };
+        if !args.no_prime && applicable.iter().any(|w| *w != cli::Workload::Ids) {
+            if let Err(e) = prime(&mut target, args).await {
+                eprintln!("seqcompare: priming {kind} failed: {e:#}");
+            }
+        }
+        for &w in &applicable {
+            done += 1;
+            match measure_one(kind, &mut target, args, w, dist).await {
+                Ok(row) => {
+                    let open = row.open_loop.as_ref().map_or_else(String::new, |o| {
+                        format!(
+                            "; open loop at {:.0}/s: p99 {:.3} ms, p999 {:.3} ms",
+                            o.offered_per_s, o.p99_ms, o.p999_ms
+                        )
+                    });
+                    eprintln!(
+                        "[{done}/{runs}] {w:<10} {kind:<12} {:>12.0} calls/s  p99 {:.3} ms  errors {}{open}",
+                        row.calls_per_s, row.p99_ms, row.errors
+                    );
+                    rows.push(row);
+                }
+                Err(e) => {
+                    eprintln!("[{done}/{runs}] {w} on {kind} failed: {e:#}");
+                    rows.push(Row::failed(w, kind, format!("{e:#}")));
+                }
+            }
+        }
+        // Stop this target before the next starts: they share two cores.
+        drop(target);
+    }
+
+    rows
 }
 
 /// The machine's CPUs (0 where the OS cannot tell).

@@ -59,6 +59,28 @@ pub struct Row {
     /// The open-loop run at a fraction of this row's calls/s, if one ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_loop: Option<OpenLoopRow>,
+    /// With `--rounds` above 1: what every round read (this row is the
+    /// round with the median calls/s; its ratios are the median of the
+    /// rounds' own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<Rounds>,
+}
+
+/// One row's figures in every round, in round order (rounds in which it
+/// failed left out).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Rounds {
+    /// Rounds run.
+    pub of: usize,
+    /// Rounds in which the row was measured.
+    pub measured: usize,
+    pub calls_per_s: Vec<f64>,
+    /// Against seqd-1node / seqd-3node in the same round.
+    pub vs_seqd_1node: Vec<f64>,
+    pub vs_seqd_3node: Vec<f64>,
+    /// The open-loop runs' tails, where they ran.
+    pub open_loop_p99_ms: Vec<f64>,
+    pub open_loop_p999_ms: Vec<f64>,
 }
 
 /// An open-loop run: calls due at `offered_per_s`, latency from when each
@@ -139,6 +161,7 @@ impl Row {
             target_cpu_us_per_call: None,
             error_kinds: BTreeMap::new(),
             open_loop: None,
+            rounds: None,
         }
     }
 
@@ -197,6 +220,110 @@ pub fn fill_ratios(rows: &mut [Row]) {
     }
 }
 
+/// One row per (workload, target) from several rounds of the same rows
+/// (see `Rounds`), ratios filled; a single round's rows as they are.
+/// A row that failed in some rounds keeps a note saying in how many; one
+/// measured in none is its first round's row.
+pub fn combine_rounds(mut rounds: Vec<Vec<Row>>) -> Vec<Row> {
+    for round in &mut rounds {
+        fill_ratios(round);
+    }
+    if rounds.len() == 1 {
+        return rounds.pop().unwrap_or_default();
+    }
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for row in rounds.iter().flatten() {
+        let key = (row.workload.clone(), row.target.clone());
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys.into_iter()
+        .map(|(workload, target)| {
+            let rows: Vec<&Row> = rounds
+                .iter()
+                .filter_map(|round| {
+                    round
+                        .iter()
+                        .find(|r| r.workload == workload && r.target == target)
+                })
+                .collect();
+            combine_row(&rows, rounds.len())
+        })
+        .collect()
+}
+
+/// `rows`: one (workload, target)'s row from each round that has it.
+fn combine_row(rows: &[&Row], of: usize) -> Row {
+    let ok: Vec<&Row> = rows
+        .iter()
+        .copied()
+        .filter(|r| r.status == Status::Ok)
+        .collect();
+    if ok.is_empty() {
+        return rows[0].clone();
+    }
+    let mut by_rate = ok.clone();
+    by_rate.sort_by(|a, b| a.calls_per_s.total_cmp(&b.calls_per_s));
+    let mut row = (*median(&by_rate)).clone();
+    let ratios =
+        |f: fn(&Row) -> Option<f64>| -> Vec<f64> { ok.iter().filter_map(|r| f(r)).collect() };
+    let vs1 = ratios(|r| r.vs_seqd_1node);
+    let vs3 = ratios(|r| r.vs_seqd_3node);
+    row.vs_seqd_1node = median_of(&vs1);
+    row.vs_seqd_3node = median_of(&vs3);
+    if ok.len() < of {
+        let why = rows
+            .iter()
+            .find(|r| r.status != Status::Ok)
+            .and_then(|r| r.note.as_deref())
+            .and_then(|n| n.lines().next())
+            .unwrap_or("not run");
+        row.note = Some(format!(
+            "measured in {} of {of} rounds (another: {why})",
+            ok.len()
+        ));
+    }
+    let open = |f: fn(&OpenLoopRow) -> f64| -> Vec<f64> {
+        ok.iter()
+            .filter_map(|r| r.open_loop.as_ref().map(f))
+            .collect()
+    };
+    row.rounds = Some(Rounds {
+        of,
+        measured: ok.len(),
+        calls_per_s: ok.iter().map(|r| r.calls_per_s).collect(),
+        vs_seqd_1node: vs1,
+        vs_seqd_3node: vs3,
+        open_loop_p99_ms: open(|o| o.p99_ms),
+        open_loop_p999_ms: open(|o| o.p999_ms),
+    });
+    row
+}
+
+/// The middle of `sorted` (the lower middle of an even count).
+fn median<T>(sorted: &[T]) -> &T {
+    &sorted[(sorted.len() - 1) / 2]
+}
+
+fn median_of(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    (!v.is_empty()).then(|| *median(&v))
+}
+
+/// "lowest–highest" of `values` (one value alone as itself), each
+/// formatted by `f`.
+fn spread(values: &[f64], f: impl Fn(f64) -> String) -> String {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    match values.len() {
+        0 => "-".into(),
+        1 => f(lo),
+        _ => format!("{}–{}", f(lo), f(hi)),
+    }
+}
+
 /// 1234567.8 -> "1,234,568".
 fn thousands(v: f64) -> String {
     let digits = format!("{:.0}", v.max(0.0));
@@ -220,10 +347,12 @@ fn ratio(v: Option<f64>) -> String {
 
 /// The table, with notes (n/a reasons, failures, errors) under it.
 pub fn table(rows: &[Row]) -> String {
-    let header = [
-        "workload",
-        "target",
-        "calls/s",
+    let with_rounds = rows.iter().any(|r| r.rounds.is_some());
+    let mut header = vec!["workload", "target", "calls/s"];
+    if with_rounds {
+        header.push("rounds: calls/s");
+    }
+    header.extend([
         "numbers/s",
         "p50 ms",
         "p99 ms",
@@ -234,14 +363,31 @@ pub fn table(rows: &[Row]) -> String {
         "vs 3node",
         "vs 1node",
         "durability",
-    ];
+    ]);
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut notes = Vec::new();
     for r in rows {
         let mut line = vec![r.workload.clone(), r.target.clone()];
         match r.status {
+            Status::Ok => line.extend([thousands(r.calls_per_s)]),
+            Status::NotApplicable | Status::Failed => {
+                let word = if r.status == Status::Failed {
+                    "FAILED"
+                } else {
+                    "n/a"
+                };
+                line.push(word.into());
+            }
+        }
+        if with_rounds {
+            line.push(
+                r.rounds
+                    .as_ref()
+                    .map_or("-".into(), |k| spread(&k.calls_per_s, thousands)),
+            );
+        }
+        match r.status {
             Status::Ok => line.extend([
-                thousands(r.calls_per_s),
                 thousands(r.numbers_per_s),
                 format!("{:.3}", r.p50_ms),
                 format!("{:.3}", r.p99_ms),
@@ -253,12 +399,6 @@ pub fn table(rows: &[Row]) -> String {
                 ratio(r.vs_seqd_1node),
             ]),
             Status::NotApplicable | Status::Failed => {
-                let word = if r.status == Status::Failed {
-                    "FAILED"
-                } else {
-                    "n/a"
-                };
-                line.push(word.into());
                 line.extend(std::iter::repeat_n("-".to_string(), 9));
             }
         }
@@ -289,7 +429,8 @@ const LATE_HARNESS_MS: f64 = 1.0;
 
 /// The open-loop runs' table (rows without one are left out), with notes.
 pub fn open_loop_table(rows: &[Row]) -> String {
-    let header = [
+    let with_rounds = rows.iter().any(|r| r.rounds.is_some());
+    let mut header = vec![
         "workload",
         "target",
         "offered/s",
@@ -297,6 +438,11 @@ pub fn open_loop_table(rows: &[Row]) -> String {
         "p50 ms",
         "p99 ms",
         "p999 ms",
+    ];
+    if with_rounds {
+        header.extend(["rounds: p99 ms", "rounds: p999 ms"]);
+    }
+    header.extend([
         "max ms",
         "errors",
         "behind",
@@ -304,12 +450,12 @@ pub fn open_loop_table(rows: &[Row]) -> String {
         "cpu us/call",
         "target cores",
         "harness cores",
-    ];
+    ]);
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut notes = Vec::new();
     for r in rows {
         let Some(o) = &r.open_loop else { continue };
-        cells.push(vec![
+        let mut line = vec![
             r.workload.clone(),
             r.target.clone(),
             thousands(o.offered_per_s),
@@ -317,6 +463,14 @@ pub fn open_loop_table(rows: &[Row]) -> String {
             format!("{:.3}", o.p50_ms),
             format!("{:.3}", o.p99_ms),
             format!("{:.3}", o.p999_ms),
+        ];
+        if with_rounds {
+            let ms = |v: f64| format!("{v:.2}");
+            let k = r.rounds.clone().unwrap_or_default();
+            line.push(spread(&k.open_loop_p99_ms, ms));
+            line.push(spread(&k.open_loop_p999_ms, ms));
+        }
+        line.extend([
             format!("{:.3}", o.max_ms),
             o.errors.to_string(),
             format!("{:.1}%", o.behind_schedule * 100.0),
@@ -327,6 +481,7 @@ pub fn open_loop_table(rows: &[Row]) -> String {
             o.cpu
                 .map_or("-".into(), |c| format!("{:.2}", c.harness_cores)),
         ]);
+        cells.push(line);
         if o.dispatch_late_p99_ms > LATE_HARNESS_MS {
             notes.push(format!(
                 "{} / {} (open loop): the harness fell behind its schedule (sent late p99 {:.1} ms), \
@@ -453,6 +608,69 @@ mod tests {
         assert!(t.contains("next / redis-none (open loop): the harness fell behind"));
         assert!(!t.contains("next / seqd-3node (open loop)"));
         assert_eq!(open_loop_table(&[ok("next", TargetKind::Seqd1, 1.0)]), "");
+    }
+
+    #[test]
+    fn rounds_give_the_median_round_and_the_median_of_each_rounds_ratio() {
+        let round = |seqd: f64, redis: f64| {
+            vec![
+                ok("next", TargetKind::Seqd1, seqd),
+                ok("next", TargetKind::RedisNone, redis),
+                Row::not_applicable(Workload::Ids, TargetKind::RedisNone, "no IDs"),
+            ]
+        };
+        let mut failed = round(250.0, 0.0);
+        failed[1] = Row::failed(Workload::Next, TargetKind::RedisNone, "died\nstderr".into());
+        let rows = combine_rounds(vec![
+            round(100.0, 200.0),
+            round(300.0, 150.0),
+            round(200.0, 400.0),
+            failed,
+        ]);
+        assert_eq!(rows.len(), 3);
+        let seqd = &rows[0];
+        // The median round of 100, 200, 250, 300 (the lower middle).
+        assert_eq!(seqd.calls_per_s, 200.0);
+        let k = seqd.rounds.as_ref().unwrap();
+        assert_eq!((k.of, k.measured), (4, 4));
+        assert_eq!(k.calls_per_s, vec![100.0, 300.0, 200.0, 250.0]);
+        assert_eq!(seqd.vs_seqd_1node, Some(1.0));
+
+        let redis = &rows[1];
+        assert_eq!(redis.status, Status::Ok);
+        assert_eq!(redis.calls_per_s, 200.0);
+        // Each round's own ratio: 2.0, 0.5, 2.0; not 200 / 200.
+        assert_eq!(
+            redis.rounds.as_ref().unwrap().vs_seqd_1node,
+            vec![2.0, 0.5, 2.0]
+        );
+        assert_eq!(redis.vs_seqd_1node, Some(2.0));
+        assert_eq!(
+            redis.note.as_deref(),
+            Some("measured in 3 of 4 rounds (another: died)")
+        );
+        assert_eq!(rows[2].status, Status::NotApplicable);
+        assert!(rows[2].rounds.is_none());
+
+        let t = table(&rows);
+        assert!(t.contains("rounds: calls/s"), "{t}");
+        assert!(t.contains("100–300"), "{t}");
+        assert!(t.contains("2.00x"), "{t}");
+        assert!(
+            t.contains("next / redis-none: measured in 3 of 4 rounds"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn one_round_is_left_as_it_ran() {
+        let rows = combine_rounds(vec![vec![
+            ok("next", TargetKind::Seqd1, 100.0),
+            ok("next", TargetKind::RedisNone, 50.0),
+        ]]);
+        assert_eq!(rows[1].vs_seqd_1node, Some(0.5));
+        assert!(rows.iter().all(|r| r.rounds.is_none()));
+        assert!(!table(&rows).contains("rounds"));
     }
 
     #[test]
