@@ -218,6 +218,9 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         round.sort_by_key(order);
         report::fill_ratios(round);
     }
+    // A target that died in any round fails the run, even where other
+    // rounds measured its rows.
+    let all_ran = rounds.iter().flatten().all(|r| r.status != Status::Failed);
     let per_round = (args.rounds > 1).then(|| rounds.clone());
     let rows = report::combine_rounds(rounds);
 
@@ -335,7 +338,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         args.json.display(),
         started.elapsed().as_secs_f64()
     );
-    Ok(rows.iter().all(|r| r.status != Status::Failed))
+    Ok(all_ran)
 }
 
 /// One round: each of `targets` in turn, started afresh, primed and run
