@@ -75,7 +75,8 @@ pub struct Rounds {
     /// Rounds in which the row was measured.
     pub measured: usize,
     pub calls_per_s: Vec<f64>,
-    /// Against seqd-1node / seqd-3node in the same round.
+    /// Against seqd-1node / seqd-3node in the same round (rounds in which
+    /// that seqd row was measured too).
     pub vs_seqd_1node: Vec<f64>,
     pub vs_seqd_3node: Vec<f64>,
     /// The open-loop runs' tails, where they ran.

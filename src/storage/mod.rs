@@ -170,7 +170,7 @@ pub(crate) fn options() -> Options {
     opts.set_max_background_jobs(2);
     // The three families share one write-ahead log, and a file of it is
     // kept until every family with writes in it has flushed them; a restart
-    // replays what is kept (twice, see `open`). The meta family takes a few
+    // after a crash replays what is kept. The meta family takes a few
     // bytes per Raft round and so flushes rarely, keeping the whole log
     // meanwhile, up to RocksDB's default bound of four times every memtable
     // (GiBs). Past this size the families holding the oldest file flush.
