@@ -1024,41 +1024,29 @@ impl<P: StreamRpc> CallStream<P> {
     }
 }
 
+/// A stream reply's `ok` and `error` for `result` (the reverse of
+/// `reply_result`): the response, or the failure as the unary RPC would
+/// have reported it.
+fn reply_parts<T>(result: Result<T, Status>) -> (Option<T>, Option<StreamError>) {
+    match result {
+        Ok(resp) => (Some(resp), None),
+        Err(status) => (None, Some(StreamError::from(&status))),
+    }
+}
+
 impl NextStreamReply {
-    /// The reply to batch `id`: its response, or its failure as the
-    /// `NextBatch` RPC would have reported it.
+    /// The reply to batch `id` (see `reply_parts`).
     pub fn answering(id: u64, result: Result<NextBatchResponse, Status>) -> Self {
-        match result {
-            Ok(resp) => Self {
-                id,
-                ok: Some(resp),
-                error: None,
-            },
-            Err(status) => Self {
-                id,
-                ok: None,
-                error: Some(StreamError::from(&status)),
-            },
-        }
+        let (ok, error) = reply_parts(result);
+        Self { id, ok, error }
     }
 }
 
 impl NextIdsStreamReply {
-    /// The reply to call `id`: its IDs, or its failure as the `NextIds`
-    /// RPC would have reported it.
+    /// The reply to `NextIds` call `id` (see `reply_parts`).
     pub fn answering(id: u64, result: Result<NextIdsResponse, Status>) -> Self {
-        match result {
-            Ok(resp) => Self {
-                id,
-                ok: Some(resp),
-                error: None,
-            },
-            Err(status) => Self {
-                id,
-                ok: None,
-                error: Some(StreamError::from(&status)),
-            },
-        }
+        let (ok, error) = reply_parts(result);
+        Self { id, ok, error }
     }
 }
 
