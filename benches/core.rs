@@ -82,6 +82,47 @@ fn bench(c: &mut Criterion) {
             run(&mut a, &mut db, &items, (i / 1000) as u64)
         });
     });
+    // Calls coalesced into one batch, on keys spread over a million in
+    // memory: the map is far larger than the caches, so each key's lookup
+    // misses them (as on a node holding a million conversations).
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("batch_of_16_among_1m_keys", |b| {
+        let mut a = Allocator::new(ns.clone());
+        a.become_leader(1);
+        a.start_serving(1);
+        let mut db = Applied::default();
+        let many: Vec<SeqKey> = (0..1_000_000)
+            .map(|i| SeqKey::try_new(&ns, id, format!("conv:{i}")).unwrap())
+            .collect();
+        for key in &many {
+            run(&mut a, &mut db, &[(key.clone(), 1)], 0);
+        }
+        // A fixed pseudo-random walk (an LCG), the same for every build.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let batches: Vec<Vec<(SeqKey, u32)>> = (0..4096)
+            .map(|_| {
+                let mut batch: Vec<(SeqKey, u32)> = Vec::with_capacity(16);
+                while batch.len() < 16 {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let key = &many[(x >> 33) as usize % many.len()];
+                    if batch.iter().all(|(k, _)| k != key) {
+                        batch.push((key.clone(), 1));
+                    }
+                }
+                batch
+            })
+            .collect();
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            run(
+                &mut a,
+                &mut db,
+                &batches[i % batches.len()],
+                (i / 100) as u64,
+            )
+        });
+    });
     g.throughput(Throughput::Elements(100));
     g.bench_function("next_batch_100_members", |b| {
         let mut a = Allocator::new(ns.clone());

