@@ -10,7 +10,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prost::Message as _;
-use seqd::core::{Allocation, Allocator, CeilingSource, Issuer, Layout, SeqKey, SeqRange};
+use seqd::core::{
+    Allocation, Allocator, CeilingSource, Issuer, Layout, Namespaces, SeqKey, SeqRange,
+};
 use seqd::pb::{BatchItem, NextBatchRequest, NextRequest, NextResponse};
 use seqd::service::sequencer::{batch_response, parse_next, parse_next_batch, BatchCall};
 
@@ -49,6 +51,14 @@ fn apply(a: &mut Allocator, db: &mut Applied, now: u64) {
     }
 }
 
+/// An allocator leading term 1 and serving.
+fn serving(ns: &Namespaces) -> Allocator {
+    let mut a = Allocator::new(ns.clone());
+    a.become_leader(1);
+    a.start_serving(1);
+    a
+}
+
 fn bench(c: &mut Criterion) {
     let ns = namespaces();
     let id = ns.resolve("conv").unwrap();
@@ -59,9 +69,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("core");
     g.throughput(Throughput::Elements(1));
     g.bench_function("next_hot_key", |b| {
-        let mut a = Allocator::new(ns.clone());
-        a.become_leader(1);
-        a.start_serving(1);
+        let mut a = serving(&ns);
         let mut db = Applied::default();
         let items = [(keys[0].clone(), 1)];
         let mut now = 0;
@@ -71,9 +79,7 @@ fn bench(c: &mut Criterion) {
         });
     });
     g.bench_function("next_10k_keys", |b| {
-        let mut a = Allocator::new(ns.clone());
-        a.become_leader(1);
-        a.start_serving(1);
+        let mut a = serving(&ns);
         let mut db = Applied::default();
         let mut i = 0usize;
         b.iter(|| {
@@ -87,9 +93,7 @@ fn bench(c: &mut Criterion) {
     // misses them (as on a node holding a million conversations).
     g.throughput(Throughput::Elements(16));
     g.bench_function("batch_of_16_among_1m_keys", |b| {
-        let mut a = Allocator::new(ns.clone());
-        a.become_leader(1);
-        a.start_serving(1);
+        let mut a = serving(&ns);
         let mut db = Applied::default();
         let many: Vec<SeqKey> = (0..1_000_000)
             .map(|i| SeqKey::try_new(&ns, id, format!("conv:{i}")).unwrap())
@@ -125,9 +129,7 @@ fn bench(c: &mut Criterion) {
     });
     g.throughput(Throughput::Elements(100));
     g.bench_function("next_batch_100_members", |b| {
-        let mut a = Allocator::new(ns.clone());
-        a.become_leader(1);
-        a.start_serving(1);
+        let mut a = serving(&ns);
         let mut db = Applied::default();
         let items: Vec<(SeqKey, u32)> = keys[..100].iter().map(|k| (k.clone(), 1)).collect();
         let mut now = 0;
