@@ -216,13 +216,12 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
     };
     for round in &mut rounds {
         round.sort_by_key(order);
-        report::fill_ratios(round);
     }
     // A target that died in any round fails the run, even where other
     // rounds measured its rows.
     let all_ran = rounds.iter().flatten().all(|r| r.status != Status::Failed);
-    let per_round = (args.rounds > 1).then(|| rounds.clone());
-    let rows = report::combine_rounds(rounds);
+    let rows = report::combine_rounds(&mut rounds);
+    let per_round = (args.rounds > 1).then_some(rounds);
 
     println!();
     println!(

@@ -221,16 +221,17 @@ pub fn fill_ratios(rows: &mut [Row]) {
     }
 }
 
-/// One row per (workload, target) from several rounds of the same rows
-/// (see `Rounds`), ratios filled; a single round's rows as they are.
-/// A row that failed in some rounds keeps a note saying in how many; one
-/// measured in none is its first round's row.
-pub fn combine_rounds(mut rounds: Vec<Vec<Row>>) -> Vec<Row> {
-    for round in &mut rounds {
+/// Fills each round's ratios (in place, so the rounds can be reported
+/// too) and returns one row per (workload, target) from them (see
+/// `Rounds`); a single round's rows as they are. A row that failed in some
+/// rounds keeps a note saying in how many; one measured in none is its
+/// first round's row.
+pub fn combine_rounds(rounds: &mut [Vec<Row>]) -> Vec<Row> {
+    for round in rounds.iter_mut() {
         fill_ratios(round);
     }
-    if rounds.len() == 1 {
-        return rounds.pop().unwrap_or_default();
+    if let [only] = rounds {
+        return only.clone();
     }
     let mut keys: Vec<(String, String)> = Vec::new();
     for row in rounds.iter().flatten() {
@@ -370,15 +371,9 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let mut line = vec![r.workload.clone(), r.target.clone()];
         match r.status {
-            Status::Ok => line.extend([thousands(r.calls_per_s)]),
-            Status::NotApplicable | Status::Failed => {
-                let word = if r.status == Status::Failed {
-                    "FAILED"
-                } else {
-                    "n/a"
-                };
-                line.push(word.into());
-            }
+            Status::Ok => line.push(thousands(r.calls_per_s)),
+            Status::NotApplicable => line.push("n/a".into()),
+            Status::Failed => line.push("FAILED".into()),
         }
         if with_rounds {
             line.push(
@@ -622,7 +617,7 @@ mod tests {
         };
         let mut failed = round(250.0, 0.0);
         failed[1] = Row::failed(Workload::Next, TargetKind::RedisNone, "died\nstderr".into());
-        let rows = combine_rounds(vec![
+        let rows = combine_rounds(&mut [
             round(100.0, 200.0),
             round(300.0, 150.0),
             round(200.0, 400.0),
@@ -665,7 +660,7 @@ mod tests {
 
     #[test]
     fn one_round_is_left_as_it_ran() {
-        let rows = combine_rounds(vec![vec![
+        let rows = combine_rounds(&mut [vec![
             ok("next", TargetKind::Seqd1, 100.0),
             ok("next", TargetKind::RedisNone, 50.0),
         ]]);
