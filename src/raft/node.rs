@@ -1030,16 +1030,23 @@ impl Node {
     /// Whether this leadership holds a lease now: a read round that started
     /// less than a lease ago has completed, and no handover has begun (a
     /// transfer lets the new leader campaign at once, through any lease).
+    /// The lease is the allocator's leadership's: raft-rs may already have
+    /// stepped down to a later term on a message earlier in this batch of
+    /// inputs, before `check_role` brings the allocator's role along, and
+    /// a call after that message must not be answered from the old term's
+    /// memory (a new leader elected by a transfer may have answered a
+    /// later call already).
     fn lease_valid(&self) -> bool {
-        match self.lease_until {
-            Some(until) => {
-                self.handover.is_none()
-                    && self.raw.raft.term != self.lease_forbidden_term
-                    && self.core.is_serving()
-                    && self.time.now() < until
-            }
-            None => false,
-        }
+        let Some(until) = self.lease_until else {
+            return false;
+        };
+        let term = self.raw.raft.term;
+        self.raw.raft.state == StateRole::Leader
+            && matches!(self.core.role(), Role::Leader { term: t, .. } if t == term)
+            && term != self.lease_forbidden_term
+            && self.handover.is_none()
+            && self.core.is_serving()
+            && self.time.now() < until
     }
 
     /// Under steady load, renews the lease before it runs out so calls
@@ -2276,6 +2283,11 @@ impl Node {
                 );
                 self.lease_forbidden_term = self.raw.raft.term;
                 self.lease_until = None;
+                // The transfer gets its whole time from here: raft-rs gives
+                // it up after an election timeout, and a handover that
+                // gave up first (after a slow trim) would serve again while
+                // the target may still be told to campaign.
+                h.deadline = self.time.now() + self.election_timeout * 2;
                 self.raw.transfer_leader(t);
             }
             // Single voter: nobody to hand to; the trim alone avoids holes.
@@ -2326,6 +2338,10 @@ impl Node {
             return h.exit;
         }
         if self.raw.raft.state == StateRole::Leader {
+            // No target is told to campaign from now on (one told already
+            // may still campaign: no lease in this term, see
+            // `lease_forbidden_term`).
+            self.raw.raft.abort_leader_transfer();
             // The trim lowered ceilings to what was used; the memory of the
             // old segments must go before serving again.
             self.reset_allocator();

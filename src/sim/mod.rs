@@ -1020,3 +1020,66 @@ impl Sim {
         self.report
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Asks slot `i`'s node for one number of `KEYS[key]` and runs the node
+    /// once: the answer, if it came in that run.
+    fn call_in_one_run(sim: &mut Sim, i: usize, key: usize) -> Option<Result<Grant, NodeError>> {
+        let (reply, mut rx) = oneshot::channel();
+        let deadline = sim.time.instant() + Duration::from_millis(sim.raft.request_timeout_ms);
+        sim.slots[i]
+            .tx
+            .send(Input::Allocate {
+                items: vec![(sim.keys[key].clone(), 1)],
+                request_id: None,
+                reply,
+                deadline,
+            })
+            .expect("the node is running");
+        sim.run_node(i);
+        rx.try_recv().ok()
+    }
+
+    /// A leader under a lease gets a heartbeat of the next term (from a
+    /// follower that a leadership transfer elected, which a transfer may do
+    /// through any lease), then a call, in one batch of inputs: raft-rs
+    /// steps down on the heartbeat, and the call must not be answered from
+    /// the old term's memory, though the allocator learns of the step down
+    /// only after the batch.
+    #[test]
+    fn a_lease_ends_when_raft_steps_down_within_a_batch_of_inputs() {
+        let cfg = SimConfig {
+            faults: false,
+            lease: true,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(7, cfg);
+        while sim.now < 3_000 {
+            sim.step(false);
+        }
+        let l = sim.leader().expect("a leader after 3 s without faults");
+        let under_lease = call_in_one_run(&mut sim, l, 0);
+        assert!(
+            matches!(under_lease, Some(Ok(_))),
+            "the leader does not answer at once under its lease: {under_lease:?}"
+        );
+        let term = sim.slots[l].node.as_ref().expect("running").status().term;
+        let mut heartbeat = Message::default();
+        heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+        heartbeat.to = l as u64 + 1;
+        heartbeat.from = (l as u64 + 1) % 3 + 1;
+        heartbeat.term = term + 1;
+        sim.slots[l]
+            .tx
+            .send(Input::Raft(Box::new(heartbeat)))
+            .expect("the node is running");
+        let after = call_in_one_run(&mut sim, l, 0);
+        assert!(
+            matches!(after, Some(Err(NodeError::NotLeader { .. }))),
+            "a call after the step down was answered {after:?}"
+        );
+    }
+}
