@@ -827,13 +827,16 @@ impl Node {
                     stop = Some(exit);
                 }
             }
-            if let Err(e) = self.round() {
-                // Fail-stop: a node that cannot persist must not keep voting
-                // or answering.
-                tracing::error!(node_id = self.id, error = %e, "storage failure; stopping the node");
-                std::process::exit(70);
-            }
-            if let Some(exit) = stop.or_else(|| self.handover_done()) {
+            let handed_over = match self.pass() {
+                Ok(exit) => exit,
+                Err(e) => {
+                    // Fail-stop: a node that cannot persist must not keep
+                    // voting or answering.
+                    tracing::error!(node_id = self.id, error = %e, "storage failure; stopping the node");
+                    std::process::exit(70);
+                }
+            };
+            if let Some(exit) = stop.or(handed_over) {
                 self.fail_all(NodeError::Stopped);
                 tracing::info!(node_id = self.id, "raft node stopped");
                 let _ = exit.send(());
@@ -867,8 +870,17 @@ impl Node {
         stop
     }
 
-    /// One pass: start reads, propose, handle Ready, notice role changes.
-    pub(crate) fn round(&mut self) -> Result<(), StorageError> {
+    /// A [`Node::round`], then the end of a handover whose term is over:
+    /// what the loop (the real one and the simulation's) runs after each
+    /// batch of inputs. Returns the sender to notify if that handover was
+    /// to stop the node.
+    pub(crate) fn pass(&mut self) -> Result<Option<oneshot::Sender<()>>, StorageError> {
+        self.round()?;
+        Ok(self.handover_done())
+    }
+
+    /// Start reads, propose, handle Ready, notice role changes.
+    fn round(&mut self) -> Result<(), StorageError> {
         // Notice a lost leadership before starting a read round: as a
         // follower, raft-rs would forward the round to the new leader, and
         // its answer must not confirm this node's stale memory.

@@ -105,6 +105,8 @@ pub struct SimReport {
     pub partitions: u64,
     pub chaos: u64,
     pub clock_jumps: u64,
+    /// Leadership handovers asked of the leader (trim, then transfer).
+    pub transfers: u64,
     pub messages: u64,
     pub dropped: u64,
     pub duplicated: u64,
@@ -130,7 +132,7 @@ impl fmt::Display for SimReport {
             f,
             "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed), {} IDs ({} refused), \
              faults: {} crashes ({} unsynced writes lost), {} pauses, {} partitions, {} chaos, \
-             {} clock jumps; {} messages ({} dropped, {} duplicated); {} idle keys released; \
+             {} clock jumps, {} transfers; {} messages ({} dropped, {} duplicated); {} idle keys released; \
              {} read rounds in {} heartbeats ({} resent); recovered: {}; \
              violations: {}; digest {:016x}",
             self.seed,
@@ -147,6 +149,7 @@ impl fmt::Display for SimReport {
             self.partitions,
             self.chaos,
             self.clock_jumps,
+            self.transfers,
             self.messages,
             self.dropped,
             self.duplicated,
@@ -647,14 +650,15 @@ impl Sim {
                 slot.sync_covers = newest;
             }
         }
-        // A Shutdown is never sent here, so no stop signal can come back.
+        // A Shutdown is never sent here, so no stop signal can come back
+        // (from these three calls either).
         let _ = node.drain_inbox();
         if now >= slot.next_tick {
             let _ = node.on_tick(self.time.instant());
             // Ticks drift: 8..12 ms apart around a 10 ms tick.
             slot.next_tick = now + self.raft.tick_ms - 2 + jitter;
         }
-        if let Err(e) = node.round() {
+        if let Err(e) = node.pass() {
             if lock(&slot.journal).power_failed() {
                 // The armed power loss hit in the middle of the round.
                 let down = self.rng.range(50, 1_000);
@@ -884,7 +888,7 @@ impl Sim {
             .filter(|s| s.node.is_none() || s.paused_until > self.now)
             .count();
         let i = self.rng.range(0, n as u64 - 1) as usize;
-        match self.rng.range(0, 5) {
+        match self.rng.range(0, 6) {
             0 if impaired < majority_margin => {
                 if self.rng.chance(500_000) {
                     let down = self.rng.range(50, 2_000);
@@ -922,6 +926,20 @@ impl Sim {
                 self.slots[i].clock.jump(by);
                 self.report.clock_jumps += 1;
                 self.trace(format_args!("node {} clock jumps {by} ms", i + 1));
+            }
+            5 => {
+                // Whoever leads hands over, as an operator's transfer or a
+                // rolling restart asks: to a node named half the time (which
+                // may be down or cut off), else to the most caught-up one.
+                if let Some(l) = self.leader() {
+                    let others: Vec<u64> =
+                        (1..=n as u64).filter(|&id| id != l as u64 + 1).collect();
+                    let to = self.rng.chance(500_000).then(|| self.rng.pick(&others));
+                    let (reply, _) = oneshot::channel();
+                    let _ = self.slots[l].tx.send(Input::TransferLeader { to, reply });
+                    self.report.transfers += 1;
+                    self.trace(format_args!("node {} hands over to {to:?}", l + 1));
+                }
             }
             _ => {
                 // Whoever leads now crashes: the failover case.
