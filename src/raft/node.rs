@@ -1907,6 +1907,12 @@ impl Node {
                         "no snowflake worker id is free; this node cannot issue IDs"
                     );
                 }
+                Applied::NotMember { node_id } if *node_id == self.id => {
+                    tracing::warn!(
+                        node_id,
+                        "no snowflake worker id for a node outside the configuration"
+                    );
+                }
                 Applied::FenceRenewed {
                     node_id,
                     worker,
@@ -1925,6 +1931,7 @@ impl Node {
                 }
                 Applied::WorkerAssigned { .. }
                 | Applied::NoFreeWorker { .. }
+                | Applied::NotMember { .. }
                 | Applied::FenceRenewed { .. }
                 | Applied::LeaderStarted { .. }
                 | Applied::Empty => {}

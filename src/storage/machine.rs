@@ -104,6 +104,9 @@ pub enum Applied {
     },
     /// No worker id was free for `node_id`.
     NoFreeWorker { node_id: u64 },
+    /// `node_id` asked for a worker id but is not a member (it was removed
+    /// after asking): none is taken, as none would ever be freed.
+    NotMember { node_id: u64 },
     /// `worker`, held by `node_id`, may now stamp up to `fence_ms`.
     FenceRenewed {
         node_id: u64,
@@ -514,6 +517,9 @@ impl<'a> Txn<'a> {
                 });
             }
         }
+        if !self.is_member(node_id)? {
+            return Ok(Applied::NotMember { node_id });
+        }
         for w in 0..max_workers {
             let rec = self.worker(w)?;
             if rec.node_id == 0 {
@@ -531,6 +537,30 @@ impl<'a> Txn<'a> {
             }
         }
         Ok(Applied::NoFreeWorker { node_id })
+    }
+
+    /// Whether `node_id` is in the configuration as of the entry being
+    /// applied: a conf change is applied in a batch of its own, which saves
+    /// the configuration it yields, so the saved one is this entry's (the
+    /// same on every node). A database with none saved (only a bare
+    /// machine's, in tests) counts everyone.
+    fn is_member(&self, node_id: u64) -> Result<bool, StorageError> {
+        let Some(bytes) = self
+            .db
+            .get_cf(cf(self.db, super::CF_META), super::raft_log::CONF_STATE)?
+        else {
+            return Ok(true);
+        };
+        let cs = ConfState::parse_from_bytes(&bytes)
+            .map_err(|e| StorageError::corrupt("conf state", e))?;
+        Ok([
+            &cs.voters,
+            &cs.learners,
+            &cs.voters_outgoing,
+            &cs.learners_next,
+        ]
+        .iter()
+        .any(|ids| ids.contains(&node_id)))
     }
 
     fn renew_fence(&mut self, r: &RenewFence) -> Result<Applied, StorageError> {
@@ -951,6 +981,66 @@ mod tests {
         drop(m);
         let m = Machine::open(db).unwrap();
         assert_eq!(grant_ids(&m), ["e", "f"]);
+    }
+
+    /// A worker id goes only to a node in the configuration as of the
+    /// request's entry: one removed after asking (its request committed
+    /// after the removal) would hold it forever, as only a removal frees it.
+    #[test]
+    fn a_worker_id_goes_only_to_a_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let conf = |voters: Vec<u64>, learners: Vec<u64>| ConfState {
+            voters,
+            learners,
+            ..Default::default()
+        };
+        db.put_cf(
+            cf(&db, super::super::CF_META),
+            super::super::raft_log::CONF_STATE,
+            conf(vec![1, 2, 3], vec![4]).write_to_bytes().unwrap(),
+        )
+        .unwrap();
+        let mut m = Machine::open(db.clone()).unwrap();
+        let acquire = |node_id| {
+            command::Kind::AcquireWorker(crate::pb::state::AcquireWorker {
+                node_id,
+                max_workers: 4,
+            })
+        };
+        let outcomes = m
+            .apply(&[
+                entry(1, acquire(7)),
+                entry(2, acquire(4)),
+                entry(3, acquire(2)),
+            ])
+            .unwrap();
+        assert!(matches!(outcomes[0].1, Applied::NotMember { node_id: 7 }));
+        assert_eq!(m.worker_of(7).unwrap(), None);
+        assert_eq!(m.worker_of(4).unwrap(), Some((0, 0)), "a learner gets one");
+        assert_eq!(m.worker_of(2).unwrap(), Some((1, 0)));
+
+        // Node 3 is removed, then its request commits.
+        let removal = ConfChange {
+            change_type: ConfChangeType::RemoveNode,
+            node_id: 3,
+            ..Default::default()
+        };
+        let mut cc = Entry {
+            index: 4,
+            term: 1,
+            data: removal.write_to_bytes().unwrap().into(),
+            ..Default::default()
+        };
+        cc.set_entry_type(EntryType::EntryConfChange);
+        m.apply_with_conf(&[cc], Some(&conf(vec![1, 2], vec![4])))
+            .unwrap();
+        let outcomes = m.apply(&[entry(5, acquire(3))]).unwrap();
+        assert!(matches!(outcomes[0].1, Applied::NotMember { node_id: 3 }));
+        assert_eq!(m.worker_of(3).unwrap(), None);
+        // The id it did not take goes to the next member that asks.
+        m.apply(&[entry(6, acquire(1))]).unwrap();
+        assert_eq!(m.worker_of(1).unwrap(), Some((2, 0)));
     }
 
     #[test]
