@@ -54,6 +54,52 @@ async fn seqctl_moves_leadership_and_changes_membership_under_load() {
     assert!(ok);
     assert_eq!(leader_of(&json), vec![leader]);
 
+    // Requests raft-rs would take and do harm with are refused, naming why,
+    // and change nothing: a transfer to a non-voter or to the leader itself
+    // (which raft-rs ignores, while the trim stopped serving for a second),
+    // a voter added again as a learner (a demotion) or as a voter.
+    let follower = leader % 3 + 1;
+    let follower_addr = c.node(follower).addr.clone();
+    let refused: [(&[&str], &str); 4] = [
+        (&["transfer-leader", "--to", "9"], "node 9 is not a voter"),
+        (
+            &["transfer-leader", "--to", &leader.to_string()],
+            "leads already",
+        ),
+        (
+            &[
+                "add-node",
+                "--id",
+                &follower.to_string(),
+                "--addr",
+                &follower_addr,
+            ],
+            "would demote it",
+        ),
+        (
+            &[
+                "add-node",
+                "--id",
+                &follower.to_string(),
+                "--addr",
+                &follower_addr,
+                "--voter",
+            ],
+            "already a voter",
+        ),
+    ];
+    for (args, why) in refused {
+        let (ok, out, err) = seqctl(&c, args);
+        assert!(!ok, "{args:?} was accepted: {out}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    let (_, json, _) = seqctl(&c, &["status", "--json"]);
+    assert_eq!(leader_of(&json), vec![leader]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["voters"].as_array().map(Vec::len), Some(3), "{json}");
+    }
+
     // Move leadership to a chosen node.
     let target = leader % 3 + 1;
     let (ok, _, err) = seqctl(&c, &["transfer-leader", "--to", &target.to_string()]);
@@ -85,6 +131,19 @@ async fn seqctl_moves_leadership_and_changes_membership_under_load() {
         s.applied_index > 0 && s.leader_id != 0
     })
     .await;
+    // A learner is promoted at the address it was added with.
+    let (ok, _, err) = seqctl(
+        &c,
+        &[
+            "add-node",
+            "--id",
+            &gone.to_string(),
+            "--addr",
+            "127.0.0.1:1",
+            "--voter",
+        ],
+    );
+    assert!(!ok && err.contains("is a learner at"), "{err}");
     let (ok, out, err) = seqctl(
         &c,
         &[

@@ -1985,6 +1985,10 @@ impl Node {
             }));
             return;
         }
+        if let Err(why) = self.check_membership_change(&change) {
+            let _ = reply.send(Err(NodeError::Membership(why)));
+            return;
+        }
         let mut cc = ConfChange::default();
         match change {
             MembershipChange::AddLearner { id, addr } => {
@@ -1998,12 +2002,6 @@ impl Node {
                 cc.context = addr.into_bytes().into();
             }
             MembershipChange::Remove { id } => {
-                if id == self.id {
-                    let _ = reply.send(Err(NodeError::Membership(
-                        "the leader cannot remove itself; transfer leadership first".into(),
-                    )));
-                    return;
-                }
                 cc.set_change_type(ConfChangeType::RemoveNode);
                 cc.node_id = id;
             }
@@ -2017,6 +2015,41 @@ impl Node {
             Err(e) => {
                 let _ = reply.send(Err(NodeError::Membership(e.to_string())));
             }
+        }
+    }
+
+    /// Why `change` must not be proposed, if it must not. raft-rs would take
+    /// each of these: adding a voter as a learner demotes it (the leader
+    /// too), and re-adding a member at another address sends its Raft
+    /// traffic there on every node.
+    fn check_membership_change(&self, change: &MembershipChange) -> Result<(), String> {
+        let conf = self.raw.store().conf_state();
+        let voter = |id: &u64| conf.voters.contains(id);
+        let learner = |id: &u64| conf.learners.contains(id);
+        match change {
+            MembershipChange::Remove { id } if *id == self.id => {
+                Err("the leader cannot remove itself; transfer leadership first".into())
+            }
+            MembershipChange::AddLearner { id, .. } if voter(id) => Err(format!(
+                "node {id} is a voter: adding it as a learner would demote it (remove it first)"
+            )),
+            MembershipChange::AddLearner { id, .. } if learner(id) => {
+                Err(format!("node {id} is already a learner"))
+            }
+            MembershipChange::AddVoter { id, .. } if voter(id) => {
+                Err(format!("node {id} is already a voter"))
+            }
+            MembershipChange::AddVoter { id, addr } if learner(id) => {
+                let recorded = self.machine.members().map_err(|e| e.to_string())?;
+                match recorded.iter().find(|(m, _)| m == id) {
+                    Some((_, at)) if at != addr => Err(format!(
+                        "node {id} is a learner at {at}, not {addr}: promote it at that \
+                         address, or remove it and add it again"
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
         }
     }
 
@@ -2222,6 +2255,28 @@ impl Node {
                 let _ = e.send(());
             }
             return;
+        }
+        if let Some(t) = to {
+            let voters = &self.raw.store().conf_state().voters;
+            let why = if t == self.id {
+                Some(format!("node {t} leads already"))
+            } else if !voters.contains(&t) {
+                Some(format!("node {t} is not a voter (voters: {voters:?})"))
+            } else {
+                None
+            };
+            // Refused before anything stops: raft-rs would ignore such a
+            // transfer, and the trim would stop serving until the deadline.
+            // (Only an operator's transfer names a target; a shutdown's
+            // handover picks one.)
+            if let Some(why) = why {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(NodeError::Membership(format!(
+                        "cannot transfer leadership: {why}"
+                    ))));
+                }
+                return;
+            }
         }
         if let Some(h) = self.handover.as_mut() {
             if let Some(r) = reply {
