@@ -1412,8 +1412,7 @@ impl Node {
             kind: Some(command::Kind::Raise(RaiseCeilings { keys, requests })),
         };
         if let Err(waiters) = self.propose(cmd, Proposal::Raises(waiters)) {
-            // The reservations are lost with the proposal: forget every key
-            // so nothing reserved is reused, and fail the calls.
+            // The reservations are lost with the proposal: fail the calls.
             if let Proposal::Raises(ws) = waiters {
                 for w in ws {
                     let err = NodeError::NotLeader {
@@ -1422,12 +1421,7 @@ impl Node {
                     self.settle_dense(w, Err(err));
                 }
             }
-            self.reset_allocator();
-            // Waiting calls lost their queued refills with the memory;
-            // serving them again reloads their keys and queues new ones.
-            for call in std::mem::take(&mut self.waiting) {
-                self.serve(call);
-            }
+            self.serve_after_a_new_start();
         }
     }
 
@@ -1530,6 +1524,33 @@ impl Node {
                 tracing::warn!(error = %e, "proposal dropped");
                 Err(what)
             }
+        }
+    }
+
+    /// Stops serving until a start-of-term entry proposed now applies, as
+    /// a new leader does. A raise proposed before a dropped one may still
+    /// commit: memory reloaded now from the applied ceilings would hand out
+    /// its numbers again (a dense call's, recorded under its request id,
+    /// to a retry of it), and the segments forgotten leave holes. The new
+    /// entry applies after every raise proposed before it, and changes the
+    /// epoch.
+    fn serve_after_a_new_start(&mut self) {
+        self.reset_allocator();
+        self.core.become_leader(self.raw.raft.term);
+        self.leader_start = None;
+        for call in std::mem::take(&mut self.waiting) {
+            call.fail(NodeError::NotLeader { leader: None });
+        }
+    }
+
+    /// Starts (`Some`) or aborts (`None`) a raft-rs leadership transfer
+    /// without a handover, which makes raft-rs drop this leader's
+    /// proposals meanwhile.
+    #[cfg(test)]
+    pub(crate) fn raft_transfer_for_test(&mut self, to: Option<u64>) {
+        match to {
+            Some(t) => self.raw.transfer_leader(t),
+            None => self.raw.raft.abort_leader_transfer(),
         }
     }
 

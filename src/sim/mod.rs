@@ -1061,6 +1061,124 @@ mod tests {
         rx.try_recv().ok()
     }
 
+    /// Asks slot `i`'s node for `count` numbers of `KEYS[key]` under
+    /// `request_id`; the receiver of its answer.
+    fn send_call(
+        sim: &mut Sim,
+        i: usize,
+        key: usize,
+        count: u32,
+        request_id: Option<&str>,
+    ) -> oneshot::Receiver<Result<Grant, NodeError>> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = sim.time.instant() + Duration::from_millis(sim.raft.request_timeout_ms);
+        let request_id = request_id.map(|r| {
+            crate::core::RequestId::try_new(r.to_string())
+                .expect("a valid request id")
+                .expect("not empty")
+        });
+        sim.slots[i]
+            .tx
+            .send(Input::Allocate {
+                items: vec![(sim.keys[key].clone(), count)],
+                request_id,
+                reply,
+                deadline,
+            })
+            .expect("the node is running");
+        rx
+    }
+
+    /// Steps the simulation until `rx` is answered.
+    fn answer(
+        sim: &mut Sim,
+        mut rx: oneshot::Receiver<Result<Grant, NodeError>>,
+    ) -> Result<Grant, NodeError> {
+        for _ in 0..3_000 {
+            if let Ok(r) = rx.try_recv() {
+                return r;
+            }
+            sim.step(false);
+        }
+        panic!("no answer within 3 s");
+    }
+
+    /// raft-rs drops a leader's proposal (here: a transfer is pending)
+    /// while a dense raise proposed before it is still in flight. That raise
+    /// commits later, recording its range under its request id; the leader
+    /// must not hand the same numbers to a new call meanwhile (a retry of
+    /// the first call gets its recorded range), and the epoch must change
+    /// (the segments forgotten with the memory leave holes).
+    #[test]
+    fn a_dropped_proposal_does_not_reuse_a_raise_still_in_flight() {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(11, cfg);
+        while sim.now < 2_000 {
+            sim.step(false);
+        }
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        let dense = DENSE_KEYS.start;
+        let warm = send_call(&mut sim, l, dense, 1, None);
+        let warm = answer(&mut sim, warm).expect("a dense call before the drop");
+        let epoch = warm.epoch;
+
+        // A's raise goes out; the network is not stepped, so it stays
+        // uncommitted while raft-rs drops B's.
+        let a = send_call(&mut sim, l, dense, 2, Some("call-a"));
+        sim.run_node(l);
+        let follower = (l as u64 + 1) % 3 + 1;
+        sim.slots[l]
+            .node
+            .as_mut()
+            .expect("running")
+            .raft_transfer_for_test(Some(follower));
+        let b = send_call(&mut sim, l, dense, 1, None);
+        sim.run_node(l);
+        sim.slots[l]
+            .node
+            .as_mut()
+            .expect("running")
+            .raft_transfer_for_test(None);
+        // A new call at once, before A's raise has committed.
+        let c = send_call(&mut sim, l, dense, 1, None);
+        sim.run_node(l);
+        let a = answer(&mut sim, a);
+        let b = answer(&mut sim, b);
+        assert!(b.is_err(), "the dropped call was answered: {b:?}");
+        let c = answer(&mut sim, c);
+        // A retry of A gets what A's committed raise recorded.
+        let a_again = send_call(&mut sim, l, dense, 2, Some("call-a"));
+        let a_again = answer(&mut sim, a_again).expect("a retry of A");
+        let recorded = a_again.ranges[0];
+        if let Ok(a) = &a {
+            assert_eq!(a.ranges[0], recorded, "A and its retry differ");
+        }
+        if let Ok(c) = &c {
+            let c = c.ranges[0];
+            assert!(
+                c.last() < recorded.first() || c.first() > recorded.last(),
+                "C got {c:?}, which overlaps A's recorded {recorded:?}"
+            );
+        }
+        // Served again (a new call succeeds), under a new epoch.
+        let d = send_call(&mut sim, l, dense, 1, None);
+        let d = answer(&mut sim, d).expect("served again after the drop");
+        assert!(
+            d.ranges[0].first() > recorded.last(),
+            "D {:?} is not above A's {recorded:?}",
+            d.ranges[0]
+        );
+        assert!(
+            d.epoch > epoch,
+            "epoch {} after the drop, {epoch} before",
+            d.epoch
+        );
+    }
+
     /// A leader under a lease gets a heartbeat of the next term (from a
     /// follower that a leadership transfer elected, which a transfer may do
     /// through any lease), then a call, in one batch of inputs: raft-rs
