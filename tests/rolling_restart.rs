@@ -78,26 +78,15 @@ async fn rolling_restart_under_load() -> Vec<(&'static str, Vec<Op>)> {
     by_namespace
 }
 
-/// No call fails, and I1 and I2 hold over every number handed out.
+/// No call fails, I1 and I2 hold over every number handed out, and no key
+/// has a hole: the trims hand every segment's unused rest back before
+/// leadership moves, and no election nobody asked for follows a restart
+/// (it did while a restarted follower was sent the heartbeats queued for it
+/// while it was down, see `transport::drop_stale`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rolling_restart_under_load_fails_no_call_and_reuses_no_number() {
+async fn a_rolling_restart_under_load_fails_no_call_and_opens_no_hole() {
     for (namespace, ops) in rolling_restart_under_load().await {
         let checked = check_history(&ops);
-        println!("rolling restart: {namespace}: {checked} numbers checked");
-    }
-}
-
-/// No key has a hole: the trims hand every segment's unused rest back
-/// before leadership moves. NOT MET today: a node restarted under load can
-/// be followed by an election nobody asked for (a follower, and the
-/// restarted node, stop hearing from a busy leader for an election
-/// timeout; the leader handled their votes 1-2 s late), and that leader
-/// change skips the rest of every segment (announced by the epoch). See
-/// the README, "Rolling restarts".
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known open problem: an unplanned election after a restart under load leaves holes"]
-async fn a_rolling_restart_under_load_opens_no_hole() {
-    for (namespace, ops) in rolling_restart_under_load().await {
         let mut by_key: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
         for op in &ops {
             by_key.entry(&op.key).or_default().push((op.first, op.last));
@@ -115,5 +104,9 @@ async fn a_rolling_restart_under_load_opens_no_hole() {
                 next = last + 1;
             }
         }
+        println!(
+            "rolling restart: {namespace}: {checked} numbers over {} keys, no hole",
+            by_key.len()
+        );
     }
 }

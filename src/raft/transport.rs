@@ -121,10 +121,9 @@ async fn peer_loop(
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(peer_id, %addr, error = %e, "peer unreachable");
-                // Drop what queued up meanwhile: it is stale by now.
-                while queue.try_recv().is_ok() {}
                 let _ = node.send(Input::Unreachable(peer_id));
                 tokio::time::sleep(backoff).await;
+                drop_stale(&mut queue, &node, peer_id);
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
@@ -167,6 +166,27 @@ async fn peer_loop(
         }
         let _ = node.send(Input::Unreachable(peer_id));
         tokio::time::sleep(backoff).await;
+        drop_stale(&mut queue, &node, peer_id);
+    }
+}
+
+/// Drops what queued while the peer could not be reached (up to
+/// [`PEER_QUEUE`] messages): stale by now, and Raft sends again what
+/// matters. Sent in a burst on reconnecting, a second's worth of a busy
+/// leader's heartbeats (read rounds) made the peer answer each, and a
+/// leader answers each answer from a follower that lags with a catch-up
+/// append: a restarted follower kept the leader's loop busy building
+/// appends for seconds, while the other follower heard nothing and started
+/// an election. A snapshot among them is reported as not sent, so raft-rs
+/// sends it again rather than wait for it.
+fn drop_stale(queue: &mut tmpsc::Receiver<Message>, node: &Mailbox, peer_id: u64) {
+    while let Ok(msg) = queue.try_recv() {
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            let _ = node.send(Input::SnapshotSent {
+                to: peer_id,
+                ok: false,
+            });
+        }
     }
 }
 
