@@ -16,7 +16,7 @@ use crate::pb::peer_server::PeerServer;
 use crate::pb::sequencer_server::SequencerServer;
 use crate::raft::transport::MAX_PEER_MESSAGE;
 use crate::raft::{spawn, Faults, IdState, NodeHandle, NodeParams, NodeTesting};
-use crate::service::{AdminService, IdsService, PeerAddrs, SequencerService};
+use crate::service::{AdminService, IdsService, PeerAddrs, SequencerService, Stopping};
 use crate::storage::StorageError;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -125,6 +125,7 @@ pub async fn serve(
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stopping_tx, stopping) = Stopping::new();
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
@@ -132,10 +133,12 @@ pub async fn serve(
             node.clone(),
             namespaces,
             addrs.clone(),
+            stopping.clone(),
         )))
         .add_service(IdsServer::new(IdsService::new(
             ids.clone(),
             config.snowflake.max_count,
+            stopping.clone(),
         )))
         .add_service(AdminServer::new(AdminService::new(
             node.clone(),
@@ -144,7 +147,10 @@ pub async fn serve(
             faults,
             config.testing.allow_fault_injection,
         )))
-        .add_service(PeerServer::new(peer_service).max_decoding_message_size(MAX_PEER_MESSAGE))
+        .add_service(
+            PeerServer::new(peer_service.stop_with(stopping.clone()))
+                .max_decoding_message_size(MAX_PEER_MESSAGE),
+        )
         .add_service(health_service)
         .add_service(reflection);
     // Nagle off on accepted sockets: a reply written as headers then body
@@ -159,6 +165,10 @@ pub async fn serve(
         _ = shutdown => {
             tracing::info!("shutdown requested: handing over leadership");
             node.shutdown().await;
+            // Clients keep their call streams open as long as they live:
+            // ended here, they go on to another node, and the server's
+            // graceful stop need not wait for them.
+            let _ = stopping_tx.send(true);
             let _ = stop_tx.send(());
             match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
                 Ok(Ok(result)) => result?,

@@ -208,11 +208,24 @@ pub fn decode_frame(frame: &RaftFrame) -> Result<Message, Status> {
 pub struct PeerService {
     node: Mailbox,
     faults: Arc<Faults>,
+    stopping: Option<crate::service::Stopping>,
 }
 
 impl PeerService {
     pub(crate) fn new(node: Mailbox, faults: Arc<Faults>) -> Self {
-        Self { node, faults }
+        Self {
+            node,
+            faults,
+            stopping: None,
+        }
+    }
+
+    /// Ends every peer's stream once `stopping` is raised: a peer that has
+    /// nothing to send (a follower, to another follower) would otherwise
+    /// hold the server's graceful stop until its drain timeout.
+    pub fn stop_with(mut self, stopping: crate::service::Stopping) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 }
 
@@ -223,7 +236,22 @@ impl Peer for PeerService {
         request: Request<Streaming<RaftFrame>>,
     ) -> Result<Response<RaftAck>, Status> {
         let mut stream = request.into_inner();
-        while let Some(frame) = stream.message().await? {
+        let stopping = self.stopping.clone();
+        let stopped = async move {
+            match stopping {
+                Some(s) => s.raised().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stopped);
+        loop {
+            let frame = tokio::select! {
+                frame = stream.message() => frame?,
+                () = &mut stopped => return Err(Status::unavailable("node is stopping")),
+            };
+            let Some(frame) = frame else {
+                break;
+            };
             let msg = decode_frame(&frame)?;
             if self.faults.isolated.load(Ordering::Relaxed) {
                 continue;

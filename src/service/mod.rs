@@ -34,6 +34,29 @@ impl PeerAddrs {
     }
 }
 
+/// Tells the call streams the node has stopped: each then ends (its
+/// client sees it end and goes on to another node), so the server's
+/// graceful shutdown does not wait for clients to close streams they keep
+/// open for as long as they live.
+#[derive(Debug, Clone)]
+pub struct Stopping(tokio::sync::watch::Receiver<bool>);
+
+impl Stopping {
+    /// The signal, and what raises it.
+    pub fn new() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    /// Resolves once the signal is raised (never, if its sender is gone
+    /// without raising it).
+    pub(crate) async fn raised(mut self) {
+        if self.0.wait_for(|stopping| *stopping).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// A client's call stream (`NextStream`, `NextIdsStream`): counted in
 /// its `opened` counter when made, and in its `open` gauge while it lives.
 struct OpenStream {

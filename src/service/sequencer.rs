@@ -29,14 +29,21 @@ pub struct SequencerService {
     node: NodeHandle,
     namespaces: Namespaces,
     peers: PeerAddrs,
+    stopping: super::Stopping,
 }
 
 impl SequencerService {
-    pub fn new(node: NodeHandle, namespaces: Namespaces, peers: PeerAddrs) -> Self {
+    pub fn new(
+        node: NodeHandle,
+        namespaces: Namespaces,
+        peers: PeerAddrs,
+        stopping: super::Stopping,
+    ) -> Self {
         Self {
             node,
             namespaces,
             peers,
+            stopping,
         }
     }
 }
@@ -186,8 +193,10 @@ impl Sequencer for SequencerService {
         // Shared by the stream's batches: cloning the service itself would
         // copy the namespace table for every batch.
         let service = std::sync::Arc::new(self.clone());
+        let stopped = self.stopping.clone().raised();
         let replies = request
             .into_inner()
+            .take_until(stopped)
             .map(move |message| {
                 // Counted open until the replies stream is dropped: ended,
                 // or its client gone.
