@@ -68,26 +68,22 @@ impl Ids for IdsService {
     ) -> Result<Response<Self::NextIdsStreamStream>, Status> {
         let open = super::OpenStream::new(m::ID_STREAMS_TOTAL, m::ID_STREAMS_OPEN);
         let service = self.clone();
-        let stopped = self.stopping.clone().raised();
-        let replies = request
-            .into_inner()
-            .take_until(stopped)
-            .map(move |message| {
-                // Counted open until the replies stream is dropped: ended, or
-                // its client gone.
-                let _open = &open;
-                let NextIdsStreamRequest { id, request } = message?;
-                let start = std::time::Instant::now();
-                let result = match request {
-                    Some(request) => service.next_ids_inner(Request::new(request)),
-                    None => Err(Status::invalid_argument("request: missing")),
-                };
-                observe("NextIds", start, &result);
-                Ok(NextIdsStreamReply::answering(
-                    id,
-                    result.map(Response::into_inner),
-                ))
-            });
+        let replies = self.stopping.cut(request.into_inner()).map(move |message| {
+            // Counted open until the replies stream is dropped: ended, or
+            // its client gone.
+            let _open = &open;
+            let NextIdsStreamRequest { id, request } = message?;
+            let start = std::time::Instant::now();
+            let result = match request {
+                Some(request) => service.next_ids_inner(Request::new(request)),
+                None => Err(Status::invalid_argument("request: missing")),
+            };
+            observe("NextIds", start, &result);
+            Ok(NextIdsStreamReply::answering(
+                id,
+                result.map(Response::into_inner),
+            ))
+        });
         Ok(Response::new(Box::pin(replies)))
     }
 

@@ -48,6 +48,12 @@ impl Stopping {
         (tx, Self(rx))
     }
 
+    /// `requests` until the signal is raised.
+    fn cut<S: futures::Stream>(&self, requests: S) -> impl futures::Stream<Item = S::Item> {
+        use futures::StreamExt;
+        requests.take_until(self.clone().raised())
+    }
+
     /// Resolves once the signal is raised (never, if its sender is gone
     /// without raising it).
     pub(crate) async fn raised(mut self) {

@@ -193,10 +193,9 @@ impl Sequencer for SequencerService {
         // Shared by the stream's batches: cloning the service itself would
         // copy the namespace table for every batch.
         let service = std::sync::Arc::new(self.clone());
-        let stopped = self.stopping.clone().raised();
-        let replies = request
-            .into_inner()
-            .take_until(stopped)
+        let replies = self
+            .stopping
+            .cut(request.into_inner())
             .map(move |message| {
                 // Counted open until the replies stream is dropped: ended,
                 // or its client gone.
