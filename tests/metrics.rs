@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_ports, Cluster, Load};
-use seqd::client::{Client, ClientOptions};
 use seqd::pb::NextIdsRequest;
 
 struct Prometheus {
@@ -78,16 +77,7 @@ async fn prometheus_sees_latency_and_one_leader() {
 
     // Every call its own `Next` RPC (no coalescing), so that the count
     // Prometheus scrapes can be held against the calls made.
-    let client = Arc::new(
-        Client::new(
-            &c.addrs(),
-            ClientOptions {
-                max_in_flight: 0,
-                ..ClientOptions::default()
-            },
-        )
-        .expect("client"),
-    );
+    let client = Arc::new(c.unary_client());
     let load = Load::start(client.clone(), "conv", 50, 8);
     let mut ids = c.ids(1).await;
     let deadline = Instant::now() + Duration::from_secs(8);

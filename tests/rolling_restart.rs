@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{check_history, Cluster, Load, Op};
-use seqd::client::{Client, ClientOptions};
 
 const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
 
@@ -29,14 +28,7 @@ async fn progress(loads: &[(&str, &str, Load)]) {
 async fn rolling_restart_under_load() -> Vec<(&'static str, Vec<Op>)> {
     let mut c = Cluster::start(3, RAFT);
     let leader = c.wait_leader(Duration::from_secs(20)).await;
-    let unary = Client::new(
-        &c.addrs(),
-        ClientOptions {
-            max_in_flight: 0,
-            ..ClientOptions::default()
-        },
-    )
-    .expect("client");
+    let unary = c.unary_client();
     let loads = [
         (
             "coalesced",

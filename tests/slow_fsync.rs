@@ -35,14 +35,7 @@ async fn a_warm_key_is_answered_while_the_log_fsync_is_slow() {
     let c = Cluster::start(1, RAFT);
     c.wait_leader(Duration::from_secs(20)).await;
     // Every call its own RPC: the cold call's RPC must not carry the warm one.
-    let client = Client::new(
-        &c.addrs(),
-        ClientOptions {
-            max_in_flight: 0,
-            ..ClientOptions::default()
-        },
-    )
-    .expect("client");
+    let client = c.unary_client();
     for expect in 1..=3 {
         assert_eq!(client.next("conv", "warm", 1).await.unwrap().first, expect);
     }
@@ -116,14 +109,10 @@ async fn a_node_whose_fsync_does_not_return_stops() {
 /// A client that gives up on an attempt after 300 ms, well within one
 /// delayed fsync.
 fn impatient_client(c: &Cluster) -> Client {
-    Client::new(
-        &c.addrs(),
-        ClientOptions {
-            attempt_timeout: Duration::from_millis(300),
-            ..ClientOptions::default()
-        },
-    )
-    .expect("client")
+    c.client_with(ClientOptions {
+        attempt_timeout: Duration::from_millis(300),
+        ..ClientOptions::default()
+    })
 }
 
 /// A batch whose reply does not come within the client's attempt timeout

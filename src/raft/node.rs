@@ -1054,10 +1054,9 @@ impl Node {
         };
         let term = self.raw.raft.term;
         self.raw.raft.state == StateRole::Leader
-            && matches!(self.core.role(), Role::Leader { term: t, .. } if t == term)
+            && matches!(self.core.role(), Role::Leader { term: t, serving: true } if t == term)
             && term != self.lease_forbidden_term
             && self.handover.is_none()
-            && self.core.is_serving()
             && self.time.now() < until
     }
 

@@ -208,7 +208,7 @@ pub fn decode_frame(frame: &RaftFrame) -> Result<Message, Status> {
 pub struct PeerService {
     node: Mailbox,
     faults: Arc<Faults>,
-    stopping: Option<crate::service::Stopping>,
+    stopping: crate::service::Stopping,
 }
 
 impl PeerService {
@@ -216,7 +216,7 @@ impl PeerService {
         Self {
             node,
             faults,
-            stopping: None,
+            stopping: crate::service::Stopping::never(),
         }
     }
 
@@ -224,7 +224,7 @@ impl PeerService {
     /// nothing to send (a follower, to another follower) would otherwise
     /// hold the server's graceful stop until its drain timeout.
     pub fn stop_with(mut self, stopping: crate::service::Stopping) -> Self {
-        self.stopping = Some(stopping);
+        self.stopping = stopping;
         self
     }
 }
@@ -236,13 +236,7 @@ impl Peer for PeerService {
         request: Request<Streaming<RaftFrame>>,
     ) -> Result<Response<RaftAck>, Status> {
         let mut stream = request.into_inner();
-        let stopping = self.stopping.clone();
-        let stopped = async move {
-            match stopping {
-                Some(s) => s.raised().await,
-                None => std::future::pending().await,
-            }
-        };
+        let stopped = self.stopping.clone().raised();
         tokio::pin!(stopped);
         loop {
             let frame = tokio::select! {

@@ -48,6 +48,11 @@ impl Stopping {
         (tx, Self(rx))
     }
 
+    /// A signal never raised (its sender is gone).
+    pub(crate) fn never() -> Self {
+        Self::new().1
+    }
+
     /// `requests` until the signal is raised.
     fn cut<S: futures::Stream>(&self, requests: S) -> impl futures::Stream<Item = S::Item> {
         use futures::StreamExt;

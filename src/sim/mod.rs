@@ -1046,17 +1046,7 @@ mod tests {
     /// Asks slot `i`'s node for one number of `KEYS[key]` and runs the node
     /// once: the answer, if it came in that run.
     fn call_in_one_run(sim: &mut Sim, i: usize, key: usize) -> Option<Result<Grant, NodeError>> {
-        let (reply, mut rx) = oneshot::channel();
-        let deadline = sim.time.instant() + Duration::from_millis(sim.raft.request_timeout_ms);
-        sim.slots[i]
-            .tx
-            .send(Input::Allocate {
-                items: vec![(sim.keys[key].clone(), 1)],
-                request_id: None,
-                reply,
-                deadline,
-            })
-            .expect("the node is running");
+        let mut rx = send_call(sim, i, key, 1, None);
         sim.run_node(i);
         rx.try_recv().ok()
     }

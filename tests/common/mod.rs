@@ -301,7 +301,19 @@ impl Cluster {
     }
 
     pub fn client(&self) -> Client {
-        Client::new(&self.addrs(), ClientOptions::default()).expect("client")
+        self.client_with(ClientOptions::default())
+    }
+
+    pub fn client_with(&self, opts: ClientOptions) -> Client {
+        Client::new(&self.addrs(), opts).expect("client")
+    }
+
+    /// A client that sends every call as its own RPC (no coalescing).
+    pub fn unary_client(&self) -> Client {
+        self.client_with(ClientOptions {
+            max_in_flight: 0,
+            ..ClientOptions::default()
+        })
     }
 
     /// Status of one node, `None` if it does not answer.
