@@ -57,6 +57,9 @@ pub const RAFT_READ_ROUND_SECONDS: &str = "seqd_raft_read_index_round_seconds";
 pub const LEASE_READS_TOTAL: &str = "seqd_lease_reads_total";
 /// Snapshots handed to the transport for a follower, and installed here.
 pub const SNAPSHOTS_SENT_TOTAL: &str = "seqd_raft_snapshots_sent_total";
+/// Peer streams refused because their node came back with another data
+/// directory (storage::identity).
+pub const PEER_STREAMS_REFUSED_TOTAL: &str = "seqd_raft_peer_streams_refused_total";
 pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "seqd_raft_snapshots_installed_total";
 /// Keys held in the leader's memory.
 pub const ACTIVE_KEYS: &str = "seqd_active_keys";
@@ -152,6 +155,10 @@ fn describe() {
         "Calls answered under a leader lease, without a round (read_mode = lease)."
     );
     describe_counter!(SNAPSHOTS_SENT_TOTAL, "Snapshots sent to followers.");
+    describe_counter!(
+        PEER_STREAMS_REFUSED_TOTAL,
+        "Peer streams refused: their node came back with another data directory (it lost its Raft state)."
+    );
     describe_counter!(
         SNAPSHOTS_INSTALLED_TOTAL,
         "Snapshots installed on this node."

@@ -50,6 +50,7 @@ use crate::pb::state::{
     command, AcquireWorker, Command, KeyCeiling, LeaderStart, RaiseCeilings, ReleaseKeys,
     ReleasedKey, RenewFence, RequestGrant, Trim,
 };
+use crate::storage::identity::PeerDataIds;
 use crate::storage::{self, Applied, Machine, RaftStore, StorageError};
 
 /// A log fsync that has not returned for this long means the disk is gone.
@@ -337,6 +338,7 @@ pub fn spawn(
     rt: &tokio::runtime::Handle,
 ) -> Result<(NodeHandle, PeerService, tokio::task::JoinHandle<()>), StorageError> {
     let disk = storage::open(&params.data_dir)?;
+    let data_id = storage::identity::own(&disk)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let faults = params.faults.clone();
     let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);
@@ -353,6 +355,7 @@ pub fn spawn(
             Box::new(Transport::start(
                 rt,
                 id,
+                data_id,
                 peers,
                 transport_tx,
                 faults.clone(),
@@ -360,10 +363,11 @@ pub fn spawn(
         },
         Box::new(syncer),
     )?;
+    let data_ids = node.peer_data_ids.clone();
     let task = rt.spawn(node.run());
     Ok((
         NodeHandle::new(tx.clone(), request_timeout),
-        PeerService::new(tx, faults),
+        PeerService::new(tx, faults, data_ids),
         task,
     ))
 }
@@ -644,6 +648,9 @@ pub(crate) struct Node {
     pub(crate) read_resends: u64,
     /// Set by `run`: the node runs as a task on a multi-thread runtime.
     on_runtime: bool,
+    /// Shared with the peer service, which admits streams by them; a
+    /// removal forgets the node's.
+    peer_data_ids: Arc<PeerDataIds>,
 }
 
 fn command_kind(cmd: &Command) -> &'static str {
@@ -674,6 +681,7 @@ impl Node {
         } else {
             params.voters.clone()
         };
+        let peer_data_ids = Arc::new(PeerDataIds::open(disk.clone())?);
         let store = RaftStore::open(disk.clone(), &voters)?;
         let machine = Machine::open(disk)?;
         let store_compacted = store.compacted_index();
@@ -775,6 +783,7 @@ impl Node {
             read_rounds_sent: 0,
             read_resends: 0,
             on_runtime: false,
+            peer_data_ids,
         };
         node.load_request_records()?;
         Ok(node)
@@ -1742,6 +1751,7 @@ impl Node {
             self.raw.mut_store().install_snapshot(&snap)?;
             self.machine.reload()?;
             self.load_request_records()?;
+            self.peer_data_ids.forget_all()?;
             self.snapshots_installed += 1;
             metrics::counter!(m::SNAPSHOTS_INSTALLED_TOTAL).increment(1);
             match self.machine.worker_of(self.id)? {
@@ -1977,6 +1987,9 @@ impl Node {
                 }
                 ConfChangeType::RemoveNode => {
                     self.transport.remove_peer(cc.node_id);
+                    // It may come back as a replacement, with a new data
+                    // directory.
+                    self.peer_data_ids.forget(cc.node_id)?;
                     if cc.node_id == self.id {
                         self.ids.lock().release_worker();
                         tracing::warn!(node_id = self.id, "this node was removed from the cluster");

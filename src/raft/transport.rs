@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::raft::prelude::{Message, MessageType};
 use protobuf::Message as _;
@@ -14,9 +14,20 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Faults, Input, Mailbox};
+use crate::metrics as m;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::peer_server::Peer;
 use crate::pb::{RaftAck, RaftFrame};
+use crate::storage::identity::{Admission, PeerDataIds};
+
+/// Request metadata naming the sending node and its data directory's id
+/// (see [`crate::storage::identity`]).
+pub const NODE_ID_HEADER: &str = "seqd-node-id";
+pub const DATA_ID_HEADER: &str = "seqd-data-id";
+/// How long a peer that refused this node's stream is left alone.
+const REFUSED_RETRY: Duration = Duration::from_secs(1);
+/// A refusal is logged once per this long.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 4096;
@@ -26,6 +37,7 @@ pub const MAX_PEER_MESSAGE: usize = 512 << 20;
 /// Sends raft messages to peers. Owned by the node loop; never blocks.
 pub struct Transport {
     self_id: u64,
+    data_id: u64,
     rt: tokio::runtime::Handle,
     peers: HashMap<u64, (String, tmpsc::Sender<Message>)>,
     node: Mailbox,
@@ -37,12 +49,14 @@ impl Transport {
     pub(crate) fn start(
         rt: &tokio::runtime::Handle,
         self_id: u64,
+        data_id: u64,
         peers: &[(u64, String)],
         node: Mailbox,
         faults: Arc<Faults>,
     ) -> Self {
         let mut t = Self {
             self_id,
+            data_id,
             rt: rt.clone(),
             peers: HashMap::new(),
             node,
@@ -61,7 +75,7 @@ impl Transport {
         }
         let (tx, rx) = tmpsc::channel(PEER_QUEUE);
         self.rt.spawn(peer_loop(
-            self.self_id,
+            (self.self_id, self.data_id),
             id,
             addr.to_string(),
             rx,
@@ -96,14 +110,19 @@ impl Transport {
     }
 }
 
+/// Sends `queue` to a peer on one stream at a time, opened at once (so the
+/// peer learns this node's data id before any message needs it) and again
+/// whenever it breaks.
 async fn peer_loop(
-    self_id: u64,
+    (self_id, data_id): (u64, u64),
     peer_id: u64,
     addr: String,
     mut queue: tmpsc::Receiver<Message>,
     node: Mailbox,
 ) {
     let mut backoff = Duration::from_millis(20);
+    // When the peer last refused this node, as logged.
+    let mut refused: Option<Instant> = None;
     let uri = format!("http://{addr}");
     loop {
         let endpoint = match tonic::transport::Endpoint::from_shared(uri.clone()) {
@@ -130,9 +149,14 @@ async fn peer_loop(
         };
         backoff = Duration::from_millis(20);
         tracing::debug!(peer_id, %addr, "connected to peer");
+        let mut refusing = false;
         let (tx, rx) = tmpsc::channel::<RaftFrame>(256);
         let mut client = PeerClient::new(channel).max_encoding_message_size(MAX_PEER_MESSAGE);
-        let mut call = tokio::spawn(async move { client.raft(ReceiverStream::new(rx)).await });
+        let mut request = Request::new(ReceiverStream::new(rx));
+        let meta = request.metadata_mut();
+        meta.insert(NODE_ID_HEADER, self_id.into());
+        meta.insert(DATA_ID_HEADER, data_id.into());
+        let mut call = tokio::spawn(async move { client.raft(request).await });
         loop {
             tokio::select! {
                 msg = queue.recv() => {
@@ -157,15 +181,24 @@ async fn peer_loop(
                     }
                 }
                 res = &mut call => {
-                    if let Ok(Err(status)) = res {
-                        tracing::debug!(peer_id, %status, "peer stream ended");
+                    match res {
+                        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                            let now = Instant::now();
+                            if refused.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY) {
+                                tracing::error!(peer_id, reason = status.message(), "peer refuses this node's messages");
+                                refused = Some(now);
+                            }
+                            refusing = true;
+                        }
+                        Ok(Err(status)) => tracing::debug!(peer_id, %status, "peer stream ended"),
+                        _ => {}
                     }
                     break;
                 }
             }
         }
         let _ = node.send(Input::Unreachable(peer_id));
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(if refusing { REFUSED_RETRY } else { backoff }).await;
         drop_stale(&mut queue, &node, peer_id);
     }
 }
@@ -209,14 +242,60 @@ pub struct PeerService {
     node: Mailbox,
     faults: Arc<Faults>,
     stopping: crate::service::Stopping,
+    data_ids: Arc<PeerDataIds>,
 }
 
 impl PeerService {
-    pub(crate) fn new(node: Mailbox, faults: Arc<Faults>) -> Self {
+    pub(crate) fn new(node: Mailbox, faults: Arc<Faults>, data_ids: Arc<PeerDataIds>) -> Self {
         Self {
             node,
             faults,
             stopping: crate::service::Stopping::never(),
+            data_ids,
+        }
+    }
+
+    /// The sending node named by a stream's metadata, if it is one this
+    /// node may hear from: a node known with another data directory lost
+    /// its Raft state (see [`crate::storage::identity`]). `None`: a sender
+    /// from before data ids, which names neither.
+    fn admit_stream(
+        &self,
+        meta: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<(u64, u64)>, Status> {
+        let read = |name: &str| -> Result<Option<u64>, Status> {
+            meta.get(name)
+                .map(|v| {
+                    v.to_str()
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| Status::invalid_argument(format!("{name}: not a number")))
+                })
+                .transpose()
+        };
+        let (Some(from), Some(data_id)) = (read(NODE_ID_HEADER)?, read(DATA_ID_HEADER)?) else {
+            return Ok(None);
+        };
+        self.admit(from, data_id)?;
+        Ok(Some((from, data_id)))
+    }
+
+    fn admit(&self, from: u64, data_id: u64) -> Result<(), Status> {
+        match self.data_ids.admit(from, data_id) {
+            Admission::Known => Ok(()),
+            Admission::Refused { known, log } => {
+                metrics::counter!(m::PEER_STREAMS_REFUSED_TOTAL).increment(1);
+                let why = format!(
+                    "node {from} is known here with another data directory (data id {known:016x}, \
+                     now {data_id:016x}): it lost its Raft state, and its vote or acknowledgement \
+                     could lose committed entries; remove it from the cluster and start it with \
+                     --join to add it back as a replacement"
+                );
+                if log {
+                    tracing::error!(peer_id = from, "refusing a peer's messages: {why}");
+                }
+                Err(Status::failed_precondition(why))
+            }
         }
     }
 
@@ -235,6 +314,8 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<RaftFrame>>,
     ) -> Result<Response<RaftAck>, Status> {
+        let sender = self.admit_stream(request.metadata())?;
+        let mut admitted = self.data_ids.generation();
         let mut stream = request.into_inner();
         let stopped = self.stopping.clone().raised();
         tokio::pin!(stopped);
@@ -246,6 +327,22 @@ impl Peer for PeerService {
             let Some(frame) = frame else {
                 break;
             };
+            if let Some((from, data_id)) = sender {
+                if from != frame.from {
+                    return Err(Status::invalid_argument(format!(
+                        "from: the stream is node {from}'s but a frame says {}",
+                        frame.from
+                    )));
+                }
+                // The records were forgotten since this stream was
+                // admitted (a snapshot installed): its sender is recorded
+                // again.
+                let generation = self.data_ids.generation();
+                if generation != admitted {
+                    self.admit(from, data_id)?;
+                    admitted = generation;
+                }
+            }
             let msg = decode_frame(&frame)?;
             if self.faults.isolated.load(Ordering::Relaxed) {
                 continue;

@@ -1,7 +1,8 @@
 //! RocksDB: one database per node, three column families.
 //!
 //! - `raft_log`: Raft entries keyed by big-endian index.
-//! - `raft_meta`: hard state, conf state and the compaction point.
+//! - `raft_meta`: hard state, conf state and the compaction point; this
+//!   directory's data id and those seen for peers ([`identity`]).
 //! - `state`: the replicated state machine (ceilings, epoch, applied index).
 //!
 //! Everything shares one write-ahead log. Raft appends are written with
@@ -9,6 +10,7 @@
 //! later synced write persist them too, and the log is only compacted after a
 //! synced write (see [`raft_log::RaftStore::compact`]).
 
+pub mod identity;
 pub mod machine;
 pub mod raft_log;
 

@@ -1,0 +1,187 @@
+//! A node that lost its data directory and is started again as itself
+//! (without `--join`) has forgotten what it acknowledged and whom it voted
+//! for. Its vote could elect a node that lacks committed ceilings, and that
+//! node would hand out numbers again (I1). Real processes: the peers that
+//! knew its old directory refuse it until it is removed and added back as
+//! a replacement.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use seqd::client::ClientOptions;
+use seqd::pb::{AddNodeRequest, RemoveNodeRequest};
+
+const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_back_with_an_empty_directory_is_refused_until_replaced() {
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    let (wiped, lagging) = (followers[0], followers[1]);
+    // Every node opens a stream to every other at start, naming its data
+    // directory; a second is ample for the lagging node to have heard the
+    // other follower's.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Ceilings the lagging node never hears of: committed by the leader and
+    // the follower about to lose its data.
+    c.kill(lagging);
+    let client = c.client_with(ClientOptions {
+        overall_timeout: Duration::from_secs(1),
+        ..ClientOptions::default()
+    });
+    let mut top = 0;
+    for _ in 0..20 {
+        let r = client.next("conv", "lost", 500).await.unwrap();
+        assert!(r.first > top);
+        top = r.first + u64::from(r.count) - 1;
+    }
+
+    // The follower loses its directory and comes back as itself; the leader
+    // is gone. With the wiped node's vote, the lagging node would lead,
+    // knowing no ceiling for the key.
+    c.kill(wiped);
+    std::fs::remove_dir_all(c.data_dir(wiped)).unwrap();
+    c.kill(leader);
+    c.spawn(lagging);
+    c.spawn(wiped);
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        if let Ok(r) = client.next("conv", "lost", 1).await {
+            panic!(
+                "served {} with only the lagging node and the wiped one up; numbers up to {top} \
+                 were handed out before",
+                r.first
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refusing = c.log(lagging);
+    assert!(
+        refusing.contains("refusing a peer's messages") && refusing.contains("lost its Raft state"),
+        "the lagging node does not say why it refuses node {wiped}"
+    );
+    assert!(
+        c.log(wiped).contains("peer refuses this node's messages"),
+        "the wiped node does not report the refusal"
+    );
+    let refused = common::metric(
+        &c.node(lagging).metrics_addr,
+        "seqd_raft_peer_streams_refused_total",
+    )
+    .unwrap_or(0.0);
+    assert!(refused >= 1.0, "refusals counted: {refused}");
+
+    // The old leader returns: it knew the wiped node's directory too, so the
+    // two serve without it, above every number handed out.
+    c.spawn(leader);
+    let serving = c.wait_leader(Duration::from_secs(20)).await;
+    assert_ne!(serving, wiped);
+    let r = client.next("conv", "lost", 1).await.unwrap();
+    assert!(r.first > top, "{} after {top}", r.first);
+    top = r.first;
+
+    // The way back: removed, started empty with --join, added again.
+    let mut admin = c.admin(serving).await;
+    admin
+        .remove_node(RemoveNodeRequest { id: wiped })
+        .await
+        .unwrap();
+    c.kill(wiped);
+    std::fs::remove_dir_all(c.data_dir(wiped)).unwrap();
+    c.spawn_with(wiped, &["--join"]);
+    let addr = c.node(wiped).addr.clone();
+    for voter in [false, true] {
+        admin
+            .add_node(AddNodeRequest {
+                id: wiped,
+                addr: addr.clone(),
+                voter,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("add node {wiped} (voter {voter}): {e}"));
+        c.wait_rejoined(wiped, Duration::from_secs(30)).await;
+    }
+    // It now counts: with the lagging node stopped, the leader and the
+    // replacement serve.
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let stop = if leader == lagging { serving } else { lagging };
+    assert_ne!(stop, wiped);
+    c.kill(stop);
+    let patient = c.client();
+    let r = patient.next("conv", "lost", 1).await.unwrap();
+    assert!(r.first > top, "{} after {top}", r.first);
+}
+
+/// A node down while another was replaced (removed, then added back with a
+/// new directory) catches up by snapshot, so it never applies the removal
+/// that would have forgotten the old directory's record: it must take the
+/// replacement once the snapshot is in. Four voters, so that the cluster
+/// commits the replacement while one is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
+    let mut c = Cluster::start(4, &format!("{RAFT}\ncompact_threshold = 20"));
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let others: Vec<u64> = (1..=4).filter(|&id| id != leader).collect();
+    let (absent, replaced) = (others[0], others[1]);
+    // The absent node hears the other's directory before it goes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.kill(absent);
+
+    let mut admin = c.admin(leader).await;
+    admin
+        .remove_node(RemoveNodeRequest { id: replaced })
+        .await
+        .unwrap();
+    c.kill(replaced);
+    std::fs::remove_dir_all(c.data_dir(replaced)).unwrap();
+    c.spawn_with(replaced, &["--join"]);
+    let addr = c.node(replaced).addr.clone();
+    for voter in [false, true] {
+        admin
+            .add_node(AddNodeRequest {
+                id: replaced,
+                addr: addr.clone(),
+                voter,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("add node {replaced} (voter {voter}): {e}"));
+        c.wait_rejoined(replaced, Duration::from_secs(30)).await;
+    }
+    // Entries enough that the absent node can only catch up by snapshot.
+    let client = c.client();
+    for i in 0..200 {
+        client.next("conv", &format!("k{i}"), 1).await.unwrap();
+    }
+    c.wait_status(leader, Duration::from_secs(30), "log compacted", |s| {
+        s.compacted_index > 100
+    })
+    .await;
+
+    c.spawn(absent);
+    c.wait_status(absent, Duration::from_secs(30), "snapshot installed", |s| {
+        s.snapshots_installed >= 1
+    })
+    .await;
+    // The replacement retries a refused stream every second: the count
+    // stops growing once the absent node has forgotten the old directory.
+    let refused = || {
+        common::metric(
+            &c.node(absent).metrics_addr,
+            "seqd_raft_peer_streams_refused_total",
+        )
+        .unwrap_or(0.0)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = refused();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        refused(),
+        settled,
+        "node {absent} still refuses the replacement of node {replaced}"
+    );
+    assert!(c.log(absent).contains("installed snapshot"));
+}
