@@ -1508,12 +1508,28 @@ impl Retry {
     }
 }
 
-/// Errors a retry (possibly on another node) can fix.
+/// Errors a retry (possibly on another node) can fix. INTERNAL only when
+/// tonic made it from an HTTP/2 error (a stream reset, or a GOAWAY from a
+/// node that stops, with NO_ERROR or INTERNAL_ERROR): the call got no
+/// answer at all. An INTERNAL that a node sent as its answer is not retried.
 fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-    )
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => true,
+        Code::Internal => from_http2(status),
+        _ => false,
+    }
+}
+
+/// Whether an HTTP/2 error is among `status`'s sources.
+fn from_http2(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<h2::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -1733,6 +1749,9 @@ mod tests {
         streams_asked: Arc<std::sync::atomic::AtomicUsize>,
         /// Batches answered on a stream.
         stream_batches: Arc<std::sync::atomic::AtomicUsize>,
+        /// This many `Next` calls to come end without an answer: the
+        /// handler panics, and the server resets the call's HTTP/2 stream.
+        resets: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     /// Every item answered from 1 (the client only checks the counts).
@@ -1757,6 +1776,15 @@ mod tests {
             request: tonic::Request<NextRequest>,
         ) -> Result<tonic::Response<NextResponse>, Status> {
             lock(&self.calls_per_rpc).push(1);
+            let reset = self
+                .resets
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok();
+            assert!(!reset, "a handler that fails without answering");
             Ok(tonic::Response::new(NextResponse {
                 first: 1,
                 count: request.into_inner().count,
@@ -2150,6 +2178,52 @@ mod tests {
             "asked once more, then kept"
         );
         assert_eq!(server.stream_batches.load(Ordering::SeqCst), 2);
+    }
+
+    /// A call that got no answer is tried again, whatever tonic calls the
+    /// HTTP/2 error that ended it; an INTERNAL the node answered is not.
+    #[test]
+    fn a_call_ended_by_http2_is_retried_but_not_an_internal_answer() {
+        let http2 = |reason: h2::Reason| Status::from_error(Box::new(h2::Error::from(reason)));
+        // A node stopping (GOAWAY) or tearing a stream down (RST_STREAM).
+        for reason in [h2::Reason::NO_ERROR, h2::Reason::INTERNAL_ERROR] {
+            let status = http2(reason);
+            assert_eq!(
+                status.code(),
+                Code::Internal,
+                "tonic's mapping of {reason:?}"
+            );
+            assert!(retryable(&status), "{status:?}");
+        }
+        assert!(retryable(&http2(h2::Reason::CANCEL)));
+        assert!(retryable(&http2(h2::Reason::REFUSED_STREAM)));
+        assert!(!retryable(&Status::internal("the node's own error")));
+        assert!(!retryable(&Status::invalid_argument("key: empty")));
+    }
+
+    /// A handler that dies without answering resets its stream: the call
+    /// is tried again.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_call_whose_stream_was_reset_is_tried_again() {
+        let server = CountingServer::default();
+        server.resets.store(2, std::sync::atomic::Ordering::SeqCst);
+        let addr = serve(server.clone()).await;
+        let client = Client::new(
+            &[addr.to_string()],
+            ClientOptions {
+                max_in_flight: 0,
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let resp = client.next("ns", "a", 3).await;
+        assert_eq!(resp.map(|r| r.count).map_err(|e| e.to_string()), Ok(3));
+        assert_eq!(
+            lock(&server.calls_per_rpc).len(),
+            3,
+            "two resets, one answer"
+        );
     }
 
     /// A batch call goes on the stream, whole; to a node without the
