@@ -653,6 +653,14 @@ pub(crate) struct Node {
     peer_data_ids: Arc<PeerDataIds>,
 }
 
+/// The configuration raft-rs made of conf-change entry `e`, or `None`
+/// (logged) if it refused the change.
+fn taken(e: &Entry, outcome: Result<ConfState, ::raft::Error>) -> Option<ConfState> {
+    outcome
+        .map_err(|err| tracing::warn!(error = %err, index = e.index, "conf change rejected"))
+        .ok()
+}
+
 fn command_kind(cmd: &Command) -> &'static str {
     match cmd.kind {
         Some(command::Kind::Raise(_)) => "raise",
@@ -1973,42 +1981,41 @@ impl Node {
 
     /// Applies a conf-change entry to raft-rs and the transport; returns the
     /// new configuration for the caller to persist with the applied index.
+    /// Hands a conf change to raft-rs and, if it takes it, does what the
+    /// change means for this node (peers to send to, records to forget);
+    /// `None` if raft-rs refused it, which then changes nothing anywhere
+    /// (the state machine also skips it).
     fn apply_conf_change(&mut self, e: &Entry) -> Result<Option<ConfState>, StorageError> {
-        let cs = if e.get_entry_type() == EntryType::EntryConfChange {
-            let cc = ConfChange::parse_from_bytes(&e.data)
-                .map_err(|err| StorageError::corrupt("conf change", err))?;
-            match cc.get_change_type() {
-                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
-                    if let Ok(addr) = std::str::from_utf8(&cc.context) {
-                        if !addr.is_empty() {
-                            self.transport.add_peer(cc.node_id, addr);
-                        }
-                    }
-                }
-                ConfChangeType::RemoveNode => {
-                    self.transport.remove_peer(cc.node_id);
-                    // It may come back as a replacement, with a new data
-                    // directory.
-                    self.peer_data_ids.forget(cc.node_id)?;
-                    if cc.node_id == self.id {
-                        self.ids.lock().release_worker();
-                        tracing::warn!(node_id = self.id, "this node was removed from the cluster");
-                    }
-                }
-            }
-            self.raw.apply_conf_change(&cc)
-        } else {
+        if e.get_entry_type() != EntryType::EntryConfChange {
             let cc = ConfChangeV2::parse_from_bytes(&e.data)
                 .map_err(|err| StorageError::corrupt("conf change", err))?;
-            self.raw.apply_conf_change(&cc)
+            return Ok(taken(e, self.raw.apply_conf_change(&cc)));
+        }
+        let cc = ConfChange::parse_from_bytes(&e.data)
+            .map_err(|err| StorageError::corrupt("conf change", err))?;
+        let Some(cs) = taken(e, self.raw.apply_conf_change(&cc)) else {
+            return Ok(None);
         };
-        match cs {
-            Ok(cs) => Ok(Some(cs)),
-            Err(err) => {
-                tracing::warn!(error = %err, index = e.index, "conf change rejected");
-                Ok(None)
+        match cc.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                if let Ok(addr) = std::str::from_utf8(&cc.context) {
+                    if !addr.is_empty() {
+                        self.transport.add_peer(cc.node_id, addr);
+                    }
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                self.transport.remove_peer(cc.node_id);
+                // It may come back as a replacement, with a new data
+                // directory.
+                self.peer_data_ids.forget(cc.node_id)?;
+                if cc.node_id == self.id {
+                    self.ids.lock().release_worker();
+                    tracing::warn!(node_id = self.id, "this node was removed from the cluster");
+                }
             }
         }
+        Ok(Some(cs))
     }
 
     fn change_membership(&mut self, change: MembershipChange, reply: Reply<Membership>) {

@@ -274,7 +274,9 @@ impl Machine {
 
     /// Like [`Machine::apply`], also recording `conf` (the configuration
     /// after a conf-change entry among `entries`) in the same write, so the
-    /// applied index never gets ahead of the saved configuration.
+    /// applied index never gets ahead of the saved configuration. A
+    /// conf-change entry without `conf` is one raft-rs refused: it changes
+    /// no member record.
     pub fn apply_with_conf(
         &mut self,
         entries: &[Entry],
@@ -308,7 +310,12 @@ impl Machine {
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data)
                         .map_err(|err| StorageError::corrupt("conf change", err))?;
-                    txn.conf_change(&cc)?;
+                    // Without the configuration raft-rs made of it, raft-rs
+                    // refused the change (the same on every node): it
+                    // changes no member record either.
+                    if conf.is_some() {
+                        txn.conf_change(&cc)?;
+                    }
                     Applied::ConfChange(e.clone())
                 }
                 EntryType::EntryConfChangeV2 => Applied::ConfChange(e.clone()),
@@ -1041,6 +1048,70 @@ mod tests {
         // The id it did not take goes to the next member that asks.
         m.apply(&[entry(6, acquire(1))]).unwrap();
         assert_eq!(m.worker_of(1).unwrap(), Some((2, 0)));
+    }
+
+    /// A conf change raft-rs refused (applied without a configuration)
+    /// frees no worker id and records no address; taken, it does both.
+    #[test]
+    fn a_refused_conf_change_changes_no_member_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let conf = |voters: Vec<u64>| ConfState {
+            voters,
+            ..Default::default()
+        };
+        db.put_cf(
+            cf(&db, super::super::CF_META),
+            super::super::raft_log::CONF_STATE,
+            conf(vec![1, 2, 3]).write_to_bytes().unwrap(),
+        )
+        .unwrap();
+        let mut m = Machine::open(db.clone()).unwrap();
+        m.apply(&[entry(
+            1,
+            command::Kind::AcquireWorker(crate::pb::state::AcquireWorker {
+                node_id: 3,
+                max_workers: 4,
+            }),
+        )])
+        .unwrap();
+        assert_eq!(m.worker_of(3).unwrap(), Some((0, 0)));
+        let change = |index, change_type, node_id, context: &str| {
+            let cc = ConfChange {
+                change_type,
+                node_id,
+                context: context.as_bytes().to_vec().into(),
+                ..Default::default()
+            };
+            let mut e = Entry {
+                index,
+                term: 1,
+                data: cc.write_to_bytes().unwrap().into(),
+                ..Default::default()
+            };
+            e.set_entry_type(EntryType::EntryConfChange);
+            e
+        };
+
+        m.apply(&[change(2, ConfChangeType::RemoveNode, 3, "")])
+            .unwrap();
+        m.apply(&[change(3, ConfChangeType::AddLearnerNode, 5, "h:1")])
+            .unwrap();
+        assert_eq!(m.worker_of(3).unwrap(), Some((0, 0)), "refused: kept");
+        assert!(m.members().unwrap().iter().all(|(id, _)| *id != 5));
+
+        m.apply_with_conf(
+            &[change(4, ConfChangeType::RemoveNode, 3, "")],
+            Some(&conf(vec![1, 2])),
+        )
+        .unwrap();
+        m.apply_with_conf(
+            &[change(5, ConfChangeType::AddLearnerNode, 5, "h:1")],
+            Some(&conf(vec![1, 2])),
+        )
+        .unwrap();
+        assert_eq!(m.worker_of(3).unwrap(), None, "taken: freed");
+        assert!(m.members().unwrap().contains(&(5, "h:1".to_string())));
     }
 
     #[test]
