@@ -72,7 +72,7 @@ async fn a_node_back_with_an_empty_directory_is_refused_until_replaced() {
         &c.node(lagging).metrics_addr,
         "seqd_raft_peer_streams_refused_total",
     )
-    .unwrap_or(0.0);
+    .expect("the lagging node's refusal count");
     assert!(refused >= 1.0, "refusals counted: {refused}");
 
     // The old leader returns: it knew the wiped node's directory too, so the
@@ -169,13 +169,12 @@ async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
     // The replacement retries a refused stream every second: the count
     // stops growing once the absent node has forgotten the old directory.
     let refused = || {
-        common::metric(
-            &c.node(absent).metrics_addr,
-            "seqd_raft_peer_streams_refused_total",
-        )
-        .unwrap_or(0.0)
+        let addr = &c.node(absent).metrics_addr;
+        assert!(common::http_get(addr, "/metrics").is_some(), "no metrics");
+        // Absent until the first refusal.
+        common::metric(addr, "seqd_raft_peer_streams_refused_total").unwrap_or(0.0)
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let settled = refused();
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
@@ -183,5 +182,35 @@ async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
         settled,
         "node {absent} still refuses the replacement of node {replaced}"
     );
-    assert!(c.log(absent).contains("installed snapshot"));
+    let log = c.log(absent);
+    assert!(log.contains("installed snapshot"));
+    // It knew the replaced node's first directory, and took the new one.
+    let seen = data_ids_recorded(&log, replaced);
+    assert_eq!(
+        seen.len(),
+        2,
+        "data ids recorded for node {replaced}: {seen:?}"
+    );
+}
+
+/// The distinct data ids `log` says were recorded for `node`, in order.
+fn data_ids_recorded(log: &str, node: u64) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if !line.contains("recorded a peer's data directory")
+            || !line.contains(&format!("peer_id={node} "))
+        {
+            continue;
+        }
+        let id = line
+            .split("data_id=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
+        if !seen.contains(&id) {
+            seen.push(id);
+        }
+    }
+    seen
 }

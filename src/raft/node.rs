@@ -648,8 +648,8 @@ pub(crate) struct Node {
     pub(crate) read_resends: u64,
     /// Set by `run`: the node runs as a task on a multi-thread runtime.
     on_runtime: bool,
-    /// Shared with the peer service, which admits streams by them; a
-    /// removal forgets the node's.
+    /// Shared with the peer service, which admits streams by them; told
+    /// the members whenever the configuration changes.
     peer_data_ids: Arc<PeerDataIds>,
 }
 
@@ -794,7 +794,24 @@ impl Node {
             peer_data_ids,
         };
         node.load_request_records()?;
+        node.refresh_members()?;
         Ok(node)
+    }
+
+    /// Tells the peer service who the other members are now, with their
+    /// incarnations, by which it keeps their data ids
+    /// ([`crate::storage::identity`]).
+    fn refresh_members(&mut self) -> Result<(), StorageError> {
+        let since = self.machine.member_since()?;
+        let cs = self.raw.store().conf_state();
+        let members = cs
+            .voters
+            .iter()
+            .chain(&cs.learners)
+            .filter(|id| **id != self.id)
+            .map(|id| (*id, since.get(id).copied().unwrap_or(0)))
+            .collect();
+        self.peer_data_ids.set_members(members)
     }
 
     /// The node's loop: a task on the server's runtime rather than a thread
@@ -1759,7 +1776,7 @@ impl Node {
             self.raw.mut_store().install_snapshot(&snap)?;
             self.machine.reload()?;
             self.load_request_records()?;
-            self.peer_data_ids.forget_all()?;
+            self.refresh_members()?;
             self.snapshots_installed += 1;
             metrics::counter!(m::SNAPSHOTS_INSTALLED_TOTAL).increment(1);
             match self.machine.worker_of(self.id)? {
@@ -1887,6 +1904,7 @@ impl Node {
         if let Some(cs) = conf {
             tracing::info!(node_id = self.id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
             self.raw.mut_store().cache_conf_state(cs);
+            self.refresh_members()?;
         }
         let mut raised = false;
         for (entry, outcome) in outcomes {
@@ -2006,9 +2024,6 @@ impl Node {
             }
             ConfChangeType::RemoveNode => {
                 self.transport.remove_peer(cc.node_id);
-                // It may come back as a replacement, with a new data
-                // directory.
-                self.peer_data_ids.forget(cc.node_id)?;
                 if cc.node_id == self.id {
                     self.ids.lock().release_worker();
                     tracing::warn!(node_id = self.id, "this node was removed from the cluster");

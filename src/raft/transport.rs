@@ -18,7 +18,7 @@ use crate::metrics as m;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::peer_server::Peer;
 use crate::pb::{RaftAck, RaftFrame};
-use crate::storage::identity::{Admission, PeerDataIds};
+use crate::storage::identity::{Admission, OpenStream, PeerDataIds};
 
 /// Request metadata naming the sending node and its data directory's id
 /// (see [`crate::storage::identity`]).
@@ -255,14 +255,23 @@ impl PeerService {
         }
     }
 
-    /// The sending node named by a stream's metadata, if it is one this
-    /// node may hear from: a node known with another data directory lost
-    /// its Raft state (see [`crate::storage::identity`]). `None`: a sender
-    /// from before data ids, which names neither.
-    fn admit_stream(
+    /// Ends every peer's stream once `stopping` is raised: a peer that has
+    /// nothing to send (a follower, to another follower) would otherwise
+    /// hold the server's graceful stop until its drain timeout.
+    pub fn stop_with(mut self, stopping: crate::service::Stopping) -> Self {
+        self.stopping = stopping;
+        self
+    }
+
+    /// The sending node named by a stream's metadata, with its stream
+    /// counted as open, if it is one this node may hear from: a member
+    /// known with another data directory lost its Raft state (see
+    /// [`crate::storage::identity`]). `None`: a sender from before data
+    /// ids, which names neither.
+    fn admit(
         &self,
         meta: &tonic::metadata::MetadataMap,
-    ) -> Result<Option<(u64, u64)>, Status> {
+    ) -> Result<Option<(u64, OpenStream)>, Status> {
         let read = |name: &str| -> Result<Option<u64>, Status> {
             meta.get(name)
                 .map(|v| {
@@ -276,13 +285,12 @@ impl PeerService {
         let (Some(from), Some(data_id)) = (read(NODE_ID_HEADER)?, read(DATA_ID_HEADER)?) else {
             return Ok(None);
         };
-        self.admit(from, data_id)?;
-        Ok(Some((from, data_id)))
-    }
-
-    fn admit(&self, from: u64, data_id: u64) -> Result<(), Status> {
-        match self.data_ids.admit(from, data_id) {
-            Admission::Known => Ok(()),
+        let admission = self.data_ids.admit(from, data_id).map_err(|e| {
+            tracing::error!(peer_id = from, error = %e, "cannot record a peer's data id");
+            Status::unavailable(format!("cannot record this node's data id: {e}"))
+        })?;
+        match admission {
+            Admission::Known(open) => Ok(Some((from, open))),
             Admission::Refused { known, log } => {
                 metrics::counter!(m::PEER_STREAMS_REFUSED_TOTAL).increment(1);
                 let why = format!(
@@ -298,14 +306,6 @@ impl PeerService {
             }
         }
     }
-
-    /// Ends every peer's stream once `stopping` is raised: a peer that has
-    /// nothing to send (a follower, to another follower) would otherwise
-    /// hold the server's graceful stop until its drain timeout.
-    pub fn stop_with(mut self, stopping: crate::service::Stopping) -> Self {
-        self.stopping = stopping;
-        self
-    }
 }
 
 #[tonic::async_trait]
@@ -314,8 +314,7 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<RaftFrame>>,
     ) -> Result<Response<RaftAck>, Status> {
-        let sender = self.admit_stream(request.metadata())?;
-        let mut admitted = self.data_ids.generation();
+        let sender = self.admit(request.metadata())?;
         let mut stream = request.into_inner();
         let stopped = self.stopping.clone().raised();
         tokio::pin!(stopped);
@@ -327,20 +326,12 @@ impl Peer for PeerService {
             let Some(frame) = frame else {
                 break;
             };
-            if let Some((from, data_id)) = sender {
-                if from != frame.from {
+            if let Some((from, _)) = &sender {
+                if *from != frame.from {
                     return Err(Status::invalid_argument(format!(
                         "from: the stream is node {from}'s but a frame says {}",
                         frame.from
                     )));
-                }
-                // The records were forgotten since this stream was
-                // admitted (a snapshot installed): its sender is recorded
-                // again.
-                let generation = self.data_ids.generation();
-                if generation != admitted {
-                    self.admit(from, data_id)?;
-                    admitted = generation;
                 }
             }
             let msg = decode_frame(&frame)?;

@@ -3,23 +3,30 @@
 //!
 //! A node's data directory gets a random id when it is first opened, kept
 //! as long as the directory lives. Every peer stream a node opens names its
-//! node id and data id, and the receiver remembers the first data id it saw
-//! for each node (in `raft_meta`, so that it survives restarts). A node
-//! that comes back under its old id with a new directory (wiped, or a
-//! volume lost, and started without `--join`) has forgotten what it
-//! acknowledged and whom it voted for: its vote could elect a node that
-//! lacks a committed ceiling, and that node would hand out numbers again
-//! (I1). Its streams are refused, by every peer that knew its old
-//! directory, until it is removed from the cluster; removal forgets the
-//! record, so a replacement (started with `--join`, added again) gets a
-//! new one.
+//! node id and data id, and the receiver remembers (in `raft_meta`, so that
+//! it survives restarts) the data id it first saw for each member in the
+//! member's current incarnation: the index of the conf change that made it
+//! a member (0 for founders), replicated in the state machine. A node that
+//! comes back under its old id with a new directory (wiped, or a volume
+//! lost, and started without `--join`) has forgotten what it acknowledged
+//! and whom it voted for: its vote could elect a node that lacks a
+//! committed ceiling, and that node would hand out numbers again (I1). Its
+//! streams are refused by every peer that knew its directory.
+//!
+//! Removed and added back (a replacement, started with `--join`), the node
+//! is another incarnation, and its new directory is recorded as the first
+//! of it: when it is added, if it is already connected (a replacement
+//! connects before it is added), or else at its first stream. A node that
+//! is not a member is not recorded at all. A record follows the
+//! configuration, not the log: a node that catches up by snapshot, and so
+//! never applies the removals and additions the snapshot covers, keeps the
+//! records of members still in the same incarnation and drops the rest.
 //!
 //! Streams that name no data id (a build from before this check) are
 //! taken without one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rocksdb::WriteBatch;
@@ -58,11 +65,12 @@ fn peer_key(node: u64) -> Vec<u8> {
 }
 
 /// A peer stream's admission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Admission {
-    /// The data id is the one known for the node (or the first seen).
-    Known,
-    /// The node is known with another data id.
+    /// The data id is the one known for the node in its incarnation (or the
+    /// first seen, or the node is not a member). Open while held.
+    Known(OpenStream),
+    /// The node is known in its incarnation with another data id.
     Refused {
         known: u64,
         /// Whether this refusal should be logged (rate-limited).
@@ -70,23 +78,74 @@ pub enum Admission {
     },
 }
 
+/// An admitted stream, counted as open until dropped: a member added while
+/// its stream is open is recorded with that stream's data id.
+#[derive(Debug)]
+pub struct OpenStream {
+    ids: Arc<PeerDataIds>,
+    node: u64,
+    data_id: u64,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut state = self.ids.lock();
+        if let Some((data_id, count)) = state.open.get_mut(&self.node) {
+            if *data_id == self.data_id {
+                *count -= 1;
+                if *count == 0 {
+                    state.open.remove(&self.node);
+                }
+            }
+        }
+    }
+}
+
 /// The data ids this node has seen for its peers.
 pub struct PeerDataIds {
     db: Disk,
     state: Mutex<State>,
-    /// Counts [`PeerDataIds::forget_all`]s: a stream admitted before the
-    /// latest one has its sender admitted again (see `PeerService`).
-    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for PeerDataIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerDataIds").finish_non_exhaustive()
+    }
 }
 
 #[derive(Default)]
 struct State {
-    known: HashMap<u64, u64>,
+    /// Members other than this node, with their incarnations.
+    members: HashMap<u64, u64>,
+    /// Node → its data id, and the incarnation it was seen in.
+    known: HashMap<u64, (u64, u64)>,
+    /// Node → the data id of its latest admitted stream, and how many of
+    /// its streams with that id are open.
+    open: HashMap<u64, (u64, usize)>,
     refusals_logged: HashMap<u64, Instant>,
 }
 
+/// Once per member and incarnation (and after a restart only if it was
+/// not recorded before).
+fn recorded(node: u64, data_id: u64, since: u64) {
+    tracing::info!(
+        peer_id = node,
+        data_id = %format_args!("{data_id:016x}"),
+        since,
+        "recorded a peer's data directory"
+    );
+}
+
+fn record_value(data_id: u64, since: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&data_id.to_be_bytes());
+    v[8..].copy_from_slice(&since.to_be_bytes());
+    v
+}
+
 impl PeerDataIds {
-    /// Loads the records kept in `db`.
+    /// Loads the records kept in `db`. Until [`PeerDataIds::set_members`],
+    /// no node is a member.
     pub fn open(db: Disk) -> Result<Self, StorageError> {
         let mut known = HashMap::new();
         let meta = cf(&db, CF_META);
@@ -99,18 +158,26 @@ impl PeerDataIds {
             let Some(node) = key.strip_prefix(PEER_PREFIX) else {
                 break;
             };
+            if value.len() != 16 {
+                return Err(StorageError::corrupt(
+                    "peer data id",
+                    format!("{} bytes, want 16", value.len()),
+                ));
+            }
             known.insert(
                 decode_u64("peer data id key", node)?,
-                decode_u64("peer data id", &value)?,
+                (
+                    decode_u64("peer data id", &value[..8])?,
+                    decode_u64("peer incarnation", &value[8..])?,
+                ),
             );
         }
         Ok(Self {
             db,
             state: Mutex::new(State {
                 known,
-                refusals_logged: HashMap::new(),
+                ..State::default()
             }),
-            generation: AtomicU64::new(0),
         })
     }
 
@@ -118,77 +185,94 @@ impl PeerDataIds {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Checks a stream from `node` naming `data_id`, and remembers the id
-    /// if it is the first seen for the node.
-    pub fn admit(&self, node: u64, data_id: u64) -> Admission {
+    /// The members other than this node, with their incarnations, as of
+    /// the configuration just applied (at start, after a conf change,
+    /// after a snapshot). Records of nodes no longer members in the same
+    /// incarnation are dropped; a member without a record that is
+    /// connected now is recorded with its stream's data id.
+    pub fn set_members(&self, members: HashMap<u64, u64>) -> Result<(), StorageError> {
         let mut state = self.lock();
-        match state.known.get(&node) {
-            Some(&known) if known == data_id => Admission::Known,
-            Some(&known) => {
-                let now = Instant::now();
-                let log = state
-                    .refusals_logged
-                    .get(&node)
-                    .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
-                if log {
-                    state.refusals_logged.insert(node, now);
-                }
-                Admission::Refused { known, log }
-            }
-            None => {
-                state.known.insert(node, data_id);
-                // Synced: a record lost in a crash would let the node's
-                // next directory in as though it were its first.
-                let mut batch = WriteBatch::default();
-                batch.put_cf(cf(&self.db, CF_META), peer_key(node), data_id.to_be_bytes());
-                if let Err(e) = self.db.write_batch(batch, true) {
-                    tracing::error!(node, error = %e, "cannot record a peer's data id");
-                }
-                Admission::Known
-            }
-        }
-    }
-
-    /// Forgets `node`'s data id: it was removed from the cluster, and may
-    /// come back as a replacement with a directory of its own.
-    pub fn forget(&self, node: u64) -> Result<(), StorageError> {
-        let mut state = self.lock();
-        state.refusals_logged.remove(&node);
-        if state.known.remove(&node).is_some() {
-            let mut batch = WriteBatch::default();
-            batch.delete_cf(cf(&self.db, CF_META), peer_key(node));
-            self.db.write_batch(batch, true)?;
-        }
-        Ok(())
-    }
-
-    /// Forgets every record: a snapshot replaced the log, and the removals
-    /// it may have held were never applied here, so a record may be of a
-    /// node since replaced. Peers are learned again from the streams open
-    /// now (on their next frame) and those opened later.
-    pub fn forget_all(&self) -> Result<(), StorageError> {
-        let mut state = self.lock();
-        state.refusals_logged.clear();
-        // Every record on disk is in memory (loaded at open).
+        let meta = cf(&self.db, CF_META);
         let mut batch = WriteBatch::default();
-        for (node, _) in state.known.drain() {
-            batch.delete_cf(cf(&self.db, CF_META), peer_key(node));
+        let stale: Vec<u64> = state
+            .known
+            .iter()
+            .filter(|(node, (_, since))| members.get(node) != Some(since))
+            .map(|(node, _)| *node)
+            .collect();
+        for node in stale {
+            state.known.remove(&node);
+            state.refusals_logged.remove(&node);
+            batch.delete_cf(meta, peer_key(node));
         }
+        for (&node, &since) in &members {
+            if state.known.contains_key(&node) {
+                continue;
+            }
+            if let Some(&(data_id, _)) = state.open.get(&node) {
+                state.known.insert(node, (data_id, since));
+                batch.put_cf(meta, peer_key(node), record_value(data_id, since));
+                recorded(node, data_id, since);
+            }
+        }
+        state.members = members;
         if !batch.is_empty() {
-            self.db.write_batch(batch, true)?;
+            // Not synced here: the shared write-ahead log is synced with
+            // the node's next Raft write.
+            self.db.write_batch(batch, false)?;
         }
-        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    /// How many times every record was forgotten.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
+    /// Checks a stream from `node` naming `data_id`; a member's first data
+    /// id in its incarnation is recorded.
+    pub fn admit(self: &Arc<Self>, node: u64, data_id: u64) -> Result<Admission, StorageError> {
+        let mut state = self.lock();
+        if let Some(&since) = state.members.get(&node) {
+            match state.known.get(&node) {
+                Some(&(known, _)) if known != data_id => {
+                    let now = Instant::now();
+                    let log = state
+                        .refusals_logged
+                        .get(&node)
+                        .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
+                    if log {
+                        state.refusals_logged.insert(node, now);
+                    }
+                    return Ok(Admission::Refused { known, log });
+                }
+                Some(_) => {}
+                None => {
+                    // Not synced here: the shared write-ahead log is synced
+                    // with the node's next Raft write.
+                    let mut batch = WriteBatch::default();
+                    batch.put_cf(
+                        cf(&self.db, CF_META),
+                        peer_key(node),
+                        record_value(data_id, since),
+                    );
+                    self.db.write_batch(batch, false)?;
+                    state.known.insert(node, (data_id, since));
+                    recorded(node, data_id, since);
+                }
+            }
+        }
+        match state.open.get_mut(&node) {
+            Some((open, count)) if *open == data_id => *count += 1,
+            _ => {
+                state.open.insert(node, (data_id, 1));
+            }
+        }
+        Ok(Admission::Known(OpenStream {
+            ids: self.clone(),
+            node,
+            data_id,
+        }))
     }
 
     /// The data id known for `node`, if any.
     pub fn known(&self, node: u64) -> Option<u64> {
-        self.lock().known.get(&node).copied()
+        self.lock().known.get(&node).map(|(data_id, _)| *data_id)
     }
 }
 
@@ -210,57 +294,74 @@ mod tests {
         assert_ne!(own(&disk(&b)).unwrap(), first, "another directory");
     }
 
+    fn known(a: &Admission) -> bool {
+        matches!(a, Admission::Known(_))
+    }
+
+    fn refused(a: &Admission) -> Option<(u64, bool)> {
+        match a {
+            Admission::Refused { known, log } => Some((*known, *log)),
+            Admission::Known(_) => None,
+        }
+    }
+
     #[test]
-    fn a_peer_with_another_directory_is_refused_until_forgotten_even_after_a_restart() {
+    fn a_member_with_another_directory_is_refused_even_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let ids = PeerDataIds::open(disk(&dir)).unwrap();
-            assert_eq!(ids.admit(2, 7), Admission::Known);
-            assert_eq!(ids.admit(2, 7), Admission::Known);
-            assert_eq!(ids.admit(3, 9), Admission::Known);
+            let ids = Arc::new(PeerDataIds::open(disk(&dir)).unwrap());
+            ids.set_members(HashMap::from([(2, 0), (3, 0)])).unwrap();
+            assert!(known(&ids.admit(2, 7).unwrap()));
+            assert!(known(&ids.admit(2, 7).unwrap()));
+            assert!(known(&ids.admit(3, 9).unwrap()));
         }
-        let ids = PeerDataIds::open(disk(&dir)).unwrap();
+        let ids = Arc::new(PeerDataIds::open(disk(&dir)).unwrap());
+        ids.set_members(HashMap::from([(2, 0), (3, 0)])).unwrap();
         assert_eq!(ids.known(2), Some(7));
+        assert_eq!(refused(&ids.admit(2, 8).unwrap()), Some((7, true)));
         assert_eq!(
-            ids.admit(2, 8),
-            Admission::Refused {
-                known: 7,
-                log: true
-            }
-        );
-        assert_eq!(
-            ids.admit(2, 8),
-            Admission::Refused {
-                known: 7,
-                log: false
-            },
+            refused(&ids.admit(2, 8).unwrap()),
+            Some((7, false)),
             "logged once per {REFUSAL_LOG_EVERY:?}"
         );
-        assert_eq!(ids.admit(3, 9), Admission::Known, "other peers unaffected");
-        ids.forget(2).unwrap();
-        assert_eq!(ids.admit(2, 8), Admission::Known, "a replacement");
-        drop(ids);
-        let ids = PeerDataIds::open(disk(&dir)).unwrap();
-        assert_eq!(ids.known(2), Some(8));
-        assert_eq!(ids.known(3), Some(9));
+        assert!(known(&ids.admit(3, 9).unwrap()), "other peers unaffected");
+    }
 
-        let mine = own(&ids.db).unwrap();
-        let before = ids.generation();
-        ids.forget_all().unwrap();
-        assert_ne!(ids.generation(), before);
-        assert_eq!((ids.known(2), ids.known(3)), (None, None));
-        assert_eq!(
-            own(&ids.db).unwrap(),
-            mine,
-            "this directory's own id is kept"
-        );
+    #[test]
+    fn a_node_is_recorded_only_as_a_member_and_afresh_in_each_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = Arc::new(PeerDataIds::open(disk(&dir)).unwrap());
+        ids.set_members(HashMap::from([(2, 0)])).unwrap();
+        assert!(known(&ids.admit(2, 7).unwrap()));
+
+        // Removed: whatever it names is taken, and nothing is recorded.
+        ids.set_members(HashMap::new()).unwrap();
+        assert_eq!(ids.known(2), None);
+        assert!(known(&ids.admit(2, 8).unwrap()), "the old process, removed");
+        assert_eq!(ids.known(2), None);
+
+        // The replacement connects before it is added; the add records it.
+        let replacement = ids.admit(2, 9).unwrap();
+        assert!(known(&replacement));
+        ids.set_members(HashMap::from([(2, 40)])).unwrap();
+        assert_eq!(ids.known(2), Some(9));
+        assert_eq!(refused(&ids.admit(2, 8).unwrap()).map(|r| r.0), Some(9));
+        drop(replacement);
+
+        // A promotion keeps the incarnation, and the record.
+        ids.set_members(HashMap::from([(2, 40), (3, 0)])).unwrap();
+        assert_eq!(ids.known(2), Some(9));
+
+        // Another incarnation, not connected when added: its first stream.
+        ids.set_members(HashMap::from([(2, 55), (3, 0)])).unwrap();
+        assert_eq!(ids.known(2), None);
+        assert!(known(&ids.admit(2, 10).unwrap()));
+        assert_eq!(ids.known(2), Some(10));
         drop(ids);
-        let ids = PeerDataIds::open(disk(&dir)).unwrap();
-        assert_eq!(
-            (ids.known(2), ids.known(3)),
-            (None, None),
-            "after a restart"
-        );
-        assert_eq!(ids.admit(2, 1), Admission::Known);
+        let ids = Arc::new(PeerDataIds::open(disk(&dir)).unwrap());
+        ids.set_members(HashMap::from([(2, 55), (3, 0)])).unwrap();
+        assert_eq!(ids.known(2), Some(10), "kept across a restart");
+        ids.set_members(HashMap::from([(2, 60)])).unwrap();
+        assert_eq!(ids.known(2), None, "a snapshot covering a replacement");
     }
 }

@@ -2,7 +2,7 @@
 //! Snowflake workers, members, what recent dense calls with a request id
 //! were given, and the applied index, in the `state` column family.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use prost::Message as _;
 use protobuf::Message as _;
@@ -24,6 +24,9 @@ const WORKER_PREFIX: u8 = b'w';
 const NODE_WORKER_PREFIX: u8 = b'n';
 /// `p` + node id (BE) → member address.
 const MEMBER_PREFIX: u8 = b'p';
+/// `s` + node id (BE) → index of the conf change that made it a member this
+/// time (absent: a founder, 0).
+const SINCE_PREFIX: u8 = b's';
 /// `r` + sequence number (BE, in apply order) + its ranges (BE u32) →
 /// RequestGrant. The ranges are in the key so that the bounds can be
 /// counted at start without decoding every record.
@@ -265,6 +268,20 @@ impl Machine {
         Ok(out)
     }
 
+    /// Each member's incarnation: the index of the conf change that made it
+    /// a member this time, for those added by one (founders: none, 0).
+    pub fn member_since(&self) -> Result<HashMap<u64, u64>, StorageError> {
+        let mut out = HashMap::new();
+        self.scan(SINCE_PREFIX, |k, v| {
+            out.insert(
+                decode_u64("member key", &k[1..])?,
+                decode_u64("member since", v)?,
+            );
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// Applies committed entries in one write batch and reports what each
     /// changed. Entries at or below the applied index are skipped, so a
     /// replay after a crash is harmless.
@@ -314,7 +331,7 @@ impl Machine {
                     // refused the change (the same on every node): it
                     // changes no member record either.
                     if conf.is_some() {
-                        txn.conf_change(&cc)?;
+                        txn.conf_change(&cc, e.index)?;
                     }
                     Applied::ConfChange(e.clone())
                 }
@@ -589,11 +606,22 @@ impl<'a> Txn<'a> {
         })
     }
 
-    /// Records member addresses, and frees the worker of a removed node
-    /// (keeping its fence for the next holder).
-    fn conf_change(&mut self, cc: &ConfChange) -> Result<(), StorageError> {
+    /// Records member addresses and incarnations (entry `index` for a node
+    /// that was not a member: a learner added, or a voter added directly;
+    /// a learner promoted keeps its own), and frees the worker of a removed
+    /// node (keeping its fence for the next holder).
+    fn conf_change(&mut self, cc: &ConfChange, index: u64) -> Result<(), StorageError> {
         match cc.get_change_type() {
             ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                let promoted = cc.get_change_type() == ConfChangeType::AddNode
+                    && (self.get(&id_key(MEMBER_PREFIX, cc.node_id))?.is_some()
+                        || self.get(&id_key(SINCE_PREFIX, cc.node_id))?.is_some());
+                if !promoted {
+                    self.put(
+                        id_key(SINCE_PREFIX, cc.node_id).to_vec(),
+                        index.to_be_bytes().to_vec(),
+                    );
+                }
                 if !cc.context.is_empty() {
                     self.put(
                         id_key(MEMBER_PREFIX, cc.node_id).to_vec(),
@@ -603,6 +631,7 @@ impl<'a> Txn<'a> {
             }
             ConfChangeType::RemoveNode => {
                 self.delete(id_key(MEMBER_PREFIX, cc.node_id).to_vec());
+                self.delete(id_key(SINCE_PREFIX, cc.node_id).to_vec());
                 if let Some(w) = self.get_u64(&id_key(NODE_WORKER_PREFIX, cc.node_id))? {
                     let mut rec = self.worker(w)?;
                     if rec.node_id == cc.node_id {
@@ -640,6 +669,17 @@ pub(super) fn read_snapshot(db: &DB) -> Result<(u64, Vec<u8>), StorageError> {
         meta: Some(meta),
         ..Default::default()
     };
+    let mut members: BTreeMap<u64, Member> = BTreeMap::new();
+    fn member<'m>(
+        members: &'m mut BTreeMap<u64, Member>,
+        k: &[u8],
+    ) -> Result<&'m mut Member, StorageError> {
+        let node_id = decode_u64("member key", &k[1..])?;
+        Ok(members.entry(node_id).or_insert_with(|| Member {
+            node_id,
+            ..Default::default()
+        }))
+    }
     for item in snap.iterator_cf(state, rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
         match k.first() {
@@ -662,14 +702,17 @@ pub(super) fn read_snapshot(db: &DB) -> Result<(u64, Vec<u8>), StorageError> {
                 RequestGrant::decode(v.as_ref())
                     .map_err(|e| StorageError::corrupt("request record", e))?,
             ),
-            Some(&MEMBER_PREFIX) => data.members.push(Member {
-                node_id: decode_u64("member key", &k[1..])?,
-                addr: String::from_utf8(v.to_vec())
-                    .map_err(|e| StorageError::corrupt("member", e))?,
-            }),
+            Some(&MEMBER_PREFIX) => {
+                member(&mut members, &k)?.addr =
+                    String::from_utf8(v.to_vec()).map_err(|e| StorageError::corrupt("member", e))?
+            }
+            Some(&SINCE_PREFIX) => {
+                member(&mut members, &k)?.since = decode_u64("member since", &v)?
+            }
             _ => {}
         }
     }
+    data.members = members.into_values().collect();
     Ok((applied, data.encode_to_vec()))
 }
 
@@ -713,7 +756,16 @@ pub(super) fn write_snapshot(
         }
     }
     for m in &data.members {
-        batch.put_cf(state, id_key(MEMBER_PREFIX, m.node_id), m.addr.as_bytes());
+        if !m.addr.is_empty() {
+            batch.put_cf(state, id_key(MEMBER_PREFIX, m.node_id), m.addr.as_bytes());
+        }
+        if m.since != 0 {
+            batch.put_cf(
+                state,
+                id_key(SINCE_PREFIX, m.node_id),
+                m.since.to_be_bytes(),
+            );
+        }
     }
     // In the order they were stored: the oldest is evicted first.
     for (seq, g) in (0u64..).zip(&data.requests) {
@@ -1112,6 +1164,42 @@ mod tests {
         .unwrap();
         assert_eq!(m.worker_of(3).unwrap(), None, "taken: freed");
         assert!(m.members().unwrap().contains(&(5, "h:1".to_string())));
+
+        // Incarnations: a learner's is its add; a promotion keeps it; a
+        // removal ends it and a new add starts another; a snapshot carries
+        // them.
+        assert_eq!(m.member_since().unwrap(), HashMap::from([(5, 5)]));
+        m.apply_with_conf(
+            &[change(6, ConfChangeType::AddNode, 5, "h:1")],
+            Some(&conf(vec![1, 2, 5])),
+        )
+        .unwrap();
+        m.apply_with_conf(
+            &[change(7, ConfChangeType::AddNode, 6, "h:2")],
+            Some(&conf(vec![1, 2, 5, 6])),
+        )
+        .unwrap();
+        assert_eq!(m.member_since().unwrap(), HashMap::from([(5, 5), (6, 7)]));
+        m.apply_with_conf(
+            &[change(8, ConfChangeType::RemoveNode, 5, "")],
+            Some(&conf(vec![1, 2, 6])),
+        )
+        .unwrap();
+        m.apply_with_conf(
+            &[change(9, ConfChangeType::AddLearnerNode, 5, "h:3")],
+            Some(&conf(vec![1, 2, 6])),
+        )
+        .unwrap();
+        assert_eq!(m.member_since().unwrap(), HashMap::from([(5, 9), (6, 7)]));
+        let (index, bytes) = read_snapshot(&db).unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = super::super::open(other_dir.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        write_snapshot(&other, &mut batch, index, &bytes).unwrap();
+        other.write_batch(batch, true).unwrap();
+        let restored = Machine::open(other).unwrap();
+        assert_eq!(restored.member_since().unwrap(), m.member_since().unwrap());
+        assert_eq!(restored.members().unwrap(), m.members().unwrap());
     }
 
     #[test]
