@@ -2201,6 +2201,63 @@ mod tests {
         assert!(!retryable(&Status::invalid_argument("key: empty")));
     }
 
+    /// A node that resets a call's HTTP/2 stream with INTERNAL_ERROR before
+    /// answering (as a stopping or failing server does) has not answered
+    /// it: tonic reports INTERNAL, and the call is tried again. A raw
+    /// HTTP/2 server, so the reset is exactly that.
+    #[tokio::test]
+    async fn a_call_whose_stream_the_node_reset_is_tried_again() {
+        use prost::Message as _;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                            continue;
+                        }
+                        let body = NextResponse {
+                            first: 1,
+                            count: 3,
+                            epoch: 1,
+                        }
+                        .encode_to_vec();
+                        let mut frame = vec![0u8];
+                        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                        frame.extend_from_slice(&body);
+                        let head = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let mut send = respond.send_response(head, false).unwrap();
+                        send.send_data(frame.into(), false).unwrap();
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        send.send_trailers(trailers).unwrap();
+                    }
+                });
+            }
+        });
+        let client = Client::new(
+            &[addr.to_string()],
+            ClientOptions {
+                max_in_flight: 0,
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let resp = client.next("ns", "a", 3).await;
+        assert_eq!(resp.map(|r| r.count).map_err(|e| e.to_string()), Ok(3));
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "reset once, then answered");
+    }
+
     /// A handler that dies without answering resets its stream: the call
     /// is tried again.
     #[cfg(feature = "server")]
