@@ -1941,7 +1941,7 @@ impl Node {
                         }
                     }
                 }
-                Applied::ConfChange(_) => {}
+                Applied::ConfChange(_) | Applied::ConfChangeRefused(_) => {}
                 Applied::WorkerAssigned {
                     node_id,
                     worker,
@@ -2218,6 +2218,11 @@ impl Node {
                                 learners: cs.learners.clone(),
                             })
                         }
+                        (true, Applied::ConfChangeRefused(_)) => Err(NodeError::Membership(
+                            "raft-rs refused the change when it applied; nothing changed (the \
+                             node's log says why)"
+                                .into(),
+                        )),
                         (true, _) => Err(NodeError::Membership(
                             "another membership change is in progress; retry".into(),
                         )),

@@ -95,9 +95,11 @@ pub enum Applied {
     /// Idle keys whose ceiling was lowered to the last number handed out
     /// (those whose ceiling had moved since are left out).
     Released(Vec<KeyCeiling>),
-    /// A configuration change; the Raft loop applies it to raft-rs. Member
-    /// addresses and freed workers are already recorded.
+    /// A configuration change raft-rs took. Member addresses and
+    /// incarnations and freed workers are recorded.
     ConfChange(Entry),
+    /// A configuration change raft-rs refused: nothing changed.
+    ConfChangeRefused(Entry),
     /// `node_id` holds `worker`, whose fence (the floor for the new holder)
     /// is `fence_ms`.
     WorkerAssigned {
@@ -332,10 +334,13 @@ impl Machine {
                     // changes no member record either.
                     if conf.is_some() {
                         txn.conf_change(&cc, e.index)?;
+                        Applied::ConfChange(e.clone())
+                    } else {
+                        Applied::ConfChangeRefused(e.clone())
                     }
-                    Applied::ConfChange(e.clone())
                 }
-                EntryType::EntryConfChangeV2 => Applied::ConfChange(e.clone()),
+                EntryType::EntryConfChangeV2 if conf.is_some() => Applied::ConfChange(e.clone()),
+                EntryType::EntryConfChangeV2 => Applied::ConfChangeRefused(e.clone()),
                 EntryType::EntryNormal if e.data.is_empty() => Applied::Empty,
                 EntryType::EntryNormal => {
                     let cmd = Command::decode(e.data.as_ref()).map_err(|err| {
@@ -1145,18 +1150,22 @@ mod tests {
             e
         };
 
-        m.apply(&[change(2, ConfChangeType::RemoveNode, 3, "")])
+        let outcomes = m
+            .apply(&[change(2, ConfChangeType::RemoveNode, 3, "")])
             .unwrap();
+        assert!(matches!(outcomes[0].1, Applied::ConfChangeRefused(_)));
         m.apply(&[change(3, ConfChangeType::AddLearnerNode, 5, "h:1")])
             .unwrap();
         assert_eq!(m.worker_of(3).unwrap(), Some((0, 0)), "refused: kept");
         assert!(m.members().unwrap().iter().all(|(id, _)| *id != 5));
 
-        m.apply_with_conf(
-            &[change(4, ConfChangeType::RemoveNode, 3, "")],
-            Some(&conf(vec![1, 2])),
-        )
-        .unwrap();
+        let outcomes = m
+            .apply_with_conf(
+                &[change(4, ConfChangeType::RemoveNode, 3, "")],
+                Some(&conf(vec![1, 2])),
+            )
+            .unwrap();
+        assert!(matches!(outcomes[0].1, Applied::ConfChange(_)));
         m.apply_with_conf(
             &[change(5, ConfChangeType::AddLearnerNode, 5, "h:1")],
             Some(&conf(vec![1, 2])),
