@@ -22,9 +22,8 @@ async fn a_node_back_with_an_empty_directory_is_refused_until_replaced() {
     let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     let (wiped, lagging) = (followers[0], followers[1]);
     // Every node opens a stream to every other at start, naming its data
-    // directory; a second is ample for the lagging node to have heard the
-    // other follower's.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // directory.
+    wait_recorded(&c, lagging, wiped).await;
 
     // Ceilings the lagging node never hears of: committed by the leader and
     // the follower about to lose its data.
@@ -128,7 +127,7 @@ async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
     let others: Vec<u64> = (1..=4).filter(|&id| id != leader).collect();
     let (absent, replaced) = (others[0], others[1]);
     // The absent node hears the other's directory before it goes.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_recorded(&c, absent, replaced).await;
     c.kill(absent);
 
     let mut admin = c.admin(leader).await;
@@ -191,6 +190,18 @@ async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
         2,
         "data ids recorded for node {replaced}: {seen:?}"
     );
+}
+
+/// Waits until node `on` has recorded `node`'s data directory.
+async fn wait_recorded(c: &Cluster, on: u64, node: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while data_ids_recorded(&c.log(on), node).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "node {on} never recorded node {node}'s data directory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The distinct data ids `log` says were recorded for `node`, in order.

@@ -808,6 +808,8 @@ impl Node {
             .voters
             .iter()
             .chain(&cs.learners)
+            .chain(&cs.voters_outgoing)
+            .chain(&cs.learners_next)
             .filter(|id| **id != self.id)
             .map(|id| (*id, since.get(id).copied().unwrap_or(0)))
             .collect();

@@ -326,11 +326,17 @@ impl Peer for PeerService {
             let Some(frame) = frame else {
                 break;
             };
-            if let Some((from, _)) = &sender {
+            if let Some((from, open)) = &sender {
                 if *from != frame.from {
                     return Err(Status::invalid_argument(format!(
                         "from: the stream is node {from}'s but a frame says {}",
                         frame.from
+                    )));
+                }
+                if !open.still_admitted() {
+                    return Err(Status::failed_precondition(format!(
+                        "node {from} is now known here with another data directory: this \
+                         stream is from one it no longer runs on"
                     )));
                 }
             }

@@ -15,17 +15,26 @@
 //!
 //! Removed and added back (a replacement, started with `--join`), the node
 //! is another incarnation, and its new directory is recorded as the first
-//! of it: when it is added, if it is already connected (a replacement
-//! connects before it is added), or else at its first stream. A node that
+//! of it: when it is added, if a stream it opened as a non-member is open
+//! (a replacement connects before it is added), or else at its first
+//! stream. A stream of an earlier incarnation that outlives it (a dead
+//! host's connection, until keepalive gives up) is never taken for the new
+//! one, and its frames are refused once the new one is known. A node that
 //! is not a member is not recorded at all. A record follows the
 //! configuration, not the log: a node that catches up by snapshot, and so
 //! never applies the removals and additions the snapshot covers, keeps the
 //! records of members still in the same incarnation and drops the rest.
 //!
+//! The records are each node's own: a node that never saw a member's
+//! directory in its incarnation (down all along) takes the first it sees.
+//! The check protects as far as the nodes that would make a quorum with
+//! the wiped one knew its directory; a binding replicated through the log
+//! would close that, and is not done.
+//!
 //! Streams that name no data id (a build from before this check) are
 //! taken without one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,26 +87,34 @@ pub enum Admission {
     },
 }
 
-/// An admitted stream, counted as open until dropped: a member added while
-/// its stream is open is recorded with that stream's data id.
+/// An admitted stream, counted as open until dropped: a node added while
+/// a stream it opened as a non-member is open is recorded with that
+/// stream's data id.
 #[derive(Debug)]
 pub struct OpenStream {
     ids: Arc<PeerDataIds>,
+    /// Its key in `State::open`.
+    seq: u64,
     node: u64,
     data_id: u64,
 }
 
+impl OpenStream {
+    /// Whether frames on this stream may still be taken: not if its node is
+    /// now known by another data id (the stream outlived its incarnation,
+    /// or its process was replaced while it stayed open).
+    pub fn still_admitted(&self) -> bool {
+        let state = self.ids.lock();
+        state
+            .known
+            .get(&self.node)
+            .is_none_or(|(data_id, _)| *data_id == self.data_id)
+    }
+}
+
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        let mut state = self.ids.lock();
-        if let Some((data_id, count)) = state.open.get_mut(&self.node) {
-            if *data_id == self.data_id {
-                *count -= 1;
-                if *count == 0 {
-                    state.open.remove(&self.node);
-                }
-            }
-        }
+        self.ids.lock().open.remove(&self.seq);
     }
 }
 
@@ -113,15 +130,22 @@ impl std::fmt::Debug for PeerDataIds {
     }
 }
 
+struct Opened {
+    node: u64,
+    data_id: u64,
+    as_member: bool,
+}
+
 #[derive(Default)]
 struct State {
     /// Members other than this node, with their incarnations.
     members: HashMap<u64, u64>,
     /// Node → its data id, and the incarnation it was seen in.
     known: HashMap<u64, (u64, u64)>,
-    /// Node → the data id of its latest admitted stream, and how many of
-    /// its streams with that id are open.
-    open: HashMap<u64, (u64, usize)>,
+    /// Streams open now, by admission order: their node, data id, and
+    /// whether the node was a member when they were admitted.
+    open: BTreeMap<u64, Opened>,
+    next_seq: u64,
     refusals_logged: HashMap<u64, Instant>,
 }
 
@@ -209,7 +233,17 @@ impl PeerDataIds {
             if state.known.contains_key(&node) {
                 continue;
             }
-            if let Some(&(data_id, _)) = state.open.get(&node) {
+            // The latest stream it opened while it was not a member: a
+            // replacement connects before it is added. A stream admitted
+            // in an earlier incarnation may outlive it (a dead host's
+            // connection until keepalive gives up) and is not taken.
+            let joined = state
+                .open
+                .values()
+                .rev()
+                .find(|o| o.node == node && !o.as_member)
+                .map(|o| o.data_id);
+            if let Some(data_id) = joined {
                 state.known.insert(node, (data_id, since));
                 batch.put_cf(meta, peer_key(node), record_value(data_id, since));
                 recorded(node, data_id, since);
@@ -228,7 +262,8 @@ impl PeerDataIds {
     /// id in its incarnation is recorded.
     pub fn admit(self: &Arc<Self>, node: u64, data_id: u64) -> Result<Admission, StorageError> {
         let mut state = self.lock();
-        if let Some(&since) = state.members.get(&node) {
+        let member = state.members.get(&node).copied();
+        if let Some(since) = member {
             match state.known.get(&node) {
                 Some(&(known, _)) if known != data_id => {
                     let now = Instant::now();
@@ -257,14 +292,19 @@ impl PeerDataIds {
                 }
             }
         }
-        match state.open.get_mut(&node) {
-            Some((open, count)) if *open == data_id => *count += 1,
-            _ => {
-                state.open.insert(node, (data_id, 1));
-            }
-        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.open.insert(
+            seq,
+            Opened {
+                node,
+                data_id,
+                as_member: member.is_some(),
+            },
+        );
         Ok(Admission::Known(OpenStream {
             ids: self.clone(),
+            seq,
             node,
             data_id,
         }))
@@ -348,9 +388,33 @@ mod tests {
         assert_eq!(refused(&ids.admit(2, 8).unwrap()).map(|r| r.0), Some(9));
         drop(replacement);
 
+        // A stream of an incarnation that outlives it (a dead host's
+        // connection, until keepalive gives up) is not taken for the next
+        // one, and its frames stop once the next one is known.
+        ids.set_members(HashMap::from([(2, 30)])).unwrap();
+        assert_eq!(ids.known(2), None, "another incarnation");
+        let Admission::Known(lingering) = ids.admit(2, 21).unwrap() else {
+            panic!("the first of its incarnation");
+        };
+        ids.set_members(HashMap::new()).unwrap();
+        ids.set_members(HashMap::from([(2, 40)])).unwrap();
+        assert_eq!(ids.known(2), None, "the lingering stream is not taken");
+        assert!(known(&ids.admit(2, 9).unwrap()), "the replacement");
+        assert_eq!(ids.known(2), Some(9));
+        assert!(!lingering.still_admitted());
+        drop(lingering);
+
+        // Of the streams opened as a non-member, the latest is taken.
+        ids.set_members(HashMap::new()).unwrap();
+        let first = ids.admit(2, 11).unwrap();
+        let latest = ids.admit(2, 12).unwrap();
+        ids.set_members(HashMap::from([(2, 40)])).unwrap();
+        assert_eq!(ids.known(2), Some(12));
+        drop((first, latest));
+
         // A promotion keeps the incarnation, and the record.
         ids.set_members(HashMap::from([(2, 40), (3, 0)])).unwrap();
-        assert_eq!(ids.known(2), Some(9));
+        assert_eq!(ids.known(2), Some(12));
 
         // Another incarnation, not connected when added: its first stream.
         ids.set_members(HashMap::from([(2, 55), (3, 0)])).unwrap();
