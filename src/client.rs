@@ -2201,6 +2201,15 @@ mod tests {
         assert!(!retryable(&Status::invalid_argument("key: empty")));
     }
 
+    /// A client of the node at `addr` that sends every call as an RPC.
+    fn one_rpc_per_call(addr: std::net::SocketAddr) -> Client {
+        let opts = ClientOptions {
+            max_in_flight: 0,
+            ..ClientOptions::default()
+        };
+        Client::new(&[addr.to_string()], opts).unwrap()
+    }
+
     /// A node that resets a call's HTTP/2 stream with INTERNAL_ERROR before
     /// answering (as a stopping or failing server does) has not answered
     /// it: tonic reports INTERNAL, and the call is tried again. A raw
@@ -2245,15 +2254,7 @@ mod tests {
                 });
             }
         });
-        let client = Client::new(
-            &[addr.to_string()],
-            ClientOptions {
-                max_in_flight: 0,
-                ..ClientOptions::default()
-            },
-        )
-        .unwrap();
-        let resp = client.next("ns", "a", 3).await;
+        let resp = one_rpc_per_call(addr).next("ns", "a", 3).await;
         assert_eq!(resp.map(|r| r.count).map_err(|e| e.to_string()), Ok(3));
         assert_eq!(asked.load(Ordering::SeqCst), 2, "reset once, then answered");
     }
@@ -2266,15 +2267,7 @@ mod tests {
         let server = CountingServer::default();
         server.resets.store(2, std::sync::atomic::Ordering::SeqCst);
         let addr = serve(server.clone()).await;
-        let client = Client::new(
-            &[addr.to_string()],
-            ClientOptions {
-                max_in_flight: 0,
-                ..ClientOptions::default()
-            },
-        )
-        .unwrap();
-        let resp = client.next("ns", "a", 3).await;
+        let resp = one_rpc_per_call(addr).next("ns", "a", 3).await;
         assert_eq!(resp.map(|r| r.count).map_err(|e| e.to_string()), Ok(3));
         assert_eq!(
             lock(&server.calls_per_rpc).len(),

@@ -84,26 +84,7 @@ async fn a_node_back_with_an_empty_directory_is_refused_until_replaced() {
     top = r.first;
 
     // The way back: removed, started empty with --join, added again.
-    let mut admin = c.admin(serving).await;
-    admin
-        .remove_node(RemoveNodeRequest { id: wiped })
-        .await
-        .unwrap();
-    c.kill(wiped);
-    std::fs::remove_dir_all(c.data_dir(wiped)).unwrap();
-    c.spawn_with(wiped, &["--join"]);
-    let addr = c.node(wiped).addr.clone();
-    for voter in [false, true] {
-        admin
-            .add_node(AddNodeRequest {
-                id: wiped,
-                addr: addr.clone(),
-                voter,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("add node {wiped} (voter {voter}): {e}"));
-        c.wait_rejoined(wiped, Duration::from_secs(30)).await;
-    }
+    replace(&mut c, serving, wiped).await;
     // It now counts: with the lagging node stopped, the leader and the
     // replacement serve.
     let leader = c.wait_leader(Duration::from_secs(20)).await;
@@ -130,26 +111,7 @@ async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
     wait_recorded(&c, absent, replaced).await;
     c.kill(absent);
 
-    let mut admin = c.admin(leader).await;
-    admin
-        .remove_node(RemoveNodeRequest { id: replaced })
-        .await
-        .unwrap();
-    c.kill(replaced);
-    std::fs::remove_dir_all(c.data_dir(replaced)).unwrap();
-    c.spawn_with(replaced, &["--join"]);
-    let addr = c.node(replaced).addr.clone();
-    for voter in [false, true] {
-        admin
-            .add_node(AddNodeRequest {
-                id: replaced,
-                addr: addr.clone(),
-                voter,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("add node {replaced} (voter {voter}): {e}"));
-        c.wait_rejoined(replaced, Duration::from_secs(30)).await;
-    }
+    replace(&mut c, leader, replaced).await;
     // Entries enough that the absent node can only catch up by snapshot.
     let client = c.client();
     for i in 0..200 {
@@ -190,6 +152,29 @@ async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
         2,
         "data ids recorded for node {replaced}: {seen:?}"
     );
+}
+
+/// Replaces node `id` as an operator would after it lost its disk: removed
+/// through the leader `via`, stopped, wiped, started empty with `--join`,
+/// added as a learner, then promoted once caught up.
+async fn replace(c: &mut Cluster, via: u64, id: u64) {
+    let mut admin = c.admin(via).await;
+    admin.remove_node(RemoveNodeRequest { id }).await.unwrap();
+    c.kill(id);
+    std::fs::remove_dir_all(c.data_dir(id)).unwrap();
+    c.spawn_with(id, &["--join"]);
+    let addr = c.node(id).addr.clone();
+    for voter in [false, true] {
+        admin
+            .add_node(AddNodeRequest {
+                id,
+                addr: addr.clone(),
+                voter,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("add node {id} (voter {voter}): {e}"));
+        c.wait_rejoined(id, Duration::from_secs(30)).await;
+    }
 }
 
 /// Waits until node `on` has recorded `node`'s data directory.
