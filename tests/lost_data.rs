@@ -154,6 +154,67 @@ async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
     );
 }
 
+/// A node down while a member was replaced never saw the replacement's
+/// directory. When the replacement then loses its disk and comes back as
+/// itself, that node must still refuse it: the leader bound the
+/// replacement's directory through the log, and the node applied the
+/// binding as it caught up. (Its own first sight would take the new
+/// directory.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_never_saw_a_directory_refuses_another_by_its_binding() {
+    let mut c = Cluster::start(4, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let others: Vec<u64> = (1..=4).filter(|&id| id != leader).collect();
+    let (absent, replaced) = (others[0], others[1]);
+    wait_bound(&c, leader, replaced, 1).await;
+    c.kill(absent);
+
+    replace(&mut c, leader, replaced).await;
+    wait_bound(&c, leader, replaced, 2).await;
+    let bound = data_ids_bound(&c.log(leader), replaced)[1].clone();
+    c.spawn(absent);
+    c.wait_rejoined(absent, Duration::from_secs(30)).await;
+    wait_bound(&c, absent, replaced, 2).await;
+
+    // The replacement loses its disk and starts as itself. (Raft-rs stops
+    // it at the leader's first heartbeat, whose commit index its empty log
+    // cannot have; it opens its streams before that.)
+    c.kill(replaced);
+    std::fs::remove_dir_all(c.data_dir(replaced)).unwrap();
+    c.spawn(replaced);
+    let refusal =
+        format!("node {replaced} is known here with another data directory (data id {bound},");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.log(absent).contains(&refusal) {
+        assert!(
+            Instant::now() < deadline,
+            "node {absent} did not refuse node {replaced}'s new directory by the binding {bound}; \
+             it recorded {:?}",
+            data_ids_recorded(&c.log(absent), replaced)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until node `on` has applied `count` distinct bindings of
+/// `node`'s data directory.
+async fn wait_bound(c: &Cluster, on: u64, node: u64, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while data_ids_bound(&c.log(on), node).len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "node {on} applied {:?} as node {node}'s bindings, not {count}",
+            data_ids_bound(&c.log(on), node)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The distinct data ids `log` says were bound to `node`, in order.
+fn data_ids_bound(log: &str, node: u64) -> Vec<String> {
+    logged_data_ids(log, "a member's data directory bound", node)
+}
+
 /// Replaces node `id` as an operator would after it lost its disk: removed
 /// through the leader `via`, stopped, wiped, started empty with `--join`,
 /// added as a learner, then promoted once caught up.
@@ -191,11 +252,14 @@ async fn wait_recorded(c: &Cluster, on: u64, node: u64) {
 
 /// The distinct data ids `log` says were recorded for `node`, in order.
 fn data_ids_recorded(log: &str, node: u64) -> Vec<String> {
+    logged_data_ids(log, "recorded a peer's data directory", node)
+}
+
+/// The distinct data ids of `node` in `log`'s lines that say `what`.
+fn logged_data_ids(log: &str, what: &str, node: u64) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
     for line in log.lines() {
-        if !line.contains("recorded a peer's data directory")
-            || !line.contains(&format!("peer_id={node} "))
-        {
+        if !line.contains(what) || !line.contains(&format!("peer_id={node} ")) {
             continue;
         }
         let id = line

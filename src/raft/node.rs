@@ -47,10 +47,10 @@ use crate::core::{
 };
 use crate::metrics as m;
 use crate::pb::state::{
-    command, AcquireWorker, Command, KeyCeiling, LeaderStart, RaiseCeilings, ReleaseKeys,
-    ReleasedKey, RenewFence, RequestGrant, Trim,
+    command, AcquireWorker, BindDataId, Command, KeyCeiling, LeaderStart, RaiseCeilings,
+    ReleaseKeys, ReleasedKey, RenewFence, RequestGrant, Trim,
 };
-use crate::storage::identity::PeerDataIds;
+use crate::storage::identity::{Incarnation, PeerDataIds};
 use crate::storage::{self, Applied, Machine, RaftStore, StorageError};
 
 /// A log fsync that has not returned for this long means the disk is gone.
@@ -346,7 +346,7 @@ pub fn spawn(
     let transport_tx = tx.clone();
     let syncer = WalSyncer::start(id, disk.clone(), &tx, faults.clone())
         .map_err(|e| StorageError::corrupt("raft sync thread", e))?;
-    let node = Node::open(
+    let mut node = Node::open(
         params,
         disk,
         NodeTime::Real,
@@ -363,6 +363,8 @@ pub fn spawn(
         },
         Box::new(syncer),
     )?;
+    node.data_id = data_id;
+    node.refresh_members()?;
     let data_ids = node.peer_data_ids.clone();
     let task = rt.spawn(node.run());
     Ok((
@@ -651,6 +653,10 @@ pub(crate) struct Node {
     /// Shared with the peer service, which admits streams by them; told
     /// the members whenever the configuration changes.
     peer_data_ids: Arc<PeerDataIds>,
+    /// This node's data directory id (0 in the simulation: never bound).
+    pub(crate) data_id: u64,
+    /// When the leader last proposed a binding for each member.
+    bind_sent: HashMap<u64, Instant>,
 }
 
 /// The configuration raft-rs made of conf-change entry `e`, or `None`
@@ -669,6 +675,7 @@ fn command_kind(cmd: &Command) -> &'static str {
         Some(command::Kind::AcquireWorker(_)) => "acquire_worker",
         Some(command::Kind::RenewFence(_)) => "renew_fence",
         Some(command::Kind::Release(_)) => "release",
+        Some(command::Kind::BindDataId(_)) => "bind_data_id",
         None => "none",
     }
 }
@@ -792,6 +799,8 @@ impl Node {
             read_resends: 0,
             on_runtime: false,
             peer_data_ids,
+            data_id: 0,
+            bind_sent: HashMap::new(),
         };
         node.load_request_records()?;
         node.refresh_members()?;
@@ -803,6 +812,7 @@ impl Node {
     /// ([`crate::storage::identity`]).
     fn refresh_members(&mut self) -> Result<(), StorageError> {
         let since = self.machine.member_since()?;
+        let bound = self.machine.data_ids()?;
         let cs = self.raw.store().conf_state();
         let members = cs
             .voters
@@ -811,9 +821,84 @@ impl Node {
             .chain(&cs.voters_outgoing)
             .chain(&cs.learners_next)
             .filter(|id| **id != self.id)
-            .map(|id| (*id, since.get(id).copied().unwrap_or(0)))
+            .map(|id| {
+                let incarnation = Incarnation {
+                    since: since.get(id).copied().unwrap_or(0),
+                    bound: bound.get(id).copied(),
+                };
+                (*id, incarnation)
+            })
             .collect();
+        if let Some(&b) = bound.get(&self.id) {
+            if self.data_id != 0 && b != self.data_id {
+                tracing::error!(
+                    node_id = self.id,
+                    bound = %format_args!("{b:016x}"),
+                    this = %format_args!("{:016x}", self.data_id),
+                    "another data directory is bound to this node's id in the cluster: this \
+                     one is new, so the node lost its Raft state; its peers refuse it until \
+                     it is removed and started with --join as a replacement"
+                );
+            }
+        }
         self.peer_data_ids.set_members(members)
+    }
+
+    /// Binds members' data directories to their incarnations through the
+    /// log (storage::identity), so that every node refuses another
+    /// directory under a member's id, also a node that never heard from it.
+    /// The leader proposes a binding for itself and for each member whose
+    /// directory it has recorded, and only once it has recorded every
+    /// member's (each runs a build that names it), so that no build without
+    /// the command has to apply one. The first binding of an incarnation
+    /// stands.
+    fn bind_tick(&mut self, now: Instant) {
+        if self.raw.raft.state != StateRole::Leader || self.data_id == 0 {
+            return;
+        }
+        if !self.peer_data_ids.every_member_named() {
+            return;
+        }
+        let (since, bound) = match (self.machine.member_since(), self.machine.data_ids()) {
+            (Ok(since), Ok(bound)) => (since, bound),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot read the members' incarnations");
+                return;
+            }
+        };
+        let mut unbound: Vec<(u64, u64)> = self
+            .peer_data_ids
+            .records()
+            .into_iter()
+            .filter(|(node, _, node_since)| since.get(node).copied().unwrap_or(0) == *node_since)
+            .map(|(node, data_id, _)| (node, data_id))
+            .collect();
+        unbound.push((self.id, self.data_id));
+        unbound.retain(|(node, _)| !bound.contains_key(node));
+        for (node, data_id) in unbound {
+            let retry = Duration::from_secs(1);
+            if self
+                .bind_sent
+                .get(&node)
+                .is_some_and(|t| now.duration_since(*t) < retry)
+            {
+                continue;
+            }
+            self.bind_sent.insert(node, now);
+            let cmd = Command {
+                kind: Some(command::Kind::BindDataId(BindDataId {
+                    node_id: node,
+                    since: since.get(&node).copied().unwrap_or(0),
+                    data_id,
+                })),
+            };
+            metrics::counter!(m::RAFT_PROPOSALS_TOTAL, "kind" => command_kind(&cmd)).increment(1);
+            // Not tracked: the outcome shows in the state machine's
+            // bindings when it applies, and is proposed again until then.
+            if let Err(e) = self.raw.propose(Vec::new(), cmd.encode_to_vec()) {
+                tracing::debug!(error = %e, "data id binding dropped; will retry");
+            }
+        }
     }
 
     /// The node's loop: a task on the server's runtime rather than a thread
@@ -889,6 +974,7 @@ impl Node {
         self.expire(now);
         self.release_idle_keys();
         self.snowflake_tick(now);
+        self.bind_tick(now);
         self.export_gauges();
         self.check_handover_deadline(now)
     }
@@ -1986,6 +2072,15 @@ impl Node {
                             issuer.foreign_fence(*fence_ms);
                         }
                     }
+                }
+                Applied::DataIdBound { node_id, data_id } => {
+                    tracing::info!(
+                        node_id = self.id,
+                        peer_id = node_id,
+                        data_id = %format_args!("{data_id:016x}"),
+                        "a member's data directory bound"
+                    );
+                    self.refresh_members()?;
                 }
                 Applied::WorkerAssigned { .. }
                 | Applied::NoFreeWorker { .. }

@@ -25,11 +25,12 @@
 //! never applies the removals and additions the snapshot covers, keeps the
 //! records of members still in the same incarnation and drops the rest.
 //!
-//! The records are each node's own: a node that never saw a member's
-//! directory in its incarnation (down all along) takes the first it sees.
-//! The check protects as far as the nodes that would make a quorum with
-//! the wiped one knew its directory; a binding replicated through the log
-//! would close that, and is not done.
+//! A record first seen is each node's own. So that a node that never saw
+//! a member's directory (down while it joined) refuses another one too,
+//! the leader binds each member's directory to its incarnation through the
+//! log (`BindDataId`, proposed once every member names its data id, so
+//! that no build without the command has to apply it); a bound data id
+//! replaces whatever a node recorded itself.
 //!
 //! Streams that name no data id (a build from before this check) are
 //! taken without one.
@@ -130,6 +131,21 @@ impl std::fmt::Debug for PeerDataIds {
     }
 }
 
+/// A member's incarnation, as the node loop knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incarnation {
+    /// Index of the conf change that made it a member (0: a founder).
+    pub since: u64,
+    /// The data id bound to the incarnation through the log, if any.
+    pub bound: Option<u64>,
+}
+
+impl Incarnation {
+    pub fn unbound(since: u64) -> Self {
+        Self { since, bound: None }
+    }
+}
+
 struct Opened {
     node: u64,
     data_id: u64,
@@ -139,7 +155,7 @@ struct Opened {
 #[derive(Default)]
 struct State {
     /// Members other than this node, with their incarnations.
-    members: HashMap<u64, u64>,
+    members: HashMap<u64, Incarnation>,
     /// Node → its data id, and the incarnation it was seen in.
     known: HashMap<u64, (u64, u64)>,
     /// Streams open now, by admission order: their node, data id, and
@@ -209,19 +225,24 @@ impl PeerDataIds {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The members other than this node, with their incarnations, as of
-    /// the configuration just applied (at start, after a conf change,
-    /// after a snapshot). Records of nodes no longer members in the same
-    /// incarnation are dropped; a member without a record that is
-    /// connected now is recorded with its stream's data id.
-    pub fn set_members(&self, members: HashMap<u64, u64>) -> Result<(), StorageError> {
+    /// The members other than this node, with their incarnations and the
+    /// data ids bound to them through the log, as of the state just applied
+    /// (at start, after a conf change or a binding, after a snapshot).
+    /// A bound data id is the record; records of nodes no longer members
+    /// in the same incarnation are dropped; a member without a record that
+    /// is connected now is recorded with its stream's data id.
+    pub fn set_members(&self, members: HashMap<u64, Incarnation>) -> Result<(), StorageError> {
         let mut state = self.lock();
         let meta = cf(&self.db, CF_META);
         let mut batch = WriteBatch::default();
         let stale: Vec<u64> = state
             .known
             .iter()
-            .filter(|(node, (_, since))| members.get(node) != Some(since))
+            .filter(|(node, (data_id, since))| {
+                members
+                    .get(node)
+                    .is_none_or(|m| m.since != *since || m.bound.is_some_and(|b| b != *data_id))
+            })
             .map(|(node, _)| *node)
             .collect();
         for node in stale {
@@ -229,8 +250,15 @@ impl PeerDataIds {
             state.refusals_logged.remove(&node);
             batch.delete_cf(meta, peer_key(node));
         }
-        for (&node, &since) in &members {
+        for (&node, m) in &members {
+            let since = m.since;
             if state.known.contains_key(&node) {
+                continue;
+            }
+            if let Some(data_id) = m.bound {
+                state.known.insert(node, (data_id, since));
+                batch.put_cf(meta, peer_key(node), record_value(data_id, since));
+                recorded(node, data_id, since);
                 continue;
             }
             // The latest stream it opened while it was not a member: a
@@ -262,7 +290,7 @@ impl PeerDataIds {
     /// id in its incarnation is recorded.
     pub fn admit(self: &Arc<Self>, node: u64, data_id: u64) -> Result<Admission, StorageError> {
         let mut state = self.lock();
-        let member = state.members.get(&node).copied();
+        let member = state.members.get(&node).map(|m| m.since);
         if let Some(since) = member {
             match state.known.get(&node) {
                 Some(&(known, _)) if known != data_id => {
@@ -310,6 +338,24 @@ impl PeerDataIds {
         }))
     }
 
+    /// Whether every member names its data id (runs a build that knows
+    /// them): only then may a binding be proposed, which a build without
+    /// the command could not apply.
+    pub fn every_member_named(&self) -> bool {
+        let state = self.lock();
+        state.members.keys().all(|n| state.known.contains_key(n))
+    }
+
+    /// Every record: node, data id, and the incarnation it was seen in.
+    pub fn records(&self) -> Vec<(u64, u64, u64)> {
+        let state = self.lock();
+        state
+            .known
+            .iter()
+            .map(|(node, (data_id, since))| (*node, *data_id, *since))
+            .collect()
+    }
+
     /// The data id known for `node`, if any.
     pub fn known(&self, node: u64) -> Option<u64> {
         self.lock().known.get(&node).map(|(data_id, _)| *data_id)
@@ -334,6 +380,12 @@ mod tests {
         assert_ne!(own(&disk(&b)).unwrap(), first, "another directory");
     }
 
+    fn members(list: &[(u64, u64)]) -> HashMap<u64, Incarnation> {
+        list.iter()
+            .map(|&(node, since)| (node, Incarnation::unbound(since)))
+            .collect()
+    }
+
     fn known(a: &Admission) -> bool {
         matches!(a, Admission::Known(_))
     }
@@ -350,13 +402,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let ids = Arc::new(PeerDataIds::open(disk(&dir)).unwrap());
-            ids.set_members(HashMap::from([(2, 0), (3, 0)])).unwrap();
+            ids.set_members(members(&[(2, 0), (3, 0)])).unwrap();
             assert!(known(&ids.admit(2, 7).unwrap()));
             assert!(known(&ids.admit(2, 7).unwrap()));
             assert!(known(&ids.admit(3, 9).unwrap()));
         }
         let ids = Arc::new(PeerDataIds::open(disk(&dir)).unwrap());
-        ids.set_members(HashMap::from([(2, 0), (3, 0)])).unwrap();
+        ids.set_members(members(&[(2, 0), (3, 0)])).unwrap();
         assert_eq!(ids.known(2), Some(7));
         assert_eq!(refused(&ids.admit(2, 8).unwrap()), Some((7, true)));
         assert_eq!(
@@ -371,11 +423,11 @@ mod tests {
     fn a_node_is_recorded_only_as_a_member_and_afresh_in_each_incarnation() {
         let dir = tempfile::tempdir().unwrap();
         let ids = Arc::new(PeerDataIds::open(disk(&dir)).unwrap());
-        ids.set_members(HashMap::from([(2, 0)])).unwrap();
+        ids.set_members(members(&[(2, 0)])).unwrap();
         assert!(known(&ids.admit(2, 7).unwrap()));
 
         // Removed: whatever it names is taken, and nothing is recorded.
-        ids.set_members(HashMap::new()).unwrap();
+        ids.set_members(members(&[])).unwrap();
         assert_eq!(ids.known(2), None);
         assert!(known(&ids.admit(2, 8).unwrap()), "the old process, removed");
         assert_eq!(ids.known(2), None);
@@ -383,7 +435,7 @@ mod tests {
         // The replacement connects before it is added; the add records it.
         let replacement = ids.admit(2, 9).unwrap();
         assert!(known(&replacement));
-        ids.set_members(HashMap::from([(2, 40)])).unwrap();
+        ids.set_members(members(&[(2, 40)])).unwrap();
         assert_eq!(ids.known(2), Some(9));
         assert_eq!(refused(&ids.admit(2, 8).unwrap()).map(|r| r.0), Some(9));
         drop(replacement);
@@ -391,13 +443,13 @@ mod tests {
         // A stream of an incarnation that outlives it (a dead host's
         // connection, until keepalive gives up) is not taken for the next
         // one, and its frames stop once the next one is known.
-        ids.set_members(HashMap::from([(2, 30)])).unwrap();
+        ids.set_members(members(&[(2, 30)])).unwrap();
         assert_eq!(ids.known(2), None, "another incarnation");
         let Admission::Known(lingering) = ids.admit(2, 21).unwrap() else {
             panic!("the first of its incarnation");
         };
-        ids.set_members(HashMap::new()).unwrap();
-        ids.set_members(HashMap::from([(2, 40)])).unwrap();
+        ids.set_members(members(&[])).unwrap();
+        ids.set_members(members(&[(2, 40)])).unwrap();
         assert_eq!(ids.known(2), None, "the lingering stream is not taken");
         assert!(known(&ids.admit(2, 9).unwrap()), "the replacement");
         assert_eq!(ids.known(2), Some(9));
@@ -405,27 +457,27 @@ mod tests {
         drop(lingering);
 
         // Of the streams opened as a non-member, the latest is taken.
-        ids.set_members(HashMap::new()).unwrap();
+        ids.set_members(members(&[])).unwrap();
         let first = ids.admit(2, 11).unwrap();
         let latest = ids.admit(2, 12).unwrap();
-        ids.set_members(HashMap::from([(2, 40)])).unwrap();
+        ids.set_members(members(&[(2, 40)])).unwrap();
         assert_eq!(ids.known(2), Some(12));
         drop((first, latest));
 
         // A promotion keeps the incarnation, and the record.
-        ids.set_members(HashMap::from([(2, 40), (3, 0)])).unwrap();
+        ids.set_members(members(&[(2, 40), (3, 0)])).unwrap();
         assert_eq!(ids.known(2), Some(12));
 
         // Another incarnation, not connected when added: its first stream.
-        ids.set_members(HashMap::from([(2, 55), (3, 0)])).unwrap();
+        ids.set_members(members(&[(2, 55), (3, 0)])).unwrap();
         assert_eq!(ids.known(2), None);
         assert!(known(&ids.admit(2, 10).unwrap()));
         assert_eq!(ids.known(2), Some(10));
         drop(ids);
         let ids = Arc::new(PeerDataIds::open(disk(&dir)).unwrap());
-        ids.set_members(HashMap::from([(2, 55), (3, 0)])).unwrap();
+        ids.set_members(members(&[(2, 55), (3, 0)])).unwrap();
         assert_eq!(ids.known(2), Some(10), "kept across a restart");
-        ids.set_members(HashMap::from([(2, 60)])).unwrap();
+        ids.set_members(members(&[(2, 60)])).unwrap();
         assert_eq!(ids.known(2), None, "a snapshot covering a replacement");
     }
 }

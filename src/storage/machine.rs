@@ -11,8 +11,8 @@ use rocksdb::{WriteBatch, DB};
 
 use super::{cf, decode_u64, Disk, StorageError, CF_STATE};
 use crate::pb::state::{
-    command, Command, KeyCeiling, MachineMeta, Member, RenewFence, RequestGrant, SnapshotData,
-    WorkerEntry, WorkerRecord,
+    command, BindDataId, Command, KeyCeiling, MachineMeta, Member, RenewFence, RequestGrant,
+    SnapshotData, WorkerEntry, WorkerRecord,
 };
 
 const META: &[u8] = b"m";
@@ -27,6 +27,8 @@ const MEMBER_PREFIX: u8 = b'p';
 /// `s` + node id (BE) → index of the conf change that made it a member this
 /// time (absent: a founder, 0).
 const SINCE_PREFIX: u8 = b's';
+/// `d` + node id (BE) → the data id bound to its current incarnation.
+const DATA_ID_PREFIX: u8 = b'd';
 /// `r` + sequence number (BE, in apply order) + its ranges (BE u32) →
 /// RequestGrant. The ranges are in the key so that the bounds can be
 /// counted at start without decoding every record.
@@ -100,6 +102,8 @@ pub enum Applied {
     ConfChange(Entry),
     /// A configuration change raft-rs refused: nothing changed.
     ConfChangeRefused(Entry),
+    /// `data_id` is now bound to `node_id`'s incarnation.
+    DataIdBound { node_id: u64, data_id: u64 },
     /// `node_id` holds `worker`, whose fence (the floor for the new holder)
     /// is `fence_ms`.
     WorkerAssigned {
@@ -284,6 +288,20 @@ impl Machine {
         Ok(out)
     }
 
+    /// The data id bound to each member's current incarnation, for those
+    /// that bound one.
+    pub fn data_ids(&self) -> Result<HashMap<u64, u64>, StorageError> {
+        let mut out = HashMap::new();
+        self.scan(DATA_ID_PREFIX, |k, v| {
+            out.insert(
+                decode_u64("data id key", &k[1..])?,
+                decode_u64("data id", v)?,
+            );
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// Applies committed entries in one write batch and reports what each
     /// changed. Entries at or below the applied index are skipped, so a
     /// replay after a crash is harmless.
@@ -413,6 +431,7 @@ impl Machine {
                             txn.acquire_worker(a.node_id, a.max_workers)?
                         }
                         Some(command::Kind::RenewFence(r)) => txn.renew_fence(&r)?,
+                        Some(command::Kind::BindDataId(b)) => txn.bind_data_id(&b)?,
                         None => {
                             return Err(StorageError::corrupt(
                                 "log command",
@@ -592,6 +611,27 @@ impl<'a> Txn<'a> {
         .any(|ids| ids.contains(&node_id)))
     }
 
+    /// Binds a data id to a member's incarnation, unless it is not a
+    /// member in that incarnation or one is bound already.
+    fn bind_data_id(&mut self, b: &BindDataId) -> Result<Applied, StorageError> {
+        let since = self.get_u64(&id_key(SINCE_PREFIX, b.node_id))?.unwrap_or(0);
+        if b.data_id == 0
+            || since != b.since
+            || !self.is_member(b.node_id)?
+            || self.get(&id_key(DATA_ID_PREFIX, b.node_id))?.is_some()
+        {
+            return Ok(Applied::Empty);
+        }
+        self.put(
+            id_key(DATA_ID_PREFIX, b.node_id).to_vec(),
+            b.data_id.to_be_bytes().to_vec(),
+        );
+        Ok(Applied::DataIdBound {
+            node_id: b.node_id,
+            data_id: b.data_id,
+        })
+    }
+
     fn renew_fence(&mut self, r: &RenewFence) -> Result<Applied, StorageError> {
         let mut rec = self.worker(r.worker)?;
         if rec.node_id != r.node_id {
@@ -626,6 +666,7 @@ impl<'a> Txn<'a> {
                         id_key(SINCE_PREFIX, cc.node_id).to_vec(),
                         index.to_be_bytes().to_vec(),
                     );
+                    self.delete(id_key(DATA_ID_PREFIX, cc.node_id).to_vec());
                 }
                 if !cc.context.is_empty() {
                     self.put(
@@ -637,6 +678,7 @@ impl<'a> Txn<'a> {
             ConfChangeType::RemoveNode => {
                 self.delete(id_key(MEMBER_PREFIX, cc.node_id).to_vec());
                 self.delete(id_key(SINCE_PREFIX, cc.node_id).to_vec());
+                self.delete(id_key(DATA_ID_PREFIX, cc.node_id).to_vec());
                 if let Some(w) = self.get_u64(&id_key(NODE_WORKER_PREFIX, cc.node_id))? {
                     let mut rec = self.worker(w)?;
                     if rec.node_id == cc.node_id {
@@ -714,6 +756,7 @@ pub(super) fn read_snapshot(db: &DB) -> Result<(u64, Vec<u8>), StorageError> {
             Some(&SINCE_PREFIX) => {
                 member(&mut members, &k)?.since = decode_u64("member since", &v)?
             }
+            Some(&DATA_ID_PREFIX) => member(&mut members, &k)?.data_id = decode_u64("data id", &v)?,
             _ => {}
         }
     }
@@ -769,6 +812,13 @@ pub(super) fn write_snapshot(
                 state,
                 id_key(SINCE_PREFIX, m.node_id),
                 m.since.to_be_bytes(),
+            );
+        }
+        if m.data_id != 0 {
+            batch.put_cf(
+                state,
+                id_key(DATA_ID_PREFIX, m.node_id),
+                m.data_id.to_be_bytes(),
             );
         }
     }
@@ -1209,6 +1259,104 @@ mod tests {
         let restored = Machine::open(other).unwrap();
         assert_eq!(restored.member_since().unwrap(), m.member_since().unwrap());
         assert_eq!(restored.members().unwrap(), m.members().unwrap());
+    }
+
+    /// A data id binds to a member's incarnation once; a removal ends the
+    /// binding and the next incarnation gets its own; a snapshot carries it.
+    #[test]
+    fn a_data_id_binds_once_to_a_members_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let conf = |voters: Vec<u64>, learners: Vec<u64>| ConfState {
+            voters,
+            learners,
+            ..Default::default()
+        };
+        db.put_cf(
+            cf(&db, super::super::CF_META),
+            super::super::raft_log::CONF_STATE,
+            conf(vec![1, 2, 3], vec![]).write_to_bytes().unwrap(),
+        )
+        .unwrap();
+        let mut m = Machine::open(db.clone()).unwrap();
+        let bind = |node_id, since, data_id| {
+            command::Kind::BindDataId(BindDataId {
+                node_id,
+                since,
+                data_id,
+            })
+        };
+        let outcomes = m
+            .apply(&[
+                entry(1, bind(2, 0, 7)),
+                entry(2, bind(2, 0, 8)),
+                entry(3, bind(9, 0, 5)),
+                entry(4, bind(3, 4, 5)),
+                entry(5, bind(3, 0, 0)),
+            ])
+            .unwrap();
+        assert!(matches!(
+            outcomes[0].1,
+            Applied::DataIdBound {
+                node_id: 2,
+                data_id: 7
+            }
+        ));
+        assert!(
+            outcomes[1..]
+                .iter()
+                .all(|(_, o)| matches!(o, Applied::Empty)),
+            "the first stands; not a member; not its incarnation; no id"
+        );
+        assert_eq!(m.data_ids().unwrap(), HashMap::from([(2, 7)]));
+
+        let change = |index, change_type, node_id| {
+            let cc = ConfChange {
+                change_type,
+                node_id,
+                context: b"h:1".to_vec().into(),
+                ..Default::default()
+            };
+            let mut e = Entry {
+                index,
+                term: 1,
+                data: cc.write_to_bytes().unwrap().into(),
+                ..Default::default()
+            };
+            e.set_entry_type(EntryType::EntryConfChange);
+            e
+        };
+        m.apply_with_conf(
+            &[change(6, ConfChangeType::RemoveNode, 2)],
+            Some(&conf(vec![1, 3], vec![])),
+        )
+        .unwrap();
+        assert_eq!(m.data_ids().unwrap(), HashMap::new());
+        let learners = conf(vec![1, 3], vec![2]);
+        db.put_cf(
+            cf(&db, super::super::CF_META),
+            super::super::raft_log::CONF_STATE,
+            learners.write_to_bytes().unwrap(),
+        )
+        .unwrap();
+        m.apply_with_conf(
+            &[change(7, ConfChangeType::AddLearnerNode, 2)],
+            Some(&learners),
+        )
+        .unwrap();
+        m.apply(&[entry(8, bind(2, 0, 8)), entry(9, bind(2, 7, 9))])
+            .unwrap();
+        assert_eq!(m.data_ids().unwrap(), HashMap::from([(2, 9)]));
+
+        let (index, bytes) = read_snapshot(&db).unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = super::super::open(other_dir.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        write_snapshot(&other, &mut batch, index, &bytes).unwrap();
+        other.write_batch(batch, true).unwrap();
+        let restored = Machine::open(other).unwrap();
+        assert_eq!(restored.data_ids().unwrap(), HashMap::from([(2, 9)]));
+        assert_eq!(restored.member_since().unwrap(), HashMap::from([(2, 7)]));
     }
 
     #[test]
