@@ -657,6 +657,9 @@ pub(crate) struct Node {
     pub(crate) data_id: u64,
     /// When the leader last proposed a binding for each member.
     bind_sent: HashMap<u64, Instant>,
+    /// Whether some member's data id is not bound yet (so `bind_tick`
+    /// reads nothing once all are).
+    some_unbound: bool,
 }
 
 /// The configuration raft-rs made of conf-change entry `e`, or `None`
@@ -801,6 +804,7 @@ impl Node {
             peer_data_ids,
             data_id: 0,
             bind_sent: HashMap::new(),
+            some_unbound: true,
         };
         node.load_request_records()?;
         node.refresh_members()?;
@@ -829,6 +833,11 @@ impl Node {
                 (*id, incarnation)
             })
             .collect();
+        self.some_unbound = cs
+            .voters
+            .iter()
+            .chain(&cs.learners)
+            .any(|id| !bound.contains_key(id));
         if let Some(&b) = bound.get(&self.id) {
             if self.data_id != 0 && b != self.data_id {
                 tracing::error!(
@@ -853,7 +862,7 @@ impl Node {
     /// the command has to apply one. The first binding of an incarnation
     /// stands.
     fn bind_tick(&mut self, now: Instant) {
-        if self.raw.raft.state != StateRole::Leader || self.data_id == 0 {
+        if !self.some_unbound || self.raw.raft.state != StateRole::Leader || self.data_id == 0 {
             return;
         }
         if !self.peer_data_ids.every_member_named() {
@@ -874,7 +883,15 @@ impl Node {
             .map(|(node, data_id, _)| (node, data_id))
             .collect();
         unbound.push((self.id, self.data_id));
-        unbound.retain(|(node, _)| !bound.contains_key(node));
+        // Only members (a leader whose removal applied may lead on in
+        // raft-rs 0.7), and only real ids: anything else would apply as
+        // nothing and be proposed again every second.
+        let cs = self.raw.store().conf_state();
+        unbound.retain(|(node, data_id)| {
+            *data_id != 0
+                && !bound.contains_key(node)
+                && (cs.voters.contains(node) || cs.learners.contains(node))
+        });
         for (node, data_id) in unbound {
             let retry = Duration::from_secs(1);
             if self

@@ -235,6 +235,22 @@ impl PeerDataIds {
         let mut state = self.lock();
         let meta = cf(&self.db, CF_META);
         let mut batch = WriteBatch::default();
+        for (node, (data_id, since)) in &state.known {
+            if let Some(b) = members
+                .get(node)
+                .filter(|m| m.since == *since)
+                .and_then(|m| m.bound)
+                .filter(|b| b != data_id)
+            {
+                tracing::warn!(
+                    peer_id = node,
+                    bound = %format_args!("{b:016x}"),
+                    seen = %format_args!("{data_id:016x}"),
+                    "the cluster bound another data directory to a member than the one this \
+                     node saw: the bound one is taken"
+                );
+            }
+        }
         let stale: Vec<u64> = state
             .known
             .iter()
