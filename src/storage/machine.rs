@@ -277,26 +277,20 @@ impl Machine {
     /// Each member's incarnation: the index of the conf change that made it
     /// a member this time, for those added by one (founders: none, 0).
     pub fn member_since(&self) -> Result<HashMap<u64, u64>, StorageError> {
-        let mut out = HashMap::new();
-        self.scan(SINCE_PREFIX, |k, v| {
-            out.insert(
-                decode_u64("member key", &k[1..])?,
-                decode_u64("member since", v)?,
-            );
-            Ok(())
-        })?;
-        Ok(out)
+        self.by_member(SINCE_PREFIX, "member since")
     }
 
     /// The data id bound to each member's current incarnation, for those
     /// that bound one.
     pub fn data_ids(&self) -> Result<HashMap<u64, u64>, StorageError> {
+        self.by_member(DATA_ID_PREFIX, "data id")
+    }
+
+    /// The u64 records under `prefix` + node id, by node id.
+    fn by_member(&self, prefix: u8, what: &'static str) -> Result<HashMap<u64, u64>, StorageError> {
         let mut out = HashMap::new();
-        self.scan(DATA_ID_PREFIX, |k, v| {
-            out.insert(
-                decode_u64("data id key", &k[1..])?,
-                decode_u64("data id", v)?,
-            );
+        self.scan(prefix, |k, v| {
+            out.insert(decode_u64(what, &k[1..])?, decode_u64(what, v)?);
             Ok(())
         })?;
         Ok(out)
