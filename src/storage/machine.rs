@@ -830,6 +830,58 @@ mod tests {
     use super::*;
     use crate::pb::state::{LeaderStart, RaiseCeilings, Trim};
 
+    fn conf(voters: Vec<u64>, learners: Vec<u64>) -> ConfState {
+        ConfState {
+            voters,
+            learners,
+            ..Default::default()
+        }
+    }
+
+    /// A fresh database whose saved configuration is `cs`.
+    fn db_with_conf(dir: &tempfile::TempDir, cs: &ConfState) -> Disk {
+        let db = super::super::open(dir.path()).unwrap();
+        save_conf(&db, cs);
+        db
+    }
+
+    fn save_conf(db: &Disk, cs: &ConfState) {
+        db.put_cf(
+            cf(db, super::super::CF_META),
+            super::super::raft_log::CONF_STATE,
+            cs.write_to_bytes().unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn conf_change(index: u64, change_type: ConfChangeType, node_id: u64, addr: &str) -> Entry {
+        let cc = ConfChange {
+            change_type,
+            node_id,
+            context: addr.as_bytes().to_vec().into(),
+            ..Default::default()
+        };
+        let mut e = Entry {
+            index,
+            term: 1,
+            data: cc.write_to_bytes().unwrap().into(),
+            ..Default::default()
+        };
+        e.set_entry_type(EntryType::EntryConfChange);
+        e
+    }
+
+    /// A machine restored from a snapshot of `db`.
+    fn restored(db: &Disk) -> Machine {
+        let (index, bytes) = read_snapshot(db).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let other = super::super::open(dir.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        write_snapshot(&other, &mut batch, index, &bytes).unwrap();
+        other.write_batch(batch, true).unwrap();
+        Machine::open(other).unwrap()
+    }
+
     fn entry(index: u64, cmd: command::Kind) -> Entry {
         Entry {
             index,
@@ -1097,18 +1149,7 @@ mod tests {
     #[test]
     fn a_worker_id_goes_only_to_a_member() {
         let dir = tempfile::tempdir().unwrap();
-        let db = super::super::open(dir.path()).unwrap();
-        let conf = |voters: Vec<u64>, learners: Vec<u64>| ConfState {
-            voters,
-            learners,
-            ..Default::default()
-        };
-        db.put_cf(
-            cf(&db, super::super::CF_META),
-            super::super::raft_log::CONF_STATE,
-            conf(vec![1, 2, 3], vec![4]).write_to_bytes().unwrap(),
-        )
-        .unwrap();
+        let db = db_with_conf(&dir, &conf(vec![1, 2, 3], vec![4]));
         let mut m = Machine::open(db.clone()).unwrap();
         let acquire = |node_id| {
             command::Kind::AcquireWorker(crate::pb::state::AcquireWorker {
@@ -1156,17 +1197,7 @@ mod tests {
     #[test]
     fn a_refused_conf_change_changes_no_member_record() {
         let dir = tempfile::tempdir().unwrap();
-        let db = super::super::open(dir.path()).unwrap();
-        let conf = |voters: Vec<u64>| ConfState {
-            voters,
-            ..Default::default()
-        };
-        db.put_cf(
-            cf(&db, super::super::CF_META),
-            super::super::raft_log::CONF_STATE,
-            conf(vec![1, 2, 3]).write_to_bytes().unwrap(),
-        )
-        .unwrap();
+        let db = db_with_conf(&dir, &conf(vec![1, 2, 3], vec![]));
         let mut m = Machine::open(db.clone()).unwrap();
         m.apply(&[entry(
             1,
@@ -1177,42 +1208,26 @@ mod tests {
         )])
         .unwrap();
         assert_eq!(m.worker_of(3).unwrap(), Some((0, 0)));
-        let change = |index, change_type, node_id, context: &str| {
-            let cc = ConfChange {
-                change_type,
-                node_id,
-                context: context.as_bytes().to_vec().into(),
-                ..Default::default()
-            };
-            let mut e = Entry {
-                index,
-                term: 1,
-                data: cc.write_to_bytes().unwrap().into(),
-                ..Default::default()
-            };
-            e.set_entry_type(EntryType::EntryConfChange);
-            e
-        };
 
         let outcomes = m
-            .apply(&[change(2, ConfChangeType::RemoveNode, 3, "")])
+            .apply(&[conf_change(2, ConfChangeType::RemoveNode, 3, "")])
             .unwrap();
         assert!(matches!(outcomes[0].1, Applied::ConfChangeRefused(_)));
-        m.apply(&[change(3, ConfChangeType::AddLearnerNode, 5, "h:1")])
+        m.apply(&[conf_change(3, ConfChangeType::AddLearnerNode, 5, "h:1")])
             .unwrap();
         assert_eq!(m.worker_of(3).unwrap(), Some((0, 0)), "refused: kept");
         assert!(m.members().unwrap().iter().all(|(id, _)| *id != 5));
 
         let outcomes = m
             .apply_with_conf(
-                &[change(4, ConfChangeType::RemoveNode, 3, "")],
-                Some(&conf(vec![1, 2])),
+                &[conf_change(4, ConfChangeType::RemoveNode, 3, "")],
+                Some(&conf(vec![1, 2], vec![])),
             )
             .unwrap();
         assert!(matches!(outcomes[0].1, Applied::ConfChange(_)));
         m.apply_with_conf(
-            &[change(5, ConfChangeType::AddLearnerNode, 5, "h:1")],
-            Some(&conf(vec![1, 2])),
+            &[conf_change(5, ConfChangeType::AddLearnerNode, 5, "h:1")],
+            Some(&conf(vec![1, 2], vec![])),
         )
         .unwrap();
         assert_eq!(m.worker_of(3).unwrap(), None, "taken: freed");
@@ -1223,34 +1238,28 @@ mod tests {
         // them.
         assert_eq!(m.member_since().unwrap(), HashMap::from([(5, 5)]));
         m.apply_with_conf(
-            &[change(6, ConfChangeType::AddNode, 5, "h:1")],
-            Some(&conf(vec![1, 2, 5])),
+            &[conf_change(6, ConfChangeType::AddNode, 5, "h:1")],
+            Some(&conf(vec![1, 2, 5], vec![])),
         )
         .unwrap();
         m.apply_with_conf(
-            &[change(7, ConfChangeType::AddNode, 6, "h:2")],
-            Some(&conf(vec![1, 2, 5, 6])),
+            &[conf_change(7, ConfChangeType::AddNode, 6, "h:2")],
+            Some(&conf(vec![1, 2, 5, 6], vec![])),
         )
         .unwrap();
         assert_eq!(m.member_since().unwrap(), HashMap::from([(5, 5), (6, 7)]));
         m.apply_with_conf(
-            &[change(8, ConfChangeType::RemoveNode, 5, "")],
-            Some(&conf(vec![1, 2, 6])),
+            &[conf_change(8, ConfChangeType::RemoveNode, 5, "")],
+            Some(&conf(vec![1, 2, 6], vec![])),
         )
         .unwrap();
         m.apply_with_conf(
-            &[change(9, ConfChangeType::AddLearnerNode, 5, "h:3")],
-            Some(&conf(vec![1, 2, 6])),
+            &[conf_change(9, ConfChangeType::AddLearnerNode, 5, "h:3")],
+            Some(&conf(vec![1, 2, 6], vec![])),
         )
         .unwrap();
         assert_eq!(m.member_since().unwrap(), HashMap::from([(5, 9), (6, 7)]));
-        let (index, bytes) = read_snapshot(&db).unwrap();
-        let other_dir = tempfile::tempdir().unwrap();
-        let other = super::super::open(other_dir.path()).unwrap();
-        let mut batch = WriteBatch::default();
-        write_snapshot(&other, &mut batch, index, &bytes).unwrap();
-        other.write_batch(batch, true).unwrap();
-        let restored = Machine::open(other).unwrap();
+        let restored = restored(&db);
         assert_eq!(restored.member_since().unwrap(), m.member_since().unwrap());
         assert_eq!(restored.members().unwrap(), m.members().unwrap());
     }
@@ -1260,18 +1269,7 @@ mod tests {
     #[test]
     fn a_data_id_binds_once_to_a_members_incarnation() {
         let dir = tempfile::tempdir().unwrap();
-        let db = super::super::open(dir.path()).unwrap();
-        let conf = |voters: Vec<u64>, learners: Vec<u64>| ConfState {
-            voters,
-            learners,
-            ..Default::default()
-        };
-        db.put_cf(
-            cf(&db, super::super::CF_META),
-            super::super::raft_log::CONF_STATE,
-            conf(vec![1, 2, 3], vec![]).write_to_bytes().unwrap(),
-        )
-        .unwrap();
+        let db = db_with_conf(&dir, &conf(vec![1, 2, 3], vec![]));
         let mut m = Machine::open(db.clone()).unwrap();
         let bind = |node_id, since, data_id| {
             command::Kind::BindDataId(BindDataId {
@@ -1304,37 +1302,16 @@ mod tests {
         );
         assert_eq!(m.data_ids().unwrap(), HashMap::from([(2, 7)]));
 
-        let change = |index, change_type, node_id| {
-            let cc = ConfChange {
-                change_type,
-                node_id,
-                context: b"h:1".to_vec().into(),
-                ..Default::default()
-            };
-            let mut e = Entry {
-                index,
-                term: 1,
-                data: cc.write_to_bytes().unwrap().into(),
-                ..Default::default()
-            };
-            e.set_entry_type(EntryType::EntryConfChange);
-            e
-        };
         m.apply_with_conf(
-            &[change(6, ConfChangeType::RemoveNode, 2)],
+            &[conf_change(6, ConfChangeType::RemoveNode, 2, "h:1")],
             Some(&conf(vec![1, 3], vec![])),
         )
         .unwrap();
         assert_eq!(m.data_ids().unwrap(), HashMap::new());
         let learners = conf(vec![1, 3], vec![2]);
-        db.put_cf(
-            cf(&db, super::super::CF_META),
-            super::super::raft_log::CONF_STATE,
-            learners.write_to_bytes().unwrap(),
-        )
-        .unwrap();
+        save_conf(&db, &learners);
         m.apply_with_conf(
-            &[change(7, ConfChangeType::AddLearnerNode, 2)],
+            &[conf_change(7, ConfChangeType::AddLearnerNode, 2, "h:1")],
             Some(&learners),
         )
         .unwrap();
@@ -1342,13 +1319,7 @@ mod tests {
             .unwrap();
         assert_eq!(m.data_ids().unwrap(), HashMap::from([(2, 9)]));
 
-        let (index, bytes) = read_snapshot(&db).unwrap();
-        let other_dir = tempfile::tempdir().unwrap();
-        let other = super::super::open(other_dir.path()).unwrap();
-        let mut batch = WriteBatch::default();
-        write_snapshot(&other, &mut batch, index, &bytes).unwrap();
-        other.write_batch(batch, true).unwrap();
-        let restored = Machine::open(other).unwrap();
+        let restored = restored(&db);
         assert_eq!(restored.data_ids().unwrap(), HashMap::from([(2, 9)]));
         assert_eq!(restored.member_since().unwrap(), HashMap::from([(2, 7)]));
     }
