@@ -346,9 +346,10 @@ pub fn spawn(
     let transport_tx = tx.clone();
     let syncer = WalSyncer::start(id, disk.clone(), &tx, faults.clone())
         .map_err(|e| StorageError::corrupt("raft sync thread", e))?;
-    let mut node = Node::open(
+    let node = Node::open(
         params,
         disk,
+        data_id,
         NodeTime::Real,
         rx,
         |peers| {
@@ -363,8 +364,6 @@ pub fn spawn(
         },
         Box::new(syncer),
     )?;
-    node.data_id = data_id;
-    node.refresh_members()?;
     let data_ids = node.peer_data_ids.clone();
     let task = rt.spawn(node.run());
     Ok((
@@ -654,7 +653,7 @@ pub(crate) struct Node {
     /// the members whenever the configuration changes.
     peer_data_ids: Arc<PeerDataIds>,
     /// This node's data directory id (0 in the simulation: never bound).
-    pub(crate) data_id: u64,
+    data_id: u64,
     /// When the leader last proposed a binding for each member.
     bind_sent: HashMap<u64, Instant>,
     /// Whether some member's data id is not bound yet (so `bind_tick`
@@ -689,6 +688,7 @@ impl Node {
     pub(crate) fn open(
         params: NodeParams,
         disk: storage::Disk,
+        data_id: u64,
         time: NodeTime,
         inbox: mpsc::UnboundedReceiver<Input>,
         outbox: impl FnOnce(&[(u64, String)]) -> Box<dyn Outbox>,
@@ -802,7 +802,7 @@ impl Node {
             read_resends: 0,
             on_runtime: false,
             peer_data_ids,
-            data_id: 0,
+            data_id,
             bind_sent: HashMap::new(),
             some_unbound: true,
         };

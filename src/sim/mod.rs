@@ -508,6 +508,8 @@ impl Sim {
         let node = Node::open(
             params,
             disk,
+            // No peer service, so no data directory ids.
+            0,
             NodeTime::Virtual(self.time.clone()),
             rx,
             |_| Box::new(SimOutbox(outbox)),
