@@ -49,6 +49,23 @@ pub struct Args {
     /// Concurrent callers per target (each one call in flight at a time).
     #[arg(long, default_value_t = 32)]
     pub callers: usize,
+    /// Further closed-loop runs at these caller counts, comma-separated, for
+    /// the --peak-workloads: each target's peak throughput and where it
+    /// reached it, against the others at the same concurrency (DESIGN.md's
+    /// "peak throughput above Redis INCR at the same client concurrency";
+    /// --callers alone is one point, below some targets' peaks). Together
+    /// with the --callers rows they make the peak table.
+    #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
+    pub peak_callers: Vec<usize>,
+    /// Workloads of the peak runs (those also in --workloads).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "next")]
+    pub peak_workloads: Vec<Workload>,
+    /// Measured seconds of each peak run (after --warmup-seconds).
+    #[arg(long, default_value_t = 3)]
+    pub peak_seconds: u64,
+    /// No peak runs: the --callers table alone.
+    #[arg(long)]
+    pub no_peak: bool,
     /// Measured seconds per (target, workload). The defaults keep a whole
     /// run (25 rows) near four minutes, so that a fresh machine installs,
     /// builds and compares within ten; `--seconds 10 --warmup-seconds 2
@@ -159,6 +176,28 @@ pub struct Args {
 }
 
 impl Args {
+    /// The caller counts of the peak runs (without --callers, which the
+    /// main rows measure), ascending; empty with --no-peak.
+    pub fn peak_points(&self) -> Vec<usize> {
+        if self.no_peak {
+            return Vec::new();
+        }
+        let mut points: Vec<usize> = self
+            .peak_callers
+            .iter()
+            .copied()
+            .filter(|&c| c != self.callers)
+            .collect();
+        points.sort_unstable();
+        points.dedup();
+        points
+    }
+
+    /// Whether `w` gets peak runs.
+    pub fn peak_workload(&self, w: Workload) -> bool {
+        !self.no_peak && self.peak_workloads.contains(&w) && self.workloads.contains(&w)
+    }
+
     /// Whether each row gets an open-loop run after its closed-loop one.
     pub fn open_loop(&self) -> bool {
         self.open_loop_rate.is_some() || self.open_loop_fraction > 0.0
@@ -177,6 +216,12 @@ impl Args {
         }
         if self.seconds == 0 {
             return Err("--seconds must be at least 1".into());
+        }
+        if !self.no_peak && self.peak_callers.contains(&0) {
+            return Err("--peak-callers must all be at least 1 (or --no-peak)".into());
+        }
+        if !self.no_peak && self.peak_seconds == 0 {
+            return Err("--peak-seconds must be at least 1 (or --no-peak)".into());
         }
         if self.rounds == 0 {
             return Err("--rounds must be at least 1".into());
@@ -394,5 +439,23 @@ mod tests {
         assert_eq!(parse(&["--rounds", "3"]).rounds, 3);
         let err = parse(&["--rounds", "0"]).validate().unwrap_err();
         assert!(err.contains("--rounds"), "{err}");
+    }
+
+    #[test]
+    fn peak_runs_go_beyond_the_main_callers_for_next_unless_told() {
+        let default = parse(&[]);
+        assert_eq!(default.peak_points(), [128, 256, 512]);
+        assert!(default.peak_workload(Workload::Next));
+        assert!(!default.peak_workload(Workload::Batch));
+        // The --callers point is the main rows'; the rest ascending, once.
+        let told = parse(&["--callers", "64", "--peak-callers", "256,64,16,256"]);
+        assert_eq!(told.peak_points(), [16, 256]);
+        // Only workloads that run at all.
+        assert!(!parse(&["--workloads", "batch"]).peak_workload(Workload::Next));
+        let none = parse(&["--no-peak"]);
+        assert!(none.peak_points().is_empty());
+        assert!(!none.peak_workload(Workload::Next));
+        let err = parse(&["--peak-callers", "128,0"]).validate().unwrap_err();
+        assert!(err.contains("--peak-callers"), "{err}");
     }
 }

@@ -157,29 +157,24 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         Dist::Uniform => KeyDist::uniform(args.keys),
         Dist::Zipf => KeyDist::zipf(args.keys, args.zipf_s),
     };
-    let runs: usize = args
-        .targets
-        .iter()
-        .map(|t| {
-            args.workloads
-                .iter()
-                .filter(|w| Target::unsupported(*t, **w).is_none())
-                .count()
-        })
-        .sum();
+    let runs: usize = args.targets.iter().map(|t| runs_of(args, *t).0).sum();
+    let peak_runs: usize = args.targets.iter().map(|t| runs_of(args, *t).1).sum();
     let open_run = if args.open_loop() {
         OPEN_LOOP_WARMUP.as_secs() + args.open_loop_seconds
     } else {
         0
     };
+    let peak_seconds = peak_runs as u64 * (args.warmup_seconds + args.peak_seconds);
+    let runs = runs + peak_runs;
     match args.calls {
         Some(calls) => eprintln!(
-            "seqcompare: {} x {runs} runs of {} s + {calls} calls ({} callers, {} keys, {})",
+            "seqcompare: {} x {runs} runs of {} s + {calls} calls ({} callers, {} keys, {}; {peak_runs} of them peak runs of {} s)",
             args.rounds,
             args.warmup_seconds,
             args.callers,
             args.keys,
             dist_name(args),
+            args.peak_seconds,
         ),
         None => eprintln!(
             "seqcompare: {} x {runs} runs of {}+{} s ({} callers, {} keys, {}); about {} s plus target start-up",
@@ -189,7 +184,9 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             args.callers,
             args.keys,
             dist_name(args),
-            (args.rounds * runs) as u64 * (args.warmup_seconds + args.seconds + open_run)
+            args.rounds as u64
+                * ((runs - peak_runs) as u64 * (args.warmup_seconds + args.seconds + open_run)
+                    + peak_seconds)
         ),
     }
 
@@ -220,8 +217,11 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
     // A target that died in any round fails the run, even where other
     // rounds measured its rows.
     let all_ran = rounds.iter().flatten().all(|r| r.status != Status::Failed);
-    let rows = report::combine_rounds(&mut rounds);
+    let all_rows = report::combine_rounds(&mut rounds);
     let per_round = (args.rounds > 1).then_some(rounds);
+    let (rows, peak_rows): (Vec<Row>, Vec<Row>) = all_rows
+        .into_iter()
+        .partition(|r| r.callers == args.callers);
 
     println!();
     println!(
@@ -288,6 +288,21 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
         println!();
         print!("{open}");
     }
+    let mut points = args.peak_points();
+    points.push(args.callers);
+    points.sort_unstable();
+    let both: Vec<Row> = rows.iter().chain(&peak_rows).cloned().collect();
+    let peak = report::peak_table(&both, &points);
+    if !peak.is_empty() {
+        println!();
+        println!(
+            "peak: closed loop at each number of callers ({} s after {} s warm-up; the --callers column is the table above); \
+             a target's peak is its highest calls/s, \"vs\": that peak over seqd's",
+            args.peak_seconds, args.warmup_seconds
+        );
+        println!();
+        print!("{peak}");
+    }
 
     let doc = json!({
         "tool": "seqcompare",
@@ -317,6 +332,9 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "open_loop_seconds": args.open_loop_seconds,
             "open_loop_callers": args.open_loop_callers,
             "open_loop_warmup_seconds": OPEN_LOOP_WARMUP.as_secs(),
+            "peak_callers": args.peak_points(),
+            "peak_workloads": args.peak_workloads.iter().filter(|w| args.peak_workload(**w)).map(|w| w.name()).collect::<Vec<_>>(),
+            "peak_seconds": args.peak_seconds,
         },
         "programs": {
             "seqd": versions[0].as_ref().map(|(_, p, v)| json!({"path": p, "version": v, "debug_build": seqd_debug})),
@@ -329,6 +347,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "work_dir_fs": fs,
         },
         "rows": rows,
+        "peak_rows": peak_rows,
         "round_rows": per_round,
     });
     write_json(&args.json, &doc)?;
@@ -362,7 +381,7 @@ async fn run_round(
             .collect();
         for &w in &args.workloads {
             if let Some(why) = Target::unsupported(kind, w) {
-                rows.push(Row::not_applicable(w, kind, why));
+                rows.push(Row::not_applicable(w, kind, why).at(args.callers));
             }
         }
         if applicable.is_empty() {
@@ -374,9 +393,11 @@ async fn run_round(
             Err(e) => {
                 eprintln!("seqcompare: {kind} failed to start: {e:#}");
                 for &w in &applicable {
-                    rows.push(Row::failed(w, kind, format!("failed to start: {e:#}")));
+                    rows.push(
+                        Row::failed(w, kind, format!("failed to start: {e:#}")).at(args.callers),
+                    );
                 }
-                done += applicable.len();
+                done += runs_of(args, kind).0 + runs_of(args, kind).1;
                 continue;
             }
         };
@@ -385,9 +406,27 @@ async fn run_round(
                 eprintln!("seqcompare: priming {kind} failed: {e:#}");
             }
         }
-        for &w in &applicable {
+        let peak_runs = applicable
+            .iter()
+            .filter(|w| args.peak_workload(**w))
+            .flat_map(|&w| {
+                args.peak_points()
+                    .into_iter()
+                    .map(move |c| (w, RunShape::peak(args, c)))
+            });
+        let runs_here: Vec<_> = applicable
+            .iter()
+            .map(|&w| (w, RunShape::main(args)))
+            .chain(peak_runs)
+            .collect();
+        for (w, shape) in runs_here {
             done += 1;
-            match measure_one(kind, &mut target, args, w, dist).await {
+            let at = if shape.callers == args.callers {
+                String::new()
+            } else {
+                format!(" at {} callers", shape.callers)
+            };
+            match measure_one(kind, &mut target, args, w, dist, shape).await {
                 Ok(row) => {
                     let open = row.open_loop.as_ref().map_or_else(String::new, |o| {
                         format!(
@@ -396,14 +435,14 @@ async fn run_round(
                         )
                     });
                     eprintln!(
-                        "[{done}/{runs}] {w:<10} {kind:<12} {:>12.0} calls/s  p99 {:.3} ms  errors {}{open}",
+                        "[{done}/{runs}] {w:<10} {kind:<12} {:>12.0} calls/s  p99 {:.3} ms  errors {}{open}{at}",
                         row.calls_per_s, row.p99_ms, row.errors
                     );
                     rows.push(row);
                 }
                 Err(e) => {
-                    eprintln!("[{done}/{runs}] {w} on {kind} failed: {e:#}");
-                    rows.push(Row::failed(w, kind, format!("{e:#}")));
+                    eprintln!("[{done}/{runs}] {w} on {kind}{at} failed: {e:#}");
+                    rows.push(Row::failed(w, kind, format!("{e:#}")).at(shape.callers));
                 }
             }
         }
@@ -412,6 +451,21 @@ async fn run_round(
     }
 
     rows
+}
+
+/// The measured runs `kind` takes in a round: (at --callers, peak runs).
+fn runs_of(args: &Args, kind: TargetKind) -> (usize, usize) {
+    let applicable: Vec<_> = args
+        .workloads
+        .iter()
+        .filter(|w| Target::unsupported(kind, **w).is_none())
+        .collect();
+    let peak = applicable
+        .iter()
+        .filter(|w| args.peak_workload(***w))
+        .count()
+        * args.peak_points().len();
+    (applicable.len(), peak)
 }
 
 /// The machine's CPUs (0 where the OS cannot tell).
@@ -467,12 +521,44 @@ async fn prime(target: &mut Target, args: &Args) -> Result<()> {
 }
 
 /// One (target, workload) measurement.
+/// How one closed-loop run is shaped: the main rows' (`--callers`, then
+/// an open-loop run) or a peak run's.
+#[derive(Clone, Copy)]
+struct RunShape {
+    callers: usize,
+    seconds: u64,
+    /// A call count instead of `seconds` (`--calls`).
+    calls: Option<u64>,
+    open_loop: bool,
+}
+
+impl RunShape {
+    fn main(args: &Args) -> Self {
+        Self {
+            callers: args.callers,
+            seconds: args.seconds,
+            calls: args.calls,
+            open_loop: args.open_loop(),
+        }
+    }
+
+    fn peak(args: &Args, callers: usize) -> Self {
+        Self {
+            callers,
+            seconds: args.peak_seconds,
+            calls: None,
+            open_loop: false,
+        }
+    }
+}
+
 async fn measure_one(
     kind: TargetKind,
     target: &mut Target,
     args: &Args,
     workload: cli::Workload,
     dist: &KeyDist,
+    shape: RunShape,
 ) -> Result<Row> {
     target.check_alive()?;
     target
@@ -482,15 +568,15 @@ async fn measure_one(
         .callers(
             Op::of(workload, args),
             args,
-            pickers(args.callers, args, dist),
+            pickers(shape.callers, args, dist),
         )
         .await
         .context("cannot connect the callers")?;
     let (warmup, seconds) = (
         Duration::from_secs(args.warmup_seconds),
-        Duration::from_secs(args.seconds),
+        Duration::from_secs(shape.seconds),
     );
-    let (m, cpu) = match args.calls {
+    let (m, cpu) = match shape.calls {
         Some(total) => {
             process::cpu_during(
                 target.pids(),
@@ -505,8 +591,8 @@ async fn measure_one(
         ),
     };
     target.check_alive()?;
-    let mut row = Row::measured(workload, kind, m, cpu);
-    if args.open_loop() && row.calls_per_s > 0.0 {
+    let mut row = Row::measured(workload, kind, m, cpu).at(shape.callers);
+    if shape.open_loop && row.calls_per_s > 0.0 {
         let rate = args
             .open_loop_rate
             .unwrap_or(args.open_loop_fraction * row.calls_per_s);

@@ -26,6 +26,8 @@ pub enum Status {
 pub struct Row {
     pub workload: String,
     pub target: String,
+    /// Concurrent callers of the closed-loop run.
+    pub callers: usize,
     /// What a returned number survives.
     pub durability: String,
     pub status: Status,
@@ -142,6 +144,7 @@ impl Row {
         Self {
             workload: workload.name().into(),
             target: target.name().into(),
+            callers: 0,
             durability: target.durability().into(),
             status,
             note,
@@ -164,6 +167,12 @@ impl Row {
             open_loop: None,
             rounds: None,
         }
+    }
+
+    /// This row with `callers` as its concurrency.
+    pub fn at(mut self, callers: usize) -> Self {
+        self.callers = callers;
+        self
     }
 
     pub fn not_applicable(workload: Workload, target: TargetKind, why: &str) -> Self {
@@ -201,11 +210,17 @@ impl Row {
     }
 }
 
-/// Fills each row's ratios against the seqd rows of the same workload.
+/// Fills each row's ratios against the seqd rows of the same workload at
+/// the same concurrency.
 pub fn fill_ratios(rows: &mut [Row]) {
-    let base = |rows: &[Row], workload: &str, target: TargetKind| {
+    let base = |rows: &[Row], of: &Row, target: TargetKind| {
         rows.iter()
-            .find(|r| r.workload == workload && r.target == target.name() && r.status == Status::Ok)
+            .find(|r| {
+                r.workload == of.workload
+                    && r.callers == of.callers
+                    && r.target == target.name()
+                    && r.status == Status::Ok
+            })
             .map(|r| r.calls_per_s)
             .filter(|v| *v > 0.0)
     };
@@ -213,8 +228,8 @@ pub fn fill_ratios(rows: &mut [Row]) {
         if rows[i].status != Status::Ok {
             continue;
         }
-        let b3 = base(rows, &rows[i].workload, TargetKind::Seqd3);
-        let b1 = base(rows, &rows[i].workload, TargetKind::Seqd1);
+        let b3 = base(rows, &rows[i], TargetKind::Seqd3);
+        let b1 = base(rows, &rows[i], TargetKind::Seqd1);
         let v = rows[i].calls_per_s;
         rows[i].vs_seqd_3node = b3.map(|b| v / b);
         rows[i].vs_seqd_1node = b1.map(|b| v / b);
@@ -233,21 +248,21 @@ pub fn combine_rounds(rounds: &mut [Vec<Row>]) -> Vec<Row> {
     if let [only] = rounds {
         return only.clone();
     }
-    let mut keys: Vec<(String, String)> = Vec::new();
+    let mut keys: Vec<(String, String, usize)> = Vec::new();
     for row in rounds.iter().flatten() {
-        let key = (row.workload.clone(), row.target.clone());
+        let key = (row.workload.clone(), row.target.clone(), row.callers);
         if !keys.contains(&key) {
             keys.push(key);
         }
     }
     keys.into_iter()
-        .map(|(workload, target)| {
+        .map(|(workload, target, callers)| {
             let rows: Vec<&Row> = rounds
                 .iter()
                 .filter_map(|round| {
-                    round
-                        .iter()
-                        .find(|r| r.workload == workload && r.target == target)
+                    round.iter().find(|r| {
+                        r.workload == workload && r.target == target && r.callers == callers
+                    })
                 })
                 .collect();
             combine_row(&rows, rounds.len())
@@ -419,6 +434,93 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+/// The peak table: for each (workload, target) with rows at more than one
+/// of `points` (caller counts, ascending), its calls/s at each, its peak
+/// and where it reached it, and that peak over seqd's peaks; under it, for
+/// each concurrency, every target's calls/s over seqd's at that same
+/// concurrency. Empty when no row has a second point.
+pub fn peak_table(rows: &[Row], points: &[usize]) -> String {
+    let measured = |r: &Row| r.status == Status::Ok && points.contains(&r.callers);
+    let mut series: Vec<(&str, &str)> = Vec::new();
+    for r in rows.iter().filter(|r| measured(r)) {
+        if !series.contains(&(&r.workload, &r.target)) {
+            series.push((&r.workload, &r.target));
+        }
+    }
+    let at = |workload: &str, target: &str, callers: usize| {
+        rows.iter().find(|r| {
+            measured(r) && r.workload == workload && r.target == target && r.callers == callers
+        })
+    };
+    series.retain(|(w, t)| points.iter().filter(|&&c| at(w, t, c).is_some()).count() > 1);
+    if series.is_empty() {
+        return String::new();
+    }
+    let peak = |workload: &str, target: &str| {
+        points
+            .iter()
+            .filter_map(|&c| at(workload, target, c).map(|r| (r.calls_per_s, c)))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+    };
+    let names: Vec<String> = points.iter().map(|c| format!("{c} callers")).collect();
+    let mut header: Vec<&str> = vec!["workload", "target"];
+    header.extend(names.iter().map(String::as_str));
+    header.extend([
+        "peak calls/s",
+        "at callers",
+        "vs 3node peak",
+        "vs 1node peak",
+    ]);
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let mut notes = Vec::new();
+    for &(workload, target) in &series {
+        let mut line = vec![workload.to_string(), target.to_string()];
+        for &c in points {
+            line.push(at(workload, target, c).map_or("-".into(), |r| thousands(r.calls_per_s)));
+        }
+        let (top, top_at) = peak(workload, target).unwrap_or((0.0, 0));
+        let over = |seqd: TargetKind| {
+            peak(workload, seqd.name())
+                .filter(|(p, _)| *p > 0.0)
+                .map(|(p, _)| top / p)
+        };
+        line.extend([
+            thousands(top),
+            top_at.to_string(),
+            ratio(over(TargetKind::Seqd3)),
+            ratio(over(TargetKind::Seqd1)),
+        ]);
+        cells.push(line);
+    }
+    for &c in points {
+        for base in [TargetKind::Seqd1, TargetKind::Seqd3] {
+            let mut against = Vec::new();
+            for &(workload, target) in &series {
+                if target == base.name() {
+                    continue;
+                }
+                let vs = at(workload, target, c).and_then(|r| match base {
+                    TargetKind::Seqd3 => r.vs_seqd_3node,
+                    _ => r.vs_seqd_1node,
+                });
+                if let Some(v) = vs {
+                    against.push(format!("{workload}/{target} {v:.2}x"));
+                }
+            }
+            if !against.is_empty() {
+                notes.push(format!(
+                    "{c} callers, calls/s over {}'s: {}",
+                    base.name(),
+                    against.join(", ")
+                ));
+            }
+        }
+    }
+    let mut out = render(&header, &cells, &[0, 1]);
+    push_notes(&mut out, &notes);
+    out
+}
+
 /// Dispatch lateness (p99) above which an open-loop row's latency is
 /// flagged as not the target's alone.
 const LATE_HARNESS_MS: f64 = 1.0;
@@ -567,6 +669,76 @@ mod tests {
         assert_eq!(rows[2].vs_seqd_1node, Some(0.25));
         assert_eq!(rows[4].vs_seqd_3node, Some(0.1));
         assert_eq!(rows[4].vs_seqd_1node, None);
+    }
+
+    #[test]
+    fn ratios_and_rounds_are_per_concurrency() {
+        let round = |seqd32: f64, redis256: f64| {
+            vec![
+                ok("next", TargetKind::Seqd1, seqd32).at(32),
+                ok("next", TargetKind::RedisNone, 400.0).at(32),
+                ok("next", TargetKind::Seqd1, 500.0).at(256),
+                ok("next", TargetKind::RedisNone, redis256).at(256),
+            ]
+        };
+        let mut rounds = vec![
+            round(200.0, 250.0),
+            round(100.0, 450.0),
+            round(300.0, 350.0),
+        ];
+        let rows = combine_rounds(&mut rounds);
+        assert_eq!(rows.len(), 4, "one row per target and concurrency");
+        let redis = |c: usize| {
+            rows.iter()
+                .find(|r| r.target == "redis-none" && r.callers == c)
+                .unwrap()
+        };
+        // At 32 callers Redis is 2x, 4x, 4/3x seqd: median 2x; at 256, its
+        // own seqd row's 500 counts, not the 32-caller one.
+        assert_eq!(redis(32).vs_seqd_1node, Some(2.0));
+        assert_eq!(redis(256).vs_seqd_1node, Some(0.7));
+        assert_eq!(redis(256).calls_per_s, 350.0);
+    }
+
+    #[test]
+    fn peak_table_names_each_targets_peak_and_where() {
+        let mut rows = vec![
+            ok("next", TargetKind::Seqd1, 200.0).at(32),
+            ok("next", TargetKind::RedisNone, 400.0).at(32),
+            ok("next", TargetKind::Seqd1, 600.0).at(256),
+            ok("next", TargetKind::RedisNone, 450.0).at(256),
+            // One point only: no peak to speak of.
+            ok("batch", TargetKind::Seqd1, 20.0).at(32),
+        ];
+        fill_ratios(&mut rows);
+        let t = peak_table(&rows, &[32, 256]);
+        let line = |target: &str| {
+            t.lines()
+                .find(|l| l.starts_with("next") && l.contains(target))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        // seqd: 200 at 32, 600 at 256, peak 600 at 256, 1.00x of itself.
+        assert_eq!(
+            line("seqd-1node")[2..],
+            ["200", "600", "600", "256", "-", "1.00x"]
+        );
+        // Redis peaks at 256 too, at 0.75x seqd's peak.
+        assert_eq!(
+            line("redis-none")[2..],
+            ["400", "450", "450", "256", "-", "0.75x"]
+        );
+        assert!(!t.lines().any(|l| l.starts_with("batch")), "{t}");
+        assert!(
+            t.contains("32 callers, calls/s over seqd-1node's: next/redis-none 2.00x"),
+            "{t}"
+        );
+        assert!(
+            t.contains("256 callers, calls/s over seqd-1node's: next/redis-none 0.75x"),
+            "{t}"
+        );
+        assert_eq!(peak_table(&rows, &[32]), "");
     }
 
     #[test]
