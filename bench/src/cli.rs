@@ -50,13 +50,24 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     pub callers: usize,
     /// Further closed-loop runs at these caller counts, comma-separated, for
-    /// the --peak-workloads: each target's peak throughput and where it
-    /// reached it, against the others at the same concurrency (DESIGN.md's
-    /// "peak throughput above Redis INCR at the same client concurrency";
-    /// --callers alone is one point, below some targets' peaks). Together
-    /// with the --callers rows they make the peak table.
-    #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
+    /// the --peak-workloads on the --peak-targets: each target's peak
+    /// throughput and where it reached it, against the others at the same
+    /// concurrency (DESIGN.md's "peak throughput above Redis INCR at the
+    /// same client concurrency"; --callers alone is one point, below some
+    /// targets' peaks). Together with the --callers rows they make the
+    /// peak table.
+    #[arg(long, value_delimiter = ',', default_value = "256,512")]
     pub peak_callers: Vec<usize>,
+    /// Targets of the peak runs (those also in --targets). etcd (flat from
+    /// 32 callers) and seqd without its client are left out by default to
+    /// keep the whole comparison inside ten minutes on a fresh machine.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "seqd-1node,seqd-3node,seqd-3node-lease,redis-none,redis-always"
+    )]
+    pub peak_targets: Vec<TargetKind>,
     /// Workloads of the peak runs (those also in --workloads).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "next")]
     pub peak_workloads: Vec<Workload>,
@@ -193,9 +204,14 @@ impl Args {
         points
     }
 
-    /// Whether `w` gets peak runs.
+    /// Whether `w` gets peak runs (on the --peak-targets).
     pub fn peak_workload(&self, w: Workload) -> bool {
         !self.no_peak && self.peak_workloads.contains(&w) && self.workloads.contains(&w)
+    }
+
+    /// Whether `t` gets peak runs.
+    pub fn peak_target(&self, t: TargetKind) -> bool {
+        !self.no_peak && self.peak_targets.contains(&t)
     }
 
     /// Whether each row gets an open-loop run after its closed-loop one.
@@ -444,9 +460,12 @@ mod tests {
     #[test]
     fn peak_runs_go_beyond_the_main_callers_for_next_unless_told() {
         let default = parse(&[]);
-        assert_eq!(default.peak_points(), [128, 256, 512]);
+        assert_eq!(default.peak_points(), [256, 512]);
         assert!(default.peak_workload(Workload::Next));
         assert!(!default.peak_workload(Workload::Batch));
+        assert!(default.peak_target(TargetKind::RedisNone));
+        assert!(!default.peak_target(TargetKind::Etcd));
+        assert!(!default.peak_target(TargetKind::Seqd3Raw));
         // The --callers point is the main rows'; the rest ascending, once.
         let told = parse(&["--callers", "64", "--peak-callers", "256,64,16,256"]);
         assert_eq!(told.peak_points(), [16, 256]);

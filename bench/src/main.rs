@@ -334,6 +334,7 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             "open_loop_warmup_seconds": OPEN_LOOP_WARMUP.as_secs(),
             "peak_callers": args.peak_points(),
             "peak_workloads": args.peak_workloads.iter().filter(|w| args.peak_workload(**w)).map(|w| w.name()).collect::<Vec<_>>(),
+            "peak_targets": args.targets.iter().filter(|t| args.peak_target(**t)).map(|t| t.name()).collect::<Vec<_>>(),
             "peak_seconds": args.peak_seconds,
         },
         "programs": {
@@ -408,7 +409,7 @@ async fn run_round(
         }
         let peak_runs = applicable
             .iter()
-            .filter(|w| args.peak_workload(**w))
+            .filter(|w| args.peak_target(kind) && args.peak_workload(**w))
             .flat_map(|&w| {
                 args.peak_points()
                     .into_iter()
@@ -462,7 +463,7 @@ fn runs_of(args: &Args, kind: TargetKind) -> (usize, usize) {
         .collect();
     let peak = applicable
         .iter()
-        .filter(|w| args.peak_workload(***w))
+        .filter(|w| args.peak_target(kind) && args.peak_workload(***w))
         .count()
         * args.peak_points().len();
     (applicable.len(), peak)
