@@ -88,6 +88,15 @@ pub struct ClientOptions {
     /// first is out, instead of one RPC going back and forth with every
     /// caller on it. 0: only the spacing decides.
     pub rpc_fill: usize,
+    /// HTTP/2 PINGs on a connection with calls or streams open, this far
+    /// apart; zero sends none. A node that stops answering without closing
+    /// its connection (a hung process, a link that drops packets) would
+    /// otherwise keep it, and every stream an attempt timed out on, until
+    /// TCP gives up, minutes later; with PINGs the connection is dropped
+    /// once one goes unanswered for `keepalive_timeout`, those streams end,
+    /// and the next call to that node connects afresh.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -100,6 +109,8 @@ impl Default for ClientOptions {
             max_in_flight: 4,
             rpc_spacing: Duration::from_millis(1),
             rpc_fill: 8,
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -1277,11 +1288,17 @@ impl Inner {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let mut endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|_| ClientError::BadEndpoint(addr.to_string()))?
             .connect_timeout(Duration::from_millis(500))
             .timeout(self.opts.attempt_timeout)
             .tcp_nodelay(true);
+        if !self.opts.keepalive_interval.is_zero() {
+            endpoint = endpoint
+                .http2_keep_alive_interval(self.opts.keepalive_interval)
+                .keep_alive_timeout(self.opts.keepalive_timeout)
+                .keep_alive_while_idle(false);
+        }
         let channel = endpoint.connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
@@ -1556,6 +1573,7 @@ mod tests {
             max_in_flight: 1,
             rpc_spacing: Duration::ZERO,
             rpc_fill: 0,
+            ..ClientOptions::default()
         };
         let client = Client::new(&["127.0.0.1:1"], opts).unwrap();
         let (reply, answer) = oneshot::channel();
