@@ -78,8 +78,8 @@ pub struct Args {
     #[arg(long)]
     pub no_peak: bool,
     /// Measured seconds per (target, workload). The defaults keep a whole
-    /// run (25 rows) near four minutes, so that a fresh machine installs,
-    /// builds and compares within ten; `--seconds 10 --warmup-seconds 2
+    /// run (25 rows and 10 peak runs) near five and a half minutes, so that
+    /// a fresh machine installs, builds and compares within ten; `--seconds 10 --warmup-seconds 2
     /// --open-loop-seconds 5` is the longer run (2026-11-25's figures in
     /// bench/results/HISTORY.md).
     #[arg(long, default_value_t = 5)]

@@ -177,11 +177,14 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             args.peak_seconds,
         ),
         None => eprintln!(
-            "seqcompare: {} x {runs} runs of {}+{} s ({} callers, {} keys, {}); about {} s plus target start-up",
+            "seqcompare: {} x {runs} runs, {} of {}+{} s at {} callers and {peak_runs} peak runs of {}+{} s ({} keys, {}); about {} s plus target start-up",
             args.rounds,
+            runs - peak_runs,
             args.warmup_seconds,
             args.seconds,
             args.callers,
+            args.warmup_seconds,
+            args.peak_seconds,
             args.keys,
             dist_name(args),
             args.rounds as u64
@@ -388,25 +391,6 @@ async fn run_round(
         if applicable.is_empty() {
             continue;
         }
-        eprintln!("seqcompare: starting {kind}");
-        let mut target = match Target::start(kind, args, programs, base).await {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("seqcompare: {kind} failed to start: {e:#}");
-                for &w in &applicable {
-                    rows.push(
-                        Row::failed(w, kind, format!("failed to start: {e:#}")).at(args.callers),
-                    );
-                }
-                done += runs_of(args, kind).0 + runs_of(args, kind).1;
-                continue;
-            }
-        };
-        if !args.no_prime && applicable.iter().any(|w| *w != cli::Workload::Ids) {
-            if let Err(e) = prime(&mut target, args).await {
-                eprintln!("seqcompare: priming {kind} failed: {e:#}");
-            }
-        }
         let peak_runs = applicable
             .iter()
             .filter(|w| args.peak_target(kind) && args.peak_workload(**w))
@@ -420,6 +404,24 @@ async fn run_round(
             .map(|&w| (w, RunShape::main(args)))
             .chain(peak_runs)
             .collect();
+        eprintln!("seqcompare: starting {kind}");
+        let mut target = match Target::start(kind, args, programs, base).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("seqcompare: {kind} failed to start: {e:#}");
+                for (w, shape) in &runs_here {
+                    let why = format!("failed to start: {e:#}");
+                    rows.push(Row::failed(*w, kind, why).at(shape.callers));
+                }
+                done += runs_here.len();
+                continue;
+            }
+        };
+        if !args.no_prime && applicable.iter().any(|w| *w != cli::Workload::Ids) {
+            if let Err(e) = prime(&mut target, args).await {
+                eprintln!("seqcompare: priming {kind} failed: {e:#}");
+            }
+        }
         for (w, shape) in runs_here {
             done += 1;
             let at = if shape.callers == args.callers {
@@ -521,7 +523,6 @@ async fn prime(target: &mut Target, args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// One (target, workload) measurement.
 /// How one closed-loop run is shaped: the main rows' (`--callers`, then
 /// an open-loop run) or a peak run's.
 #[derive(Clone, Copy)]
@@ -553,6 +554,7 @@ impl RunShape {
     }
 }
 
+/// One (target, workload) measurement, shaped by `shape`.
 async fn measure_one(
     kind: TargetKind,
     target: &mut Target,
