@@ -88,14 +88,19 @@ pub struct ClientOptions {
     /// first is out, instead of one RPC going back and forth with every
     /// caller on it. 0: only the spacing decides.
     pub rpc_fill: usize,
-    /// HTTP/2 PINGs on a connection with calls or streams open, this far
-    /// apart; zero sends none. A node that stops answering without closing
-    /// its connection (a hung process, a link that drops packets) would
-    /// otherwise keep it, and every stream an attempt timed out on, until
-    /// TCP gives up, minutes later; with PINGs the connection is dropped
-    /// once one goes unanswered for `keepalive_timeout`, those streams end,
-    /// and the next call to that node connects afresh.
+    /// An HTTP/2 PING after this long without a frame from a node, on a
+    /// connection with calls or streams open (the client's call streams
+    /// stay open, so an idle client PINGs each node it has called about
+    /// this often; a busy connection sends none); zero sends none. A node
+    /// that stops answering without closing its connection (a hung process,
+    /// a link that drops packets) would otherwise keep it, and every stream
+    /// an attempt timed out on, until TCP gives up, minutes later.
     pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is dropped:
+    /// its streams end and the next call to that node connects afresh.
+    /// Twice the attempt timeout by default: a node (or this client's
+    /// runtime) stalled this long has failed its calls already, and one
+    /// stalled for less keeps its connection.
     pub keepalive_timeout: Duration,
 }
 
@@ -121,6 +126,8 @@ pub enum ClientError {
     NoEndpoints,
     #[error("bad endpoint {0:?}")]
     BadEndpoint(String),
+    #[error("bad client options: {0}")]
+    BadOptions(&'static str),
     /// The server answered with an error that retrying cannot fix.
     #[error("{}: {}", .0.code(), .0.message())]
     Rejected(Status),
@@ -392,6 +399,13 @@ impl Client {
     pub fn new(endpoints: &[impl AsRef<str>], opts: ClientOptions) -> Result<Self, ClientError> {
         if endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
+        }
+        if !opts.keepalive_interval.is_zero() && opts.keepalive_timeout.is_zero() {
+            // Every connection PINGed would be dropped unless its answer
+            // were already in.
+            return Err(ClientError::BadOptions(
+                "keepalive_timeout is zero while keepalive_interval is not",
+            ));
         }
         let endpoints: Vec<String> = endpoints.iter().map(|e| e.as_ref().to_string()).collect();
         let nonce = client_nonce();
@@ -2196,6 +2210,22 @@ mod tests {
             "asked once more, then kept"
         );
         assert_eq!(server.stream_batches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn pings_without_a_timeout_are_refused_by_name() {
+        let opts = ClientOptions {
+            keepalive_timeout: Duration::ZERO,
+            ..ClientOptions::default()
+        };
+        let err = Client::new(&["127.0.0.1:1"], opts.clone()).err().unwrap();
+        assert!(err.to_string().contains("keepalive_timeout"), "{err}");
+        // No PINGs, no timeout needed.
+        let off = ClientOptions {
+            keepalive_interval: Duration::ZERO,
+            ..opts
+        };
+        assert!(Client::new(&["127.0.0.1:1"], off).is_ok());
     }
 
     /// A call that got no answer is tried again, whatever tonic calls the

@@ -55,8 +55,9 @@ async fn a_client_drops_the_connection_of_a_node_that_stopped_answering() {
 
     c.pause(1);
     let stopped = Instant::now();
-    // Calls keep failing while the node is stopped; each leaves a stream
-    // behind on the connection, and keeps the connection busy, so PINGs go.
+    // Calls keep failing while the node is stopped; an attempt that times
+    // out leaves its stream behind on the connection (the next opens
+    // another), and the open streams keep the connection PINGed.
     let within = interval + timeout + Duration::from_secs(5);
     loop {
         let call = client.next("conv", "k", 1).await;
