@@ -13,6 +13,7 @@ mod process;
 mod redis_target;
 mod report;
 mod seqd;
+mod served;
 mod targets;
 
 use std::path::{Path, PathBuf};
@@ -608,12 +609,24 @@ async fn measure_one(
             .await
             .context("cannot connect the open-loop callers")?;
         let seconds = Duration::from_secs(args.open_loop_seconds);
-        let (o, cpu) = tokio::join!(
+        // The node's own histogram over the measured window: its share of
+        // the tail, apart from the harness's.
+        let served = async {
+            tokio::time::sleep(OPEN_LOOP_WARMUP).await;
+            let before = target.served().await;
+            tokio::time::sleep(seconds).await;
+            let after = target.served().await;
+            before.zip(after).map(|(b, a)| a.since(&b))
+        };
+        let (o, cpu, served) = tokio::join!(
             driver::drive_open(callers, rate, OPEN_LOOP_WARMUP, seconds),
-            process::cpu_over(target.pids(), OPEN_LOOP_WARMUP, seconds)
+            process::cpu_over(target.pids(), OPEN_LOOP_WARMUP, seconds),
+            served
         );
         target.check_alive()?;
-        row.open_loop = Some(OpenLoopRow::new(rate / row.calls_per_s, o, cpu));
+        let mut open = OpenLoopRow::new(rate / row.calls_per_s, o, cpu);
+        open.set_served(served.as_ref());
+        row.open_loop = Some(open);
     }
     Ok(row)
 }

@@ -113,9 +113,33 @@ pub struct OpenLoopRow {
     pub target_cpu_us_per_call: Option<f64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub error_kinds: BTreeMap<String, u64>,
+    /// The target's own count of the requests it served in the window
+    /// (seqd: RPCs and stream batches, from arrival at the handler to the
+    /// answer; a batch carries many calls), and the upper bounds of the
+    /// histogram buckets holding their p99 and p999 (infinite past the
+    /// last bound). `None` for targets without such a histogram.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeLatency>,
+}
+
+/// See [`OpenLoopRow::node`].
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct NodeLatency {
+    pub requests: u64,
+    pub p99_at_most_ms: Option<f64>,
+    pub p999_at_most_ms: Option<f64>,
 }
 
 impl OpenLoopRow {
+    /// Records the target's own histogram over the window, if it has one.
+    pub fn set_served(&mut self, served: Option<&crate::served::Buckets>) {
+        self.node = served.map(|b| NodeLatency {
+            requests: b.total(),
+            p99_at_most_ms: b.quantile_bound_ms(0.99),
+            p999_at_most_ms: b.quantile_bound_ms(0.999),
+        });
+    }
+
     pub fn new(fraction: f64, o: OpenMeasurement, cpu: Option<CpuUse>) -> Self {
         let m = &o.m;
         let q = |q| if m.calls > 0 { m.quantile_ms(q) } else { 0.0 };
@@ -135,6 +159,7 @@ impl OpenLoopRow {
             behind_schedule: o.behind as f64 / due as f64,
             dispatch_late_p99_ms: o.dispatch_late_us.value_at_quantile(0.99) as f64 / 1000.0,
             error_kinds: o.m.error_kinds,
+            node: None,
         }
     }
 }
@@ -548,9 +573,16 @@ pub fn open_loop_table(rows: &[Row]) -> String {
         "cpu us/call",
         "target cores",
         "harness cores",
+        "node p99 <= ms",
+        "node p999 <= ms",
     ]);
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut notes = Vec::new();
+    let bound = |v: Option<f64>| match v {
+        None => "-".to_string(),
+        Some(ms) if ms.is_infinite() => "more".to_string(),
+        Some(ms) => format!("{ms}"),
+    };
     for r in rows {
         let Some(o) = &r.open_loop else { continue };
         let mut line = vec![
@@ -578,6 +610,8 @@ pub fn open_loop_table(rows: &[Row]) -> String {
                 .map_or("-".into(), |c| format!("{:.2}", c.target_cores)),
             o.cpu
                 .map_or("-".into(), |c| format!("{:.2}", c.harness_cores)),
+            bound(o.node.and_then(|n| n.p99_at_most_ms)),
+            bound(o.node.and_then(|n| n.p999_at_most_ms)),
         ]);
         cells.push(line);
         if o.dispatch_late_p99_ms > LATE_HARNESS_MS {
@@ -760,6 +794,7 @@ mod tests {
             }),
             target_cpu_us_per_call: Some(5000.0),
             error_kinds: BTreeMap::new(),
+            node: None,
         };
         let mut on_time = ok("next", TargetKind::Seqd3, 200.0);
         on_time.open_loop = Some(open(0.2));

@@ -35,6 +35,8 @@ const LEADER_ADDR_HEADER: &str = "seqd-leader-addr";
 pub struct SeqdCluster {
     nodes: Vec<ChildGuard>,
     addrs: Vec<String>,
+    /// Each node's `/metrics` address.
+    metrics: Vec<String>,
     /// `connections` channels per node, in node order.
     channels: Vec<Vec<Channel>>,
     leader: usize,
@@ -60,8 +62,17 @@ impl SeqdCluster {
             .prefix(&format!("seqcompare-seqd{n}-"))
             .tempdir_in(base)
             .with_context(|| format!("cannot create a temp dir in {}", base.display()))?;
-        let ports = free_ports(n)?;
-        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let ports = free_ports(2 * n)?;
+        let (addrs, metrics): (Vec<String>, Vec<String>) = (
+            ports[..n]
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+            ports[n..]
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+        );
         let mut nodes = Vec::with_capacity(n);
         for id in 1..=n {
             let node_dir = dir.path().join(format!("node{id}"));
@@ -73,7 +84,10 @@ impl SeqdCluster {
             )
             .with_context(|| format!("cannot write {}", config.display()))?;
             let mut cmd = Command::new(bin);
-            cmd.arg("--config").arg(&config);
+            cmd.arg("--config")
+                .arg(&config)
+                .arg("--metrics-listen")
+                .arg(&metrics[id - 1]);
             // SEQD_* in the caller's shell would override the file
             // (listen address, peers, data dir); keep only the log level
             // and the worker count (`SEQD_WORKER_THREADS=2
@@ -103,6 +117,7 @@ impl SeqdCluster {
         let mut cluster = Self {
             nodes,
             addrs,
+            metrics,
             channels,
             leader: 0,
             client,
@@ -114,6 +129,18 @@ impl SeqdCluster {
 
     pub fn pids(&self) -> Vec<u32> {
         self.nodes.iter().map(ChildGuard::pid).collect()
+    }
+
+    /// Every node's request duration histogram, summed; `None` if a node's
+    /// `/metrics` does not answer.
+    pub fn served(&self) -> Option<crate::served::Buckets> {
+        let mut sum = crate::served::Buckets::default();
+        for addr in &self.metrics {
+            sum.add(&crate::served::Buckets::parse(&crate::served::scrape(
+                addr,
+            )?));
+        }
+        Some(sum)
     }
 
     /// Errors if any node has exited.
