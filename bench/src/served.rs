@@ -109,15 +109,15 @@ pub fn scrape(addr: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     s.set_write_timeout(Some(timeout)).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    // HTTP/1.0: the answer cannot come chunked, and ends with the
+    // connection.
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     let (head, page) = body.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| page.to_string())
+    let status = head.lines().next()?;
+    (status.starts_with("HTTP/1.") && status.split(' ').nth(1) == Some("200"))
+        .then(|| page.to_string())
 }
 
 #[cfg(test)]
@@ -136,6 +136,27 @@ seqd_request_duration_seconds_bucket{op="NextIds",le="+Inf"} 10
 seqd_request_duration_seconds_sum{op="NextBatch"} 0.02
 seqd_requests_total{op="NextBatch",code="OK"} 100
 "#;
+
+    /// Serves one connection with `answer` after reading the request.
+    fn serve_once(answer: &'static str) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = conn.read(&mut request);
+            let _ = conn.write_all(answer.as_bytes());
+        });
+        addr
+    }
+
+    #[test]
+    fn a_page_is_read_whole_and_only_from_a_200() {
+        let ok = serve_once("HTTP/1.0 200 OK\r\ncontent-length: 6\r\n\r\na\nb c\n");
+        assert_eq!(scrape(&ok).as_deref(), Some("a\nb c\n"));
+        let missing = serve_once("HTTP/1.0 404 Not Found\r\n\r\nnope");
+        assert_eq!(scrape(&missing), None);
+    }
 
     #[test]
     fn buckets_sum_every_kind_of_request() {
