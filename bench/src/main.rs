@@ -284,7 +284,10 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
              up to {} in flight; latency from when a call was sent, waiting for a free caller \
              included (\"behind\": calls that found every caller busy; \"sent late\": the \
              harness's own lateness against the schedule, not in the latency; \"cpu\": the \
-             target's processes' CPU per call and cores in use, the harness's cores)",
+             target's processes' CPU per call and cores in use, the harness's cores; \"node\": \
+             seqd's own request histogram over the window, per RPC or stream batch (many calls), \
+             from the decoded request to the answer, read round included, HTTP/2 and sockets \
+             not: the upper bounds of the buckets holding its p99 and p999)",
             args.open_loop_seconds,
             OPEN_LOOP_WARMUP.as_secs(),
             args.open_loop_callers
@@ -611,12 +614,13 @@ async fn measure_one(
         let seconds = Duration::from_secs(args.open_loop_seconds);
         // The node's own histogram over the measured window: its share of
         // the tail, apart from the harness's.
+        let t0 = tokio::time::Instant::now();
         let served = async {
-            tokio::time::sleep(OPEN_LOOP_WARMUP).await;
-            let before = target.served().await;
-            tokio::time::sleep(seconds).await;
-            let after = target.served().await;
-            before.zip(after).map(|(b, a)| a.since(&b))
+            tokio::time::sleep_until(t0 + OPEN_LOOP_WARMUP).await;
+            let before = target.served().await?;
+            tokio::time::sleep_until(t0 + OPEN_LOOP_WARMUP + seconds).await;
+            let after = target.served().await?;
+            Some(before.zip(after).map(|(b, a)| a.since(&b)))
         };
         let (o, cpu, served) = tokio::join!(
             driver::drive_open(callers, rate, OPEN_LOOP_WARMUP, seconds),
@@ -625,7 +629,7 @@ async fn measure_one(
         );
         target.check_alive()?;
         let mut open = OpenLoopRow::new(rate / row.calls_per_s, o, cpu);
-        open.set_served(served.as_ref());
+        open.set_served(served);
         row.open_loop = Some(open);
     }
     Ok(row)

@@ -120,6 +120,9 @@ pub struct OpenLoopRow {
     /// last bound). `None` for targets without such a histogram.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeLatency>,
+    /// A seqd node's `/metrics` could not be read at an edge of the window.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub node_unreadable: bool,
 }
 
 /// See [`OpenLoopRow::node`].
@@ -131,9 +134,11 @@ pub struct NodeLatency {
 }
 
 impl OpenLoopRow {
-    /// Records the target's own histogram over the window, if it has one.
-    pub fn set_served(&mut self, served: Option<&crate::served::Buckets>) {
-        self.node = served.map(|b| NodeLatency {
+    /// Records the target's own histogram over the window: `None` for a
+    /// target without one, `Some(None)` if it could not be read.
+    pub fn set_served(&mut self, served: Option<Option<crate::served::Buckets>>) {
+        self.node_unreadable = matches!(served, Some(None));
+        self.node = served.flatten().map(|b| NodeLatency {
             requests: b.total(),
             p99_at_most_ms: b.quantile_bound_ms(0.99),
             p999_at_most_ms: b.quantile_bound_ms(0.999),
@@ -160,6 +165,7 @@ impl OpenLoopRow {
             dispatch_late_p99_ms: o.dispatch_late_us.value_at_quantile(0.99) as f64 / 1000.0,
             error_kinds: o.m.error_kinds,
             node: None,
+            node_unreadable: false,
         }
     }
 }
@@ -627,6 +633,12 @@ pub fn open_loop_table(rows: &[Row]) -> String {
                 r.workload, r.target
             ));
         }
+        if o.node_unreadable {
+            notes.push(format!(
+                "{} / {} (open loop): a node's /metrics could not be read, so no node figures",
+                r.workload, r.target
+            ));
+        }
     }
     if cells.len() == 1 {
         return String::new();
@@ -795,6 +807,7 @@ mod tests {
             target_cpu_us_per_call: Some(5000.0),
             error_kinds: BTreeMap::new(),
             node: None,
+            node_unreadable: false,
         };
         let mut on_time = ok("next", TargetKind::Seqd3, 200.0);
         on_time.open_loop = Some(open(0.2));

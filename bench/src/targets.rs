@@ -124,13 +124,13 @@ impl Target {
     }
 
     /// What the target's own nodes count of the calls they served (seqd's
-    /// request duration histogram, every node summed); `None` for targets
-    /// without one.
-    pub async fn served(&self) -> Option<crate::served::Buckets> {
+    /// request duration histogram, every node summed): `None` for targets
+    /// without one, `Some(None)` if a node's page could not be read.
+    pub async fn served(&self) -> Option<Option<crate::served::Buckets>> {
         match self {
             Self::Seqd(c) => {
                 // Blocking reads of loopback pages, a few milliseconds.
-                tokio::task::block_in_place(|| c.served())
+                Some(tokio::task::block_in_place(|| c.served()))
             }
             Self::Redis(_) | Self::Etcd(_) => None,
         }
