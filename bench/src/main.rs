@@ -178,11 +178,16 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
             args.peak_seconds,
         ),
         None => eprintln!(
-            "seqcompare: {} x {runs} runs, {} of {}+{} s at {} callers and {peak_runs} peak runs of {}+{} s ({} keys, {}); about {} s plus target start-up",
+            "seqcompare: {} x {runs} runs, {} of {}+{} s{} at {} callers and {peak_runs} peak runs of {}+{} s ({} keys, {}); about {} s plus target start-up",
             args.rounds,
             runs - peak_runs,
             args.warmup_seconds,
             args.seconds,
+            if open_run > 0 {
+                format!(" (then {open_run} s open loop)")
+            } else {
+                String::new()
+            },
             args.callers,
             args.warmup_seconds,
             args.peak_seconds,
