@@ -112,7 +112,10 @@ pub fn scrape(addr: &str) -> Option<String> {
     s.set_write_timeout(Some(timeout)).ok()?;
     // HTTP/1.0: the answer cannot come chunked, and ends with the
     // connection.
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    // One write: a request in pieces may find the server closing after
+    // the first, which resets the connection.
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    s.write_all(request.as_bytes()).ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     let (head, page) = body.split_once("\r\n\r\n")?;
@@ -138,14 +141,21 @@ seqd_request_duration_seconds_sum{op="NextBatch"} 0.02
 seqd_requests_total{op="NextBatch",code="OK"} 100
 "#;
 
-    /// Serves one connection with `answer` after reading the request.
+    /// Serves one connection with `answer` after reading the whole
+    /// request (closing with some of it unread would reset the connection).
     fn serve_once(answer: &'static str) -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
-            let mut request = [0u8; 1024];
-            let _ = conn.read(&mut request);
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 256];
+            while !request.ends_with(b"\r\n\r\n") {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&chunk[..n]),
+                }
+            }
             let _ = conn.write_all(answer.as_bytes());
         });
         addr
