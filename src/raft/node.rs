@@ -2111,13 +2111,12 @@ impl Node {
         Ok(raised)
     }
 
-    /// Applies a conf-change entry to raft-rs and the transport; returns the
-    /// new configuration for the caller to persist with the applied index.
-    /// Hands a conf change to raft-rs and, if it takes it, does what the
-    /// change means for this node (peers to send to, its own worker id when
-    /// it is the node removed);
-    /// `None` if raft-rs refused it, which then changes nothing anywhere
-    /// (the state machine also skips it).
+    /// Hands a conf-change entry to raft-rs and, if it takes it, does what
+    /// the change means for this node (peers to send to, its own worker id
+    /// when it is the node removed); returns the new configuration for the
+    /// caller to persist with the applied index, or `None` if raft-rs
+    /// refused it, which then changes nothing anywhere (the state machine
+    /// also skips it).
     fn apply_conf_change(&mut self, e: &Entry) -> Result<Option<ConfState>, StorageError> {
         if e.get_entry_type() != EntryType::EntryConfChange {
             let cc = ConfChangeV2::parse_from_bytes(&e.data)

@@ -140,6 +140,7 @@ pub struct Incarnation {
     pub bound: Option<u64>,
 }
 
+#[cfg(test)]
 impl Incarnation {
     pub fn unbound(since: u64) -> Self {
         Self { since, bound: None }
@@ -373,6 +374,7 @@ impl PeerDataIds {
     }
 
     /// The data id known for `node`, if any.
+    #[cfg(test)]
     pub fn known(&self, node: u64) -> Option<u64> {
         self.lock().known.get(&node).map(|(data_id, _)| *data_id)
     }
