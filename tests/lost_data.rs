@@ -128,14 +128,18 @@ async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
     replace(&mut c, leader, replaced).await;
     // The replacement's directory bound (the original's may or may not have
     // been bound before it was removed).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let current = loop {
-        match data_ids_bound(&c.log(leader), replaced).last() {
-            Some(id) if *id != first => break id.clone(),
-            _ => assert!(Instant::now() < deadline, "the replacement is never bound"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    c.wait_log(
+        leader,
+        Duration::from_secs(20),
+        |log| {
+            data_ids_bound(log, replaced)
+                .last()
+                .is_some_and(|id| *id != first)
+        },
+        |_| "the replacement is never bound".into(),
+    )
+    .await;
+    let current = data_ids_bound(&c.log(leader), replaced).pop().unwrap();
     // Entries enough that the absent node can only catch up by snapshot.
     let client = c.client();
     for i in 0..200 {
@@ -154,15 +158,18 @@ async fn a_node_that_missed_a_replacement_takes_it_after_its_snapshot() {
     // It knew the replaced node's first directory; it takes the one the
     // cluster bound to the replacement (admitting its streams, which it
     // refused while it held the old one).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !data_ids_recorded(&c.log(absent), replaced).contains(&current) {
-        assert!(
-            Instant::now() < deadline,
-            "node {absent} still holds node {replaced}'s old directory: recorded {:?}, bound {current}",
-            data_ids_recorded(&c.log(absent), replaced)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_log(
+        absent,
+        Duration::from_secs(20),
+        |log| data_ids_recorded(log, replaced).contains(&current),
+        |log| {
+            format!(
+                "still holds node {replaced}'s old directory: recorded {:?}, bound {current}",
+                data_ids_recorded(log, replaced)
+            )
+        },
+    )
+    .await;
     assert!(c.log(absent).contains("installed snapshot"));
 }
 
@@ -186,14 +193,13 @@ async fn a_node_that_never_saw_a_directory_refuses_another_by_its_binding() {
     let bound = data_ids_bound(&c.log(leader), replaced)[1].clone();
     c.spawn(absent);
     c.wait_rejoined(absent, Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !data_ids_bound(&c.log(absent), replaced).contains(&bound) {
-        assert!(
-            Instant::now() < deadline,
-            "node {absent} never applied {bound}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_log(
+        absent,
+        Duration::from_secs(20),
+        |log| data_ids_bound(log, replaced).contains(&bound),
+        |_| format!("never applied {bound}"),
+    )
+    .await;
 
     // The replacement loses its disk and starts as itself. (Raft-rs stops
     // it at the leader's first heartbeat, whose commit index its empty log
@@ -226,15 +232,18 @@ async fn a_node_that_never_saw_a_directory_refuses_another_by_its_binding() {
 /// Waits until node `on` has applied `count` distinct bindings of
 /// `node`'s data directory.
 async fn wait_bound(c: &Cluster, on: u64, node: u64, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while data_ids_bound(&c.log(on), node).len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "node {on} applied {:?} as node {node}'s bindings, not {count}",
-            data_ids_bound(&c.log(on), node)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_log(
+        on,
+        Duration::from_secs(20),
+        |log| data_ids_bound(log, node).len() >= count,
+        |log| {
+            format!(
+                "applied {:?} as node {node}'s bindings, not {count}",
+                data_ids_bound(log, node)
+            )
+        },
+    )
+    .await;
 }
 
 /// The distinct data ids `log` says were bound to `node`, in order.
@@ -273,14 +282,13 @@ async fn replace(c: &mut Cluster, via: u64, id: u64) {
 
 /// Waits until node `on` has recorded `node`'s data directory.
 async fn wait_recorded(c: &Cluster, on: u64, node: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while data_ids_recorded(&c.log(on), node).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "node {on} never recorded node {node}'s data directory"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_log(
+        on,
+        Duration::from_secs(20),
+        |log| !data_ids_recorded(log, node).is_empty(),
+        |_| format!("never recorded node {node}'s data directory"),
+    )
+    .await;
 }
 
 /// The distinct data ids `log` says were recorded for `node`, in order.

@@ -404,6 +404,29 @@ impl Cluster {
         }
     }
 
+    /// Waits until node `id`'s log satisfies `cond`; past `within`, panics
+    /// with `what` said of the log (and the logs' tails).
+    pub async fn wait_log(
+        &self,
+        id: u64,
+        within: Duration,
+        cond: impl Fn(&str) -> bool,
+        what: impl Fn(&str) -> String,
+    ) {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log(id);
+            if cond(&log) {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("node {id}, after {within:?}: {}", what(&log));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn dump_logs(&self) {
         for n in &self.nodes {
             let text = std::fs::read_to_string(&n.log).unwrap_or_default();
