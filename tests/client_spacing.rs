@@ -28,7 +28,7 @@ async fn a_call_queued_behind_a_slow_rpc_goes_out_after_the_spacing() {
 
     let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     for &f in &followers {
-        c.pause(f);
+        c.pause(f).await;
     }
     // `join!` polls the cold call first, and `next` sends (or queues) before
     // its first await: the cold call's RPC is out when the warm call is

@@ -96,7 +96,7 @@ async fn paused_leader_is_deposed_and_hands_out_nothing_stale() {
     load.progress(300, Duration::from_secs(30)).await;
     // Until the others have elected a new leader and served through it,
     // while the old one still believes it leads and has calls queued.
-    c.pause(leader);
+    c.pause(leader).await;
     let paused_at = Instant::now();
     c.wait_other_leader(leader, Duration::from_secs(30)).await;
     load.progress(300, Duration::from_secs(30)).await;

@@ -115,7 +115,7 @@ async fn nemesis(read_mode: &str) {
                 c.spawn(node);
             }
             1 => {
-                c.pause(node);
+                c.pause(node).await;
                 tokio::time::sleep(hold).await;
                 c.resume(node);
             }

@@ -254,10 +254,28 @@ impl Cluster {
         None
     }
 
-    /// SIGSTOP: the process keeps its state but stops running.
-    pub fn pause(&mut self, id: u64) {
-        if let Some(child) = &self.nodes[id as usize - 1].child {
-            signal(child, "STOP");
+    /// SIGSTOP, returning once the process has stopped (state `T` in
+    /// `/proc/<pid>/stat`): the signal takes effect a moment after it is
+    /// sent, and on a loaded machine the node may answer a call or send a
+    /// message in between, which a test would take for the stopped node's.
+    pub async fn pause(&mut self, id: u64) {
+        let Some(child) = &self.nodes[id as usize - 1].child else {
+            return;
+        };
+        signal(child, "STOP");
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            if state == Some("T") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node {id} not stopped: {stat}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
