@@ -459,7 +459,12 @@ enum Proposal {
 
 enum HandoverPhase {
     Trimming,
-    Transferring,
+    /// `trimmed`: the trim applied, so every entry proposed before it has
+    /// too. Otherwise raft-rs dropped it, and raises proposed before it (a
+    /// dense call's reservation among them) may still commit.
+    Transferring {
+        trimmed: bool,
+    },
 }
 
 /// A leader handing over: trim, transfer, then maybe stop.
@@ -2314,7 +2319,7 @@ impl Node {
                 }
                 Proposal::Trim => {
                     if ours {
-                        self.transfer_after_trim();
+                        self.transfer_after_trim(true);
                     }
                 }
                 Proposal::Release(keys) => {
@@ -2497,7 +2502,7 @@ impl Node {
             exit,
         });
         if self.propose(cmd, Proposal::Trim).is_err() {
-            self.transfer_after_trim();
+            self.transfer_after_trim(false);
         }
     }
 
@@ -2512,7 +2517,7 @@ impl Node {
             .map(|(id, _)| *id)
     }
 
-    fn transfer_after_trim(&mut self) {
+    fn transfer_after_trim(&mut self, trimmed: bool) {
         let target = self
             .handover
             .as_ref()
@@ -2521,7 +2526,7 @@ impl Node {
         let Some(h) = self.handover.as_mut() else {
             return;
         };
-        h.phase = HandoverPhase::Transferring;
+        h.phase = HandoverPhase::Transferring { trimmed };
         match target {
             Some(t) => {
                 tracing::info!(
@@ -2543,7 +2548,6 @@ impl Node {
         }
     }
 
-    /// Completes a handover once leadership has moved.
     /// Ends a handover once this node no longer leads (the term it
     /// started in is over, whatever phase it reached).
     fn handover_done(&mut self) -> Option<oneshot::Sender<()>> {
@@ -2555,7 +2559,7 @@ impl Node {
         let h = self.handover.take()?;
         if let Some(r) = h.reply {
             let result = match h.phase {
-                HandoverPhase::Transferring => Ok(()),
+                HandoverPhase::Transferring { .. } => Ok(()),
                 HandoverPhase::Trimming => Err(NodeError::NotLeader {
                     leader: self.leader_hint(),
                 }),
@@ -2590,12 +2594,24 @@ impl Node {
             // may still campaign: no lease in this term, see
             // `lease_forbidden_term`).
             self.raw.raft.abort_leader_transfer();
-            // The trim lowered ceilings to what was used; the memory of the
-            // old segments must go before serving again.
-            self.reset_allocator();
-            let epoch = self.machine.epoch();
-            self.core.start_serving(epoch);
-            tracing::warn!(node_id = self.id, "handover timed out; serving again");
+            if matches!(h.phase, HandoverPhase::Transferring { trimmed: true }) {
+                // The trim lowered ceilings to what was used; the memory of
+                // the old segments must go before serving again.
+                self.reset_allocator();
+                let epoch = self.machine.epoch();
+                self.core.start_serving(epoch);
+                tracing::warn!(node_id = self.id, "handover timed out; serving again");
+            } else {
+                // Keys reloaded now could start below a raise still in
+                // the log: serving waits for a new start-of-term entry,
+                // which applies after it (and opens a new epoch: the
+                // forgotten segments leave holes).
+                self.serve_after_a_new_start();
+                tracing::warn!(
+                    node_id = self.id,
+                    "handover timed out with its trim dropped; serving after a new start"
+                );
+            }
         }
         None
     }

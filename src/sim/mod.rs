@@ -1171,6 +1171,69 @@ mod tests {
         );
     }
 
+    /// A handover whose trim raft-rs dropped (here: a transfer is already
+    /// pending) and whose transfer then fails (the target is cut off) must
+    /// not serve again from the term's first start: raises proposed before
+    /// the trim could still commit above keys reloaded at once. It serves
+    /// after a new start-of-term entry, under a new epoch (the segments it
+    /// forgot leave holes, which no trim closed).
+    #[test]
+    fn a_handover_whose_trim_was_dropped_serves_again_after_a_new_start() {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(5, cfg);
+        while sim.now < 2_000 {
+            sim.step(false);
+        }
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        let before = send_call(&mut sim, l, 0, 1, None);
+        let before = answer(&mut sim, before).expect("a call before the handover");
+        let (leader, target) = (l as u64 + 1, (l as u64 + 1) % 3 + 1);
+        sim.net.cut = vec![(leader, target), (target, leader)];
+        sim.slots[l]
+            .node
+            .as_mut()
+            .expect("running")
+            .raft_transfer_for_test(Some(target));
+        let (reply, mut handover) = oneshot::channel();
+        sim.slots[l]
+            .tx
+            .send(Input::TransferLeader {
+                to: Some(target),
+                reply,
+            })
+            .expect("the node is running");
+        let mut ended = None;
+        for _ in 0..3_000 {
+            if let Ok(r) = handover.try_recv() {
+                ended = Some(r);
+                break;
+            }
+            sim.step(false);
+        }
+        let ended = ended.expect("the handover ended within 3 s");
+        assert!(ended.is_err(), "the transfer to a cut-off node succeeded");
+        assert_eq!(sim.leader(), Some(l), "the leader kept its majority");
+
+        let after = send_call(&mut sim, l, 0, 1, None);
+        let after = answer(&mut sim, after).expect("served again after the handover");
+        assert!(
+            after.ranges[0].first() > before.ranges[0].last(),
+            "{:?} after {:?}",
+            after.ranges[0],
+            before.ranges[0]
+        );
+        assert!(
+            after.epoch > before.epoch,
+            "served again under epoch {} (before: {}): without a new start",
+            after.epoch,
+            before.epoch
+        );
+    }
+
     /// A leader under a lease gets a heartbeat of the next term (from a
     /// follower that a leadership transfer elected, which a transfer may do
     /// through any lease), then a call, in one batch of inputs: raft-rs
