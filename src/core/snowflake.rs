@@ -206,6 +206,11 @@ impl Issuer {
             self.worker = Some(worker);
             self.active = false;
             self.fence_ms = 0;
+            // This node's stamps never go back, under any worker id: the
+            // last worker's may have run ahead of the clock (riding a step
+            // back, or above a floor after a restart), and the new one's
+            // fence may lie below them.
+            self.floor_ms = self.floor_ms.max(self.cursor.0);
             self.cursor = (0, 0);
         }
         self.floor_ms = self.floor_ms.max(fence_ms);
@@ -219,8 +224,15 @@ impl Issuer {
     }
 
     /// A fence renewal for our worker from an earlier incarnation (or an
-    /// earlier holder) applied: stamps up to it may be taken.
+    /// earlier holder) applied: stamps up to it may be taken. One above our
+    /// own fence while we issue (learnt from a snapshot: while this node
+    /// lagged, it was removed, another node held the worker id, and this
+    /// node got it back) means stamps above ours were taken: issuing stops
+    /// until our own renewal applies, and starts above it.
     pub fn foreign_fence(&mut self, fence_ms: u64) {
+        if self.active && fence_ms > self.fence_ms {
+            self.active = false;
+        }
         if !self.active {
             self.floor_ms = self.floor_ms.max(fence_ms);
         }
@@ -443,6 +455,54 @@ mod tests {
         // capacity, not a clock step (the clock is fine).
         let err = issue_until_refused(&mut i, now, 0, &mut out);
         assert!(matches!(err, IdError::OverCapacity { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_new_worker_id_stamps_above_the_last_ones() {
+        // Stamps ran 2 s ahead of the clock (the floor after a restart);
+        // then the node is removed, added back and given another worker id,
+        // whose fence lies below those stamps.
+        let now = EPOCH + 10_000;
+        let mut i = active(1, now + 2_000, now + 5_000);
+        let mut out = Vec::new();
+        i.issue(now, 0, 10, &mut out).unwrap();
+        let (last, _, _) = layout().decode(*out.last().unwrap()).unwrap();
+        i.release_worker();
+        i.assign_worker(2, now - 1);
+        i.own_fence(now + 3_000);
+        out.clear();
+        i.issue(now + 1, 1, 1, &mut out).unwrap();
+        let (ts, worker, _) = layout().decode(out[0]).unwrap();
+        assert_eq!(worker, 2);
+        assert!(
+            ts > last,
+            "stamped {ts} after {last} under the last worker id"
+        );
+    }
+
+    #[test]
+    fn a_fence_of_another_holder_above_ours_stops_issuing_until_our_renewal() {
+        let now = EPOCH + 10_000;
+        let mut i = active(3, now - 1, now + 3_000);
+        let mut out = Vec::new();
+        i.issue(now, 0, 1, &mut out).unwrap();
+        // Another holder of worker 3 renewed to now + 3.5 s (and may have
+        // stamped up to it).
+        i.foreign_fence(now + 3_500);
+        assert!(!i.is_active());
+        assert_eq!(i.issue(now + 1, 1, 1, &mut out), Err(IdError::NoWorker));
+        assert!(i.next_fence(now, 3_000) > now + 3_500);
+        i.own_fence(now + 6_500);
+        out.clear();
+        i.issue(now + 2, 2, 1, &mut out).unwrap();
+        let (ts, _, _) = layout().decode(out[0]).unwrap();
+        assert!(
+            ts > now + 3_500,
+            "stamped {ts}, at or below the other holder's fence"
+        );
+        // A renewal at or below our own fence changes nothing.
+        i.foreign_fence(now + 6_000);
+        assert!(i.is_active());
     }
 
     #[test]
