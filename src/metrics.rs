@@ -63,8 +63,9 @@ pub const PEER_STREAMS_REFUSED_TOTAL: &str = "seqd_raft_peer_streams_refused_tot
 pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "seqd_raft_snapshots_installed_total";
 /// Keys held in the leader's memory.
 pub const ACTIVE_KEYS: &str = "seqd_active_keys";
-/// Wall-clock steps back seen by the ID issuer, by `outcome`
-/// (`ridden` on the logical clock, or `refused`), and their size.
+/// Wall-clock steps back seen by the ID issuer, by `outcome`: `ridden`
+/// on the logical clock (once per step), or `refused` (once per call
+/// refused while the clock is too far behind); and their size.
 pub const CLOCK_ROLLBACKS_TOTAL: &str = "seqd_clock_rollbacks_total";
 pub const CLOCK_ROLLBACK_SECONDS: &str = "seqd_clock_rollback_seconds";
 /// How far this node's time fence is ahead of its clock.

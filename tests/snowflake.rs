@@ -208,7 +208,11 @@ async fn clock_rollbacks_never_repeat_or_reorder_ids() {
             .into_inner()
             .ids,
     );
-    // 50 ms back: ridden on the logical clock, no error.
+    let rollbacks = |outcome: &str| {
+        let name = format!("seqd_clock_rollbacks_total{{outcome=\"{outcome}\"}}");
+        common::metric(&c.node(1).metrics_addr, &name).unwrap_or(0.0)
+    };
+    // 50 ms back: ridden on the logical clock, no error; counted once.
     fault(&c, 1, -50, false).await;
     for _ in 0..5 {
         take(
@@ -219,6 +223,8 @@ async fn clock_rollbacks_never_repeat_or_reorder_ids() {
                 .ids,
         );
     }
+    assert_eq!(rollbacks("ridden"), 1.0, "a step ridden is counted once");
+    assert_eq!(rollbacks("refused"), 0.0);
     // 2 s and 1 h back: refused, naming the size of the jump.
     for (offset, at_least) in [(-2_000i64, 1_900u64), (-3_600_000, 3_599_000)] {
         fault(&c, 1, offset, false).await;
@@ -233,6 +239,7 @@ async fn clock_rollbacks_never_repeat_or_reorder_ids() {
             .unwrap_or_else(|| panic!("message names the jump: {}", err.message()));
         assert!(by >= at_least, "jump of {offset} ms reported as {by} ms");
     }
+    assert_eq!(rollbacks("refused"), 2.0, "each call refused is counted");
     fault(&c, 1, 0, false).await;
     take(
         api.next_ids(NextIdsRequest { count: 1000 })

@@ -127,6 +127,8 @@ impl IdsService {
                         stepped_back_ms = back,
                         "clock stepped back; riding it on the logical clock"
                     );
+                    metrics::counter!(m::CLOCK_ROLLBACKS_TOTAL, "outcome" => "ridden").increment(1);
+                    metrics::histogram!(m::CLOCK_ROLLBACK_SECONDS).record(back as f64 / 1000.0);
                 }
                 Ok(Response::new(NextIdsResponse { ids, worker }))
             }
