@@ -3,10 +3,11 @@
 //!
 //! Retrying `Next` is safe for I1: a call that failed in flight may have
 //! taken numbers that are never returned (a hole), never numbers that are
-//! returned twice. Every batch this client sends carries a request id of its
-//! own, kept by its retries, so a retry that reaches the same leader gets
-//! the ranges the lost attempt got (no hole); after a leader change it gets
-//! new ones. A single call given its own `request_id` goes on its own.
+//! returned twice. Every `Next` or `NextBatch` this client sends carries a
+//! request id (its own when the caller gave none), kept by its retries, so
+//! a retry that reaches the same leader gets the ranges the lost attempt
+//! got (no hole); after a leader change it gets new ones. A single call
+//! given its own `request_id` goes on its own.
 //!
 //! # Coalescing
 //!
@@ -176,8 +177,9 @@ struct Inner {
     id_streams: StreamTable<IdCalls>,
     /// [`NO_STREAM_RECHECK`] (shorter in tests).
     no_stream_recheck: Duration,
-    /// Request ids of batches: this client's random prefix and a counter.
-    batch_ids: (u64, std::sync::atomic::AtomicU64),
+    /// Request ids of calls given none: this client's random prefix and a
+    /// counter.
+    request_ids: (u64, std::sync::atomic::AtomicU64),
 }
 
 /// A number that differs between clients (processes, and clients of one
@@ -423,7 +425,7 @@ impl Client {
             streams: StreamTable::default(),
             id_streams: StreamTable::default(),
             no_stream_recheck: NO_STREAM_RECHECK,
-            batch_ids: (nonce, std::sync::atomic::AtomicU64::new(0)),
+            request_ids: (nonce, std::sync::atomic::AtomicU64::new(0)),
         };
         for e in &endpoints {
             inner.channel(e)?;
@@ -441,8 +443,14 @@ impl Client {
         key: &str,
         count: u32,
     ) -> Result<NextResponse, ClientError> {
-        if self.inner.opts.max_in_flight == 0 {
-            return self.inner.next_one(namespace, key, count, "").await;
+        // A count of 0 goes alone, for the server's error naming it: merged
+        // into another call on the same key it would ride that call's range.
+        if self.inner.opts.max_in_flight == 0 || count == 0 {
+            let request_id = self.inner.request_id();
+            return self
+                .inner
+                .next_one(namespace, key, count, &request_id)
+                .await;
         }
         let (reply, answer) = oneshot::channel();
         let waiter = Waiter {
@@ -781,16 +789,23 @@ impl Inner {
     /// got if the same leader took it, rather than a second allocation, which
     /// in a dense namespace would leave a hole once both commit.
     fn batch_request(&self, namespace: &str, items: Vec<(String, u32)>) -> NextBatchRequest {
-        let (nonce, counter) = &self.batch_ids;
-        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         NextBatchRequest {
             namespace: namespace.to_string(),
             items: items
                 .into_iter()
                 .map(|(key, count)| BatchItem { key, count })
                 .collect(),
-            request_id: format!("seqd-client-{nonce:016x}-{n}"),
+            request_id: self.request_id(),
         }
+    }
+
+    /// A request id of this client's own, for a call the caller gave none:
+    /// its retries keep it, so a retry whose first attempt was served gets
+    /// the same range (no second range, no hole in a dense namespace).
+    fn request_id(&self) -> String {
+        let (nonce, counter) = &self.request_ids;
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("seqd-client-{nonce:016x}-{n}")
     }
 }
 
@@ -1168,7 +1183,8 @@ impl Inner {
                     .zip(keys)
                     .flat_map(|(i, key)| i.waiters.into_iter().map(move |w| (key.clone(), w)))
                     .map(|(key, w)| async move {
-                        let result = self.next_one(namespace, &key, w.count, "").await;
+                        let request_id = self.request_id();
+                        let result = self.next_one(namespace, &key, w.count, &request_id).await;
                         let _ = w.reply.send(result);
                     });
                 futures::future::join_all(singles).await;
@@ -1341,6 +1357,10 @@ impl Inner {
     {
         let mut retry = Retry::new(&self.opts);
         let mut rotate = 0usize;
+        // Hints this call followed at once: two nodes that name each other
+        // (each still believing the other leads, during an election) are
+        // tried again only after the backoff, not in a tight loop.
+        let mut hints_followed: Vec<String> = Vec::new();
         loop {
             let target = self
                 .leader_guess()
@@ -1357,13 +1377,19 @@ impl Inner {
                 return Err(ClientError::Rejected(status));
             }
             let hint = self.follow_hint(&status, &target).await;
-            let followed_hint = hint.is_some();
+            let fresh_hint = match &hint {
+                Some(h) if !hints_followed.contains(h) => {
+                    hints_followed.push(h.clone());
+                    true
+                }
+                _ => false,
+            };
             if hint.is_none() {
                 rotate += 1;
             }
             self.set_leader(hint);
             // A fresh hint is worth trying at once; anything else waits.
-            retry.after(status, !followed_hint).await?;
+            retry.after(status, !fresh_hint).await?;
         }
     }
 
@@ -1784,6 +1810,8 @@ mod tests {
         /// This many `Next` calls to come end without an answer: the
         /// handler panics, and the server resets the call's HTTP/2 stream.
         resets: Arc<std::sync::atomic::AtomicUsize>,
+        /// Answer `Next` UNAVAILABLE, naming this address as the leader.
+        redirect: Arc<Mutex<Option<String>>>,
     }
 
     /// Every item answered from 1 (the client only checks the counts).
@@ -1808,6 +1836,13 @@ mod tests {
             request: tonic::Request<NextRequest>,
         ) -> Result<tonic::Response<NextResponse>, Status> {
             lock(&self.calls_per_rpc).push(1);
+            if let Some(leader) = lock(&self.redirect).clone() {
+                let mut status = Status::unavailable("not the leader");
+                status
+                    .metadata_mut()
+                    .insert(LEADER_ADDR_HEADER, leader.parse().expect("an address"));
+                return Err(status);
+            }
             let reset = self
                 .resets
                 .fetch_update(
@@ -2321,6 +2356,35 @@ mod tests {
             lock(&server.calls_per_rpc).len(),
             3,
             "two resets, one answer"
+        );
+    }
+
+    /// Two nodes that name each other as the leader (each hint stale, as
+    /// during an election) are each followed at once the first time only;
+    /// after that the client backs off between attempts instead of
+    /// bouncing between them as fast as they answer.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn hints_in_a_loop_are_followed_with_backoff() {
+        let (a, b) = (CountingServer::default(), CountingServer::default());
+        let (a_addr, b_addr) = (serve(a.clone()).await, serve(b.clone()).await);
+        *lock(&a.redirect) = Some(b_addr.to_string());
+        *lock(&b.redirect) = Some(a_addr.to_string());
+        let opts = ClientOptions {
+            max_in_flight: 0,
+            overall_timeout: Duration::from_millis(400),
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(20),
+            ..ClientOptions::default()
+        };
+        let client = Client::new(&[a_addr.to_string(), b_addr.to_string()], opts).unwrap();
+        let err = client.next("ns", "k", 1).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+        let attempts = lock(&a.calls_per_rpc).len() + lock(&b.calls_per_rpc).len();
+        // 400 ms of 20 ms pauses, plus the two hints followed at once.
+        assert!(
+            (3..=30).contains(&attempts),
+            "{attempts} attempts in 400 ms between two nodes naming each other"
         );
     }
 

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::Cluster;
+use seqd::client::ClientOptions;
 
 const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
 
@@ -96,6 +97,30 @@ async fn request_id_returns_the_same_range() {
         .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
     assert!(err.to_string().contains("request_id"), "{err}");
+}
+
+/// A count of 0 is refused by name even when a call on the same key is
+/// queued beside it: merged into that call, it would ride its range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_count_of_zero_fails_beside_a_call_on_its_key() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    // One RPC in flight: the first call goes alone, the other two queue
+    // behind it together.
+    let client = c.client_with(ClientOptions {
+        max_in_flight: 1,
+        ..ClientOptions::default()
+    });
+    let (a, b, zero) = tokio::join!(
+        client.next("conv", "z", 1),
+        client.next("conv", "z", 1),
+        client.next("conv", "z", 0),
+    );
+    assert_eq!(a.unwrap().first, 1);
+    assert_eq!(b.unwrap().first, 2);
+    let err = zero.expect_err("a count of 0 is refused");
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("count"), "{err}");
 }
 
 /// Sum of `seqd_requests_total` samples for `op` (every code).

@@ -109,9 +109,13 @@ async fn a_node_whose_fsync_does_not_return_stops() {
 /// A client that gives up on an attempt after 300 ms, well within one
 /// delayed fsync.
 fn impatient_client(c: &Cluster) -> Client {
+    impatient_client_with(c, ClientOptions::default())
+}
+
+fn impatient_client_with(c: &Cluster, opts: ClientOptions) -> Client {
     c.client_with(ClientOptions {
         attempt_timeout: Duration::from_millis(300),
-        ..ClientOptions::default()
+        ..opts
     })
 }
 
@@ -176,9 +180,25 @@ async fn a_batch_given_up_on_is_retried_on_a_new_stream() {
 /// commit), so each key's numbers run 1, 2, 3, ... with nothing skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retried_dense_calls_leave_no_hole() {
+    dense_retries_leave_no_hole(ClientOptions::default()).await;
+}
+
+/// The same for a client that sends every call on its own
+/// (`max_in_flight: 0`): each call carries a request id of the client's
+/// own, kept by its retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retried_single_dense_calls_leave_no_hole() {
+    dense_retries_leave_no_hole(ClientOptions {
+        max_in_flight: 0,
+        ..ClientOptions::default()
+    })
+    .await;
+}
+
+async fn dense_retries_leave_no_hole(opts: ClientOptions) {
     let c = Cluster::start(1, RAFT);
     c.wait_leader(Duration::from_secs(20)).await;
-    let client = impatient_client(&c);
+    let client = impatient_client_with(&c, opts);
     let keys = ["d1", "d2", "d3"];
     let round = || futures::future::join_all(keys.iter().map(|k| client.next("inbox", k, 1)));
     let mut got: Vec<Vec<u64>> = vec![Vec::new(); keys.len()];
