@@ -370,7 +370,7 @@ impl Allocator {
             if state.last_refill_ms != 0 {
                 let since = now_ms.saturating_sub(state.last_refill_ms);
                 if since < spec.refill_interval_ms {
-                    state.step = (state.step * 2).min(spec.step_max);
+                    state.step = state.step.saturating_mul(2).min(spec.step_max);
                 } else if since > spec.refill_interval_ms.saturating_mul(4) {
                     state.step = (state.step / 2).max(spec.step_min);
                 }
