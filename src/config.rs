@@ -613,7 +613,7 @@ fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
 
 /// `host:port`, where host may be a name (resolved when connecting), as in
 /// a compose network.
-fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
+pub fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
     let bad = || invalid(field, format!("{s:?} is not a host:port address"));
     let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
     if host.is_empty() || host.contains(char::is_whitespace) || port.parse::<u16>().is_err() {

@@ -120,7 +120,17 @@ async fn seqctl_moves_leadership_and_changes_membership_under_load() {
     c.kill(gone);
     std::fs::remove_dir_all(c.data_dir(gone)).unwrap();
     c.spawn_with(gone, &["--join"]);
-    let addr = c.node(gone).addr.clone();
+    // Added back by host name, as in a compose network (`node3:7003`).
+    let port = c.node(gone).addr.rsplit(':').next().unwrap().to_string();
+    let addr = format!("localhost:{port}");
+    let (ok, _, err) = seqctl(
+        &c,
+        &["add-node", "--id", &gone.to_string(), "--addr", "localhost"],
+    );
+    assert!(
+        !ok && err.contains("addr: \"localhost\" is not a host:port address"),
+        "{err}"
+    );
     let (ok, out, err) = seqctl(
         &c,
         &["add-node", "--id", &gone.to_string(), "--addr", &addr],

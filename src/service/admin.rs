@@ -106,12 +106,10 @@ impl Admin for AdminService {
         if req.id == 0 {
             return Err(Status::invalid_argument("id: must be at least 1"));
         }
-        if req.addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(Status::invalid_argument(format!(
-                "addr: {:?} is not an ip:port address",
-                req.addr
-            )));
-        }
+        // A name as well as an IP (`node3:7003` in a compose network),
+        // resolved when connecting, as the configured peers are.
+        crate::config::check_host_port("addr", &req.addr)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let change = if req.voter {
             MembershipChange::AddVoter {
                 id: req.id,
