@@ -61,6 +61,9 @@ pub const SNAPSHOTS_SENT_TOTAL: &str = "seqd_raft_snapshots_sent_total";
 /// directory (storage::identity).
 pub const PEER_STREAMS_REFUSED_TOTAL: &str = "seqd_raft_peer_streams_refused_total";
 pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "seqd_raft_snapshots_installed_total";
+/// Raft messages dropped because they name another node as their receiver
+/// (a peer reached this node at an address it holds for someone else).
+pub const MISDIRECTED_MESSAGES_TOTAL: &str = "seqd_raft_misdirected_messages_total";
 /// Keys held in the leader's memory.
 pub const ACTIVE_KEYS: &str = "seqd_active_keys";
 /// Wall-clock steps back seen by the ID issuer, by `outcome`: `ridden`
@@ -159,6 +162,10 @@ fn describe() {
     describe_counter!(
         PEER_STREAMS_REFUSED_TOTAL,
         "Peer streams refused: their node came back with another data directory (it lost its Raft state)."
+    );
+    describe_counter!(
+        MISDIRECTED_MESSAGES_TOTAL,
+        "Raft messages dropped: addressed to another node id (a peer holds a wrong address for some member)."
     );
     describe_counter!(
         SNAPSHOTS_INSTALLED_TOTAL,

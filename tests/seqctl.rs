@@ -186,6 +186,21 @@ async fn seqctl_moves_leadership_and_changes_membership_under_load() {
     );
     let numbers = check_history(&ops);
     eprintln!("seqctl: {} calls, {numbers} numbers checked", ops.len());
+
+    // A node restarted with its file still naming the replaced node at its
+    // old address (127.0.0.1:PORT) takes the one add-node recorded.
+    let other = (1..=3).find(|id| *id != target && *id != gone).unwrap();
+    c.kill(other);
+    c.spawn(other);
+    c.wait_log(
+        other,
+        Duration::from_secs(20),
+        |log| log.contains("using the recorded one") && log.contains(&addr),
+        |_| format!("node {other} did not take {gone}'s recorded address {addr}"),
+    )
+    .await;
+    c.wait_rejoined(other, Duration::from_secs(20)).await;
+    c.client().next("conv", "after-restart", 1).await.unwrap();
 }
 
 #[test]

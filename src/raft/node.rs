@@ -661,6 +661,8 @@ pub(crate) struct Node {
     data_id: u64,
     /// When the leader last proposed a binding for each member.
     bind_sent: HashMap<u64, Instant>,
+    /// When a Raft message for another node was last logged.
+    misdirected_logged: Option<Instant>,
     /// Whether some member's data id is not bound yet (so `bind_tick`
     /// reads nothing once all are).
     some_unbound: bool,
@@ -716,11 +718,30 @@ impl Node {
         if let Some((worker, fence)) = machine.worker_of(params.id)? {
             params.ids.lock().assign_worker(worker, fence);
         }
-        // Addresses recorded by membership changes complete the configured ones.
+        // Addresses recorded by membership changes complete the configured
+        // ones, and replace them: a member removed and added back (a
+        // replacement host) is recorded at its new address, while every
+        // other node's file may still name the old one. Founders are
+        // recorded without an address and keep the configured one.
         let mut peers = params.peers.clone();
         for (id, addr) in machine.members()? {
-            if !peers.iter().any(|(p, _)| *p == id) {
-                peers.push((id, addr));
+            if addr.is_empty() {
+                continue;
+            }
+            match peers.iter_mut().find(|(p, _)| *p == id) {
+                Some((_, configured)) if *configured != addr => {
+                    tracing::warn!(
+                        node_id = params.id,
+                        peer_id = id,
+                        configured = %configured,
+                        recorded = %addr,
+                        "peer address in the configuration differs from the one its \
+                         membership change recorded; using the recorded one"
+                    );
+                    *configured = addr;
+                }
+                Some(_) => {}
+                None => peers.push((id, addr)),
             }
         }
         let mut cfg = ::raft::Config {
@@ -809,6 +830,7 @@ impl Node {
             peer_data_ids,
             data_id,
             bind_sent: HashMap::new(),
+            misdirected_logged: None,
             some_unbound: true,
         };
         node.load_request_records()?;
@@ -1058,9 +1080,36 @@ impl Node {
         }
     }
 
+    /// A message for another node id: a peer holds this node's address for
+    /// that node (a stale one, or two nodes swapped). raft-rs does not check
+    /// the receiver, and stepping it would apply that node's commit index
+    /// and entries to this log.
+    fn drop_misdirected(&mut self, msg: &::raft::prelude::Message) {
+        metrics::counter!(m::MISDIRECTED_MESSAGES_TOTAL).increment(1);
+        let now = self.time.now();
+        if self
+            .misdirected_logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
+        {
+            self.misdirected_logged = Some(now);
+            tracing::warn!(
+                node_id = self.id,
+                from = msg.from,
+                to = msg.to,
+                "dropped a raft message for another node: the sender holds this node's \
+                 address for node {} (logged once per 10 s)",
+                msg.to
+            );
+        }
+    }
+
     pub(crate) fn on_input(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
         match input {
             Input::Raft(msg) => {
+                if msg.to != self.id {
+                    self.drop_misdirected(&msg);
+                    return None;
+                }
                 if self.refuses_vote(&msg) {
                     return None;
                 }

@@ -1234,6 +1234,41 @@ mod tests {
         );
     }
 
+    /// A heartbeat addressed to another node (a peer holding this node's
+    /// address for that one) is dropped: stepped, it would commit that
+    /// node's index on this log, past its end (raft-rs panics) or over a
+    /// stale tail.
+    #[test]
+    fn a_message_for_another_node_is_not_stepped() {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(3, cfg);
+        while sim.now < 2_000 {
+            sim.step(false);
+        }
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        let f = (l + 1) % 3;
+        let other = (l + 2) % 3;
+        let status = |sim: &Sim| sim.slots[f].node.as_ref().expect("running").status();
+        let before = status(&sim);
+        let mut heartbeat = Message::default();
+        heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+        heartbeat.from = l as u64 + 1;
+        heartbeat.to = other as u64 + 1;
+        heartbeat.term = before.term;
+        heartbeat.commit = before.last_index + 1_000;
+        sim.slots[f]
+            .tx
+            .send(Input::Raft(Box::new(heartbeat)))
+            .expect("the node is running");
+        sim.run_node(f);
+        let after = status(&sim);
+        assert_eq!(after.commit_index, before.commit_index);
+    }
+
     /// A leader under a lease gets a heartbeat of the next term (from a
     /// follower that a leadership transfer elected, which a transfer may do
     /// through any lease), then a call, in one batch of inputs: raft-rs
