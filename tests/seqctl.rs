@@ -223,3 +223,46 @@ fn seqctl_errors_are_one_line_and_non_zero() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("no leader"), "{err}");
 }
+
+/// Membership changes after which the voters that answer could not commit
+/// (not even the change's undo) are refused, naming who answers, and change
+/// nothing: a voter added to a lone node at an address nobody serves, and a
+/// live follower removed while the other is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_that_would_leave_no_quorum_are_refused() {
+    const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let (ok, _, err) = seqctl(
+        &c,
+        &["add-node", "--id", "2", "--addr", "127.0.0.1:1", "--voter"],
+    );
+    assert!(!ok, "a voter nobody serves was added to a lone node");
+    assert!(err.contains("only [1] answer now"), "{err}");
+    let (ok, _, err) = seqctl(&c, &["add-node", "--id", "2", "--addr", "127.0.0.1:1"]);
+    assert!(ok, "a learner changes no quorum: {err}");
+    let (ok, _, err) = seqctl(
+        &c,
+        &["add-node", "--id", "2", "--addr", "127.0.0.1:1", "--voter"],
+    );
+    assert!(!ok && err.contains("only [1] answer now"), "{err}");
+    c.client().next("conv", "k", 1).await.unwrap();
+    drop(c);
+
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    c.kill(followers[0]);
+    // Answering means heard from within an election timeout (500 ms).
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (ok, _, err) = seqctl(&c, &["remove-node", "--id", &followers[1].to_string()]);
+    assert!(!ok, "a live voter was removed while the other was down");
+    assert!(
+        err.contains(&format!("only [{leader}] answer now")),
+        "{err}"
+    );
+    // The dead one may go: the two that answer stay a majority of two.
+    let (ok, _, err) = seqctl(&c, &["remove-node", "--id", &followers[0].to_string()]);
+    assert!(ok, "{err}");
+    c.client().next("conv", "k", 1).await.unwrap();
+}

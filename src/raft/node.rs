@@ -663,6 +663,9 @@ pub(crate) struct Node {
     bind_sent: HashMap<u64, Instant>,
     /// When a Raft message for another node was last logged.
     misdirected_logged: Option<Instant>,
+    /// When each peer's last Raft message arrived (membership changes
+    /// count on the voters that answer).
+    last_heard: HashMap<u64, Instant>,
     /// Whether some member's data id is not bound yet (so `bind_tick`
     /// reads nothing once all are).
     some_unbound: bool,
@@ -831,6 +834,7 @@ impl Node {
             data_id,
             bind_sent: HashMap::new(),
             misdirected_logged: None,
+            last_heard: HashMap::new(),
             some_unbound: true,
         };
         node.load_request_records()?;
@@ -1110,6 +1114,7 @@ impl Node {
                     self.drop_misdirected(&msg);
                     return None;
                 }
+                self.last_heard.insert(msg.from, self.time.now());
                 if self.refuses_vote(&msg) {
                     return None;
                 }
@@ -2269,11 +2274,79 @@ impl Node {
                         "node {id} is a learner at {at}, not {addr}: promote it at that \
                          address, or remove it and add it again"
                     )),
-                    _ => Ok(()),
+                    _ => self.check_quorum_after(change),
                 }
             }
-            _ => Ok(()),
+            MembershipChange::AddVoter { .. } | MembershipChange::Remove { .. } => {
+                self.check_quorum_after(change)
+            }
+            MembershipChange::AddLearner { .. } => Ok(()),
         }
+    }
+
+    /// Refuses a change after which the voters that answer now could not
+    /// commit: the change itself commits under the old configuration, and
+    /// then nothing would, not even its undo. A voter added that cannot
+    /// answer (down, at a wrong address, or still catching up) raises the
+    /// quorum; removing a live voter while another is down lowers the
+    /// count that answers. A voter answers if a message from it arrived
+    /// within an election timeout, and a promoted learner only once the
+    /// leader replicates to it entry by entry (caught up from its log, no
+    /// snapshot or probe pending).
+    fn check_quorum_after(&self, change: &MembershipChange) -> Result<(), String> {
+        let now = self.time.now();
+        let heard = |id: u64| {
+            id == self.id
+                || self
+                    .last_heard
+                    .get(&id)
+                    .is_some_and(|at| now.duration_since(*at) < self.election_timeout)
+        };
+        let mut voters = self.raw.store().conf_state().voters.clone();
+        let (what, undo) = match change {
+            MembershipChange::AddVoter { id, .. } => {
+                voters.push(*id);
+                (
+                    format!("adding node {id} as a voter"),
+                    "add it as a learner first, and promote it once it has caught up",
+                )
+            }
+            MembershipChange::Remove { id } => {
+                voters.retain(|v| v != id);
+                (
+                    format!("removing node {id}"),
+                    "bring the voters that do not answer back first",
+                )
+            }
+            MembershipChange::AddLearner { .. } => return Ok(()),
+        };
+        let promoted = match change {
+            MembershipChange::AddVoter { id, .. } => Some(*id),
+            _ => None,
+        };
+        let answering: Vec<u64> = voters
+            .iter()
+            .copied()
+            .filter(|&v| {
+                heard(v)
+                    && (Some(v) != promoted
+                        || self
+                            .raw
+                            .raft
+                            .prs()
+                            .get(v)
+                            .is_some_and(|p| p.state == ::raft::ProgressState::Replicate))
+            })
+            .collect();
+        let quorum = voters.len() / 2 + 1;
+        if answering.len() >= quorum {
+            return Ok(());
+        }
+        voters.sort_unstable();
+        Err(format!(
+            "{what} would leave voters {voters:?} needing {quorum} to commit, and only \
+             {answering:?} answer now (within an election timeout, caught up): {undo}"
+        ))
     }
 
     /// Keeps this node's Snowflake worker id and time fence current. Any
