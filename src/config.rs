@@ -479,7 +479,7 @@ impl Config {
         if layout.years_left(now) <= 0.0 {
             return Err(invalid(
                 "snowflake.epoch_ms",
-                "the layout's time bits ran out: IDs would repeat; choose a later epoch or more time_bits",
+                "the layout's time bits ran out: IDs would repeat; start a new cluster with a later epoch or more time_bits (a data directory keeps the layout it started with)",
             ));
         }
         if sf.epoch_ms > now {

@@ -522,3 +522,38 @@ async fn client_ids_go_on_at_another_node_when_theirs_is_killed() {
     let ids = all.len();
     eprintln!("client next_ids: {total_calls} calls, {ids} ids, node {used} killed");
 }
+
+/// The layout is fixed for a data directory's life: restarted under another
+/// epoch, a node refuses to start, naming both layouts (its worker id would
+/// stamp IDs it stamped before), and under the first one it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_to_start_under_another_layout() {
+    let mut c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+    c.kill(1);
+    let path = c.config_path(1).to_path_buf();
+    let original = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{original}\n[snowflake]\nepoch_ms = 1700000000000\n"),
+    )
+    .unwrap();
+    c.spawn(1);
+    let status = c
+        .wait_exit(1, Duration::from_secs(20))
+        .await
+        .expect("the node stops");
+    assert!(!status.success());
+    let log = c.log(1);
+    assert!(
+        log.contains("snowflake layout changed")
+            && log.contains("issued IDs under epoch_ms 1704067200000")
+            && log.contains("the configuration says epoch_ms 1700000000000"),
+        "{log}"
+    );
+    std::fs::write(&path, original).unwrap();
+    c.spawn(1);
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+}

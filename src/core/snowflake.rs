@@ -32,7 +32,27 @@ pub enum LayoutError {
     TimeBits(u32),
 }
 
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "epoch_ms {}, time/worker/sequence bits {}/{}/{}",
+            self.epoch_ms, self.time_bits, self.worker_bits, self.seq_bits
+        )
+    }
+}
+
 impl Layout {
+    /// Epoch and bit widths, as stored beside the data they stamped.
+    pub fn to_parts(&self) -> [u64; 4] {
+        [
+            self.epoch_ms,
+            u64::from(self.time_bits),
+            u64::from(self.worker_bits),
+            u64::from(self.seq_bits),
+        ]
+    }
+
     pub fn try_new(
         epoch_ms: u64,
         time_bits: u32,

@@ -339,6 +339,7 @@ pub fn spawn(
 ) -> Result<(NodeHandle, PeerService, tokio::task::JoinHandle<()>), StorageError> {
     let disk = storage::open(&params.data_dir)?;
     let data_id = storage::identity::own(&disk)?;
+    storage::check_layout(&disk, params.ids.lock().layout())?;
     let (tx, rx) = mpsc::unbounded_channel();
     let faults = params.faults.clone();
     let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);

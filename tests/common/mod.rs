@@ -466,6 +466,11 @@ impl Cluster {
         self.nodes[id as usize - 1].child.as_ref().map(|c| c.id())
     }
 
+    /// Node `id`'s configuration file (read at each spawn).
+    pub fn config_path(&self, id: u64) -> &Path {
+        &self.nodes[id as usize - 1].config
+    }
+
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("node{id}"))
     }
