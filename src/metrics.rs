@@ -35,7 +35,8 @@ pub const RAFT_COMMIT_INDEX: &str = "seqd_raft_commit_index";
 pub const RAFT_APPLIED_INDEX: &str = "seqd_raft_applied_index";
 /// Entries proposed by this node, by `kind`.
 pub const RAFT_PROPOSALS_TOTAL: &str = "seqd_raft_proposals_total";
-/// Times this node saw the leader change.
+/// Times this node learned of a new leader (passing through "no leader"
+/// on the way is not a change of its own).
 pub const RAFT_LEADER_CHANGES_TOTAL: &str = "seqd_raft_leader_changes_total";
 /// Time to write entries and hard state to RocksDB (the node loop's part;
 /// the fsync they need runs on the sync thread, see the next).
@@ -90,7 +91,26 @@ pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
         .install()?;
     describe();
+    zero_rare_counters();
     Ok(())
+}
+
+/// Counters of rare events exist from the start, at 0: a series that
+/// appears only with its first event hides that event from `increase()`,
+/// and an alert on any would miss it.
+fn zero_rare_counters() {
+    for outcome in ["ridden", "refused"] {
+        metrics::counter!(CLOCK_ROLLBACKS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    for name in [
+        PEER_STREAMS_REFUSED_TOTAL,
+        MISDIRECTED_MESSAGES_TOTAL,
+        RAFT_LEADER_CHANGES_TOTAL,
+        SNAPSHOTS_SENT_TOTAL,
+        SNAPSHOTS_INSTALLED_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
 }
 
 fn describe() {
@@ -124,7 +144,7 @@ fn describe() {
     describe_counter!(RAFT_PROPOSALS_TOTAL, "Entries proposed, by kind.");
     describe_counter!(
         RAFT_LEADER_CHANGES_TOTAL,
-        "Leader changes seen by this node."
+        "New leaders this node learned of."
     );
     describe_histogram!(
         RAFT_APPEND_SECONDS,

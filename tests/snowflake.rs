@@ -210,8 +210,10 @@ async fn clock_rollbacks_never_repeat_or_reorder_ids() {
     );
     let rollbacks = |outcome: &str| {
         let name = format!("seqd_clock_rollbacks_total{{outcome=\"{outcome}\"}}");
-        common::metric(&c.node(1).metrics_addr, &name).unwrap_or(0.0)
+        common::metric(&c.node(1).metrics_addr, &name)
+            .unwrap_or_else(|| panic!("{name} is exported from the start"))
     };
+    assert_eq!((rollbacks("ridden"), rollbacks("refused")), (0.0, 0.0));
     // 50 ms back: ridden on the logical clock, no error; counted once.
     fault(&c, 1, -50, false).await;
     for _ in 0..5 {

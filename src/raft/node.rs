@@ -588,6 +588,8 @@ pub(crate) struct Node {
     time: NodeTime,
     tick: Duration,
     election_timeout: Duration,
+    /// How long a call may wait for the cluster (its deadline).
+    request_timeout: Duration,
     compact_threshold: u64,
     started: Instant,
     /// Calls waiting for the next ReadIndex round.
@@ -790,6 +792,7 @@ impl Node {
             election_timeout: Duration::from_millis(
                 params.raft.tick_ms * params.raft.election_ticks as u64,
             ),
+            request_timeout: Duration::from_millis(params.raft.request_timeout_ms),
             compact_threshold: params.raft.compact_threshold,
             started,
             unconfirmed: Vec::new(),
@@ -1816,7 +1819,7 @@ impl Node {
     }
 
     fn expire(&mut self, now: Instant) {
-        let timeout = NodeError::Timeout(self.election_timeout);
+        let timeout = NodeError::Timeout(self.request_timeout);
         let (expired, kept): (Vec<Call>, Vec<Call>) =
             self.waiting.drain(..).partition(|c| c.deadline() <= now);
         self.waiting = kept;
@@ -2524,7 +2527,11 @@ impl Node {
                 leader_id = leader,
                 "leader changed"
             );
-            metrics::counter!(m::RAFT_LEADER_CHANGES_TOTAL).increment(1);
+            // Counted when a leader is known again: a failover passes
+            // through "no leader" (0) on the way, one change, not two.
+            if leader != 0 {
+                metrics::counter!(m::RAFT_LEADER_CHANGES_TOTAL).increment(1);
+            }
             self.last_leader = leader;
         }
     }
@@ -2759,9 +2766,14 @@ impl Node {
         metrics::gauge!(m::RAFT_SYNC_PENDING_SECONDS).set(sync_wait);
         let now = self.ids.clock.now_ms();
         let issuer = self.ids.lock();
-        if issuer.is_active() {
-            metrics::gauge!(m::FENCE_HEADROOM_SECONDS).set(issuer.headroom_ms(now) as f64 / 1000.0);
-        }
+        // 0 while the node cannot issue (no worker id, or waiting for its
+        // own fence), rather than the last value it had.
+        let headroom = if issuer.is_active() {
+            issuer.headroom_ms(now) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        metrics::gauge!(m::FENCE_HEADROOM_SECONDS).set(headroom);
         metrics::gauge!(m::LAYOUT_YEARS_LEFT).set(issuer.layout().years_left(now));
     }
 
