@@ -96,6 +96,7 @@ pub async fn serve(
             id: config.node.id,
             voters: config.voter_ids(),
             peers,
+            addrs: addrs.clone(),
             data_dir: config.node.data_dir.clone(),
             raft: config.raft.clone(),
             namespaces: namespaces.clone(),

@@ -201,6 +201,32 @@ async fn seqctl_moves_leadership_and_changes_membership_under_load() {
     .await;
     c.wait_rejoined(other, Duration::from_secs(20)).await;
     c.client().next("conv", "after-restart", 1).await.unwrap();
+
+    // Led by the replacement, the others' leader hints name the address
+    // add-node recorded, not the one their files say.
+    let (ok, _, err) = seqctl(&c, &["transfer-leader", "--to", &gone.to_string()]);
+    assert!(ok, "{err}");
+    c.wait_status(gone, Duration::from_secs(20), "leading", |s| s.serving)
+        .await;
+    for id in [target, other] {
+        let err = c
+            .sequencer(id)
+            .await
+            .next(seqd::pb::NextRequest {
+                namespace: "conv".into(),
+                key: "hint".into(),
+                count: 1,
+                request_id: String::new(),
+            })
+            .await
+            .expect_err("a follower does not answer Next");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        let hint = err
+            .metadata()
+            .get("seqd-leader-addr")
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(hint, Some(addr.as_str()), "node {id}'s hint: {err:?}");
+    }
 }
 
 #[test]

@@ -8,6 +8,8 @@ mod node;
 mod read_peers;
 pub mod transport;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::raft::prelude::Message;
@@ -173,6 +175,42 @@ pub(crate) enum Input {
     },
     /// Trim and hand over leadership if leader, then stop the loop.
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Every member's address as this node knows it: configured, and recorded
+/// by membership changes (which win). The node keeps it current; the
+/// services read it for the leader hints they send.
+#[derive(Clone, Default)]
+pub struct PeerAddrs(Arc<std::sync::RwLock<HashMap<u64, String>>>);
+
+impl PeerAddrs {
+    pub fn new(peers: impl IntoIterator<Item = (u64, String)>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(
+            peers.into_iter().collect(),
+        )))
+    }
+
+    pub fn get(&self, id: u64) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    pub(crate) fn set(&self, id: u64, addr: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, addr.to_string());
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
 }
 
 /// Cheap, cloneable access to the node loop.

@@ -128,6 +128,9 @@ pub struct NodeParams {
     pub voters: Vec<u64>,
     /// Every peer's id and address.
     pub peers: Vec<(u64, String)>,
+    /// Kept current with every member's address, for the services' leader
+    /// hints.
+    pub addrs: super::PeerAddrs,
     pub data_dir: PathBuf,
     pub raft: RaftConfig,
     pub namespaces: Namespaces,
@@ -669,6 +672,7 @@ pub(crate) struct Node {
     /// When each peer's last Raft message arrived (membership changes
     /// count on the voters that answer).
     last_heard: HashMap<u64, Instant>,
+    addrs: super::PeerAddrs,
     /// Whether some member's data id is not bound yet (so `bind_tick`
     /// reads nothing once all are).
     some_unbound: bool,
@@ -749,6 +753,9 @@ impl Node {
                 Some(_) => {}
                 None => peers.push((id, addr)),
             }
+        }
+        for (id, addr) in &peers {
+            params.addrs.set(*id, addr);
         }
         let mut cfg = ::raft::Config {
             id: params.id,
@@ -839,6 +846,7 @@ impl Node {
             bind_sent: HashMap::new(),
             misdirected_logged: None,
             last_heard: HashMap::new(),
+            addrs: params.addrs.clone(),
             some_unbound: true,
         };
         node.load_request_records()?;
@@ -1957,6 +1965,7 @@ impl Node {
             }
             for (id, addr) in self.machine.members()? {
                 self.transport.add_peer(id, &addr);
+                self.addrs.set(id, &addr);
             }
             tracing::info!(
                 node_id = self.id,
@@ -2196,11 +2205,13 @@ impl Node {
                 if let Ok(addr) = std::str::from_utf8(&cc.context) {
                     if !addr.is_empty() {
                         self.transport.add_peer(cc.node_id, addr);
+                        self.addrs.set(cc.node_id, addr);
                     }
                 }
             }
             ConfChangeType::RemoveNode => {
                 self.transport.remove_peer(cc.node_id);
+                self.addrs.remove(cc.node_id);
                 if cc.node_id == self.id {
                     self.ids.lock().release_worker();
                     tracing::warn!(node_id = self.id, "this node was removed from the cluster");

@@ -9,30 +9,14 @@ pub use admin::AdminService;
 pub use ids::IdsService;
 pub use sequencer::SequencerService;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::core::InvalidArgument;
 use crate::raft::NodeError;
+pub use crate::raft::PeerAddrs;
 
 pub use crate::client::{LEADER_ADDR_HEADER, LEADER_ID_HEADER};
-
-/// Node id → client address, for leader hints.
-#[derive(Debug, Clone, Default)]
-pub struct PeerAddrs(Arc<HashMap<u64, String>>);
-
-impl PeerAddrs {
-    pub fn new(peers: impl IntoIterator<Item = (u64, String)>) -> Self {
-        Self(Arc::new(peers.into_iter().collect()))
-    }
-
-    fn get(&self, id: u64) -> Option<&str> {
-        self.0.get(&id).map(String::as_str)
-    }
-}
 
 /// Tells the call streams the node has stopped: each then ends (its
 /// client sees it end and goes on to another node), so the server's
@@ -131,7 +115,8 @@ pub fn invalid(e: InvalidArgument) -> Status {
 pub fn status_from(e: NodeError, peers: &PeerAddrs) -> Status {
     match e {
         NodeError::NotLeader { leader: Some(id) } => {
-            let addr = peers.get(id).unwrap_or("");
+            let addr = peers.get(id).unwrap_or_default();
+            let addr = addr.as_str();
             let mut status = Status::new(
                 Code::Unavailable,
                 format!("not the leader; the leader is node {id} at {addr}"),

@@ -488,6 +488,7 @@ impl Sim {
             id: slot.id,
             voters: voters.clone(),
             peers: voters.iter().map(|v| (*v, format!("sim-{v}"))).collect(),
+            addrs: crate::raft::PeerAddrs::default(),
             data_dir: PathBuf::new(),
             raft: self.raft.clone(),
             namespaces: self.namespaces.clone(),
