@@ -623,6 +623,15 @@ pub fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
 }
 
 fn parse_peers(s: &str) -> Result<Vec<PeerConfig>, ConfigError> {
+    // Given but empty (a compose file's `SEQD_PEERS: ${PEERS}` with the
+    // variable unset) is a mistake, not "one node": that node would elect
+    // itself and hand out numbers from 1 beside the real cluster.
+    if s.trim().is_empty() {
+        return Err(invalid(
+            "peers",
+            "given but empty: name every node (id=host:port,...), or leave it unset for a single node",
+        ));
+    }
     s.split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| {
@@ -767,6 +776,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("peers:"), "{err}");
+        for empty in ["", " "] {
+            let err = Config::load(
+                None,
+                &Overrides {
+                    peers: Some(empty.into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+            assert!(
+                err.to_string().starts_with("peers: given but empty"),
+                "{err}"
+            );
+        }
 
         let bad = format!("{base}\n[snowflake]\ntime_bits = 42\n");
         let err = Config::parse("t", &bad)
