@@ -58,6 +58,21 @@ use crate::pb::{
 
 /// Response metadata naming the leader's address (set by a follower).
 pub const LEADER_ADDR_HEADER: &str = "seqd-leader-addr";
+/// Largest API message a node or this client decodes: a `NextBatch` of
+/// 10,000 items with 4,096-byte keys (and its reply, which names them) is
+/// about 41 MB, and `NextIds` of the most IDs a node may be configured to
+/// hand out at once (1,000,000) about 10 MB. gRPC's usual 4 MiB would
+/// refuse such calls with OUT_OF_RANGE, after a node had handed out their
+/// numbers.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+fn sequencer(ch: Channel) -> SequencerClient<Channel> {
+    SequencerClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn ids(ch: Channel) -> IdsClient<Channel> {
+    IdsClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
 /// Response metadata naming the leader's node id.
 pub const LEADER_ID_HEADER: &str = "seqd-leader-id";
 
@@ -549,7 +564,7 @@ impl Client {
             .call(|_, ch| {
                 let req = req.clone();
                 async move {
-                    SequencerClient::new(ch)
+                    sequencer(ch)
                         .current(req)
                         .await
                         .map(|r| r.into_inner().current)
@@ -875,17 +890,11 @@ impl StreamRpc for Batches {
         ch: Channel,
         rx: futures::channel::mpsc::UnboundedReceiver<NextStreamRequest>,
     ) -> Result<tonic::Streaming<NextStreamReply>, Status> {
-        SequencerClient::new(ch)
-            .next_stream(rx)
-            .await
-            .map(|r| r.into_inner())
+        sequencer(ch).next_stream(rx).await.map(|r| r.into_inner())
     }
 
     async fn unary(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResponse, Status> {
-        SequencerClient::new(ch)
-            .next_batch(req)
-            .await
-            .map(|r| r.into_inner())
+        sequencer(ch).next_batch(req).await.map(|r| r.into_inner())
     }
 
     fn table(inner: &Inner) -> &StreamTable<Self> {
@@ -918,17 +927,11 @@ impl StreamRpc for IdCalls {
         ch: Channel,
         rx: futures::channel::mpsc::UnboundedReceiver<NextIdsStreamRequest>,
     ) -> Result<tonic::Streaming<NextIdsStreamReply>, Status> {
-        IdsClient::new(ch)
-            .next_ids_stream(rx)
-            .await
-            .map(|r| r.into_inner())
+        ids(ch).next_ids_stream(rx).await.map(|r| r.into_inner())
     }
 
     async fn unary(ch: Channel, req: NextIdsRequest) -> Result<NextIdsResponse, Status> {
-        IdsClient::new(ch)
-            .next_ids(req)
-            .await
-            .map(|r| r.into_inner())
+        ids(ch).next_ids(req).await.map(|r| r.into_inner())
     }
 
     fn table(inner: &Inner) -> &StreamTable<Self> {
@@ -1212,12 +1215,7 @@ impl Inner {
         };
         self.call(|_, ch| {
             let req = req.clone();
-            async move {
-                SequencerClient::new(ch)
-                    .next(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            async move { sequencer(ch).next(req).await.map(|r| r.into_inner()) }
         })
         .await
     }

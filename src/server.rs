@@ -130,17 +130,23 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .add_service(SequencerServer::new(SequencerService::new(
-            node.clone(),
-            namespaces,
-            addrs.clone(),
-            stopping.clone(),
-        )))
-        .add_service(IdsServer::new(IdsService::new(
-            ids.clone(),
-            config.snowflake.max_count,
-            stopping.clone(),
-        )))
+        .add_service(
+            SequencerServer::new(SequencerService::new(
+                node.clone(),
+                namespaces,
+                addrs.clone(),
+                stopping.clone(),
+            ))
+            .max_decoding_message_size(crate::client::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            IdsServer::new(IdsService::new(
+                ids.clone(),
+                config.snowflake.max_count,
+                stopping.clone(),
+            ))
+            .max_decoding_message_size(crate::client::MAX_MESSAGE_BYTES),
+        )
         .add_service(AdminServer::new(AdminService::new(
             node.clone(),
             addrs,

@@ -559,3 +559,27 @@ async fn a_node_refuses_to_start_under_another_layout() {
     c.wait_leader(Duration::from_secs(20)).await;
     wait_ids_active(&c, 1).await;
 }
+
+/// A node configured to hand out many IDs at once answers such a call
+/// through the client whole: 500,000 IDs are a 4.5 MB reply, over gRPC's
+/// usual 4 MiB limit, which both sides raise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_id_call_fits_in_one_reply() {
+    let mut c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    c.kill(1);
+    let path = c.config_path(1).to_path_buf();
+    let original = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{original}\n[snowflake]\nmax_count = 600000\n"),
+    )
+    .unwrap();
+    c.spawn(1);
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+    let client = c.client();
+    let got = client.next_ids(500_000).await.unwrap();
+    assert_eq!(got.ids.len(), 500_000);
+    assert!(got.ids.windows(2).all(|w| w[0] < w[1]));
+}
