@@ -119,9 +119,16 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(report_health(node.clone(), health));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // v1, and v1alpha for the grpcurl and other tools that speak only it.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection = reflection()
         .build_v1()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
@@ -159,7 +166,8 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_PEER_MESSAGE),
         )
         .add_service(health_service)
-        .add_service(reflection);
+        .add_service(reflection)
+        .add_service(reflection_v1alpha);
     // Nagle off on accepted sockets: a reply written as headers then body
     // would otherwise wait on the client's delayed ACK (~40 ms). The
     // builder's tcp_nodelay applies only to listeners tonic binds itself.

@@ -76,3 +76,58 @@ async fn health_follows_reachability_of_the_majority() {
         .unwrap();
     wait_health(&c, cut, "", ServingStatus::Serving).await;
 }
+
+/// Lists the services node 1 of `c` names through server reflection, in the
+/// version whose generated code is at `$pb`.
+macro_rules! listed_services {
+    ($c:expr, $($pb:ident)::+) => {{
+        use $($pb)::+::server_reflection_request::MessageRequest;
+        use $($pb)::+::server_reflection_response::MessageResponse;
+        let channel = tonic::transport::Endpoint::from_shared(format!(
+            "http://{}",
+            $c.node(1).addr
+        ))
+        .expect("an address")
+        .connect()
+        .await
+        .expect("connect");
+        let mut client =
+            $($pb)::+::server_reflection_client::ServerReflectionClient::new(channel);
+        let request = $($pb)::+::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = client
+            .server_reflection_info(futures::stream::iter(vec![request]))
+            .await
+            .expect("reflection answers")
+            .into_inner();
+        let reply = replies.message().await.expect("a reply").expect("one reply");
+        match reply.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+            }
+            other => panic!("not a service list: {other:?}"),
+        }
+    }};
+}
+
+/// Server reflection answers in both versions tools speak (grpcurl: v1,
+/// older tools: v1alpha), listing the public services and health.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_in_v1_and_v1alpha() {
+    let c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    c.wait_leader(Duration::from_secs(20)).await;
+    let v1 = listed_services!(c, tonic_reflection::pb::v1);
+    let v1alpha = listed_services!(c, tonic_reflection::pb::v1alpha);
+    for names in [v1, v1alpha] {
+        for want in [
+            "seqd.v1.Sequencer",
+            "seqd.v1.Ids",
+            "seqd.v1.Admin",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+        }
+    }
+}

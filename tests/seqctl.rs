@@ -265,6 +265,8 @@ async fn changes_that_would_leave_no_quorum_are_refused() {
     );
     assert!(!ok, "a voter nobody serves was added to a lone node");
     assert!(err.contains("only [1] answer now"), "{err}");
+    let (ok, _, err) = seqctl(&c, &["remove-node", "--id", "9"]);
+    assert!(!ok && err.contains("node 9 is not a member"), "{err}");
     let (ok, _, err) = seqctl(&c, &["add-node", "--id", "2", "--addr", "127.0.0.1:1"]);
     assert!(ok, "a learner changes no quorum: {err}");
     let (ok, _, err) = seqctl(

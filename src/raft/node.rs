@@ -2273,6 +2273,10 @@ impl Node {
             MembershipChange::Remove { id } if *id == self.id => {
                 Err("the leader cannot remove itself; transfer leadership first".into())
             }
+            MembershipChange::Remove { id } if !voter(id) && !learner(id) => Err(format!(
+                "node {id} is not a member (voters {:?}, learners {:?})",
+                conf.voters, conf.learners
+            )),
             MembershipChange::AddLearner { id, .. } if voter(id) => Err(format!(
                 "node {id} is a voter: adding it as a learner would demote it (remove it first)"
             )),
