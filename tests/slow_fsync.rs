@@ -225,3 +225,40 @@ async fn dense_retries_leave_no_hole(opts: ClientOptions) {
         assert_eq!(firsts, &[1, 2, 3], "{}: a hole in a dense key", keys[i]);
     }
 }
+
+/// A call its client gives up on while it waits for the cluster (a cold key
+/// behind a slow fsync) is still counted, as CANCELLED: tonic drops the
+/// handler at the client's deadline, before it has an outcome to record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_given_up_on_is_counted_as_cancelled() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    set_sync_delay(&c, Duration::from_millis(1000)).await;
+    let mut api = c.sequencer(1).await;
+    let mut request = tonic::Request::new(seqd::pb::NextRequest {
+        namespace: "conv".into(),
+        key: "cold".into(),
+        count: 1,
+        request_id: String::new(),
+    });
+    request.set_timeout(Duration::from_millis(200));
+    let err = api.next(request).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    set_sync_delay(&c, Duration::ZERO).await;
+    let name = r#"seqd_requests_total{op="Next",code="CANCELLED"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::metric(&c.node(1).metrics_addr, name) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: {:?}",
+            common::metric(&c.node(1).metrics_addr, name)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

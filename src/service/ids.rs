@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::observe;
+use super::Observed;
 use crate::core::IdError;
 use crate::metrics as m;
 use crate::pb::ids_server::Ids;
@@ -49,9 +49,9 @@ impl Ids for IdsService {
         &self,
         request: Request<NextIdsRequest>,
     ) -> Result<Response<NextIdsResponse>, Status> {
-        let start = std::time::Instant::now();
+        let call = Observed::start("NextIds");
         let result = self.next_ids_inner(request);
-        observe("NextIds", start, &result);
+        call.finish(&result);
         result
     }
 
@@ -73,12 +73,12 @@ impl Ids for IdsService {
             // its client gone.
             let _open = &open;
             let NextIdsStreamRequest { id, request } = message?;
-            let start = std::time::Instant::now();
+            let call = Observed::start("NextIds");
             let result = match request {
                 Some(request) => service.next_ids_inner(Request::new(request)),
                 None => Err(Status::invalid_argument("request: missing")),
             };
-            observe("NextIds", start, &result);
+            call.finish(&result);
             Ok(NextIdsStreamReply::answering(
                 id,
                 result.map(Response::into_inner),

@@ -72,16 +72,48 @@ impl Drop for OpenStream {
     }
 }
 
-/// Records latency and outcome of one public call.
-pub fn observe<T>(op: &'static str, start: std::time::Instant, result: &Result<T, Status>) {
-    let code = match result {
-        Ok(_) => Code::Ok,
-        Err(s) => s.code(),
-    };
-    metrics::histogram!(crate::metrics::REQUEST_SECONDS, "op" => op)
-        .record(start.elapsed().as_secs_f64());
-    metrics::counter!(crate::metrics::REQUESTS_TOTAL, "op" => op, "code" => code_name(code))
-        .increment(1);
+/// One public call being served: its latency and outcome are recorded
+/// when it ends, as CANCELLED if it ends without an outcome (the client
+/// gave up or its deadline passed, and tonic dropped the handler). A call
+/// stalled on the cluster is then still counted, and in the histogram.
+pub struct Observed {
+    op: &'static str,
+    start: std::time::Instant,
+    done: bool,
+}
+
+impl Observed {
+    pub fn start(op: &'static str) -> Self {
+        Self {
+            op,
+            start: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    pub fn finish<T>(mut self, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.record(code);
+        self.done = true;
+    }
+
+    fn record(&self, code: Code) {
+        metrics::histogram!(crate::metrics::REQUEST_SECONDS, "op" => self.op)
+            .record(self.start.elapsed().as_secs_f64());
+        metrics::counter!(crate::metrics::REQUESTS_TOTAL, "op" => self.op, "code" => code_name(code))
+            .increment(1);
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(Code::Cancelled);
+        }
+    }
 }
 
 fn code_name(code: Code) -> &'static str {

@@ -2,12 +2,11 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
-use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{invalid, observe, status_from, PeerAddrs};
+use super::{invalid, status_from, Observed, PeerAddrs};
 use crate::core::types::MAX_BATCH_ITEMS;
 use crate::core::{InvalidArgument, Namespaces, RequestId, SeqKey, SeqRange};
 use crate::pb::sequencer_server::Sequencer;
@@ -150,9 +149,9 @@ pub fn parse_current(
 #[tonic::async_trait]
 impl Sequencer for SequencerService {
     async fn next(&self, request: Request<NextRequest>) -> Result<Response<NextResponse>, Status> {
-        let start = Instant::now();
+        let call = Observed::start("Next");
         let result = self.next_inner(request).await;
-        observe("Next", start, &result);
+        call.finish(&result);
         result
     }
 
@@ -160,9 +159,9 @@ impl Sequencer for SequencerService {
         &self,
         request: Request<NextBatchRequest>,
     ) -> Result<Response<NextBatchResponse>, Status> {
-        let start = Instant::now();
+        let call = Observed::start("NextBatch");
         let result = self.next_batch_inner(request).await;
-        observe("NextBatch", start, &result);
+        call.finish(&result);
         result
     }
 
@@ -170,9 +169,9 @@ impl Sequencer for SequencerService {
         &self,
         request: Request<CurrentRequest>,
     ) -> Result<Response<CurrentResponse>, Status> {
-        let start = Instant::now();
+        let call = Observed::start("Current");
         let result = self.current_inner(request).await;
-        observe("Current", start, &result);
+        call.finish(&result);
         result
     }
 
@@ -203,12 +202,12 @@ impl Sequencer for SequencerService {
                 let service = service.clone();
                 async move {
                     let NextStreamRequest { id, batch } = message?;
-                    let start = Instant::now();
+                    let call = Observed::start("NextBatch");
                     let result = match batch {
                         Some(batch) => service.next_batch_inner(Request::new(batch)).await,
                         None => Err(Status::invalid_argument("batch: missing")),
                     };
-                    observe("NextBatch", start, &result);
+                    call.finish(&result);
                     Ok(NextStreamReply::answering(
                         id,
                         result.map(Response::into_inner),
