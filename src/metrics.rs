@@ -56,6 +56,9 @@ pub const RAFT_READ_RESENDS_TOTAL: &str = "seqd_raft_read_index_resends_total";
 /// the part of a call's latency spent proving leadership.
 pub const RAFT_READ_ROUND_SECONDS: &str = "seqd_raft_read_index_round_seconds";
 pub const LEASE_READS_TOTAL: &str = "seqd_lease_reads_total";
+/// The lease a completed read round grants (read_mode = "lease"): this
+/// node's own, or shorter when a peer promises less.
+pub const LEASE_SECONDS: &str = "seqd_lease_seconds";
 /// Snapshots handed to the transport for a follower, and installed here.
 pub const SNAPSHOTS_SENT_TOTAL: &str = "seqd_raft_snapshots_sent_total";
 /// Peer streams refused because their node came back with another data
@@ -177,6 +180,10 @@ fn describe() {
     describe_counter!(
         LEASE_READS_TOTAL,
         "Calls answered under a leader lease, without a round (read_mode = lease)."
+    );
+    describe_gauge!(
+        LEASE_SECONDS,
+        "Lease a read round grants (lease mode): the shortest of this node's and its voters' vote promises, times 0.8."
     );
     describe_counter!(SNAPSHOTS_SENT_TOTAL, "Snapshots sent to followers.");
     describe_counter!(

@@ -141,3 +141,45 @@ async fn a_lone_voter_answers_without_rounds_and_grows_back_under_load() {
         &errors[..errors.len().min(5)]
     );
 }
+
+/// Each node configures its own timing. A follower restarted with a shorter
+/// election timeout (a rolling change) may vote sooner after a heartbeat
+/// than the leader's own settings say; the lease a leader takes follows the
+/// shortest vote promise its voters name on their streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lease_follows_the_shortest_vote_promise() {
+    let mut c = Cluster::start(3, &format!("{RAFT}\nread_mode = \"lease\""));
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    // 0.8 of (10 - 2) ticks of 50 ms, then of (6 - 2).
+    wait_lease(&c, 0.32).await;
+    let f = (1..=3).find(|&id| id != leader).unwrap();
+    c.kill(f);
+    let path = c.config_path(f).to_path_buf();
+    let config = std::fs::read_to_string(&path).unwrap();
+    assert!(config.contains("election_ticks = 10"), "{config}");
+    std::fs::write(
+        &path,
+        config.replace("election_ticks = 10", "election_ticks = 6"),
+    )
+    .unwrap();
+    c.spawn(f);
+    wait_lease(&c, 0.16).await;
+    c.client().next("conv", "k", 1).await.unwrap();
+}
+
+/// Waits until the node leading reports a lease of `secs`.
+async fn wait_lease(c: &Cluster, secs: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leader = c.wait_leader(Duration::from_secs(20)).await;
+        let lease = common::metric(&c.node(leader).metrics_addr, "seqd_lease_seconds");
+        if lease.is_some_and(|l| (l - secs).abs() < 1e-6) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leader {leader}'s lease {lease:?}, want {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

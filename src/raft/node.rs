@@ -35,7 +35,7 @@ use protobuf::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
 use super::read_peers::{followers_needed, ReadPeers};
-use super::transport::{PeerService, Transport};
+use super::transport::{PeerPromises, PeerService, Transport};
 use super::{
     logger, Faults, Grant, IdState, Input, Membership, MembershipChange, NodeError, NodeHandle,
     NodeStatus, Reply,
@@ -348,6 +348,7 @@ pub fn spawn(
     let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);
     let id = params.id;
     let transport_tx = tx.clone();
+    let promise_ms = params.raft.tick_ms * params.raft.election_ticks.saturating_sub(2) as u64;
     let syncer = WalSyncer::start(id, disk.clone(), &tx, faults.clone())
         .map_err(|e| StorageError::corrupt("raft sync thread", e))?;
     let node = Node::open(
@@ -359,8 +360,7 @@ pub fn spawn(
         |peers| {
             Box::new(Transport::start(
                 rt,
-                id,
-                data_id,
+                (id, data_id, promise_ms),
                 peers,
                 transport_tx,
                 faults.clone(),
@@ -369,10 +369,11 @@ pub fn spawn(
         Box::new(syncer),
     )?;
     let data_ids = node.peer_data_ids.clone();
+    let promises = node.peer_promises.clone();
     let task = rt.spawn(node.run());
     Ok((
         NodeHandle::new(tx.clone(), request_timeout),
-        PeerService::new(tx, faults, data_ids),
+        PeerService::new(tx, faults, data_ids, promises),
         task,
     ))
 }
@@ -673,6 +674,8 @@ pub(crate) struct Node {
     /// count on the voters that answer).
     last_heard: HashMap<u64, Instant>,
     addrs: super::PeerAddrs,
+    /// Vote promises peers named on their streams (lease mode).
+    peer_promises: PeerPromises,
     /// Whether some member's data id is not bound yet (so `bind_tick`
     /// reads nothing once all are).
     some_unbound: bool,
@@ -847,6 +850,7 @@ impl Node {
             misdirected_logged: None,
             last_heard: HashMap::new(),
             addrs: params.addrs.clone(),
+            peer_promises: PeerPromises::default(),
             some_unbound: true,
         };
         node.load_request_records()?;
@@ -1448,8 +1452,8 @@ impl Node {
                 }
                 // A majority heard from this leader after `started`, so none
                 // of them votes for another before started + election timeout.
-                if let Some(lease) = self.lease {
-                    let until = started + lease;
+                if let Some(own) = self.lease {
+                    let until = started + self.lease_now(own);
                     self.lease_until = Some(self.lease_until.map_or(until, |u| u.max(until)));
                 }
                 // Rounds complete in order; one that completes confirms every
@@ -2761,7 +2765,22 @@ impl Node {
         None
     }
 
+    /// The lease a completed round grants: this node's own, cut to the
+    /// shortest vote promise a voter named (its timing may differ from
+    /// this node's: see [`PeerPromises`]).
+    fn lease_now(&self, own: Duration) -> Duration {
+        let voters = self.raw.store().conf_state().voters.clone();
+        let others = voters.into_iter().filter(|v| *v != self.id);
+        match self.peer_promises.shortest(others) {
+            Some(promise) => own.min(promise * LEASE_NUM / LEASE_DEN),
+            None => own,
+        }
+    }
+
     fn export_gauges(&self) {
+        if let Some(own) = self.lease {
+            metrics::gauge!(m::LEASE_SECONDS).set(self.lease_now(own).as_secs_f64());
+        }
         let raft = &self.raw.raft;
         metrics::gauge!(m::RAFT_TERM).set(raft.term as f64);
         metrics::gauge!(m::RAFT_IS_LEADER).set(if raft.state == StateRole::Leader {

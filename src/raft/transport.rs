@@ -24,6 +24,11 @@ use crate::storage::identity::{Admission, OpenStream, PeerDataIds};
 /// (see [`crate::storage::identity`]).
 pub const NODE_ID_HEADER: &str = "seqd-node-id";
 pub const DATA_ID_HEADER: &str = "seqd-data-id";
+/// Request metadata: how long, in ms, the sending node refuses to vote for
+/// another node after hearing from a leader (its `election_ticks - 2` tick
+/// lengths). A leader's lease rests on its followers' promises, which their
+/// own configuration sets; see [`PeerPromises`].
+pub const VOTE_PROMISE_HEADER: &str = "seqd-vote-promise-ms";
 /// How long a peer that refused this node's stream is left alone.
 const REFUSED_RETRY: Duration = Duration::from_secs(1);
 /// A refusal is logged once per this long.
@@ -38,6 +43,7 @@ pub const MAX_PEER_MESSAGE: usize = 512 << 20;
 pub struct Transport {
     self_id: u64,
     data_id: u64,
+    promise_ms: u64,
     rt: tokio::runtime::Handle,
     peers: HashMap<u64, (String, tmpsc::Sender<Message>)>,
     node: Mailbox,
@@ -48,8 +54,7 @@ impl Transport {
     /// Starts one sender task per peer on `rt`.
     pub(crate) fn start(
         rt: &tokio::runtime::Handle,
-        self_id: u64,
-        data_id: u64,
+        (self_id, data_id, promise_ms): (u64, u64, u64),
         peers: &[(u64, String)],
         node: Mailbox,
         faults: Arc<Faults>,
@@ -57,6 +62,7 @@ impl Transport {
         let mut t = Self {
             self_id,
             data_id,
+            promise_ms,
             rt: rt.clone(),
             peers: HashMap::new(),
             node,
@@ -75,7 +81,7 @@ impl Transport {
         }
         let (tx, rx) = tmpsc::channel(PEER_QUEUE);
         self.rt.spawn(peer_loop(
-            (self.self_id, self.data_id),
+            (self.self_id, self.data_id, self.promise_ms),
             id,
             addr.to_string(),
             rx,
@@ -114,7 +120,7 @@ impl Transport {
 /// peer learns this node's data id before any message needs it) and again
 /// whenever it breaks.
 async fn peer_loop(
-    (self_id, data_id): (u64, u64),
+    (self_id, data_id, promise_ms): (u64, u64, u64),
     peer_id: u64,
     addr: String,
     mut queue: tmpsc::Receiver<Message>,
@@ -156,6 +162,7 @@ async fn peer_loop(
         let meta = request.metadata_mut();
         meta.insert(NODE_ID_HEADER, self_id.into());
         meta.insert(DATA_ID_HEADER, data_id.into());
+        meta.insert(VOTE_PROMISE_HEADER, promise_ms.into());
         let mut call = tokio::spawn(async move { client.raft(request).await });
         loop {
             tokio::select! {
@@ -243,15 +250,48 @@ pub struct PeerService {
     faults: Arc<Faults>,
     stopping: crate::service::Stopping,
     data_ids: Arc<PeerDataIds>,
+    promises: PeerPromises,
+}
+
+/// The vote promise each peer named on its latest stream. Nodes configure
+/// their timing each on its own: a follower restarted with a shorter
+/// election timeout (a rolling change) may vote sooner than the leader's
+/// own settings say, so the leader's lease is cut to the shortest promise
+/// it knows of. A peer from before the header names none.
+#[derive(Clone, Default)]
+pub struct PeerPromises(Arc<std::sync::Mutex<HashMap<u64, Duration>>>);
+
+impl PeerPromises {
+    fn record(&self, node: u64, promise: Duration) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, promise);
+    }
+
+    /// The shortest promise named by any of `nodes`.
+    pub fn shortest(&self, nodes: impl IntoIterator<Item = u64>) -> Option<Duration> {
+        let known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .into_iter()
+            .filter_map(|n| known.get(&n).copied())
+            .min()
+    }
 }
 
 impl PeerService {
-    pub(crate) fn new(node: Mailbox, faults: Arc<Faults>, data_ids: Arc<PeerDataIds>) -> Self {
+    pub(crate) fn new(
+        node: Mailbox,
+        faults: Arc<Faults>,
+        data_ids: Arc<PeerDataIds>,
+        promises: PeerPromises,
+    ) -> Self {
         Self {
             node,
             faults,
             stopping: crate::service::Stopping::never(),
             data_ids,
+            promises,
         }
     }
 
@@ -315,6 +355,16 @@ impl Peer for PeerService {
         request: Request<Streaming<RaftFrame>>,
     ) -> Result<Response<RaftAck>, Status> {
         let sender = self.admit(request.metadata())?;
+        if let (Some((from, _)), Some(ms)) = (
+            &sender,
+            request
+                .metadata()
+                .get(VOTE_PROMISE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok()),
+        ) {
+            self.promises.record(*from, Duration::from_millis(ms));
+        }
         let mut stream = request.into_inner();
         let stopped = self.stopping.clone().raised();
         tokio::pin!(stopped);
