@@ -626,13 +626,8 @@ fn parse_peers(s: &str) -> Result<Vec<PeerConfig>, ConfigError> {
     // Given but empty (a compose file's `SEQD_PEERS: ${PEERS}` with the
     // variable unset) is a mistake, not "one node": that node would elect
     // itself and hand out numbers from 1 beside the real cluster.
-    if s.trim().is_empty() {
-        return Err(invalid(
-            "peers",
-            "given but empty: name every node (id=host:port,...), or leave it unset for a single node",
-        ));
-    }
-    s.split(',')
+    let peers: Vec<PeerConfig> = s
+        .split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| {
             let (id, addr) = p
@@ -647,7 +642,14 @@ fn parse_peers(s: &str) -> Result<Vec<PeerConfig>, ConfigError> {
                 addr: addr.trim().to_string(),
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    if peers.is_empty() {
+        return Err(invalid(
+            "peers",
+            "given but empty: name every node (id=host:port,...), or leave it unset for a single node",
+        ));
+    }
+    Ok(peers)
 }
 
 #[cfg(test)]
@@ -776,7 +778,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("peers:"), "{err}");
-        for empty in ["", " "] {
+        for empty in ["", " ", ","] {
             let err = Config::load(
                 None,
                 &Overrides {

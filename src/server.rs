@@ -71,7 +71,8 @@ pub async fn serve(
         .iter()
         .map(|p| (p.id, p.addr.clone()))
         .collect();
-    let addrs = PeerAddrs::new(peers.clone());
+    // Filled by the node as it opens (configured and recorded addresses).
+    let addrs = PeerAddrs::default();
     let layout = config
         .layout()
         .map_err(|e| StorageError::corrupt("snowflake layout", e))?;
@@ -119,7 +120,7 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(report_health(node.clone(), health));
-    // v1, and v1alpha for the grpcurl and other tools that speak only it.
+    // v1, and v1alpha for older grpcurl builds and tools that speak only it.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)

@@ -112,8 +112,9 @@ macro_rules! listed_services {
     }};
 }
 
-/// Server reflection answers in both versions tools speak (grpcurl: v1,
-/// older tools: v1alpha), listing the public services and health.
+/// Server reflection answers in both versions tools speak (v1, and v1alpha
+/// for older grpcurl builds and tools), listing the public services and
+/// health.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     let c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");

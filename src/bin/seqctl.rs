@@ -127,7 +127,7 @@ fn print_status(rows: &[(String, Result<StatusResponse, String>)], as_json: bool
                     "lag": max_commit.saturating_sub(s.applied_index),
                     "voters": s.voters, "learners": s.learners, "epoch": s.epoch,
                     "serving": s.serving, "worker": s.has_worker.then_some(s.worker),
-                    "ids_active": s.ids_active,
+                    "ids_active": s.ids_active, "answering": s.answering,
                 }),
                 Err(e) => json!({ "endpoint": addr, "error": e }),
             })

@@ -53,6 +53,8 @@ pub struct NodeStatus {
     pub worker: Option<u64>,
     pub ids_active: bool,
     pub fence_ms: u64,
+    /// On the leader, the voters answering it now (itself included).
+    pub answering: Vec<u64>,
 }
 
 /// A membership change for [`NodeHandle::change_membership`].
@@ -184,12 +186,6 @@ pub(crate) enum Input {
 pub struct PeerAddrs(Arc<std::sync::RwLock<HashMap<u64, String>>>);
 
 impl PeerAddrs {
-    pub fn new(peers: impl IntoIterator<Item = (u64, String)>) -> Self {
-        Self(Arc::new(std::sync::RwLock::new(
-            peers.into_iter().collect(),
-        )))
-    }
-
     pub fn get(&self, id: u64) -> Option<String> {
         self.0
             .read()

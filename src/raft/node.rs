@@ -35,7 +35,7 @@ use protobuf::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
 use super::read_peers::{followers_needed, ReadPeers};
-use super::transport::{PeerPromises, PeerService, Transport};
+use super::transport::{PeerPromises, PeerService, Sender, Transport};
 use super::{
     logger, Faults, Grant, IdState, Input, Membership, MembershipChange, NodeError, NodeHandle,
     NodeStatus, Reply,
@@ -67,6 +67,10 @@ const MAX_INPUTS_PER_ROUND: usize = 4096;
 /// takes it at once (three nodes: peak +10-20 %, latency lower at the same
 /// rate, CPU per call the same; `bench/results/2026-12-04-read-rounds/`).
 const MAX_READ_ROUNDS: usize = 2;
+/// A learner is promoted only within this many entries of the leader's
+/// log: further behind, it could not acknowledge new entries until it
+/// caught up, and with it in the quorum nothing would commit meanwhile.
+const PROMOTE_LAG: u64 = 1_000;
 /// Share of a follower's promise a completed read round leases (read_mode =
 /// "lease"), as a fraction. The promise is shorter than the election timeout
 /// by two ticks: a late loop iteration can count a tick just after the
@@ -333,6 +337,14 @@ impl NodeTime {
     }
 }
 
+/// How long this node refuses to vote for another after hearing from a
+/// leader: an election timeout, less two ticks (a late loop iteration can
+/// count a tick just after the heartbeat that reset the count). Leases rest
+/// on it, and the peer streams name it.
+fn vote_promise(raft: &RaftConfig) -> Duration {
+    Duration::from_millis(raft.tick_ms) * (raft.election_ticks.saturating_sub(2) as u32)
+}
+
 /// Opens storage, starts the node's loop and the peer transport on `rt`
 /// (a multi-thread runtime: the loop hands its worker off while it waits
 /// for the disk, see [`Node::blocking`]).
@@ -348,7 +360,7 @@ pub fn spawn(
     let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);
     let id = params.id;
     let transport_tx = tx.clone();
-    let promise_ms = params.raft.tick_ms * params.raft.election_ticks.saturating_sub(2) as u64;
+    let promise = vote_promise(&params.raft);
     let syncer = WalSyncer::start(id, disk.clone(), &tx, faults.clone())
         .map_err(|e| StorageError::corrupt("raft sync thread", e))?;
     let node = Node::open(
@@ -360,7 +372,11 @@ pub fn spawn(
         |peers| {
             Box::new(Transport::start(
                 rt,
-                (id, data_id, promise_ms),
+                Sender {
+                    id,
+                    data_id,
+                    vote_promise: promise,
+                },
                 peers,
                 transport_tx,
                 faults.clone(),
@@ -670,8 +686,9 @@ pub(crate) struct Node {
     bind_sent: HashMap<u64, Instant>,
     /// When a Raft message for another node was last logged.
     misdirected_logged: Option<Instant>,
-    /// When each peer's last Raft message arrived (membership changes
-    /// count on the voters that answer).
+    /// When each peer last answered this node's appends or heartbeats in
+    /// the current term (membership changes count on the voters that
+    /// answer).
     last_heard: HashMap<u64, Instant>,
     addrs: super::PeerAddrs,
     /// Vote promises peers named on their streams (lease mode).
@@ -734,13 +751,10 @@ impl Node {
         // Addresses recorded by membership changes complete the configured
         // ones, and replace them: a member removed and added back (a
         // replacement host) is recorded at its new address, while every
-        // other node's file may still name the old one. Founders are
-        // recorded without an address and keep the configured one.
+        // other node's file may still name the old one. Founders have no
+        // record and keep the configured address.
         let mut peers = params.peers.clone();
         for (id, addr) in machine.members()? {
-            if addr.is_empty() {
-                continue;
-            }
             match peers.iter_mut().find(|(p, _)| *p == id) {
                 Some((_, configured)) if *configured != addr => {
                     tracing::warn!(
@@ -810,12 +824,12 @@ impl Node {
             read_peers: (params.raft.read_round_peers == ReadRoundPeers::Majority)
                 .then(ReadPeers::default),
             lease: (params.raft.read_mode == ReadMode::Lease).then(|| {
-                let tick = Duration::from_millis(params.raft.tick_ms);
-                let promise = tick * (params.raft.election_ticks.saturating_sub(2) as u32);
                 if params.testing.stretch_lease {
-                    tick * params.raft.election_ticks as u32 * 3
+                    Duration::from_millis(params.raft.tick_ms)
+                        * params.raft.election_ticks as u32
+                        * 3
                 } else {
-                    promise * LEASE_NUM / LEASE_DEN
+                    vote_promise(&params.raft) * LEASE_NUM / LEASE_DEN
                 }
             }),
             lease_forbidden_term: 0,
@@ -1117,8 +1131,7 @@ impl Node {
                 from = msg.from,
                 to = msg.to,
                 "dropped a raft message for another node: the sender holds this node's \
-                 address for node {} (logged once per 10 s)",
-                msg.to
+                 address for that node (logged once per 10 s)"
             );
         }
     }
@@ -1130,7 +1143,15 @@ impl Node {
                     self.drop_misdirected(&msg);
                     return None;
                 }
-                self.last_heard.insert(msg.from, self.time.now());
+                // Only answers to this leader count: a cut-off follower
+                // still sends pre-votes.
+                if matches!(
+                    msg.get_msg_type(),
+                    MessageType::MsgAppendResponse | MessageType::MsgHeartbeatResponse
+                ) && msg.term == self.raw.raft.term
+                {
+                    self.last_heard.insert(msg.from, self.time.now());
+                }
                 if self.refuses_vote(&msg) {
                     return None;
                 }
@@ -1961,9 +1982,18 @@ impl Node {
             metrics::counter!(m::SNAPSHOTS_INSTALLED_TOTAL).increment(1);
             match self.machine.worker_of(self.id)? {
                 Some((worker, fence)) => {
+                    // Our own renewal (committed, not applied before the
+                    // snapshot) keeps us issuing; any other holder's or
+                    // incarnation's fence is a floor, and stops us if it
+                    // lies above our own fence.
+                    let ours = self.machine.fence_boot(worker)? == self.boot;
                     let mut issuer = self.ids.lock();
                     issuer.assign_worker(worker, fence);
-                    issuer.foreign_fence(fence);
+                    if ours {
+                        issuer.own_fence(fence);
+                    } else {
+                        issuer.foreign_fence(fence);
+                    }
                 }
                 None => self.ids.lock().release_worker(),
             }
@@ -2312,19 +2342,29 @@ impl Node {
     /// then nothing would, not even its undo. A voter added that cannot
     /// answer (down, at a wrong address, or still catching up) raises the
     /// quorum; removing a live voter while another is down lowers the
-    /// count that answers. A voter answers if a message from it arrived
-    /// within an election timeout, and a promoted learner only once the
-    /// leader replicates to it entry by entry (caught up from its log, no
-    /// snapshot or probe pending).
-    fn check_quorum_after(&self, change: &MembershipChange) -> Result<(), String> {
+    /// count that answers. A voter answers if it answered this leader's
+    /// appends or heartbeats within an election timeout, and a promoted
+    /// learner only once the leader replicates to it entry by entry and it
+    /// is within [`PROMOTE_LAG`] entries of the log's end.
+    /// Those of `voters` that answer this leader now: itself, and those
+    /// that answered its appends or heartbeats within an election timeout.
+    fn answering(&self, voters: &[u64]) -> Vec<u64> {
         let now = self.time.now();
-        let heard = |id: u64| {
-            id == self.id
-                || self
-                    .last_heard
-                    .get(&id)
-                    .is_some_and(|at| now.duration_since(*at) < self.election_timeout)
-        };
+        voters
+            .iter()
+            .copied()
+            .filter(|&v| {
+                v == self.id
+                    || self
+                        .last_heard
+                        .get(&v)
+                        .is_some_and(|at| now.duration_since(*at) < self.election_timeout)
+            })
+            .collect()
+    }
+
+    fn check_quorum_after(&self, change: &MembershipChange) -> Result<(), String> {
+        let last_index = self.raw.raft.raft_log.last_index();
         let mut voters = self.raw.store().conf_state().voters.clone();
         let (what, undo) = match change {
             MembershipChange::AddVoter { id, .. } => {
@@ -2347,18 +2387,15 @@ impl Node {
             MembershipChange::AddVoter { id, .. } => Some(*id),
             _ => None,
         };
-        let answering: Vec<u64> = voters
-            .iter()
-            .copied()
+        let answering: Vec<u64> = self
+            .answering(&voters)
+            .into_iter()
             .filter(|&v| {
-                heard(v)
-                    && (Some(v) != promoted
-                        || self
-                            .raw
-                            .raft
-                            .prs()
-                            .get(v)
-                            .is_some_and(|p| p.state == ::raft::ProgressState::Replicate))
+                Some(v) != promoted
+                    || self.raw.raft.prs().get(v).is_some_and(|p| {
+                        p.state == ::raft::ProgressState::Replicate
+                            && p.matched + PROMOTE_LAG >= last_index
+                    })
             })
             .collect();
         let quorum = voters.len() / 2 + 1;
@@ -2769,8 +2806,8 @@ impl Node {
     /// shortest vote promise a voter named (its timing may differ from
     /// this node's: see [`PeerPromises`]).
     fn lease_now(&self, own: Duration) -> Duration {
-        let voters = self.raw.store().conf_state().voters.clone();
-        let others = voters.into_iter().filter(|v| *v != self.id);
+        let voters = &self.raw.store().conf_state().voters;
+        let others = voters.iter().copied().filter(|v| *v != self.id);
         match self.peer_promises.shortest(others) {
             Some(promise) => own.min(promise * LEASE_NUM / LEASE_DEN),
             None => own,
@@ -2836,6 +2873,11 @@ impl Node {
             worker,
             ids_active,
             fence_ms,
+            answering: if self.raw.raft.state == StateRole::Leader {
+                self.answering(&store.conf_state().voters)
+            } else {
+                Vec::new()
+            },
         }
     }
 }

@@ -39,11 +39,17 @@ const PEER_QUEUE: usize = 4096;
 /// Largest message a peer may send (snapshots travel in one message).
 pub const MAX_PEER_MESSAGE: usize = 512 << 20;
 
+/// Who this node is, as its peer streams name it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sender {
+    pub id: u64,
+    pub data_id: u64,
+    pub vote_promise: Duration,
+}
+
 /// Sends raft messages to peers. Owned by the node loop; never blocks.
 pub struct Transport {
-    self_id: u64,
-    data_id: u64,
-    promise_ms: u64,
+    me: Sender,
     rt: tokio::runtime::Handle,
     peers: HashMap<u64, (String, tmpsc::Sender<Message>)>,
     node: Mailbox,
@@ -54,15 +60,13 @@ impl Transport {
     /// Starts one sender task per peer on `rt`.
     pub(crate) fn start(
         rt: &tokio::runtime::Handle,
-        (self_id, data_id, promise_ms): (u64, u64, u64),
+        me: Sender,
         peers: &[(u64, String)],
         node: Mailbox,
         faults: Arc<Faults>,
     ) -> Self {
         let mut t = Self {
-            self_id,
-            data_id,
-            promise_ms,
+            me,
             rt: rt.clone(),
             peers: HashMap::new(),
             node,
@@ -76,12 +80,12 @@ impl Transport {
 
     /// Starts sending to a peer (or follows it to a new address).
     pub fn add_peer(&mut self, id: u64, addr: &str) {
-        if id == self.self_id || self.peers.get(&id).is_some_and(|(a, _)| a == addr) {
+        if id == self.me.id || self.peers.get(&id).is_some_and(|(a, _)| a == addr) {
             return;
         }
         let (tx, rx) = tmpsc::channel(PEER_QUEUE);
         self.rt.spawn(peer_loop(
-            (self.self_id, self.data_id, self.promise_ms),
+            self.me,
             id,
             addr.to_string(),
             rx,
@@ -120,7 +124,7 @@ impl Transport {
 /// peer learns this node's data id before any message needs it) and again
 /// whenever it breaks.
 async fn peer_loop(
-    (self_id, data_id, promise_ms): (u64, u64, u64),
+    me: Sender,
     peer_id: u64,
     addr: String,
     mut queue: tmpsc::Receiver<Message>,
@@ -160,8 +164,9 @@ async fn peer_loop(
         let mut client = PeerClient::new(channel).max_encoding_message_size(MAX_PEER_MESSAGE);
         let mut request = Request::new(ReceiverStream::new(rx));
         let meta = request.metadata_mut();
-        meta.insert(NODE_ID_HEADER, self_id.into());
-        meta.insert(DATA_ID_HEADER, data_id.into());
+        meta.insert(NODE_ID_HEADER, me.id.into());
+        meta.insert(DATA_ID_HEADER, me.data_id.into());
+        let promise_ms = u64::try_from(me.vote_promise.as_millis()).unwrap_or(u64::MAX);
         meta.insert(VOTE_PROMISE_HEADER, promise_ms.into());
         let mut call = tokio::spawn(async move { client.raft(request).await });
         loop {
@@ -179,7 +184,7 @@ async fn peer_loop(
                             continue;
                         }
                     };
-                    let sent = tx.send(RaftFrame { from: self_id, message: bytes }).await.is_ok();
+                    let sent = tx.send(RaftFrame { from: me.id, message: bytes }).await.is_ok();
                     if is_snapshot {
                         let _ = node.send(Input::SnapshotSent { to: peer_id, ok: sent });
                     }

@@ -78,6 +78,7 @@ impl Admin for AdminService {
             worker: s.worker.unwrap_or_default(),
             ids_active: s.ids_active,
             fence_ms: s.fence_ms,
+            answering: s.answering,
         }))
     }
 

@@ -261,6 +261,22 @@ impl Machine {
         Ok((rec.node_id == node_id).then_some((worker, rec.fence_ms)))
     }
 
+    /// The boot of the holder whose renewal set worker `worker`'s fence (0:
+    /// an earlier holder's, or unknown).
+    pub fn fence_boot(&self, worker: u64) -> Result<u64, StorageError> {
+        let state = cf(&self.db, CF_STATE);
+        Ok(
+            match self.db.get_cf(state, id_key(WORKER_PREFIX, worker))? {
+                Some(b) => {
+                    WorkerRecord::decode(b.as_slice())
+                        .map_err(|e| StorageError::corrupt("worker record", e))?
+                        .boot
+                }
+                None => 0,
+            },
+        )
+    }
+
     /// Every member address recorded by conf changes.
     pub fn members(&self) -> Result<Vec<(u64, String)>, StorageError> {
         let mut out = Vec::new();
@@ -565,7 +581,12 @@ impl<'a> Txn<'a> {
         for w in 0..max_workers {
             let rec = self.worker(w)?;
             if rec.node_id == 0 {
-                let rec = WorkerRecord { node_id, ..rec };
+                // Its fence is the last holder's.
+                let rec = WorkerRecord {
+                    node_id,
+                    boot: 0,
+                    ..rec
+                };
                 self.put(id_key(WORKER_PREFIX, w).to_vec(), rec.encode_to_vec());
                 self.put(
                     id_key(NODE_WORKER_PREFIX, node_id).to_vec(),
@@ -632,6 +653,9 @@ impl<'a> Txn<'a> {
             // The worker changed hands since the renewal was proposed.
             return Ok(Applied::Empty);
         }
+        if r.fence_ms >= rec.fence_ms {
+            rec.boot = r.boot;
+        }
         rec.fence_ms = rec.fence_ms.max(r.fence_ms);
         self.put(
             id_key(WORKER_PREFIX, r.worker).to_vec(),
@@ -677,6 +701,7 @@ impl<'a> Txn<'a> {
                     let mut rec = self.worker(w)?;
                     if rec.node_id == cc.node_id {
                         rec.node_id = 0;
+                        rec.boot = 0;
                         self.put(id_key(WORKER_PREFIX, w).to_vec(), rec.encode_to_vec());
                     }
                     self.delete(id_key(NODE_WORKER_PREFIX, cc.node_id).to_vec());
@@ -1190,6 +1215,47 @@ mod tests {
         // The id it did not take goes to the next member that asks.
         m.apply(&[entry(6, acquire(1))]).unwrap();
         assert_eq!(m.worker_of(1).unwrap(), Some((2, 0)));
+    }
+
+    /// A worker's record names the boot whose renewal set its fence: a node
+    /// catching up by snapshot tells its own renewal from another's by it.
+    #[test]
+    fn a_worker_record_names_the_boot_that_set_its_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_conf(&dir, &conf(vec![1, 2, 3], vec![]));
+        let mut m = Machine::open(db.clone()).unwrap();
+        let renew = |index, fence_ms, boot| {
+            entry(
+                index,
+                command::Kind::RenewFence(RenewFence {
+                    node_id: 3,
+                    worker: 0,
+                    fence_ms,
+                    boot,
+                }),
+            )
+        };
+        m.apply(&[entry(
+            1,
+            command::Kind::AcquireWorker(crate::pb::state::AcquireWorker {
+                node_id: 3,
+                max_workers: 4,
+            }),
+        )])
+        .unwrap();
+        assert_eq!(m.fence_boot(0).unwrap(), 0);
+        m.apply(&[renew(2, 100, 7)]).unwrap();
+        assert_eq!(m.fence_boot(0).unwrap(), 7);
+        // A renewal below the fence (an earlier boot's, late) sets nothing.
+        m.apply(&[renew(3, 50, 9)]).unwrap();
+        assert_eq!(m.fence_boot(0).unwrap(), 7);
+        m.apply_with_conf(
+            &[conf_change(4, ConfChangeType::RemoveNode, 3, "")],
+            Some(&conf(vec![1, 2], vec![])),
+        )
+        .unwrap();
+        assert_eq!(m.fence_boot(0).unwrap(), 0, "freed: nobody's renewal");
+        assert_eq!(m.worker_of(3).unwrap(), None);
     }
 
     /// A conf change raft-rs refused (applied without a configuration)

@@ -21,47 +21,6 @@ use std::sync::{Arc, Mutex};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
 pub use machine::{Applied, Machine, REQUEST_RECORDS, REQUEST_RECORD_RANGES};
-
-const LAYOUT: &[u8] = b"snowflake_layout";
-
-/// Records the Snowflake layout on a directory's first start, and refuses
-/// any other on later ones: fences and worker ids are kept in absolute
-/// milliseconds and raw ids, and stamped under another epoch or other bit
-/// widths they no longer keep IDs apart.
-pub fn check_layout(db: &Disk, layout: &crate::core::Layout) -> Result<(), StorageError> {
-    let meta = cf(db, CF_META);
-    let parts = layout.to_parts();
-    match db.get_cf(meta, LAYOUT)? {
-        Some(bytes) => {
-            let recorded: Vec<u64> = bytes
-                .chunks(8)
-                .map(|c| decode_u64("snowflake layout", c))
-                .collect::<Result<_, _>>()?;
-            if recorded != parts {
-                let recorded = match crate::core::Layout::try_new(
-                    recorded.first().copied().unwrap_or(0),
-                    recorded.get(1).map_or(0, |&b| b as u32),
-                    recorded.get(2).map_or(0, |&b| b as u32),
-                    recorded.get(3).map_or(0, |&b| b as u32),
-                ) {
-                    Ok(l) => l.to_string(),
-                    Err(_) => format!("{recorded:?}"),
-                };
-                return Err(StorageError::LayoutChanged {
-                    recorded,
-                    configured: layout.to_string(),
-                });
-            }
-            Ok(())
-        }
-        None => {
-            let mut batch = WriteBatch::default();
-            let bytes: Vec<u8> = parts.iter().flat_map(|p| p.to_be_bytes()).collect();
-            batch.put_cf(meta, LAYOUT, bytes);
-            db.write_batch(batch, true)
-        }
-    }
-}
 pub use raft_log::RaftStore;
 
 pub const CF_LOG: &str = "raft_log";
@@ -335,6 +294,47 @@ pub fn open_journaled(journal: Arc<Mutex<Journal>>) -> Result<Disk, StorageError
         db: Arc::new(db),
         journal: Some(journal),
     })
+}
+
+const LAYOUT: &[u8] = b"snowflake_layout";
+
+/// Records the Snowflake layout on a directory's first start, and refuses
+/// any other on later ones: fences and worker ids are kept in absolute
+/// milliseconds and raw ids, and stamped under another epoch or other bit
+/// widths they no longer keep IDs apart.
+pub fn check_layout(db: &Disk, layout: &crate::core::Layout) -> Result<(), StorageError> {
+    let meta = cf(db, CF_META);
+    let parts = layout.to_parts();
+    match db.get_cf(meta, LAYOUT)? {
+        Some(bytes) => {
+            let recorded: Vec<u64> = bytes
+                .chunks(8)
+                .map(|c| decode_u64("snowflake layout", c))
+                .collect::<Result<_, _>>()?;
+            if recorded != parts {
+                let recorded = match crate::core::Layout::try_new(
+                    recorded.first().copied().unwrap_or(0),
+                    recorded.get(1).map_or(0, |&b| b as u32),
+                    recorded.get(2).map_or(0, |&b| b as u32),
+                    recorded.get(3).map_or(0, |&b| b as u32),
+                ) {
+                    Ok(l) => l.to_string(),
+                    Err(_) => format!("{recorded:?}"),
+                };
+                return Err(StorageError::LayoutChanged {
+                    recorded,
+                    configured: layout.to_string(),
+                });
+            }
+            Ok(())
+        }
+        None => {
+            let mut batch = WriteBatch::default();
+            let bytes: Vec<u8> = parts.iter().flat_map(|p| p.to_be_bytes()).collect();
+            batch.put_cf(meta, LAYOUT, bytes);
+            db.write_batch(batch, true)
+        }
+    }
 }
 
 pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
