@@ -105,7 +105,8 @@ pub async fn serve(
             snowflake: config.snowflake.clone(),
             ids: ids.clone(),
             faults: faults.clone(),
-            boot: rand::random(),
+            // Never 0, which worker records use for "no boot of ours".
+            boot: rand::random::<u64>() | 1,
             testing: NodeTesting::default(),
         },
         &tokio::runtime::Handle::current(),

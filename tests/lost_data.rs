@@ -269,8 +269,15 @@ async fn replace(c: &mut Cluster, via: u64, id: u64) {
         };
         // Through whoever leads by then: three tests run at once on two
         // cores, and leadership may move.
+        // A promotion is refused until the leader counts the learner as
+        // caught up: that is waited out, not counted as a try.
         let mut tries = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
         while let Err(e) = admin.add_node(request.clone()).await {
+            if e.message().contains("answer now") && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             tries += 1;
             assert!(tries < 5, "add node {id} (voter {voter}): {e}");
             let leader = c.wait_leader(Duration::from_secs(20)).await;

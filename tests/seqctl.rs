@@ -154,19 +154,30 @@ async fn seqctl_moves_leadership_and_changes_membership_under_load() {
         ],
     );
     assert!(!ok && err.contains("is a learner at"), "{err}");
-    let (ok, out, err) = seqctl(
-        &c,
-        &[
-            "add-node",
-            "--id",
-            &gone.to_string(),
-            "--addr",
-            &addr,
-            "--voter",
-            "--json",
-        ],
-    );
-    assert!(ok, "{err}");
+    // Refused until the leader counts the learner as caught up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let (ok, out, err) = seqctl(
+            &c,
+            &[
+                "add-node",
+                "--id",
+                &gone.to_string(),
+                "--addr",
+                &addr,
+                "--voter",
+                "--json",
+            ],
+        );
+        if ok {
+            break out;
+        }
+        assert!(
+            err.contains("answer now") && std::time::Instant::now() < deadline,
+            "{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
         v["voters"]

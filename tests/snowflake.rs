@@ -137,7 +137,7 @@ async fn ids_stay_unique_across_restarts_and_worker_churn() {
     admin
         .add_node(AddNodeRequest {
             id: churned,
-            addr: addr.clone(),
+            addr,
             voter: false,
         })
         .await
@@ -146,15 +146,7 @@ async fn ids_stay_unique_across_restarts_and_worker_churn() {
         s.learners.contains(&churned) && s.applied_index > 0
     })
     .await;
-    let m = admin
-        .add_node(AddNodeRequest {
-            id: churned,
-            addr,
-            voter: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let m = c.promote(leader, churned).await;
     assert!(m.voters.contains(&churned));
     wait_ids_active(&c, churned).await;
     wait_issued(churned, &counter(churned), 1_000).await;

@@ -693,6 +693,10 @@ pub(crate) struct Node {
     addrs: super::PeerAddrs,
     /// Vote promises peers named on their streams (lease mode).
     peer_promises: PeerPromises,
+    /// The tenure of this node's worker id as this node knows it: a
+    /// snapshot naming another holding means the id was released and held
+    /// by others meanwhile (see `finish_ready`).
+    worker_tenure: Option<u64>,
     /// Whether some member's data id is not bound yet (so `bind_tick`
     /// reads nothing once all are).
     some_unbound: bool,
@@ -745,9 +749,13 @@ impl Node {
         // is written; after a crash in between, applied may exceed the stored
         // commit, which raft-rs refuses. Those entries were committed.
         store.ensure_commit(machine.applied())?;
-        if let Some((worker, fence)) = machine.worker_of(params.id)? {
-            params.ids.lock().assign_worker(worker, fence);
-        }
+        let worker_tenure = match machine.worker_of(params.id)? {
+            Some((worker, fence)) => {
+                params.ids.lock().assign_worker(worker, fence);
+                Some(machine.holding(worker)?.0)
+            }
+            None => None,
+        };
         // Addresses recorded by membership changes complete the configured
         // ones, and replace them: a member removed and added back (a
         // replacement host) is recorded at its new address, while every
@@ -865,6 +873,7 @@ impl Node {
             last_heard: HashMap::new(),
             addrs: params.addrs.clone(),
             peer_promises: PeerPromises::default(),
+            worker_tenure,
             some_unbound: true,
         };
         node.load_request_records()?;
@@ -1983,10 +1992,12 @@ impl Node {
             match self.machine.worker_of(self.id)? {
                 Some((worker, fence)) => {
                     // Our own renewal (committed, not applied before the
-                    // snapshot) keeps us issuing; any other holder's or
-                    // incarnation's fence is a floor, and stops us if it
-                    // lies above our own fence.
-                    let ours = self.machine.fence_boot(worker)? == self.boot;
+                    // snapshot), in the holding we know, keeps us issuing;
+                    // any other holder's, incarnation's or holding's fence
+                    // is a floor, and stops us if it lies above our own.
+                    let (tenure, boot) = self.machine.holding(worker)?;
+                    let ours = boot == self.boot && self.worker_tenure == Some(tenure);
+                    self.worker_tenure = Some(tenure);
                     let mut issuer = self.ids.lock();
                     issuer.assign_worker(worker, fence);
                     if ours {
@@ -1995,7 +2006,10 @@ impl Node {
                         issuer.foreign_fence(fence);
                     }
                 }
-                None => self.ids.lock().release_worker(),
+                None => {
+                    self.worker_tenure = None;
+                    self.ids.lock().release_worker();
+                }
             }
             for (id, addr) in self.machine.members()? {
                 self.transport.add_peer(id, &addr);
@@ -2157,7 +2171,9 @@ impl Node {
                     node_id,
                     worker,
                     fence_ms,
+                    tenure,
                 } if *node_id == self.id => {
+                    self.worker_tenure = Some(*tenure);
                     self.ids.lock().assign_worker(*worker, *fence_ms);
                     self.acquire_sent = None;
                     self.renew_sent = None;
@@ -2247,6 +2263,7 @@ impl Node {
                 self.transport.remove_peer(cc.node_id);
                 self.addrs.remove(cc.node_id);
                 if cc.node_id == self.id {
+                    self.worker_tenure = None;
                     self.ids.lock().release_worker();
                     tracing::warn!(node_id = self.id, "this node was removed from the cluster");
                 }
@@ -2337,15 +2354,6 @@ impl Node {
         }
     }
 
-    /// Refuses a change after which the voters that answer now could not
-    /// commit: the change itself commits under the old configuration, and
-    /// then nothing would, not even its undo. A voter added that cannot
-    /// answer (down, at a wrong address, or still catching up) raises the
-    /// quorum; removing a live voter while another is down lowers the
-    /// count that answers. A voter answers if it answered this leader's
-    /// appends or heartbeats within an election timeout, and a promoted
-    /// learner only once the leader replicates to it entry by entry and it
-    /// is within [`PROMOTE_LAG`] entries of the log's end.
     /// Those of `voters` that answer this leader now: itself, and those
     /// that answered its appends or heartbeats within an election timeout.
     fn answering(&self, voters: &[u64]) -> Vec<u64> {
@@ -2363,6 +2371,15 @@ impl Node {
             .collect()
     }
 
+    /// Refuses a change after which the voters that answer now could not
+    /// commit: the change itself commits under the old configuration, and
+    /// then nothing would, not even its undo. A voter added that cannot
+    /// answer (down, at a wrong address, or still catching up) raises the
+    /// quorum; removing a live voter while another is down lowers the
+    /// count that answers. A voter answers if it answered this leader's
+    /// appends or heartbeats within an election timeout, and a promoted
+    /// learner only once the leader replicates to it entry by entry and it
+    /// is within [`PROMOTE_LAG`] entries of the log's end.
     fn check_quorum_after(&self, change: &MembershipChange) -> Result<(), String> {
         let last_index = self.raw.raft.raft_log.last_index();
         let mut voters = self.raw.store().conf_state().voters.clone();
@@ -2563,6 +2580,8 @@ impl Node {
             }
             (_, true) => {
                 self.fail_all(NodeError::NotLeader { leader: None });
+                // Answers to an earlier term's leadership do not count.
+                self.last_heard.clear();
                 self.core.become_leader(term);
                 tracing::info!(node_id = self.id, term, "became leader");
                 self.propose_leader_start(term);

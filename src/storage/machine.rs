@@ -105,11 +105,12 @@ pub enum Applied {
     /// `data_id` is now bound to `node_id`'s incarnation.
     DataIdBound { node_id: u64, data_id: u64 },
     /// `node_id` holds `worker`, whose fence (the floor for the new holder)
-    /// is `fence_ms`.
+    /// is `fence_ms`, in the worker's `tenure`-th holding.
     WorkerAssigned {
         node_id: u64,
         worker: u64,
         fence_ms: u64,
+        tenure: u64,
     },
     /// No worker id was free for `node_id`.
     NoFreeWorker { node_id: u64 },
@@ -261,20 +262,16 @@ impl Machine {
         Ok((rec.node_id == node_id).then_some((worker, rec.fence_ms)))
     }
 
-    /// The boot of the holder whose renewal set worker `worker`'s fence (0:
-    /// an earlier holder's, or unknown).
-    pub fn fence_boot(&self, worker: u64) -> Result<u64, StorageError> {
+    /// Worker `worker`'s holding: its tenure, and the boot of the holder
+    /// whose renewal set its fence (0: an earlier holder's, or unknown).
+    pub fn holding(&self, worker: u64) -> Result<(u64, u64), StorageError> {
         let state = cf(&self.db, CF_STATE);
-        Ok(
-            match self.db.get_cf(state, id_key(WORKER_PREFIX, worker))? {
-                Some(b) => {
-                    WorkerRecord::decode(b.as_slice())
-                        .map_err(|e| StorageError::corrupt("worker record", e))?
-                        .boot
-                }
-                None => 0,
-            },
-        )
+        let rec = match self.db.get_cf(state, id_key(WORKER_PREFIX, worker))? {
+            Some(b) => WorkerRecord::decode(b.as_slice())
+                .map_err(|e| StorageError::corrupt("worker record", e))?,
+            None => WorkerRecord::default(),
+        };
+        Ok((rec.tenure, rec.boot))
     }
 
     /// Every member address recorded by conf changes.
@@ -572,6 +569,7 @@ impl<'a> Txn<'a> {
                     node_id,
                     worker: w,
                     fence_ms: rec.fence_ms,
+                    tenure: rec.tenure,
                 });
             }
         }
@@ -585,6 +583,7 @@ impl<'a> Txn<'a> {
                 let rec = WorkerRecord {
                     node_id,
                     boot: 0,
+                    tenure: rec.tenure + 1,
                     ..rec
                 };
                 self.put(id_key(WORKER_PREFIX, w).to_vec(), rec.encode_to_vec());
@@ -596,6 +595,7 @@ impl<'a> Txn<'a> {
                     node_id,
                     worker: w,
                     fence_ms: rec.fence_ms,
+                    tenure: rec.tenure,
                 });
             }
         }
@@ -1243,18 +1243,29 @@ mod tests {
             }),
         )])
         .unwrap();
-        assert_eq!(m.fence_boot(0).unwrap(), 0);
+        assert_eq!(m.holding(0).unwrap().1, 0);
         m.apply(&[renew(2, 100, 7)]).unwrap();
-        assert_eq!(m.fence_boot(0).unwrap(), 7);
+        assert_eq!(m.holding(0).unwrap().1, 7);
         // A renewal below the fence (an earlier boot's, late) sets nothing.
         m.apply(&[renew(3, 50, 9)]).unwrap();
-        assert_eq!(m.fence_boot(0).unwrap(), 7);
+        assert_eq!(m.holding(0).unwrap().1, 7);
         m.apply_with_conf(
             &[conf_change(4, ConfChangeType::RemoveNode, 3, "")],
             Some(&conf(vec![1, 2], vec![])),
         )
         .unwrap();
-        assert_eq!(m.fence_boot(0).unwrap(), 0, "freed: nobody's renewal");
+        assert_eq!(m.holding(0).unwrap(), (1, 0), "freed: nobody's renewal");
+        // The next holding of the id counts up.
+        m.apply(&[entry(
+            5,
+            command::Kind::AcquireWorker(crate::pb::state::AcquireWorker {
+                node_id: 1,
+                max_workers: 4,
+            }),
+        )])
+        .unwrap();
+        assert_eq!(m.worker_of(1).unwrap(), Some((0, 100)));
+        assert_eq!(m.holding(0).unwrap(), (2, 0));
         assert_eq!(m.worker_of(3).unwrap(), None);
     }
 
@@ -1441,7 +1452,8 @@ mod tests {
             Applied::WorkerAssigned {
                 node_id: 9,
                 worker: 2,
-                fence_ms: 0
+                fence_ms: 0,
+                tenure: 1,
             },
             "workers held before the snapshot stay held"
         );

@@ -466,6 +466,30 @@ impl Cluster {
         self.nodes[id as usize - 1].child.as_ref().map(|c| c.id())
     }
 
+    /// Promotes learner `id` through node `via`'s admin API. The leader
+    /// refuses until the learner is caught up (replicated entry by entry,
+    /// near the log's end), which a learner that has applied something may
+    /// not be yet: refusals saying so are retried.
+    pub async fn promote(&self, via: u64, id: u64) -> seqd::pb::MembershipResponse {
+        let addr = self.node(id).addr.clone();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut admin = self.admin(via).await;
+        loop {
+            let request = seqd::pb::AddNodeRequest {
+                id,
+                addr: addr.clone(),
+                voter: true,
+            };
+            match admin.add_node(request).await {
+                Ok(m) => return m.into_inner(),
+                Err(e) if e.message().contains("answer now") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("promote node {id} via {via}: {e}"),
+            }
+        }
+    }
+
     /// Node `id`'s configuration file (read at each spawn).
     pub fn config_path(&self, id: u64) -> &Path {
         &self.nodes[id as usize - 1].config
