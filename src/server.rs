@@ -36,6 +36,8 @@ pub enum ServerError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("the Raft node stopped on its own: {0}")]
+    NodeStopped(String),
 }
 
 /// Binds the configured address and runs until `shutdown` resolves.
@@ -177,8 +179,24 @@ pub async fn serve(
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));
+    let mut node_task = node_task;
 
     tokio::select! {
+        // The loop ends before shutdown only when it failed: raft-rs
+        // refused this node's state (it panics, as for a node that lost its
+        // log and came back as a voter), or its storage did. Serving on
+        // without it would answer nothing and hold connections a
+        // supervisor should see fail: the process stops, non-zero.
+        ended = &mut node_task => {
+            let why = match ended {
+                Err(e) if e.is_panic() => "its loop panicked (the log above says why)".to_string(),
+                Err(e) => e.to_string(),
+                Ok(()) => "its loop returned".to_string(),
+            };
+            tracing::error!(reason = %why, "raft node stopped; stopping seqd");
+            health_task.abort();
+            return Err(ServerError::NodeStopped(why));
+        }
         _ = shutdown => {
             tracing::info!("shutdown requested: handing over leadership");
             node.shutdown().await;

@@ -212,7 +212,8 @@ async fn a_node_that_never_saw_a_directory_refuses_another_by_its_binding() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !c.log(absent).contains(&refusal) {
         // Started again (same directory, same id) if it stopped before its
-        // stream to the absent node went out.
+        // stream to the absent node went out: raft-rs panics at the
+        // leader's first heartbeat, and the process then exits.
         if c.wait_exit(replaced, Duration::from_millis(1))
             .await
             .is_some()
