@@ -222,7 +222,10 @@ pub async fn serve(
     health_task.abort();
     // The node's loop has returned (or will, now that every handle is gone).
     drop(node);
-    let _ = node_task.await;
+    if let Err(e) = node_task.await {
+        // A loop that panicked during the handover: stopped, but not cleanly.
+        return Err(ServerError::NodeStopped(e.to_string()));
+    }
     tracing::info!("seqd stopped");
     Ok(())
 }

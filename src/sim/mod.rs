@@ -477,7 +477,8 @@ impl Sim {
     /// Starts the node process of slot `i` from what its disk kept.
     fn boot(&mut self, i: usize) {
         let ids = self.id_state(&self.slots[i].clock);
-        let boot = self.rng.next_u64();
+        // Never 0, as in seqd: worker records use 0 for "no boot".
+        let boot = self.rng.next_u64() | 1;
         let slot = &mut self.slots[i];
         slot.ids = ids.clone();
         let disk = storage::open_journaled(slot.journal.clone())
