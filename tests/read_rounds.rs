@@ -151,14 +151,10 @@ async fn the_lease_follows_the_shortest_vote_promise() {
     wait_lease(&c, 0.32).await;
     let f = (1..=3).find(|&id| id != leader).unwrap();
     c.kill(f);
-    let path = c.config_path(f).to_path_buf();
-    let config = std::fs::read_to_string(&path).unwrap();
-    assert!(config.contains("election_ticks = 10"), "{config}");
-    std::fs::write(
-        &path,
-        config.replace("election_ticks = 10", "election_ticks = 6"),
-    )
-    .unwrap();
+    let original = c.rewrite_config(f, |text| {
+        text.replace("election_ticks = 10", "election_ticks = 6")
+    });
+    assert!(original.contains("election_ticks = 10"), "{original}");
     c.spawn(f);
     wait_lease(&c, 0.16).await;
     c.client().next("conv", "k", 1).await.unwrap();

@@ -526,13 +526,9 @@ async fn a_node_refuses_to_start_under_another_layout() {
     c.wait_leader(Duration::from_secs(20)).await;
     wait_ids_active(&c, 1).await;
     c.kill(1);
-    let path = c.config_path(1).to_path_buf();
-    let original = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        format!("{original}\n[snowflake]\nepoch_ms = 1700000000000\n"),
-    )
-    .unwrap();
+    let original = c.rewrite_config(1, |text| {
+        format!("{text}\n[snowflake]\nepoch_ms = 1700000000000\n")
+    });
     c.spawn(1);
     let status = c
         .wait_exit(1, Duration::from_secs(20))
@@ -546,7 +542,7 @@ async fn a_node_refuses_to_start_under_another_layout() {
             && log.contains("the configuration says epoch_ms 1700000000000"),
         "{log}"
     );
-    std::fs::write(&path, original).unwrap();
+    c.rewrite_config(1, |_| original);
     c.spawn(1);
     c.wait_leader(Duration::from_secs(20)).await;
     wait_ids_active(&c, 1).await;
@@ -560,13 +556,9 @@ async fn a_large_id_call_fits_in_one_reply() {
     let mut c = Cluster::start(1, RAFT);
     c.wait_leader(Duration::from_secs(20)).await;
     c.kill(1);
-    let path = c.config_path(1).to_path_buf();
-    let original = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        format!("{original}\n[snowflake]\nmax_count = 600000\n"),
-    )
-    .unwrap();
+    c.rewrite_config(1, |text| {
+        format!("{text}\n[snowflake]\nmax_count = 600000\n")
+    });
     c.spawn(1);
     c.wait_leader(Duration::from_secs(20)).await;
     wait_ids_active(&c, 1).await;

@@ -43,6 +43,12 @@ impl std::fmt::Display for Layout {
 }
 
 impl Layout {
+    /// The layout [`Layout::to_parts`] gave, if those parts make one.
+    pub fn from_parts(parts: &[u64]) -> Option<Self> {
+        let bits = |i: usize| parts.get(i).and_then(|&b| u32::try_from(b).ok());
+        Self::try_new(*parts.first()?, bits(1)?, bits(2)?, bits(3)?).ok()
+    }
+
     /// Epoch and bit widths, as stored beside the data they stamped.
     pub fn to_parts(&self) -> [u64; 4] {
         [

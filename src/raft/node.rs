@@ -2383,12 +2383,13 @@ impl Node {
     fn check_quorum_after(&self, change: &MembershipChange) -> Result<(), String> {
         let last_index = self.raw.raft.raft_log.last_index();
         let mut voters = self.raw.store().conf_state().voters.clone();
-        let (what, undo) = match change {
+        let (what, undo, promoted) = match change {
             MembershipChange::AddVoter { id, .. } => {
                 voters.push(*id);
                 (
                     format!("adding node {id} as a voter"),
                     "add it as a learner first, and promote it once it has caught up",
+                    Some(*id),
                 )
             }
             MembershipChange::Remove { id } => {
@@ -2396,13 +2397,10 @@ impl Node {
                 (
                     format!("removing node {id}"),
                     "bring the voters that do not answer back first",
+                    None,
                 )
             }
             MembershipChange::AddLearner { .. } => return Ok(()),
-        };
-        let promoted = match change {
-            MembershipChange::AddVoter { id, .. } => Some(*id),
-            _ => None,
         };
         let answering: Vec<u64> = self
             .answering(&voters)

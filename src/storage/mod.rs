@@ -312,15 +312,8 @@ pub fn check_layout(db: &Disk, layout: &crate::core::Layout) -> Result<(), Stora
                 .map(|c| decode_u64("snowflake layout", c))
                 .collect::<Result<_, _>>()?;
             if recorded != parts {
-                let recorded = match crate::core::Layout::try_new(
-                    recorded.first().copied().unwrap_or(0),
-                    recorded.get(1).map_or(0, |&b| b as u32),
-                    recorded.get(2).map_or(0, |&b| b as u32),
-                    recorded.get(3).map_or(0, |&b| b as u32),
-                ) {
-                    Ok(l) => l.to_string(),
-                    Err(_) => format!("{recorded:?}"),
-                };
+                let recorded = crate::core::Layout::from_parts(&recorded)
+                    .map_or_else(|| format!("{recorded:?}"), |l| l.to_string());
                 return Err(StorageError::LayoutChanged {
                     recorded,
                     configured: layout.to_string(),

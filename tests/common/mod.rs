@@ -490,9 +490,13 @@ impl Cluster {
         }
     }
 
-    /// Node `id`'s configuration file (read at each spawn).
-    pub fn config_path(&self, id: u64) -> &Path {
-        &self.nodes[id as usize - 1].config
+    /// Rewrites node `id`'s configuration file (read at its next spawn)
+    /// with `edit`; returns the text it had.
+    pub fn rewrite_config(&self, id: u64, edit: impl FnOnce(&str) -> String) -> String {
+        let path = &self.nodes[id as usize - 1].config;
+        let original = std::fs::read_to_string(path).expect("read config");
+        std::fs::write(path, edit(&original)).expect("write config");
+        original
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
