@@ -612,6 +612,14 @@ pub(crate) struct Node {
     request_timeout: Duration,
     compact_threshold: u64,
     started: Instant,
+    /// Until when this node refuses every vote after starting (see
+    /// [`Node::refuses_vote`]).
+    refuse_votes_until: Instant,
+    /// This node's vote promise, while the one its directory records (an
+    /// earlier run's, which leases may still rest on) differs: recorded
+    /// once `refuse_votes_until` has passed.
+    promise_to_record: Option<Duration>,
+    disk: storage::Disk,
     /// Calls waiting for the next ReadIndex round.
     unconfirmed: Vec<Call>,
     /// ReadIndex rounds in flight, oldest first: context, start, calls.
@@ -741,6 +749,9 @@ impl Node {
             params.voters.clone()
         };
         let peer_data_ids = Arc::new(PeerDataIds::open(disk.clone())?);
+        let promise = vote_promise(&params.raft);
+        let recorded_promise = storage::recorded_vote_promise(&disk)?;
+        let meta_disk = disk.clone();
         let store = RaftStore::open(disk.clone(), &voters)?;
         let machine = Machine::open(disk)?;
         let store_compacted = store.compacted_index();
@@ -806,6 +817,12 @@ impl Node {
         let raw = RawNode::new(&cfg, store, &logger::raft_logger(params.id))
             .map_err(|e| StorageError::corrupt("raft state", e))?;
         let started = time.now();
+        let election_timeout =
+            Duration::from_millis(params.raft.tick_ms * params.raft.election_ticks as u64);
+        // A lease granted on the promise an earlier run named may outlast
+        // this run's own election timeout, when the timing was shortened.
+        let refuse_votes_until =
+            started + election_timeout.max(recorded_promise.unwrap_or_default());
         let max_workers = params.ids.lock().layout().max_workers();
         let mut node = Node {
             id: params.id,
@@ -821,12 +838,13 @@ impl Node {
             inbox,
             time,
             tick: Duration::from_millis(params.raft.tick_ms),
-            election_timeout: Duration::from_millis(
-                params.raft.tick_ms * params.raft.election_ticks as u64,
-            ),
+            election_timeout,
             request_timeout: Duration::from_millis(params.raft.request_timeout_ms),
             compact_threshold: params.raft.compact_threshold,
             started,
+            refuse_votes_until,
+            promise_to_record: (recorded_promise != Some(promise)).then_some(promise),
+            disk: meta_disk,
             unconfirmed: Vec::new(),
             reads: VecDeque::new(),
             read_peers: (params.raft.read_round_peers == ReadRoundPeers::Majority)
@@ -1062,6 +1080,7 @@ impl Node {
         self.release_idle_keys();
         self.snowflake_tick(now);
         self.bind_tick(now);
+        self.record_promise_tick(now);
         self.export_gauges();
         self.check_handover_deadline(now)
     }
@@ -1323,23 +1342,47 @@ impl Node {
     /// while it has heard from a leader within that time, with check_quorum);
     /// a lease-mode leader relies on it. A restarted node has forgotten that
     /// promise, so it refuses every vote for an election timeout after it
-    /// starts. In every mode, as read_mode is per node: a read_index node may
-    /// serve a lease-mode leader. It costs nothing, as raft-rs waits at least
-    /// that long before it campaigns itself.
+    /// starts, or for the promise its previous run named if that was longer
+    /// (a rolling change that shortened the timing: leases were granted on
+    /// the promise the leader was told). In every mode, as read_mode is per
+    /// node: a read_index node may serve a lease-mode leader. It costs
+    /// nothing in steady timing, as raft-rs waits at least an election
+    /// timeout before it campaigns itself.
     fn refuses_vote(&self, msg: &::raft::prelude::Message) -> bool {
         let vote = matches!(
             msg.get_msg_type(),
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
         );
-        let refuse = vote && self.time.now() < self.started + self.election_timeout;
+        let refuse = vote && self.time.now() < self.refuse_votes_until;
         if refuse {
             tracing::debug!(
                 node_id = self.id,
                 from = msg.from,
-                "vote refused: started less than an election timeout ago"
+                "vote refused: started less than an election timeout (or the vote promise \
+                 an earlier run named) ago"
             );
         }
         refuse
+    }
+
+    /// Records this run's vote promise once the leases resting on the
+    /// previous run's have run out. Recorded sooner, a second restart
+    /// would forget the longer promise those leases still rely on.
+    fn record_promise_tick(&mut self, now: Instant) {
+        let Some(promise) = self.promise_to_record else {
+            return;
+        };
+        if now < self.refuse_votes_until {
+            return;
+        }
+        match storage::record_vote_promise(&self.disk, promise) {
+            Ok(()) => self.promise_to_record = None,
+            // Tried again on the next tick; until then the longer record
+            // only makes a restart refuse votes for longer.
+            Err(e) => {
+                tracing::warn!(node_id = self.id, error = %e, "recording the vote promise failed")
+            }
+        }
     }
 
     fn start_read_round(&mut self) {

@@ -1097,6 +1097,93 @@ mod tests {
         panic!("no answer within 3 s");
     }
 
+    /// Sends slot `i`'s node a vote request of the next term from node
+    /// `from`, with a log ahead of its own, and runs the node once: whether
+    /// the node stepped it (stepped, a vote of a higher term moves the node
+    /// to that term, and this one it would grant).
+    fn vote_stepped(sim: &mut Sim, i: usize, from: u64) -> bool {
+        let before = sim.slots[i].node.as_ref().expect("running").status();
+        let mut vote = Message::default();
+        vote.set_msg_type(MessageType::MsgRequestVote);
+        vote.from = from;
+        vote.to = i as u64 + 1;
+        vote.term = before.term + 1;
+        vote.log_term = before.term + 1;
+        vote.index = before.last_index + 1_000;
+        sim.slots[i]
+            .tx
+            .send(Input::Raft(Box::new(vote)))
+            .expect("the node is running");
+        sim.run_node(i);
+        let after = sim.slots[i].node.as_ref().expect("running").status();
+        after.term > before.term
+    }
+
+    /// Steps the simulation until `ms` after `since`.
+    fn step_until(sim: &mut Sim, since: u64, ms: u64) {
+        while sim.now < since + ms {
+            sim.step(false);
+        }
+    }
+
+    /// A follower restarted with a shorter election timeout (a rolling
+    /// change) refuses votes for the longer promise it named before: a
+    /// leader may hold a lease on that promise, granted on this follower's
+    /// last acknowledgements before the restart. It records its new promise
+    /// only once that has run out: a restart before then still refuses for
+    /// the old one, a restart after it for the new one only.
+    #[test]
+    fn a_restart_with_a_shorter_timeout_keeps_the_promise_named_before() {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(5, cfg);
+        step_until(&mut sim, 0, 2_000);
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        let f = (l + 1) % 3;
+        let g = (l + 2) % 3 + 1;
+        // Without heartbeats the follower would not refuse a vote by
+        // raft-rs's own rule either; the other follower keeps hearing the
+        // leader, so it never campaigns itself.
+        sim.net.cut.push((l as u64 + 1, f as u64 + 1));
+        // Named before: (10 - 2) ticks of 10 ms. Now: (4 - 2) ticks, and an
+        // election timeout of 40 ms.
+        sim.raft.election_ticks = 4;
+        sim.crash(f, 0);
+        sim.step(false);
+        let restarted = sim.now;
+        step_until(&mut sim, restarted, 60);
+        assert!(
+            !vote_stepped(&mut sim, f, g as u64),
+            "a vote 60 ms after the restart was stepped, within the 80 ms promise named before"
+        );
+        // Restarted again before that promise ran out: it is still kept.
+        sim.crash(f, 0);
+        sim.step(false);
+        let restarted = sim.now;
+        step_until(&mut sim, restarted, 60);
+        assert!(
+            !vote_stepped(&mut sim, f, g as u64),
+            "after a quick second restart a vote at 60 ms was stepped: the new promise was \
+             recorded before the old one ran out"
+        );
+        step_until(&mut sim, restarted, 100);
+        assert!(
+            vote_stepped(&mut sim, f, g as u64),
+            "a vote 100 ms after the restart, past every promise, was refused"
+        );
+        sim.crash(f, 0);
+        sim.step(false);
+        let again = sim.now;
+        step_until(&mut sim, again, 60);
+        assert!(
+            vote_stepped(&mut sim, f, g as u64),
+            "after a second restart the 20 ms promise named since was not the one kept"
+        );
+    }
+
     /// raft-rs drops a leader's proposal (here: a transfer is pending)
     /// while a dense raise proposed before it is still in flight. That raise
     /// commits later, recording its range under its request id; the leader

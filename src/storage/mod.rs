@@ -330,6 +330,27 @@ pub fn check_layout(db: &Disk, layout: &crate::core::Layout) -> Result<(), Stora
     }
 }
 
+const VOTE_PROMISE: &[u8] = b"vote_promise_ms";
+
+/// The vote promise this directory's node last named to its peers (see
+/// `vote_promise` in the node), if it recorded one. Leaders granted leases
+/// on that promise, so after a restart the node keeps it, whatever its new
+/// configuration says, until the leases it backed have run out.
+pub fn recorded_vote_promise(db: &Disk) -> Result<Option<std::time::Duration>, StorageError> {
+    let meta = cf(db, CF_META);
+    db.get_cf(meta, VOTE_PROMISE)?
+        .map(|bytes| decode_u64("vote promise", &bytes).map(std::time::Duration::from_millis))
+        .transpose()
+}
+
+/// Records the vote promise the node names now, synced.
+pub fn record_vote_promise(db: &Disk, promise: std::time::Duration) -> Result<(), StorageError> {
+    let ms = u64::try_from(promise.as_millis()).unwrap_or(u64::MAX);
+    let mut batch = WriteBatch::default();
+    batch.put_cf(cf(db, CF_META), VOTE_PROMISE, ms.to_be_bytes());
+    db.write_batch(batch, true)
+}
+
 pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     match db.cf_handle(name) {
         Some(cf) => cf,
