@@ -86,11 +86,12 @@ fn assert_clean(reports: &[SimReport]) {
         .map(|r| r.crashes + r.pauses + r.partitions + r.chaos + r.clock_jumps)
         .sum();
     let released: u64 = reports.iter().map(|r| r.keys_released).sum();
+    let snapshots: u64 = reports.iter().map(|r| r.snapshots_installed).sum();
     let rounds: u64 = reports.iter().map(|r| r.read_rounds).sum();
     let heartbeats: u64 = reports.iter().map(|r| r.read_heartbeats).sum();
     println!(
         "checked {} seeds: {calls} calls, {ids} IDs, {faults} faults, \
-         {released} idle keys released, {rounds} read rounds in {heartbeats} heartbeats, \
+         {released} idle keys released, {snapshots} snapshots installed, {rounds} read rounds in {heartbeats} heartbeats, \
          {} failed seeds",
         reports.len(),
         failed.len()
@@ -103,6 +104,8 @@ fn assert_clean(reports: &[SimReport]) {
     assert!(reports.iter().all(|r| r.calls > 0 && r.ids > 0));
     // Nor would one whose leaders never released an idle key check that.
     assert!(released > 0, "no idle key was released in any seed");
+    // Nor one where no node ever caught up from a snapshot.
+    assert!(snapshots > 0, "no snapshot was installed in any seed");
 }
 
 /// Read rounds go to just enough followers (src/raft/read_peers.rs), not to

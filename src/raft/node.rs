@@ -121,6 +121,11 @@ fn apply_leaves_loop(entries: &[Entry], compacted: u64, compact_threshold: u64) 
 
 /// Whether the log, applied up to `applied` and compacted up to
 /// `compacted`, is long enough to compact (see `Node::maybe_compact`).
+/// Entries the log keeps at most past a snapshot a follower has not
+/// reached yet (or ten compaction thresholds, if more): a few MiB, for a
+/// few seconds of a snapshot's transfer and install under load.
+const SNAPSHOT_HOLD_MAX_ENTRIES: u64 = 100_000;
+
 fn compaction_due(applied: u64, compacted: u64, compact_threshold: u64) -> bool {
     applied.saturating_sub(compacted) > compact_threshold
 }
@@ -363,7 +368,7 @@ pub fn spawn(
     let promise = vote_promise(&params.raft);
     let syncer = WalSyncer::start(id, disk.clone(), &tx, faults.clone())
         .map_err(|e| StorageError::corrupt("raft sync thread", e))?;
-    let node = Node::open(
+    let mut node = Node::open(
         params,
         disk,
         data_id,
@@ -384,6 +389,7 @@ pub fn spawn(
         },
         Box::new(syncer),
     )?;
+    node.raw.mut_store().build_snapshots_in_background();
     let data_ids = node.peer_data_ids.clone();
     let promises = node.peer_promises.clone();
     let task = rt.spawn(node.run());
@@ -664,7 +670,7 @@ pub(crate) struct Node {
     pending_requests: HashMap<RequestKey, PendingRequest>,
     handover: Option<Handover>,
     last_leader: u64,
-    snapshots_installed: u64,
+    pub(crate) snapshots_installed: u64,
     /// Worker ids the layout allows (set at start).
     max_workers: u64,
     ids: Arc<IdState>,
@@ -2604,10 +2610,40 @@ impl Node {
         }
         // Keep a short tail so a follower slightly behind catches up from
         // the log rather than a snapshot.
-        let upto = applied - self.compact_threshold / 10;
+        let mut upto = applied - self.compact_threshold / 10;
+        if let Some(hold) = self.snapshot_hold(applied) {
+            upto = upto.min(hold);
+        }
         self.raw.mut_store().compact(upto)?;
         tracing::debug!(node_id = self.id, upto, "log compacted");
         Ok(())
+    }
+
+    /// The index compaction must keep the entries after, for a snapshot
+    /// being built or sent: its follower needs them once it has installed
+    /// it, and a snapshot built and sent again as each went stale would
+    /// never let a follower catch up under load. Kept while being built,
+    /// and then while a follower has not reached it, up to a bound
+    /// (a follower that died on the way); dropped once no one needs it.
+    fn snapshot_hold(&self, applied: u64) -> Option<u64> {
+        let (index, building) = self.raw.store().snapshot_hold()?;
+        if building {
+            return Some(index);
+        }
+        let limit = SNAPSHOT_HOLD_MAX_ENTRIES.max(10 * self.compact_threshold);
+        let needed = self.raw.raft.state == StateRole::Leader
+            && self
+                .raw
+                .raft
+                .prs()
+                .iter()
+                .any(|(id, pr)| *id != self.id && pr.matched < index);
+        if needed && applied.saturating_sub(index) <= limit {
+            Some(index)
+        } else {
+            self.raw.store().drop_snapshot();
+            None
+        }
     }
 
     fn check_role(&mut self) {

@@ -112,6 +112,8 @@ pub struct SimReport {
     pub duplicated: u64,
     /// Idle keys released from a leader's memory through the log.
     pub keys_released: u64,
+    /// Snapshots nodes installed (caught up from a leader's snapshot).
+    pub snapshots_installed: u64,
     /// Read rounds leaders sent, and the heartbeats that carried one (a
     /// round's own, and raft-rs's periodic ones while one was pending).
     pub read_rounds: u64,
@@ -133,7 +135,7 @@ impl fmt::Display for SimReport {
             "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed), {} IDs ({} refused), \
              faults: {} crashes ({} unsynced writes lost), {} pauses, {} partitions, {} chaos, \
              {} clock jumps, {} transfers; {} messages ({} dropped, {} duplicated); {} idle keys released; \
-             {} read rounds in {} heartbeats ({} resent); recovered: {}; \
+             {} snapshots installed; {} read rounds in {} heartbeats ({} resent); recovered: {}; \
              violations: {}; digest {:016x}",
             self.seed,
             self.nodes,
@@ -154,6 +156,7 @@ impl fmt::Display for SimReport {
             self.dropped,
             self.duplicated,
             self.keys_released,
+            self.snapshots_installed,
             self.read_rounds,
             self.read_heartbeats,
             self.read_resends,
@@ -532,6 +535,7 @@ impl Sim {
             return;
         };
         self.report.keys_released += node.keys_released;
+        self.report.snapshots_installed += node.snapshots_installed;
         self.report.read_rounds += node.read_rounds_sent;
         self.report.read_resends += node.read_resends;
         lock(&slot.outbox).clear();
@@ -1030,6 +1034,7 @@ impl Sim {
         for slot in &self.slots {
             if let Some(node) = &slot.node {
                 self.report.keys_released += node.keys_released;
+                self.report.snapshots_installed += node.snapshots_installed;
                 self.report.read_rounds += node.read_rounds_sent;
                 self.report.read_resends += node.read_resends;
             }

@@ -717,11 +717,13 @@ impl<'a> Txn<'a> {
     }
 }
 
-/// Serializes the whole state machine with its applied index.
-pub(super) fn read_snapshot(db: &DB) -> Result<(u64, Vec<u8>), StorageError> {
+/// Serializes the whole state machine with its applied index, as RocksDB
+/// snapshot `snap` of `db` holds them (so the index and the data agree).
+pub(super) fn read_snapshot(
+    db: &DB,
+    snap: &rocksdb::Snapshot<'_>,
+) -> Result<(u64, Vec<u8>), StorageError> {
     let state = cf(db, CF_STATE);
-    // One RocksDB snapshot, so the index and the data agree.
-    let snap = db.snapshot();
     let applied = match snap.get_cf(state, APPLIED)? {
         Some(b) => decode_u64("applied index", &b)?,
         None => 0,
@@ -898,7 +900,7 @@ mod tests {
 
     /// A machine restored from a snapshot of `db`.
     fn restored(db: &Disk) -> Machine {
-        let (index, bytes) = read_snapshot(db).unwrap();
+        let (index, bytes) = read_snapshot(db, &db.snapshot()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let other = super::super::open(dir.path()).unwrap();
         let mut batch = WriteBatch::default();
@@ -1035,7 +1037,7 @@ mod tests {
         let db2 = super::super::open(dir2.path()).unwrap();
         let mut other = Machine::open(db2.clone()).unwrap();
         other.apply(&[entry(20, raise("a", "k", 8))]).unwrap();
-        let (index, bytes) = read_snapshot(&db2).unwrap();
+        let (index, bytes) = read_snapshot(&db2, &db2.snapshot()).unwrap();
         let mut batch = WriteBatch::default();
         write_snapshot(&db, &mut batch, index, &bytes).unwrap();
         db.write_batch(batch, false).unwrap();
@@ -1424,7 +1426,7 @@ mod tests {
         m.apply(&[entry(6, granted("b", "k2", 40, "id-2"))])
             .unwrap();
         assert_eq!(m.worker_of(8).unwrap(), Some((1, 0)));
-        let (index, bytes) = read_snapshot(&db).unwrap();
+        let (index, bytes) = read_snapshot(&db, &db.snapshot()).unwrap();
         assert_eq!(index, 6);
 
         let dir2 = tempfile::tempdir().unwrap();

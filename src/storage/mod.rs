@@ -226,7 +226,9 @@ const ROCKSDB_LOG_FILES_KEPT: usize = 4;
 /// flush (millions under dense load) each of those reads walked a deep
 /// skiplist. In-place updates give up point-in-time iterators under
 /// concurrent writes, which this family never has: the node loop alone
-/// writes it, and reads it (snapshots included) between its own writes.
+/// writes it, and reads it between its own writes. Snapshots for followers
+/// are built on another thread, so from a checkpoint (see
+/// `raft_log::build_from_checkpoint`), not from a RocksDB snapshot.
 /// It MUST NOT see a range deletion: a put that finds an older value of
 /// its key in the memtable is written into that entry, under a newer
 /// range tombstone, which then hides it (see `machine::write_snapshot`).
@@ -259,6 +261,8 @@ pub fn open(dir: &Path) -> Result<Disk, StorageError> {
         source,
     })?;
     let path = dir.join("db");
+    // A copy a snapshot was being built from when the node stopped.
+    raft_log::remove_checkpoint(&raft_log::checkpoint_dir(&path));
     // The write-ahead log may hold state writes from before in-place
     // updates (a snapshot install by an older build: a range deletion and
     // puts under it). Replayed with in-place updates on, those puts would

@@ -2,6 +2,7 @@
 //! [`raft::Storage`].
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -30,6 +31,7 @@ pub struct RaftStore {
     /// Term of every entry in the log, from `compacted.0 + 1` on: raft-rs
     /// asks for terms constantly and the log is kept short by compaction.
     terms: VecDeque<u64>,
+    snapshots: Snapshots,
 }
 
 impl RaftStore {
@@ -54,19 +56,7 @@ impl RaftStore {
             Some(cs) => (hard_state, cs),
             None => Self::bootstrap(&db, voters)?,
         };
-        let compacted = match db.get_cf(meta, COMPACTED)? {
-            Some(b) if b.len() == 16 => (
-                decode_u64("compaction point", &b[..8])?,
-                decode_u64("compaction point", &b[8..])?,
-            ),
-            Some(b) => {
-                return Err(StorageError::corrupt(
-                    "compaction point",
-                    format!("{} bytes", b.len()),
-                ))
-            }
-            None => (0, 0),
-        };
+        let compacted = parse_compaction_point(db.get_cf(meta, COMPACTED)?)?;
         let mut terms = VecDeque::new();
         let first = compacted.0 + 1;
         let iter = db.iterator_cf(
@@ -91,6 +81,7 @@ impl RaftStore {
             conf_state,
             compacted,
             terms,
+            snapshots: Snapshots::default(),
         })
     }
 
@@ -147,6 +138,30 @@ impl RaftStore {
     /// Index of the last compaction or installed snapshot.
     pub fn compacted_index(&self) -> u64 {
         self.compacted.0
+    }
+
+    /// Builds snapshots for followers on a thread of their own (see
+    /// [`Snapshots`]).
+    pub fn build_snapshots_in_background(&mut self) {
+        self.snapshots.background = true;
+    }
+
+    /// The snapshot for followers: its index and whether it is still being
+    /// built (its index is then the log's start now, the least it will
+    /// have), or `None`. Compaction keeps the entries after it, which its
+    /// follower needs next.
+    pub fn snapshot_hold(&self) -> Option<(u64, bool)> {
+        let st = self.snapshots.lock();
+        match (&st.ready, st.building) {
+            (Some(snap), _) => Some((snap.get_metadata().index, false)),
+            (None, true) => Some((self.compacted.0, true)),
+            (None, false) => None,
+        }
+    }
+
+    /// Drops the finished snapshot (a later request builds a new one).
+    pub fn drop_snapshot(&self) {
+        self.snapshots.lock().ready = None;
     }
 
     /// Appends entries (replacing any conflicting suffix) and the new hard
@@ -328,6 +343,8 @@ impl RaftStore {
         self.conf_state = cs;
         self.compacted = (meta.index, meta.term);
         self.terms.clear();
+        // Older than the state now; a follower would need what it lacks.
+        self.drop_snapshot();
         Ok(())
     }
 
@@ -337,6 +354,175 @@ impl RaftStore {
             .get_cf(cf(&self.db, CF_LOG), log_key(index))?
             .ok_or_else(|| StorageError::corrupt("raft log", format!("entry {index} missing")))?;
         Entry::parse_from_bytes(&bytes).map_err(|e| StorageError::corrupt("entry", e))
+    }
+}
+
+fn parse_compaction_point(bytes: Option<Vec<u8>>) -> Result<(u64, u64), StorageError> {
+    match bytes {
+        Some(b) if b.len() == 16 => Ok((
+            decode_u64("compaction point", &b[..8])?,
+            decode_u64("compaction point", &b[8..])?,
+        )),
+        Some(b) => Err(StorageError::corrupt(
+            "compaction point",
+            format!("{} bytes", b.len()),
+        )),
+        None => Ok((0, 0)),
+    }
+}
+
+/// Builds a snapshot of the applied state from one RocksDB snapshot of
+/// `db`, so the state, its index, that entry's term and the configuration
+/// applied with it (written in the same batch) agree. Only while nothing
+/// writes to `db`: the state family updates values in place, and a RocksDB
+/// snapshot of it is no point-in-time view under concurrent writes (see
+/// `storage::state_options`).
+fn build_snapshot(db: &DB) -> Result<Snapshot, StorageError> {
+    let view = db.snapshot();
+    let (applied, data) = machine::read_snapshot(db, &view)?;
+    let meta_cf = cf(db, CF_META);
+    let compacted = parse_compaction_point(view.get_cf(meta_cf, COMPACTED)?)?;
+    // A fresh cluster's bootstrap index counts as applied (empty state),
+    // and an installed snapshot's index is applied with it.
+    let (index, term) = if applied <= compacted.0 {
+        compacted
+    } else {
+        let bytes = view
+            .get_cf(cf(db, CF_LOG), log_key(applied))?
+            .ok_or_else(|| {
+                StorageError::corrupt("raft log", format!("applied entry {applied} missing"))
+            })?;
+        let e = Entry::parse_from_bytes(&bytes).map_err(|e| StorageError::corrupt("entry", e))?;
+        (applied, e.term)
+    };
+    let conf_state = match view.get_cf(meta_cf, CONF_STATE)? {
+        Some(b) => {
+            ConfState::parse_from_bytes(&b).map_err(|e| StorageError::corrupt("conf state", e))?
+        }
+        None => return Err(StorageError::corrupt("conf state", "missing")),
+    };
+    let mut snap = Snapshot {
+        data: data.into(),
+        ..Default::default()
+    };
+    let meta: &mut SnapshotMetadata = snap.mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.set_conf_state(conf_state);
+    Ok(snap)
+}
+
+/// Builds a snapshot off the node loop, while it writes: from a checkpoint
+/// of `db` (its table files hard-linked and its write-ahead log copied, a
+/// point-in-time copy RocksDB makes under writes), opened read-only in a
+/// directory beside it and removed after.
+fn build_from_checkpoint(db: &Disk) -> Result<Snapshot, StorageError> {
+    let dir = checkpoint_dir(db.path());
+    remove_checkpoint(&dir);
+    rocksdb::checkpoint::Checkpoint::new(db)?.create_checkpoint(&dir)?;
+    let built = DB::open_cf_for_read_only(
+        &rocksdb::Options::default(),
+        &dir,
+        [CF_LOG, CF_META, CF_STATE],
+        false,
+    )
+    .map_err(StorageError::from)
+    .and_then(|copy| build_snapshot(&copy));
+    remove_checkpoint(&dir);
+    built
+}
+
+/// Where [`build_from_checkpoint`] puts its copy of the database at `db`.
+pub(super) fn checkpoint_dir(db: &std::path::Path) -> std::path::PathBuf {
+    db.with_file_name("snapshot-checkpoint")
+}
+
+/// Removes a checkpoint directory: after a build, or left by a crash.
+pub(super) fn remove_checkpoint(dir: &std::path::Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing a snapshot checkpoint failed")
+        }
+    }
+}
+
+/// Snapshots for followers that fell behind the log. One of a large state
+/// takes seconds to read and encode: built on the node loop, it would stop
+/// heartbeats for that long, the followers would elect another leader, and
+/// that one would start over. So a thread builds it while the store answers
+/// "temporarily unavailable" (raft-rs asks again on the follower's next
+/// heartbeat response), and the finished one serves every follower that
+/// needs one while its index is still in the log. The thread reads a
+/// checkpoint, not the live database (see [`build_from_checkpoint`]).
+#[derive(Default)]
+struct Snapshots {
+    /// Built by a thread; otherwise (the simulation, which must replay
+    /// exactly) built inline on the first request and handed out on the
+    /// next, the same answers in the same order.
+    background: bool,
+    state: Arc<Mutex<SnapshotState>>,
+}
+
+#[derive(Default)]
+struct SnapshotState {
+    building: bool,
+    ready: Option<Snapshot>,
+}
+
+impl Snapshots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SnapshotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The finished snapshot if it is at `floor` or later; otherwise starts
+    /// building one (unless one is being built) and answers `None`.
+    fn get(&self, db: &Disk, floor: u64) -> Option<Snapshot> {
+        let mut st = self.lock();
+        if let Some(snap) = st.ready.as_ref() {
+            if snap.get_metadata().index >= floor {
+                return Some(snap.clone());
+            }
+            st.ready = None;
+        }
+        if st.building {
+            return None;
+        }
+        if !self.background {
+            st.ready = build_snapshot(db)
+                .map_err(|e| tracing::error!(error = %e, "building a snapshot failed"))
+                .ok();
+            return None;
+        }
+        st.building = true;
+        let db = db.clone();
+        let state = self.state.clone();
+        let spawned = std::thread::Builder::new()
+            .name("seqd-snapshot".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let built = build_from_checkpoint(&db);
+                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                st.building = false;
+                match built {
+                    Ok(snap) => {
+                        tracing::info!(
+                            index = snap.get_metadata().index,
+                            bytes = snap.get_data().len(),
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "snapshot built for followers"
+                        );
+                        st.ready = Some(snap);
+                    }
+                    Err(e) => tracing::error!(error = %e, "building a snapshot failed"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "starting the snapshot thread failed");
+            st.building = false;
+        }
+        None
     }
 }
 
@@ -409,26 +595,14 @@ impl raft::Storage for RaftStore {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // The state CF always holds exactly the applied state: it is written
-        // by the node loop only, one applied batch at a time.
-        let (applied, data) = machine::read_snapshot(&self.db).map_err(other)?;
-        // A fresh cluster's bootstrap index counts as applied (empty state).
-        let applied = applied.max(self.compacted.0);
-        if applied < request_index {
-            return Err(raft::Error::Store(
+        // One below the log's first entry: the follower needs the entries
+        // after the snapshot, which an older one would leave out.
+        let floor = request_index.max(self.compacted.0);
+        self.snapshots
+            .get(&self.db, floor)
+            .ok_or(raft::Error::Store(
                 RaftStorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        let term = self.term(applied)?;
-        let mut snap = Snapshot {
-            data: data.into(),
-            ..Default::default()
-        };
-        let meta: &mut SnapshotMetadata = snap.mut_metadata();
-        meta.index = applied;
-        meta.term = term;
-        meta.set_conf_state(self.conf_state.clone());
-        Ok(snap)
+            ))
     }
 }
 
@@ -568,5 +742,69 @@ mod tests {
         let s = RaftStore::open(db, &[1]).unwrap();
         assert_eq!((s.first(), s.last()), (7, 10));
         assert_eq!(s.term(6).unwrap(), 2);
+    }
+
+    fn unavailable(r: raft::Result<Snapshot>) -> bool {
+        matches!(
+            r,
+            Err(raft::Error::Store(
+                RaftStorageError::SnapshotTemporarilyUnavailable
+            ))
+        )
+    }
+
+    /// Off the thread (as the simulation runs): built on the first request,
+    /// handed out on the next; one older than the log's start is rebuilt.
+    #[test]
+    fn a_snapshot_is_built_on_request_and_handed_out_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut s = RaftStore::open(db, &[1, 2]).unwrap();
+        assert_eq!(s.snapshot_hold(), None);
+        assert!(unavailable(s.snapshot(0, 2)));
+        assert_eq!(
+            s.snapshot_hold(),
+            Some((1, false)),
+            "the entries after it are kept"
+        );
+        let snap = s.snapshot(0, 2).unwrap();
+        let meta = snap.get_metadata();
+        assert_eq!((meta.index, meta.term), (1, 1));
+        assert_eq!(meta.get_conf_state().voters, [1, 2]);
+
+        let es: Vec<Entry> = (2..=10).map(|i| entry(i, 1 + i / 5)).collect();
+        s.append(&es, None, true).unwrap();
+        s.compact(6).unwrap();
+        assert!(
+            unavailable(s.snapshot(0, 2)),
+            "a snapshot older than the log's start was handed out"
+        );
+        let meta = s.snapshot(0, 2).unwrap().get_metadata().clone();
+        assert_eq!((meta.index, meta.term), (6, 2));
+        s.drop_snapshot();
+        assert_eq!(s.snapshot_hold(), None);
+    }
+
+    /// On a thread: the store holds compaction while it builds, and hands
+    /// the snapshot out once built.
+    #[test]
+    fn a_snapshot_built_in_the_background_is_handed_out_when_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut s = RaftStore::open(db, &[1, 2]).unwrap();
+        s.build_snapshots_in_background();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let snap = loop {
+            match s.snapshot(0, 2) {
+                Ok(snap) => break snap,
+                Err(e) => {
+                    assert!(unavailable(Err(e)));
+                    assert!(matches!(s.snapshot_hold(), Some((1, _))));
+                    assert!(std::time::Instant::now() < deadline, "never built");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        };
+        assert_eq!(snap.get_metadata().index, 1);
     }
 }
