@@ -65,6 +65,10 @@ pub const SNAPSHOTS_SENT_TOTAL: &str = "seqd_raft_snapshots_sent_total";
 /// directory (storage::identity).
 pub const PEER_STREAMS_REFUSED_TOTAL: &str = "seqd_raft_peer_streams_refused_total";
 pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "seqd_raft_snapshots_installed_total";
+/// The last snapshot built for followers: how long it took (on its own
+/// thread, from a checkpoint) and its size.
+pub const SNAPSHOT_BUILD_SECONDS: &str = "seqd_raft_snapshot_last_build_seconds";
+pub const SNAPSHOT_BYTES: &str = "seqd_raft_snapshot_last_bytes";
 /// Raft messages dropped because they name another node as their receiver
 /// (a peer reached this node at an address it holds for someone else).
 pub const MISDIRECTED_MESSAGES_TOTAL: &str = "seqd_raft_misdirected_messages_total";
@@ -197,6 +201,16 @@ fn describe() {
     describe_counter!(
         SNAPSHOTS_INSTALLED_TOTAL,
         "Snapshots installed on this node."
+    );
+    describe_gauge!(
+        SNAPSHOT_BUILD_SECONDS,
+        Unit::Seconds,
+        "Time the last snapshot for followers took to build (off the node loop)."
+    );
+    describe_gauge!(
+        SNAPSHOT_BYTES,
+        Unit::Bytes,
+        "Size of the last snapshot built for followers."
     );
     describe_gauge!(ACTIVE_KEYS, "Keys held in the leader's memory.");
     describe_counter!(CLOCK_ROLLBACKS_TOTAL, "Clock steps back, by outcome.");

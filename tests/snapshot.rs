@@ -167,6 +167,14 @@ async fn a_large_state_reaches_a_lagging_follower_without_a_leader_change() {
     // One snapshot served: the leader kept the entries after it while it
     // was built, sent and installed, so it was not stale on arrival.
     assert_eq!(builds, 1, "snapshots built for one follower");
+    let bytes = common::metric(
+        &c.node(leader).metrics_addr,
+        "seqd_raft_snapshot_last_bytes",
+    );
+    assert!(
+        bytes.is_some_and(|b| b > 20.0 * LARGE_STATE_KEYS as f64),
+        "seqd_raft_snapshot_last_bytes {bytes:?} for {LARGE_STATE_KEYS} keys"
+    );
     // What a snapshot holds is checked by the test above; a leadership
     // transfer here would make the leader trim a million active keys in
     // one entry, which is another matter (see the README's limits).

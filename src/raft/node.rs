@@ -125,6 +125,10 @@ fn apply_leaves_loop(entries: &[Entry], compacted: u64, compact_threshold: u64) 
 /// reached yet (or ten compaction thresholds, if more): a few MiB, for a
 /// few seconds of a snapshot's transfer and install under load.
 const SNAPSHOT_HOLD_MAX_ENTRIES: u64 = 100_000;
+/// How long a follower a snapshot was sent to may take to install it and
+/// answer (it does not answer meanwhile, so raft-rs soon counts it as not
+/// recently active): seconds for ten million keys.
+const SNAPSHOT_INSTALL_GRACE: Duration = Duration::from_secs(60);
 
 fn compaction_due(applied: u64, compacted: u64, compact_threshold: u64) -> bool {
     applied.saturating_sub(compacted) > compact_threshold
@@ -704,6 +708,8 @@ pub(crate) struct Node {
     /// the current term (membership changes count on the voters that
     /// answer).
     last_heard: HashMap<u64, Instant>,
+    /// Followers sent the snapshot for followers: its index, and when.
+    snapshot_sent: HashMap<u64, (u64, Instant)>,
     addrs: super::PeerAddrs,
     /// Vote promises peers named on their streams (lease mode).
     peer_promises: PeerPromises,
@@ -895,6 +901,7 @@ impl Node {
             bind_sent: HashMap::new(),
             misdirected_logged: None,
             last_heard: HashMap::new(),
+            snapshot_sent: HashMap::new(),
             addrs: params.addrs.clone(),
             peer_promises: PeerPromises::default(),
             worker_tenure,
@@ -1207,6 +1214,9 @@ impl Node {
             Input::SnapshotSent { to, ok } => {
                 if ok {
                     metrics::counter!(m::SNAPSHOTS_SENT_TOTAL).increment(1);
+                    if let Some((index, false)) = self.raw.store().snapshot_hold() {
+                        self.snapshot_sent.insert(to, (index, self.time.now()));
+                    }
                 }
                 let status = if ok {
                     SnapshotStatus::Finish
@@ -2622,26 +2632,33 @@ impl Node {
     /// The index compaction must keep the entries after, for a snapshot
     /// being built or sent: its follower needs them once it has installed
     /// it, and a snapshot built and sent again as each went stale would
-    /// never let a follower catch up under load. Kept while being built,
-    /// and then while a follower has not reached it, up to a bound
-    /// (a follower that died on the way); dropped once no one needs it.
-    fn snapshot_hold(&self, applied: u64) -> Option<u64> {
+    /// never let a follower catch up under load. Kept while being built;
+    /// then while a follower that answers has not reached it, or one it
+    /// was sent to may still be installing it; up to a bound. A member
+    /// that is down keeps nothing: it gets a newer snapshot when back.
+    fn snapshot_hold(&mut self, applied: u64) -> Option<u64> {
         let (index, building) = self.raw.store().snapshot_hold()?;
         if building {
             return Some(index);
         }
+        let now = self.time.now();
         let limit = SNAPSHOT_HOLD_MAX_ENTRIES.max(10 * self.compact_threshold);
+        let sent = &self.snapshot_sent;
         let needed = self.raw.raft.state == StateRole::Leader
-            && self
-                .raw
-                .raft
-                .prs()
-                .iter()
-                .any(|(id, pr)| *id != self.id && pr.matched < index);
+            && self.raw.raft.prs().iter().any(|(id, pr)| {
+                *id != self.id
+                    && pr.matched < index
+                    && (pr.recent_active
+                        || sent.get(id).is_some_and(|(i, at)| {
+                            *i == index
+                                && now.saturating_duration_since(*at) < SNAPSHOT_INSTALL_GRACE
+                        }))
+            });
         if needed && applied.saturating_sub(index) <= limit {
             Some(index)
         } else {
             self.raw.store().drop_snapshot();
+            self.snapshot_sent.clear();
             None
         }
     }

@@ -469,7 +469,13 @@ struct Snapshots {
 struct SnapshotState {
     building: bool,
     ready: Option<Snapshot>,
+    /// When the last build on a thread failed: the next waits a while
+    /// rather than start at every heartbeat response (a full disk, say).
+    failed_at: Option<std::time::Instant>,
 }
+
+/// How long after a failed build the next may start.
+const REBUILD_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Snapshots {
     fn lock(&self) -> std::sync::MutexGuard<'_, SnapshotState> {
@@ -495,6 +501,12 @@ impl Snapshots {
                 .ok();
             return None;
         }
+        if st
+            .failed_at
+            .is_some_and(|at| at.elapsed() < REBUILD_AFTER_FAILURE)
+        {
+            return None;
+        }
         st.building = true;
         let db = db.clone();
         let state = self.state.clone();
@@ -507,15 +519,23 @@ impl Snapshots {
                 st.building = false;
                 match built {
                     Ok(snap) => {
+                        let took = started.elapsed();
+                        let bytes = snap.get_data().len();
+                        metrics::gauge!(crate::metrics::SNAPSHOT_BUILD_SECONDS)
+                            .set(took.as_secs_f64());
+                        metrics::gauge!(crate::metrics::SNAPSHOT_BYTES).set(bytes as f64);
                         tracing::info!(
                             index = snap.get_metadata().index,
-                            bytes = snap.get_data().len(),
-                            took_ms = started.elapsed().as_millis() as u64,
+                            bytes,
+                            took_ms = took.as_millis() as u64,
                             "snapshot built for followers"
                         );
                         st.ready = Some(snap);
                     }
-                    Err(e) => tracing::error!(error = %e, "building a snapshot failed"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "building a snapshot failed");
+                        st.failed_at = Some(std::time::Instant::now());
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -806,5 +826,39 @@ mod tests {
             }
         };
         assert_eq!(snap.get_metadata().index, 1);
+    }
+
+    /// A build that fails (here: its checkpoint's place is taken by a
+    /// file) is not started again at every request, and succeeds once the
+    /// cause is gone.
+    #[test]
+    fn a_failed_background_build_waits_before_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let blocker = checkpoint_dir(db.path());
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let mut s = RaftStore::open(db, &[1, 2]).unwrap();
+        s.build_snapshots_in_background();
+        assert!(unavailable(s.snapshot(0, 2)));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.snapshot_hold().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the build never ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(unavailable(s.snapshot(0, 2)));
+        assert_eq!(
+            s.snapshot_hold(),
+            None,
+            "a build started again at once after a failure"
+        );
+        std::fs::remove_file(&blocker).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.snapshot(0, 2).is_err() {
+            assert!(std::time::Instant::now() < deadline, "never built");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
