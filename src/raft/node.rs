@@ -119,8 +119,6 @@ fn apply_leaves_loop(entries: &[Entry], compacted: u64, compact_threshold: u64) 
         || compaction_due(last.index, compacted, compact_threshold)
 }
 
-/// Whether the log, applied up to `applied` and compacted up to
-/// `compacted`, is long enough to compact (see `Node::maybe_compact`).
 /// Entries the log keeps at most past a snapshot a follower has not
 /// reached yet (or ten compaction thresholds, if more): a few MiB, for a
 /// few seconds of a snapshot's transfer and install under load.
@@ -130,6 +128,8 @@ const SNAPSHOT_HOLD_MAX_ENTRIES: u64 = 100_000;
 /// recently active): seconds for ten million keys.
 const SNAPSHOT_INSTALL_GRACE: Duration = Duration::from_secs(60);
 
+/// Whether the log, applied up to `applied` and compacted up to
+/// `compacted`, is long enough to compact (see `Node::maybe_compact`).
 fn compaction_due(applied: u64, compacted: u64, compact_threshold: u64) -> bool {
     applied.saturating_sub(compacted) > compact_threshold
 }
@@ -626,7 +626,7 @@ pub(crate) struct Node {
     /// [`Node::refuses_vote`]).
     refuse_votes_until: Instant,
     /// This node's vote promise, while the one its directory records (an
-    /// earlier run's, which leases may still rest on) differs: recorded
+    /// earlier run's, which leases may still rest on) is longer: recorded
     /// once `refuse_votes_until` has passed.
     promise_to_record: Option<Duration>,
     disk: storage::Disk,
@@ -763,6 +763,17 @@ impl Node {
         let peer_data_ids = Arc::new(PeerDataIds::open(disk.clone())?);
         let promise = vote_promise(&params.raft);
         let recorded_promise = storage::recorded_vote_promise(&disk)?;
+        // Recorded before any peer stream names it: a lease may rest on it
+        // from the first acknowledgement. Only a shorter promise waits
+        // (see `record_promise_tick`).
+        let promise_to_record = match recorded_promise {
+            Some(recorded) if promise < recorded => Some(promise),
+            Some(recorded) if promise == recorded => None,
+            _ => {
+                storage::record_vote_promise(&disk, promise)?;
+                None
+            }
+        };
         let meta_disk = disk.clone();
         let store = RaftStore::open(disk.clone(), &voters)?;
         let machine = Machine::open(disk)?;
@@ -855,7 +866,7 @@ impl Node {
             compact_threshold: params.raft.compact_threshold,
             started,
             refuse_votes_until,
-            promise_to_record: (recorded_promise != Some(promise)).then_some(promise),
+            promise_to_record,
             disk: meta_disk,
             unconfirmed: Vec::new(),
             reads: VecDeque::new(),
@@ -1381,9 +1392,10 @@ impl Node {
         refuse
     }
 
-    /// Records this run's vote promise once the leases resting on the
-    /// previous run's have run out. Recorded sooner, a second restart
-    /// would forget the longer promise those leases still rely on.
+    /// Records this run's shorter vote promise once the leases resting on
+    /// the previous run's longer one have run out. Recorded sooner, a
+    /// second restart would forget the longer promise those leases still
+    /// rely on.
     fn record_promise_tick(&mut self, now: Instant) {
         let Some(promise) = self.promise_to_record else {
             return;
@@ -1391,13 +1403,11 @@ impl Node {
         if now < self.refuse_votes_until {
             return;
         }
-        match storage::record_vote_promise(&self.disk, promise) {
-            Ok(()) => self.promise_to_record = None,
-            // Tried again on the next tick; until then the longer record
-            // only makes a restart refuse votes for longer.
-            Err(e) => {
-                tracing::warn!(node_id = self.id, error = %e, "recording the vote promise failed")
-            }
+        // Tried once: if it fails, the longer promise stays recorded, and
+        // a restart only refuses votes for longer than it must.
+        self.promise_to_record = None;
+        if let Err(e) = storage::record_vote_promise(&self.disk, promise) {
+            tracing::warn!(node_id = self.id, error = %e, "recording the vote promise failed");
         }
     }
 
@@ -2646,8 +2656,10 @@ impl Node {
         let sent = &self.snapshot_sent;
         let needed = self.raw.raft.state == StateRole::Leader
             && self.raw.raft.prs().iter().any(|(id, pr)| {
+                // Past the snapshot, a follower back in Probe gets one
+                // append at a time, from its index on.
                 *id != self.id
-                    && pr.matched < index
+                    && (pr.matched < index || pr.state != ::raft::ProgressState::Replicate)
                     && (pr.recent_active
                         || sent.get(id).is_some_and(|(i, at)| {
                             *i == index

@@ -1189,6 +1189,44 @@ mod tests {
         );
     }
 
+    /// A longer promise is recorded as the node starts, before its peers
+    /// hear it and grant leases on it: restarted again at once, with a
+    /// shorter timeout, the node still refuses votes for that longer one.
+    #[test]
+    fn a_longer_promise_is_recorded_before_it_is_named() {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(6, cfg);
+        step_until(&mut sim, 0, 2_000);
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        let f = (l + 1) % 3;
+        let g = (l + 2) % 3 + 1;
+        sim.net.cut.push((l as u64 + 1, f as u64 + 1));
+        // (16 - 2) ticks of 10 ms: 140 ms, named for 50 ms only.
+        sim.raft.election_ticks = 16;
+        sim.crash(f, 0);
+        sim.step(false);
+        let longer = sim.now;
+        step_until(&mut sim, longer, 50);
+        sim.raft.election_ticks = 4;
+        sim.crash(f, 0);
+        sim.step(false);
+        let restarted = sim.now;
+        step_until(&mut sim, restarted, 100);
+        assert!(
+            !vote_stepped(&mut sim, f, g as u64),
+            "a vote 100 ms after the restart was stepped, within the 140 ms promise named before"
+        );
+        step_until(&mut sim, restarted, 150);
+        assert!(
+            vote_stepped(&mut sim, f, g as u64),
+            "a vote 150 ms after the restart, past every promise, was refused"
+        );
+    }
+
     /// raft-rs drops a leader's proposal (here: a transfer is pending)
     /// while a dense raise proposed before it is still in flight. That raise
     /// commits later, recording its range under its request id; the leader

@@ -343,8 +343,11 @@ impl RaftStore {
         self.conf_state = cs;
         self.compacted = (meta.index, meta.term);
         self.terms.clear();
-        // Older than the state now; a follower would need what it lacks.
-        self.drop_snapshot();
+        // Older than the state now, as is one being built: a follower
+        // would need what it lacks.
+        let mut st = self.snapshots.lock();
+        st.ready = None;
+        st.generation += 1;
         Ok(())
     }
 
@@ -448,6 +451,18 @@ pub(super) fn remove_checkpoint(dir: &std::path::Path) {
     }
 }
 
+/// Whether configuration `cs` has node `id` in it, in any role.
+fn names(cs: &ConfState, id: u64) -> bool {
+    [
+        &cs.voters,
+        &cs.learners,
+        &cs.voters_outgoing,
+        &cs.learners_next,
+    ]
+    .iter()
+    .any(|ids| ids.contains(&id))
+}
+
 /// Snapshots for followers that fell behind the log. One of a large state
 /// takes seconds to read and encode: built on the node loop, it would stop
 /// heartbeats for that long, the followers would elect another leader, and
@@ -469,6 +484,9 @@ struct Snapshots {
 struct SnapshotState {
     building: bool,
     ready: Option<Snapshot>,
+    /// Bumped when the state is replaced (a snapshot installed here): a
+    /// build started before is of no use after, and is dropped.
+    generation: u64,
     /// When the last build on a thread failed: the next waits a while
     /// rather than start at every heartbeat response (a full disk, say).
     failed_at: Option<std::time::Instant>,
@@ -482,12 +500,16 @@ impl Snapshots {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The finished snapshot if it is at `floor` or later; otherwise starts
-    /// building one (unless one is being built) and answers `None`.
-    fn get(&self, db: &Disk, floor: u64) -> Option<Snapshot> {
+    /// The finished snapshot if it is at `floor` or later and its
+    /// configuration holds `to` (a node added after it was built ignores
+    /// it: raft-rs restores only a snapshot that names the node);
+    /// otherwise starts building one (unless one is being built) and
+    /// answers `None`.
+    fn get(&self, db: &Disk, floor: u64, to: u64) -> Option<Snapshot> {
         let mut st = self.lock();
         if let Some(snap) = st.ready.as_ref() {
-            if snap.get_metadata().index >= floor {
+            let meta = snap.get_metadata();
+            if meta.index >= floor && names(meta.get_conf_state(), to) {
                 return Some(snap.clone());
             }
             st.ready = None;
@@ -508,6 +530,7 @@ impl Snapshots {
             return None;
         }
         st.building = true;
+        let generation = st.generation;
         let db = db.clone();
         let state = self.state.clone();
         let spawned = std::thread::Builder::new()
@@ -518,6 +541,11 @@ impl Snapshots {
                 let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                 st.building = false;
                 match built {
+                    Ok(_) if st.generation != generation => {
+                        tracing::info!(
+                            "snapshot built for followers dropped: the state was replaced"
+                        );
+                    }
                     Ok(snap) => {
                         let took = started.elapsed();
                         let bytes = snap.get_data().len();
@@ -614,12 +642,12 @@ impl raft::Storage for RaftStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         // One below the log's first entry: the follower needs the entries
         // after the snapshot, which an older one would leave out.
         let floor = request_index.max(self.compacted.0);
         self.snapshots
-            .get(&self.db, floor)
+            .get(&self.db, floor, to)
             .ok_or(raft::Error::Store(
                 RaftStorageError::SnapshotTemporarilyUnavailable,
             ))
@@ -860,5 +888,27 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never built");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// A node added after the finished snapshot was built is not in its
+    /// configuration, and raft-rs would not restore it there: it gets a
+    /// new one.
+    #[test]
+    fn a_node_added_after_the_snapshot_gets_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut s = RaftStore::open(db, &[1, 2]).unwrap();
+        assert!(unavailable(s.snapshot(0, 2)));
+        assert!(s.snapshot(0, 2).is_ok());
+        s.set_conf_state(ConfState {
+            voters: vec![1, 2],
+            learners: vec![3],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(unavailable(s.snapshot(0, 3)), "handed out without node 3");
+        let snap = s.snapshot(0, 3).unwrap();
+        assert_eq!(snap.get_metadata().get_conf_state().learners, [3]);
+        assert!(s.snapshot(0, 2).is_ok(), "node 2 is in the new one too");
     }
 }
