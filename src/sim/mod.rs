@@ -1124,6 +1124,33 @@ mod tests {
         after.term > before.term
     }
 
+    /// A three-node simulation, 2 s in without faults, with one follower
+    /// the leader's messages no longer reach: the simulation, that
+    /// follower's slot, and the other follower's id. Without heartbeats the
+    /// follower would not refuse a vote by raft-rs's own rule either; the
+    /// other follower keeps hearing the leader, so it never campaigns.
+    fn with_a_follower_cut_off(seed: u64) -> (Sim, usize, u64) {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(seed, cfg);
+        step_until(&mut sim, 0, 2_000);
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        let f = (l + 1) % 3;
+        sim.net.cut.push((l as u64 + 1, f as u64 + 1));
+        (sim, f, (l + 2) as u64 % 3 + 1)
+    }
+
+    /// Crashes slot `i`'s node and starts it again at once, with the
+    /// simulation's Raft settings as they are now: when it started.
+    fn restart(sim: &mut Sim, i: usize) -> u64 {
+        sim.crash(i, 0);
+        sim.step(false);
+        sim.now
+    }
+
     /// Steps the simulation until `ms` after `since`.
     fn step_until(sim: &mut Sim, since: u64, ms: u64) {
         while sim.now < since + ms {
@@ -1139,52 +1166,33 @@ mod tests {
     /// the old one, a restart after it for the new one only.
     #[test]
     fn a_restart_with_a_shorter_timeout_keeps_the_promise_named_before() {
-        let cfg = SimConfig {
-            faults: false,
-            clients: 0,
-            ..SimConfig::new(3)
-        };
-        let mut sim = Sim::new(5, cfg);
-        step_until(&mut sim, 0, 2_000);
-        let l = sim.leader().expect("a leader after 2 s without faults");
-        let f = (l + 1) % 3;
-        let g = (l + 2) % 3 + 1;
-        // Without heartbeats the follower would not refuse a vote by
-        // raft-rs's own rule either; the other follower keeps hearing the
-        // leader, so it never campaigns itself.
-        sim.net.cut.push((l as u64 + 1, f as u64 + 1));
+        let (mut sim, f, g) = with_a_follower_cut_off(5);
         // Named before: (10 - 2) ticks of 10 ms. Now: (4 - 2) ticks, and an
         // election timeout of 40 ms.
         sim.raft.election_ticks = 4;
-        sim.crash(f, 0);
-        sim.step(false);
-        let restarted = sim.now;
+        let restarted = restart(&mut sim, f);
         step_until(&mut sim, restarted, 60);
         assert!(
-            !vote_stepped(&mut sim, f, g as u64),
+            !vote_stepped(&mut sim, f, g),
             "a vote 60 ms after the restart was stepped, within the 80 ms promise named before"
         );
         // Restarted again before that promise ran out: it is still kept.
-        sim.crash(f, 0);
-        sim.step(false);
-        let restarted = sim.now;
+        let restarted = restart(&mut sim, f);
         step_until(&mut sim, restarted, 60);
         assert!(
-            !vote_stepped(&mut sim, f, g as u64),
+            !vote_stepped(&mut sim, f, g),
             "after a quick second restart a vote at 60 ms was stepped: the new promise was \
              recorded before the old one ran out"
         );
         step_until(&mut sim, restarted, 100);
         assert!(
-            vote_stepped(&mut sim, f, g as u64),
+            vote_stepped(&mut sim, f, g),
             "a vote 100 ms after the restart, past every promise, was refused"
         );
-        sim.crash(f, 0);
-        sim.step(false);
-        let again = sim.now;
+        let again = restart(&mut sim, f);
         step_until(&mut sim, again, 60);
         assert!(
-            vote_stepped(&mut sim, f, g as u64),
+            vote_stepped(&mut sim, f, g),
             "after a second restart the 20 ms promise named since was not the one kept"
         );
     }
@@ -1194,35 +1202,21 @@ mod tests {
     /// shorter timeout, the node still refuses votes for that longer one.
     #[test]
     fn a_longer_promise_is_recorded_before_it_is_named() {
-        let cfg = SimConfig {
-            faults: false,
-            clients: 0,
-            ..SimConfig::new(3)
-        };
-        let mut sim = Sim::new(6, cfg);
-        step_until(&mut sim, 0, 2_000);
-        let l = sim.leader().expect("a leader after 2 s without faults");
-        let f = (l + 1) % 3;
-        let g = (l + 2) % 3 + 1;
-        sim.net.cut.push((l as u64 + 1, f as u64 + 1));
+        let (mut sim, f, g) = with_a_follower_cut_off(6);
         // (16 - 2) ticks of 10 ms: 140 ms, named for 50 ms only.
         sim.raft.election_ticks = 16;
-        sim.crash(f, 0);
-        sim.step(false);
-        let longer = sim.now;
+        let longer = restart(&mut sim, f);
         step_until(&mut sim, longer, 50);
         sim.raft.election_ticks = 4;
-        sim.crash(f, 0);
-        sim.step(false);
-        let restarted = sim.now;
+        let restarted = restart(&mut sim, f);
         step_until(&mut sim, restarted, 100);
         assert!(
-            !vote_stepped(&mut sim, f, g as u64),
+            !vote_stepped(&mut sim, f, g),
             "a vote 100 ms after the restart was stepped, within the 140 ms promise named before"
         );
         step_until(&mut sim, restarted, 150);
         assert!(
-            vote_stepped(&mut sim, f, g as u64),
+            vote_stepped(&mut sim, f, g),
             "a vote 150 ms after the restart, past every promise, was refused"
         );
     }
