@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Invalid UTF-8 in a string field answered INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .file_descriptor_set_path(out_dir.join("seqd_descriptor.bin"))
         .compile_protos(
             &[

@@ -22,6 +22,7 @@
 //! feature; without it the crate is a client library that builds no RocksDB.
 
 pub mod client;
+pub mod codec;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]

@@ -215,3 +215,59 @@ async fn exhausted_keys_fail_and_never_wrap() {
     assert_eq!(err.code(), Some(Code::ResourceExhausted));
     assert_eq!(client.current("tiny", "t").await.unwrap(), 100);
 }
+
+/// `NextRequest` as it goes on the wire, with its key as raw bytes, so a
+/// test can send one that is not UTF-8 (the generated type holds a
+/// `String`).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawNextRequest {
+    #[prost(string, tag = "1")]
+    namespace: String,
+    #[prost(bytes = "vec", tag = "2")]
+    key: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    count: u32,
+}
+
+/// A key that is not UTF-8 is bad input like any other: INVALID_ARGUMENT
+/// naming the field (prost refuses it while decoding, which tonic alone
+/// answers INTERNAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_that_is_not_utf8_is_invalid_argument() {
+    let c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    c.wait_leader(Duration::from_secs(20)).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(1).addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let raw = RawNextRequest {
+        namespace: "conv".into(),
+        key: vec![b'k', 0xff, 0xfe],
+        count: 1,
+    };
+    let err = grpc
+        .unary::<_, seqd::pb::NextResponse, _>(
+            tonic::Request::new(raw),
+            "/seqd.v1.Sequencer/Next".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("a key that is not UTF-8 was accepted");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("key") && err.message().contains("UTF-8"),
+        "the message does not name the field: {}",
+        err.message()
+    );
+    // The node goes on serving.
+    let mut api = c.sequencer(1).await;
+    let first = api
+        .next(next("conv", "k", 1, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.first, 1);
+}
