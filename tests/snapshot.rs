@@ -177,5 +177,6 @@ async fn a_large_state_reaches_a_lagging_follower_without_a_leader_change() {
     );
     // What a snapshot holds is checked by the test above; a leadership
     // transfer here would make the leader trim a million active keys in
-    // one entry, which is another matter (see the README's limits).
+    // one entry, which is another matter (see the README, "Snapshots for
+    // followers").
 }
