@@ -492,6 +492,10 @@ struct SnapshotState {
     failed_at: Option<std::time::Instant>,
 }
 
+/// Held by a test to keep a build on a thread from finishing.
+#[cfg(test)]
+static BUILD_GATE: Mutex<()> = Mutex::new(());
+
 /// How long after a failed build the next may start.
 const REBUILD_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -536,6 +540,8 @@ impl Snapshots {
         let spawned = std::thread::Builder::new()
             .name("seqd-snapshot".into())
             .spawn(move || {
+                #[cfg(test)]
+                drop(BUILD_GATE.lock().unwrap_or_else(|p| p.into_inner()));
                 let started = std::time::Instant::now();
                 let built = build_from_checkpoint(&db);
                 let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
@@ -910,5 +916,43 @@ mod tests {
         let snap = s.snapshot(0, 3).unwrap();
         assert_eq!(snap.get_metadata().get_conf_state().learners, [3]);
         assert!(s.snapshot(0, 2).is_ok(), "node 2 is in the new one too");
+    }
+
+    /// A build still running when a snapshot from the leader replaces the
+    /// state is of no use after: it is dropped, not kept as the finished
+    /// one (which would hold compaction back at its old index).
+    #[test]
+    fn a_build_overtaken_by_an_install_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other =
+            RaftStore::open(super::super::open(other_dir.path()).unwrap(), &[1, 2]).unwrap();
+        let es: Vec<Entry> = (2..=10).map(|i| entry(i, 1 + i / 5)).collect();
+        other.append(&es, None, true).unwrap();
+        other.compact(6).unwrap();
+        assert!(unavailable(other.snapshot(0, 2)));
+        let newer = other.snapshot(0, 2).unwrap();
+
+        let mut s = RaftStore::open(db, &[1, 2]).unwrap();
+        s.build_snapshots_in_background();
+        let gate = BUILD_GATE.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(unavailable(s.snapshot(0, 2)));
+        assert_eq!(s.snapshot_hold(), Some((1, true)));
+        s.install_snapshot(&newer).unwrap();
+        drop(gate);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.snapshots.lock().building {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the build never ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            s.snapshot_hold(),
+            None,
+            "the build from before the install was kept"
+        );
     }
 }
