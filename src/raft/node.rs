@@ -90,6 +90,19 @@ const RECENT_RANGES: usize = storage::REQUEST_RECORD_RANGES;
 /// (`cargo bench --bench memory`).
 const IDLE_SWEEP_PER_TICK: usize = 10_000;
 
+/// Keys in one part of a hand-over's trim. A part is an entry of about
+/// half a megabyte (a key's namespace, name and ceiling), one append
+/// message at the default `max_size_per_msg`. In one entry, a leader's
+/// million keys held its loop 1.3 s in the debug build (another node took
+/// over before the transfer), and DESIGN's ten million made an entry of
+/// about 300 MB.
+const TRIM_PART_KEYS: usize = 10_000;
+
+/// Parts of a trim proposed and not yet applied: enough for the next part
+/// to be in the log while one commits, few enough that a loop round
+/// encodes at most a few megabytes of them.
+const TRIM_PARTS_IN_FLIGHT: usize = 4;
+
 /// Committed entry bytes the node loop applies on its own worker thread;
 /// a longer apply (a follower catching up) leaves the thread to the
 /// runtime's other tasks meanwhile (see [`apply_leaves_loop`]). A dense
@@ -169,6 +182,9 @@ pub struct NodeTesting {
     /// Lease mode with a lease three election timeouts long, outliving the
     /// followers' promise: a deliberately broken lease.
     pub stretch_lease: bool,
+    /// Keys per part of a hand-over's trim; 0: [`TRIM_PART_KEYS`]. (The
+    /// simulation has a few keys, and trims them in parts of two.)
+    pub trim_part_keys: usize,
 }
 
 /// Where a node's Raft messages go: the gRPC transport, or the simulated
@@ -482,7 +498,11 @@ struct PendingRequest {
 enum Proposal {
     Raises(Vec<DenseWaiter>),
     LeaderStart,
-    Trim,
+    /// A part of a hand-over's trim; `last`: the part that makes the
+    /// hand-off clean.
+    Trim {
+        last: bool,
+    },
     /// Idle keys leaving memory; they serve again once this settles.
     Release(Vec<SeqKey>),
     ConfChange(Reply<Membership>),
@@ -504,9 +524,18 @@ struct Handover {
     term: u64,
     to: Option<u64>,
     phase: HandoverPhase,
+    /// Moved on as each part of the trim applies, so a slow trim of many
+    /// keys is not cut short while it progresses.
     deadline: Instant,
     reply: Option<Reply<()>>,
     exit: Option<oneshot::Sender<()>>,
+    /// Keys whose trim is not proposed yet (taken from the end, a part at
+    /// a time).
+    untrimmed: Vec<DenseRaise>,
+    /// Parts proposed and not applied yet.
+    parts_in_flight: usize,
+    /// The last part is proposed.
+    last_part_proposed: bool,
 }
 
 /// Idempotency records: what each request id was answered with (a hash of
@@ -693,6 +722,11 @@ pub(crate) struct Node {
     /// Read rounds it sent to every follower again (a chosen one answered
     /// slowly or became unreachable).
     pub(crate) read_resends: u64,
+    /// Parts of hand-over trims this node proposed (the simulation's tests
+    /// check that a trim of more keys than a part went in parts).
+    pub(crate) trim_parts: u64,
+    /// Keys per part of a hand-over's trim.
+    trim_part_keys: usize,
     /// Set by `run`: the node runs as a task on a multi-thread runtime.
     on_runtime: bool,
     /// Shared with the peer service, which admits streams by them; told
@@ -905,6 +939,11 @@ impl Node {
             skip_leadership_check: params.testing.skip_leadership_check,
             keys_released: 0,
             read_rounds_sent: 0,
+            trim_parts: 0,
+            trim_part_keys: match params.testing.trim_part_keys {
+                0 => TRIM_PART_KEYS,
+                n => n,
+            },
             read_resends: 0,
             on_runtime: false,
             peer_data_ids,
@@ -2583,9 +2622,11 @@ impl Node {
                         tracing::info!(node_id = self.id, term, epoch, "leader serving");
                     }
                 }
-                Proposal::Trim => {
-                    if ours {
+                Proposal::Trim { last } => {
+                    if ours && last {
                         self.transfer_after_trim(true);
+                    } else if ours {
+                        self.trim_part_applied();
                     }
                 }
                 Proposal::Release(keys) => {
@@ -2792,18 +2833,12 @@ impl Node {
                 call.fail(NodeError::NotLeader { leader: hint });
             }
         }
-        let keys = self.key_ceilings(&trim);
         tracing::info!(
             node_id = self.id,
-            keys = keys.len(),
+            keys = trim.len(),
+            parts = trim.len().div_ceil(self.trim_part_keys).max(1),
             "handing over: trimming"
         );
-        let cmd = Command {
-            kind: Some(command::Kind::Trim(Trim {
-                keys,
-                term: self.raw.raft.term,
-            })),
-        };
         self.handover = Some(Handover {
             term: self.raw.raft.term,
             to,
@@ -2811,10 +2846,64 @@ impl Node {
             deadline: self.time.now() + self.election_timeout * 2,
             reply,
             exit,
+            untrimmed: trim,
+            parts_in_flight: 0,
+            last_part_proposed: false,
         });
-        if self.propose(cmd, Proposal::Trim).is_err() {
-            self.transfer_after_trim(false);
+        self.propose_trim_parts();
+    }
+
+    /// Proposes the handover's next parts of its trim, up to
+    /// [`TRIM_PARTS_IN_FLIGHT`] not yet applied. The last part (the only
+    /// one if every key fits in it, even none) is marked as such: only it
+    /// makes the hand-off clean.
+    fn propose_trim_parts(&mut self) {
+        let term = self.raw.raft.term;
+        loop {
+            let Some(h) = self.handover.as_mut() else {
+                return;
+            };
+            if !matches!(h.phase, HandoverPhase::Trimming)
+                || h.last_part_proposed
+                || h.parts_in_flight >= TRIM_PARTS_IN_FLIGHT
+            {
+                return;
+            }
+            let from = h.untrimmed.len().saturating_sub(self.trim_part_keys);
+            let part = h.untrimmed.split_off(from);
+            let last = h.untrimmed.is_empty();
+            h.parts_in_flight += 1;
+            h.last_part_proposed = last;
+            let cmd = Command {
+                kind: Some(command::Kind::Trim(Trim {
+                    keys: self.key_ceilings(&part),
+                    term,
+                    more: !last,
+                })),
+            };
+            self.trim_parts += 1;
+            if self.propose(cmd, Proposal::Trim { last }).is_err() {
+                // Parts already in the log may still commit: serving again
+                // needs a new start (see `check_handover_deadline`).
+                self.transfer_after_trim(false);
+                return;
+            }
         }
+    }
+
+    /// A part of the trim (not the last) applied: the next ones go, and
+    /// the handover gets its time again.
+    fn trim_part_applied(&mut self) {
+        let now = self.time.now();
+        let Some(h) = self.handover.as_mut() else {
+            return;
+        };
+        if !matches!(h.phase, HandoverPhase::Trimming) {
+            return;
+        }
+        h.parts_in_flight -= 1;
+        h.deadline = now + self.election_timeout * 2;
+        self.propose_trim_parts();
     }
 
     fn best_follower(&self) -> Option<u64> {

@@ -311,6 +311,11 @@ const SEGMENTED_KEYS: std::ops::Range<usize> = 0..3;
 const DENSE_KEYS: std::ops::Range<usize> = 3..5;
 const COLD_KEYS: std::ops::Range<usize> = 5..8;
 
+/// Keys per part of a hand-over's trim: fewer than the segmented keys, so
+/// that the simulation's handovers trim in parts and its faults cut some
+/// of them short.
+const SIM_TRIM_PART_KEYS: usize = 2;
+
 /// The keys clients use: a few hot segmented ones, two dense ones, and
 /// cold segmented ones, used so rarely that they go idle (and are released
 /// from the leader's memory) between uses.
@@ -505,6 +510,7 @@ impl Sim {
                 fixed_election_timeout: true,
                 skip_leadership_check: self.cfg.break_leadership_check,
                 stretch_lease: self.cfg.break_lease,
+                trim_part_keys: SIM_TRIM_PART_KEYS,
             },
         };
         let outbox = slot.outbox.clone();
@@ -1358,6 +1364,86 @@ mod tests {
             after.epoch,
             before.epoch
         );
+    }
+
+    /// Asks slot `i`'s node for one number of each of `keys` at once; the
+    /// answers, in order, once all have come.
+    fn call_each(sim: &mut Sim, i: usize, keys: &[usize]) -> Vec<Result<Grant, NodeError>> {
+        let calls: Vec<_> = keys
+            .iter()
+            .map(|&k| send_call(sim, i, k, 1, None))
+            .collect();
+        calls.into_iter().map(|rx| answer(sim, rx)).collect()
+    }
+
+    /// A handover of more keys than a part of a trim holds trims them in
+    /// parts and transfers after the last: the next leader continues every
+    /// key from the last number handed out, under the same epoch (the
+    /// hand-off was clean, so no hole may have opened).
+    #[test]
+    fn a_handover_trims_in_parts_and_the_next_leader_continues_every_key() {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(7, cfg);
+        step_until(&mut sim, 0, 2_000);
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        let keys: Vec<usize> = SEGMENTED_KEYS.chain(COLD_KEYS).collect();
+        let before: Vec<Grant> = call_each(&mut sim, l, &keys)
+            .into_iter()
+            .map(|r| r.expect("a call before the handover"))
+            .collect();
+        let parts_before = sim.slots[l].node.as_ref().expect("running").trim_parts;
+        let (reply, mut handover) = oneshot::channel();
+        sim.slots[l]
+            .tx
+            .send(Input::TransferLeader { to: None, reply })
+            .expect("the node is running");
+        let mut ended = None;
+        for _ in 0..3_000 {
+            if let Ok(r) = handover.try_recv() {
+                ended = Some(r);
+                break;
+            }
+            sim.step(false);
+        }
+        ended
+            .expect("the handover ended within 3 s")
+            .expect("the handover succeeded");
+        let parts = sim.slots[l].node.as_ref().expect("running").trim_parts - parts_before;
+        assert_eq!(
+            parts,
+            keys.len().div_ceil(SIM_TRIM_PART_KEYS) as u64,
+            "parts of the trim of {} keys",
+            keys.len()
+        );
+        let mut after = Vec::new();
+        for _ in 0..100 {
+            let n = sim.leader().filter(|&n| n != l);
+            if let Some(n) = n {
+                let answers = call_each(&mut sim, n, &keys);
+                if answers.iter().all(Result::is_ok) {
+                    after = answers.into_iter().map(Result::unwrap).collect();
+                    break;
+                }
+            }
+            let now = sim.now;
+            step_until(&mut sim, now, 20);
+        }
+        assert!(
+            !after.is_empty(),
+            "no new leader served all keys within 2 s"
+        );
+        for ((k, b), a) in keys.iter().zip(&before).zip(&after) {
+            assert_eq!(
+                (a.ranges[0].first(), a.epoch),
+                (b.ranges[0].last() + 1, b.epoch),
+                "{:?}: the next leader's first number and epoch",
+                sim.keys[*k]
+            );
+        }
     }
 
     /// A heartbeat addressed to another node (a peer holding this node's

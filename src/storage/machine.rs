@@ -412,7 +412,9 @@ impl Machine {
                                 txn.put(k.clone(), kc.ceiling.to_be_bytes().to_vec());
                                 seen.push((k, kc.ceiling));
                             }
-                            meta.clean_handoff = true;
+                            // A part alone leaves holes in the keys of the
+                            // parts that never came.
+                            meta.clean_handoff = !t.more;
                             Applied::Trimmed(t.keys)
                         }
                         Some(command::Kind::Release(r)) => {
@@ -983,16 +985,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = super::super::open(dir.path()).unwrap();
         let mut m = Machine::open(db.clone()).unwrap();
-        let trim = |ceiling| {
-            command::Kind::Trim(Trim {
-                keys: vec![KeyCeiling {
-                    namespace: "a".into(),
-                    key: "k".into(),
-                    ceiling,
-                }],
-                term: 1,
-            })
-        };
         let release = |from, ceiling| {
             command::Kind::Release(crate::pb::state::ReleaseKeys {
                 keys: vec![crate::pb::state::ReleasedKey {
@@ -1012,11 +1004,11 @@ mod tests {
             ceiling_after(&mut m, &[entry(1, raise("a", "k", 100))]),
             100
         );
-        m.apply(&[entry(2, trim(30))]).unwrap();
+        m.apply(&[entry(2, trim("k", 30, false))]).unwrap();
         assert_eq!(ceiling_after(&mut m, &[entry(3, raise("a", "k", 50))]), 50);
         let batch = [
             entry(4, raise("a", "k", 200)),
-            entry(5, trim(60)),
+            entry(5, trim("k", 60, false)),
             entry(6, raise("a", "k", 70)),
         ];
         assert_eq!(ceiling_after(&mut m, &batch), 70);
@@ -1075,6 +1067,19 @@ mod tests {
         assert_eq!((m.applied(), m.ceiling("a", "k").unwrap()), (6, 200));
     }
 
+    /// A trim of `key` to `ceiling` in term 1; `more`: other parts follow.
+    fn trim(key: &str, ceiling: u64, more: bool) -> command::Kind {
+        command::Kind::Trim(Trim {
+            keys: vec![KeyCeiling {
+                namespace: "a".into(),
+                key: key.into(),
+                ceiling,
+            }],
+            term: 1,
+            more,
+        })
+    }
+
     #[test]
     fn epoch_stays_after_a_clean_handoff() {
         let dir = tempfile::tempdir().unwrap();
@@ -1084,23 +1089,52 @@ mod tests {
         m.apply(&[entry(1, start(1))]).unwrap();
         assert_eq!(m.epoch(), 1);
         m.apply(&[entry(2, raise("a", "k", 100))]).unwrap();
-        m.apply(&[entry(
-            3,
-            command::Kind::Trim(Trim {
-                keys: vec![KeyCeiling {
-                    namespace: "a".into(),
-                    key: "k".into(),
-                    ceiling: 7,
-                }],
-                term: 1,
-            }),
-        )])
-        .unwrap();
+        m.apply(&[entry(3, trim("k", 7, false))]).unwrap();
         assert_eq!(m.ceiling("a", "k").unwrap(), 7);
         m.apply(&[entry(4, start(2))]).unwrap();
         assert_eq!(m.epoch(), 1, "trimmed hand-over keeps the epoch");
         m.apply(&[entry(5, start(3))]).unwrap();
         assert_eq!(m.epoch(), 2, "an untrimmed take-over bumps it");
+    }
+
+    /// A hand-over trimmed in parts is clean only once its last part
+    /// applies: a leader that starts after the first part alone finds the
+    /// other parts' keys still above what was handed out.
+    #[test]
+    fn a_trim_in_parts_is_clean_only_with_its_last_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut m = Machine::open(db.clone()).unwrap();
+        let start = |term| command::Kind::LeaderStart(LeaderStart { term, node_id: 1 });
+        m.apply(&[entry(1, start(1))]).unwrap();
+        m.apply(&[
+            entry(2, raise("a", "k", 100)),
+            entry(3, raise("a", "l", 100)),
+        ])
+        .unwrap();
+        m.apply(&[entry(4, trim("k", 7, true))]).unwrap();
+        m.apply(&[entry(5, start(2))]).unwrap();
+        assert_eq!(
+            (
+                m.ceiling("a", "k").unwrap(),
+                m.ceiling("a", "l").unwrap(),
+                m.epoch()
+            ),
+            (7, 100, 2),
+            "a take-over after one part of a trim opens a new epoch"
+        );
+        m.apply(&[entry(6, trim("k", 8, true)), entry(7, trim("l", 9, false))])
+            .unwrap();
+        m.apply(&[entry(8, start(3))]).unwrap();
+        assert_eq!(
+            (
+                m.ceiling("a", "k").unwrap(),
+                m.ceiling("a", "l").unwrap(),
+                m.epoch()
+            ),
+            (8, 9, 2),
+            "a hand-over trimmed in two parts keeps the epoch"
+        );
     }
 
     /// A dense raise of `key` to `ceiling` that answered `request_id`
