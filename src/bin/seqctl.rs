@@ -68,11 +68,19 @@ enum Cmd {
     },
 }
 
+/// How long `transfer-leader` waits for the leader's handover.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
+
 fn admin(addr: &str) -> Result<AdminClient<Channel>, String> {
+    admin_waiting(addr, Duration::from_secs(10))
+}
+
+/// An admin client whose calls may take up to `timeout`.
+fn admin_waiting(addr: &str, timeout: Duration) -> Result<AdminClient<Channel>, String> {
     let ch = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| format!("bad endpoint {addr:?}"))?
         .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(10))
+        .timeout(timeout)
         .connect_lazy();
     Ok(AdminClient::new(ch))
 }
@@ -213,7 +221,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::TransferLeader { to } => {
             let leader = leader(&cli.endpoints).await?;
-            admin(&leader)?
+            // The leader first trims every key it holds, in parts: with
+            // millions of keys that takes seconds.
+            admin_waiting(&leader, TRANSFER_TIMEOUT)?
                 .transfer_leader(TransferLeaderRequest {
                     to: to.unwrap_or(0),
                 })

@@ -274,9 +274,14 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// Trims and moves leadership. Waits for the handover to end, not for
+    /// the request timeout: a trim of many keys goes in parts and may take
+    /// longer, and the node answers in any case once leadership has moved,
+    /// has been lost otherwise, or the transfer itself timed out.
     pub async fn transfer_leader(&self, to: Option<u64>) -> Result<(), NodeError> {
-        self.ask(|reply, _| Input::TransferLeader { to, reply })
-            .await
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::TransferLeader { to, reply })?;
+        rx.await.map_err(|_| NodeError::Stopped)?
     }
 
     /// Adds, promotes or removes a node. Must be sent to the leader.

@@ -1179,13 +1179,16 @@ impl Node {
         self.resend_slow_round();
         self.start_read_round();
         self.propose_raises();
+        self.propose_trim_parts();
         self.on_ready()?;
         self.check_role();
         // A round that completed in the Ready makes room for the calls that
         // queued behind it; calls served during the Ready (confirmed reads,
-        // applied refills) may have queued raises. Both now, not a tick later.
+        // applied refills) may have queued raises, and applied parts of a
+        // trim make room for the next. All now, not a tick later.
         self.start_read_round();
         self.propose_raises();
+        self.propose_trim_parts();
         // A role change may have queued work too (LeaderStart).
         if self.raw.has_ready() {
             self.on_ready()?;
@@ -2859,11 +2862,17 @@ impl Node {
     /// makes the hand-off clean.
     fn propose_trim_parts(&mut self) {
         let term = self.raw.raft.term;
+        let leading = self.raw.raft.state == StateRole::Leader;
         loop {
             let Some(h) = self.handover.as_mut() else {
                 return;
             };
-            if !matches!(h.phase, HandoverPhase::Trimming)
+            // Only as the leader of the handover's term: raft-rs forwards a
+            // follower's proposal to the leader, whose term it would join.
+            // (The handover ends after this round: `handover_done`.)
+            if !leading
+                || h.term != term
+                || !matches!(h.phase, HandoverPhase::Trimming)
                 || h.last_part_proposed
                 || h.parts_in_flight >= TRIM_PARTS_IN_FLIGHT
             {
@@ -2891,8 +2900,10 @@ impl Node {
         }
     }
 
-    /// A part of the trim (not the last) applied: the next ones go, and
-    /// the handover gets its time again.
+    /// A part of the trim (not the last) applied: the handover gets its
+    /// time again, and room for the next part, which the round proposes
+    /// after the Ready (a proposal while a Ready is out would append an
+    /// entry it does not name, and raft-rs panics when it is persisted).
     fn trim_part_applied(&mut self) {
         let now = self.time.now();
         let Some(h) = self.handover.as_mut() else {
@@ -2903,7 +2914,6 @@ impl Node {
         }
         h.parts_in_flight -= 1;
         h.deadline = now + self.election_timeout * 2;
-        self.propose_trim_parts();
     }
 
     fn best_follower(&self) -> Option<u64> {

@@ -406,6 +406,13 @@ impl Machine {
                                 epoch: meta.epoch,
                             }
                         }
+                        // Only in the term it was proposed in, by that
+                        // term's leader. (raft-rs forwards a follower's
+                        // proposal to the leader, in whose term a deposed
+                        // leader's trim would lower ceilings under what the
+                        // new leader handed out. The leader never proposes
+                        // a trim but as leader; this keeps that true.)
+                        Some(command::Kind::Trim(t)) if t.term != e.term => Applied::Empty,
                         Some(command::Kind::Trim(t)) => {
                             for kc in &t.keys {
                                 let k = ceiling_key(&kc.namespace, &kc.key);
@@ -1135,6 +1142,24 @@ mod tests {
             (8, 9, 2),
             "a hand-over trimmed in two parts keeps the epoch"
         );
+    }
+
+    /// A trim counts only in the term it names: one a deposed leader
+    /// proposed, forwarded by raft-rs into the next leader's term, would
+    /// lower a ceiling under what that leader handed out.
+    #[test]
+    fn a_trim_in_another_term_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut m = Machine::open(db.clone()).unwrap();
+        let start = |term| command::Kind::LeaderStart(LeaderStart { term, node_id: 1 });
+        m.apply(&[entry(1, start(1)), entry(2, raise("a", "k", 100))])
+            .unwrap();
+        let mut forwarded = entry(3, trim("k", 7, false));
+        forwarded.term = 2;
+        let outcome = m.apply(&[forwarded]).unwrap();
+        assert!(matches!(outcome[..], [(_, Applied::Empty)]));
+        assert_eq!(m.ceiling("a", "k").unwrap(), 100);
     }
 
     /// A dense raise of `key` to `ceiling` that answered `request_id`

@@ -448,6 +448,18 @@ impl Cluster {
     pub fn dump_logs(&self) {
         for n in &self.nodes {
             let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            // A panic's backtrace fills the tail: its message comes first.
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, _) in lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.contains("panicked at"))
+            {
+                eprintln!("----- node {} panicked -----", n.id);
+                for line in lines.iter().skip(i.saturating_sub(5)).take(8) {
+                    eprintln!("{line}");
+                }
+            }
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
             eprintln!("----- node {} log (last 40 lines) -----", n.id);
             for line in tail.into_iter().rev() {
