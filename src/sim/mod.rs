@@ -311,10 +311,10 @@ const SEGMENTED_KEYS: std::ops::Range<usize> = 0..3;
 const DENSE_KEYS: std::ops::Range<usize> = 3..5;
 const COLD_KEYS: std::ops::Range<usize> = 5..8;
 
-/// Keys per part of a hand-over's trim: fewer than the segmented keys, so
-/// that the simulation's handovers trim in parts and its faults cut some
-/// of them short.
-const SIM_TRIM_PART_KEYS: usize = 2;
+/// Keys per part of a hand-over's trim: one, so that the simulation's
+/// handovers trim in more parts than may be in flight (later parts are
+/// proposed as earlier ones apply), and its faults cut some of them short.
+const SIM_TRIM_PART_KEYS: usize = 1;
 
 /// The keys clients use: a few hot segmented ones, two dense ones, and
 /// cold segmented ones, used so rarely that they go idle (and are released
