@@ -183,7 +183,7 @@ pub struct NodeTesting {
     /// followers' promise: a deliberately broken lease.
     pub stretch_lease: bool,
     /// Keys per part of a hand-over's trim; 0: [`TRIM_PART_KEYS`]. (The
-    /// simulation has a few keys, and trims them in parts of two.)
+    /// simulation has a few keys, and trims them one per part.)
     pub trim_part_keys: usize,
 }
 
