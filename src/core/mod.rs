@@ -11,7 +11,7 @@ pub mod snowflake;
 pub mod types;
 
 pub use clock::{Clock, SystemClock};
-pub use segment::{AllocError, Allocation, Allocator, CeilingSource, DenseRaise, Role};
+pub use segment::{AllocError, Allocation, Allocator, CeilingSource, DenseRaise, Release, Role};
 pub use snowflake::{ClockReport, IdError, Issuer, Layout, LayoutError};
 pub use types::{
     InvalidArgument, Mode, NamespaceId, NamespaceSpec, Namespaces, RequestId, SeqKey, SeqRange,

@@ -411,6 +411,23 @@ impl Allocator {
     /// already where they stand. A returned key serves nothing until
     /// [`Allocator::on_released`] or [`Allocator::end_release`].
     pub fn take_releases(&mut self, now_ms: u64, budget: usize) -> Vec<Release> {
+        self.sweep_releases(now_ms, budget, None)
+    }
+
+    /// [`Allocator::take_releases`] of keys idle for `idle_ms`, whatever
+    /// their namespace's `forget_idle_ms`: a leader about to hand over
+    /// releases what is not in use while it still serves, so that the
+    /// trim, during which nothing is served, is short.
+    pub fn take_releases_idle_for(
+        &mut self,
+        now_ms: u64,
+        budget: usize,
+        idle_ms: u64,
+    ) -> Vec<Release> {
+        self.sweep_releases(now_ms, budget, Some(idle_ms))
+    }
+
+    fn sweep_releases(&mut self, now_ms: u64, budget: usize, idle_ms: Option<u64>) -> Vec<Release> {
         self.now_ms = self.now_ms.max(now_ms);
         if !self.is_serving() || self.keys.is_empty() {
             return Vec::new();
@@ -426,9 +443,14 @@ impl Allocator {
             let Some((key, state)) = self.keys.get_index_mut(i) else {
                 break;
             };
-            let spec = self.namespaces.spec(key.namespace());
-            let idle = spec.forget_idle_ms != 0
-                && self.now_ms.saturating_sub(state.last_used_ms) >= spec.forget_idle_ms;
+            let idle_for = self.now_ms.saturating_sub(state.last_used_ms);
+            let idle = match idle_ms {
+                Some(ms) => idle_for >= ms,
+                None => {
+                    let forget = self.namespaces.spec(key.namespace()).forget_idle_ms;
+                    forget != 0 && idle_for >= forget
+                }
+            };
             // Anything on its way to the log keeps the key: a refill or a
             // dense reservation in flight, a call waiting for room.
             let settled = !state.releasing

@@ -43,7 +43,7 @@ use super::{
 use crate::config::{RaftConfig, ReadMode, ReadRoundPeers, SnowflakeConfig};
 use crate::core::{
     AllocError, Allocation, Allocator, CeilingSource, DenseRaise, Mode, NamespaceId, Namespaces,
-    RequestId, Role, SeqKey, SeqRange,
+    Release, RequestId, Role, SeqKey, SeqRange,
 };
 use crate::metrics as m;
 use crate::pb::state::{
@@ -97,6 +97,18 @@ const IDLE_SWEEP_PER_TICK: usize = 10_000;
 /// over before the transfer), and DESIGN's ten million made an entry of
 /// about 300 MB.
 const TRIM_PART_KEYS: usize = 10_000;
+
+/// A leader about to hand over first releases, while it still serves, the
+/// keys not used for this long (a key released continues without a hole
+/// when next used, as after an idle release): the trim that follows,
+/// during which it serves nothing, is then of the keys in use only. (Its
+/// million keys took the trim of a three-node release cluster on this
+/// VM 11-13 s, `bench/handover.sh`: callers saw no answer meanwhile.)
+const HANDOVER_IDLE_MS: u64 = 1_000;
+
+/// Slices of [`TRIM_PART_KEYS`] keys a handover's release phase looks at
+/// per loop round when it finds none to release.
+const HANDOVER_SLICES_PER_ROUND: usize = 10;
 
 /// Parts of a trim proposed and not yet applied: enough for the next part
 /// to be in the log while one commits, few enough that a loop round
@@ -185,6 +197,10 @@ pub struct NodeTesting {
     /// Keys per part of a hand-over's trim; 0: [`TRIM_PART_KEYS`]. (The
     /// simulation has a few keys, and trims them one per part.)
     pub trim_part_keys: usize,
+    /// How long unused a key is released before a handover; 0:
+    /// [`HANDOVER_IDLE_MS`]. (The simulation's keys leave memory after
+    /// 300 ms idle anyway.)
+    pub handover_idle_ms: u64,
 }
 
 /// Where a node's Raft messages go: the gRPC transport, or the simulated
@@ -509,6 +525,14 @@ enum Proposal {
 }
 
 enum HandoverPhase {
+    /// Still serving, releasing keys idle for [`HANDOVER_IDLE_MS`], a slice
+    /// of the keys at a time with one release entry in flight: `looked`
+    /// keys looked at, of the `of` held when the handover began.
+    Releasing {
+        looked: usize,
+        of: usize,
+        in_flight: Option<u64>,
+    },
     Trimming,
     /// `trimmed`: the trim applied, so every entry proposed before it has
     /// too. Otherwise raft-rs dropped it, and raises proposed before it (a
@@ -727,6 +751,8 @@ pub(crate) struct Node {
     pub(crate) trim_parts: u64,
     /// Keys per part of a hand-over's trim.
     trim_part_keys: usize,
+    /// Keys unused this long are released before a handover's trim.
+    handover_idle_ms: u64,
     /// Set by `run`: the node runs as a task on a multi-thread runtime.
     on_runtime: bool,
     /// Shared with the peer service, which admits streams by them; told
@@ -942,6 +968,10 @@ impl Node {
             trim_parts: 0,
             trim_part_keys: match params.testing.trim_part_keys {
                 0 => TRIM_PART_KEYS,
+                n => n,
+            },
+            handover_idle_ms: match params.testing.handover_idle_ms {
+                0 => HANDOVER_IDLE_MS,
                 n => n,
             },
             read_resends: 0,
@@ -1179,6 +1209,7 @@ impl Node {
         self.resend_slow_round();
         self.start_read_round();
         self.propose_raises();
+        self.release_before_handover();
         self.propose_trim_parts();
         self.on_ready()?;
         self.check_role();
@@ -1188,6 +1219,7 @@ impl Node {
         // trim make room for the next. All now, not a tick later.
         self.start_read_round();
         self.propose_raises();
+        self.release_before_handover();
         self.propose_trim_parts();
         // A role change may have queued work too (LeaderStart).
         if self.raw.has_ready() {
@@ -1315,7 +1347,11 @@ impl Node {
 
     fn accept(&mut self, call: Call) {
         let leading = matches!(self.core.role(), Role::Leader { .. });
-        if !leading || self.handover.is_some() {
+        let handing_over = self
+            .handover
+            .as_ref()
+            .is_some_and(|h| !matches!(h.phase, HandoverPhase::Releasing { .. }));
+        if !leading || handing_over {
             call.fail(NodeError::NotLeader {
                 leader: self.leader_hint(),
             });
@@ -1789,9 +1825,15 @@ impl Node {
             return;
         }
         let releases = self.core.take_releases(self.now_ms(), IDLE_SWEEP_PER_TICK);
-        if releases.is_empty() {
-            return;
+        if !releases.is_empty() {
+            self.propose_releases(releases);
         }
+    }
+
+    /// Proposes the release of keys the allocator marked releasing; the
+    /// entry's index, or `None` if raft-rs dropped it (the keys then serve
+    /// on as before).
+    fn propose_releases(&mut self, releases: Vec<Release>) -> Option<u64> {
         let keys = releases
             .iter()
             .map(|r| ReleasedKey {
@@ -1805,9 +1847,13 @@ impl Node {
             kind: Some(command::Kind::Release(ReleaseKeys { keys })),
         };
         let released = releases.into_iter().map(|r| r.key).collect();
-        if let Err(Proposal::Release(keys)) = self.propose(cmd, Proposal::Release(released)) {
-            // Not in the log: the keys serve on as before.
-            self.core.end_release(&keys);
+        match self.propose(cmd, Proposal::Release(released)) {
+            Ok(index) => Some(index),
+            Err(Proposal::Release(keys)) => {
+                self.core.end_release(&keys);
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -2824,9 +2870,115 @@ impl Node {
             }
             return;
         }
+        // No lease from now on: the transfer may let the target campaign.
+        self.lease_until = None;
+        let held = self.core.active_keys();
+        let releasing = held > self.trim_part_keys;
+        self.handover = Some(Handover {
+            term: self.raw.raft.term,
+            to,
+            phase: if releasing {
+                HandoverPhase::Releasing {
+                    looked: 0,
+                    of: held,
+                    in_flight: None,
+                }
+            } else {
+                HandoverPhase::Trimming
+            },
+            deadline: self.time.now() + self.election_timeout * 2,
+            reply,
+            exit,
+            untrimmed: Vec::new(),
+            parts_in_flight: 0,
+            last_part_proposed: false,
+        });
+        if releasing {
+            tracing::info!(
+                node_id = self.id,
+                keys = held,
+                idle_ms = self.handover_idle_ms,
+                "handing over: releasing idle keys first, serving meanwhile"
+            );
+            self.release_before_handover();
+        } else {
+            self.stop_and_trim();
+        }
+    }
+
+    /// The handover's first phase, while serving: releases the keys idle
+    /// for [`HANDOVER_IDLE_MS`], a slice of the keys at a time, one release
+    /// entry in flight. After one pass over the keys held when it began
+    /// (those used meanwhile stay), it stops serving and trims the rest.
+    fn release_before_handover(&mut self) {
+        let term = self.raw.raft.term;
+        let serving = self.raw.raft.state == StateRole::Leader
+            && matches!(self.core.role(), Role::Leader { term: t, serving: true } if t == term);
+        let Some(h) = self.handover.as_ref() else {
+            return;
+        };
+        let HandoverPhase::Releasing {
+            mut looked,
+            of,
+            in_flight,
+        } = h.phase
+        else {
+            return;
+        };
+        // As the leader of the handover's term only (a proposal as a
+        // follower is forwarded to the leader); the handover ends after
+        // this round if that term is over. Not serving (a proposal was
+        // dropped, see `serve_after_a_new_start`) releases nothing either:
+        // the deadline then moves on to the trim.
+        if !serving || h.term != term {
+            return;
+        }
+        if in_flight.is_some_and(|index| self.proposals.contains_key(&index)) {
+            return;
+        }
+        let now = self.time.now();
+        let now_ms = self.now_ms();
+        // A few slices a round, so that a round among keys all in use is
+        // not a walk over every key.
+        let mut releases = Vec::new();
+        let mut slices = 0;
+        while releases.is_empty() && looked < of && slices < HANDOVER_SLICES_PER_ROUND {
+            releases = self.core.take_releases_idle_for(
+                now_ms,
+                self.trim_part_keys,
+                self.handover_idle_ms,
+            );
+            looked += self.trim_part_keys;
+            slices += 1;
+        }
+        let in_flight = if releases.is_empty() {
+            None
+        } else {
+            self.propose_releases(releases)
+        };
+        let deadline = now + self.election_timeout * 2;
+        if let Some(h) = self.handover.as_mut() {
+            h.phase = HandoverPhase::Releasing {
+                looked,
+                of,
+                in_flight,
+            };
+            h.deadline = deadline;
+        }
+        if in_flight.is_none() && looked >= of {
+            self.stop_and_trim();
+        }
+    }
+
+    /// Stops serving and trims every key still held (see [`Handover`]).
+    fn stop_and_trim(&mut self) {
         self.lease_until = None;
         let trim = self.core.begin_trim();
-        let hint = to.or(self.best_follower());
+        let hint = self
+            .handover
+            .as_ref()
+            .and_then(|h| h.to)
+            .or(self.best_follower());
         // Calls not yet answered go to the next leader.
         for call in self.unconfirmed.drain(..).chain(self.waiting.drain(..)) {
             call.fail(NodeError::NotLeader { leader: hint });
@@ -2842,17 +2994,12 @@ impl Node {
             parts = trim.len().div_ceil(self.trim_part_keys).max(1),
             "handing over: trimming"
         );
-        self.handover = Some(Handover {
-            term: self.raw.raft.term,
-            to,
-            phase: HandoverPhase::Trimming,
-            deadline: self.time.now() + self.election_timeout * 2,
-            reply,
-            exit,
-            untrimmed: trim,
-            parts_in_flight: 0,
-            last_part_proposed: false,
-        });
+        let deadline = self.time.now() + self.election_timeout * 2;
+        if let Some(h) = self.handover.as_mut() {
+            h.phase = HandoverPhase::Trimming;
+            h.deadline = deadline;
+            h.untrimmed = trim;
+        }
         self.propose_trim_parts();
     }
 
@@ -2970,9 +3117,11 @@ impl Node {
         if let Some(r) = h.reply {
             let result = match h.phase {
                 HandoverPhase::Transferring { .. } => Ok(()),
-                HandoverPhase::Trimming => Err(NodeError::NotLeader {
-                    leader: self.leader_hint(),
-                }),
+                HandoverPhase::Releasing { .. } | HandoverPhase::Trimming => {
+                    Err(NodeError::NotLeader {
+                        leader: self.leader_hint(),
+                    })
+                }
             };
             let _ = r.send(result);
         }
@@ -2983,6 +3132,12 @@ impl Node {
     fn check_handover_deadline(&mut self, now: Instant) -> Option<oneshot::Sender<()>> {
         let h = self.handover.as_mut()?;
         if h.deadline > now {
+            return None;
+        }
+        if matches!(h.phase, HandoverPhase::Releasing { .. }) {
+            // No release settled for a while (or none could be proposed):
+            // on to the trim, which covers whatever is still held.
+            self.stop_and_trim();
             return None;
         }
         if matches!(h.phase, HandoverPhase::Trimming) && h.exit.is_none() {

@@ -316,6 +316,11 @@ const COLD_KEYS: std::ops::Range<usize> = 5..8;
 /// proposed as earlier ones apply), and its faults cut some of them short.
 const SIM_TRIM_PART_KEYS: usize = 1;
 
+/// Keys unused this long are released before a handover's trim: below
+/// the namespaces' `forget_idle_ms`, so that handovers release keys the
+/// idle sweep has not.
+const SIM_HANDOVER_IDLE_MS: u64 = 100;
+
 /// The keys clients use: a few hot segmented ones, two dense ones, and
 /// cold segmented ones, used so rarely that they go idle (and are released
 /// from the leader's memory) between uses.
@@ -511,6 +516,7 @@ impl Sim {
                 skip_leadership_check: self.cfg.break_leadership_check,
                 stretch_lease: self.cfg.break_lease,
                 trim_part_keys: SIM_TRIM_PART_KEYS,
+                handover_idle_ms: SIM_HANDOVER_IDLE_MS,
             },
         };
         let outbox = slot.outbox.clone();
@@ -1437,6 +1443,90 @@ mod tests {
             "no new leader served all keys within 2 s"
         );
         for ((k, b), a) in keys.iter().zip(&before).zip(&after) {
+            assert_eq!(
+                (a.ranges[0].first(), a.epoch),
+                (b.ranges[0].last() + 1, b.epoch),
+                "{:?}: the next leader's first number and epoch",
+                sim.keys[*k]
+            );
+        }
+    }
+
+    /// A leader about to hand over first releases the keys not used
+    /// lately while it goes on serving the others; then it trims what is
+    /// left and transfers. Every key continues on the next leader from its
+    /// last number, under the same epoch.
+    #[test]
+    fn a_handover_releases_idle_keys_while_serving_then_trims_the_rest() {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(11, cfg);
+        step_until(&mut sim, 0, 2_000);
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        let keys: Vec<usize> = SEGMENTED_KEYS.chain(COLD_KEYS).collect();
+        let mut last: Vec<Grant> = call_each(&mut sim, l, &keys)
+            .into_iter()
+            .map(|r| r.expect("a call before the handover"))
+            .collect();
+        // Idle past the handover's threshold, not yet the idle sweep's.
+        let now = sim.now;
+        step_until(&mut sim, now, SIM_HANDOVER_IDLE_MS + 50);
+        // One key in use.
+        let hot = send_call(&mut sim, l, keys[0], 1, None);
+        last[0] = answer(&mut sim, hot).expect("a call before the handover");
+        let node = sim.slots[l].node.as_ref().expect("running");
+        let (released_before, parts_before) = (node.keys_released, node.trim_parts);
+        let (reply, mut handover) = oneshot::channel();
+        sim.slots[l]
+            .tx
+            .send(Input::TransferLeader { to: None, reply })
+            .expect("the node is running");
+        // Sent after the transfer: served, as the leader releases the rest.
+        let hot = send_call(&mut sim, l, keys[0], 1, None);
+        last[0] = answer(&mut sim, hot).expect("a call served while releasing");
+        let mut ended = None;
+        for _ in 0..3_000 {
+            if let Ok(r) = handover.try_recv() {
+                ended = Some(r);
+                break;
+            }
+            sim.step(false);
+        }
+        ended
+            .expect("the handover ended within 3 s")
+            .expect("the handover succeeded");
+        let node = sim.slots[l].node.as_ref().expect("running");
+        // Each key released or trimmed (a part holds one key here), the
+        // key in use trimmed. (One pass over the keys may miss a few: a
+        // release moves the last key into the released one's place, behind
+        // the pass; they are trimmed.)
+        let released = node.keys_released - released_before;
+        let trimmed = node.trim_parts - parts_before;
+        assert!(
+            released >= 1 && trimmed >= 1 && released + trimmed == keys.len() as u64,
+            "{released} keys released before the trim, {trimmed} trimmed, of {}",
+            keys.len()
+        );
+        let mut after = Vec::new();
+        for _ in 0..100 {
+            if let Some(n) = sim.leader().filter(|&n| n != l) {
+                let answers = call_each(&mut sim, n, &keys);
+                if answers.iter().all(Result::is_ok) {
+                    after = answers.into_iter().map(Result::unwrap).collect();
+                    break;
+                }
+            }
+            let now = sim.now;
+            step_until(&mut sim, now, 20);
+        }
+        assert!(
+            !after.is_empty(),
+            "no new leader served all keys within 2 s"
+        );
+        for ((k, b), a) in keys.iter().zip(&last).zip(&after) {
             assert_eq!(
                 (a.ranges[0].first(), a.epoch),
                 (b.ranges[0].last() + 1, b.epoch),
