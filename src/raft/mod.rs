@@ -274,10 +274,12 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
-    /// Trims and moves leadership. Waits for the handover to end, not for
-    /// the request timeout: a trim of many keys goes in parts and may take
-    /// longer, and the node answers in any case once leadership has moved,
-    /// has been lost otherwise, or the transfer itself timed out.
+    /// Releases idle keys, trims the rest and moves leadership. Waits for
+    /// the handover to end, not for the request timeout: with many keys it
+    /// takes longer. The node answers once leadership has moved, or has
+    /// been lost otherwise (a leader that cannot commit its trim steps
+    /// down after an election timeout, `check_quorum`), or the transfer
+    /// itself (after the trim) timed out.
     pub async fn transfer_leader(&self, to: Option<u64>) -> Result<(), NodeError> {
         let (reply, rx) = oneshot::channel();
         self.send(Input::TransferLeader { to, reply })?;

@@ -117,6 +117,14 @@ const HANDOVER_RELEASE_KEYS: usize = 1_000;
 /// looks at per loop round when it finds none to release.
 const HANDOVER_SLICES_PER_ROUND: usize = 10;
 
+/// Bytes of keys in one part of a trim, at most (a part of long keys holds
+/// fewer than [`TRIM_PART_KEYS`]).
+const TRIM_PART_BYTES: usize = 512 * 1024;
+
+/// A key's bytes in a trim entry besides its name: its namespace's name,
+/// its ceiling and the encoding's tags and lengths, about.
+const KEY_CEILING_OVERHEAD: usize = 24;
+
 /// Parts of a trim proposed and not yet applied: enough for the next part
 /// to be in the log while one commits, few enough that a loop round
 /// encodes at most a few megabytes of them.
@@ -521,10 +529,11 @@ struct PendingRequest {
 enum Proposal {
     Raises(Vec<DenseWaiter>),
     LeaderStart,
-    /// A part of a hand-over's trim; `last`: the part that makes the
-    /// hand-off clean.
+    /// A part of handover `handover`'s trim; `last`: the part that makes
+    /// the hand-off clean.
     Trim {
         last: bool,
+        handover: u64,
     },
     /// Idle keys leaving memory; they serve again once this settles.
     Release(Vec<SeqKey>),
@@ -549,14 +558,19 @@ enum HandoverPhase {
     },
 }
 
-/// A leader handing over: trim, transfer, then maybe stop.
+/// A leader handing over: release, trim, transfer, then maybe stop.
 struct Handover {
+    /// This node's count of handovers begun: parts of an earlier one's
+    /// trim that apply during this one are not this one's.
+    id: u64,
     /// The term whose leadership is being handed over.
     term: u64,
     to: Option<u64>,
     phase: HandoverPhase,
-    /// Moved on as each part of the trim applies, so a slow trim of many
-    /// keys is not cut short while it progresses.
+    started: Instant,
+    /// Moved on as each release entry is proposed and each part of the
+    /// trim applies, so a long handover is not cut short while it
+    /// progresses.
     deadline: Instant,
     reply: Option<Reply<()>>,
     exit: Option<oneshot::Sender<()>>,
@@ -733,6 +747,8 @@ pub(crate) struct Node {
     /// Dense calls with a request id waiting for their raise to commit.
     pending_requests: HashMap<RequestKey, PendingRequest>,
     handover: Option<Handover>,
+    /// Handovers begun (each one's id).
+    handovers_begun: u64,
     last_leader: u64,
     pub(crate) snapshots_installed: u64,
     /// Worker ids the layout allows (set at start).
@@ -961,6 +977,7 @@ impl Node {
             applied_requests: RecentRequests::default(),
             pending_requests: HashMap::new(),
             handover: None,
+            handovers_begun: 0,
             last_leader: 0,
             snapshots_installed: 0,
             max_workers,
@@ -1431,7 +1448,10 @@ impl Node {
         self.raw.raft.state == StateRole::Leader
             && matches!(self.core.role(), Role::Leader { term: t, serving: true } if t == term)
             && term != self.lease_forbidden_term
-            && self.handover.is_none()
+            && self
+                .handover
+                .as_ref()
+                .is_none_or(|h| matches!(h.phase, HandoverPhase::Releasing { .. }))
             && self.time.now() < until
     }
 
@@ -1829,6 +1849,11 @@ impl Node {
         // since the last round still holds the old term's until check_role.
         let term = self.raw.raft.term;
         if !matches!(self.core.role(), Role::Leader { term: t, .. } if t == term) {
+            return;
+        }
+        // A handover's own pass (`release_before_handover`) sweeps with
+        // the same cursor, in smaller entries.
+        if self.handover.is_some() {
             return;
         }
         let releases = self.core.take_releases(self.now_ms(), IDLE_SWEEP_PER_TICK);
@@ -2681,10 +2706,11 @@ impl Node {
                         tracing::info!(node_id = self.id, term, epoch, "leader serving");
                     }
                 }
-                Proposal::Trim { last } => {
-                    if ours && last {
+                Proposal::Trim { last, handover } => {
+                    let current = self.handover.as_ref().is_some_and(|h| h.id == handover);
+                    if ours && current && last {
                         self.transfer_after_trim(true);
-                    } else if ours {
+                    } else if ours && current {
                         self.trim_part_applied();
                     }
                 }
@@ -2880,13 +2906,15 @@ impl Node {
             }
             return;
         }
-        // No lease from now on: the transfer may let the target campaign.
-        self.lease_until = None;
         let held = self.core.active_keys();
         let releasing = held > self.trim_part_keys;
+        self.handovers_begun += 1;
+        let now = self.time.now();
         self.handover = Some(Handover {
+            id: self.handovers_begun,
             term: self.raw.raft.term,
             to,
+            started: now,
             phase: if releasing {
                 HandoverPhase::Releasing {
                     looked: 0,
@@ -2896,7 +2924,7 @@ impl Node {
             } else {
                 HandoverPhase::Trimming
             },
-            deadline: self.time.now() + self.election_timeout * 2,
+            deadline: now + self.election_timeout * 2,
             reply,
             exit,
             untrimmed: Vec::new(),
@@ -2981,6 +3009,7 @@ impl Node {
 
     /// Stops serving and trims every key still held (see [`Handover`]).
     fn stop_and_trim(&mut self) {
+        // No lease from now on: the transfer may let the target campaign.
         self.lease_until = None;
         let trim = self.core.begin_trim();
         let hint = self
@@ -3034,13 +3063,24 @@ impl Node {
             {
                 return;
             }
-            let from = h.untrimmed.len().saturating_sub(self.trim_part_keys);
+            // At most a part's keys, and its bytes: keys may be up to
+            // `max_key_bytes` long.
+            let mut from = h.untrimmed.len();
+            let mut bytes = 0;
+            while from > 0
+                && h.untrimmed.len() - from < self.trim_part_keys
+                && bytes < TRIM_PART_BYTES
+            {
+                from -= 1;
+                bytes += h.untrimmed[from].key.key().len() + KEY_CEILING_OVERHEAD;
+            }
             let mut part = h.untrimmed.split_off(from);
             // In key order, as releases are (see `propose_releases`).
             part.sort_unstable_by(|a, b| a.key.cmp(&b.key));
             let last = h.untrimmed.is_empty();
             h.parts_in_flight += 1;
             h.last_part_proposed = last;
+            let handover = h.id;
             let cmd = Command {
                 kind: Some(command::Kind::Trim(Trim {
                     keys: self.key_ceilings(&part),
@@ -3049,7 +3089,10 @@ impl Node {
                 })),
             };
             self.trim_parts += 1;
-            if self.propose(cmd, Proposal::Trim { last }).is_err() {
+            if self
+                .propose(cmd, Proposal::Trim { last, handover })
+                .is_err()
+            {
                 // Parts already in the log may still commit: serving again
                 // needs a new start (see `check_handover_deadline`).
                 self.transfer_after_trim(false);
@@ -3070,7 +3113,7 @@ impl Node {
         if !matches!(h.phase, HandoverPhase::Trimming) {
             return;
         }
-        h.parts_in_flight -= 1;
+        h.parts_in_flight = h.parts_in_flight.saturating_sub(1);
         h.deadline = now + self.election_timeout * 2;
     }
 
@@ -3160,7 +3203,7 @@ impl Node {
         }
         let h = self.handover.take()?;
         if let Some(r) = h.reply {
-            let _ = r.send(Err(NodeError::Timeout(self.election_timeout * 2)));
+            let _ = r.send(Err(NodeError::Timeout(now.duration_since(h.started))));
         }
         if h.exit.is_some() {
             return h.exit;
