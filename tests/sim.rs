@@ -106,6 +106,10 @@ fn assert_clean(reports: &[SimReport]) {
     assert!(released > 0, "no idle key was released in any seed");
     // Nor one where no node ever caught up from a snapshot.
     assert!(snapshots > 0, "no snapshot was installed in any seed");
+    // Nor one where no leader stopped gracefully (handed over, then
+    // stopped and came back).
+    let stopped: u64 = reports.iter().map(|r| r.stopped).sum();
+    assert!(stopped > 0, "no node stopped gracefully in any seed");
 }
 
 /// Read rounds go to just enough followers (src/raft/read_peers.rs), not to

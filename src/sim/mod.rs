@@ -107,6 +107,11 @@ pub struct SimReport {
     pub clock_jumps: u64,
     /// Leadership handovers asked of the leader (trim, then transfer).
     pub transfers: u64,
+    /// Graceful stops asked of the leader (a handover, then the node
+    /// stops, keeping what it wrote; started again later), and those
+    /// that stopped.
+    pub shutdowns: u64,
+    pub stopped: u64,
     pub messages: u64,
     pub dropped: u64,
     pub duplicated: u64,
@@ -134,7 +139,7 @@ impl fmt::Display for SimReport {
             f,
             "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed), {} IDs ({} refused), \
              faults: {} crashes ({} unsynced writes lost), {} pauses, {} partitions, {} chaos, \
-             {} clock jumps, {} transfers; {} messages ({} dropped, {} duplicated); {} idle keys released; \
+             {} clock jumps, {} transfers, {} shutdowns ({} stopped); {} messages ({} dropped, {} duplicated); {} idle keys released; \
              {} snapshots installed; {} read rounds in {} heartbeats ({} resent); recovered: {}; \
              violations: {}; digest {:016x}",
             self.seed,
@@ -152,6 +157,8 @@ impl fmt::Display for SimReport {
             self.chaos,
             self.clock_jumps,
             self.transfers,
+            self.shutdowns,
+            self.stopped,
             self.messages,
             self.dropped,
             self.duplicated,
@@ -540,6 +547,18 @@ impl Sim {
 
     /// Kills slot `i`'s process: unsynced writes are lost, calls in it fail.
     fn crash(&mut self, i: usize, down_ms: u64) {
+        self.take_down(i, down_ms, false);
+    }
+
+    /// Slot `i`'s node stopped of its own accord (a graceful shutdown):
+    /// what it wrote stays (the process exits, the machine does not), and
+    /// it starts again after `down_ms`.
+    fn stopped(&mut self, i: usize, down_ms: u64) {
+        self.report.stopped += 1;
+        self.take_down(i, down_ms, true);
+    }
+
+    fn take_down(&mut self, i: usize, down_ms: u64, graceful: bool) {
         let keep_some = self.rng.chance(250_000);
         let pick = self.rng.next_u64();
         let slot = &mut self.slots[i];
@@ -557,7 +576,9 @@ impl Sim {
             let mut journal = lock(&slot.journal);
             // Some of what was written but not synced may survive (a
             // prefix); most often none of it does.
-            let keep = if keep_some {
+            let keep = if graceful {
+                journal.unsynced()
+            } else if keep_some {
                 (pick % (journal.unsynced() as u64 + 1)) as usize
             } else {
                 0
@@ -565,11 +586,14 @@ impl Sim {
             journal.lose_unsynced_but(keep)
         };
         self.report.lost_writes += lost as u64;
-        self.report.crashes += 1;
+        if !graceful {
+            self.report.crashes += 1;
+        }
         slot.paused_until = 0;
         slot.restart_at = self.now + down_ms;
         self.trace(format_args!(
-            "crash node {} for {down_ms} ms, {lost} unsynced writes lost",
+            "{} node {} for {down_ms} ms, {lost} unsynced writes lost",
+            if graceful { "stopped" } else { "crash" },
             i + 1
         ));
     }
@@ -670,27 +694,35 @@ impl Sim {
                 slot.sync_covers = newest;
             }
         }
-        // A Shutdown is never sent here, so no stop signal can come back
-        // (from these three calls either).
-        let _ = node.drain_inbox();
+        // A stop signal: the node has handed over after a Shutdown (or
+        // was not leading) and stops, as the server does.
+        let mut stop = node.drain_inbox();
         if now >= slot.next_tick {
-            let _ = node.on_tick(self.time.instant());
+            stop = stop.or(node.on_tick(self.time.instant()));
             // Ticks drift: 8..12 ms apart around a 10 ms tick.
             slot.next_tick = now + self.raft.tick_ms - 2 + jitter;
         }
-        if let Err(e) = node.pass() {
-            if lock(&slot.journal).power_failed() {
-                // The armed power loss hit in the middle of the round.
-                let down = self.rng.range(50, 1_000);
-                self.crash(i, down);
-                return;
+        match node.pass() {
+            Ok(done) => stop = stop.or(done),
+            Err(e) => {
+                if lock(&slot.journal).power_failed() {
+                    // The armed power loss hit in the middle of the round.
+                    let down = self.rng.range(50, 1_000);
+                    self.crash(i, down);
+                    return;
+                }
+                panic!("node {}: storage failed in the simulation: {e}", slot.id);
             }
-            panic!("node {}: storage failed in the simulation: {e}", slot.id);
         }
         let msgs = std::mem::take(&mut *lock(&slot.outbox));
         let from = slot.id;
         for msg in msgs {
             self.send(from, msg);
+        }
+        if let Some(done) = stop {
+            let _ = done.send(());
+            let down = self.rng.range(50, 1_000);
+            self.stopped(i, down);
         }
     }
 
@@ -954,11 +986,19 @@ impl Sim {
                 if let Some(l) = self.leader() {
                     let others: Vec<u64> =
                         (1..=n as u64).filter(|&id| id != l as u64 + 1).collect();
-                    let to = self.rng.chance(500_000).then(|| self.rng.pick(&others));
-                    let (reply, _) = oneshot::channel();
-                    let _ = self.slots[l].tx.send(Input::TransferLeader { to, reply });
-                    self.report.transfers += 1;
-                    self.trace(format_args!("node {} hands over to {to:?}", l + 1));
+                    if impaired < majority_margin && self.rng.chance(330_000) {
+                        // A rolling restart's stop: hand over, then stop.
+                        let (done, _) = oneshot::channel();
+                        let _ = self.slots[l].tx.send(Input::Shutdown(done));
+                        self.report.shutdowns += 1;
+                        self.trace(format_args!("node {} shuts down", l + 1));
+                    } else {
+                        let to = self.rng.chance(500_000).then(|| self.rng.pick(&others));
+                        let (reply, _) = oneshot::channel();
+                        let _ = self.slots[l].tx.send(Input::TransferLeader { to, reply });
+                        self.report.transfers += 1;
+                        self.trace(format_args!("node {} hands over to {to:?}", l + 1));
+                    }
                 }
             }
             _ => {
