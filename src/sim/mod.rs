@@ -1422,6 +1422,50 @@ mod tests {
         calls.into_iter().map(|rx| answer(sim, rx)).collect()
     }
 
+    /// Steps the simulation until handover `rx` answers, at most 3 s.
+    fn handover_ended(
+        sim: &mut Sim,
+        mut rx: oneshot::Receiver<Result<(), NodeError>>,
+    ) -> Result<(), NodeError> {
+        for _ in 0..3_000 {
+            if let Ok(r) = rx.try_recv() {
+                return r;
+            }
+            sim.step(false);
+        }
+        panic!("the handover did not end within 3 s");
+    }
+
+    /// Once a leader other than slot `old` serves all `keys`, each one's
+    /// next number follows its `last` grant, under the same epoch: no
+    /// hole, and none announced.
+    fn next_leader_continues(sim: &mut Sim, old: usize, keys: &[usize], last: &[Grant]) {
+        let mut after = Vec::new();
+        for _ in 0..100 {
+            if let Some(n) = sim.leader().filter(|&n| n != old) {
+                let answers = call_each(sim, n, keys);
+                if answers.iter().all(Result::is_ok) {
+                    after = answers.into_iter().map(Result::unwrap).collect();
+                    break;
+                }
+            }
+            let now = sim.now;
+            step_until(sim, now, 20);
+        }
+        assert!(
+            !after.is_empty(),
+            "no new leader served all keys within 2 s"
+        );
+        for ((k, b), a) in keys.iter().zip(last).zip(&after) {
+            assert_eq!(
+                (a.ranges[0].first(), a.epoch),
+                (b.ranges[0].last() + 1, b.epoch),
+                "{:?}: the next leader's first number and epoch",
+                sim.keys[*k]
+            );
+        }
+    }
+
     /// A handover of more keys than a part of a trim holds trims them in
     /// parts and transfers after the last: the next leader continues every
     /// key from the last number handed out, under the same epoch (the
@@ -1442,22 +1486,12 @@ mod tests {
             .map(|r| r.expect("a call before the handover"))
             .collect();
         let parts_before = sim.slots[l].node.as_ref().expect("running").trim_parts;
-        let (reply, mut handover) = oneshot::channel();
+        let (reply, handover) = oneshot::channel();
         sim.slots[l]
             .tx
             .send(Input::TransferLeader { to: None, reply })
             .expect("the node is running");
-        let mut ended = None;
-        for _ in 0..3_000 {
-            if let Ok(r) = handover.try_recv() {
-                ended = Some(r);
-                break;
-            }
-            sim.step(false);
-        }
-        ended
-            .expect("the handover ended within 3 s")
-            .expect("the handover succeeded");
+        handover_ended(&mut sim, handover).expect("the handover succeeded");
         let parts = sim.slots[l].node.as_ref().expect("running").trim_parts - parts_before;
         assert_eq!(
             parts,
@@ -1465,31 +1499,7 @@ mod tests {
             "parts of the trim of {} keys",
             keys.len()
         );
-        let mut after = Vec::new();
-        for _ in 0..100 {
-            let n = sim.leader().filter(|&n| n != l);
-            if let Some(n) = n {
-                let answers = call_each(&mut sim, n, &keys);
-                if answers.iter().all(Result::is_ok) {
-                    after = answers.into_iter().map(Result::unwrap).collect();
-                    break;
-                }
-            }
-            let now = sim.now;
-            step_until(&mut sim, now, 20);
-        }
-        assert!(
-            !after.is_empty(),
-            "no new leader served all keys within 2 s"
-        );
-        for ((k, b), a) in keys.iter().zip(&before).zip(&after) {
-            assert_eq!(
-                (a.ranges[0].first(), a.epoch),
-                (b.ranges[0].last() + 1, b.epoch),
-                "{:?}: the next leader's first number and epoch",
-                sim.keys[*k]
-            );
-        }
+        next_leader_continues(&mut sim, l, &keys, &before);
     }
 
     /// A leader about to hand over first releases the keys not used
@@ -1519,7 +1529,7 @@ mod tests {
         last[0] = answer(&mut sim, hot).expect("a call before the handover");
         let node = sim.slots[l].node.as_ref().expect("running");
         let (released_before, parts_before) = (node.keys_released, node.trim_parts);
-        let (reply, mut handover) = oneshot::channel();
+        let (reply, handover) = oneshot::channel();
         sim.slots[l]
             .tx
             .send(Input::TransferLeader { to: None, reply })
@@ -1527,17 +1537,7 @@ mod tests {
         // Sent after the transfer: served, as the leader releases the rest.
         let hot = send_call(&mut sim, l, keys[0], 1, None);
         last[0] = answer(&mut sim, hot).expect("a call served while releasing");
-        let mut ended = None;
-        for _ in 0..3_000 {
-            if let Ok(r) = handover.try_recv() {
-                ended = Some(r);
-                break;
-            }
-            sim.step(false);
-        }
-        ended
-            .expect("the handover ended within 3 s")
-            .expect("the handover succeeded");
+        handover_ended(&mut sim, handover).expect("the handover succeeded");
         let node = sim.slots[l].node.as_ref().expect("running");
         // Each key released or trimmed (a part holds one key here), the
         // key in use trimmed. (One pass over the keys may miss a few: a
@@ -1550,30 +1550,7 @@ mod tests {
             "{released} keys released before the trim, {trimmed} trimmed, of {}",
             keys.len()
         );
-        let mut after = Vec::new();
-        for _ in 0..100 {
-            if let Some(n) = sim.leader().filter(|&n| n != l) {
-                let answers = call_each(&mut sim, n, &keys);
-                if answers.iter().all(Result::is_ok) {
-                    after = answers.into_iter().map(Result::unwrap).collect();
-                    break;
-                }
-            }
-            let now = sim.now;
-            step_until(&mut sim, now, 20);
-        }
-        assert!(
-            !after.is_empty(),
-            "no new leader served all keys within 2 s"
-        );
-        for ((k, b), a) in keys.iter().zip(&last).zip(&after) {
-            assert_eq!(
-                (a.ranges[0].first(), a.epoch),
-                (b.ranges[0].last() + 1, b.epoch),
-                "{:?}: the next leader's first number and epoch",
-                sim.keys[*k]
-            );
-        }
+        next_leader_continues(&mut sim, l, &keys, &last);
     }
 
     /// A heartbeat addressed to another node (a peer holding this node's
