@@ -136,6 +136,20 @@ const TRIM_PARTS_IN_FLIGHT: usize = 4;
 /// round's raise is about 40 bytes per key.
 const INLINE_APPLY_BYTES: usize = 64 * 1024;
 
+/// Where the next part of a trim starts in `untrimmed` (parts are taken
+/// from the end): at most `max_keys` keys, and no more once their names
+/// reach `max_bytes` (keys may be up to `max_key_bytes` long). Never
+/// empty while keys are left.
+fn next_part(untrimmed: &[DenseRaise], max_keys: usize, max_bytes: usize) -> usize {
+    let mut from = untrimmed.len();
+    let mut bytes = 0;
+    while from > 0 && untrimmed.len() - from < max_keys && bytes < max_bytes {
+        from -= 1;
+        bytes += untrimmed[from].key.key().len() + KEY_CEILING_OVERHEAD;
+    }
+    from
+}
+
 /// Whether applying `entries` (log compacted up to `compacted`) should
 /// leave the node loop's worker thread to the runtime's other tasks: a
 /// configuration change records the new configuration synced, and so
@@ -3063,17 +3077,7 @@ impl Node {
             {
                 return;
             }
-            // At most a part's keys, and its bytes: keys may be up to
-            // `max_key_bytes` long.
-            let mut from = h.untrimmed.len();
-            let mut bytes = 0;
-            while from > 0
-                && h.untrimmed.len() - from < self.trim_part_keys
-                && bytes < TRIM_PART_BYTES
-            {
-                from -= 1;
-                bytes += h.untrimmed[from].key.key().len() + KEY_CEILING_OVERHEAD;
-            }
+            let from = next_part(&h.untrimmed, self.trim_part_keys, TRIM_PART_BYTES);
             let mut part = h.untrimmed.split_off(from);
             // In key order, as releases are (see `propose_releases`).
             part.sort_unstable_by(|a, b| a.key.cmp(&b.key));
@@ -3326,6 +3330,28 @@ mod tests {
         Config::load(None, &Overrides::default())
             .unwrap()
             .namespaces()
+    }
+
+    /// A part of a trim holds at most its count of keys, fewer once their
+    /// names reach its bytes (long keys), and always at least one key.
+    #[test]
+    fn a_trim_part_is_bounded_by_keys_and_by_bytes() {
+        let namespaces = embedded_namespaces();
+        let ns = namespaces.resolve("conv").unwrap();
+        let raise = |name: String| DenseRaise {
+            key: SeqKey::try_new(&namespaces, ns, name).unwrap(),
+            ceiling: 1,
+        };
+        let short: Vec<DenseRaise> = (0..25).map(|i| raise(format!("k{i:02}"))).collect();
+        assert_eq!(next_part(&short, 10, 1 << 20), 15, "ten short keys");
+        assert_eq!(next_part(&short[..4], 10, 1 << 20), 0, "the four left");
+        let long: Vec<DenseRaise> = (0..25)
+            .map(|i| raise(format!("{i:02}{}", "x".repeat(174))))
+            .collect();
+        // 176 + 24 bytes a key: the part stops at the key that reaches 1,000.
+        assert_eq!(next_part(&long, 10, 1_000), 20, "five long keys");
+        assert_eq!(next_part(&long, 10, 1), 24, "one key, however long");
+        assert_eq!(next_part(&[], 10, 1_000), 0);
     }
 
     /// The items' hash goes into the log and is compared by other nodes,
