@@ -2963,12 +2963,12 @@ impl Node {
     /// entry in flight. After one pass over the keys held when it began
     /// (those used meanwhile stay), it stops serving and trims the rest.
     fn release_before_handover(&mut self) {
-        let term = self.raw.raft.term;
-        let serving = self.raw.raft.state == StateRole::Leader
-            && matches!(self.core.role(), Role::Leader { term: t, serving: true } if t == term);
         let Some(h) = self.handover.as_ref() else {
             return;
         };
+        let term = self.raw.raft.term;
+        let serving = self.raw.raft.state == StateRole::Leader
+            && matches!(self.core.role(), Role::Leader { term: t, serving: true } if t == term);
         let HandoverPhase::Releasing {
             mut looked,
             of,

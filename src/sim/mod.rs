@@ -1376,7 +1376,7 @@ mod tests {
             .as_mut()
             .expect("running")
             .raft_transfer_for_test(Some(target));
-        let (reply, mut handover) = oneshot::channel();
+        let (reply, handover) = oneshot::channel();
         sim.slots[l]
             .tx
             .send(Input::TransferLeader {
@@ -1384,15 +1384,7 @@ mod tests {
                 reply,
             })
             .expect("the node is running");
-        let mut ended = None;
-        for _ in 0..3_000 {
-            if let Ok(r) = handover.try_recv() {
-                ended = Some(r);
-                break;
-            }
-            sim.step(false);
-        }
-        let ended = ended.expect("the handover ended within 3 s");
+        let ended = handover_ended(&mut sim, handover);
         assert!(ended.is_err(), "the transfer to a cut-off node succeeded");
         assert_eq!(sim.leader(), Some(l), "the leader kept its majority");
 
