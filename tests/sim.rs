@@ -89,9 +89,12 @@ fn assert_clean(reports: &[SimReport]) {
     let snapshots: u64 = reports.iter().map(|r| r.snapshots_installed).sum();
     let rounds: u64 = reports.iter().map(|r| r.read_rounds).sum();
     let heartbeats: u64 = reports.iter().map(|r| r.read_heartbeats).sum();
+    let holes: u64 = reports.iter().map(|r| r.holes).sum();
+    let unobserved: u64 = reports.iter().map(|r| r.unobserved).sum();
     println!(
         "checked {} seeds: {calls} calls, {ids} IDs, {faults} faults, \
          {released} idle keys released, {snapshots} snapshots installed, {rounds} read rounds in {heartbeats} heartbeats, \
+         {holes} holes in keys' numbers, {unobserved} ranges answered after the client gave up, \
          {} failed seeds",
         reports.len(),
         failed.len()
@@ -104,6 +107,8 @@ fn assert_clean(reports: &[SimReport]) {
     assert!(reports.iter().all(|r| r.calls > 0 && r.ids > 0));
     // Nor would one whose leaders never released an idle key check that.
     assert!(released > 0, "no idle key was released in any seed");
+    // Nor would the epoch's check, without a hole (crashes open them).
+    assert!(holes > 0, "no hole opened in any seed");
     // Nor one where no node ever caught up from a snapshot.
     assert!(snapshots > 0, "no snapshot was installed in any seed");
     // Nor one where no leader stopped gracefully (handed over, then

@@ -3078,6 +3078,24 @@ impl Node {
                 return;
             }
             let from = next_part(&h.untrimmed, self.trim_part_keys, TRIM_PART_BYTES);
+            // The last part makes the hand-off clean: the next leader keeps
+            // the epoch. So it follows every raise this leader proposed,
+            // applied here and so answered: a dense call's numbers are
+            // handed out when its raise applies, and a raise that commits
+            // while this node, cut off or behind on its own log, answers
+            // nothing would leave a hole the epoch does not announce.
+            // (Nothing new is raised: serving stopped with the trim.)
+            if from == 0
+                && self
+                    .proposals
+                    .values()
+                    .any(|(_, p)| matches!(p, Proposal::Raises(_)))
+            {
+                return;
+            }
+            let Some(h) = self.handover.as_mut() else {
+                return;
+            };
             let mut part = h.untrimmed.split_off(from);
             // In key order, as releases are (see `propose_releases`).
             part.sort_unstable_by(|a, b| a.key.cmp(&b.key));

@@ -4,6 +4,12 @@
 //! against everything completed before it: I1 (no number twice per key), I2
 //! (a call that started after another completed gets greater numbers) and I5
 //! (IDs unique; each node's IDs only go up).
+//!
+//! Ranges a node handed out after its client had given up are recorded too
+//! (for I1, and as numbers that were handed out), and at the end
+//! [`Checker::check_epochs`] checks the epoch's promise over every range:
+//! numbers skipped between two handed out (a hole) come with a new epoch,
+//! and epochs only go up with the numbers.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -17,34 +23,37 @@ pub struct Checker {
     calls: u64,
     numbers: u64,
     id_count: u64,
+    unobserved: u64,
+    holes: u64,
 }
+
+/// The epoch every key starts in: the first leader's start-of-term entry
+/// opens it, and a key's numbers start at 1.
+const FIRST_EPOCH: u64 = 1;
 
 #[derive(Debug, Default)]
 struct KeyHistory {
-    /// Every range handed out: first → last.
-    ranges: BTreeMap<u64, u64>,
+    /// Every range handed out: first → (last, epoch).
+    ranges: BTreeMap<u64, (u64, u64)>,
     /// (completion time, highest number completed up to then), in
     /// completion order.
     done: Vec<(u64, u64)>,
 }
 
 impl Checker {
-    /// Records a completed call that returned `first..=last` for `key`.
-    /// Completions must be recorded in order of `completed`.
-    pub fn record_call(&mut self, key: &str, invoked: u64, completed: u64, first: u64, last: u64) {
+    /// Records a completed call that returned `first..=last` for `key`
+    /// under `epoch`. Completions must be recorded in order of `completed`.
+    pub fn record_call(
+        &mut self,
+        key: &str,
+        (invoked, completed): (u64, u64),
+        (first, last): (u64, u64),
+        epoch: u64,
+    ) {
         self.calls += 1;
         self.numbers += last - first + 1;
+        self.record_range(key, first, last, epoch, completed);
         let h = self.keys.entry(key.to_string()).or_default();
-        // I1: the range overlaps no earlier one.
-        let below = h.ranges.range(..=last).next_back();
-        if let Some((&f, &l)) = below {
-            if l >= first {
-                self.violations.push(format!(
-                    "I1: key {key}: [{first}, {last}] (completed at {completed} ms) overlaps [{f}, {l}] handed out earlier"
-                ));
-            }
-        }
-        h.ranges.insert(first, last);
         // I2: everything completed strictly before this call started is
         // below its first number.
         let before = h.done.partition_point(|(t, _)| *t < invoked);
@@ -58,6 +67,61 @@ impl Checker {
         }
         let max = h.done.last().map_or(last, |(_, m)| (*m).max(last));
         h.done.push((completed, max));
+    }
+
+    /// Records a range a node handed out at `at` for a call its client had
+    /// given up on: the numbers are spent (I1, and no hole) although no
+    /// caller saw them, and no order is claimed for them (I2).
+    pub fn record_unobserved(&mut self, key: &str, at: u64, (first, last): (u64, u64), epoch: u64) {
+        self.unobserved += 1;
+        self.record_range(key, first, last, epoch, at);
+    }
+
+    /// I1: the range overlaps none handed out before.
+    fn record_range(&mut self, key: &str, first: u64, last: u64, epoch: u64, at: u64) {
+        let h = self.keys.entry(key.to_string()).or_default();
+        let below = h.ranges.range(..=last).next_back();
+        if let Some((&f, &(l, _))) = below {
+            if l >= first {
+                self.violations.push(format!(
+                    "I1: key {key}: [{first}, {last}] (handed out at {at} ms) overlaps [{f}, {l}] handed out earlier"
+                ));
+            }
+        }
+        h.ranges.insert(first, (last, epoch));
+    }
+
+    /// The epoch's promise, over every range handed out (call it once,
+    /// after the run): between two ranges of a key, in number order,
+    /// numbers never handed out come with a change of epoch (a frontend
+    /// that sees the same epoch knows nothing is missing), and the epoch
+    /// never goes down as the numbers go up. A key's numbers start at 1
+    /// in [`FIRST_EPOCH`].
+    pub fn check_epochs(&mut self) {
+        let mut keys: Vec<&String> = self.keys.keys().collect();
+        keys.sort();
+        for key in keys {
+            let mut prev = (0, FIRST_EPOCH);
+            for (&first, &(last, epoch)) in &self.keys[key].ranges {
+                let (prev_last, prev_epoch) = prev;
+                if epoch < prev_epoch {
+                    self.violations.push(format!(
+                        "epoch: key {key}: [{first}, {last}] came in epoch {epoch}, after {prev_last} in epoch {prev_epoch}"
+                    ));
+                }
+                if first > prev_last + 1 {
+                    self.holes += 1;
+                    if epoch == prev_epoch {
+                        self.violations.push(format!(
+                            "hole: key {key}: {}..={} were never handed out, yet [{first}, {last}] came in epoch {epoch}, as {prev_last} did",
+                            prev_last + 1,
+                            first - 1
+                        ));
+                    }
+                }
+                prev = (last, epoch);
+            }
+        }
     }
 
     /// Records IDs a node issued in one call, in the order issued.
@@ -94,6 +158,17 @@ impl Checker {
     pub fn ids(&self) -> u64 {
         self.id_count
     }
+
+    /// Ranges handed out to calls whose client had given up.
+    pub fn unobserved(&self) -> u64 {
+        self.unobserved
+    }
+
+    /// Holes [`Checker::check_epochs`] found (each announced or a
+    /// violation).
+    pub fn holes(&self) -> u64 {
+        self.holes
+    }
 }
 
 #[cfg(test)]
@@ -103,10 +178,10 @@ mod tests {
     #[test]
     fn a_repeated_number_is_an_i1_violation() {
         let mut c = Checker::default();
-        c.record_call("k", 0, 1, 1, 10);
+        c.record_call("k", (0, 1), (1, 10), 1);
         // Concurrent with the first (started before it completed), so only
         // the overlap is wrong.
-        c.record_call("k", 0, 3, 10, 12);
+        c.record_call("k", (0, 3), (10, 12), 1);
         assert_eq!(c.violations().len(), 1);
         assert!(c.violations()[0].starts_with("I1"), "{:?}", c.violations());
     }
@@ -114,9 +189,9 @@ mod tests {
     #[test]
     fn a_smaller_number_after_a_completed_call_is_an_i2_violation() {
         let mut c = Checker::default();
-        c.record_call("k", 0, 5, 100, 100);
+        c.record_call("k", (0, 5), (100, 100), 1);
         // Started after 5 ms, got a smaller (but fresh) number.
-        c.record_call("k", 6, 7, 50, 50);
+        c.record_call("k", (6, 7), (50, 50), 1);
         assert_eq!(c.violations().len(), 1);
         assert!(c.violations()[0].starts_with("I2"), "{:?}", c.violations());
     }
@@ -124,11 +199,53 @@ mod tests {
     #[test]
     fn concurrent_calls_may_complete_in_any_order() {
         let mut c = Checker::default();
-        c.record_call("k", 0, 5, 100, 100);
+        c.record_call("k", (0, 5), (100, 100), 1);
         // Started before the first completed: either order is linearizable.
-        c.record_call("k", 4, 6, 50, 50);
-        c.record_call("other", 7, 8, 1, 1);
+        c.record_call("k", (4, 6), (50, 50), 1);
+        c.record_call("other", (7, 8), (1, 1), 1);
         assert!(c.violations().is_empty(), "{:?}", c.violations());
+    }
+
+    #[test]
+    fn a_hole_within_one_epoch_is_a_violation() {
+        let mut c = Checker::default();
+        c.record_call("k", (0, 1), (1, 4), 1);
+        // 5..=9 were never handed out, and the epoch did not say so.
+        c.record_call("k", (2, 3), (10, 10), 1);
+        // A hole with a new epoch is announced; a number handed out to a
+        // client that had given up fills its place.
+        c.record_call("k", (4, 5), (20, 21), 2);
+        c.record_unobserved("k", 6, (22, 22), 2);
+        c.record_call("k", (7, 8), (23, 23), 2);
+        // A key whose first numbers were skipped in the first epoch.
+        c.record_call("late", (0, 1), (3, 3), 1);
+        c.check_epochs();
+        let v = c.violations();
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(v[0].starts_with("hole: key k: 5..=9"), "{v:?}");
+        assert!(v[1].starts_with("hole: key late: 1..=2"), "{v:?}");
+        assert_eq!(c.holes(), 3);
+        assert_eq!(c.unobserved(), 1);
+    }
+
+    #[test]
+    fn an_epoch_that_goes_down_as_the_numbers_go_up_is_a_violation() {
+        let mut c = Checker::default();
+        c.record_call("k", (0, 1), (1, 1), 3);
+        c.record_call("k", (2, 3), (2, 2), 2);
+        c.check_epochs();
+        let v = c.violations();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].starts_with("epoch: key k"), "{v:?}");
+    }
+
+    #[test]
+    fn an_unobserved_range_is_checked_for_duplicates() {
+        let mut c = Checker::default();
+        c.record_call("k", (0, 1), (1, 4), 1);
+        c.record_unobserved("k", 2, (4, 5), 1);
+        assert_eq!(c.violations().len(), 1);
+        assert!(c.violations()[0].starts_with("I1"), "{:?}", c.violations());
     }
 
     #[test]
