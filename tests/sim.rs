@@ -91,10 +91,13 @@ fn assert_clean(reports: &[SimReport]) {
     let heartbeats: u64 = reports.iter().map(|r| r.read_heartbeats).sum();
     let holes: u64 = reports.iter().map(|r| r.holes).sum();
     let unobserved: u64 = reports.iter().map(|r| r.unobserved).sum();
+    let lost: u64 = reports.iter().map(|r| r.lost_answers).sum();
+    let beside_late: u64 = reports.iter().map(|r| r.holes_beside_late).sum();
     println!(
         "checked {} seeds: {calls} calls, {ids} IDs, {faults} faults, \
          {released} idle keys released, {snapshots} snapshots installed, {rounds} read rounds in {heartbeats} heartbeats, \
-         {holes} holes in keys' numbers, {unobserved} ranges answered after the client gave up, \
+         {holes} holes in keys' numbers ({beside_late} beside retries answered after their epoch), \
+         {lost} answers lost (retried with their request id), {unobserved} ranges no client saw, \
          {} failed seeds",
         reports.len(),
         failed.len()
@@ -109,6 +112,8 @@ fn assert_clean(reports: &[SimReport]) {
     assert!(released > 0, "no idle key was released in any seed");
     // Nor would the epoch's check, without a hole (crashes open them).
     assert!(holes > 0, "no hole opened in any seed");
+    // Nor would the request ids' check, without a retry after an answer.
+    assert!(lost > 0, "no answer was lost in any seed");
     // Nor one where no node ever caught up from a snapshot.
     assert!(snapshots > 0, "no snapshot was installed in any seed");
     // Nor one where no leader stopped gracefully (handed over, then

@@ -612,19 +612,23 @@ struct RecentRequests {
     old: RequestGeneration,
 }
 
+/// What a request id got: its items' hash, its ranges, and the epoch they
+/// were allocated in (0: unknown, a record from an older build).
+type RequestRecord = (u64, Vec<SeqRange>, u64);
+
 #[derive(Default)]
 struct RequestGeneration {
-    map: HashMap<RequestKey, (u64, Vec<SeqRange>)>,
+    map: HashMap<RequestKey, RequestRecord>,
     /// Ranges held in `map`.
     ranges: usize,
 }
 
 impl RecentRequests {
-    fn get(&self, key: &RequestKey) -> Option<&(u64, Vec<SeqRange>)> {
+    fn get(&self, key: &RequestKey) -> Option<&RequestRecord> {
         self.young.map.get(key).or_else(|| self.old.map.get(key))
     }
 
-    fn insert(&mut self, key: RequestKey, items: u64, ranges: Vec<SeqRange>) {
+    fn insert(&mut self, key: RequestKey, items: u64, ranges: Vec<SeqRange>, epoch: u64) {
         let young = &self.young;
         if !young.map.is_empty()
             && (young.map.len() >= RECENT_REQUESTS / 2
@@ -638,7 +642,7 @@ impl RecentRequests {
             young.map.reserve(RECENT_REQUESTS / 2);
         }
         young.ranges += ranges.len();
-        if let Some((_, replaced)) = young.map.insert(key, (items, ranges)) {
+        if let Some((_, replaced, _)) = young.map.insert(key, (items, ranges, epoch)) {
             young.ranges -= replaced.len();
         }
     }
@@ -1728,11 +1732,18 @@ impl Node {
                         .recent
                         .get(rkey)
                         .or_else(|| self.applied_requests.get(rkey));
-                    if let Some((recorded, ranges)) = recorded {
+                    if let Some((recorded, ranges, epoch)) = recorded {
                         let result = if recorded == hash {
                             Ok(Grant {
                                 ranges: ranges.clone(),
-                                epoch: self.core.epoch(),
+                                // The epoch the numbers came in: the one
+                                // now in force may be later, and would hide
+                                // the holes between them.
+                                epoch: if *epoch == 0 {
+                                    self.core.epoch()
+                                } else {
+                                    *epoch
+                                },
                             })
                         } else {
                             Err(NodeError::RequestIdReused)
@@ -1752,7 +1763,8 @@ impl Node {
                 match self.core.allocate(&items, &source) {
                     Ok(Allocation::Granted(ranges)) => {
                         if let Some((rkey, hash)) = request {
-                            self.recent.insert(rkey, hash, ranges.clone());
+                            self.recent
+                                .insert(rkey, hash, ranges.clone(), self.core.epoch());
                         }
                         let _ = reply.send(Ok(Grant {
                             ranges,
@@ -1836,6 +1848,8 @@ impl Node {
                     items: *items,
                     firsts: w.ranges.iter().map(SeqRange::first).collect(),
                     counts: w.ranges.iter().map(SeqRange::count).collect(),
+                    // Set by the state machine as it applies.
+                    epoch: 0,
                 })
             })
             .collect();
@@ -1943,7 +1957,8 @@ impl Node {
             .collect();
         match ranges {
             Some(ranges) if !ranges.is_empty() && g.firsts.len() == g.counts.len() => {
-                self.applied_requests.insert((ns, id), g.items, ranges);
+                self.applied_requests
+                    .insert((ns, id), g.items, ranges, g.epoch);
             }
             _ => {}
         }
@@ -3428,18 +3443,18 @@ mod tests {
         let ns = namespaces.resolve("conv").unwrap();
         let range = |n: usize| vec![SeqRange::try_new(n as u64 + 1, 1).unwrap()];
         let mut recent = RecentRequests::default();
-        recent.insert(request(ns, 0), 7, range(0));
+        recent.insert(request(ns, 0), 7, range(0), 1);
         let capacity = recent.young.map.capacity();
         assert!(capacity >= RECENT_REQUESTS / 2);
         let total = RECENT_REQUESTS * 3 / 2 + 10;
         for n in 1..total {
-            recent.insert(request(ns, n), 7, range(n));
+            recent.insert(request(ns, n), 7, range(n), 1);
             assert!(recent.young.map.len() + recent.old.map.len() <= RECENT_REQUESTS);
         }
         assert_eq!(recent.young.map.capacity(), capacity, "rehashed");
         assert_eq!(recent.old.map.capacity(), capacity, "rehashed");
         for n in total - RECENT_REQUESTS / 2..total {
-            let (items, ranges) = recent.get(&request(ns, n)).expect("a newest record");
+            let (items, ranges, _) = recent.get(&request(ns, n)).expect("a newest record");
             assert_eq!((*items, ranges.clone()), (7, range(n)));
         }
         assert!(
@@ -3451,7 +3466,7 @@ mod tests {
         let mut recent = RecentRequests::default();
         let wide = vec![SeqRange::try_new(1, 1).unwrap(); RECENT_RANGES / 8];
         for n in 0..12 {
-            recent.insert(request(ns, n), 7, wide.clone());
+            recent.insert(request(ns, n), 7, wide.clone(), 1);
             assert!(recent.young.ranges + recent.old.ranges <= RECENT_RANGES);
         }
         assert!(recent.get(&request(ns, 11)).is_some());

@@ -23,7 +23,7 @@
 
 mod checker;
 
-pub use checker::Checker;
+pub use checker::{Answer, Checker};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -96,10 +96,17 @@ pub struct SimReport {
     pub calls: u64,
     pub numbers: u64,
     pub failed_calls: u64,
-    /// Ranges handed out after their client had given up waiting.
+    /// Ranges handed out after their client had given up waiting, or
+    /// whose answer was lost on its way (see `lost_answers`).
     pub unobserved: u64,
+    /// Answers to calls with a request id lost on their way to the client,
+    /// which then tried again with the id.
+    pub lost_answers: u64,
     /// Holes in keys' numbers (each must come with a new epoch).
     pub holes: u64,
+    /// Of those, holes under one epoch beside a retry answered after its
+    /// epoch ended (allowed, see `Checker::mark_late`).
+    pub holes_beside_late: u64,
     pub ids: u64,
     pub id_errors: u64,
     pub crashes: u64,
@@ -141,8 +148,8 @@ impl fmt::Display for SimReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed, {} answered after the client gave up), \
-             {} holes, {} IDs ({} refused), \
+            "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed, {} answers lost, {} unobserved), \
+             {} holes ({} beside late retries), {} IDs ({} refused), \
              faults: {} crashes ({} unsynced writes lost), {} pauses, {} partitions, {} chaos, \
              {} clock jumps, {} transfers, {} shutdowns ({} stopped); {} messages ({} dropped, {} duplicated); {} idle keys released; \
              {} snapshots installed; {} read rounds in {} heartbeats ({} resent); recovered: {}; \
@@ -153,8 +160,10 @@ impl fmt::Display for SimReport {
             self.calls,
             self.numbers,
             self.failed_calls,
+            self.lost_answers,
             self.unobserved,
             self.holes,
+            self.holes_beside_late,
             self.ids,
             self.id_errors,
             self.crashes,
@@ -309,15 +318,33 @@ struct Net {
 /// A call a client is waiting on.
 struct Pending {
     rx: oneshot::Receiver<Result<Grant, NodeError>>,
-    keys: Vec<usize>,
-    invoked: u64,
+    call: Call,
     node: u64,
 }
+
+/// What a client asks, kept for its retries.
+#[derive(Clone)]
+struct Call {
+    keys: Vec<usize>,
+    counts: Vec<u32>,
+    /// When the first attempt was sent.
+    invoked: u64,
+    /// The request id every attempt carries, if any.
+    request_id: Option<String>,
+    attempts: u32,
+}
+
+/// Attempts a client with request ids makes of a call, as the Rust
+/// client retries with the call's id.
+const CLIENT_ATTEMPTS: u32 = 3;
 
 struct SimClient {
     target: u64,
     pending: Option<Pending>,
     next_at: u64,
+    /// A call to send again, with its request id, after a failed attempt.
+    retry: Option<Call>,
+    calls: u64,
 }
 
 /// Indexes into [`KEYS`].
@@ -448,6 +475,8 @@ impl Sim {
                     target: 1 + (i % cfg.nodes) as u64,
                     pending: None,
                     next_at: 0,
+                    retry: None,
+                    calls: 0,
                 })
                 .collect(),
             abandoned: Vec::new(),
@@ -813,52 +842,88 @@ impl Sim {
             } else {
                 self.clients[c].target
             };
-            // Every third client uses the dense keys, the others the
-            // segmented ones; a batch names two keys of one namespace.
-            let group = if c % 3 == 2 {
-                DENSE_KEYS
-            } else if self.rng.chance(20_000) {
-                COLD_KEYS
-            } else {
-                SEGMENTED_KEYS
-            };
-            let pick = |rng: &mut Rng| group.start + rng.range(0, group.len() as u64 - 1) as usize;
-            let first = pick(&mut self.rng);
-            let mut keys = vec![first];
-            if self.rng.chance(150_000) {
-                let second = pick(&mut self.rng);
-                if second != first {
-                    keys.push(second);
+            let call = match self.clients[c].retry.take() {
+                Some(mut call) => {
+                    call.attempts += 1;
+                    call
                 }
-            }
-            let items = keys
-                .iter()
-                .map(|&k| (self.keys[k].clone(), self.rng.range(1, 3) as u32))
-                .collect();
+                None => self.new_call(c),
+            };
             let slot = &self.slots[target as usize - 1];
             if slot.node.is_none() {
                 // Connection refused: try another node next time.
                 self.report.failed_calls += 1;
                 self.clients[c].target = self.rng.range(1, n);
                 self.clients[c].next_at = self.now + 5;
+                self.retry_later(c, call);
                 continue;
             }
             let (reply, rx) = oneshot::channel();
             let deadline =
                 self.time.instant() + Duration::from_millis(self.raft.request_timeout_ms);
+            let items = call
+                .keys
+                .iter()
+                .zip(&call.counts)
+                .map(|(&k, &count)| (self.keys[k].clone(), count))
+                .collect();
+            let request_id = call.request_id.as_ref().map(|id| {
+                crate::core::RequestId::try_new(id.clone())
+                    .expect("a valid request id")
+                    .expect("not empty")
+            });
             let _ = slot.tx.send(Input::Allocate {
                 items,
-                request_id: None,
+                request_id,
                 reply,
                 deadline,
             });
             self.clients[c].target = target;
             self.clients[c].pending = Some(Pending {
                 rx,
-                keys,
-                invoked: self.now,
+                call,
                 node: target,
             });
+        }
+    }
+
+    /// Client `c`'s next call. Every third client uses the dense keys, the
+    /// others the segmented ones; a batch names two keys of one namespace.
+    /// Odd clients give each call a request id, and try a failed call again
+    /// with it.
+    fn new_call(&mut self, c: usize) -> Call {
+        let group = if c % 3 == 2 {
+            DENSE_KEYS
+        } else if self.rng.chance(20_000) {
+            COLD_KEYS
+        } else {
+            SEGMENTED_KEYS
+        };
+        let pick = |rng: &mut Rng| group.start + rng.range(0, group.len() as u64 - 1) as usize;
+        let first = pick(&mut self.rng);
+        let mut keys = vec![first];
+        if self.rng.chance(150_000) {
+            let second = pick(&mut self.rng);
+            if second != first {
+                keys.push(second);
+            }
+        }
+        let counts = keys.iter().map(|_| self.rng.range(1, 3) as u32).collect();
+        self.clients[c].calls += 1;
+        Call {
+            keys,
+            counts,
+            invoked: self.now,
+            request_id: (c % 2 == 1).then(|| format!("client-{c}-{}", self.clients[c].calls)),
+            attempts: 1,
+        }
+    }
+
+    /// After a failed attempt: a call with a request id is sent again
+    /// (until it has had [`CLIENT_ATTEMPTS`]); others are dropped.
+    fn retry_later(&mut self, c: usize, call: Call) {
+        if call.request_id.is_some() && call.attempts < CLIENT_ATTEMPTS {
+            self.clients[c].retry = Some(call);
         }
     }
 
@@ -872,9 +937,9 @@ impl Sim {
                 Ok(r) => Some(r),
                 Err(oneshot::error::TryRecvError::Closed) => Some(Err(NodeError::Stopped)),
                 Err(oneshot::error::TryRecvError::Empty) => {
-                    (self.now - p.invoked > CLIENT_PATIENCE_MS).then_some(Err(NodeError::Timeout(
-                        Duration::from_millis(CLIENT_PATIENCE_MS),
-                    )))
+                    (self.now - p.call.invoked > CLIENT_PATIENCE_MS).then_some(Err(
+                        NodeError::Timeout(Duration::from_millis(CLIENT_PATIENCE_MS)),
+                    ))
                 }
             };
             let Some(outcome) = outcome else {
@@ -885,42 +950,39 @@ impl Sim {
             };
             self.clients[c].next_at = self.now + self.rng.range(0, 4);
             match outcome {
-                Ok(grant) => {
-                    for (k, range) in p.keys.iter().zip(&grant.ranges) {
-                        let (ns, key) = KEYS[*k];
-                        let name = format!("{ns}/{key}");
-                        self.checker.record_call(
-                            &name,
-                            (p.invoked, self.now),
-                            (range.first(), range.last()),
-                            grant.epoch,
-                        );
-                        self.mix(&[*k as u64, range.first(), range.last()]);
-                        if self.cfg.trace {
-                            self.trace(format_args!(
-                                "client {c} node {} {name} [{}, {}] epoch {} (invoked {})",
-                                p.node,
-                                range.first(),
-                                range.last(),
-                                grant.epoch,
-                                p.invoked
-                            ));
-                        }
-                    }
+                // The answer is lost on its way (one in twenty, for calls
+                // with a request id): handed out, seen by no one, and the
+                // client tries again with the id, which must get the same.
+                Ok(grant)
+                    if p.call.request_id.is_some()
+                        && p.call.attempts < CLIENT_ATTEMPTS
+                        && self.rng.chance(50_000) =>
+                {
+                    self.record_grant(&p, &grant, None);
+                    self.report.lost_answers += 1;
+                    self.retry_later(c, p.call);
                 }
+                Ok(grant) => self.record_grant(&p, &grant, Some(c)),
                 Err(e) => {
                     self.report.failed_calls += 1;
                     if self.cfg.trace {
-                        let keys: Vec<&str> = p.keys.iter().map(|k| KEYS[*k].1).collect();
+                        let keys: Vec<&str> = p.call.keys.iter().map(|k| KEYS[*k].1).collect();
                         self.trace(format_args!(
-                            "client {c} node {} {keys:?} failed: {e} (invoked {})",
-                            p.node, p.invoked
+                            "client {c} node {} {keys:?} {:?} failed: {e} (invoked {})",
+                            p.node, p.call.request_id, p.call.invoked
+                        ));
+                    }
+                    if let (NodeError::RequestIdReused, Some(id)) = (&e, &p.call.request_id) {
+                        self.checker.report(format!(
+                            "idempotency: node {} refused request {id}, sent again unchanged, as reused",
+                            p.node
                         ));
                     }
                     self.clients[c].target = match e {
                         NodeError::NotLeader { leader: Some(l) } => l,
                         _ => self.rng.range(1, n),
                     };
+                    self.retry_later(c, p.call.clone());
                     if matches!(e, NodeError::Timeout(_)) {
                         // The node may still answer: what it hands out
                         // then is spent all the same.
@@ -946,26 +1008,57 @@ impl Sim {
                 Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => None,
             };
             let p = self.abandoned.swap_remove(i);
-            let Some(grant) = answer else {
-                continue;
-            };
-            for (k, range) in p.keys.iter().zip(&grant.ranges) {
-                let (ns, key) = KEYS[*k];
-                let name = format!("{ns}/{key}");
-                self.checker.record_unobserved(
-                    &name,
-                    self.now,
-                    (range.first(), range.last()),
-                    grant.epoch,
-                );
-                self.mix(&[*k as u64, range.first(), range.last()]);
+            if let Some(grant) = answer {
+                self.record_grant(&p, &grant, None);
+            }
+        }
+    }
+
+    /// Checks and records what a node answered to `p`: for `client`, who
+    /// sees it now, or for no one (the client had given up). A retry
+    /// answered with its request id's earlier ranges hands out nothing new.
+    fn record_grant(&mut self, p: &Pending, grant: &Grant, client: Option<usize>) {
+        let ranges: Vec<(u64, u64)> = grant.ranges.iter().map(|r| (r.first(), r.last())).collect();
+        // Answered by a node already in a later epoch: a retry answered
+        // from its record (see `Checker::mark_late`).
+        let late = self.slots[p.node as usize - 1]
+            .node
+            .as_ref()
+            .is_some_and(|n| n.status().epoch > grant.epoch);
+        let answer = match &p.call.request_id {
+            Some(id) => {
+                let dense = DENSE_KEYS.contains(&p.call.keys[0]);
+                self.checker
+                    .record_request(id, dense, &ranges, grant.epoch, self.now)
+            }
+            None => Answer::First,
+        };
+        for (k, &(first, last)) in p.call.keys.iter().zip(&ranges) {
+            let (ns, key) = KEYS[*k];
+            let name = format!("{ns}/{key}");
+            let span = (p.call.invoked, self.now);
+            match (client, answer) {
+                (Some(_), Answer::Repeat) => self.checker.record_repeat(&name, span, (first, last)),
+                (Some(_), _) => self
+                    .checker
+                    .record_call(&name, span, (first, last), grant.epoch),
+                (None, Answer::Repeat) => {}
+                (None, _) => {
+                    self.checker
+                        .record_unobserved(&name, self.now, (first, last), grant.epoch)
+                }
+            }
+            if late && answer != Answer::Repeat {
+                self.checker.mark_late(&name, first);
+            }
+            self.mix(&[*k as u64, first, last]);
+            if self.cfg.trace {
+                let who = client.map_or("a client that gave up".to_string(), |c| {
+                    format!("client {c}")
+                });
                 self.trace(format_args!(
-                    "node {} {name} [{}, {}] epoch {} to a client that gave up (invoked {})",
-                    p.node,
-                    range.first(),
-                    range.last(),
-                    grant.epoch,
-                    p.invoked
+                    "{who} node {} {name} [{first}, {last}] epoch {} {:?} {answer:?} (invoked {})",
+                    p.node, grant.epoch, p.call.request_id, p.call.invoked
                 ));
             }
         }
@@ -1157,6 +1250,7 @@ impl Sim {
         self.report.calls = self.checker.calls();
         self.report.unobserved = self.checker.unobserved();
         self.report.holes = self.checker.holes();
+        self.report.holes_beside_late = self.checker.holes_beside_late();
         self.report.numbers = self.checker.numbers();
         self.report.ids = self.checker.ids();
         self.report.violations = self.checker.violations().to_vec();

@@ -387,13 +387,15 @@ impl Machine {
                             // A raise after a trim means the trimmed hand-over
                             // is over: the next leader change may open holes.
                             meta.clean_handoff = false;
-                            for g in &r.requests {
+                            let mut requests = r.requests;
+                            for g in &mut requests {
+                                g.epoch = meta.epoch;
                                 let ranges = grant_ranges(g);
                                 txn.put(request_key(next_seq, ranges).to_vec(), g.encode_to_vec());
                                 new_grants.push((next_seq, ranges));
                                 next_seq += 1;
                             }
-                            Applied::Raised(done, r.requests)
+                            Applied::Raised(done, requests)
                         }
                         Some(command::Kind::LeaderStart(ls)) => {
                             if !meta.clean_handoff {
@@ -1177,6 +1179,7 @@ mod tests {
                 items: 7,
                 firsts: vec![ceiling - 9],
                 counts: vec![10],
+                epoch: 0,
             }],
         })
     }
@@ -1227,6 +1230,33 @@ mod tests {
         drop(m);
         let m = Machine::open(db).unwrap();
         assert_eq!(grant_ids(&m), ["e", "f"]);
+    }
+
+    /// A request record keeps the epoch its raise applied in, whatever the
+    /// proposal said: a retry after a take-over is answered with it, not
+    /// with the new epoch (which would hide the holes the take-over left
+    /// between those numbers and the new leader's).
+    #[test]
+    fn a_request_record_keeps_the_epoch_its_raise_applied_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut m = Machine::open(db.clone()).unwrap();
+        let start = |term| command::Kind::LeaderStart(LeaderStart { term, node_id: 1 });
+        m.apply(&[entry(1, start(1)), entry(2, start(2))]).unwrap();
+        assert_eq!(m.epoch(), 2);
+        let mut raise = granted("d", "k", 10, "a");
+        if let command::Kind::Raise(r) = &mut raise {
+            r.requests[0].epoch = 9;
+        }
+        let applied = m.apply(&[entry(3, raise), entry(4, start(3))]).unwrap();
+        assert_eq!(m.epoch(), 3);
+        match &applied[0].1 {
+            Applied::Raised(_, requests) => assert_eq!(requests[0].epoch, 2),
+            other => panic!("applied {other:?}"),
+        }
+        drop(m);
+        let m = Machine::open(db).unwrap();
+        assert_eq!(m.request_grants().unwrap()[0].epoch, 2, "as stored");
     }
 
     /// A worker id goes only to a node in the configuration as of the
