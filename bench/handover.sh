@@ -6,6 +6,9 @@
 #
 #   bench/handover.sh                 # a million keys
 #   bench/handover.sh 3000000         # three million
+#   SEQD_HANDOVER_PERF=/tmp/ho.data bench/handover.sh   # also perf-record the
+#                                     # old leader (call graphs, 30 s) from
+#                                     # the transfer on
 #
 # Starts a three-node cluster of the release build on loopback (ports
 # 17101-17103, metrics 17201-17203) in a temporary directory, fills it with
@@ -63,6 +66,14 @@ echo "handover: transferring under a load of 4 callers"
     --keys 1000 --seconds 30 > "$work/load.txt" 2>&1 &
 load=$!
 sleep 5
+if [ -n "${SEQD_HANDOVER_PERF:-}" ]; then
+    leader=$(seqctl status --json | python3 -c '
+import json, sys
+print(next(n["id"] for n in json.load(sys.stdin)["nodes"] if n.get("role") == "Leader"))')
+    perf record -F 499 -g -p "${pids[$((leader - 1))]}" -o "$SEQD_HANDOVER_PERF" \
+        -- sleep 30 > "$work/perf.txt" 2>&1 &
+    sleep 0.5
+fi
 started=$(date +%s.%N)
 seqctl transfer-leader
 waited=$(echo "$(date +%s.%N) - $started" | bc)
