@@ -14,7 +14,8 @@
 //! record after its epoch ended (a later leader answered it) carries the
 //! epoch its numbers came in, and may sit among that epoch's numbers that
 //! were never answered (calls that failed in the take-over after their
-//! raise committed); no hole beside such a range is held against the epoch.
+//! raise committed); no hole just below such a range is held against the
+//! epoch.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -77,12 +78,13 @@ impl Checker {
     ) {
         self.numbers += last - first + 1;
         self.record_range(key, first, last, epoch, completed);
-        self.record_repeat(key, (invoked, completed), (first, last));
+        self.record_completion(key, (invoked, completed), (first, last));
     }
 
-    /// Records a completed call that returned a range recorded before (a
-    /// retry answered with what its request id got): I2 only.
-    pub fn record_repeat(
+    /// Records a call completed at `completed` with a range recorded
+    /// before, and checks it for I2 (alone: for a retry answered with what
+    /// its request id got before).
+    pub fn record_completion(
         &mut self,
         key: &str,
         (invoked, completed): (u64, u64),
@@ -119,7 +121,15 @@ impl Checker {
         at: u64,
     ) -> Answer {
         let answers = self.requests.entry(request_id.to_string()).or_default();
-        if answers.iter().any(|(r, _)| r == ranges) {
+        if let Some((_, before)) = answers.iter().find(|(r, _)| r == ranges) {
+            // The same answer again, epoch and all: the epoch a frontend
+            // stamps must not depend on which attempt got through.
+            if *before != epoch {
+                self.violations.push(format!(
+                    "idempotency: request {request_id} got {ranges:?} in epoch {epoch} at {at} ms, \
+                     as before but in epoch {before}"
+                ));
+            }
             return Answer::Repeat;
         }
         if let (true, Some((first, first_epoch))) = (dense, answers.first()) {
@@ -185,9 +195,9 @@ impl Checker {
         keys.sort();
         for key in keys {
             let h = &self.keys[key];
-            let mut prev = (0, FIRST_EPOCH, false);
+            let mut prev = (0, FIRST_EPOCH);
             for (&first, &(last, epoch)) in &h.ranges {
-                let (prev_last, prev_epoch, prev_late) = prev;
+                let (prev_last, prev_epoch) = prev;
                 let late = h.late.contains(&first);
                 if epoch < prev_epoch {
                     self.violations.push(format!(
@@ -196,7 +206,12 @@ impl Checker {
                 }
                 if first > prev_last + 1 {
                     self.holes += 1;
-                    if epoch == prev_epoch && (late || prev_late) {
+                    // Only the hole below a late range: above it, the
+                    // numbers of its epoch that no call got end where a
+                    // new epoch begins (raises apply in order, and calls
+                    // failed with their raise in flight are followed by a
+                    // new start, which opens one).
+                    if epoch == prev_epoch && late {
                         self.holes_beside_late += 1;
                     } else if epoch == prev_epoch {
                         self.violations.push(format!(
@@ -206,7 +221,7 @@ impl Checker {
                         ));
                     }
                 }
-                prev = (last, epoch, late);
+                prev = (last, epoch);
             }
         }
     }
@@ -257,8 +272,8 @@ impl Checker {
         self.holes
     }
 
-    /// Of those, the holes under one epoch beside a range answered after
-    /// its epoch ended (allowed).
+    /// Of those, the holes under one epoch just below a range answered
+    /// after its epoch ended (allowed).
     pub fn holes_beside_late(&self) -> u64 {
         self.holes_beside_late
     }
@@ -333,11 +348,17 @@ mod tests {
         c.record_call("k", (10, 11), (8, 8), 2);
         // Not beside a late range: still a violation.
         c.record_call("k", (12, 13), (10, 10), 2);
+        // Above a late range, under its epoch: a violation too.
+        c.record_call("j", (0, 1), (1, 1), 1);
+        c.record_call("j", (2, 9), (2, 2), 1);
+        c.mark_late("j", 2);
+        c.record_call("j", (10, 11), (4, 4), 1);
         c.check_epochs();
         let v = c.violations();
-        assert_eq!(v.len(), 1, "{v:?}");
-        assert!(v[0].starts_with("hole: key k: 9..=9"), "{v:?}");
-        assert_eq!((c.holes(), c.holes_beside_late()), (3, 1));
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(v[0].starts_with("hole: key j: 3..=3"), "{v:?}");
+        assert!(v[1].starts_with("hole: key k: 9..=9"), "{v:?}");
+        assert_eq!((c.holes(), c.holes_beside_late()), (4, 1));
     }
 
     #[test]
@@ -349,6 +370,23 @@ mod tests {
         let v = c.violations();
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].starts_with("epoch: key k"), "{v:?}");
+    }
+
+    #[test]
+    fn a_request_answered_again_must_get_the_same_ranges_and_epoch() {
+        let mut c = Checker::default();
+        assert_eq!(c.record_request("r", true, &[(1, 2)], 1, 0), Answer::First);
+        assert_eq!(c.record_request("r", true, &[(1, 2)], 1, 5), Answer::Repeat);
+        assert!(c.violations().is_empty(), "{:?}", c.violations());
+        assert_eq!(c.record_request("r", true, &[(1, 2)], 2, 6), Answer::Repeat);
+        assert_eq!(c.record_request("r", true, &[(3, 4)], 2, 7), Answer::Fresh);
+        // A segmented id may get new numbers (another leader's memory).
+        assert_eq!(c.record_request("s", false, &[(1, 2)], 1, 0), Answer::First);
+        assert_eq!(c.record_request("s", false, &[(5, 6)], 2, 9), Answer::Fresh);
+        let v = c.violations();
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(v[0].contains("as before but in epoch 1"), "{v:?}");
+        assert!(v[1].contains("(dense) got [(3, 4)]"), "{v:?}");
     }
 
     #[test]

@@ -327,8 +327,11 @@ struct Pending {
 struct Call {
     keys: Vec<usize>,
     counts: Vec<u32>,
-    /// When the first attempt was sent.
+    /// When the first attempt was sent (for I2: a retry's answer may be
+    /// what the first attempt got).
     invoked: u64,
+    /// When this attempt was sent (for the client's patience).
+    sent: u64,
     /// The request id every attempt carries, if any.
     request_id: Option<String>,
     attempts: u32,
@@ -842,13 +845,14 @@ impl Sim {
             } else {
                 self.clients[c].target
             };
-            let call = match self.clients[c].retry.take() {
+            let mut call = match self.clients[c].retry.take() {
                 Some(mut call) => {
                     call.attempts += 1;
                     call
                 }
                 None => self.new_call(c),
             };
+            call.sent = self.now;
             let slot = &self.slots[target as usize - 1];
             if slot.node.is_none() {
                 // Connection refused: try another node next time.
@@ -914,6 +918,7 @@ impl Sim {
             keys,
             counts,
             invoked: self.now,
+            sent: self.now,
             request_id: (c % 2 == 1).then(|| format!("client-{c}-{}", self.clients[c].calls)),
             attempts: 1,
         }
@@ -937,7 +942,7 @@ impl Sim {
                 Ok(r) => Some(r),
                 Err(oneshot::error::TryRecvError::Closed) => Some(Err(NodeError::Stopped)),
                 Err(oneshot::error::TryRecvError::Empty) => {
-                    (self.now - p.call.invoked > CLIENT_PATIENCE_MS).then_some(Err(
+                    (self.now - p.call.sent > CLIENT_PATIENCE_MS).then_some(Err(
                         NodeError::Timeout(Duration::from_millis(CLIENT_PATIENCE_MS)),
                     ))
                 }
@@ -1019,12 +1024,14 @@ impl Sim {
     /// answered with its request id's earlier ranges hands out nothing new.
     fn record_grant(&mut self, p: &Pending, grant: &Grant, client: Option<usize>) {
         let ranges: Vec<(u64, u64)> = grant.ranges.iter().map(|r| (r.first(), r.last())).collect();
-        // Answered by a node already in a later epoch: a retry answered
-        // from its record (see `Checker::mark_late`).
-        let late = self.slots[p.node as usize - 1]
-            .node
-            .as_ref()
-            .is_some_and(|n| n.status().epoch > grant.epoch);
+        // A retry answered by a node already in a later epoch: from its
+        // request id's record (see `Checker::mark_late`). A first attempt
+        // gets no such allowance.
+        let late = p.call.attempts > 1
+            && self.slots[p.node as usize - 1]
+                .node
+                .as_ref()
+                .is_some_and(|n| n.status().epoch > grant.epoch);
         let answer = match &p.call.request_id {
             Some(id) => {
                 let dense = DENSE_KEYS.contains(&p.call.keys[0]);
@@ -1038,7 +1045,9 @@ impl Sim {
             let name = format!("{ns}/{key}");
             let span = (p.call.invoked, self.now);
             match (client, answer) {
-                (Some(_), Answer::Repeat) => self.checker.record_repeat(&name, span, (first, last)),
+                (Some(_), Answer::Repeat) => {
+                    self.checker.record_completion(&name, span, (first, last))
+                }
                 (Some(_), _) => self
                     .checker
                     .record_call(&name, span, (first, last), grant.epoch),
@@ -1630,6 +1639,70 @@ mod tests {
             last + 1,
             first - 1,
             next.epoch
+        );
+    }
+
+    /// A dense call with a request id whose raise reached the followers
+    /// but whose leader was cut off before answering: a retry on the next
+    /// leader gets the recorded range, under the epoch it was allocated
+    /// in, not the new leader's (which would hide the hole between that
+    /// range and the new leader's numbers: the calls of the old epoch that
+    /// no one answered).
+    #[test]
+    fn a_retry_after_a_take_over_gets_the_epoch_its_numbers_came_in() {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(9, cfg);
+        while sim.now < 2_000 {
+            sim.step(false);
+        }
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        let dense = DENSE_KEYS.start;
+        let before = send_call(&mut sim, l, dense, 1, None);
+        let before = answer(&mut sim, before).expect("a dense call before the take-over");
+
+        // The call's raise goes out; then nothing comes back to the leader.
+        let first = send_call(&mut sim, l, dense, 2, Some("retried"));
+        sim.run_node(l);
+        let leader = l as u64 + 1;
+        sim.net.cut = (1..=3)
+            .filter(|&o| o != leader)
+            .flat_map(|o| [(leader, o), (o, leader)])
+            .collect();
+        sim.net.heal_at = sim.now + 3_000;
+        let mut taken_over = None;
+        for _ in 0..200 {
+            if let Some(n) = sim.leader().filter(|&n| n != l) {
+                let rx = send_call(&mut sim, n, dense, 1, None);
+                if let Ok(g) = answer(&mut sim, rx) {
+                    taken_over = Some((n, g));
+                    break;
+                }
+            }
+            let now = sim.now;
+            step_until(&mut sim, now, 20);
+        }
+        let (n, fresh) = taken_over.expect("the followers elected a leader that serves");
+        assert!(
+            answer(&mut sim, first).is_err(),
+            "the cut-off leader answered"
+        );
+        assert!(fresh.epoch > before.epoch, "a take-over kept the epoch");
+
+        let retry = send_call(&mut sim, n, dense, 2, Some("retried"));
+        let retry = answer(&mut sim, retry).expect("the retry on the new leader");
+        assert_eq!(
+            retry.ranges[0].first(),
+            before.ranges[0].last() + 1,
+            "the retry did not get the recorded range"
+        );
+        assert_eq!(
+            retry.epoch, before.epoch,
+            "the retry's numbers came in epoch {}, but it got epoch {} (the new leader's is {})",
+            before.epoch, retry.epoch, fresh.epoch
         );
     }
 
