@@ -96,7 +96,7 @@ fn assert_clean(reports: &[SimReport]) {
     println!(
         "checked {} seeds: {calls} calls, {ids} IDs, {faults} faults, \
          {released} idle keys released, {snapshots} snapshots installed, {rounds} read rounds in {heartbeats} heartbeats, \
-         {holes} holes in keys' numbers ({beside_late} beside retries answered after their epoch), \
+         {holes} holes in keys' numbers ({beside_late} just below retries answered after their epoch), \
          {lost} answers lost (retried with their request id), {unobserved} ranges no client saw, \
          {} failed seeds",
         reports.len(),

@@ -149,7 +149,7 @@ impl fmt::Display for SimReport {
         write!(
             f,
             "seed {} ({} nodes): {} steps, {} calls ({} numbers, {} failed, {} answers lost, {} unobserved), \
-             {} holes ({} beside late retries), {} IDs ({} refused), \
+             {} holes ({} just below late retries), {} IDs ({} refused), \
              faults: {} crashes ({} unsynced writes lost), {} pauses, {} partitions, {} chaos, \
              {} clock jumps, {} transfers, {} shutdowns ({} stopped); {} messages ({} dropped, {} duplicated); {} idle keys released; \
              {} snapshots installed; {} read rounds in {} heartbeats ({} resent); recovered: {}; \
