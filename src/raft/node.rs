@@ -3077,6 +3077,18 @@ impl Node {
     fn propose_trim_parts(&mut self) {
         let term = self.raw.raft.term;
         let leading = self.raw.raft.state == StateRole::Leader;
+        // The last part makes the hand-off clean: the next leader keeps
+        // the epoch. So it follows every raise this leader proposed,
+        // applied here and so answered: a dense call's numbers are handed
+        // out when its raise applies, and a raise that commits while this
+        // node, cut off or behind on its own log, answers nothing would
+        // leave a hole the epoch does not announce. (Nothing new is raised:
+        // serving stopped with the trim.)
+        let raising = self.handover.is_some()
+            && self
+                .proposals
+                .values()
+                .any(|(_, p)| matches!(p, Proposal::Raises(_)));
         loop {
             let Some(h) = self.handover.as_mut() else {
                 return;
@@ -3093,24 +3105,9 @@ impl Node {
                 return;
             }
             let from = next_part(&h.untrimmed, self.trim_part_keys, TRIM_PART_BYTES);
-            // The last part makes the hand-off clean: the next leader keeps
-            // the epoch. So it follows every raise this leader proposed,
-            // applied here and so answered: a dense call's numbers are
-            // handed out when its raise applies, and a raise that commits
-            // while this node, cut off or behind on its own log, answers
-            // nothing would leave a hole the epoch does not announce.
-            // (Nothing new is raised: serving stopped with the trim.)
-            if from == 0
-                && self
-                    .proposals
-                    .values()
-                    .any(|(_, p)| matches!(p, Proposal::Raises(_)))
-            {
+            if from == 0 && raising {
                 return;
             }
-            let Some(h) = self.handover.as_mut() else {
-                return;
-            };
             let mut part = h.untrimmed.split_off(from);
             // In key order, as releases are (see `propose_releases`).
             part.sort_unstable_by(|a, b| a.key.cmp(&b.key));

@@ -5,15 +5,16 @@
 //! (a call that started after another completed gets greater numbers) and I5
 //! (IDs unique; each node's IDs only go up).
 //!
-//! Ranges a node handed out after its client had given up are recorded too
-//! (for I1, and as numbers that were handed out), and at the end
+//! Ranges no client saw (answered after the client had given up, or lost
+//! on their way) are recorded too (for I1, and as numbers that were handed
+//! out), and at the end
 //! [`Checker::check_epochs`] checks the epoch's promise over every range:
 //! numbers skipped between two handed out (a hole) come with a new epoch,
 //! and epochs only go up with the numbers. One exception, which the
 //! epoch's documentation states: a retry answered from its request id's
 //! record after its epoch ended (a later leader answered it) carries the
-//! epoch its numbers came in, and may sit among that epoch's numbers that
-//! were never answered (calls that failed in the take-over after their
+//! epoch its numbers came in, and may sit just above that epoch's numbers
+//! that were never answered (calls that failed in the take-over after their
 //! raise committed); no hole just below such a range is held against the
 //! epoch.
 
@@ -162,9 +163,9 @@ impl Checker {
         self.violations.push(violation);
     }
 
-    /// Records a range a node handed out at `at` for a call its client had
-    /// given up on: the numbers are spent (I1, and no hole) although no
-    /// caller saw them, and no order is claimed for them (I2).
+    /// Records a range a node handed out at `at` that no client saw (its
+    /// client had given up, or the answer was lost): the numbers are spent
+    /// (I1, and no hole), and no order is claimed for them (I2).
     pub fn record_unobserved(&mut self, key: &str, at: u64, (first, last): (u64, u64), epoch: u64) {
         self.unobserved += 1;
         self.record_range(key, first, last, epoch, at);

@@ -1062,9 +1062,10 @@ impl Sim {
             }
             self.mix(&[*k as u64, first, last]);
             if self.cfg.trace {
-                let who = client.map_or("a client that gave up".to_string(), |c| {
-                    format!("client {c}")
-                });
+                let who = client.map_or(
+                    "no client (it gave up, or the answer was lost):".to_string(),
+                    |c| format!("client {c}"),
+                );
                 self.trace(format_args!(
                     "{who} node {} {name} [{first}, {last}] epoch {} {:?} {answer:?} (invoked {})",
                     p.node, grant.epoch, p.call.request_id, p.call.invoked
@@ -1449,16 +1450,7 @@ mod tests {
     /// (the segments forgotten with the memory leave holes).
     #[test]
     fn a_dropped_proposal_does_not_reuse_a_raise_still_in_flight() {
-        let cfg = SimConfig {
-            faults: false,
-            clients: 0,
-            ..SimConfig::new(3)
-        };
-        let mut sim = Sim::new(11, cfg);
-        while sim.now < 2_000 {
-            sim.step(false);
-        }
-        let l = sim.leader().expect("a leader after 2 s without faults");
+        let (mut sim, l) = quiet_cluster(11);
         let dense = DENSE_KEYS.start;
         let warm = send_call(&mut sim, l, dense, 1, None);
         let warm = answer(&mut sim, warm).expect("a dense call before the drop");
@@ -1525,16 +1517,7 @@ mod tests {
     /// forgot leave holes, which no trim closed).
     #[test]
     fn a_handover_whose_trim_was_dropped_serves_again_after_a_new_start() {
-        let cfg = SimConfig {
-            faults: false,
-            clients: 0,
-            ..SimConfig::new(3)
-        };
-        let mut sim = Sim::new(5, cfg);
-        while sim.now < 2_000 {
-            sim.step(false);
-        }
-        let l = sim.leader().expect("a leader after 2 s without faults");
+        let (mut sim, l) = quiet_cluster(5);
         let before = send_call(&mut sim, l, 0, 1, None);
         let before = answer(&mut sim, before).expect("a call before the handover");
         let (leader, target) = (l as u64 + 1, (l as u64 + 1) % 3 + 1);
@@ -1581,16 +1564,7 @@ mod tests {
     /// simulation's epoch check (seed 74 of three nodes).
     #[test]
     fn a_handover_trims_only_after_its_raises_are_answered() {
-        let cfg = SimConfig {
-            faults: false,
-            clients: 0,
-            ..SimConfig::new(3)
-        };
-        let mut sim = Sim::new(7, cfg);
-        while sim.now < 2_000 {
-            sim.step(false);
-        }
-        let l = sim.leader().expect("a leader after 2 s without faults");
+        let (mut sim, l) = quiet_cluster(7);
         let dense = DENSE_KEYS.start;
         let before = send_call(&mut sim, l, dense, 1, None);
         let before = answer(&mut sim, before).expect("a dense call before the handover");
@@ -1607,25 +1581,8 @@ mod tests {
             .expect("the node is running");
         sim.run_node(l);
         // What was sent arrives; nothing comes back to the leader.
-        let leader = l as u64 + 1;
-        sim.net.cut = (1..=3)
-            .filter(|&o| o != leader)
-            .flat_map(|o| [(leader, o), (o, leader)])
-            .collect();
-        sim.net.heal_at = sim.now + 3_000;
-        let mut next = None;
-        for _ in 0..200 {
-            if let Some(n) = sim.leader().filter(|&n| n != l) {
-                let rx = send_call(&mut sim, n, dense, 1, None);
-                if let Ok(g) = answer(&mut sim, rx) {
-                    next = Some(g);
-                    break;
-                }
-            }
-            let now = sim.now;
-            step_until(&mut sim, now, 20);
-        }
-        let next = next.expect("the followers elected a leader that serves");
+        cut_off(&mut sim, l);
+        let (_, next) = new_leader_serves(&mut sim, l, dense);
         let lost = answer(&mut sim, lost);
         assert!(lost.is_err(), "the cut-off leader answered: {lost:?}");
         let (last, first) = (before.ranges[0].last(), next.ranges[0].first());
@@ -1650,16 +1607,7 @@ mod tests {
     /// no one answered).
     #[test]
     fn a_retry_after_a_take_over_gets_the_epoch_its_numbers_came_in() {
-        let cfg = SimConfig {
-            faults: false,
-            clients: 0,
-            ..SimConfig::new(3)
-        };
-        let mut sim = Sim::new(9, cfg);
-        while sim.now < 2_000 {
-            sim.step(false);
-        }
-        let l = sim.leader().expect("a leader after 2 s without faults");
+        let (mut sim, l) = quiet_cluster(9);
         let dense = DENSE_KEYS.start;
         let before = send_call(&mut sim, l, dense, 1, None);
         let before = answer(&mut sim, before).expect("a dense call before the take-over");
@@ -1667,25 +1615,8 @@ mod tests {
         // The call's raise goes out; then nothing comes back to the leader.
         let first = send_call(&mut sim, l, dense, 2, Some("retried"));
         sim.run_node(l);
-        let leader = l as u64 + 1;
-        sim.net.cut = (1..=3)
-            .filter(|&o| o != leader)
-            .flat_map(|o| [(leader, o), (o, leader)])
-            .collect();
-        sim.net.heal_at = sim.now + 3_000;
-        let mut taken_over = None;
-        for _ in 0..200 {
-            if let Some(n) = sim.leader().filter(|&n| n != l) {
-                let rx = send_call(&mut sim, n, dense, 1, None);
-                if let Ok(g) = answer(&mut sim, rx) {
-                    taken_over = Some((n, g));
-                    break;
-                }
-            }
-            let now = sim.now;
-            step_until(&mut sim, now, 20);
-        }
-        let (n, fresh) = taken_over.expect("the followers elected a leader that serves");
+        cut_off(&mut sim, l);
+        let (n, fresh) = new_leader_serves(&mut sim, l, dense);
         assert!(
             answer(&mut sim, first).is_err(),
             "the cut-off leader answered"
@@ -1704,6 +1635,49 @@ mod tests {
             "the retry's numbers came in epoch {}, but it got epoch {} (the new leader's is {})",
             before.epoch, retry.epoch, fresh.epoch
         );
+    }
+
+    /// A three-node cluster without faults or clients, run for 2 s; and
+    /// the slot of its leader.
+    fn quiet_cluster(seed: u64) -> (Sim, usize) {
+        let cfg = SimConfig {
+            faults: false,
+            clients: 0,
+            ..SimConfig::new(3)
+        };
+        let mut sim = Sim::new(seed, cfg);
+        while sim.now < 2_000 {
+            sim.step(false);
+        }
+        let l = sim.leader().expect("a leader after 2 s without faults");
+        (sim, l)
+    }
+
+    /// Cuts slot `l` off from the other two nodes, both ways, for 3 s;
+    /// what it sent before still arrives.
+    fn cut_off(sim: &mut Sim, l: usize) {
+        let leader = l as u64 + 1;
+        sim.net.cut = (1..=3)
+            .filter(|&o| o != leader)
+            .flat_map(|o| [(leader, o), (o, leader)])
+            .collect();
+        sim.net.heal_at = sim.now + 3_000;
+    }
+
+    /// Steps until a leader other than slot `old` answers a call for one
+    /// number of `key`: that leader's slot, and its answer.
+    fn new_leader_serves(sim: &mut Sim, old: usize, key: usize) -> (usize, Grant) {
+        for _ in 0..200 {
+            if let Some(n) = sim.leader().filter(|&n| n != old) {
+                let rx = send_call(sim, n, key, 1, None);
+                if let Ok(g) = answer(sim, rx) {
+                    return (n, g);
+                }
+            }
+            let now = sim.now;
+            step_until(sim, now, 20);
+        }
+        panic!("no other leader served within 4 s");
     }
 
     /// Asks slot `i`'s node for one number of each of `keys` at once; the
@@ -1853,16 +1827,7 @@ mod tests {
     /// stale tail.
     #[test]
     fn a_message_for_another_node_is_not_stepped() {
-        let cfg = SimConfig {
-            faults: false,
-            clients: 0,
-            ..SimConfig::new(3)
-        };
-        let mut sim = Sim::new(3, cfg);
-        while sim.now < 2_000 {
-            sim.step(false);
-        }
-        let l = sim.leader().expect("a leader after 2 s without faults");
+        let (mut sim, l) = quiet_cluster(3);
         let f = (l + 1) % 3;
         let other = (l + 2) % 3;
         let status = |sim: &Sim| sim.slots[f].node.as_ref().expect("running").status();
