@@ -16,6 +16,12 @@ mod seqd;
 mod served;
 mod targets;
 
+// The harness allocates per call (the client's batches, gRPC frames), as
+// seqd does; mimalloc, as in seqd, and without huge pages for the same
+// reason (first touches of 2 MiB pages stalled calls for milliseconds).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
