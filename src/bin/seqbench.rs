@@ -14,6 +14,11 @@
 //! client, coalesced, from one node; with `--max-in-flight 0` one RPC per
 //! call, the callers spread over every node).
 
+// As in seqd and seqcompare: the client allocates per call, and glibc's
+// malloc is a visible share of a load generator's CPU.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
