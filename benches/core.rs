@@ -14,6 +14,7 @@ use seqd::core::{
     Allocation, Allocator, CeilingSource, Issuer, Layout, Namespaces, SeqKey, SeqRange,
 };
 use seqd::pb::{BatchItem, NextBatchRequest, NextRequest, NextResponse};
+use seqd::raft::Grant;
 use seqd::service::sequencer::{batch_response, parse_next, parse_next_batch, BatchCall};
 
 use common::namespaces;
@@ -196,6 +197,7 @@ fn bench(c: &mut Criterion) {
                 first: black_box(1_234_567),
                 count: 1,
                 epoch: 3,
+                replayed: false,
             }
             .encode(&mut buf)
             .unwrap();
@@ -222,9 +224,13 @@ fn bench(c: &mut Criterion) {
     });
     // A batch's work on the node outside the allocator: decode, check,
     // answer with every key as sent, encode.
-    let ranges: Vec<SeqRange> = (0..100)
-        .map(|i| SeqRange::try_new(1_000 + i, 1).unwrap())
-        .collect();
+    let grant = Grant {
+        ranges: (0..100)
+            .map(|i| SeqRange::try_new(1_000 + i, 1).unwrap())
+            .collect(),
+        epoch: 3,
+        replayed: false,
+    };
     let mut out = Vec::with_capacity(4096);
     g.bench_function("next_batch_100_decode_check_answer_encode", |b| {
         b.iter(|| {
@@ -232,7 +238,7 @@ fn bench(c: &mut Criterion) {
             let BatchCall { items, keys } = parse_next_batch(&ns, req).unwrap();
             black_box(&items);
             out.clear();
-            batch_response(keys, &ranges, 3).encode(&mut out).unwrap();
+            batch_response(keys, &grant).encode(&mut out).unwrap();
             black_box(&out);
         });
     });

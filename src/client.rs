@@ -1162,6 +1162,7 @@ impl Inner {
                             first,
                             count: w.count,
                             epoch: resp.epoch,
+                            replayed: resp.replayed,
                         }));
                         first += u64::from(w.count);
                     }
@@ -1812,9 +1813,11 @@ mod tests {
         redirect: Arc<Mutex<Option<String>>>,
     }
 
-    /// Every item answered from 1 (the client only checks the counts).
+    /// Every item answered from 1 (the client only checks the counts); a
+    /// batch with a key named `replayed...` as a repeat of its record.
     #[cfg(feature = "server")]
     fn answer_from_one(items: Vec<BatchItem>) -> NextBatchResponse {
+        let replayed = items.iter().any(|i| i.key.starts_with("replayed"));
         let ranges = items
             .into_iter()
             .map(|i| crate::pb::Range {
@@ -1823,7 +1826,11 @@ mod tests {
                 count: i.count,
             })
             .collect();
-        NextBatchResponse { ranges, epoch: 1 }
+        NextBatchResponse {
+            ranges,
+            epoch: 1,
+            replayed,
+        }
     }
 
     #[cfg(feature = "server")]
@@ -1854,6 +1861,7 @@ mod tests {
                 first: 1,
                 count: request.into_inner().count,
                 epoch: 1,
+                replayed: false,
             }))
         }
 
@@ -2245,6 +2253,25 @@ mod tests {
         assert_eq!(server.stream_batches.load(Ordering::SeqCst), 2);
     }
 
+    /// A coalesced call learns that its batch's answer repeated the
+    /// batch's record, on the stream and on the `NextBatch` fallback.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_replayed_batch_answer_reaches_its_callers() {
+        use std::sync::atomic::Ordering;
+        for stream in [true, false] {
+            let server = CountingServer::default();
+            server.stream.store(stream, Ordering::SeqCst);
+            let addr = serve(server.clone()).await;
+            let client = Client::new(&[addr.to_string()], ClientOptions::default()).unwrap();
+            let fresh = client.next("ns", "k", 1).await.unwrap();
+            let repeat = client.next("ns", "replayed-k", 2).await.unwrap();
+            assert!(!fresh.replayed, "stream {stream}: {fresh:?}");
+            assert!(repeat.replayed, "stream {stream}: {repeat:?}");
+            assert_eq!(server.stream_batches.load(Ordering::SeqCst) > 0, stream);
+        }
+    }
+
     #[tokio::test]
     async fn pings_without_a_timeout_are_refused_by_name() {
         let opts = ClientOptions {
@@ -2317,6 +2344,7 @@ mod tests {
                             first: 1,
                             count: 3,
                             epoch: 1,
+                            replayed: false,
                         }
                         .encode_to_vec();
                         let mut frame = vec![0u8];

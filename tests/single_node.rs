@@ -89,8 +89,11 @@ async fn request_id_returns_the_same_range() {
     let a = client.next_with_id("conv", "k", 2, "msg-1").await.unwrap();
     let b = client.next_with_id("conv", "k", 2, "msg-1").await.unwrap();
     assert_eq!((a.first, a.count), (b.first, b.count));
+    // The repeat says it is one; the allocations say they are not.
+    assert!(!a.replayed && b.replayed, "{a:?} then {b:?}");
     let other = client.next_with_id("conv", "k", 2, "msg-2").await.unwrap();
     assert_eq!(other.first, a.first + 2);
+    assert!(!other.replayed, "{other:?}");
     let err = client
         .next_with_id("conv", "k", 3, "msg-1")
         .await

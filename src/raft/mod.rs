@@ -26,6 +26,9 @@ pub struct Grant {
     /// One range per requested key, in request order.
     pub ranges: Vec<SeqRange>,
     pub epoch: u64,
+    /// The ranges came from the request id's record (a retry), not from
+    /// this call's allocation.
+    pub replayed: bool,
 }
 
 /// A node's view of itself and the cluster.

@@ -1744,6 +1744,7 @@ impl Node {
                                 } else {
                                     *epoch
                                 },
+                                replayed: true,
                             })
                         } else {
                             Err(NodeError::RequestIdReused)
@@ -1769,6 +1770,7 @@ impl Node {
                         let _ = reply.send(Ok(Grant {
                             ranges,
                             epoch: self.core.epoch(),
+                            replayed: false,
                         }));
                     }
                     Ok(Allocation::Wait) => {
@@ -2054,7 +2056,11 @@ impl Node {
                 .map(|p| p.retries)
                 .unwrap_or_default();
             for reply in retries {
-                let _ = reply.send(result.clone());
+                let repeat = result.clone().map(|g| Grant {
+                    replayed: true,
+                    ..g
+                });
+                let _ = reply.send(repeat);
             }
         }
         let _ = w.reply.send(result);
@@ -2720,6 +2726,7 @@ impl Node {
                             Ok(Grant {
                                 ranges: std::mem::take(&mut w.ranges),
                                 epoch: self.core.epoch(),
+                                replayed: false,
                             })
                         } else {
                             Err(NodeError::NotLeader {

@@ -8,13 +8,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{invalid, status_from, Observed, PeerAddrs};
 use crate::core::types::MAX_BATCH_ITEMS;
-use crate::core::{InvalidArgument, Namespaces, RequestId, SeqKey, SeqRange};
+use crate::core::{InvalidArgument, Namespaces, RequestId, SeqKey};
 use crate::pb::sequencer_server::Sequencer;
 use crate::pb::{
     CurrentRequest, CurrentResponse, NextBatchRequest, NextBatchResponse, NextRequest,
     NextResponse, NextStreamReply, NextStreamRequest, Range,
 };
-use crate::raft::NodeHandle;
+use crate::raft::{Grant, NodeHandle};
 
 /// Batches of one `NextStream` being served at once, each replied to when
 /// done: a client pipelines batches (its `max_in_flight` per namespace,
@@ -125,17 +125,21 @@ pub fn parse_next_batch(
 }
 
 /// The reply to a batch: each key as sent, with its range.
-pub fn batch_response(keys: Vec<String>, ranges: &[SeqRange], epoch: u64) -> NextBatchResponse {
+pub fn batch_response(keys: Vec<String>, grant: &Grant) -> NextBatchResponse {
     let ranges = keys
         .into_iter()
-        .zip(ranges)
+        .zip(&grant.ranges)
         .map(|(key, r)| Range {
             key,
             first: r.first(),
             count: r.count(),
         })
         .collect();
-    NextBatchResponse { ranges, epoch }
+    NextBatchResponse {
+        ranges,
+        epoch: grant.epoch,
+        replayed: grant.replayed,
+    }
 }
 
 /// Checks a `Current` request.
@@ -240,6 +244,7 @@ impl SequencerService {
             first: range.first(),
             count: range.count(),
             epoch: grant.epoch,
+            replayed: grant.replayed,
         }))
     }
 
@@ -257,11 +262,7 @@ impl SequencerService {
             .allocate(items, request_id)
             .await
             .map_err(|e| status_from(e, &self.peers))?;
-        Ok(Response::new(batch_response(
-            keys,
-            &grant.ranges,
-            grant.epoch,
-        )))
+        Ok(Response::new(batch_response(keys, &grant)))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(namespace = %request.get_ref().namespace))]

@@ -109,16 +109,17 @@ impl Checker {
     }
 
     /// Records what a node answered to `request_id` (at `at`; one range per
-    /// key of the call) and tells whether the call's ranges are new. A
-    /// dense call's answers must all be the same (its record goes through
-    /// the log); a segmented call's record lives in its leader's memory,
-    /// so after a leader change a retry may get new numbers.
+    /// key of the call; `replayed` as the answer said) and tells whether
+    /// the call's ranges are new. A dense call's answers must all be the
+    /// same (its record goes through the log); a segmented call's record
+    /// lives in its leader's memory, so after a leader change a retry may
+    /// get new numbers.
     pub fn record_request(
         &mut self,
         request_id: &str,
         dense: bool,
         ranges: &[(u64, u64)],
-        epoch: u64,
+        (epoch, replayed): (u64, bool),
         at: u64,
     ) -> Answer {
         let answers = self.requests.entry(request_id.to_string()).or_default();
@@ -129,6 +130,15 @@ impl Checker {
                 self.violations.push(format!(
                     "idempotency: request {request_id} got {ranges:?} in epoch {epoch} at {at} ms, \
                      as before but in epoch {before}"
+                ));
+            }
+            // Ranges handed out again can only come from the record, and
+            // the answer must say so: a frontend reads a hole below it
+            // differently.
+            if !replayed {
+                self.violations.push(format!(
+                    "idempotency: request {request_id} got {ranges:?} at {at} ms, as before, \
+                     but the answer was not marked replayed"
                 ));
             }
             return Answer::Repeat;
@@ -146,6 +156,14 @@ impl Checker {
         };
         answers.push((ranges.to_vec(), epoch));
         fresh
+    }
+
+    /// A first attempt was answered as replayed: request ids are never
+    /// reused, so there was no record to answer it from.
+    pub fn replayed_first_attempt(&mut self, request_id: &str, at: u64) {
+        self.violations.push(format!(
+            "idempotency: request {request_id}'s first attempt was answered as replayed at {at} ms"
+        ));
     }
 
     /// Marks the range of `key` starting at `first`, recorded before, as
@@ -374,20 +392,29 @@ mod tests {
     }
 
     #[test]
-    fn a_request_answered_again_must_get_the_same_ranges_and_epoch() {
+    fn a_request_answered_again_must_get_the_same_ranges_and_epoch_marked_replayed() {
         let mut c = Checker::default();
-        assert_eq!(c.record_request("r", true, &[(1, 2)], 1, 0), Answer::First);
-        assert_eq!(c.record_request("r", true, &[(1, 2)], 1, 5), Answer::Repeat);
+        let r = |c: &mut Checker, id, dense, range, answer, at| {
+            c.record_request(id, dense, &[range], answer, at)
+        };
+        assert_eq!(r(&mut c, "r", true, (1, 2), (1, false), 0), Answer::First);
+        assert_eq!(r(&mut c, "r", true, (1, 2), (1, true), 5), Answer::Repeat);
         assert!(c.violations().is_empty(), "{:?}", c.violations());
-        assert_eq!(c.record_request("r", true, &[(1, 2)], 2, 6), Answer::Repeat);
-        assert_eq!(c.record_request("r", true, &[(3, 4)], 2, 7), Answer::Fresh);
+        assert_eq!(r(&mut c, "r", true, (1, 2), (2, true), 6), Answer::Repeat);
+        assert_eq!(r(&mut c, "r", true, (3, 4), (2, false), 7), Answer::Fresh);
         // A segmented id may get new numbers (another leader's memory).
-        assert_eq!(c.record_request("s", false, &[(1, 2)], 1, 0), Answer::First);
-        assert_eq!(c.record_request("s", false, &[(5, 6)], 2, 9), Answer::Fresh);
+        assert_eq!(r(&mut c, "s", false, (1, 2), (1, false), 0), Answer::First);
+        assert_eq!(r(&mut c, "s", false, (5, 6), (2, false), 9), Answer::Fresh);
+        // The same ranges again, but not said to be replayed.
+        assert_eq!(
+            r(&mut c, "s", false, (5, 6), (2, false), 10),
+            Answer::Repeat
+        );
         let v = c.violations();
-        assert_eq!(v.len(), 2, "{v:?}");
+        assert_eq!(v.len(), 3, "{v:?}");
         assert!(v[0].contains("as before but in epoch 1"), "{v:?}");
         assert!(v[1].contains("(dense) got [(3, 4)]"), "{v:?}");
+        assert!(v[2].contains("not marked replayed"), "{v:?}");
     }
 
     #[test]

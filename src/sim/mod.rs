@@ -1024,19 +1024,27 @@ impl Sim {
     /// answered with its request id's earlier ranges hands out nothing new.
     fn record_grant(&mut self, p: &Pending, grant: &Grant, client: Option<usize>) {
         let ranges: Vec<(u64, u64)> = grant.ranges.iter().map(|r| (r.first(), r.last())).collect();
-        // A retry answered by a node already in a later epoch: from its
-        // request id's record (see `Checker::mark_late`). A first attempt
-        // gets no such allowance.
-        let late = p.call.attempts > 1
+        // A retry answered from its request id's record (it says so) by a
+        // node already in a later epoch (see `Checker::mark_late`). A first
+        // attempt has no record to be answered from.
+        let late = grant.replayed
             && self.slots[p.node as usize - 1]
                 .node
                 .as_ref()
                 .is_some_and(|n| n.status().epoch > grant.epoch);
         let answer = match &p.call.request_id {
             Some(id) => {
+                if grant.replayed && p.call.attempts == 1 {
+                    self.checker.replayed_first_attempt(id, self.now);
+                }
                 let dense = DENSE_KEYS.contains(&p.call.keys[0]);
-                self.checker
-                    .record_request(id, dense, &ranges, grant.epoch, self.now)
+                self.checker.record_request(
+                    id,
+                    dense,
+                    &ranges,
+                    (grant.epoch, grant.replayed),
+                    self.now,
+                )
             }
             None => Answer::First,
         };
@@ -1635,6 +1643,11 @@ mod tests {
             "the retry's numbers came in epoch {}, but it got epoch {} (the new leader's is {})",
             before.epoch, retry.epoch, fresh.epoch
         );
+        // The answer says where it came from, so that a frontend can tell
+        // the hole below it (the old epoch's unanswered calls) from a lost
+        // message; the fresh allocation says it is not.
+        assert!(retry.replayed, "the retry was not marked replayed");
+        assert!(!fresh.replayed && !before.replayed);
     }
 
     /// A three-node cluster without faults or clients, run for 2 s; and
