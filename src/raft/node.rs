@@ -3062,6 +3062,15 @@ impl Node {
                 call.fail(NodeError::NotLeader { leader: hint });
             }
         }
+        // Dense reservations made in this round, before the handover began,
+        // and not yet proposed: with serving stopped they never will be,
+        // and every way out of the handover forgets the allocator's memory
+        // before this node serves again (`reset_allocator`), so their
+        // numbers were never handed out. Their calls go on at once rather
+        // than waiting for the trim and the transfer.
+        for w in std::mem::take(&mut self.dense_pending) {
+            self.settle_dense(w, Err(NodeError::NotLeader { leader: hint }));
+        }
         tracing::info!(
             node_id = self.id,
             keys = trim.len(),

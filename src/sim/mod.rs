@@ -1607,6 +1607,45 @@ mod tests {
         );
     }
 
+    /// A dense call that arrives in the same batch of inputs as a handover
+    /// request is reserved but not yet proposed when serving stops: it
+    /// fails at once, as the other unanswered calls do, rather than waiting
+    /// for the trim and the transfer; and its numbers, never proposed, are
+    /// the next leader's next ones, under the same epoch (a clean
+    /// hand-off).
+    #[test]
+    fn a_dense_call_reserved_as_a_handover_begins_fails_at_once_and_leaves_no_hole() {
+        let (mut sim, l) = quiet_cluster(11);
+        let dense = DENSE_KEYS.start;
+        let before = send_call(&mut sim, l, dense, 1, None);
+        let before = answer(&mut sim, before).expect("a dense call before the handover");
+
+        let mut caught = send_call(&mut sim, l, dense, 2, Some("caught"));
+        let (reply, handover) = oneshot::channel();
+        sim.slots[l]
+            .tx
+            .send(Input::TransferLeader { to: None, reply })
+            .expect("the node is running");
+        sim.run_node(l);
+        let caught = caught.try_recv();
+        assert!(
+            matches!(caught, Ok(Err(NodeError::NotLeader { .. }))),
+            "the call reserved as the handover began is still waiting: {caught:?}"
+        );
+
+        handover_ended(&mut sim, handover).expect("the handover completes");
+        let (_, next) = new_leader_serves(&mut sim, l, dense);
+        assert_eq!(
+            next.ranges[0].first(),
+            before.ranges[0].last() + 1,
+            "the new leader skipped the reserved numbers"
+        );
+        assert_eq!(
+            next.epoch, before.epoch,
+            "a clean hand-off changed the epoch"
+        );
+    }
+
     /// A dense call with a request id whose raise reached the followers
     /// but whose leader was cut off before answering: a retry on the next
     /// leader gets the recorded range, under the epoch it was allocated
