@@ -317,10 +317,10 @@ impl Due {
 /// queued, waiting for a free caller included, so a stalled target is
 /// charged for the calls that queue behind it (no coordinated omission).
 /// How late the dispatcher itself queued calls is reported apart. The
-/// callers are started once and wait on the queue, rather than a task
-/// being spawned per call: at 110,000 calls/s the spawns (each allocating
-/// and moving the call's future) and the shared counters cost the harness
-/// CPU that the target on the same cores then waited for.
+/// callers are started once and wait on the queue, each counting its own
+/// calls. With a task spawned per call instead (its future allocated and
+/// moved in, a shared lock per outcome), one node at 80,000 calls/s read
+/// p999 2.8-6.9 ms against 0.94-2.2 this way, for the same harness CPU.
 pub async fn drive_open<C: Caller>(
     callers: Vec<C>,
     rate: f64,
