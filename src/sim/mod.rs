@@ -1582,11 +1582,7 @@ mod tests {
         // stepped meanwhile.
         let lost = send_call(&mut sim, l, dense, 2, None);
         sim.run_node(l);
-        let (reply, _handover) = oneshot::channel();
-        sim.slots[l]
-            .tx
-            .send(Input::TransferLeader { to: None, reply })
-            .expect("the node is running");
+        let _handover = ask_transfer(&mut sim, l);
         sim.run_node(l);
         // What was sent arrives; nothing comes back to the leader.
         cut_off(&mut sim, l);
@@ -1621,11 +1617,7 @@ mod tests {
         let before = answer(&mut sim, before).expect("a dense call before the handover");
 
         let mut caught = send_call(&mut sim, l, dense, 2, Some("caught"));
-        let (reply, handover) = oneshot::channel();
-        sim.slots[l]
-            .tx
-            .send(Input::TransferLeader { to: None, reply })
-            .expect("the node is running");
+        let handover = ask_transfer(&mut sim, l);
         sim.run_node(l);
         let caught = caught.try_recv();
         assert!(
@@ -1742,6 +1734,17 @@ mod tests {
         calls.into_iter().map(|rx| answer(sim, rx)).collect()
     }
 
+    /// Asks slot `l`'s node to hand its leadership over (to whichever
+    /// follower it picks); the handover's answer comes on the receiver.
+    fn ask_transfer(sim: &mut Sim, l: usize) -> oneshot::Receiver<Result<(), NodeError>> {
+        let (reply, rx) = oneshot::channel();
+        sim.slots[l]
+            .tx
+            .send(Input::TransferLeader { to: None, reply })
+            .expect("the node is running");
+        rx
+    }
+
     /// Steps the simulation until handover `rx` answers, at most 3 s.
     fn handover_ended(
         sim: &mut Sim,
@@ -1806,11 +1809,7 @@ mod tests {
             .map(|r| r.expect("a call before the handover"))
             .collect();
         let parts_before = sim.slots[l].node.as_ref().expect("running").trim_parts;
-        let (reply, handover) = oneshot::channel();
-        sim.slots[l]
-            .tx
-            .send(Input::TransferLeader { to: None, reply })
-            .expect("the node is running");
+        let handover = ask_transfer(&mut sim, l);
         handover_ended(&mut sim, handover).expect("the handover succeeded");
         let parts = sim.slots[l].node.as_ref().expect("running").trim_parts - parts_before;
         assert_eq!(
@@ -1849,11 +1848,7 @@ mod tests {
         last[0] = answer(&mut sim, hot).expect("a call before the handover");
         let node = sim.slots[l].node.as_ref().expect("running");
         let (released_before, parts_before) = (node.keys_released, node.trim_parts);
-        let (reply, handover) = oneshot::channel();
-        sim.slots[l]
-            .tx
-            .send(Input::TransferLeader { to: None, reply })
-            .expect("the node is running");
+        let handover = ask_transfer(&mut sim, l);
         // Sent after the transfer: served, as the leader releases the rest.
         let hot = send_call(&mut sim, l, keys[0], 1, None);
         last[0] = answer(&mut sim, hot).expect("a call served while releasing");
