@@ -6,7 +6,11 @@
 //! returned twice. Every `Next` or `NextBatch` this client sends carries a
 //! request id (its own when the caller gave none), kept by its retries, so
 //! a retry that reaches the same leader gets the ranges the lost attempt
-//! got (no hole); after a leader change it gets new ones. A single call
+//! got (no hole); after a leader change a segmented call gets new ones,
+//! while a dense call's record, kept in the replicated state, still gives
+//! the old. An answer repeated from a record has `replayed` set (on every
+//! call of a coalesced batch): a hole just below its range under the same
+//! epoch may be numbers no call got, not a lost message. A single call
 //! given its own `request_id` goes on its own.
 //!
 //! # Coalescing
