@@ -55,7 +55,7 @@ pub struct Measurement {
 }
 
 impl Measurement {
-    fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         Self {
             seconds: 0.0,
             calls: 0,

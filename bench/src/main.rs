@@ -14,6 +14,7 @@ mod redis_target;
 mod report;
 mod seqd;
 mod served;
+mod stalls;
 mod targets;
 
 // The harness allocates per call (the client's batches, gRPC frames), as
@@ -298,7 +299,9 @@ async fn run(args: &Args, programs: &Programs) -> Result<bool> {
              target's processes' CPU per call and cores in use, the harness's cores; \"node\": \
              seqd's own request histogram over the window, per RPC or stream batch (many calls), \
              from the decoded request to the answer, read round included, HTTP/2 and sockets \
-             not: the upper bounds of the buckets holding its p99 and p999)",
+             not: the upper bounds of the buckets holding its p99 and p999; \"machine stall\": \
+             the latest a real-time thread of the harness woke from a 1 ms sleep in the window, \
+             a time no CPU ran anything, which every call it overlapped waited too)",
             args.open_loop_seconds,
             OPEN_LOOP_WARMUP.as_secs(),
             args.open_loop_callers
@@ -594,6 +597,9 @@ async fn measure_one(
         Duration::from_secs(args.warmup_seconds),
         Duration::from_secs(shape.seconds),
     );
+    // The machine's own stalls over the window (not measured for a call
+    // count, whose window ends when the calls do).
+    let mut machine = None;
     let (m, cpu) = match shape.calls {
         Some(total) => {
             process::cpu_during(
@@ -603,13 +609,19 @@ async fn measure_one(
             )
             .await
         }
-        None => tokio::join!(
-            driver::drive(callers, warmup, seconds),
-            process::cpu_over(target.pids(), warmup, seconds)
-        ),
+        None => {
+            let (m, cpu, stalls) = tokio::join!(
+                driver::drive(callers, warmup, seconds),
+                process::cpu_over(target.pids(), warmup, seconds),
+                stalls::over(warmup, seconds)
+            );
+            machine = stalls;
+            (m, cpu)
+        }
     };
     target.check_alive()?;
     let mut row = Row::measured(workload, kind, m, cpu).at(shape.callers);
+    row.machine_stalls = machine;
     if shape.open_loop && row.calls_per_s > 0.0 {
         let rate = args
             .open_loop_rate
@@ -633,14 +645,16 @@ async fn measure_one(
             let after = target.served().await?;
             Some(before.zip(after).map(|(b, a)| a.since(&b)))
         };
-        let (o, cpu, served) = tokio::join!(
+        let (o, cpu, served, stalls) = tokio::join!(
             driver::drive_open(callers, rate, OPEN_LOOP_WARMUP, seconds),
             process::cpu_over(target.pids(), OPEN_LOOP_WARMUP, seconds),
-            served
+            served,
+            stalls::over(OPEN_LOOP_WARMUP, seconds)
         );
         target.check_alive()?;
         let mut open = OpenLoopRow::new(rate / row.calls_per_s, o, cpu);
         open.set_served(served);
+        open.machine_stalls = stalls;
         row.open_loop = Some(open);
     }
     Ok(row)

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::cli::{TargetKind, Workload};
 use crate::driver::{Measurement, OpenMeasurement};
 use crate::process::CpuUse;
+use crate::stalls::Stalls;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,6 +59,10 @@ pub struct Row {
     /// Distinct error messages seen, with counts (at most a few).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub error_kinds: BTreeMap<String, u64>,
+    /// The machine's own stalls over the measured window (see
+    /// [`crate::stalls`]), where they were measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_stalls: Option<Stalls>,
     /// The open-loop run at a fraction of this row's calls/s, if one ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_loop: Option<OpenLoopRow>,
@@ -84,6 +89,8 @@ pub struct Rounds {
     /// The open-loop runs' tails, where they ran.
     pub open_loop_p99_ms: Vec<f64>,
     pub open_loop_p999_ms: Vec<f64>,
+    /// The longest machine stall in each open-loop window, where measured.
+    pub open_loop_machine_stall_max_ms: Vec<f64>,
 }
 
 /// An open-loop run: calls due at `offered_per_s`, latency from when each
@@ -123,6 +130,9 @@ pub struct OpenLoopRow {
     /// A seqd node's `/metrics` could not be read at an edge of the window.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub node_unreadable: bool,
+    /// The machine's own stalls over the window (see [`crate::stalls`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_stalls: Option<Stalls>,
 }
 
 /// See [`OpenLoopRow::node`].
@@ -166,6 +176,7 @@ impl OpenLoopRow {
             error_kinds: o.m.error_kinds,
             node: None,
             node_unreadable: false,
+            machine_stalls: None,
         }
     }
 }
@@ -195,6 +206,7 @@ impl Row {
             cpu: None,
             target_cpu_us_per_call: None,
             error_kinds: BTreeMap::new(),
+            machine_stalls: None,
             open_loop: None,
             rounds: None,
         }
@@ -345,6 +357,10 @@ fn combine_row(rows: &[&Row], of: usize) -> Row {
         vs_seqd_3node: vs3,
         open_loop_p99_ms: open(|o| o.p99_ms),
         open_loop_p999_ms: open(|o| o.p999_ms),
+        open_loop_machine_stall_max_ms: ok
+            .iter()
+            .filter_map(|r| r.open_loop.as_ref()?.machine_stalls.map(|m| m.max_ms))
+            .collect(),
     });
     row
 }
@@ -581,9 +597,11 @@ pub fn open_loop_table(rows: &[Row]) -> String {
         "harness cores",
         "node p99 <= ms",
         "node p999 <= ms",
+        "machine stall max ms",
     ]);
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut notes = Vec::new();
+    let mut not_realtime = false;
     let bound = |v: Option<f64>| match v {
         None => "-".to_string(),
         Some(ms) if ms.is_infinite() => "more".to_string(),
@@ -618,8 +636,10 @@ pub fn open_loop_table(rows: &[Row]) -> String {
                 .map_or("-".into(), |c| format!("{:.2}", c.harness_cores)),
             bound(o.node.and_then(|n| n.p99_at_most_ms)),
             bound(o.node.and_then(|n| n.p999_at_most_ms)),
+            machine_stall(r, o),
         ]);
         cells.push(line);
+        not_realtime |= o.machine_stalls.is_some_and(|m| !m.realtime);
         if o.dispatch_late_p99_ms > LATE_HARNESS_MS {
             notes.push(format!(
                 "{} / {} (open loop): the harness fell behind its schedule (sent late p99 {:.1} ms), \
@@ -643,9 +663,28 @@ pub fn open_loop_table(rows: &[Row]) -> String {
     if cells.len() == 1 {
         return String::new();
     }
+    if not_realtime {
+        notes.push(
+            "machine stalls measured without a real-time priority (not root, no CAP_SYS_NICE): \
+             they include waits for a CPU behind the harness and the targets"
+                .to_string(),
+        );
+    }
     let mut out = render(&header, &cells, &[0, 1]);
     push_notes(&mut out, &notes);
     out
+}
+
+/// The longest machine stall in the open-loop window; with rounds, the
+/// spread of every round's.
+fn machine_stall(r: &Row, o: &OpenLoopRow) -> String {
+    let ms = |v: f64| format!("{v:.1}");
+    match &r.rounds {
+        Some(k) if !k.open_loop_machine_stall_max_ms.is_empty() => {
+            spread(&k.open_loop_machine_stall_max_ms, ms)
+        }
+        _ => o.machine_stalls.map_or("-".into(), |m| ms(m.max_ms)),
+    }
 }
 
 /// Aligned columns: the columns in `left` left-aligned, the rest (figures)
@@ -808,6 +847,7 @@ mod tests {
             error_kinds: BTreeMap::new(),
             node: None,
             node_unreadable: false,
+            machine_stalls: None,
         };
         let mut on_time = ok("next", TargetKind::Seqd3, 200.0);
         on_time.open_loop = Some(open(0.2));
@@ -824,6 +864,40 @@ mod tests {
         assert!(t.contains("next / redis-none (open loop): the harness fell behind"));
         assert!(!t.contains("next / seqd-3node (open loop)"));
         assert_eq!(open_loop_table(&[ok("next", TargetKind::Seqd1, 1.0)]), "");
+    }
+
+    #[test]
+    fn open_loop_table_shows_the_machines_longest_stall_and_how_it_was_measured() {
+        let row = |realtime: bool| {
+            let mut r = ok("next", TargetKind::Seqd3, 200.0);
+            let mut open = OpenLoopRow::new(
+                0.5,
+                OpenMeasurement {
+                    offered_per_s: 100.0,
+                    m: Measurement::empty(),
+                    behind: 0,
+                    dispatch_late_us: hdrhistogram::Histogram::new(3).unwrap(),
+                },
+                None,
+            );
+            open.machine_stalls = Some(Stalls {
+                realtime,
+                wakes: 3000,
+                stalls: 1,
+                max_ms: 17.54,
+                stalled_ms: 17.54,
+            });
+            r.open_loop = Some(open);
+            r
+        };
+        let t = open_loop_table(&[row(true)]);
+        assert!(
+            t.contains("machine stall max ms") && t.contains("17.5"),
+            "{t}"
+        );
+        assert!(!t.contains("without a real-time priority"), "{t}");
+        let t = open_loop_table(&[row(false)]);
+        assert!(t.contains("without a real-time priority"), "{t}");
     }
 
     #[test]
