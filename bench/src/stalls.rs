@@ -11,7 +11,7 @@
 //! machine's stall measured the machine. Without a real-time priority the
 //! thread competes with the others and its lateness includes theirs; the
 //! report says which it was. The cost: a thousand wake-ups a second, about
-//! 0.5 % of a core.
+//! 1.5 % of a core (a C program doing the same: 0.16 s of CPU in 10 s).
 
 use std::time::{Duration, Instant};
 
