@@ -58,7 +58,7 @@ seqctl status
 per_call=1000
 echo "handover: filling about $keys keys (NextBatch of $per_call)"
 "$bin/seqbench" --endpoints "$endpoints" --workload batch --fanout "$per_call" \
-    --keys $((keys / per_call)) --calls $((keys * 5 / per_call)) --callers 4 \
+    --keys "$keys" --calls $((keys * 5 / per_call)) --callers 4 \
     | grep -E "calls/s|errors" || true
 
 echo "handover: transferring under a load of 4 callers"

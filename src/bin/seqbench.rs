@@ -48,7 +48,8 @@ struct Args {
     /// Concurrent callers.
     #[arg(long, default_value_t = 32)]
     callers: usize,
-    /// Distinct keys, chosen uniformly.
+    /// Distinct keys, chosen uniformly (a `batch` call takes --fanout
+    /// different ones of them).
     #[arg(long, default_value_t = 10_000)]
     keys: u64,
     #[arg(long, default_value_t = 10)]
@@ -102,6 +103,21 @@ fn next_rand(x: &mut u64) -> u64 {
     *x
 }
 
+/// `n` different keys of `k0`..`k{keys - 1}`, uniformly (a NextBatch
+/// refuses a key twice); repeats are drawn again. `n <= keys` (checked in
+/// `main`).
+fn distinct_keys(x: &mut u64, keys: u64, n: usize) -> Vec<String> {
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let k = next_rand(x) % keys;
+        if seen.insert(k) {
+            out.push(format!("k{k}"));
+        }
+    }
+    out
+}
+
 /// When a caller stops: at a time, or once the shared count of calls
 /// started reaches a total.
 enum Stop {
@@ -147,14 +163,7 @@ async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, stop: Arc<Stop>
                 .map(|r| u64::from(r.count))
                 .map_err(|e| e.to_string()),
             Workload::Batch => {
-                let keys: Vec<String> = (0..args.fanout)
-                    .map(|i| {
-                        format!(
-                            "k{}",
-                            (next_rand(&mut x) % args.keys) * args.fanout as u64 + i as u64
-                        )
-                    })
-                    .collect();
+                let keys = distinct_keys(&mut x, args.keys, args.fanout);
                 let items: Vec<(&str, u32)> = keys.iter().map(|k| (k.as_str(), 1)).collect();
                 client
                     .next_batch(&args.namespace, &items)
@@ -274,6 +283,17 @@ async fn run(args: Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.keys == 0 {
+        eprintln!("seqbench: --keys must be at least 1");
+        return ExitCode::from(2);
+    }
+    if matches!(args.workload, Workload::Batch) && args.fanout as u64 > args.keys {
+        eprintln!(
+            "seqbench: --fanout {} is more than --keys {}: a batch's keys must differ",
+            args.fanout, args.keys
+        );
+        return ExitCode::from(2);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     match args.client_threads {
         Some(0) => {
@@ -298,5 +318,27 @@ fn main() -> ExitCode {
             eprintln!("seqbench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_takes_different_keys_from_the_key_space() {
+        let mut x = 0x9E37_79B9_7F4A_7C15;
+        let mut touched = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let keys = distinct_keys(&mut x, 60, 50);
+            let set: std::collections::HashSet<_> = keys.iter().collect();
+            assert_eq!(set.len(), 50, "{keys:?}");
+            for k in &keys {
+                let i: u64 = k[1..].parse().unwrap();
+                assert!(i < 60, "{k} is outside 60 keys");
+                touched.insert(i);
+            }
+        }
+        assert_eq!(touched.len(), 60, "every key comes up");
     }
 }
