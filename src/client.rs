@@ -57,7 +57,7 @@ use crate::pb::sequencer_client::SequencerClient;
 use crate::pb::{
     BatchItem, CurrentRequest, NextBatchRequest, NextBatchResponse, NextIdsRequest,
     NextIdsResponse, NextIdsStreamReply, NextIdsStreamRequest, NextRequest, NextResponse,
-    NextStreamReply, NextStreamRequest, StatusRequest, StatusResponse, StreamError,
+    NextStreamReply, StatusRequest, StatusResponse, StreamError,
 };
 
 /// Response metadata naming the leader's address (set by a follower).
@@ -541,11 +541,12 @@ impl Client {
         self.inner.next_one(namespace, key, count, request_id).await
     }
 
-    /// Ranges for many keys of one namespace, all or nothing. Sent as it
-    /// is (never merged with other calls) on the node's `NextStream`, as
-    /// coalesced calls are: a message on an open stream costs both sides
-    /// less than an RPC of its own (with `max_in_flight` 0, a `NextBatch`
-    /// RPC).
+    /// Ranges for many keys of one namespace, all or nothing: one range
+    /// per item, in `items`' order, each naming its key as given here.
+    /// Sent as it is (never merged with other calls) on the node's
+    /// `NextStream`, as coalesced calls are: a message on an open stream
+    /// costs both sides less than an RPC of its own (with `max_in_flight`
+    /// 0, a `NextBatch` RPC).
     pub async fn next_batch(
         &self,
         namespace: &str,
@@ -555,7 +556,10 @@ impl Client {
         if self.inner.opts.max_in_flight == 0 {
             return self.inner.next_batch(namespace, items).await;
         }
-        self.inner.stream_batch(namespace, items).await.0
+        let (answer, keys) = self.inner.stream_batch(namespace, items).await;
+        answer?
+            .with_keys(keys)
+            .map_err(|status| ClientError::Rejected(*status))
     }
 
     /// The highest number that may have been handed out for `key`.
@@ -869,36 +873,151 @@ fn reply_result<P: StreamRpc, T>(ok: Option<T>, error: Option<StreamError>) -> R
     }
 }
 
+/// A `NextStreamReply` as this client reads it: each range without the
+/// key the node echoes in it. The client knows its keys (one range per
+/// item, in request order), and prost would allocate, check and copy a
+/// string per range only for the client to drop it: half of the time a
+/// 50-range reply took to decode (3.6 against 1.7 µs, measured with
+/// criterion in session 26). Wire-compatible with `NextStreamReply`: prost
+/// passes over the field it does not name.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StreamAnswer {
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    #[prost(message, optional, tag = "2")]
+    ok: Option<BatchAnswer>,
+    #[prost(message, optional, tag = "3")]
+    error: Option<StreamError>,
+}
+
+/// `NextBatchResponse` without the echoed keys (see [`StreamAnswer`]).
+#[derive(Clone, PartialEq, prost::Message)]
+struct BatchAnswer {
+    #[prost(message, repeated, tag = "1")]
+    ranges: Vec<RangeAnswer>,
+    #[prost(uint64, tag = "2")]
+    epoch: u64,
+    #[prost(bool, tag = "3")]
+    replayed: bool,
+}
+
+/// `Range` without its key.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+struct RangeAnswer {
+    #[prost(uint64, tag = "2")]
+    first: u64,
+    #[prost(uint32, tag = "3")]
+    count: u32,
+}
+
+impl From<NextBatchResponse> for BatchAnswer {
+    fn from(resp: NextBatchResponse) -> Self {
+        Self {
+            ranges: resp
+                .ranges
+                .iter()
+                .map(|r| RangeAnswer {
+                    first: r.first,
+                    count: r.count,
+                })
+                .collect(),
+            epoch: resp.epoch,
+            replayed: resp.replayed,
+        }
+    }
+}
+
+impl BatchAnswer {
+    /// The `NextBatchResponse` this answers with: `keys`, the request's in
+    /// its order, named in its ranges. An answer with another number of
+    /// ranges is refused as the server's error.
+    fn with_keys(self, keys: Vec<String>) -> Result<NextBatchResponse, Box<Status>> {
+        if self.ranges.len() != keys.len() {
+            return Err(Box::new(Status::internal(format!(
+                "NextBatch of {} keys answered with {} ranges",
+                keys.len(),
+                self.ranges.len()
+            ))));
+        }
+        Ok(NextBatchResponse {
+            ranges: keys
+                .into_iter()
+                .zip(self.ranges)
+                .map(|(key, r)| crate::pb::Range {
+                    key,
+                    first: r.first,
+                    count: r.count,
+                })
+                .collect(),
+            epoch: self.epoch,
+            replayed: self.replayed,
+        })
+    }
+}
+
+/// A `NextStreamRequest` with its batch encoded once, before the first
+/// attempt: each attempt (and the unary fallback) shares the bytes
+/// instead of copying every key again. Wire-compatible with
+/// `NextStreamRequest`, whose batch is a length-delimited field like these
+/// bytes; `optional`, so that an empty batch is still sent as one.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StreamCall {
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    batch: Option<prost::bytes::Bytes>,
+}
+
 /// Coalesced `next` batches.
 struct Batches;
 
 impl StreamRpc for Batches {
-    type Body = NextBatchRequest;
-    type Answer = NextBatchResponse;
-    type Message = NextStreamRequest;
-    type Reply = NextStreamReply;
+    /// An encoded `NextBatchRequest`.
+    type Body = prost::bytes::Bytes;
+    type Answer = BatchAnswer;
+    type Message = StreamCall;
+    type Reply = StreamAnswer;
     const NAME: &'static str = "batch stream";
 
-    fn message(id: u64, batch: NextBatchRequest) -> NextStreamRequest {
-        NextStreamRequest {
+    fn message(id: u64, batch: prost::bytes::Bytes) -> StreamCall {
+        StreamCall {
             id,
             batch: Some(batch),
         }
     }
 
-    fn split(reply: NextStreamReply) -> (u64, Result<NextBatchResponse, Status>) {
+    fn split(reply: StreamAnswer) -> (u64, Result<BatchAnswer, Status>) {
         (reply.id, reply_result::<Self, _>(reply.ok, reply.error))
     }
 
+    /// `SequencerClient::next_stream`, but sending [`StreamCall`]s and
+    /// reading each reply as a [`StreamAnswer`].
     async fn start(
         ch: Channel,
-        rx: futures::channel::mpsc::UnboundedReceiver<NextStreamRequest>,
-    ) -> Result<tonic::Streaming<NextStreamReply>, Status> {
-        sequencer(ch).next_stream(rx).await.map(|r| r.into_inner())
+        rx: futures::channel::mpsc::UnboundedReceiver<StreamCall>,
+    ) -> Result<tonic::Streaming<StreamAnswer>, Status> {
+        let mut grpc = tonic::client::Grpc::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("the batch stream's channel: {e}")))?;
+        let mut req = tonic::IntoStreamingRequest::into_streaming_request(rx);
+        req.extensions_mut()
+            .insert(tonic::GrpcMethod::new("seqd.v1.Sequencer", "NextStream"));
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/seqd.v1.Sequencer/NextStream");
+        let codec = crate::codec::Codec::<StreamCall, StreamAnswer>::default();
+        grpc.streaming(req, path, codec)
+            .await
+            .map(|r| r.into_inner())
     }
 
-    async fn unary(ch: Channel, req: NextBatchRequest) -> Result<NextBatchResponse, Status> {
-        sequencer(ch).next_batch(req).await.map(|r| r.into_inner())
+    async fn unary(ch: Channel, batch: prost::bytes::Bytes) -> Result<BatchAnswer, Status> {
+        use prost::Message as _;
+        // This client encoded it: it decodes.
+        let req = NextBatchRequest::decode(batch)
+            .map_err(|e| Status::internal(format!("re-reading a batch to send: {e}")))?;
+        let resp = sequencer(ch).next_batch(req).await?.into_inner();
+        Ok(BatchAnswer::from(resp))
     }
 
     fn table(inner: &Inner) -> &StreamTable<Self> {
@@ -1149,7 +1268,7 @@ impl Inner {
             .map(|i| (std::mem::take(&mut i.key), i.count))
             .collect();
         let (result, keys) = self.stream_batch(namespace, items).await;
-        let fits = |resp: &NextBatchResponse| {
+        let fits = |resp: &BatchAnswer| {
             resp.ranges.len() == batch.len()
                 && resp
                     .ranges
@@ -1231,7 +1350,11 @@ impl Inner {
         items: Vec<(String, u32)>,
     ) -> Result<NextBatchResponse, ClientError> {
         let req = self.batch_request(namespace, items);
-        self.call(|_, ch| Batches::unary(ch, req.clone())).await
+        self.call(|_, ch| {
+            let req = req.clone();
+            async move { sequencer(ch).next_batch(req).await.map(|r| r.into_inner()) }
+        })
+        .await
     }
 
     /// [`Inner::next_batch`] over the leader's `NextStream` (the RPC itself
@@ -1241,12 +1364,14 @@ impl Inner {
         &self,
         namespace: &str,
         items: Vec<(String, u32)>,
-    ) -> (Result<NextBatchResponse, ClientError>, Vec<String>) {
+    ) -> (Result<BatchAnswer, ClientError>, Vec<String>) {
+        use prost::Message as _;
         let req = self.batch_request(namespace, items);
+        let body = prost::bytes::Bytes::from(req.encode_to_vec());
         let result = self
             .call(|target, ch| {
-                let req = &req;
-                async move { self.on_stream::<Batches>(&target, ch, req).await }
+                let body = &body;
+                async move { self.on_stream::<Batches>(&target, ch, body).await }
             })
             .await;
         (result, req.items.into_iter().map(|i| i.key).collect())
@@ -1595,6 +1720,7 @@ fn from_http2(status: &Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb::NextStreamRequest;
 
     fn waiter(key: &str, count: u32) -> Waiter {
         Waiter {
@@ -2450,6 +2576,95 @@ mod tests {
             .unwrap();
         assert_eq!(resp.ranges.len(), 2);
         assert_eq!(*lock(&older.calls_per_rpc), vec![3], "one NextBatch RPC");
+    }
+
+    /// The client reads a batch reply without the keys the node echoes
+    /// (`StreamAnswer`): it reads the ranges, epoch and failures the node
+    /// sent, and `next_batch` names each range with the request's key.
+    #[test]
+    fn a_stream_reply_reads_the_same_without_its_keys() {
+        use prost::Message as _;
+        let sent = NextBatchResponse {
+            ranges: vec![
+                crate::pb::Range {
+                    key: "conv:1".into(),
+                    first: 7,
+                    count: 2,
+                },
+                crate::pb::Range {
+                    key: "\u{e9}".repeat(300),
+                    first: u64::MAX - 1,
+                    count: 1,
+                },
+            ],
+            epoch: 3,
+            replayed: true,
+        };
+        let reply = NextStreamReply::answering(42, Ok(sent.clone()));
+        let read = StreamAnswer::decode(reply.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(read.id, 42);
+        assert_eq!(read.error, None);
+        let keys = sent.ranges.iter().map(|r| r.key.clone()).collect();
+        assert_eq!(read.ok.unwrap().with_keys(keys).unwrap(), sent);
+
+        let mut refused = Status::unavailable("not the leader");
+        refused
+            .metadata_mut()
+            .insert(LEADER_ADDR_HEADER, "127.0.0.1:7002".parse().unwrap());
+        let reply = NextStreamReply::answering(9, Err(refused));
+        let read = StreamAnswer::decode(reply.encode_to_vec().as_slice()).unwrap();
+        assert_eq!((read.id, read.ok), (9, None));
+        assert_eq!(read.error, reply.error);
+    }
+
+    /// A batch goes out encoded once (`StreamCall`); the node reads the
+    /// request the client built, an empty one too (as an empty batch,
+    /// which it refuses by name, not as a message without one).
+    #[test]
+    fn a_stream_call_reads_as_the_request_it_carries() {
+        use prost::Message as _;
+        for batch in [
+            NextBatchRequest {
+                namespace: "conv".into(),
+                items: vec![
+                    BatchItem {
+                        key: "a".into(),
+                        count: 3,
+                    },
+                    BatchItem {
+                        key: "\u{e9}".repeat(300),
+                        count: 1,
+                    },
+                ],
+                request_id: "r-1".into(),
+            },
+            NextBatchRequest::default(),
+        ] {
+            let body = prost::bytes::Bytes::from(batch.encode_to_vec());
+            let sent = Batches::message(5, body).encode_to_vec();
+            let read = NextStreamRequest::decode(sent.as_slice()).unwrap();
+            assert_eq!(
+                read,
+                NextStreamRequest {
+                    id: 5,
+                    batch: Some(batch)
+                }
+            );
+        }
+    }
+
+    /// An answer whose ranges do not pair with the request's keys is the
+    /// server's error, not a response with keys left out.
+    #[test]
+    fn an_answer_with_another_number_of_ranges_is_refused() {
+        let answer = BatchAnswer {
+            ranges: vec![RangeAnswer { first: 1, count: 1 }],
+            epoch: 1,
+            replayed: false,
+        };
+        let err = answer.with_keys(vec!["a".into(), "b".into()]).unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert_eq!(err.message(), "NextBatch of 2 keys answered with 1 ranges");
     }
 
     /// Callers answered by one RPC that call again at once go out together
