@@ -1013,7 +1013,8 @@ impl StreamRpc for Batches {
 
     async fn unary(ch: Channel, batch: prost::bytes::Bytes) -> Result<BatchAnswer, Status> {
         use prost::Message as _;
-        // This client encoded it: it decodes.
+        // The bytes are this client's own encoding of the request (see
+        // `Inner::stream_batch`): decoding them does not fail.
         let req = NextBatchRequest::decode(batch)
             .map_err(|e| Status::internal(format!("re-reading a batch to send: {e}")))?;
         let resp = sequencer(ch).next_batch(req).await?.into_inner();
