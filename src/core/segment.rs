@@ -112,7 +112,14 @@ pub struct Release {
 pub struct Allocator {
     namespaces: Namespaces,
     /// Indexed, so that the idle sweep can walk it a slice at a time.
-    keys: IndexMap<SeqKey, KeyState>,
+    /// Hashed with foldhash, not SipHash: every key of every call is hashed
+    /// here, and on keys of a few dozen bytes foldhash is several times
+    /// faster. Its seed is random per process and the map never shows its
+    /// hash order (it iterates in insertion order), so a caller cannot aim
+    /// keys at one bucket without first learning the seed from timings
+    /// (foldhash is only "minimally DoS-resistant"; seqd's callers are the
+    /// backend's own frontends).
+    keys: IndexMap<SeqKey, KeyState, foldhash::quality::RandomState>,
     /// The caller's clock as of the last call that passed it.
     now_ms: u64,
     /// Where the idle sweep goes on.
@@ -132,7 +139,7 @@ impl Allocator {
     pub fn new(namespaces: Namespaces) -> Self {
         Self {
             namespaces,
-            keys: IndexMap::new(),
+            keys: IndexMap::default(),
             now_ms: 0,
             sweep_at: 0,
             role: Role::Follower,

@@ -113,8 +113,10 @@ pub fn parse_next_batch(
         items.push((key, count));
         keys.push(item.key);
     }
-    // Checked once every item is; the first repeat is named.
-    let mut seen = HashSet::with_capacity(keys.len());
+    // Checked once every item is; the first repeat is named. foldhash, as
+    // the allocator's key map (src/core/segment.rs), seeded per set.
+    let mut seen =
+        HashSet::with_capacity_and_hasher(keys.len(), foldhash::fast::RandomState::default());
     if let Some(index) = keys.iter().position(|k| !seen.insert(k.as_str())) {
         return Err(InvalidArgument::DuplicateKey {
             index,
