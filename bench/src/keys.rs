@@ -103,7 +103,7 @@ impl KeyPicker {
         debug_assert!(n as u64 <= self.dist.len());
         // foldhash, and `key_name` without `format!`: this runs in the
         // load generator for every batch call of every target, and with
-        // SipHash and `format!` it was 6-8 % of the generator's CPU in
+        // SipHash and `format!` it was 6-9 % of the generator's CPU in
         // `NextBatch ×50` (CPU the targets on the same cores then lack).
         let mut seen = foldhash::HashSet::with_capacity_and_hasher(n, Default::default());
         let mut out = Vec::with_capacity(n);
