@@ -150,27 +150,22 @@ fn next_part(untrimmed: &[DenseRaise], max_keys: usize, max_bytes: usize) -> usi
     from
 }
 
-/// Whether applying `entries` (log compacted up to `compacted`) should
-/// leave the node loop's worker thread to the runtime's other tasks: a
-/// configuration change records the new configuration synced, and so
-/// does the log compaction that applying past `compact_threshold`
-/// starts; a long batch (a follower catching up, a trim of every key)
-/// would hold the worker's tasks. A short apply of normal entries writes
-/// the state unsynced (the log it comes from is durable), a memtable
-/// insert and a page-cache append that the loop does itself: handing the
-/// worker to another thread for it cost more than the write (a dense
-/// namespace applies an entry every round: −14 % CPU per call, +5-10 %
-/// calls/s).
-fn apply_leaves_loop(entries: &[Entry], compacted: u64, compact_threshold: u64) -> bool {
-    let Some(last) = entries.last() else {
-        return false;
-    };
+/// Whether applying `entries` should leave the node loop's worker thread
+/// to the runtime's other tasks: a configuration change records the new
+/// configuration synced, and a long batch (a follower catching up, a trim
+/// of every key) would hold the worker's tasks. A short apply of normal
+/// entries writes the state unsynced (the log it comes from is durable),
+/// a memtable insert and a page-cache append that the loop does itself:
+/// handing the worker to another thread for it cost more than the write
+/// (a dense namespace applies an entry every round: −14 % CPU per call,
+/// +5-10 % calls/s). So does the log compaction an apply may start, which
+/// is not synced either ([`RaftStore::compact`]).
+fn apply_leaves_loop(entries: &[Entry]) -> bool {
     let bytes: usize = entries.iter().map(|e| e.data.len()).sum();
     bytes > INLINE_APPLY_BYTES
         || entries
             .iter()
             .any(|e| e.get_entry_type() != EntryType::EntryNormal)
-        || compaction_due(last.index, compacted, compact_threshold)
 }
 
 /// Entries the log keeps at most past a snapshot a follower has not
@@ -1341,6 +1336,12 @@ impl Node {
             Input::SnapshotSent { to, ok } => {
                 if ok {
                     metrics::counter!(m::SNAPSHOTS_SENT_TOTAL).increment(1);
+                    // The snapshot held now, which may be newer than the
+                    // one sent (built since for another follower, or as
+                    // the log's start passed the old one): compaction may
+                    // then pass the old one, so the follower installing it
+                    // needs the new one next, and the grace keeps that
+                    // ready rather than have it built again.
                     if let Some((index, false)) = self.raw.store().snapshot_hold() {
                         self.snapshot_sent.insert(to, (index, self.time.now()));
                     }
@@ -2125,15 +2126,11 @@ impl Node {
             self.transport.send(ready.take_messages());
         }
         // New entries and hard state are written without waiting for the
-        // disk (the syncer makes them durable), and so are applied entries;
-        // but installing a snapshot, compacting the log after applying, and
+        // disk (the syncer makes them durable), and so are applied entries
+        // and the log compaction after them; but installing a snapshot and
         // recording a configuration write synced, off the worker thread.
-        let waits_for_disk = !ready.snapshot().is_empty()
-            || apply_leaves_loop(
-                ready.committed_entries(),
-                self.raw.store().compacted_index(),
-                self.compact_threshold,
-            );
+        let waits_for_disk =
+            !ready.snapshot().is_empty() || apply_leaves_loop(ready.committed_entries());
         if waits_for_disk {
             self.blocking(|node| node.finish_ready(ready))
         } else {
@@ -3424,23 +3421,21 @@ mod tests {
         }
     }
 
-    /// Short applies of normal entries stay on the loop's thread; a
-    /// configuration change, a compaction it makes due, or a long batch
-    /// leave it.
+    /// Short applies of normal entries stay on the loop's thread, even one
+    /// that makes a compaction due (not synced); a configuration change or
+    /// a long batch leaves it.
     #[test]
     fn only_short_plain_applies_stay_on_the_loop() {
-        assert!(!apply_leaves_loop(&[], 0, 10));
-        assert!(!apply_leaves_loop(&[normal(5, 700), normal(6, 0)], 0, 10));
+        assert!(!apply_leaves_loop(&[]));
+        assert!(!apply_leaves_loop(&[normal(5, 700), normal(6, 0)]));
         let mut conf = normal(6, 20);
         conf.set_entry_type(EntryType::EntryConfChangeV2);
-        assert!(apply_leaves_loop(&[normal(5, 700), conf], 0, 10));
-        assert!(apply_leaves_loop(&[normal(11, 700)], 0, 10));
-        assert!(!apply_leaves_loop(&[normal(11, 700)], 1, 10));
+        assert!(apply_leaves_loop(&[normal(5, 700), conf]));
         let long: Vec<Entry> = (1..=2)
             .map(|i| normal(i, INLINE_APPLY_BYTES / 2 + 1))
             .collect();
-        assert!(apply_leaves_loop(&long, 0, 10));
-        assert!(!apply_leaves_loop(&long[..1], 0, 10));
+        assert!(apply_leaves_loop(&long));
+        assert!(!apply_leaves_loop(&long[..1]));
     }
 
     fn request(ns: NamespaceId, n: usize) -> RequestKey {

@@ -284,8 +284,13 @@ impl RaftStore {
     }
 
     /// Removes entries up to and including `index`, which MUST already be
-    /// applied. The synced write also makes every earlier state-machine write
-    /// durable, so no applied entry is lost with the log.
+    /// applied. Not synced: the node's loop makes this write, and an fsync
+    /// there held every call for its length. Nothing needs it durable. A
+    /// crash loses unsynced writes from the end of the write-ahead log
+    /// only (RocksDB recovers up to the first torn record), so a compaction
+    /// that survives brings the state-machine writes of the entries it
+    /// removed with it (written before it, on the same loop), and one that
+    /// is lost leaves those entries in the log to be applied again.
     pub fn compact(&mut self, index: u64) -> Result<(), StorageError> {
         if index <= self.compacted.0 {
             return Ok(());
@@ -308,7 +313,7 @@ impl RaftStore {
             COMPACTED,
             compaction_point(index, term),
         );
-        self.db.write_batch(batch, true)?;
+        self.db.write_batch(batch, false)?;
         let drop = (index - self.compacted.0) as usize;
         self.terms.drain(..drop);
         self.compacted = (index, term);
@@ -796,6 +801,39 @@ mod tests {
         let s = RaftStore::open(db, &[1]).unwrap();
         assert_eq!((s.first(), s.last()), (7, 10));
         assert_eq!(s.term(6).unwrap(), 2);
+    }
+
+    /// Compaction runs on the node's loop and must not wait for an fsync; a
+    /// crash that loses it leaves the whole log, one that keeps it keeps
+    /// what was written before it.
+    #[test]
+    fn compaction_is_not_synced_and_a_crash_loses_it_whole() {
+        use crate::storage::{open_journaled, Journal};
+        use std::sync::{Arc, Mutex};
+        let journal = Arc::new(Mutex::new(Journal::default()));
+        let mut s = RaftStore::open(open_journaled(journal.clone()).unwrap(), &[1]).unwrap();
+        let es: Vec<Entry> = (2..=8).map(|i| entry(i, 1)).collect();
+        s.append(&es, None, true).unwrap();
+        s.compact(5).unwrap();
+        assert_eq!(journal.lock().unwrap().unsynced(), 1, "no fsync");
+        assert_eq!((s.first(), s.last()), (6, 8));
+
+        // Kept by the crash (a later sync, or the disk wrote it anyway).
+        let kept = RaftStore::open(open_journaled(journal.clone()).unwrap(), &[1]).unwrap();
+        assert_eq!((kept.first(), kept.last()), (6, 8));
+        assert_eq!(kept.term(5).unwrap(), 1);
+
+        // Lost by the crash: the log is back whole, every entry readable.
+        assert_eq!(journal.lock().unwrap().lose_unsynced(), 1);
+        let lost = RaftStore::open(open_journaled(journal).unwrap(), &[1]).unwrap();
+        assert_eq!((lost.first(), lost.last()), (2, 8));
+        let got = lost
+            .entries(2, 9, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.index).collect::<Vec<_>>(),
+            (2..=8).collect::<Vec<_>>()
+        );
     }
 
     fn unavailable(r: raft::Result<Snapshot>) -> bool {
