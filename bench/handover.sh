@@ -15,6 +15,8 @@
 # seqbench (NextBatch of 1,000 keys, until about KEYS keys are in use), then
 # runs `seqctl transfer-leader` while 4 callers keep calling `Next`, and
 # prints:
+#   - the release phase's windows of idle keys and the longest loop round
+#     spent gathering and sorting them (the old leader's loop does it);
 #   - the trim: keys and parts (the old leader's log) and how long from the
 #     trim's start to the new leader serving (the two nodes' logs);
 #   - how long seqctl waited;
@@ -84,6 +86,13 @@ trim_at=$(echo "$trim_line" | cut -d' ' -f1)
 serving_line=$(grep -h "leader serving" "$work"/node*.log | sort | tail -1)
 serving_at=$(echo "$serving_line" | cut -d' ' -f1)
 echo
+# One line per window of idle keys the release phase gathered and sorted.
+grep -h "next window of idle keys" "$work"/node*.log | python3 -c '
+import re, sys
+took = [int(m.group(1)) for m in map(re.compile(r"slowest_round_ms=(\d+)").search, sys.stdin) if m]
+if took:
+    print(f"release:  {len(took)} windows of idle keys; the slowest loop round gathering one took {max(took)} ms")
+'
 echo "trim:     ${trim_line#*trimming }"
 echo "          started $trim_at, new leader serving $serving_at" \
     "($(python3 -c "from datetime import datetime as d; f=lambda s: d.fromisoformat(s.rstrip('Z')); print(round((f('$serving_at')-f('$trim_at')).total_seconds(), 3))") s)"

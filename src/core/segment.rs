@@ -135,6 +135,64 @@ pub struct Allocator {
     dense_raises: HashMap<SeqKey, u64>,
 }
 
+/// Whether a key may leave memory (see [`Allocator::take_releases`]).
+enum Idleness {
+    /// Used lately, or something of it on its way to the log.
+    InUse,
+    /// Idle, and its committed ceiling is where it stands: it can go.
+    NoRoom,
+    /// Idle with unused room, which a release must give back first.
+    Room,
+}
+
+/// Whether `key` has been idle for `idle_ms` (else its namespace's
+/// `forget_idle_ms`) as of `now_ms`, and what leaving memory takes.
+fn idleness(
+    key: &SeqKey,
+    state: &KeyState,
+    now_ms: u64,
+    idle_ms: Option<u64>,
+    namespaces: &Namespaces,
+    dense_raises: &HashMap<SeqKey, u64>,
+) -> Idleness {
+    let idle_for = now_ms.saturating_sub(state.last_used_ms);
+    let idle = match idle_ms {
+        Some(ms) => idle_for >= ms,
+        None => {
+            let forget = namespaces.spec(key.namespace()).forget_idle_ms;
+            forget != 0 && idle_for >= forget
+        }
+    };
+    // Anything on its way to the log keeps the key: a refill or a dense
+    // reservation in flight, a call waiting for room.
+    let settled = !state.releasing
+        && !state.queued
+        && state.in_flight == 0
+        && state.want == 0
+        && !dense_raises.contains_key(key);
+    if !idle || !settled {
+        Idleness::InUse
+    } else if state.next - 1 == state.ceiling {
+        Idleness::NoRoom
+    } else if state.next - 1 < state.ceiling {
+        // Unused room: a segment's rest, or (dense) the room of a
+        // reservation whose call failed when memory was reset.
+        Idleness::Room
+    } else {
+        Idleness::InUse
+    }
+}
+
+/// Marks `key` releasing: it serves nothing until its release settles.
+fn mark_releasing(key: &SeqKey, state: &mut KeyState) -> Release {
+    state.releasing = true;
+    Release {
+        key: key.clone(),
+        ceiling: state.next - 1,
+        from: state.ceiling,
+    }
+}
+
 impl Allocator {
     pub fn new(namespaces: Namespaces) -> Self {
         Self {
@@ -418,23 +476,64 @@ impl Allocator {
     /// already where they stand. A returned key serves nothing until
     /// [`Allocator::on_released`] or [`Allocator::end_release`].
     pub fn take_releases(&mut self, now_ms: u64, budget: usize) -> Vec<Release> {
-        self.sweep_releases(now_ms, budget, None)
+        self.sweep_releases(now_ms, budget, None, true)
     }
 
-    /// [`Allocator::take_releases`] of keys idle for `idle_ms`, whatever
-    /// their namespace's `forget_idle_ms`: a leader about to hand over
-    /// releases what is not in use while it still serves, so that the
-    /// trim, during which nothing is served, is short.
-    pub fn take_releases_idle_for(
+    /// The keys among the next `budget` the sweep looks at (as
+    /// [`Allocator::take_releases`] does) that have been idle for `idle_ms`,
+    /// whatever their namespace's `forget_idle_ms`, and hold unused room;
+    /// idle keys without room leave memory at once. Not yet marked: a
+    /// leader about to hand over collects many, sorts them by name, then
+    /// releases them a few at a time with [`Allocator::take_releases_of`],
+    /// so that each release entry's keys lie close together in the state
+    /// family (a release reads and writes each key's stored ceiling, and
+    /// neighbours share the memtable's and the tables' search paths).
+    pub fn idle_keys_for(&mut self, now_ms: u64, budget: usize, idle_ms: u64) -> Vec<SeqKey> {
+        self.sweep_releases(now_ms, budget, Some(idle_ms), false)
+            .into_iter()
+            .map(|r| r.key)
+            .collect()
+    }
+
+    /// Of `keys`, the releases of those still held, idle for `idle_ms`,
+    /// settled and with unused room, marked as [`Allocator::take_releases`]
+    /// marks its own; those idle without room leave memory at once. A key
+    /// used since it was listed is left alone.
+    pub fn take_releases_of(&mut self, now_ms: u64, keys: &[SeqKey], idle_ms: u64) -> Vec<Release> {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.is_serving() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(state) = self.keys.get_mut(key) else {
+                continue;
+            };
+            match idleness(
+                key,
+                state,
+                self.now_ms,
+                Some(idle_ms),
+                &self.namespaces,
+                &self.dense_raises,
+            ) {
+                Idleness::InUse => {}
+                Idleness::NoRoom => {
+                    self.keys.swap_remove(key);
+                }
+                Idleness::Room => out.push(mark_releasing(key, state)),
+            }
+        }
+        out
+    }
+
+    fn sweep_releases(
         &mut self,
         now_ms: u64,
         budget: usize,
-        idle_ms: u64,
+        idle_ms: Option<u64>,
+        mark: bool,
     ) -> Vec<Release> {
-        self.sweep_releases(now_ms, budget, Some(idle_ms))
-    }
-
-    fn sweep_releases(&mut self, now_ms: u64, budget: usize, idle_ms: Option<u64>) -> Vec<Release> {
         self.now_ms = self.now_ms.max(now_ms);
         if !self.is_serving() || self.keys.is_empty() {
             return Vec::new();
@@ -450,35 +549,22 @@ impl Allocator {
             let Some((key, state)) = self.keys.get_index_mut(i) else {
                 break;
             };
-            let idle_for = self.now_ms.saturating_sub(state.last_used_ms);
-            let idle = match idle_ms {
-                Some(ms) => idle_for >= ms,
-                None => {
-                    let forget = self.namespaces.spec(key.namespace()).forget_idle_ms;
-                    forget != 0 && idle_for >= forget
-                }
-            };
-            // Anything on its way to the log keeps the key: a refill or a
-            // dense reservation in flight, a call waiting for room.
-            let settled = !state.releasing
-                && !state.queued
-                && state.in_flight == 0
-                && state.want == 0
-                && !self.dense_raises.contains_key(key);
-            if !idle || !settled {
-                continue;
-            }
-            if state.next - 1 == state.ceiling {
-                gone.push(i);
-            } else if state.next - 1 < state.ceiling {
-                // Unused room: a segment's rest, or (dense) the room of a
-                // reservation whose call failed when memory was reset.
-                state.releasing = true;
-                out.push(Release {
+            match idleness(
+                key,
+                state,
+                self.now_ms,
+                idle_ms,
+                &self.namespaces,
+                &self.dense_raises,
+            ) {
+                Idleness::InUse => {}
+                Idleness::NoRoom => gone.push(i),
+                Idleness::Room if mark => out.push(mark_releasing(key, state)),
+                Idleness::Room => out.push(Release {
                     key: key.clone(),
                     ceiling: state.next - 1,
                     from: state.ceiling,
-                });
+                }),
             }
         }
         // From the highest index down (the walk may have wrapped), so that
@@ -965,6 +1051,44 @@ mod tests {
         a.end_release(std::slice::from_ref(&key));
         assert_eq!(serve(&mut a, &mut db, &key, 1, 2_000).first(), 6);
         assert_eq!(a.active_keys(), 1);
+    }
+
+    /// A handover lists idle keys first and releases them later, a few at a
+    /// time: listing marks nothing, and a key used in between, or gone from
+    /// memory, is left alone.
+    #[test]
+    fn idle_keys_are_listed_unmarked_and_taken_only_if_still_idle() {
+        let (mut a, k0) = setup(idle_spec(Mode::Segmented));
+        let ns = a.namespaces().clone();
+        let k = |i: usize| SeqKey::try_new(&ns, k0.namespace(), format!("k{i}")).unwrap();
+        let mut db = Applied::default();
+        for i in 0..4 {
+            serve(&mut a, &mut db, &k(i), 5, 100);
+        }
+        assert!(a.idle_keys_for(900, 10, 1_000).is_empty(), "not idle yet");
+        let mut listed = a.idle_keys_for(1_100, 10, 1_000);
+        listed.sort();
+        assert_eq!(listed, (0..4).map(k).collect::<Vec<_>>());
+        // Not marked: the keys still serve.
+        assert_eq!(serve(&mut a, &mut db, &k(1), 1, 1_100).first(), 6);
+
+        // k2 released on its own and gone from memory meanwhile.
+        let alone = a.take_releases_of(1_200, &[k(2)], 1_000);
+        assert_eq!(alone.len(), 1);
+        db.0.insert(k(2), 5);
+        a.on_released(&k(2), 5);
+        assert_eq!(a.active_keys(), 3);
+
+        // k1 was used after the listing (idle for 900 ms only).
+        let releases = a.take_releases_of(2_000, &listed, 1_000);
+        let released: Vec<SeqKey> = releases.iter().map(|r| r.key.clone()).collect();
+        assert_eq!(released, vec![k(0), k(3)]);
+        assert!(releases.iter().all(|r| r.ceiling == 5));
+        // Marked: they serve nothing until settled, and are not taken or
+        // listed twice.
+        assert_eq!(a.allocate(&[(k(0), 1)], &db).unwrap(), Allocation::Wait);
+        assert!(a.take_releases_of(2_000, &listed, 1_000).is_empty());
+        assert_eq!(a.idle_keys_for(9_000, 10, 1_000), vec![k(1)]);
     }
 
     #[test]

@@ -113,9 +113,73 @@ const HANDOVER_IDLE_MS: u64 = 1_000;
 /// stored).
 const HANDOVER_RELEASE_KEYS: usize = 1_000;
 
-/// Slices of [`HANDOVER_RELEASE_KEYS`] keys a handover's release phase
-/// looks at per loop round when it finds none to release.
-const HANDOVER_SLICES_PER_ROUND: usize = 10;
+/// Keys a handover's release phase looks at before it releases the idle
+/// ones among them in key order, [`HANDOVER_RELEASE_KEYS`] an entry. A
+/// release reads and writes each key's stored ceiling; with its keys close
+/// together in the state family, each read and write finds most of its
+/// search path (the memtable's skiplist, the tables' index and data
+/// blocks) where the one before left it. Taken in the allocator's order
+/// (the order keys were first used), a million keys took a three-node
+/// release cluster on session 28's 2-core VM 37-40 s; in windows of
+/// 300,000 keys, 24-25 s (runs in alternation, `bench/handover.sh`,
+/// `bench/results/2026-12-06-session28-handover-order/`). The whole map
+/// sorted at once did little better and held the loop 0.3 s. A window
+/// holds ~40 bytes a key.
+const HANDOVER_RELEASE_WINDOW: usize = 300_000;
+
+/// Keys of a window looked at, and their idle ones sorted, in one loop
+/// round: a few milliseconds of the release build's loop (a whole window
+/// at once held the debug build's 0.2-0.3 s).
+const HANDOVER_RELEASE_CHUNK: usize = 20_000;
+
+/// Idle keys a handover's release phase found and has not yet released:
+/// sorted runs, one per loop round of looking, merged as they are taken.
+#[derive(Default)]
+struct ReleaseWindow {
+    /// Each run in reverse key order, so that its first key is its last.
+    runs: Vec<Vec<SeqKey>>,
+    /// Keys looked at for this window.
+    looked: usize,
+    /// Done looking: its keys are being released.
+    full: bool,
+    /// The longest round of looking and sorting.
+    slowest: Duration,
+}
+
+impl ReleaseWindow {
+    /// Adds the keys of one round of looking.
+    fn add_run(&mut self, mut keys: Vec<SeqKey>, looked: usize) {
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        if !keys.is_empty() {
+            self.runs.push(keys);
+        }
+        self.looked += looked;
+    }
+
+    /// Up to `n` of its keys, the first in key order among all its runs.
+    fn take(&mut self, n: usize) -> Vec<SeqKey> {
+        let mut out = Vec::with_capacity(n.min(self.len()));
+        while out.len() < n {
+            let first = self
+                .runs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, run)| Some((i, run.last()?)))
+                .min_by(|a, b| a.1.cmp(b.1))
+                .map(|(i, _)| i);
+            let Some(key) = first.and_then(|i| self.runs[i].pop()) else {
+                break;
+            };
+            out.push(key);
+        }
+        self.runs.retain(|run| !run.is_empty());
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.runs.iter().map(Vec::len).sum()
+    }
+}
 
 /// Bytes of keys in one part of a trim, at most (a part of long keys holds
 /// fewer than [`TRIM_PART_KEYS`]).
@@ -550,13 +614,16 @@ enum Proposal {
 }
 
 enum HandoverPhase {
-    /// Still serving, releasing keys idle for [`HANDOVER_IDLE_MS`], a slice
+    /// Still serving, releasing keys idle for [`HANDOVER_IDLE_MS`], a window
     /// of the keys at a time with one release entry in flight: `looked`
     /// keys looked at, of the `of` held when the handover began.
     Releasing {
         looked: usize,
         of: usize,
         in_flight: Option<u64>,
+        /// Idle keys found and not yet released (see
+        /// [`HANDOVER_RELEASE_WINDOW`]).
+        window: ReleaseWindow,
     },
     Trimming,
     /// `trimmed`: the trim applied, so every entry proposed before it has
@@ -2953,6 +3020,7 @@ impl Node {
                     looked: 0,
                     of: held,
                     in_flight: None,
+                    window: ReleaseWindow::default(),
                 }
             } else {
                 HandoverPhase::Trimming
@@ -2978,20 +3046,22 @@ impl Node {
     }
 
     /// The handover's first phase, while serving: releases the keys idle
-    /// for [`HANDOVER_IDLE_MS`], a slice of the keys at a time, one release
-    /// entry in flight. After one pass over the keys held when it began
-    /// (those used meanwhile stay), it stops serving and trims the rest.
+    /// for [`HANDOVER_IDLE_MS`], a window of the keys at a time in key
+    /// order, one release entry in flight (a key used since the window was
+    /// taken stays). After one pass over the keys held when it began, it
+    /// stops serving and trims the rest.
     fn release_before_handover(&mut self) {
-        let Some(h) = self.handover.as_ref() else {
-            return;
-        };
         let term = self.raw.raft.term;
         let serving = self.raw.raft.state == StateRole::Leader
             && matches!(self.core.role(), Role::Leader { term: t, serving: true } if t == term);
+        let Some(h) = self.handover.as_mut() else {
+            return;
+        };
         let HandoverPhase::Releasing {
             mut looked,
             of,
             in_flight,
+            ref mut window,
         } = h.phase
         else {
             return;
@@ -3007,35 +3077,60 @@ impl Node {
         if in_flight.is_some_and(|index| self.proposals.contains_key(&index)) {
             return;
         }
+        let mut window = std::mem::take(window);
         let now = self.time.now();
         let now_ms = self.now_ms();
-        // A few slices a round, so that a round among keys all in use is
-        // not a walk over every key.
+        let idle_ms = self.handover_idle_ms;
         let slice = HANDOVER_RELEASE_KEYS.min(self.trim_part_keys);
-        let mut releases = Vec::new();
-        let mut slices = 0;
-        while releases.is_empty() && looked < of && slices < HANDOVER_SLICES_PER_ROUND {
-            releases = self
-                .core
-                .take_releases_idle_for(now_ms, slice, self.handover_idle_ms);
-            looked += slice;
-            slices += 1;
+        let mut batch = Vec::new();
+        if !window.full {
+            // A chunk of the window a round, so that a round among many
+            // keys is not a walk over all of them.
+            let started = std::time::Instant::now();
+            let mut found = Vec::new();
+            let mut chunk = 0;
+            while looked < of && chunk < HANDOVER_RELEASE_CHUNK {
+                found.extend(self.core.idle_keys_for(now_ms, slice, idle_ms));
+                looked += slice;
+                chunk += slice;
+            }
+            window.add_run(found, chunk);
+            window.slowest = window.slowest.max(started.elapsed());
+            window.full = window.looked >= HANDOVER_RELEASE_WINDOW || looked >= of;
+            if window.full {
+                tracing::info!(
+                    node_id = self.id,
+                    looked = looked.min(of),
+                    of,
+                    idle = window.len(),
+                    slowest_round_ms = window.slowest.as_millis() as u64,
+                    "handing over: releasing the next window of idle keys"
+                );
+            }
+        } else {
+            batch = window.take(slice);
+            if window.runs.is_empty() {
+                window = ReleaseWindow::default();
+            }
         }
+        let releases = self.core.take_releases_of(now_ms, &batch, idle_ms);
         let in_flight = if releases.is_empty() {
             None
         } else {
             self.propose_releases(releases)
         };
         let deadline = now + self.election_timeout * 2;
+        let done = in_flight.is_none() && window.runs.is_empty() && looked >= of;
         if let Some(h) = self.handover.as_mut() {
             h.phase = HandoverPhase::Releasing {
                 looked,
                 of,
                 in_flight,
+                window,
             };
             h.deadline = deadline;
         }
-        if in_flight.is_none() && looked >= of {
+        if done {
             self.stop_and_trim();
         }
     }
@@ -3373,6 +3468,26 @@ mod tests {
         Config::load(None, &Overrides::default())
             .unwrap()
             .namespaces()
+    }
+
+    /// A release window's runs, each sorted as it was gathered, are taken
+    /// merged: in key order across all of them.
+    #[test]
+    fn a_release_window_hands_out_its_keys_in_key_order() {
+        let namespaces = embedded_namespaces();
+        let ns = namespaces.resolve("conv").unwrap();
+        let key = |i: u32| SeqKey::try_new(&namespaces, ns, format!("k{i:03}")).unwrap();
+        let mut w = ReleaseWindow::default();
+        w.add_run(vec![key(5), key(1), key(9)], 100);
+        w.add_run(Vec::new(), 100);
+        w.add_run(vec![key(2), key(8), key(3), key(7)], 100);
+        w.add_run(vec![key(6), key(4)], 100);
+        assert_eq!((w.len(), w.runs.len(), w.looked), (9, 3, 400));
+        assert_eq!(w.take(4), (1..=4).map(key).collect::<Vec<_>>());
+        assert_eq!(w.take(4), (5..=8).map(key).collect::<Vec<_>>());
+        assert_eq!(w.take(4), vec![key(9)]);
+        assert!(w.runs.is_empty());
+        assert!(w.take(4).is_empty());
     }
 
     /// A part of a trim holds at most its count of keys, fewer once their
