@@ -183,9 +183,9 @@ fn idleness(
     }
 }
 
-/// Marks `key` releasing: it serves nothing until its release settles.
-fn mark_releasing(key: &SeqKey, state: &mut KeyState) -> Release {
-    state.releasing = true;
+/// The release of `key`'s unused room. Marked (`state.releasing`), the
+/// key serves nothing until its release settles.
+fn release_of(key: &SeqKey, state: &KeyState) -> Release {
     Release {
         key: key.clone(),
         ceiling: state.next - 1,
@@ -521,7 +521,10 @@ impl Allocator {
                 Idleness::NoRoom => {
                     self.keys.swap_remove(key);
                 }
-                Idleness::Room => out.push(mark_releasing(key, state)),
+                Idleness::Room => {
+                    state.releasing = true;
+                    out.push(release_of(key, state));
+                }
             }
         }
         out
@@ -559,12 +562,10 @@ impl Allocator {
             ) {
                 Idleness::InUse => {}
                 Idleness::NoRoom => gone.push(i),
-                Idleness::Room if mark => out.push(mark_releasing(key, state)),
-                Idleness::Room => out.push(Release {
-                    key: key.clone(),
-                    ceiling: state.next - 1,
-                    from: state.ceiling,
-                }),
+                Idleness::Room => {
+                    state.releasing |= mark;
+                    out.push(release_of(key, state));
+                }
             }
         }
         // From the highest index down (the walk may have wrapped), so that
