@@ -192,7 +192,7 @@ fn describe() {
     describe_counter!(SNAPSHOTS_SENT_TOTAL, "Snapshots sent to followers.");
     describe_counter!(
         PEER_STREAMS_REFUSED_TOTAL,
-        "Peer streams refused: their node came back with another data directory (it lost its Raft state)."
+        "Peer streams refused: their node came back with another data directory (it lost its Raft state), or issues Snowflake IDs under another layout."
     );
     describe_counter!(
         MISDIRECTED_MESSAGES_TOTAL,

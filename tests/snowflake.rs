@@ -548,6 +548,83 @@ async fn a_node_refuses_to_start_under_another_layout() {
     wait_ids_active(&c, 1).await;
 }
 
+/// Every node of a cluster must stamp IDs under one layout: under other
+/// bit widths, one node's IDs can equal another's whatever their worker
+/// ids. A node configured with another layout, from its first start (its
+/// directory records whatever it is given), is refused by its peers on
+/// every stream, both ways, naming both layouts: it never gets a worker id
+/// and issues nothing, and the others go on. Started again under the
+/// cluster's layout, from a fresh directory, it joins and issues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_under_another_layout_is_refused_by_its_peers() {
+    let mut c = Cluster::start(3, RAFT);
+    for id in 1..=3 {
+        c.kill(id);
+        let _ = std::fs::remove_dir_all(c.data_dir(id));
+    }
+    let original = c.rewrite_config(3, |text| {
+        format!("{text}\n[snowflake]\nworker_bits = 11\nsequence_bits = 11\n")
+    });
+    for id in 1..=3 {
+        c.spawn(id);
+    }
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+    wait_ids_active(&c, 2).await;
+    let refused = |log: &str| {
+        log.contains("issues Snowflake IDs under another layout")
+            && log.contains("time/worker/sequence bits 41/10/12")
+            && log.contains("time/worker/sequence bits 41/11/11")
+    };
+    for id in 1..=3 {
+        c.wait_log(id, Duration::from_secs(10), refused, |log| {
+            format!("no layout refusal logged:\n{log}")
+        })
+        .await;
+    }
+    // Time enough to have joined, had it been let in.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = c.status(3).await.expect("node 3 answers");
+    assert!(!status.ids_active, "node 3 issues IDs under another layout");
+    let leader = c.status(1).await.expect("node 1 answers");
+    assert!(
+        status.applied_index < leader.applied_index,
+        "node 3 caught up: {status:?}"
+    );
+    let err = c
+        .ids(3)
+        .await
+        .next_ids(NextIdsRequest { count: 1 })
+        .await
+        .expect_err("node 3 issued an ID");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let refusals = common::metric(
+        &c.node(1).metrics_addr,
+        "seqd_raft_peer_streams_refused_total",
+    )
+    .expect("node 1 exports its refusals");
+    assert!(refusals >= 1.0, "{refusals}");
+
+    c.kill(3);
+    std::fs::remove_dir_all(c.data_dir(3)).unwrap();
+    c.rewrite_config(3, |_| original);
+    c.spawn(3);
+    wait_ids_active(&c, 3).await;
+    let mut workers = HashSet::new();
+    for id in 1..=3 {
+        let reply = c
+            .ids(id)
+            .await
+            .next_ids(NextIdsRequest { count: 1 })
+            .await
+            .unwrap()
+            .into_inner();
+        let (_, worker, _) = layout().decode(reply.ids[0]).unwrap();
+        workers.insert(worker);
+    }
+    assert_eq!(workers.len(), 3, "{workers:?}");
+}
+
 /// A node configured to hand out many IDs at once answers such a call
 /// through the client whole: 500,000 IDs are a 4.5 MB reply, over gRPC's
 /// usual 4 MiB limit, which both sides raise.

@@ -49,6 +49,24 @@ impl Layout {
         Self::try_new(*parts.first()?, bits(1)?, bits(2)?, bits(3)?).ok()
     }
 
+    /// Epoch and bit widths as a peer stream names them:
+    /// `epoch_ms.time.worker.sequence`.
+    pub fn to_header(&self) -> String {
+        self.to_parts().map(|p| p.to_string()).join(".")
+    }
+
+    /// The layout [`Layout::to_header`] gave, if the text is one.
+    pub fn from_header(text: &str) -> Option<Self> {
+        let parts: Vec<u64> = text
+            .split('.')
+            .map(|p| p.parse().ok())
+            .collect::<Option<_>>()?;
+        if parts.len() != 4 {
+            return None;
+        }
+        Self::from_parts(&parts)
+    }
+
     /// Epoch and bit widths, as stored beside the data they stamped.
     pub fn to_parts(&self) -> [u64; 4] {
         [
@@ -151,6 +169,10 @@ pub enum IdError {
     OverCapacity { per_ms: u64, ahead_ms: u64 },
     #[error("the layout's time bits are exhausted")]
     LayoutExhausted,
+    /// The wall clock reads a time the layout cannot stamp: it was set back
+    /// before the epoch after the node started (which refuses to start so).
+    #[error("the clock reads {now_ms} ms since 1970, before the ID layout's epoch ({epoch_ms}); refusing to issue until it is set right")]
+    ClockBeforeEpoch { now_ms: u64, epoch_ms: u64 },
 }
 
 /// What the issuer noticed about the clock on a call.
@@ -366,6 +388,16 @@ impl Issuer {
         } else if ts > now_ms {
             report.rode = true;
         }
+        if ts < self.layout.epoch_ms {
+            // Only a worker without stamps yet gets here (its cursor starts
+            // at floor + 1, and a first holder's floor is 0); any other
+            // refuses such a step as a step back. The stamp's offset from
+            // the epoch would wrap.
+            return Err(IdError::ClockBeforeEpoch {
+                now_ms,
+                epoch_ms: self.layout.epoch_ms,
+            });
+        }
         let per_ms = self.layout.per_ms();
         let last_ts = ts + (seq + count - 1) / per_ms;
         if last_ts > self.fence_ms {
@@ -418,6 +450,56 @@ mod tests {
                 return e;
             }
         }
+    }
+
+    /// A peer stream names its layout as text (`epoch.time.worker.seq`):
+    /// it reads back as the same layout, and text that is not one is none.
+    #[test]
+    fn a_layout_reads_back_from_its_header() {
+        let l = layout();
+        assert_eq!(l.to_header(), "1704067200000.41.10.12");
+        assert_eq!(Layout::from_header(&l.to_header()), Some(l));
+        let other = Layout::try_new(EPOCH, 41, 11, 11).unwrap();
+        assert_eq!(Layout::from_header(&other.to_header()), Some(other));
+        for bad in [
+            "",
+            "1704067200000.41.10",
+            "1704067200000.41.10.12.1",
+            "x.41.10.12",
+            "1.41.10.13",
+        ] {
+            assert_eq!(Layout::from_header(bad), None, "{bad:?}");
+        }
+    }
+
+    /// A clock set back before the layout's epoch, on a worker that has
+    /// stamped nothing yet (a first holder: floor 0), is refused by name;
+    /// the stamp's offset from the epoch used to wrap (a panic in a debug
+    /// build, IDs with the sign bit set in a release build).
+    #[test]
+    fn a_clock_before_the_epoch_is_refused_not_wrapped() {
+        let now = EPOCH + 10_000;
+        let mut i = active(1, 0, now + 3_000);
+        let mut out = Vec::new();
+        for before in [EPOCH - 1, 5_000] {
+            assert_eq!(
+                i.issue(before, 0, 1, &mut out),
+                Err(IdError::ClockBeforeEpoch {
+                    now_ms: before,
+                    epoch_ms: EPOCH
+                })
+            );
+        }
+        assert!(out.is_empty());
+        // Set right, the worker issues.
+        i.issue(now, 10, 2, &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|&id| layout().decode(id).unwrap().0 == now));
+        // Once it has stamped, the same clock is a step back like any other.
+        assert!(matches!(
+            i.issue(5_000, 20, 1, &mut out),
+            Err(IdError::ClockBackwards { .. })
+        ));
     }
 
     #[test]

@@ -484,7 +484,8 @@ pub fn spawn(
 ) -> Result<(NodeHandle, PeerService, tokio::task::JoinHandle<()>), StorageError> {
     let disk = storage::open(&params.data_dir)?;
     let data_id = storage::identity::own(&disk)?;
-    storage::check_layout(&disk, params.ids.lock().layout())?;
+    let layout = *params.ids.lock().layout();
+    storage::check_layout(&disk, &layout)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let faults = params.faults.clone();
     let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);
@@ -506,6 +507,7 @@ pub fn spawn(
                     id,
                     data_id,
                     vote_promise: promise,
+                    layout,
                 },
                 peers,
                 transport_tx,
@@ -520,7 +522,7 @@ pub fn spawn(
     let task = rt.spawn(node.run());
     Ok((
         NodeHandle::new(tx.clone(), request_timeout),
-        PeerService::new(tx, faults, data_ids, promises),
+        PeerService::new(tx, faults, data_ids, promises, layout),
         task,
     ))
 }

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Faults, Input, Mailbox};
+use crate::core::Layout;
 use crate::metrics as m;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::peer_server::Peer;
@@ -29,6 +30,15 @@ pub const DATA_ID_HEADER: &str = "seqd-data-id";
 /// lengths). A leader's lease rests on its followers' promises, which their
 /// own configuration sets; see [`PeerPromises`].
 pub const VOTE_PROMISE_HEADER: &str = "seqd-vote-promise-ms";
+/// Request metadata: the sending node's Snowflake layout
+/// ([`Layout::to_header`]). Every node of a cluster must stamp IDs under one
+/// layout: under other bit widths or another epoch, one node's IDs can equal
+/// another's whatever their worker ids. A data directory keeps the layout it
+/// started with, but a new member's directory starts with whatever it is
+/// given, so nodes also compare layouts on every peer stream, and refuse a
+/// peer with another: a node that can neither send nor receive Raft
+/// messages never gets a worker id.
+pub const LAYOUT_HEADER: &str = "seqd-id-layout";
 /// How long a peer that refused this node's stream is left alone.
 const REFUSED_RETRY: Duration = Duration::from_secs(1);
 /// A refusal is logged once per this long.
@@ -45,6 +55,7 @@ pub struct Sender {
     pub id: u64,
     pub data_id: u64,
     pub vote_promise: Duration,
+    pub layout: Layout,
 }
 
 /// Sends raft messages to peers. Owned by the node loop; never blocks.
@@ -168,6 +179,9 @@ async fn peer_loop(
         meta.insert(DATA_ID_HEADER, me.data_id.into());
         let promise_ms = u64::try_from(me.vote_promise.as_millis()).unwrap_or(u64::MAX);
         meta.insert(VOTE_PROMISE_HEADER, promise_ms.into());
+        if let Ok(layout) = me.layout.to_header().parse() {
+            meta.insert(LAYOUT_HEADER, layout);
+        }
         let mut call = tokio::spawn(async move { client.raft(request).await });
         loop {
             tokio::select! {
@@ -256,6 +270,10 @@ pub struct PeerService {
     stopping: crate::service::Stopping,
     data_ids: Arc<PeerDataIds>,
     promises: PeerPromises,
+    layout: Layout,
+    /// When a peer's stream was last refused for its layout, by peer: the
+    /// error is logged once per [`REFUSAL_LOG_EVERY`].
+    layout_refusals: Arc<std::sync::Mutex<HashMap<u64, Instant>>>,
 }
 
 /// The vote promise each peer named on its latest stream. Nodes configure
@@ -290,6 +308,7 @@ impl PeerService {
         faults: Arc<Faults>,
         data_ids: Arc<PeerDataIds>,
         promises: PeerPromises,
+        layout: Layout,
     ) -> Self {
         Self {
             node,
@@ -297,6 +316,8 @@ impl PeerService {
             stopping: crate::service::Stopping::never(),
             data_ids,
             promises,
+            layout,
+            layout_refusals: Arc::default(),
         }
     }
 
@@ -330,6 +351,7 @@ impl PeerService {
         let (Some(from), Some(data_id)) = (read(NODE_ID_HEADER)?, read(DATA_ID_HEADER)?) else {
             return Ok(None);
         };
+        self.check_layout(from, meta.get(LAYOUT_HEADER))?;
         let admission = self.data_ids.admit(from, data_id).map_err(|e| {
             tracing::error!(peer_id = from, error = %e, "cannot record a peer's data id");
             Status::unavailable(format!("cannot record this node's data id: {e}"))
@@ -350,6 +372,50 @@ impl PeerService {
                 Err(Status::failed_precondition(why))
             }
         }
+    }
+}
+
+impl PeerService {
+    /// Refuses a peer whose stream names another Snowflake layout (see
+    /// [`LAYOUT_HEADER`]); a peer from before the header names none.
+    fn check_layout(
+        &self,
+        from: u64,
+        named: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    ) -> Result<(), Status> {
+        let Some(named) = named else {
+            return Ok(());
+        };
+        let theirs = named
+            .to_str()
+            .ok()
+            .and_then(Layout::from_header)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("{LAYOUT_HEADER}: not a Snowflake layout"))
+            })?;
+        if theirs == self.layout {
+            return Ok(());
+        }
+        metrics::counter!(m::PEER_STREAMS_REFUSED_TOTAL).increment(1);
+        let why = format!(
+            "node {from} issues Snowflake IDs under another layout ({theirs}) than this node \
+             ({}): their IDs could collide; every node of a cluster must be configured with the \
+             same [snowflake] epoch_ms and bit widths",
+            self.layout
+        );
+        let now = Instant::now();
+        let mut logged = self
+            .layout_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if logged
+            .get(&from)
+            .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY)
+        {
+            logged.insert(from, now);
+            tracing::error!(peer_id = from, "refusing a peer's messages: {why}");
+        }
+        Err(Status::failed_precondition(why))
     }
 }
 

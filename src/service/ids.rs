@@ -37,7 +37,9 @@ impl IdsService {
 fn id_status(e: IdError) -> Status {
     match e {
         IdError::NoWorker | IdError::FenceReached { .. } => Status::unavailable(e.to_string()),
-        IdError::ClockBackwards { .. } => Status::failed_precondition(e.to_string()),
+        IdError::ClockBackwards { .. } | IdError::ClockBeforeEpoch { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
         IdError::OverCapacity { .. } => Status::resource_exhausted(e.to_string()),
         IdError::LayoutExhausted => Status::resource_exhausted(e.to_string()),
     }
