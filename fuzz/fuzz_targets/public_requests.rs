@@ -27,9 +27,11 @@ fuzz_target!(|data: &[u8]| {
         }
         1 => {
             if let Ok(req) = NextBatchRequest::decode(body) {
-                if let Ok(items) = parse_next_batch(&namespaces, req) {
-                    assert!(!items.is_empty());
-                    for (key, count) in &items {
+                if let Ok(call) = parse_next_batch(&namespaces, req) {
+                    assert!(!call.items.is_empty());
+                    assert_eq!(call.items.len(), call.keys.len());
+                    for ((key, count), sent) in call.items.iter().zip(&call.keys) {
+                        assert_eq!(key.key(), sent);
                         let spec = namespaces.spec(key.namespace());
                         assert!(*count >= 1 && *count <= spec.max_count);
                     }
