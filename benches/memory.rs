@@ -1,22 +1,26 @@
 //! Heap bytes the leader's allocator holds per active key: DESIGN.md asks for
 //! 10 million active conversations on one node. Prints a table; checks only
 //! that every key was served (the figure itself depends on key length and
-//! on the table's fill, so it is reported, not asserted).
+//! on the table's fill, so it is reported, not asserted). Also prints the
+//! slowest first call of a key: the node loop waits for it, and a key map
+//! that grew by moving every key stalled it for most of a second at
+//! millions of keys (see `src/core/keymap.rs`).
 //!
 //! `cargo bench --bench memory` (release, 10 M keys) or `cargo test --bench
 //! memory` (what the test command runs: 100 k keys).
 //!
 //! Counted: bytes requested from the heap by the allocator (its key map:
 //! names, per-key state and the hash table's slack; its refill bookkeeping)
-//! after every key was served once and its segment's raise applied. glibc
-//! adds 8 to 16 bytes of its own per allocation, one per key (the name).
+//! after every key was served once and its segment's raise applied, from
+//! mimalloc, as on a node. The heap adds a few bytes of its own per
+//! allocation, one per key whose name is too long to keep inline.
 //! Nothing else on a node grows with the number of active keys: ceilings
 //! live in RocksDB (its caches are bounded by configuration) and are read
 //! when a key is first served in a term; request-id records are capped.
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
@@ -29,28 +33,30 @@ use common::namespaces;
 const SWEEP: usize = 10_000;
 
 /// Counts live heap bytes, so that the allocator's footprint is measured
-/// rather than estimated from `size_of`.
+/// rather than estimated from `size_of`; the memory comes from mimalloc,
+/// the node's allocator (whose large reallocations copy, where glibc's
+/// remap pages).
 struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
-// SAFETY: every call forwards to `System` unchanged; the counter is a side
+// SAFETY: every call forwards to `MiMalloc` unchanged; the counter is a side
 // effect that does not touch the memory handed out.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        System.alloc(layout)
+        mimalloc::MiMalloc.alloc(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        System.dealloc(ptr, layout)
+        mimalloc::MiMalloc.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         LIVE.fetch_add(
             new_size as isize - layout.size() as isize,
             Ordering::Relaxed,
         );
-        System.realloc(ptr, layout, new_size)
+        mimalloc::MiMalloc.realloc(ptr, layout, new_size)
     }
 }
 
@@ -66,10 +72,19 @@ impl CeilingSource for Empty {
     }
 }
 
+/// What [`footprint`] measured.
+struct Footprint {
+    served: u64,
+    live: isize,
+    /// One slice of the idle sweep.
+    sweep: Duration,
+    /// The slowest key's first call, and how many keys were held before it.
+    slowest: (Duration, u64),
+}
+
 /// Serves one number for each of `n` keys (`key_len` bytes each), applying
-/// each refill as a fast log would, and returns the allocator's live heap
-/// bytes afterwards, and how long one slice of the idle sweep took.
-fn footprint(n: u64, key_len: usize) -> (u64, isize, Duration) {
+/// each refill as a fast log would.
+fn footprint(n: u64, key_len: usize) -> Footprint {
     let ns = namespaces();
     let conv = ns.resolve("conv").expect("conv is configured");
     let before = LIVE.load(Ordering::Relaxed);
@@ -77,7 +92,9 @@ fn footprint(n: u64, key_len: usize) -> (u64, isize, Duration) {
     a.become_leader(1);
     a.start_serving(1);
     let mut served = 0;
+    let mut slowest = (Duration::ZERO, 0);
     for i in 0..n {
+        let started = Instant::now();
         let name = format!("conv:{i:0>width$}", width = key_len - "conv:".len());
         let key = SeqKey::try_new(&ns, conv, name).expect("valid key");
         let item = [(key, 1)];
@@ -86,6 +103,7 @@ fn footprint(n: u64, key_len: usize) -> (u64, isize, Duration) {
                 Allocation::Granted(r) => {
                     black_box(r);
                     served += 1;
+                    slowest = slowest.max((started.elapsed(), i));
                     break;
                 }
                 Allocation::Wait | Allocation::Reserved(_) => {}
@@ -105,7 +123,12 @@ fn footprint(n: u64, key_len: usize) -> (u64, isize, Duration) {
     }
     let sweep = started.elapsed() / passes;
     drop(a);
-    (served, live, sweep)
+    Footprint {
+        served,
+        live,
+        sweep,
+        slowest,
+    }
 }
 
 fn main() {
@@ -119,17 +142,24 @@ fn main() {
     };
     println!("allocator heap per active key, every key served once:");
     println!(
-        "{:>10}  {:>10}  {:>12}  {:>11}  {:>16}",
-        "keys", "key bytes", "live heap", "bytes / key", "sweep of 10,000"
+        "{:>10}  {:>10}  {:>12}  {:>11}  {:>16}  {:>26}",
+        "keys",
+        "key bytes",
+        "live heap",
+        "bytes / key",
+        "sweep of 10,000",
+        "slowest first call (at)"
     );
     for key_len in [16, 32, 64] {
-        let (served, live, sweep) = footprint(n, key_len);
-        assert_eq!(served, n);
+        let f = footprint(n, key_len);
+        assert_eq!(f.served, n);
         println!(
-            "{n:>10}  {key_len:>10}  {:>8.1} MiB  {:>11.0}  {:>13.1} µs",
-            live as f64 / (1u64 << 20) as f64,
-            live as f64 / n as f64,
-            sweep.as_secs_f64() * 1e6,
+            "{n:>10}  {key_len:>10}  {:>8.1} MiB  {:>11.0}  {:>13.1} µs  {:>9.2} ms ({:>10} keys)",
+            f.live as f64 / (1u64 << 20) as f64,
+            f.live as f64 / n as f64,
+            f.sweep.as_secs_f64() * 1e6,
+            f.slowest.0.as_secs_f64() * 1e3,
+            f.slowest.1,
         );
     }
 }

@@ -6,6 +6,7 @@
 //! microseconds.
 
 pub mod clock;
+pub mod keymap;
 pub mod segment;
 pub mod snowflake;
 pub mod types;

@@ -13,11 +13,8 @@
 //! lowered ceiling is ever handed out.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 
-use indexmap::map::RawEntryApiV1;
-use indexmap::IndexMap;
-
+use super::keymap::KeyMap;
 use super::types::{Mode, NamespaceId, Namespaces, SeqKey, SeqRange};
 
 /// Read access to the replicated state: the committed ceiling of a key.
@@ -111,18 +108,19 @@ pub struct Release {
 #[derive(Debug)]
 pub struct Allocator {
     namespaces: Namespaces,
-    /// Indexed, so that the idle sweep can walk it a slice at a time.
-    /// Hashed with foldhash, not SipHash: every key of every call is hashed
-    /// here, and on keys of a few dozen bytes foldhash is several times
-    /// faster. Its seed is random per process and the map never shows its
-    /// hash order (it iterates in insertion order), so a caller cannot aim
-    /// keys at one bucket without first learning the seed from timings
-    /// (foldhash is only "minimally DoS-resistant"; seqd's callers are the
-    /// backend's own frontends).
-    keys: IndexMap<SeqKey, KeyState, foldhash::quality::RandomState>,
+    /// Walked by handle, so that the idle sweep can take a slice at a
+    /// time; in shards, so that no insert moves every key (see
+    /// [`KeyMap`]). Hashed with foldhash, not SipHash: every key of every
+    /// call is hashed here, and on keys of a few dozen bytes foldhash is
+    /// several times faster. Its seed is random per process and no answer
+    /// shows the hash order (only a trim entry in the log lists keys shard
+    /// by shard), so a caller cannot aim keys at one bucket without first
+    /// learning the seed from timings (foldhash is only "minimally
+    /// DoS-resistant"; seqd's callers are the backend's own frontends).
+    keys: KeyMap<SeqKey, KeyState>,
     /// The caller's clock as of the last call that passed it.
     now_ms: u64,
-    /// Where the idle sweep goes on.
+    /// Where the idle sweep goes on (a [`KeyMap::next_from`] cursor).
     sweep_at: usize,
     role: Role,
     epoch: u64,
@@ -197,7 +195,7 @@ impl Allocator {
     pub fn new(namespaces: Namespaces) -> Self {
         Self {
             namespaces,
-            keys: IndexMap::default(),
+            keys: KeyMap::default(),
             now_ms: 0,
             sweep_at: 0,
             role: Role::Follower,
@@ -312,7 +310,7 @@ impl Allocator {
         // Check every item before touching any, so a failure changes nothing.
         let now_ms = self.now_ms;
         let mut releasing = false;
-        // Each key's index in `keys`, found once: the passes below reach
+        // Each key's handle in `keys`, found once: the passes below reach
         // its state without hashing or comparing it again (nothing is
         // removed from `keys` within this call). Every key is hashed, then
         // every key is looked up, then any missing one is loaded: a map
@@ -323,14 +321,10 @@ impl Allocator {
         // looked up.
         let mut at: Vec<usize> = items
             .iter()
-            .map(|(key, _)| self.keys.hasher().hash_one(key) as usize)
+            .map(|(key, _)| self.keys.hash(key) as usize)
             .collect();
         for (index, (key, _)) in at.iter_mut().zip(items) {
-            *index = self
-                .keys
-                .raw_entry_v1()
-                .index_from_hash(*index as u64, |k| k == key)
-                .unwrap_or(NOT_IN_MEMORY);
+            *index = self.keys.find(*index as u64, key).unwrap_or(NOT_IN_MEMORY);
         }
         for ((key, count), index) in items.iter().zip(at.iter_mut()) {
             let state;
@@ -544,12 +538,10 @@ impl Allocator {
         let mut out = Vec::new();
         let mut gone = Vec::new();
         for _ in 0..budget.min(self.keys.len()) {
-            if self.sweep_at >= self.keys.len() {
-                self.sweep_at = 0;
-            }
-            let i = self.sweep_at;
-            self.sweep_at += 1;
-            let Some((key, state)) = self.keys.get_index_mut(i) else {
+            let Some(i) = self.keys.next_from(&mut self.sweep_at) else {
+                break;
+            };
+            let Some((key, state)) = self.keys.get_at_mut(i) else {
                 break;
             };
             match idleness(
@@ -568,11 +560,11 @@ impl Allocator {
                 }
             }
         }
-        // From the highest index down (the walk may have wrapped), so that
+        // From the highest handle down (the walk may have wrapped), so that
         // each swap_remove moves an entry that is not itself to be removed.
         gone.sort_unstable_by(|x, y| y.cmp(x));
         for i in gone {
-            self.keys.swap_remove_index(i);
+            self.keys.swap_remove_at(i);
         }
         out
     }
@@ -665,7 +657,7 @@ impl Allocator {
                     last_used_ms: 0,
                     releasing: false,
                 };
-                self.keys.insert_full(key.clone(), state).0
+                self.keys.insert_new(key.clone(), state)
             }
             index => index,
         };
