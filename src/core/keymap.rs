@@ -278,9 +278,8 @@ mod tests {
         assert!(map.is_empty() && map.iter().next().is_none());
     }
 
-    /// The keys spread over the shards, and within a shard over its table
-    /// (the shard bits are not the table's): no shard holds more than
-    /// twice its share.
+    /// The keys spread over the shards: no shard holds more than twice
+    /// its share.
     #[test]
     fn keys_spread_over_the_shards() {
         let mut map = KeyMap::default();
