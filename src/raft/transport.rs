@@ -373,9 +373,7 @@ impl PeerService {
             }
         }
     }
-}
 
-impl PeerService {
     /// Refuses a peer whose stream names another Snowflake layout (see
     /// [`LAYOUT_HEADER`]); a peer from before the header names none.
     fn check_layout(
