@@ -30,6 +30,9 @@ const SHARDS: usize = 1 << SHARD_BITS;
 const SHARD_SHIFT: u32 = 48;
 /// A handle is its shard's number above this many bits of position.
 const POSITION_BITS: u32 = 40;
+// Handles pack a shard and a position into a `usize`: on a narrower one
+// they would wrap, and a handle could name another key's state.
+const _: () = assert!(usize::BITS >= POSITION_BITS + SHARD_BITS);
 
 pub struct KeyMap<K, V> {
     /// Every shard hashes with the same hasher (clones of one seed), so a
