@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{check_history, Cluster, Load};
+use seqd::pb::{BatchItem, InjectFaultRequest, NextBatchRequest, NextRequest, StatusRequest};
 
 fn seqctl(c: &Cluster, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_seqctl"))
@@ -325,4 +326,186 @@ async fn changes_that_would_leave_no_quorum_are_refused() {
     let (ok, _, err) = seqctl(&c, &["remove-node", "--id", &followers[0].to_string()]);
     assert!(ok, "{err}");
     c.client().next("conv", "k", 1).await.unwrap();
+}
+
+/// Gives `id` `keys` keys held in memory, each called once (1,000 a
+/// `NextBatch`), and waits until a handover finds them all idle.
+async fn hold_keys(c: &Cluster, id: u64, prefix: &str, keys: usize) {
+    let per_call = 1_000;
+    let mut api = c.sequencer(id).await;
+    for call in 0..keys / per_call {
+        let items = (0..per_call)
+            .map(|i| BatchItem {
+                key: format!("{prefix}-{:06}", call * per_call + i),
+                count: 1,
+            })
+            .collect();
+        api.next_batch(NextBatchRequest {
+            namespace: "conv".into(),
+            items,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    // A handover releases the keys unused for a second and trims the rest.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+}
+
+async fn slow_every_fsync(c: &Cluster, delay_ms: u32) {
+    for id in 1..=3 {
+        c.admin(id)
+            .await
+            .inject_fault(InjectFaultRequest {
+                clock_offset_ms: 0,
+                isolate: false,
+                sync_delay_ms: delay_ms,
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// A handover long enough to watch: the leader holds more keys than one
+/// part of a trim (10,000), so it first releases them, 1,000 an entry, and
+/// every fsync takes 150 ms, so that takes at least six seconds.
+/// `transfer-leader` waits for all of it, however long (its fixed two
+/// minutes were shorter than a handover of ten million keys), prints how
+/// far the handover got, and can be told to stop waiting, which leaves the
+/// handover going on. Status shows the phases in order, and the leader
+/// serves while it releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transfer_leader_follows_a_long_handover_and_can_stop_waiting() {
+    const KEYS: usize = 40_000;
+    let c = Cluster::start(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    let first = c.wait_leader(Duration::from_secs(20)).await;
+    hold_keys(&c, first, "a", KEYS).await;
+    slow_every_fsync(&c, 150).await;
+
+    // Told to wait one second only: seqctl says so and fails, and the
+    // handover goes on to move leadership.
+    let second = first % 3 + 1;
+    let (ok, out, err) = seqctl(
+        &c,
+        &[
+            "transfer-leader",
+            "--to",
+            &second.to_string(),
+            "--timeout-secs",
+            "1",
+        ],
+    );
+    assert!(!ok, "seqctl did not stop waiting: {out}");
+    assert!(
+        err.contains("stopped waiting after 1 s; the handover goes on"),
+        "{err}"
+    );
+    let mid = c.status(first).await.expect("status");
+    assert!(
+        mid.handover.is_some() && mid.role == "Leader",
+        "the handover did not go on after seqctl stopped waiting: {mid:?}"
+    );
+    c.wait_status(second, Duration::from_secs(120), "leading", |s| s.serving)
+        .await;
+    c.wait_status(first, Duration::from_secs(10), "handover ended", |s| {
+        s.handover.is_none()
+    })
+    .await;
+
+    // Waiting for all of it, with progress every second, while this test
+    // samples the leader's status.
+    slow_every_fsync(&c, 0).await;
+    hold_keys(&c, second, "b", KEYS).await;
+    slow_every_fsync(&c, 150).await;
+    let endpoints = c.addrs().join(",");
+    let third = (1..=3).find(|id| *id != first && *id != second).unwrap();
+    let seqctl_run = std::thread::spawn(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_seqctl"))
+            .args(["--endpoints", &endpoints, "transfer-leader"])
+            .args(["--to", &third.to_string(), "--progress-secs", "1"])
+            .output()
+            .expect("run seqctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    });
+    let mut samples = Vec::new();
+    let mut served_while_releasing = false;
+    let mut admin = c.admin(second).await;
+    while !seqctl_run.is_finished() {
+        let s = admin.status(StatusRequest {}).await.unwrap().into_inner();
+        if let Some(h) = s.handover {
+            if h.phase == "releasing" && !served_while_releasing {
+                c.sequencer(second)
+                    .await
+                    .next(NextRequest {
+                        namespace: "conv".into(),
+                        key: "during-release".into(),
+                        count: 1,
+                        request_id: String::new(),
+                    })
+                    .await
+                    .expect("the leader serves while it releases");
+                served_while_releasing = true;
+            }
+            samples.push(h);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, out, err) = seqctl_run.join().unwrap();
+    eprintln!("seqctl transfer-leader:\n{err}{out}");
+
+    assert!(ok, "{err}");
+    assert!(out.contains("leadership moved away from"), "{out}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("releasing idle keys (serving)"))
+        .collect();
+    assert!(
+        lines.len() >= 2,
+        "one progress line a second over six seconds of releases: {err}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("released, ") && l.ends_with(&format!("of {KEYS} keys looked at"))),
+        "{err}"
+    );
+
+    assert!(
+        served_while_releasing,
+        "no sample while releasing: {samples:?}"
+    );
+    let order = |phase: &str| match phase {
+        "releasing" => 0,
+        "trimming" => 1,
+        "transferring" => 2,
+        other => panic!("unknown phase {other:?}"),
+    };
+    for pair in samples.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        assert!(
+            order(&a.phase) <= order(&b.phase) && a.elapsed_ms <= b.elapsed_ms,
+            "phases out of order: {a:?} then {b:?}"
+        );
+        assert_eq!(a.keys_at_start, b.keys_at_start);
+        assert!(a.keys_looked_at <= b.keys_looked_at, "{a:?} then {b:?}");
+        assert!(a.keys_released <= b.keys_released, "{a:?} then {b:?}");
+        if a.phase == "trimming" && b.phase == "trimming" {
+            assert!(a.trim_keys_left >= b.trim_keys_left, "{a:?} then {b:?}");
+        }
+    }
+    let releasing: Vec<_> = samples.iter().filter(|h| h.phase == "releasing").collect();
+    assert!(
+        releasing.first().unwrap().keys_released < releasing.last().unwrap().keys_released,
+        "the release did not move on between samples: {releasing:?}"
+    );
+    c.wait_status(third, Duration::from_secs(30), "leading", |s| s.serving)
+        .await;
+    c.wait_status(second, Duration::from_secs(10), "handover ended", |s| {
+        s.handover.is_none()
+    })
+    .await;
 }

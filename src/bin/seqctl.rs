@@ -11,7 +11,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use seqd::pb::admin_client::AdminClient;
 use seqd::pb::{
-    AddNodeRequest, RemoveNodeRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
+    AddNodeRequest, HandoverProgress, RemoveNodeRequest, StatusRequest, StatusResponse,
+    TransferLeaderRequest,
 };
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
@@ -61,28 +62,109 @@ enum Cmd {
     /// healthchecks).
     Health,
     /// Move leadership (after committing every key's exact position).
+    /// Waits for as long as the leader's handover goes on: the leader gives
+    /// up by itself once it stops making progress.
     TransferLeader {
         /// Target node id; the most caught-up follower when omitted.
         #[arg(long)]
         to: Option<u64>,
+        /// Print the handover's progress on stderr every N seconds (0: never).
+        #[arg(long, default_value_t = 5)]
+        progress_secs: u64,
+        /// Stop waiting after N seconds (0: wait while the handover goes on).
+        /// The handover itself goes on.
+        #[arg(long, default_value_t = 0)]
+        timeout_secs: u64,
     },
 }
 
-/// How long `transfer-leader` waits for the leader's handover.
-const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
+/// HTTP/2 pings while `transfer-leader` waits: a leader that stops
+/// answering them (its machine gone or frozen) ends the wait.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn admin(addr: &str) -> Result<AdminClient<Channel>, String> {
-    admin_waiting(addr, Duration::from_secs(10))
-}
-
-/// An admin client whose calls may take up to `timeout`.
-fn admin_waiting(addr: &str, timeout: Duration) -> Result<AdminClient<Channel>, String> {
-    let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|_| format!("bad endpoint {addr:?}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(timeout)
+    let ch = endpoint(addr)?
+        .timeout(Duration::from_secs(10))
         .connect_lazy();
     Ok(AdminClient::new(ch))
+}
+
+/// An admin client for a call that waits for as long as the node works on
+/// it, while the node answers HTTP/2 pings.
+fn admin_kept_alive(addr: &str) -> Result<AdminClient<Channel>, String> {
+    let ch = endpoint(addr)?
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect_lazy();
+    Ok(AdminClient::new(ch))
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| format!("bad endpoint {addr:?}"))?
+        .connect_timeout(Duration::from_secs(1)))
+}
+
+/// One line of a handover's progress, as `transfer-leader` prints it.
+fn progress_line(h: &HandoverProgress) -> String {
+    let secs = h.elapsed_ms as f64 / 1000.0;
+    match h.phase.as_str() {
+        "releasing" => format!(
+            "handover {secs:.0} s: releasing idle keys (serving), {} released, {} of {} keys \
+             looked at",
+            h.keys_released, h.keys_looked_at, h.keys_at_start
+        ),
+        "trimming" => format!(
+            "handover {secs:.0} s: trimming (not serving), {} of {} keys proposed",
+            h.trim_keys - h.trim_keys_left.min(h.trim_keys),
+            h.trim_keys
+        ),
+        phase => format!("handover {secs:.0} s: {phase}"),
+    }
+}
+
+/// Waits for the leader's handover, printing its progress every `every`
+/// (never if zero), for at most `timeout` (if not zero).
+async fn transfer_leader(
+    leader: &str,
+    to: Option<u64>,
+    every: Duration,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut admin = admin_kept_alive(leader)?;
+    let call = admin.transfer_leader(TransferLeaderRequest {
+        to: to.unwrap_or(0),
+    });
+    tokio::pin!(call);
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval_at(started + every, every.max(Duration::from_millis(1)));
+    loop {
+        let give_up = async {
+            if timeout.is_zero() {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep_until(started + timeout).await
+            }
+        };
+        tokio::select! {
+            done = &mut call => return done.map(|_| ()).map_err(|s| s.message().to_string()),
+            _ = give_up => {
+                return Err(format!(
+                    "stopped waiting after {} s; the handover goes on (seqctl status shows it)",
+                    timeout.as_secs()
+                ))
+            }
+            _ = tick.tick(), if !every.is_zero() => {
+                if let Ok(s) = status_of(leader).await {
+                    if let Some(h) = s.handover {
+                        eprintln!("{}", progress_line(&h));
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn status_of(addr: &str) -> Result<StatusResponse, String> {
@@ -136,6 +218,13 @@ fn print_status(rows: &[(String, Result<StatusResponse, String>)], as_json: bool
                     "voters": s.voters, "learners": s.learners, "epoch": s.epoch,
                     "serving": s.serving, "worker": s.has_worker.then_some(s.worker),
                     "ids_active": s.ids_active, "answering": s.answering,
+                    "handover": s.handover.as_ref().map(|h| json!({
+                        "phase": h.phase, "elapsed_ms": h.elapsed_ms,
+                        "keys_at_start": h.keys_at_start,
+                        "keys_looked_at": h.keys_looked_at,
+                        "keys_released": h.keys_released,
+                        "trim_keys": h.trim_keys, "trim_keys_left": h.trim_keys_left,
+                    })),
                 }),
                 Err(e) => json!({ "endpoint": addr, "error": e }),
             })
@@ -166,6 +255,15 @@ fn print_status(rows: &[(String, Result<StatusResponse, String>)], as_json: bool
             Err(e) => println!("{addr:<22} unreachable: {e}"),
         }
     }
+    for (_, s) in rows {
+        if let Some(h) = s.as_ref().ok().and_then(|s| s.handover.as_ref()) {
+            println!(
+                "node {}: {}",
+                s.as_ref().map_or(0, |s| s.id),
+                progress_line(h)
+            );
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -179,9 +277,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Health => {
             let addr = cli.endpoints.first().ok_or("no endpoint given")?;
-            let ch = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|_| format!("bad endpoint {addr:?}"))?
-                .connect_timeout(Duration::from_secs(1))
+            let ch = endpoint(addr)?
                 .timeout(Duration::from_secs(2))
                 .connect_lazy();
             let status = HealthClient::new(ch)
@@ -219,16 +315,22 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .into_inner();
             report(cli.json, &m.voters, &m.learners);
         }
-        Cmd::TransferLeader { to } => {
+        Cmd::TransferLeader {
+            to,
+            progress_secs,
+            timeout_secs,
+        } => {
             let leader = leader(&cli.endpoints).await?;
             // The leader first releases the keys not in use and trims the
-            // rest: with a million keys that took 30 s on a 2-core VM.
-            admin_waiting(&leader, TRANSFER_TIMEOUT)?
-                .transfer_leader(TransferLeaderRequest {
-                    to: to.unwrap_or(0),
-                })
-                .await
-                .map_err(|s| s.message().to_string())?;
+            // rest: about 25 s per million keys on a 2-core VM, so no fixed
+            // wait fits every cluster.
+            transfer_leader(
+                &leader,
+                to,
+                Duration::from_secs(progress_secs),
+                Duration::from_secs(timeout_secs),
+            )
+            .await?;
             if cli.json {
                 println!("{}", json!({ "transferred_from": leader }));
             } else {

@@ -58,6 +58,45 @@ pub struct NodeStatus {
     pub fence_ms: u64,
     /// On the leader, the voters answering it now (itself included).
     pub answering: Vec<u64>,
+    /// On a leader handing over, how far it got.
+    pub handover: Option<HandoverProgress>,
+}
+
+/// How far a leader's handover got (see [`NodeHandle::transfer_leader`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverProgress {
+    pub phase: HandoverStage,
+    pub elapsed: std::time::Duration,
+    /// Keys held when the handover began.
+    pub keys_at_start: u64,
+    /// Releasing: keys looked at so far, of `keys_at_start` (a window at a
+    /// time), and idle keys proposed for release so far.
+    pub keys_looked_at: u64,
+    pub keys_released: u64,
+    /// Trimming and after: keys the trim covers, and those not yet proposed.
+    pub trim_keys: u64,
+    pub trim_keys_left: u64,
+}
+
+/// A handover's phase, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverStage {
+    /// Serving, releasing the keys unused for a second.
+    Releasing,
+    /// Not serving, committing the exact position of every key still held.
+    Trimming,
+    /// Trimmed (or given up on the trim); leadership is moving.
+    Transferring,
+}
+
+impl HandoverStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandoverStage::Releasing => "releasing",
+            HandoverStage::Trimming => "trimming",
+            HandoverStage::Transferring => "transferring",
+        }
+    }
 }
 
 /// A membership change for [`NodeHandle::change_membership`].

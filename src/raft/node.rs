@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::read_peers::{followers_needed, ReadPeers};
 use super::transport::{PeerPromises, PeerService, Sender, Transport};
 use super::{
-    logger, Faults, Grant, IdState, Input, Membership, MembershipChange, NodeError, NodeHandle,
-    NodeStatus, Reply,
+    logger, Faults, Grant, HandoverProgress, HandoverStage, IdState, Input, Membership,
+    MembershipChange, NodeError, NodeHandle, NodeStatus, Reply,
 };
 use crate::config::{RaftConfig, ReadMode, ReadRoundPeers, SnowflakeConfig};
 use crate::core::{
@@ -647,6 +647,12 @@ struct Handover {
     to: Option<u64>,
     phase: HandoverPhase,
     started: Instant,
+    /// Keys held when it began.
+    keys_at_start: usize,
+    /// Idle keys proposed for release.
+    released: usize,
+    /// Keys the trim covers (0 before it begins).
+    trim_keys: usize,
     /// Moved on as each release entry is proposed and each part of the
     /// trim applies, so a long handover is not cut short while it
     /// progresses.
@@ -3018,6 +3024,9 @@ impl Node {
             term: self.raw.raft.term,
             to,
             started: now,
+            keys_at_start: held,
+            released: 0,
+            trim_keys: 0,
             phase: if releasing {
                 HandoverPhase::Releasing {
                     looked: 0,
@@ -3117,6 +3126,7 @@ impl Node {
             }
         }
         let releases = self.core.take_releases_of(now_ms, &batch, idle_ms);
+        let count = releases.len();
         let in_flight = if releases.is_empty() {
             None
         } else {
@@ -3132,6 +3142,9 @@ impl Node {
                 window,
             };
             h.deadline = deadline;
+            if in_flight.is_some() {
+                h.released += count;
+            }
         }
         if done {
             self.stop_and_trim();
@@ -3176,6 +3189,7 @@ impl Node {
         if let Some(h) = self.handover.as_mut() {
             h.phase = HandoverPhase::Trimming;
             h.deadline = deadline;
+            h.trim_keys = trim.len();
             h.untrimmed = trim;
         }
         self.propose_trim_parts();
@@ -3456,6 +3470,26 @@ impl Node {
             } else {
                 Vec::new()
             },
+            handover: self.handover.as_ref().map(|h| self.handover_progress(h)),
+        }
+    }
+
+    fn handover_progress(&self, h: &Handover) -> HandoverProgress {
+        let (phase, looked) = match &h.phase {
+            HandoverPhase::Releasing { looked, of, .. } => {
+                (HandoverStage::Releasing, (*looked).min(*of))
+            }
+            HandoverPhase::Trimming => (HandoverStage::Trimming, h.keys_at_start),
+            HandoverPhase::Transferring { .. } => (HandoverStage::Transferring, h.keys_at_start),
+        };
+        HandoverProgress {
+            phase,
+            elapsed: self.time.now().saturating_duration_since(h.started),
+            keys_at_start: h.keys_at_start as u64,
+            keys_looked_at: looked as u64,
+            keys_released: h.released as u64,
+            trim_keys: h.trim_keys as u64,
+            trim_keys_left: h.untrimmed.len() as u64,
         }
     }
 }

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use crate::core::SystemClock;
 use crate::pb::{
-    AddNodeRequest, InjectFaultRequest, InjectFaultResponse, MembershipResponse, RemoveNodeRequest,
-    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    AddNodeRequest, HandoverProgress, InjectFaultRequest, InjectFaultResponse, MembershipResponse,
+    RemoveNodeRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
 use crate::raft::{Faults, Membership, MembershipChange, NodeHandle};
 
@@ -79,6 +80,15 @@ impl Admin for AdminService {
             ids_active: s.ids_active,
             fence_ms: s.fence_ms,
             answering: s.answering,
+            handover: s.handover.map(|h| HandoverProgress {
+                phase: h.phase.as_str().into(),
+                elapsed_ms: h.elapsed.as_millis() as u64,
+                keys_at_start: h.keys_at_start,
+                keys_looked_at: h.keys_looked_at,
+                keys_released: h.keys_released,
+                trim_keys: h.trim_keys,
+                trim_keys_left: h.trim_keys_left,
+            }),
         }))
     }
 
