@@ -74,6 +74,13 @@ pub const SNAPSHOT_BYTES: &str = "seqd_raft_snapshot_last_bytes";
 pub const MISDIRECTED_MESSAGES_TOTAL: &str = "seqd_raft_misdirected_messages_total";
 /// Keys held in the leader's memory.
 pub const ACTIVE_KEYS: &str = "seqd_active_keys";
+/// A leader's handover (a transfer, or SIGTERM): its phase (0 none, 1
+/// releasing idle keys while serving, 2 trimming, not serving, 3
+/// transferring), how long it has run, and the idle keys it proposed for
+/// release so far.
+pub const HANDOVER_PHASE: &str = "seqd_handover_phase";
+pub const HANDOVER_SECONDS: &str = "seqd_handover_seconds";
+pub const HANDOVER_KEYS_RELEASED: &str = "seqd_handover_keys_released";
 /// Wall-clock steps back seen by the ID issuer, by `outcome`: `ridden`
 /// on the logical clock (once per step), or `refused` (once per call
 /// refused while the clock is too far behind); and their size.
@@ -213,6 +220,19 @@ fn describe() {
         "Size of the last snapshot built for followers."
     );
     describe_gauge!(ACTIVE_KEYS, "Keys held in the leader's memory.");
+    describe_gauge!(
+        HANDOVER_PHASE,
+        "Handover phase: 0 none, 1 releasing (serving), 2 trimming (not serving), 3 transferring."
+    );
+    describe_gauge!(
+        HANDOVER_SECONDS,
+        Unit::Seconds,
+        "How long the running handover has taken so far (0: none)."
+    );
+    describe_gauge!(
+        HANDOVER_KEYS_RELEASED,
+        "Idle keys the running handover proposed for release so far."
+    );
     describe_counter!(CLOCK_ROLLBACKS_TOTAL, "Clock steps back, by outcome.");
     describe_histogram!(
         CLOCK_ROLLBACK_SECONDS,

@@ -449,6 +449,7 @@ async fn transfer_leader_follows_a_long_handover_and_can_stop_waiting() {
                     .await
                     .expect("the leader serves while it releases");
                 served_while_releasing = true;
+                wait_metric(&c, second, "seqd_handover_phase", 1.0).await;
             }
             samples.push(h);
         }
@@ -508,4 +509,22 @@ async fn transfer_leader_follows_a_long_handover_and_can_stop_waiting() {
         s.handover.is_none()
     })
     .await;
+    wait_metric(&c, second, "seqd_handover_phase", 0.0).await;
+}
+
+/// Waits for node `id`'s gauge `name` to read `value` (gauges are set on
+/// the node's next tick).
+async fn wait_metric(c: &Cluster, id: u64, name: &str, value: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let read = common::metric(&c.node(id).metrics_addr, name);
+        if read == Some(value) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {id}: {name} is {read:?}, not {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -152,9 +152,12 @@ impl IdState {
         count: u64,
         out: &mut Vec<u64>,
     ) -> Result<(crate::core::ClockReport, u64), crate::core::IdError> {
+        let mut issuer = self.lock();
+        // Read under the lock: a caller that read the clocks and then
+        // waited for it would bring a reading older than the last stamp,
+        // ridden (or refused) as if the clock had stepped back.
         let now = self.clock.now_ms();
         let mono = self.clock.mono_ms();
-        let mut issuer = self.lock();
         let report = issuer.issue(now, mono, count, out)?;
         Ok((report, issuer.worker().unwrap_or_default()))
     }
@@ -343,5 +346,62 @@ impl NodeHandle {
         if self.send(Input::Shutdown(tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{Clock, Issuer, Layout};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// Both clocks at one settable time.
+    struct HandClock(AtomicU64);
+
+    impl Clock for HandClock {
+        fn now_ms(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn mono_ms(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// A call that waits for the issuer while another stamps, and time
+    /// moves on two seconds meanwhile (a VM's stall), reads the clock once
+    /// it holds the issuer: it is not refused as a step back of two
+    /// seconds, beyond the one second ridden.
+    #[test]
+    fn a_call_waiting_for_the_issuer_reads_the_clock_once_it_holds_it() {
+        let start = 1_800_000_000_000;
+        let clock = Arc::new(HandClock(AtomicU64::new(start)));
+        let mut issuer = Issuer::new(
+            Layout::try_new(1_704_067_200_000, 41, 10, 12).unwrap(),
+            1_000,
+            3_000,
+        );
+        issuer.assign_worker(7, 0);
+        issuer.own_fence(start + 60_000);
+        let ids = Arc::new(IdState::new(issuer, clock.clone()));
+
+        let mut holder = ids.lock();
+        let waiting = std::thread::spawn({
+            let ids = ids.clone();
+            move || {
+                let mut out = Vec::new();
+                ids.issue(1, &mut out).map(|_| out[0])
+            }
+        });
+        // Long enough for the other thread to reach the lock.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        clock.0.store(start + 2_000, Ordering::SeqCst);
+        let mut first = Vec::new();
+        holder
+            .issue(clock.now_ms(), clock.mono_ms(), 1, &mut first)
+            .unwrap();
+        drop(holder);
+        let second = waiting.join().unwrap().expect("the waiting call is served");
+        assert!(second > first[0]);
     }
 }

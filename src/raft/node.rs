@@ -3420,6 +3420,18 @@ impl Node {
         metrics::gauge!(m::RAFT_COMMIT_INDEX).set(raft.raft_log.committed as f64);
         metrics::gauge!(m::RAFT_APPLIED_INDEX).set(self.machine.applied() as f64);
         metrics::gauge!(m::ACTIVE_KEYS).set(self.core.active_keys() as f64);
+        let handover = self.handover.as_ref().map(|h| self.handover_progress(h));
+        let (phase, seconds, released) = handover.map_or((0.0, 0.0, 0.0), |h| {
+            let phase = match h.phase {
+                HandoverStage::Releasing => 1.0,
+                HandoverStage::Trimming => 2.0,
+                HandoverStage::Transferring => 3.0,
+            };
+            (phase, h.elapsed.as_secs_f64(), h.keys_released as f64)
+        });
+        metrics::gauge!(m::HANDOVER_PHASE).set(phase);
+        metrics::gauge!(m::HANDOVER_SECONDS).set(seconds);
+        metrics::gauge!(m::HANDOVER_KEYS_RELEASED).set(released);
         let sync_wait = self.sync_since.map_or(0.0, |since| {
             self.time
                 .now()
