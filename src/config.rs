@@ -65,6 +65,10 @@ pub struct SnowflakeConfig {
     /// Largest backward clock step carried on the logical clock; larger
     /// steps fail calls with FAILED_PRECONDITION until the clock catches up.
     pub max_rollback_ms: u64,
+    /// A forward clock step larger than `max_rollback_ms` is believed only
+    /// once it has held this long; until then IDs and fences go on from
+    /// the time before it, on the monotonic clock. 0: believed at once.
+    pub trust_forward_step_ms: u64,
     /// Largest `count` of one NextIds call.
     pub max_count: u32,
 }
@@ -79,6 +83,7 @@ impl Default for SnowflakeConfig {
             fence_ahead_ms: 3_000,
             renew_before_ms: 2_000,
             max_rollback_ms: 1_000,
+            trust_forward_step_ms: 60_000,
             max_count: 100_000,
         }
     }

@@ -86,6 +86,10 @@ pub const HANDOVER_KEYS_RELEASED: &str = "seqd_handover_keys_released";
 /// refused while the clock is too far behind); and their size.
 pub const CLOCK_ROLLBACKS_TOTAL: &str = "seqd_clock_rollbacks_total";
 pub const CLOCK_ROLLBACK_SECONDS: &str = "seqd_clock_rollback_seconds";
+/// Wall-clock steps forward larger than `max_rollback_ms`, by `outcome`:
+/// `held` (IDs and fences go on from before it), then `believed` (it held
+/// for `trust_forward_step_ms`) or `undone` (the clock came back first).
+pub const CLOCK_FORWARD_STEPS_TOTAL: &str = "seqd_clock_forward_steps_total";
 /// How far this node's time fence is ahead of its clock.
 pub const FENCE_HEADROOM_SECONDS: &str = "seqd_snowflake_fence_headroom_seconds";
 /// Years before the Snowflake layout's time bits run out.
@@ -115,6 +119,9 @@ pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
 fn zero_rare_counters() {
     for outcome in ["ridden", "refused"] {
         metrics::counter!(CLOCK_ROLLBACKS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    for outcome in ["held", "believed", "undone"] {
+        metrics::counter!(CLOCK_FORWARD_STEPS_TOTAL, "outcome" => outcome).increment(0);
     }
     for name in [
         PEER_STREAMS_REFUSED_TOTAL,
@@ -234,6 +241,10 @@ fn describe() {
         "Idle keys the running handover proposed for release so far."
     );
     describe_counter!(CLOCK_ROLLBACKS_TOTAL, "Clock steps back, by outcome.");
+    describe_counter!(
+        CLOCK_FORWARD_STEPS_TOTAL,
+        "Clock steps forward beyond max_rollback_ms, by outcome."
+    );
     describe_histogram!(
         CLOCK_ROLLBACK_SECONDS,
         Unit::Seconds,

@@ -90,7 +90,8 @@ pub async fn serve(
             layout,
             config.snowflake.max_rollback_ms,
             config.snowflake.fence_ahead_ms,
-        ),
+        )
+        .with_trust_forward_ms(config.snowflake.trust_forward_step_ms),
         clock.clone(),
     ));
     let faults = Arc::new(Faults::default());

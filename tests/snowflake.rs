@@ -270,6 +270,70 @@ async fn clock_rollbacks_never_repeat_or_reorder_ids() {
     assert_eq!(unique.len(), issued.len());
 }
 
+/// A clock set an hour ahead by mistake and set right a few seconds later:
+/// the node goes on issuing throughout, its stamps and its fence stay at
+/// the right time, and the metrics count the step held, then undone.
+/// (Until session 30 the node stamped an hour ahead, then refused IDs for
+/// the hour after its clock was set right, and its worker id's fence held
+/// back the id's next holder as long.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clock_set_ahead_and_right_again_leaves_nothing_ahead() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    wait_ids_active(&c, 1).await;
+    let steps = |outcome: &str| {
+        let name = format!("seqd_clock_forward_steps_total{{outcome=\"{outcome}\"}}");
+        common::metric(&c.node(1).metrics_addr, &name)
+            .unwrap_or_else(|| panic!("{name} is exported from the start"))
+    };
+    assert_eq!(
+        (steps("held"), steps("believed"), steps("undone")),
+        (0.0, 0.0, 0.0)
+    );
+    let real_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (task, issued) = issue_loop(&c, 1, stop.clone());
+    wait_issued(1, &issued, 1_000).await;
+    fault(&c, 1, 3_600_000, false).await;
+    wait_issued(1, &issued, 1_000).await;
+    // Past a fence renewal or two (each 3 s ahead, renewed 2 s ahead).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_issued(1, &issued, 1_000).await;
+    let ahead = c.status(1).await.unwrap();
+    assert!(
+        ahead.fence_ms < real_ms() + 10_000,
+        "the fence followed the clock an hour ahead: {} against {}",
+        ahead.fence_ms,
+        real_ms()
+    );
+    fault(&c, 1, 0, false).await;
+    wait_issued(1, &issued, 1_000).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ids, errors) = task.await.unwrap();
+    assert!(errors.is_empty(), "calls refused: {errors:?}");
+    assert_increasing(1, &ids);
+    let latest = real_ms() + 1_000;
+    let stamps: Vec<u64> = ids
+        .iter()
+        .map(|id| layout().decode(*id).unwrap().0)
+        .collect();
+    let highest = stamps.iter().max().copied().unwrap_or_default();
+    assert!(
+        highest < latest,
+        "a stamp {} ms ahead of the clock",
+        highest - latest + 1_000
+    );
+    assert_eq!(steps("held"), 1.0);
+    assert_eq!(steps("undone"), 1.0);
+    assert_eq!(steps("believed"), 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitioned_node_stops_at_its_fence() {
     let c = Cluster::start(3, RAFT);

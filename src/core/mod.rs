@@ -13,7 +13,7 @@ pub mod types;
 
 pub use clock::{Clock, SystemClock};
 pub use segment::{AllocError, Allocation, Allocator, CeilingSource, DenseRaise, Release, Role};
-pub use snowflake::{ClockReport, IdError, Issuer, Layout, LayoutError};
+pub use snowflake::{ClockReport, ForwardStep, IdError, Issuer, Layout, LayoutError};
 pub use types::{
     InvalidArgument, Mode, NamespaceId, NamespaceSpec, Namespaces, RequestId, SeqKey, SeqRange,
     MAX_SEQUENCE,

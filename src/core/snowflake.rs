@@ -175,6 +175,20 @@ pub enum IdError {
     ClockBeforeEpoch { now_ms: u64, epoch_ms: u64 },
 }
 
+/// A forward step of the wall clock (against the monotonic clock), larger
+/// than the backward steps that are ridden.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardStep {
+    /// Seen; the issuer's time goes on from before it until it has held for
+    /// the trust period.
+    Held { by_ms: u64 },
+    /// Held for the trust period: the issuer's time follows it now.
+    Believed { by_ms: u64 },
+    /// The clock came back within the trust period: no stamp or fence
+    /// followed the step.
+    Undone { by_ms: u64 },
+}
+
 /// What the issuer noticed about the clock on a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ClockReport {
@@ -212,6 +226,17 @@ pub struct Issuer {
     last_skew_ms: Option<i64>,
     /// Highest wall clock reading seen.
     max_wall_ms: u64,
+    /// How long (monotonic ms) a forward step larger than `ride_ms` must
+    /// hold before the issuer's time follows it; 0: at once.
+    trust_forward_ms: u64,
+    /// The highest (wall clock − monotonic clock) believed: a reading above
+    /// it by more than `ride_ms` is a forward step.
+    believed_skew_ms: Option<i64>,
+    /// A forward step not believed yet: its skew, and when (monotonic ms)
+    /// it was first seen.
+    held_step: Option<(i64, u64)>,
+    /// Forward steps seen and not yet taken by [`Issuer::take_forward_steps`].
+    forward_steps: Vec<ForwardStep>,
 }
 
 impl Issuer {
@@ -228,7 +253,77 @@ impl Issuer {
             max_skew_ms: None,
             last_skew_ms: None,
             max_wall_ms: 0,
+            trust_forward_ms: 0,
+            believed_skew_ms: None,
+            held_step: None,
+            forward_steps: Vec::new(),
         }
+    }
+
+    /// Believes a forward step of the wall clock larger than `ride_ms` only
+    /// once it has held for `trust_forward_ms` (see [`Issuer::time_ms`]).
+    pub fn with_trust_forward_ms(mut self, trust_forward_ms: u64) -> Self {
+        self.trust_forward_ms = trust_forward_ms;
+        self
+    }
+
+    /// The time this issuer stamps by and renews its fence by, from the
+    /// wall and monotonic clocks: the wall clock, except after it stepped
+    /// forward by more than `ride_ms` beyond any time believed before (a
+    /// clock set back and then right again is not such a step). Such a step
+    /// is believed once it has held for the trust period; until then the
+    /// time goes on from the highest believed, on the monotonic clock. A
+    /// step taken while that time lies behind this worker's floor or stamps
+    /// is believed at once: the time it leaves is known to be behind (a
+    /// node restarted with its clock behind, and set right). A clock set ahead by mistake and
+    /// set right within that period so leaves no stamp and no fence ahead
+    /// of the right time: stamps ahead would have the node refuse IDs until
+    /// the clock caught up with them, and a fence ahead would hold back
+    /// whoever holds the worker id next. Steps back are the wall clock's
+    /// (ridden or refused by [`Issuer::issue`]).
+    pub fn time_ms(&mut self, wall_ms: u64, mono_ms: u64) -> u64 {
+        let skew = wall_ms as i64 - mono_ms as i64;
+        let Some(believed) = self.believed_skew_ms else {
+            self.believed_skew_ms = Some(skew);
+            return wall_ms;
+        };
+        let slack = self.ride_ms as i64;
+        let stamped = self.floor_ms.max(self.cursor.0) as i64;
+        let behind = stamped - (mono_ms as i64 + believed) > slack;
+        if skew <= believed + slack || self.trust_forward_ms == 0 || behind {
+            if let Some((held, _)) = self.held_step.take() {
+                self.forward_steps.push(ForwardStep::Undone {
+                    by_ms: (held - believed) as u64,
+                });
+            }
+            // A step back leaves the highest believed where it was: it is
+            // ridden or refused by `issue` against the stamps.
+            self.believed_skew_ms = Some(believed.max(skew));
+            return wall_ms;
+        }
+        let by_ms = (skew - believed) as u64;
+        match self.held_step {
+            // The same step, still held (a clock slewed meanwhile moves it
+            // a little).
+            Some((held, since)) if (skew - held).abs() <= slack => {
+                if mono_ms.saturating_sub(since) >= self.trust_forward_ms {
+                    self.held_step = None;
+                    self.believed_skew_ms = Some(skew);
+                    self.forward_steps.push(ForwardStep::Believed { by_ms });
+                    return wall_ms;
+                }
+            }
+            _ => {
+                self.held_step = Some((skew, mono_ms));
+                self.forward_steps.push(ForwardStep::Held { by_ms });
+            }
+        }
+        (mono_ms as i64 + believed).max(0) as u64
+    }
+
+    /// Forward steps seen since the last call, oldest first.
+    pub fn take_forward_steps(&mut self) -> Vec<ForwardStep> {
+        std::mem::take(&mut self.forward_steps)
     }
 
     pub fn layout(&self) -> &Layout {
@@ -361,6 +456,7 @@ impl Issuer {
         if count == 0 {
             return Ok(report);
         }
+        let now_ms = self.time_ms(now_ms, mono_ms);
         let skew = now_ms as i64 - mono_ms as i64;
         let step = match self.max_skew_ms {
             // One millisecond of rounding is not a step.
@@ -656,6 +752,115 @@ mod tests {
         let err = i.issue(now, now, 1, &mut out).unwrap_err();
         assert!(matches!(err, IdError::FenceReached { .. }), "{err}");
         assert_eq!(out.len(), 8192, "a refused call issues nothing");
+    }
+
+    fn stamp(id: u64) -> u64 {
+        layout().decode(id).unwrap().0
+    }
+
+    /// A clock set an hour ahead by mistake and set right 5 s later: the
+    /// issuer's time went on from before the step, so the stamps and the
+    /// fence stayed at the right time, and once the clock is right nothing
+    /// is refused. (Believed at once, the stamps an hour ahead had the node
+    /// refuse IDs for that hour, and the fence held back the worker id's
+    /// next holder as long.)
+    #[test]
+    fn a_forward_step_set_right_within_the_trust_period_leaves_nothing_ahead() {
+        let now = EPOCH + 10_000;
+        let hour = 3_600_000;
+        let mut i = active(1, 0, now + 3_000).with_trust_forward_ms(10_000);
+        let mut out = Vec::new();
+        i.issue(now, 0, 1, &mut out).unwrap();
+        assert!(i.take_forward_steps().is_empty());
+        for mono in (100..5_000).step_by(100) {
+            i.issue(now + hour + mono, mono, 1, &mut out).unwrap();
+            let time = i.time_ms(now + hour + mono, mono);
+            assert_eq!(time, now + mono, "the time before the step goes on");
+            assert_eq!(i.next_fence(time, 3_000), now + mono + 3_000);
+            i.own_fence(now + mono + 3_000);
+        }
+        assert_eq!(
+            i.take_forward_steps(),
+            vec![ForwardStep::Held { by_ms: hour }]
+        );
+        assert!(
+            out.iter().all(|id| stamp(*id) < now + 5_000),
+            "no stamp ahead"
+        );
+        // Set right: no step back is seen, and issuing goes on.
+        let r = i.issue(now + 5_000, 5_000, 1, &mut out).unwrap();
+        assert_eq!(r.stepped_back_ms, None);
+        assert_eq!(
+            i.take_forward_steps(),
+            vec![ForwardStep::Undone { by_ms: hour }]
+        );
+        assert!(out.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    /// A clock set back an hour and then right again steps forward to a
+    /// time believed before: issuing resumes at once, as before there was
+    /// a trust period.
+    #[test]
+    fn a_clock_set_back_and_right_again_is_not_held() {
+        let now = EPOCH + 10_000;
+        let hour = 3_600_000;
+        let mut i = active(1, 0, now + 100_000).with_trust_forward_ms(10_000);
+        let mut out = Vec::new();
+        i.issue(now, 0, 1, &mut out).unwrap();
+        let err = i.issue(now - hour + 100, 100, 1, &mut out).unwrap_err();
+        assert!(matches!(err, IdError::ClockBackwards { .. }), "{err}");
+        i.issue(now + 200, 200, 1, &mut out).unwrap();
+        assert_eq!(stamp(out[1]), now + 200);
+        assert!(i.take_forward_steps().is_empty());
+    }
+
+    /// Restarted with its clock 10 s behind its floor (the last fence), the
+    /// node refuses IDs; set right, the clock is believed at once.
+    #[test]
+    fn a_clock_behind_the_floor_set_right_is_believed_at_once() {
+        let now = EPOCH + 100_000;
+        let mut i = active(1, now + 2_000, now + 100_000).with_trust_forward_ms(10_000);
+        let mut out = Vec::new();
+        let err = i.issue(now - 10_000, 0, 1, &mut out).unwrap_err();
+        assert!(matches!(err, IdError::ClockBackwards { .. }), "{err}");
+        i.issue(now + 100, 100, 1, &mut out).unwrap();
+        assert_eq!(stamp(out[0]), now + 2_001);
+        assert!(i.take_forward_steps().is_empty());
+    }
+
+    /// A forward step that holds for the trust period is believed: stamps
+    /// jump to it. One within `ride_ms` is believed at once, and with no
+    /// trust period every step is.
+    #[test]
+    fn a_forward_step_that_holds_is_believed() {
+        let now = EPOCH + 10_000;
+        let mut i = active(1, 0, now + 100_000).with_trust_forward_ms(10_000);
+        let mut out = Vec::new();
+        i.issue(now, 0, 1, &mut out).unwrap();
+        // Within ride_ms (1 s): at once.
+        i.issue(now + 100 + 900, 100, 1, &mut out).unwrap();
+        assert_eq!(stamp(out[1]), now + 1_000);
+        assert!(i.take_forward_steps().is_empty());
+        // 30 s ahead, slewed by a few ms while it holds.
+        i.issue(now + 31_000 + 200, 200, 1, &mut out).unwrap();
+        assert_eq!(stamp(out[2]), now + 1_100);
+        i.issue(now + 31_003 + 10_199, 10_199, 1, &mut out).unwrap();
+        assert_eq!(stamp(out[3]), now + 1_000 + 10_099, "still held");
+        i.issue(now + 31_005 + 10_200, 10_200, 1, &mut out).unwrap();
+        assert_eq!(stamp(out[4]), now + 31_005 + 10_200, "believed");
+        assert_eq!(
+            i.take_forward_steps(),
+            vec![
+                ForwardStep::Held { by_ms: 30_100 },
+                ForwardStep::Believed { by_ms: 30_105 }
+            ]
+        );
+        // No trust period: believed at once.
+        let mut i = active(1, 0, now + 100_000);
+        i.issue(now, 0, 1, &mut out).unwrap();
+        i.issue(now + 30_000 + 100, 100, 1, &mut out).unwrap();
+        assert_eq!(stamp(*out.last().unwrap()), now + 30_100);
+        assert!(i.take_forward_steps().is_empty());
     }
 
     #[test]

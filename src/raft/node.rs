@@ -42,8 +42,8 @@ use super::{
 };
 use crate::config::{RaftConfig, ReadMode, ReadRoundPeers, SnowflakeConfig};
 use crate::core::{
-    AllocError, Allocation, Allocator, CeilingSource, DenseRaise, Mode, NamespaceId, Namespaces,
-    Release, RequestId, Role, SeqKey, SeqRange,
+    AllocError, Allocation, Allocator, CeilingSource, DenseRaise, ForwardStep, Mode, NamespaceId,
+    Namespaces, Release, RequestId, Role, SeqKey, SeqRange,
 };
 use crate::metrics as m;
 use crate::pb::state::{
@@ -2728,6 +2728,20 @@ impl Node {
     /// node proposes these (raft-rs forwards a follower's proposal to the
     /// leader); they take effect when applied.
     fn snowflake_tick(&mut self, now: Instant) {
+        let (worker, active, headroom, next, steps) = {
+            let mut issuer = self.ids.lock();
+            let now = issuer.time_ms(self.ids.clock.now_ms(), self.ids.clock.mono_ms());
+            (
+                issuer.worker(),
+                issuer.is_active(),
+                issuer.headroom_ms(now),
+                issuer.next_fence(now, self.snowflake.fence_ahead_ms),
+                issuer.take_forward_steps(),
+            )
+        };
+        for step in steps {
+            self.report_forward_step(step);
+        }
         if self.raw.raft.leader_id == 0 {
             return;
         }
@@ -2735,16 +2749,6 @@ impl Node {
         if !cs.voters.contains(&self.id) && !cs.learners.contains(&self.id) {
             return;
         }
-        let clock_now = self.ids.clock.now_ms();
-        let (worker, active, headroom, next) = {
-            let issuer = self.ids.lock();
-            (
-                issuer.worker(),
-                issuer.is_active(),
-                issuer.headroom_ms(clock_now),
-                issuer.next_fence(clock_now, self.snowflake.fence_ahead_ms),
-            )
-        };
         let retry = Duration::from_millis(500);
         let due = |sent: Option<Instant>| sent.is_none_or(|t| now.duration_since(t) > retry);
         let cmd = match worker {
@@ -2780,6 +2784,40 @@ impl Node {
         if let Err(e) = self.raw.propose(Vec::new(), data) {
             tracing::debug!(error = %e, "snowflake proposal dropped; will retry");
         }
+    }
+
+    fn report_forward_step(&self, step: ForwardStep) {
+        let trust_ms = self.snowflake.trust_forward_step_ms;
+        let outcome = match step {
+            ForwardStep::Held { by_ms } => {
+                tracing::warn!(
+                    node_id = self.id,
+                    by_ms,
+                    trust_ms,
+                    "clock stepped forward: IDs and fences go on from before the step until \
+                     it has held for trust_ms"
+                );
+                "held"
+            }
+            ForwardStep::Believed { by_ms } => {
+                tracing::warn!(
+                    node_id = self.id,
+                    by_ms,
+                    trust_ms,
+                    "clock step forward believed"
+                );
+                "believed"
+            }
+            ForwardStep::Undone { by_ms } => {
+                tracing::info!(
+                    node_id = self.id,
+                    by_ms,
+                    "clock step forward undone before it was believed: nothing followed it"
+                );
+                "undone"
+            }
+        };
+        metrics::counter!(m::CLOCK_FORWARD_STEPS_TOTAL, "outcome" => outcome).increment(1);
     }
 
     /// Answers the proposals settled by the entry at `index`. Returns
@@ -3439,8 +3477,8 @@ impl Node {
                 .as_secs_f64()
         });
         metrics::gauge!(m::RAFT_SYNC_PENDING_SECONDS).set(sync_wait);
-        let now = self.ids.clock.now_ms();
-        let issuer = self.ids.lock();
+        let mut issuer = self.ids.lock();
+        let now = issuer.time_ms(self.ids.clock.now_ms(), self.ids.clock.mono_ms());
         // 0 while the node cannot issue (no worker id, or waiting for its
         // own fence), rather than the last value it had.
         let headroom = if issuer.is_active() {

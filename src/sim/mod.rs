@@ -457,7 +457,12 @@ impl Sim {
             read_round_peers: cfg.read_round_peers,
             ..RaftConfig::default()
         };
-        let snowflake = SnowflakeConfig::default();
+        // Forward jumps of up to 3 s, so both held ones set back and ones
+        // believed after holding.
+        let snowflake = SnowflakeConfig {
+            trust_forward_step_ms: 2_000,
+            ..SnowflakeConfig::default()
+        };
         let layout = Layout::try_new(
             snowflake.epoch_ms,
             snowflake.time_bits,
@@ -531,7 +536,8 @@ impl Sim {
                 self.layout,
                 self.snowflake.max_rollback_ms,
                 self.snowflake.fence_ahead_ms,
-            ),
+            )
+            .with_trust_forward_ms(self.snowflake.trust_forward_step_ms),
             clock.clone(),
         ))
     }
