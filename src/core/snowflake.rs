@@ -232,8 +232,8 @@ pub struct Issuer {
     /// The highest (wall clock − monotonic clock) believed: a reading above
     /// it by more than `ride_ms` is a forward step.
     believed_skew_ms: Option<i64>,
-    /// A forward step not believed yet: its skew, and when (monotonic ms)
-    /// it was first seen.
+    /// A forward step not believed yet: the latest skew, and when
+    /// (monotonic ms) the hold began.
     held_step: Option<(i64, u64)>,
     /// Forward steps seen and not yet taken by [`Issuer::take_forward_steps`].
     forward_steps: Vec<ForwardStep>,
@@ -272,10 +272,12 @@ impl Issuer {
     /// forward by more than `ride_ms` beyond any time believed before (a
     /// clock set back and then right again is not such a step). Such a step
     /// is believed once it has held for the trust period; until then the
-    /// time goes on from the highest believed, on the monotonic clock. A
-    /// step taken while that time lies behind this worker's floor or stamps
-    /// is believed at once: the time it leaves is known to be behind (a
-    /// node restarted with its clock behind, and set right). A clock set ahead by mistake and
+    /// time goes on from the highest believed, on the monotonic clock
+    /// (further steps while it is held join it, and it ends 60 s after the
+    /// first). A step taken while that time lies so far behind the worker's
+    /// floor that `issue` refuses is believed at once: the time it leaves
+    /// is known to be behind (a node restarted with its clock behind its
+    /// last fence, and set right). A clock set ahead by mistake and
     /// set right within that period so leaves no stamp and no fence ahead
     /// of the right time: stamps ahead would have the node refuse IDs until
     /// the clock caught up with them, and a fence ahead would hold back
@@ -287,10 +289,10 @@ impl Issuer {
             self.believed_skew_ms = Some(skew);
             return wall_ms;
         };
-        let slack = self.ride_ms as i64;
-        let stamped = self.floor_ms.max(self.cursor.0) as i64;
-        let behind = stamped - (mono_ms as i64 + believed) > slack;
-        if skew <= believed + slack || self.trust_forward_ms == 0 || behind {
+        // At least the millisecond by which separately truncated readings
+        // of the two clocks wobble.
+        let slack = self.ride_ms.max(1) as i64;
+        if skew <= believed + slack || self.trust_forward_ms == 0 {
             if let Some((held, _)) = self.held_step.take() {
                 self.forward_steps.push(ForwardStep::Undone {
                     by_ms: (held - believed) as u64,
@@ -302,23 +304,27 @@ impl Issuer {
             return wall_ms;
         }
         let by_ms = (skew - believed) as u64;
-        match self.held_step {
-            // The same step, still held (a clock slewed meanwhile moves it
-            // a little).
-            Some((held, since)) if (skew - held).abs() <= slack => {
-                if mono_ms.saturating_sub(since) >= self.trust_forward_ms {
-                    self.held_step = None;
-                    self.believed_skew_ms = Some(skew);
-                    self.forward_steps.push(ForwardStep::Believed { by_ms });
-                    return wall_ms;
-                }
-            }
-            _ => {
-                self.held_step = Some((skew, mono_ms));
+        let time = mono_ms as i64 + believed;
+        // Behind the floor by more than `issue` rides: it refuses IDs.
+        let refused_behind_floor =
+            self.floor_ms as i64 + 1 - time > (self.ride_ms + self.fence_ahead_ms) as i64;
+        // A hold's period runs from its first step: steps that follow while
+        // it is held (a clock slewed, or stepped again) join it.
+        let since = match self.held_step {
+            Some((_, since)) => since,
+            None => {
                 self.forward_steps.push(ForwardStep::Held { by_ms });
+                mono_ms
             }
+        };
+        if refused_behind_floor || mono_ms.saturating_sub(since) >= self.trust_forward_ms {
+            self.held_step = None;
+            self.believed_skew_ms = Some(skew);
+            self.forward_steps.push(ForwardStep::Believed { by_ms });
+            return wall_ms;
         }
-        (mono_ms as i64 + believed).max(0) as u64
+        self.held_step = Some((skew, since));
+        time.max(0) as u64
     }
 
     /// Forward steps seen since the last call, oldest first.
@@ -825,6 +831,71 @@ mod tests {
         assert!(matches!(err, IdError::ClockBackwards { .. }), "{err}");
         i.issue(now + 100, 100, 1, &mut out).unwrap();
         assert_eq!(stamp(out[0]), now + 2_001);
+        assert_eq!(
+            i.take_forward_steps(),
+            vec![
+                ForwardStep::Held { by_ms: 10_000 },
+                ForwardStep::Believed { by_ms: 10_000 }
+            ]
+        );
+    }
+
+    /// Restarted 600 ms after a fence renewed 3 s ahead, the floor lies
+    /// 2.4 s ahead of a right clock (ridden, not refused): a step forward
+    /// then is held as any other.
+    #[test]
+    fn a_quick_restart_holds_a_step_forward() {
+        let now = EPOCH + 100_000;
+        let mut i = active(1, now + 2_400, now + 100_000).with_trust_forward_ms(10_000);
+        let mut out = Vec::new();
+        i.issue(now, 0, 1, &mut out).unwrap();
+        i.issue(now + 3_600_000 + 100, 100, 1, &mut out).unwrap();
+        assert_eq!(stamp(out[1]), now + 2_401, "ridden on from the floor");
+        assert_eq!(
+            i.take_forward_steps(),
+            vec![ForwardStep::Held { by_ms: 3_600_000 }]
+        );
+    }
+
+    /// Steps that follow while one is held join its period, which runs
+    /// from the first: a clock stepped forward every few seconds is
+    /// believed 10 s after the first step, not never.
+    #[test]
+    fn steps_while_one_is_held_join_its_period() {
+        let now = EPOCH + 10_000;
+        let mut i = active(1, 0, now + 100_000).with_trust_forward_ms(10_000);
+        let mut out = Vec::new();
+        i.issue(now, 0, 1, &mut out).unwrap();
+        for (k, mono) in (1..=5u64).zip([2_000u64, 4_000, 6_000, 8_000, 9_999]) {
+            i.issue(now + k * 2_000 + mono, mono, 1, &mut out).unwrap();
+            assert_eq!(stamp(*out.last().unwrap()), now + mono, "held");
+        }
+        // Still held at 9,999 ms after the first step; believed at 10,000.
+        i.issue(now + 10_000 + 11_999, 11_999, 1, &mut out).unwrap();
+        assert_eq!(stamp(*out.last().unwrap()), now + 11_999, "held");
+        i.issue(now + 10_000 + 12_000, 12_000, 1, &mut out).unwrap();
+        assert_eq!(stamp(*out.last().unwrap()), now + 22_000, "believed");
+        assert_eq!(
+            i.take_forward_steps(),
+            vec![
+                ForwardStep::Held { by_ms: 2_000 },
+                ForwardStep::Believed { by_ms: 10_000 }
+            ]
+        );
+    }
+
+    /// With no ride at all, the millisecond by which the two clocks'
+    /// readings wobble is not a step.
+    #[test]
+    fn a_millisecond_of_wobble_is_not_a_step() {
+        let now = EPOCH + 10_000;
+        let mut i = Issuer::new(layout(), 0, 3_000).with_trust_forward_ms(10_000);
+        i.assign_worker(1, 0);
+        i.own_fence(now + 100_000);
+        let mut out = Vec::new();
+        for mono in 0..1_000u64 {
+            i.issue(now + mono + mono % 2, mono, 1, &mut out).unwrap();
+        }
         assert!(i.take_forward_steps().is_empty());
     }
 
