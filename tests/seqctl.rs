@@ -450,6 +450,23 @@ async fn transfer_leader_follows_a_long_handover_and_can_stop_waiting() {
                     .expect("the leader serves while it releases");
                 served_while_releasing = true;
                 wait_metric(&c, second, "seqd_handover_phase", 1.0).await;
+                // `seqctl status` shows it too, in its table and its JSON.
+                let (ok, table, err) = seqctl(&c, &["status"]);
+                assert!(ok, "{err}");
+                assert!(
+                    table.contains(&format!("node {second}: handover ")),
+                    "{table}"
+                );
+                let (ok, json, err) = seqctl(&c, &["status", "--json"]);
+                assert!(ok, "{err}");
+                let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+                let node = v["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|n| n["id"] == second)
+                    .unwrap();
+                assert_eq!(node["handover"]["keys_at_start"], KEYS, "{json}");
             }
             samples.push(h);
         }
