@@ -1288,6 +1288,11 @@ impl Node {
         self.bind_tick(now);
         self.record_promise_tick(now);
         self.export_gauges();
+        debug_assert!(
+            !(self.core.is_serving() && self.stopped_for_handover()),
+            "node {}: serving during a handover's trim",
+            self.id
+        );
         self.check_handover_deadline(now)
     }
 
@@ -1464,13 +1469,17 @@ impl Node {
         None
     }
 
+    /// A handover past its release phase: this leader serves nothing more
+    /// in its term.
+    fn stopped_for_handover(&self) -> bool {
+        self.handover
+            .as_ref()
+            .is_some_and(|h| !matches!(h.phase, HandoverPhase::Releasing { .. }))
+    }
+
     fn accept(&mut self, call: Call) {
         let leading = matches!(self.core.role(), Role::Leader { .. });
-        let handing_over = self
-            .handover
-            .as_ref()
-            .is_some_and(|h| !matches!(h.phase, HandoverPhase::Releasing { .. }));
-        if !leading || handing_over {
+        if !leading || self.stopped_for_handover() {
             call.fail(NodeError::NotLeader {
                 leader: self.leader_hint(),
             });
@@ -2849,8 +2858,27 @@ impl Node {
                 }
                 Proposal::LeaderStart => {
                     if let (true, Applied::LeaderStarted { epoch, .. }) = (ours, outcome) {
-                        self.core.start_serving(*epoch);
-                        tracing::info!(node_id = self.id, term, epoch, "leader serving");
+                        if self.stopped_for_handover() {
+                            // Proposed before the trim began: a handover
+                            // asked for before this leader's start entry
+                            // applied, or after a dropped raise had it
+                            // start anew. The trim decides what follows,
+                            // and every way out of it that keeps leading
+                            // starts serving itself (see
+                            // `check_handover_deadline`). Serving now
+                            // would only show in status and health: calls
+                            // are refused (`accept`). The simulation hit
+                            // this state (the assertion in `on_tick`).
+                            tracing::info!(
+                                node_id = self.id,
+                                term,
+                                epoch,
+                                "leader start applied during a handover's trim; not serving"
+                            );
+                        } else {
+                            self.core.start_serving(*epoch);
+                            tracing::info!(node_id = self.id, term, epoch, "leader serving");
+                        }
                     }
                 }
                 Proposal::Trim { last, handover } => {
