@@ -348,7 +348,8 @@ async fn hold_keys(c: &Cluster, id: u64, prefix: &str, keys: usize) {
         .await
         .unwrap();
     }
-    // A handover releases the keys unused for a second and trims the rest.
+    // A handover releases the keys unused for a second and trims the rest:
+    // idleness is time on the node's clock, with nothing else to wait on.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 }
 

@@ -300,12 +300,17 @@ async fn a_clock_set_ahead_and_right_again_leaves_nothing_ahead() {
     let stop = Arc::new(AtomicBool::new(false));
     let (task, issued) = issue_loop(&c, 1, stop.clone());
     wait_issued(1, &issued, 1_000).await;
+    let before = c.status(1).await.unwrap().fence_ms;
     fault(&c, 1, 3_600_000, false).await;
     wait_issued(1, &issued, 1_000).await;
-    // Past a fence renewal or two (each 3 s ahead, renewed 2 s ahead).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Fences renewed since the step (each 3 s ahead, renewed 2 s ahead,
+    // so one a second): two or more.
+    let ahead = c
+        .wait_status(1, Duration::from_secs(20), "fences renewed", |s| {
+            s.fence_ms >= before + 2_000
+        })
+        .await;
     wait_issued(1, &issued, 1_000).await;
-    let ahead = c.status(1).await.unwrap();
     assert!(
         ahead.fence_ms < real_ms() + 10_000,
         "the fence followed the clock an hour ahead: {} against {}",

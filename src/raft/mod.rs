@@ -393,7 +393,10 @@ mod tests {
                 ids.issue(1, &mut out).map(|_| out[0])
             }
         });
-        // Long enough for the other thread to reach the lock.
+        // Time for the other thread to reach the lock. A thread blocked on
+        // a std mutex cannot be observed; a sleep too short only lets the
+        // old order (clock read before the lock) pass too, it never fails
+        // the right one.
         std::thread::sleep(std::time::Duration::from_millis(200));
         clock.0.store(start + 2_000, Ordering::SeqCst);
         let mut first = Vec::new();
