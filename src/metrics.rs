@@ -69,6 +69,10 @@ pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "seqd_raft_snapshots_installed_total
 /// thread, from a checkpoint) and its size.
 pub const SNAPSHOT_BUILD_SECONDS: &str = "seqd_raft_snapshot_last_build_seconds";
 pub const SNAPSHOT_BYTES: &str = "seqd_raft_snapshot_last_bytes";
+/// Time the last snapshot sent in chunks took to reach its follower's
+/// node, and the chunks received here.
+pub const SNAPSHOT_SEND_SECONDS: &str = "seqd_raft_snapshot_last_send_seconds";
+pub const SNAPSHOT_CHUNKS_RECEIVED_TOTAL: &str = "seqd_raft_snapshot_chunks_received_total";
 /// Raft messages dropped because they name another node as their receiver
 /// (a peer reached this node at an address it holds for someone else).
 pub const MISDIRECTED_MESSAGES_TOTAL: &str = "seqd_raft_misdirected_messages_total";
@@ -129,6 +133,7 @@ fn zero_rare_counters() {
         RAFT_LEADER_CHANGES_TOTAL,
         SNAPSHOTS_SENT_TOTAL,
         SNAPSHOTS_INSTALLED_TOTAL,
+        SNAPSHOT_CHUNKS_RECEIVED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -225,6 +230,15 @@ fn describe() {
         SNAPSHOT_BYTES,
         Unit::Bytes,
         "Size of the last snapshot built for followers."
+    );
+    describe_gauge!(
+        SNAPSHOT_SEND_SECONDS,
+        Unit::Seconds,
+        "Time the last snapshot sent in chunks took to reach its follower: from the first chunk until the follower's node held the whole message."
+    );
+    describe_counter!(
+        SNAPSHOT_CHUNKS_RECEIVED_TOTAL,
+        "Snapshot chunks received from the leader."
     );
     describe_gauge!(ACTIVE_KEYS, "Keys held in the leader's memory.");
     describe_gauge!(

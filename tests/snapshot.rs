@@ -8,8 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{check_history, Cluster, Load};
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
 use seqd::pb::admin_client::AdminClient;
-use seqd::pb::{BatchItem, NextBatchRequest, TransferLeaderRequest};
+use seqd::pb::peer_client::PeerClient;
+use seqd::pb::{BatchItem, NextBatchRequest, SnapshotChunk, TransferLeaderRequest};
+use seqd::raft::transport::SNAPSHOT_CHUNK;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lagging_follower_catches_up_by_snapshot() {
@@ -183,6 +187,23 @@ async fn a_large_state_reaches_a_lagging_follower_without_a_leader_change() {
         bytes.is_some_and(|b| b > 20.0 * LARGE_STATE_KEYS as f64),
         "seqd_raft_snapshot_last_bytes {bytes:?} for {LARGE_STATE_KEYS} keys"
     );
+    // It travelled in chunks of a MiB, on a call of its own, whatever its
+    // size: no single gRPC message carried it.
+    let chunks = common::metric(
+        &c.node(lagger).metrics_addr,
+        "seqd_raft_snapshot_chunks_received_total",
+    );
+    let least = (bytes.unwrap_or_default() / SNAPSHOT_CHUNK as f64).floor();
+    assert!(
+        chunks.is_some_and(|n| n > least),
+        "seqd_raft_snapshot_chunks_received_total {chunks:?} on the follower, for a snapshot \
+         of {bytes:?} bytes in chunks of {SNAPSHOT_CHUNK}"
+    );
+    let send = common::metric(
+        &c.node(leader).metrics_addr,
+        "seqd_raft_snapshot_last_send_seconds",
+    );
+    assert!(send.is_some_and(|s| s > 0.0), "send time {send:?}");
 
     // A leadership transfer now: the leader releases the million keys it
     // holds, unused for a while, as it goes on serving the keys in use,
@@ -259,4 +280,100 @@ async fn a_large_state_reaches_a_lagging_follower_without_a_leader_change() {
          the slowest {slowest:?}; {sampled} keys continue at 2",
         ops.len()
     );
+}
+
+/// The snapshot call refuses chunks that do not add up to one snapshot
+/// message from their sender, each with an error naming what is wrong, and
+/// the node goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_call_refuses_bad_chunks_naming_the_problem() {
+    let c = Cluster::start(1, "");
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let mut peer = PeerClient::connect(format!("http://{}", c.node(leader).addr))
+        .await
+        .unwrap();
+    let chunk = |from: u64, total: u64, data: &[u8]| SnapshotChunk {
+        from,
+        total,
+        data: data.to_vec(),
+    };
+    let encoded = |msg_type: MessageType, from: u64| {
+        let mut msg = Message::default();
+        msg.set_msg_type(msg_type);
+        msg.from = from;
+        msg.to = leader;
+        msg.write_to_bytes().unwrap()
+    };
+    let heartbeat = encoded(MessageType::MsgHeartbeat, 7);
+    let snapshot = encoded(MessageType::MsgSnapshot, 7);
+    let cases: Vec<(&str, Vec<SnapshotChunk>, &str)> = vec![
+        ("no chunk", vec![], "carried no chunk"),
+        (
+            "no size",
+            vec![chunk(7, 0, b"abc")],
+            "total: the first chunk must give the message's size",
+        ),
+        (
+            "too large",
+            vec![chunk(7, u64::MAX, b"abc")],
+            "total: the first chunk must give the message's size",
+        ),
+        (
+            "more than announced",
+            vec![chunk(7, 5, b"abc"), chunk(7, 0, b"def")],
+            "data: more than the 5 bytes the first chunk announced",
+        ),
+        (
+            "less than announced",
+            vec![chunk(7, 5, b"ab")],
+            "data: the call ended after 2 of the 5 bytes announced",
+        ),
+        (
+            "senders differ",
+            vec![chunk(7, 5, b"ab"), chunk(8, 0, b"cde")],
+            "from: the first chunk says 7 but a later one 8",
+        ),
+        (
+            "not a message",
+            vec![chunk(7, 3, &[0xff, 0xff, 0xff])],
+            "message: not a raft message",
+        ),
+        (
+            "another sender's message",
+            vec![chunk(9, snapshot.len() as u64, &snapshot)],
+            "from: frame says 9 but the message says 7",
+        ),
+        (
+            "not a snapshot",
+            vec![chunk(7, heartbeat.len() as u64, &heartbeat)],
+            "message: a MsgHeartbeat where a snapshot belongs",
+        ),
+    ];
+    for (case, chunks, want) in cases {
+        let err = peer
+            .snapshot(tokio_stream::iter(chunks))
+            .await
+            .expect_err(case);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{case}: {err:?}");
+        assert!(
+            err.message().contains(want),
+            "{case}: {:?} does not say {want:?}",
+            err.message()
+        );
+    }
+    let status = c
+        .wait_status(leader, Duration::from_secs(10), "serving", |s| s.serving)
+        .await;
+    let mut api = c.sequencer(leader).await;
+    api.next_batch(NextBatchRequest {
+        namespace: "conv".into(),
+        items: vec![BatchItem {
+            key: "k".into(),
+            count: 1,
+        }],
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.snapshots_installed, 0, "nothing was installed");
 }

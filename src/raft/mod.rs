@@ -192,7 +192,7 @@ pub(crate) enum Input {
     Raft(Box<Message>),
     /// A peer could not be reached; raft-rs slows down replication to it.
     Unreachable(u64),
-    /// A snapshot to `to` was handed to the transport (or dropped).
+    /// A snapshot to `to` reached its node (or could not be sent).
     SnapshotSent {
         to: u64,
         ok: bool,

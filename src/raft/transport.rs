@@ -18,7 +18,7 @@ use crate::core::Layout;
 use crate::metrics as m;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::peer_server::Peer;
-use crate::pb::{RaftAck, RaftFrame};
+use crate::pb::{RaftAck, RaftFrame, SnapshotChunk};
 use crate::storage::identity::{Admission, OpenStream, PeerDataIds};
 
 /// Request metadata naming the sending node and its data directory's id
@@ -46,8 +46,15 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 4096;
-/// Largest message a peer may send (snapshots travel in one message).
+/// Largest frame a peer may send on the Raft stream. A node from before
+/// the `Snapshot` call sends a snapshot there in one frame.
 pub const MAX_PEER_MESSAGE: usize = 512 << 20;
+/// Size of the chunks a snapshot travels in (see [`send_snapshot`]).
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Largest snapshot message: rust-protobuf 2 sizes a message in a `u32`,
+/// so raft-rs cannot encode a larger one. About 150 million keys of 20
+/// bytes each.
+pub const MAX_SNAPSHOT_MESSAGE: usize = u32::MAX as usize;
 
 /// Who this node is, as its peer streams name it.
 #[derive(Debug, Clone, Copy)]
@@ -173,15 +180,9 @@ async fn peer_loop(
         let mut refusing = false;
         let (tx, rx) = tmpsc::channel::<RaftFrame>(256);
         let mut client = PeerClient::new(channel).max_encoding_message_size(MAX_PEER_MESSAGE);
+        let snapshots = client.clone();
         let mut request = Request::new(ReceiverStream::new(rx));
-        let meta = request.metadata_mut();
-        meta.insert(NODE_ID_HEADER, me.id.into());
-        meta.insert(DATA_ID_HEADER, me.data_id.into());
-        let promise_ms = u64::try_from(me.vote_promise.as_millis()).unwrap_or(u64::MAX);
-        meta.insert(VOTE_PROMISE_HEADER, promise_ms.into());
-        if let Ok(layout) = me.layout.to_header().parse() {
-            meta.insert(LAYOUT_HEADER, layout);
-        }
+        me.name_in(request.metadata_mut());
         let mut call = tokio::spawn(async move { client.raft(request).await });
         loop {
             tokio::select! {
@@ -191,18 +192,41 @@ async fn peer_loop(
                         return;
                     };
                     let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+                    let too_large = is_snapshot
+                        && msg.get_snapshot().get_data().len() > MAX_SNAPSHOT_MESSAGE - 4096;
                     let bytes = match msg.write_to_bytes() {
+                        Ok(_) if too_large => {
+                            tracing::error!(
+                                peer_id,
+                                bytes = msg.get_snapshot().get_data().len(),
+                                limit = MAX_SNAPSHOT_MESSAGE,
+                                "snapshot not sent: the state is larger than a raft message can \
+                                 carry, and this follower cannot catch up by snapshot"
+                            );
+                            let _ = node.send(Input::SnapshotSent { to: peer_id, ok: false });
+                            continue;
+                        }
                         Ok(b) => b,
                         Err(e) => {
                             tracing::error!(peer_id, error = %e, "cannot encode raft message");
+                            if is_snapshot {
+                                let _ = node.send(Input::SnapshotSent { to: peer_id, ok: false });
+                            }
                             continue;
                         }
                     };
-                    let sent = tx.send(RaftFrame { from: me.id, message: bytes }).await.is_ok();
                     if is_snapshot {
-                        let _ = node.send(Input::SnapshotSent { to: peer_id, ok: sent });
+                        tokio::spawn(send_snapshot(
+                            me,
+                            peer_id,
+                            snapshots.clone(),
+                            bytes,
+                            tx.clone(),
+                            node.clone(),
+                        ));
+                        continue;
                     }
-                    if !sent {
+                    if tx.send(RaftFrame { from: me.id, message: bytes }).await.is_err() {
                         break;
                     }
                 }
@@ -229,6 +253,86 @@ async fn peer_loop(
     }
 }
 
+impl Sender {
+    /// Names this node in a peer call's metadata.
+    fn name_in(&self, meta: &mut tonic::metadata::MetadataMap) {
+        meta.insert(NODE_ID_HEADER, self.id.into());
+        meta.insert(DATA_ID_HEADER, self.data_id.into());
+        let promise_ms = u64::try_from(self.vote_promise.as_millis()).unwrap_or(u64::MAX);
+        meta.insert(VOTE_PROMISE_HEADER, promise_ms.into());
+        if let Ok(layout) = self.layout.to_header().parse() {
+            meta.insert(LAYOUT_HEADER, layout);
+        }
+    }
+}
+
+/// Sends one encoded snapshot message to a peer in [`SNAPSHOT_CHUNK`]s,
+/// on a call of its own beside the Raft stream (HTTP/2 interleaves them,
+/// so heartbeats go on while it travels), and reports to the node whether
+/// the peer's node took it. A peer from before the call gets it in one
+/// frame on the Raft stream, as before, as large as that allows.
+async fn send_snapshot(
+    me: Sender,
+    peer_id: u64,
+    mut client: PeerClient<tonic::transport::Channel>,
+    message: Vec<u8>,
+    raft_stream: tmpsc::Sender<RaftFrame>,
+    node: Mailbox,
+) {
+    let started = Instant::now();
+    let message = Arc::new(message);
+    let total = message.len();
+    let chunks = {
+        let message = message.clone();
+        // Built as the call sends them: one chunk in memory at a time
+        // beside the message.
+        tokio_stream::iter((0..total.div_ceil(SNAPSHOT_CHUNK).max(1)).map(move |i| {
+            let from = i * SNAPSHOT_CHUNK;
+            let to = (from + SNAPSHOT_CHUNK).min(total);
+            SnapshotChunk {
+                from: me.id,
+                total: if i == 0 { total as u64 } else { 0 },
+                data: message[from..to].to_vec(),
+            }
+        }))
+    };
+    let mut request = Request::new(chunks);
+    me.name_in(request.metadata_mut());
+    let ok = match client.snapshot(request).await {
+        Ok(_) => {
+            metrics::gauge!(m::SNAPSHOT_SEND_SECONDS).set(started.elapsed().as_secs_f64());
+            tracing::info!(
+                peer_id,
+                bytes = total,
+                chunks = total.div_ceil(SNAPSHOT_CHUNK),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "snapshot sent"
+            );
+            true
+        }
+        Err(status) if status.code() == tonic::Code::Unimplemented => {
+            tracing::info!(
+                peer_id,
+                bytes = total,
+                "peer predates snapshots in chunks; sending it in one frame"
+            );
+            let message = Arc::try_unwrap(message).unwrap_or_else(|m| m.to_vec());
+            raft_stream
+                .send(RaftFrame {
+                    from: me.id,
+                    message,
+                })
+                .await
+                .is_ok()
+        }
+        Err(status) => {
+            tracing::warn!(peer_id, bytes = total, %status, "sending a snapshot failed");
+            false
+        }
+    };
+    let _ = node.send(Input::SnapshotSent { to: peer_id, ok });
+}
+
 /// Drops what queued while the peer could not be reached (up to
 /// [`PEER_QUEUE`] messages): stale by now, and Raft sends again what
 /// matters. Sent in a burst on reconnecting, a second's worth of a busy
@@ -252,12 +356,17 @@ fn drop_stale(queue: &mut tmpsc::Receiver<Message>, node: &Mailbox, peer_id: u64
 /// Decodes the Raft message a peer's frame carries; the frame's sender must
 /// match the message's.
 pub fn decode_frame(frame: &RaftFrame) -> Result<Message, Status> {
-    let msg = Message::parse_from_bytes(&frame.message)
+    decode_message(frame.from, &frame.message)
+}
+
+/// Decodes a Raft message sent by node `from`, which it must name.
+fn decode_message(from: u64, bytes: &[u8]) -> Result<Message, Status> {
+    let msg = Message::parse_from_bytes(bytes)
         .map_err(|e| Status::invalid_argument(format!("message: not a raft message: {e}")))?;
-    if msg.from != frame.from {
+    if msg.from != from {
         return Err(Status::invalid_argument(format!(
-            "from: frame says {} but the message says {}",
-            frame.from, msg.from
+            "from: frame says {from} but the message says {}",
+            msg.from
         )));
     }
     Ok(msg)
@@ -468,5 +577,188 @@ impl Peer for PeerService {
             }
         }
         Ok(Response::new(RaftAck {}))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let sender = self.admit(request.metadata())?;
+        let mut stream = request.into_inner();
+        let stopped = self.stopping.clone().raised();
+        tokio::pin!(stopped);
+        let mut from = None;
+        let mut message: Vec<u8> = Vec::new();
+        let mut total = 0;
+        loop {
+            let chunk = tokio::select! {
+                chunk = stream.message() => chunk?,
+                () = &mut stopped => return Err(Status::unavailable("node is stopping")),
+            };
+            let Some(chunk) = chunk else {
+                break;
+            };
+            if let Some((node, _)) = &sender {
+                if *node != chunk.from {
+                    return Err(Status::invalid_argument(format!(
+                        "from: the call is node {node}'s but a chunk says {}",
+                        chunk.from
+                    )));
+                }
+            }
+            if from.is_none() {
+                total = usize::try_from(chunk.total).unwrap_or(usize::MAX);
+                if total == 0 || total > MAX_SNAPSHOT_MESSAGE {
+                    return Err(Status::invalid_argument(format!(
+                        "total: the first chunk must give the message's size, from 1 to \
+                         {MAX_SNAPSHOT_MESSAGE} bytes, not {}",
+                        chunk.total
+                    )));
+                }
+                from = Some(chunk.from);
+                message.reserve_exact(total);
+            } else if Some(chunk.from) != from {
+                return Err(Status::invalid_argument(format!(
+                    "from: the first chunk says {} but a later one {}",
+                    from.unwrap_or_default(),
+                    chunk.from
+                )));
+            }
+            if message.len() + chunk.data.len() > total {
+                return Err(Status::invalid_argument(format!(
+                    "data: more than the {total} bytes the first chunk announced"
+                )));
+            }
+            message.extend_from_slice(&chunk.data);
+            metrics::counter!(m::SNAPSHOT_CHUNKS_RECEIVED_TOTAL).increment(1);
+        }
+        let Some(from) = from else {
+            return Err(Status::invalid_argument("the call carried no chunk"));
+        };
+        if message.len() != total {
+            return Err(Status::invalid_argument(format!(
+                "data: the call ended after {} of the {total} bytes announced",
+                message.len()
+            )));
+        }
+        let msg = decode_message(from, &message)?;
+        drop(message);
+        if msg.get_msg_type() != MessageType::MsgSnapshot {
+            return Err(Status::invalid_argument(format!(
+                "message: a {:?} where a snapshot belongs",
+                msg.get_msg_type()
+            )));
+        }
+        if let Some((node, open)) = &sender {
+            if !open.still_admitted() {
+                return Err(Status::failed_precondition(format!(
+                    "node {node} is now known here with another data directory: this \
+                     snapshot is from one it no longer runs on"
+                )));
+            }
+        }
+        if self.faults.isolated.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("this node is cut off from its peers"));
+        }
+        if self.node.send(Input::Raft(Box::new(msg))).is_err() {
+            return Err(Status::unavailable("node is stopping"));
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ::raft::prelude::Snapshot;
+
+    use super::*;
+    use crate::pb::peer_server::PeerServer;
+
+    /// A peer as a build from before the `Snapshot` call is: it takes
+    /// frames on the Raft stream only.
+    struct OldPeer(tmpsc::UnboundedSender<RaftFrame>);
+
+    #[tonic::async_trait]
+    impl Peer for OldPeer {
+        async fn raft(
+            &self,
+            request: Request<Streaming<RaftFrame>>,
+        ) -> Result<Response<RaftAck>, Status> {
+            let mut stream = request.into_inner();
+            while let Some(frame) = stream.message().await? {
+                let _ = self.0.send(frame);
+            }
+            Ok(Response::new(RaftAck {}))
+        }
+
+        async fn snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<RaftAck>, Status> {
+            // What tonic answers for a method its service does not have.
+            Err(Status::unimplemented(""))
+        }
+    }
+
+    /// A node from before snapshots in chunks still gets one, whole, on
+    /// the Raft stream, and the leader hears it was sent.
+    #[tokio::test]
+    async fn a_peer_without_the_snapshot_call_gets_the_snapshot_in_one_frame() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (frames_tx, mut frames) = tmpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    PeerServer::new(OldPeer(frames_tx)).max_decoding_message_size(MAX_PEER_MESSAGE),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (node, mut inputs) = tokio::sync::mpsc::unbounded_channel();
+        let me = Sender {
+            id: 1,
+            data_id: 11,
+            vote_promise: Duration::from_secs(1),
+            layout: Layout::from_parts(&[0, 41, 10, 12]).unwrap(),
+        };
+        let transport = Transport::start(
+            &tokio::runtime::Handle::current(),
+            me,
+            &[(2, addr)],
+            node,
+            Arc::default(),
+        );
+        let data: Vec<u8> = (0..3 * SNAPSHOT_CHUNK + 5).map(|i| i as u8).collect();
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgSnapshot);
+        msg.from = 1;
+        msg.to = 2;
+        let mut snap = Snapshot::default();
+        snap.set_data(data.clone().into());
+        msg.set_snapshot(snap);
+        transport.send(vec![msg]);
+        let deadline = Duration::from_secs(10);
+        let sent = tokio::time::timeout(deadline, async {
+            loop {
+                match inputs.recv().await {
+                    Some(Input::SnapshotSent { to, ok }) => break (to, ok),
+                    Some(_) => {}
+                    None => panic!("the transport dropped the mailbox"),
+                }
+            }
+        })
+        .await
+        .expect("no report on the snapshot");
+        assert_eq!(sent, (2, true));
+        let frame = tokio::time::timeout(deadline, frames.recv())
+            .await
+            .expect("no frame on the Raft stream")
+            .unwrap();
+        let got = decode_frame(&frame).unwrap();
+        assert_eq!(got.get_msg_type(), MessageType::MsgSnapshot);
+        assert!(
+            got.get_snapshot().get_data() == &data[..],
+            "the snapshot's data arrived whole"
+        );
     }
 }
