@@ -73,6 +73,8 @@ pub const SNAPSHOT_BYTES: &str = "seqd_raft_snapshot_last_bytes";
 /// node, and the chunks received here.
 pub const SNAPSHOT_SEND_SECONDS: &str = "seqd_raft_snapshot_last_send_seconds";
 pub const SNAPSHOT_CHUNKS_RECEIVED_TOTAL: &str = "seqd_raft_snapshot_chunks_received_total";
+/// Time the last snapshot installed here held the node loop.
+pub const SNAPSHOT_INSTALL_SECONDS: &str = "seqd_raft_snapshot_last_install_seconds";
 /// Raft messages dropped because they name another node as their receiver
 /// (a peer reached this node at an address it holds for someone else).
 pub const MISDIRECTED_MESSAGES_TOTAL: &str = "seqd_raft_misdirected_messages_total";
@@ -239,6 +241,11 @@ fn describe() {
     describe_counter!(
         SNAPSHOT_CHUNKS_RECEIVED_TOTAL,
         "Snapshot chunks received from the leader."
+    );
+    describe_gauge!(
+        SNAPSHOT_INSTALL_SECONDS,
+        Unit::Seconds,
+        "Time the last snapshot installed here took (the node loop waits for it)."
     );
     describe_gauge!(ACTIVE_KEYS, "Keys held in the leader's memory.");
     describe_gauge!(

@@ -204,6 +204,11 @@ async fn a_large_state_reaches_a_lagging_follower_without_a_leader_change() {
         "seqd_raft_snapshot_last_send_seconds",
     );
     assert!(send.is_some_and(|s| s > 0.0), "send time {send:?}");
+    let install = common::metric(
+        &c.node(lagger).metrics_addr,
+        "seqd_raft_snapshot_last_install_seconds",
+    );
+    assert!(install.is_some_and(|s| s > 0.0), "install time {install:?}");
 
     // A leadership transfer now: the leader releases the million keys it
     // holds, unused for a while, as it goes on serving the keys in use,
