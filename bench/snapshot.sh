@@ -5,8 +5,13 @@
 # follower installs it on its loop in one write.
 #
 #   bench/snapshot.sh                 # a million keys
-#   bench/snapshot.sh 20000000        # twenty million (past the 512 MiB
-#                                     # one gRPC message held until session 31)
+#   bench/snapshot.sh 28000000        # twenty-eight million (past the 512
+#                                     # MiB one gRPC message held until
+#                                     # session 31)
+#   SEQD_SNAPSHOT_PERF=/tmp/snap.data bench/snapshot.sh 3000000
+#                                     # also perf-record the follower (call
+#                                     # graphs) from its start until it
+#                                     # caught up
 #
 # Starts a three-node cluster of the release build on loopback (ports
 # 17301-17303, metrics 17401-17403) in a temporary directory, stops one
@@ -83,6 +88,11 @@ commit=$(field "$leader" commit_index)
 echo "snapshot: starting node $follower again (leader $leader at commit $commit)"
 started=$(date +%s.%N)
 start "$follower"
+if [ -n "${SEQD_SNAPSHOT_PERF:-}" ]; then
+    perf record -F 499 -g -p "${pids[$follower]}" -o "$SEQD_SNAPSHOT_PERF" \
+        > "$work/perf.txt" 2>&1 &
+    perf_pid=$!
+fi
 caught=""
 deadline=$(($(date +%s) + 1800))
 while [ "$(date +%s)" -lt "$deadline" ]; do
@@ -93,6 +103,10 @@ while [ "$(date +%s)" -lt "$deadline" ]; do
     fi
     sleep 0.2
 done
+if [ -n "${SEQD_SNAPSHOT_PERF:-}" ]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+fi
 grep -q "installed snapshot" "$work/node$follower.log" \
     || echo "snapshot: node $follower caught up without one (from the log)"
 metric() { # port name

@@ -728,8 +728,18 @@ impl<'a> Txn<'a> {
     }
 }
 
+/// Field number of `SnapshotData.ceilings`, the state's bulk: one entry per
+/// key ever used. Snapshots encode and decode it one key at a time (see
+/// [`read_snapshot`] and [`split_ceilings`]), so a state of tens of millions
+/// of keys is never held decoded at once.
+const CEILINGS_FIELD: u64 = 2;
+/// Protobuf wire type of a length-delimited field.
+const WIRE_LEN: u64 = 2;
+
 /// Serializes the whole state machine with its applied index, as RocksDB
 /// snapshot `snap` of `db` holds them (so the index and the data agree).
+/// The key ceilings are encoded as they are read, then the other fields:
+/// protobuf decodes a message's fields in any order.
 pub(super) fn read_snapshot(
     db: &DB,
     snap: &rocksdb::Snapshot<'_>,
@@ -759,16 +769,19 @@ pub(super) fn read_snapshot(
             ..Default::default()
         }))
     }
+    let mut out = Vec::new();
     for item in snap.iterator_cf(state, rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
         match k.first() {
             Some(&CEILING_PREFIX) => {
                 let (namespace, key) = split_ceiling_key(&k)?;
-                data.ceilings.push(KeyCeiling {
+                let kc = KeyCeiling {
                     namespace,
                     key,
                     ceiling: decode_u64("ceiling", &v)?,
-                });
+                };
+                put_varint((CEILINGS_FIELD << 3) | WIRE_LEN, &mut out);
+                out.extend_from_slice(&kc.encode_length_delimited_to_vec());
             }
             Some(&WORKER_PREFIX) => data.workers.push(WorkerEntry {
                 worker: decode_u64("worker key", &k[1..])?,
@@ -793,7 +806,74 @@ pub(super) fn read_snapshot(
         }
     }
     data.members = members.into_values().collect();
-    Ok((applied, data.encode_to_vec()))
+    out.extend_from_slice(&data.encode_to_vec());
+    Ok((applied, out))
+}
+
+fn put_varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn take_varint(bytes: &mut &[u8]) -> Result<u64, StorageError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = bytes
+            .split_first()
+            .ok_or_else(|| StorageError::corrupt("snapshot data", "a varint runs past the end"))?;
+        *bytes = rest;
+        value |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Ok(value);
+        }
+    }
+    Err(StorageError::corrupt(
+        "snapshot data",
+        "a varint longer than ten bytes",
+    ))
+}
+
+/// Walks an encoded `SnapshotData`: hands each key ceiling to `each` as it
+/// is decoded, and decodes the other fields (a few members, workers and
+/// request records) as one `SnapshotData` without ceilings.
+fn split_ceilings(
+    mut bytes: &[u8],
+    mut each: impl FnMut(KeyCeiling),
+) -> Result<SnapshotData, StorageError> {
+    let corrupt = |e: &dyn std::fmt::Display| StorageError::corrupt("snapshot data", e);
+    let mut rest = Vec::new();
+    while !bytes.is_empty() {
+        let field_start = bytes;
+        let key = take_varint(&mut bytes)?;
+        let len = match key & 7 {
+            0 => {
+                take_varint(&mut bytes)?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(take_varint(&mut bytes)?).unwrap_or(usize::MAX),
+            5 => 4,
+            wire => return Err(corrupt(&format!("field {}: wire type {wire}", key >> 3))),
+        };
+        if len > bytes.len() {
+            return Err(corrupt(&format!(
+                "field {} runs past the end ({len} bytes, {} left)",
+                key >> 3,
+                bytes.len()
+            )));
+        }
+        let (value, after) = bytes.split_at(len);
+        if key == (CEILINGS_FIELD << 3) | WIRE_LEN {
+            each(KeyCeiling::decode(value).map_err(|e| corrupt(&e))?);
+        } else {
+            rest.extend_from_slice(&field_start[..field_start.len() - after.len()]);
+        }
+        bytes = after;
+    }
+    SnapshotData::decode(rest.as_slice()).map_err(|e| corrupt(&e))
 }
 
 /// Adds to `batch` the writes that replace the state machine with a
@@ -804,8 +884,6 @@ pub(super) fn write_snapshot(
     index: u64,
     bytes: &[u8],
 ) -> Result<(), StorageError> {
-    let data =
-        SnapshotData::decode(bytes).map_err(|e| StorageError::corrupt("snapshot data", e))?;
     let state = cf(db, CF_STATE);
     // Key by key, not by a range deletion: the family updates values in
     // place (see `storage::state_options`), and a put finding an older
@@ -817,13 +895,13 @@ pub(super) fn write_snapshot(
         let (k, _) = item?;
         batch.delete_cf(state, &k);
     }
-    for kc in &data.ceilings {
+    let data = split_ceilings(bytes, |kc| {
         batch.put_cf(
             state,
             ceiling_key(&kc.namespace, &kc.key),
             kc.ceiling.to_be_bytes(),
         );
-    }
+    })?;
     for w in &data.workers {
         let rec = w.record.unwrap_or_default();
         batch.put_cf(state, id_key(WORKER_PREFIX, w.worker), rec.encode_to_vec());
@@ -1549,5 +1627,69 @@ mod tests {
             "workers held before the snapshot stay held"
         );
         assert_eq!(m2.ceiling("z", "old").unwrap(), 0, "old state is replaced");
+    }
+
+    /// Snapshots encode their key ceilings one at a time, and installs
+    /// decode them so: the bytes are still one `SnapshotData`, as builds
+    /// before session 31 encoded and decoded it whole, both ways.
+    #[test]
+    fn snapshots_streamed_key_by_key_read_as_one_message_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut m = Machine::open(db.clone()).unwrap();
+        let mut entries: Vec<Entry> = (1..=300)
+            .map(|i| {
+                entry(
+                    i,
+                    raise(["a", "b"][i as usize % 2], &format!("k{i}"), i * 7),
+                )
+            })
+            .collect();
+        entries.push(entry(
+            301,
+            command::Kind::AcquireWorker(crate::pb::state::AcquireWorker {
+                node_id: 5,
+                max_workers: 4,
+            }),
+        ));
+        m.apply(&entries).unwrap();
+        m.apply(&[entry(302, granted("a", "k2", 3000, "id-1"))])
+            .unwrap();
+        let (index, streamed) = read_snapshot(&db, &db.snapshot()).unwrap();
+
+        // An older build decodes it whole, and finds every field.
+        let whole = SnapshotData::decode(streamed.as_slice()).unwrap();
+        assert_eq!(whole.ceilings.len(), 300);
+        assert_eq!(whole.workers.len(), 1);
+        assert_eq!(whole.requests.len(), 1);
+        assert!(whole.meta.is_some());
+
+        // This build installs what an older one encoded whole (ceilings
+        // first), and what it encodes itself, to the same state.
+        for (what, bytes) in [
+            ("whole", whole.encode_to_vec()),
+            ("streamed", streamed.clone()),
+        ] {
+            let other = tempfile::tempdir().unwrap();
+            let db2 = super::super::open(other.path()).unwrap();
+            let mut batch = WriteBatch::default();
+            write_snapshot(&db2, &mut batch, index, &bytes).unwrap();
+            db2.write_batch(batch, false).unwrap();
+            let (_, again) = read_snapshot(&db2, &db2.snapshot()).unwrap();
+            assert!(again == streamed, "{what}: installed state differs");
+            let m2 = Machine::open(db2.clone()).unwrap();
+            assert_eq!(m2.ceiling("a", "k300").unwrap(), 2100, "{what}");
+            assert_eq!(m2.ceiling("a", "k2").unwrap(), 3000, "{what}");
+            assert_eq!(grant_ids(&m2), ["id-1"], "{what}");
+        }
+
+        // Cut short, it is refused whole: nothing reaches the database.
+        let other = tempfile::tempdir().unwrap();
+        let db3 = super::super::open(other.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        let err = write_snapshot(&db3, &mut batch, index, &streamed[..streamed.len() / 2])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("snapshot data"), "{err}");
     }
 }
