@@ -33,7 +33,9 @@ export PATH="$repo/bench/tools:$PATH"
 bin="$target/release"
 work="$(mktemp -d)"
 pids=(0 0 0 0)
+perf_pid=0
 cleanup() {
+    [ "$perf_pid" = 0 ] || kill -INT "$perf_pid" 2>/dev/null || true
     for p in "${pids[@]}"; do [ "$p" != 0 ] && kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$work"
@@ -84,6 +86,7 @@ echo "snapshot: node $follower stopped; filling about $keys keys (NextBatch of $
     --keys $((keys * 100)) --calls $((keys / per_call)) --callers 4 \
     | grep -E "calls/s|errors" || true
 commit=$(field "$leader" commit_index)
+[ -n "$commit" ] || { echo "snapshot: the leader did not answer"; exit 1; }
 
 echo "snapshot: starting node $follower again (leader $leader at commit $commit)"
 started=$(date +%s.%N)
@@ -106,6 +109,7 @@ done
 if [ -n "${SEQD_SNAPSHOT_PERF:-}" ]; then
     kill -INT "$perf_pid" 2>/dev/null || true
     wait "$perf_pid" 2>/dev/null || true
+    perf_pid=0
 fi
 grep -q "installed snapshot" "$work/node$follower.log" \
     || echo "snapshot: node $follower caught up without one (from the log)"
@@ -122,7 +126,8 @@ echo "snapshot:  $(metric "$lm" seqd_raft_snapshot_last_bytes) bytes," \
     "($(metric "$fm" seqd_raft_snapshot_chunks_received_total) chunks)," \
     "installed in $(metric "$fm" seqd_raft_snapshot_last_install_seconds) s"
 echo "follower:  ${caught:-not} caught up (s from its start);" \
-    "snapshots built: $(grep -c "snapshot built" "$work/node$leader.log" || true)"
+    "snapshots built: $(grep "snapshot built for followers" "$work/node$leader.log" \
+        | grep -vc dropped || true)"
 for i in 1 2 3; do
     [ "${pids[$i]}" != 0 ] || continue
     echo "node $i:    peak RSS $(awk '/VmHWM/ { print $2, $3 }' "/proc/${pids[$i]}/status")"

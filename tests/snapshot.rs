@@ -297,6 +297,14 @@ async fn the_snapshot_call_refuses_bad_chunks_naming_the_problem() {
     let mut peer = PeerClient::connect(format!("http://{}", c.node(leader).addr))
         .await
         .unwrap();
+    // Named as node 7 (a node this one has not heard of is admitted; a
+    // member known by another data directory would not be).
+    let named = |chunks: Vec<SnapshotChunk>| {
+        let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+        request.metadata_mut().insert("seqd-node-id", 7.into());
+        request.metadata_mut().insert("seqd-data-id", 77.into());
+        request
+    };
     let chunk = |from: u64, total: u64, data: &[u8]| SnapshotChunk {
         from,
         total,
@@ -310,7 +318,17 @@ async fn the_snapshot_call_refuses_bad_chunks_naming_the_problem() {
         msg.write_to_bytes().unwrap()
     };
     let heartbeat = encoded(MessageType::MsgHeartbeat, 7);
-    let snapshot = encoded(MessageType::MsgSnapshot, 7);
+    let snapshot = encoded(MessageType::MsgSnapshot, 9);
+    let err = peer
+        .snapshot(tokio_stream::iter(vec![chunk(7, 3, b"abc")]))
+        .await
+        .expect_err("a call without its sender's name");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("a snapshot names its sender"),
+        "{:?}",
+        err.message()
+    );
     let cases: Vec<(&str, Vec<SnapshotChunk>, &str)> = vec![
         ("no chunk", vec![], "carried no chunk"),
         (
@@ -334,9 +352,9 @@ async fn the_snapshot_call_refuses_bad_chunks_naming_the_problem() {
             "data: the call ended after 2 of the 5 bytes announced",
         ),
         (
-            "senders differ",
+            "a chunk from another sender",
             vec![chunk(7, 5, b"ab"), chunk(8, 0, b"cde")],
-            "from: the first chunk says 7 but a later one 8",
+            "from: the call is node 7's but a chunk says 8",
         ),
         (
             "not a message",
@@ -345,8 +363,8 @@ async fn the_snapshot_call_refuses_bad_chunks_naming_the_problem() {
         ),
         (
             "another sender's message",
-            vec![chunk(9, snapshot.len() as u64, &snapshot)],
-            "from: frame says 9 but the message says 7",
+            vec![chunk(7, snapshot.len() as u64, &snapshot)],
+            "from: frame says 7 but the message says 9",
         ),
         (
             "not a snapshot",
@@ -355,10 +373,7 @@ async fn the_snapshot_call_refuses_bad_chunks_naming_the_problem() {
         ),
     ];
     for (case, chunks, want) in cases {
-        let err = peer
-            .snapshot(tokio_stream::iter(chunks))
-            .await
-            .expect_err(case);
+        let err = peer.snapshot(named(chunks)).await.expect_err(case);
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{case}: {err:?}");
         assert!(
             err.message().contains(want),

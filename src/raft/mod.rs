@@ -193,10 +193,7 @@ pub(crate) enum Input {
     /// A peer could not be reached; raft-rs slows down replication to it.
     Unreachable(u64),
     /// A snapshot to `to` reached its node (or could not be sent).
-    SnapshotSent {
-        to: u64,
-        ok: bool,
-    },
+    SnapshotSent(SnapshotReport),
     /// Every write made before Ready `number` was handled is durable.
     Persisted(u64),
     Allocate {
@@ -251,6 +248,30 @@ impl PeerAddrs {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+    }
+}
+
+/// What became of one snapshot message to a follower.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SnapshotReport {
+    pub to: u64,
+    /// The snapshot's index: a report on an older one (a send that
+    /// outlived a newer one) changes nothing.
+    pub index: u64,
+    /// Its size, which sets how long its install may take.
+    pub bytes: u64,
+    pub ok: bool,
+}
+
+impl SnapshotReport {
+    pub(crate) fn of(msg: &Message, ok: bool) -> Self {
+        let snap = msg.get_snapshot();
+        Self {
+            to: msg.to,
+            index: snap.get_metadata().index,
+            bytes: snap.get_data().len() as u64,
+            ok,
+        }
     }
 }
 

@@ -38,7 +38,7 @@ use super::read_peers::{followers_needed, ReadPeers};
 use super::transport::{PeerPromises, PeerService, Sender, Transport};
 use super::{
     logger, Faults, Grant, HandoverProgress, HandoverStage, IdState, Input, Membership,
-    MembershipChange, NodeError, NodeHandle, NodeStatus, Reply,
+    MembershipChange, NodeError, NodeHandle, NodeStatus, Reply, SnapshotReport,
 };
 use crate::config::{RaftConfig, ReadMode, ReadRoundPeers, SnowflakeConfig};
 use crate::core::{
@@ -239,8 +239,12 @@ fn apply_leaves_loop(entries: &[Entry]) -> bool {
 const SNAPSHOT_HOLD_MAX_ENTRIES: u64 = 100_000;
 /// How long a follower a snapshot was sent to may take to install it and
 /// answer (it does not answer meanwhile, so raft-rs soon counts it as not
-/// recently active): seconds for ten million keys.
-const SNAPSHOT_INSTALL_GRACE: Duration = Duration::from_secs(60);
+/// recently active): a minute, or a second per MiB of snapshot if longer.
+/// Session 31's VM installed 655 MB (28 million keys) in 106 s, the
+/// release build; the debug build is slower.
+fn snapshot_install_grace(bytes: u64) -> Duration {
+    Duration::from_secs(60).max(Duration::from_secs(bytes >> 20))
+}
 
 /// Whether the log, applied up to `applied` and compacted up to
 /// `compacted`, is long enough to compact (see `Node::maybe_compact`).
@@ -880,7 +884,8 @@ pub(crate) struct Node {
     /// the current term (membership changes count on the voters that
     /// answer).
     last_heard: HashMap<u64, Instant>,
-    /// Followers sent the snapshot for followers: its index, and when.
+    /// Followers sent the snapshot for followers: its index, and until
+    /// when they may be installing it.
     snapshot_sent: HashMap<u64, (u64, Instant)>,
     addrs: super::PeerAddrs,
     /// Vote promises peers named on their streams (lease mode).
@@ -1414,7 +1419,26 @@ impl Node {
                     self.broadcast_pending_round();
                 }
             }
-            Input::SnapshotSent { to, ok } => {
+            Input::SnapshotSent(SnapshotReport {
+                to,
+                index,
+                bytes,
+                ok,
+            }) => {
+                let pending = self.raw.raft.prs().get(to).is_some_and(|pr| {
+                    pr.state == ::raft::ProgressState::Snapshot && pr.pending_snapshot == index
+                });
+                if !pending {
+                    // raft-rs would take it for the snapshot pending now.
+                    tracing::debug!(
+                        node_id = self.id,
+                        to,
+                        index,
+                        ok,
+                        "report on a snapshot no longer pending ignored"
+                    );
+                    return None;
+                }
                 if ok {
                     metrics::counter!(m::SNAPSHOTS_SENT_TOTAL).increment(1);
                     // The snapshot held now, which may be newer than the
@@ -1424,7 +1448,8 @@ impl Node {
                     // needs the new one next, and the grace keeps that
                     // ready rather than have it built again.
                     if let Some((index, false)) = self.raw.store().snapshot_hold() {
-                        self.snapshot_sent.insert(to, (index, self.time.now()));
+                        let until = self.time.now() + snapshot_install_grace(bytes);
+                        self.snapshot_sent.insert(to, (index, until));
                     }
                 }
                 let status = if ok {
@@ -2292,7 +2317,6 @@ impl Node {
         // 2. A snapshot from the leader replaces state and log.
         if !ready.snapshot().is_empty() {
             let started = Instant::now();
-            // Not cloned: its data is the whole state.
             let snap = ready.snapshot();
             self.raw.mut_store().install_snapshot(snap)?;
             self.machine.reload()?;
@@ -2968,10 +2992,9 @@ impl Node {
                 *id != self.id
                     && (pr.matched < index || pr.state != ::raft::ProgressState::Replicate)
                     && (pr.recent_active
-                        || sent.get(id).is_some_and(|(i, at)| {
-                            *i == index
-                                && now.saturating_duration_since(*at) < SNAPSHOT_INSTALL_GRACE
-                        }))
+                        || sent
+                            .get(id)
+                            .is_some_and(|(i, until)| *i == index && now < *until))
             });
         if needed && applied.saturating_sub(index) <= limit {
             Some(index)

@@ -13,7 +13,7 @@ use tokio::sync::mpsc as tmpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Faults, Input, Mailbox};
+use super::{Faults, Input, Mailbox, SnapshotReport};
 use crate::core::Layout;
 use crate::metrics as m;
 use crate::pb::peer_client::PeerClient;
@@ -52,8 +52,8 @@ pub const MAX_PEER_MESSAGE: usize = 512 << 20;
 /// Size of the chunks a snapshot travels in (see [`send_snapshot`]).
 pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// Largest snapshot message: rust-protobuf 2 sizes a message in a `u32`,
-/// so raft-rs cannot encode a larger one. About 150 million keys of 20
-/// bytes each.
+/// so raft-rs cannot encode a larger one. About 180 million keys of the 23
+/// bytes each session 31 measured.
 pub const MAX_SNAPSHOT_MESSAGE: usize = u32::MAX as usize;
 
 /// Who this node is, as its peer streams name it.
@@ -128,9 +128,10 @@ impl Transport {
                 tracing::warn!(to, "message for an unknown peer dropped");
                 continue;
             };
+            let report = is_snapshot.then(|| SnapshotReport::of(&msg, false));
             if peer.try_send(msg).is_err() {
-                if is_snapshot {
-                    let _ = self.node.send(Input::SnapshotSent { to, ok: false });
+                if let Some(report) = report {
+                    let _ = self.node.send(Input::SnapshotSent(report));
                 }
                 let _ = self.node.send(Input::Unreachable(to));
             }
@@ -170,7 +171,7 @@ async fn peer_loop(
                 tracing::debug!(peer_id, %addr, error = %e, "peer unreachable");
                 let _ = node.send(Input::Unreachable(peer_id));
                 tokio::time::sleep(backoff).await;
-                drop_stale(&mut queue, &node, peer_id);
+                drop_stale(&mut queue, &node);
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
@@ -191,41 +192,40 @@ async fn peer_loop(
                         call.abort();
                         return;
                     };
-                    let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
-                    let too_large = is_snapshot
-                        && msg.get_snapshot().get_data().len() > MAX_SNAPSHOT_MESSAGE - 4096;
-                    let bytes = match msg.write_to_bytes() {
-                        Ok(_) if too_large => {
-                            tracing::error!(
-                                peer_id,
-                                bytes = msg.get_snapshot().get_data().len(),
-                                limit = MAX_SNAPSHOT_MESSAGE,
-                                "snapshot not sent: the state is larger than a raft message can \
-                                 carry, and this follower cannot catch up by snapshot"
-                            );
-                            let _ = node.send(Input::SnapshotSent { to: peer_id, ok: false });
-                            continue;
-                        }
-                        Ok(b) => b,
-                        Err(e) => {
-                            tracing::error!(peer_id, error = %e, "cannot encode raft message");
-                            if is_snapshot {
-                                let _ = node.send(Input::SnapshotSent { to: peer_id, ok: false });
-                            }
-                            continue;
-                        }
-                    };
-                    if is_snapshot {
+                    let report = (msg.get_msg_type() == MessageType::MsgSnapshot)
+                        .then(|| SnapshotReport::of(&msg, false));
+                    // Before encoding: rust-protobuf's sizes overflow past it.
+                    if let Some(r) =
+                        report.filter(|r| r.bytes > (MAX_SNAPSHOT_MESSAGE - 4096) as u64)
+                    {
+                        tracing::error!(
+                            peer_id,
+                            bytes = r.bytes,
+                            limit = MAX_SNAPSHOT_MESSAGE,
+                            "snapshot not sent: the state is larger than a raft message can \
+                             carry, and this follower cannot catch up by snapshot"
+                        );
+                        let _ = node.send(Input::SnapshotSent(r));
+                        continue;
+                    }
+                    if let Some(report) = report {
                         tokio::spawn(send_snapshot(
                             me,
-                            peer_id,
+                            report,
                             snapshots.clone(),
-                            bytes,
+                            msg,
                             tx.clone(),
                             node.clone(),
                         ));
                         continue;
                     }
+                    let bytes = match msg.write_to_bytes() {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(peer_id, error = %e, "cannot encode raft message");
+                            continue;
+                        }
+                    };
                     if tx.send(RaftFrame { from: me.id, message: bytes }).await.is_err() {
                         break;
                     }
@@ -249,7 +249,7 @@ async fn peer_loop(
         }
         let _ = node.send(Input::Unreachable(peer_id));
         tokio::time::sleep(if refusing { REFUSED_RETRY } else { backoff }).await;
-        drop_stale(&mut queue, &node, peer_id);
+        drop_stale(&mut queue, &node);
     }
 }
 
@@ -270,18 +270,38 @@ impl Sender {
 /// on a call of its own beside the Raft stream (HTTP/2 interleaves them,
 /// so heartbeats go on while it travels), and reports to the node whether
 /// the peer's node took it. A peer from before the call gets it in one
-/// frame on the Raft stream, as before, as large as that allows.
+/// frame on the Raft stream, as before, if it is at most
+/// [`MAX_PEER_MESSAGE`].
 async fn send_snapshot(
     me: Sender,
-    peer_id: u64,
+    report: SnapshotReport,
     mut client: PeerClient<tonic::transport::Channel>,
-    message: Vec<u8>,
+    msg: Message,
     raft_stream: tmpsc::Sender<RaftFrame>,
     node: Mailbox,
 ) {
     let started = Instant::now();
-    let message = Arc::new(message);
+    let peer_id = report.to;
+    // Off the runtime's threads: encoding hundreds of MB takes them for a
+    // second or more, and the heartbeats to every peer wait meanwhile.
+    let message = match tokio::task::spawn_blocking(move || msg.write_to_bytes()).await {
+        Ok(Ok(b)) => Arc::new(b),
+        Ok(Err(e)) => {
+            tracing::error!(peer_id, error = %e, "cannot encode a snapshot");
+            let _ = node.send(Input::SnapshotSent(report));
+            return;
+        }
+        Err(e) => {
+            tracing::error!(peer_id, error = %e, "encoding a snapshot failed");
+            let _ = node.send(Input::SnapshotSent(report));
+            return;
+        }
+    };
     let total = message.len();
+    // raft-rs never gives up on a snapshot it counts as travelling: a call
+    // that neither ends nor fails would leave the follower without one. A
+    // minute, and a second per MiB.
+    let deadline = Duration::from_secs(60 + (total as u64 >> 20));
     let chunks = {
         let message = message.clone();
         // Built as the call sends them: one chunk in memory at a time
@@ -298,7 +318,14 @@ async fn send_snapshot(
     };
     let mut request = Request::new(chunks);
     me.name_in(request.metadata_mut());
-    let ok = match client.snapshot(request).await {
+    let answer = tokio::time::timeout(deadline, client.snapshot(request))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "no answer in {deadline:?}"
+            )))
+        });
+    let ok = match answer {
         Ok(_) => {
             metrics::gauge!(m::SNAPSHOT_SEND_SECONDS).set(started.elapsed().as_secs_f64());
             tracing::info!(
@@ -309,6 +336,16 @@ async fn send_snapshot(
                 "snapshot sent"
             );
             true
+        }
+        Err(status) if status.code() == tonic::Code::Unimplemented && total > MAX_PEER_MESSAGE => {
+            tracing::error!(
+                peer_id,
+                bytes = total,
+                limit = MAX_PEER_MESSAGE,
+                "snapshot not sent: the peer predates snapshots in chunks, and takes at most \
+                 one message of the limit; it catches up once it runs this build"
+            );
+            false
         }
         Err(status) if status.code() == tonic::Code::Unimplemented => {
             tracing::info!(
@@ -330,7 +367,7 @@ async fn send_snapshot(
             false
         }
     };
-    let _ = node.send(Input::SnapshotSent { to: peer_id, ok });
+    let _ = node.send(Input::SnapshotSent(SnapshotReport { ok, ..report }));
 }
 
 /// Drops what queued while the peer could not be reached (up to
@@ -342,13 +379,10 @@ async fn send_snapshot(
 /// appends for seconds, while the other follower heard nothing and started
 /// an election. A snapshot among them is reported as not sent, so raft-rs
 /// sends it again rather than wait for it.
-fn drop_stale(queue: &mut tmpsc::Receiver<Message>, node: &Mailbox, peer_id: u64) {
+fn drop_stale(queue: &mut tmpsc::Receiver<Message>, node: &Mailbox) {
     while let Ok(msg) = queue.try_recv() {
         if msg.get_msg_type() == MessageType::MsgSnapshot {
-            let _ = node.send(Input::SnapshotSent {
-                to: peer_id,
-                ok: false,
-            });
+            let _ = node.send(Input::SnapshotSent(SnapshotReport::of(&msg, false)));
         }
     }
 }
@@ -583,13 +617,17 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftAck>, Status> {
-        let sender = self.admit(request.metadata())?;
+        // Every build with this call names itself (see `Sender::name_in`).
+        let Some((sender, open)) = self.admit(request.metadata())? else {
+            return Err(Status::invalid_argument(format!(
+                "{NODE_ID_HEADER}, {DATA_ID_HEADER}: a snapshot names its sender"
+            )));
+        };
         let mut stream = request.into_inner();
         let stopped = self.stopping.clone().raised();
         tokio::pin!(stopped);
-        let mut from = None;
         let mut message: Vec<u8> = Vec::new();
-        let mut total = 0;
+        let mut announced = None;
         loop {
             let chunk = tokio::select! {
                 chunk = stream.message() => chunk?,
@@ -598,30 +636,28 @@ impl Peer for PeerService {
             let Some(chunk) = chunk else {
                 break;
             };
-            if let Some((node, _)) = &sender {
-                if *node != chunk.from {
-                    return Err(Status::invalid_argument(format!(
-                        "from: the call is node {node}'s but a chunk says {}",
-                        chunk.from
-                    )));
-                }
-            }
-            if from.is_none() {
-                total = usize::try_from(chunk.total).unwrap_or(usize::MAX);
-                if total == 0 || total > MAX_SNAPSHOT_MESSAGE {
-                    return Err(Status::invalid_argument(format!(
-                        "total: the first chunk must give the message's size, from 1 to \
-                         {MAX_SNAPSHOT_MESSAGE} bytes, not {}",
-                        chunk.total
-                    )));
-                }
-                from = Some(chunk.from);
-                message.reserve_exact(total);
-            } else if Some(chunk.from) != from {
+            if sender != chunk.from {
                 return Err(Status::invalid_argument(format!(
-                    "from: the first chunk says {} but a later one {}",
-                    from.unwrap_or_default(),
+                    "from: the call is node {sender}'s but a chunk says {}",
                     chunk.from
+                )));
+            }
+            if !open.still_admitted() {
+                return Err(Status::failed_precondition(format!(
+                    "node {sender} is now known here with another data directory: this \
+                     snapshot is from one it no longer runs on"
+                )));
+            }
+            if self.faults.isolated.load(Ordering::Relaxed) {
+                return Err(Status::unavailable("this node is cut off from its peers"));
+            }
+            let total =
+                *announced.get_or_insert(usize::try_from(chunk.total).unwrap_or(usize::MAX));
+            if total == 0 || total > MAX_SNAPSHOT_MESSAGE {
+                return Err(Status::invalid_argument(format!(
+                    "total: the first chunk must give the message's size, from 1 to \
+                     {MAX_SNAPSHOT_MESSAGE} bytes, not {}",
+                    chunk.total
                 )));
             }
             if message.len() + chunk.data.len() > total {
@@ -629,10 +665,19 @@ impl Peer for PeerService {
                     "data: more than the {total} bytes the first chunk announced"
                 )));
             }
+            // Grown as the data comes, not by what the first chunk claims,
+            // and refused rather than aborting the process if memory runs
+            // out.
+            message.try_reserve(chunk.data.len()).map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "no memory for a snapshot of {total} bytes past {}",
+                    message.len()
+                ))
+            })?;
             message.extend_from_slice(&chunk.data);
             metrics::counter!(m::SNAPSHOT_CHUNKS_RECEIVED_TOTAL).increment(1);
         }
-        let Some(from) = from else {
+        let Some(total) = announced else {
             return Err(Status::invalid_argument("the call carried no chunk"));
         };
         if message.len() != total {
@@ -641,21 +686,28 @@ impl Peer for PeerService {
                 message.len()
             )));
         }
-        let msg = decode_message(from, &message)?;
-        drop(message);
+        // Parsed from shared bytes: the snapshot's data is a slice of the
+        // message received, not a second copy of it.
+        let message = bytes::Bytes::from(message);
+        let msg = Message::parse_from_carllerche_bytes(&message)
+            .map_err(|e| Status::invalid_argument(format!("message: not a raft message: {e}")))?;
+        if msg.from != sender {
+            return Err(Status::invalid_argument(format!(
+                "from: frame says {sender} but the message says {}",
+                msg.from
+            )));
+        }
         if msg.get_msg_type() != MessageType::MsgSnapshot {
             return Err(Status::invalid_argument(format!(
                 "message: a {:?} where a snapshot belongs",
                 msg.get_msg_type()
             )));
         }
-        if let Some((node, open)) = &sender {
-            if !open.still_admitted() {
-                return Err(Status::failed_precondition(format!(
-                    "node {node} is now known here with another data directory: this \
-                     snapshot is from one it no longer runs on"
-                )));
-            }
+        if !open.still_admitted() {
+            return Err(Status::failed_precondition(format!(
+                "node {sender} is now known here with another data directory: this \
+                 snapshot is from one it no longer runs on"
+            )));
         }
         if self.faults.isolated.load(Ordering::Relaxed) {
             return Err(Status::unavailable("this node is cut off from its peers"));
@@ -734,6 +786,7 @@ mod tests {
         msg.from = 1;
         msg.to = 2;
         let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 42;
         snap.set_data(data.clone().into());
         msg.set_snapshot(snap);
         transport.send(vec![msg]);
@@ -741,7 +794,7 @@ mod tests {
         let sent = tokio::time::timeout(deadline, async {
             loop {
                 match inputs.recv().await {
-                    Some(Input::SnapshotSent { to, ok }) => break (to, ok),
+                    Some(Input::SnapshotSent(r)) => break (r.to, r.index, r.bytes, r.ok),
                     Some(_) => {}
                     None => panic!("the transport dropped the mailbox"),
                 }
@@ -749,7 +802,7 @@ mod tests {
         })
         .await
         .expect("no report on the snapshot");
-        assert_eq!(sent, (2, true));
+        assert_eq!(sent, (2, 42, data.len() as u64, true));
         let frame = tokio::time::timeout(deadline, frames.recv())
             .await
             .expect("no frame on the Raft stream")

@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{RaftConfig, ReadMode, ReadRoundPeers, SnowflakeConfig};
 use crate::core::{Clock, Issuer, Layout, Mode, NamespaceSpec, Namespaces, SeqKey, MAX_SEQUENCE};
 use crate::raft::{
-    Grant, IdState, Input, Node, NodeError, NodeParams, NodeTesting, NodeTime, Outbox, Syncer,
-    VirtualTime,
+    Grant, IdState, Input, Node, NodeError, NodeParams, NodeTesting, NodeTime, Outbox,
+    SnapshotReport, Syncer, VirtualTime,
 };
 use crate::storage::{self, Journal};
 
@@ -788,7 +788,7 @@ impl Sim {
             // The transport reports whether a snapshot went out.
             let _ = self.slots[from as usize - 1]
                 .tx
-                .send(Input::SnapshotSent { to, ok: !lost });
+                .send(Input::SnapshotSent(SnapshotReport::of(&msg, !lost)));
         }
         if lost {
             self.report.dropped += 1;

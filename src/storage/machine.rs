@@ -825,6 +825,9 @@ fn take_varint(bytes: &mut &[u8]) -> Result<u64, StorageError> {
             .split_first()
             .ok_or_else(|| StorageError::corrupt("snapshot data", "a varint runs past the end"))?;
         *bytes = rest;
+        if shift == 63 && b > 1 {
+            break;
+        }
         value |= u64::from(b & 0x7f) << shift;
         if b < 0x80 {
             return Ok(value);
@@ -832,7 +835,7 @@ fn take_varint(bytes: &mut &[u8]) -> Result<u64, StorageError> {
     }
     Err(StorageError::corrupt(
         "snapshot data",
-        "a varint longer than ten bytes",
+        "a varint past 64 bits",
     ))
 }
 
