@@ -406,6 +406,29 @@ fn decode_message(from: u64, bytes: &[u8]) -> Result<Message, Status> {
     Ok(msg)
 }
 
+/// Checks a frame or chunk (`part`) that names `said` as its sender, on a
+/// stream or call (`whole`) admitted as node `from`'s: it must name that
+/// node, and the node must still be known by the data directory admitted.
+fn check_sender(
+    from: u64,
+    open: &OpenStream,
+    said: u64,
+    (whole, part): (&str, &str),
+) -> Result<(), Status> {
+    if from != said {
+        return Err(Status::invalid_argument(format!(
+            "from: the {whole} is node {from}'s but a {part} says {said}"
+        )));
+    }
+    if !open.still_admitted() {
+        return Err(Status::failed_precondition(format!(
+            "node {from} is now known here with another data directory: this {whole} is \
+             from one it no longer runs on"
+        )));
+    }
+    Ok(())
+}
+
 /// Receives raft messages from peers and feeds them to the node loop.
 pub struct PeerService {
     node: Mailbox,
@@ -589,18 +612,7 @@ impl Peer for PeerService {
                 break;
             };
             if let Some((from, open)) = &sender {
-                if *from != frame.from {
-                    return Err(Status::invalid_argument(format!(
-                        "from: the stream is node {from}'s but a frame says {}",
-                        frame.from
-                    )));
-                }
-                if !open.still_admitted() {
-                    return Err(Status::failed_precondition(format!(
-                        "node {from} is now known here with another data directory: this \
-                         stream is from one it no longer runs on"
-                    )));
-                }
+                check_sender(*from, open, frame.from, ("stream", "frame"))?;
             }
             let msg = decode_frame(&frame)?;
             if self.faults.isolated.load(Ordering::Relaxed) {
@@ -636,18 +648,7 @@ impl Peer for PeerService {
             let Some(chunk) = chunk else {
                 break;
             };
-            if sender != chunk.from {
-                return Err(Status::invalid_argument(format!(
-                    "from: the call is node {sender}'s but a chunk says {}",
-                    chunk.from
-                )));
-            }
-            if !open.still_admitted() {
-                return Err(Status::failed_precondition(format!(
-                    "node {sender} is now known here with another data directory: this \
-                     snapshot is from one it no longer runs on"
-                )));
-            }
+            check_sender(sender, &open, chunk.from, ("call", "chunk"))?;
             if self.faults.isolated.load(Ordering::Relaxed) {
                 return Err(Status::unavailable("this node is cut off from its peers"));
             }
@@ -703,12 +704,7 @@ impl Peer for PeerService {
                 msg.get_msg_type()
             )));
         }
-        if !open.still_admitted() {
-            return Err(Status::failed_precondition(format!(
-                "node {sender} is now known here with another data directory: this \
-                 snapshot is from one it no longer runs on"
-            )));
-        }
+        check_sender(sender, &open, sender, ("call", "chunk"))?;
         if self.faults.isolated.load(Ordering::Relaxed) {
             return Err(Status::unavailable("this node is cut off from its peers"));
         }
