@@ -728,13 +728,12 @@ impl<'a> Txn<'a> {
     }
 }
 
-/// Field number of `SnapshotData.ceilings`, the state's bulk: one entry per
-/// key ever used. Snapshots encode and decode it one key at a time (see
-/// [`read_snapshot`] and [`split_ceilings`]), so a state of tens of millions
-/// of keys is never held decoded at once.
-const CEILINGS_FIELD: u64 = 2;
-/// Protobuf wire type of a length-delimited field.
-const WIRE_LEN: u64 = 2;
+/// The protobuf key (field 2, length-delimited) of `SnapshotData.ceilings`,
+/// the state's bulk: one entry per key ever used. Snapshots encode and
+/// decode it one key at a time (see [`read_snapshot`] and
+/// [`split_ceilings`]), so a state of tens of millions of keys is never held
+/// decoded at once.
+const CEILINGS_KEY: usize = (2 << 3) | 2;
 
 /// Serializes the whole state machine with its applied index, as RocksDB
 /// snapshot `snap` of `db` holds them (so the index and the data agree).
@@ -780,8 +779,9 @@ pub(super) fn read_snapshot(
                     key,
                     ceiling: decode_u64("ceiling", &v)?,
                 };
-                put_varint((CEILINGS_FIELD << 3) | WIRE_LEN, &mut out);
-                out.extend_from_slice(&kc.encode_length_delimited_to_vec());
+                // prost's encoders fail only on a buffer without room.
+                prost::encode_length_delimiter(CEILINGS_KEY, &mut out).expect("a Vec grows");
+                kc.encode_length_delimited(&mut out).expect("a Vec grows");
             }
             Some(&WORKER_PREFIX) => data.workers.push(WorkerEntry {
                 worker: decode_u64("worker key", &k[1..])?,
@@ -806,37 +806,8 @@ pub(super) fn read_snapshot(
         }
     }
     data.members = members.into_values().collect();
-    out.extend_from_slice(&data.encode_to_vec());
+    data.encode(&mut out).expect("a Vec grows");
     Ok((applied, out))
-}
-
-fn put_varint(mut value: u64, out: &mut Vec<u8>) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn take_varint(bytes: &mut &[u8]) -> Result<u64, StorageError> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&b, rest) = bytes
-            .split_first()
-            .ok_or_else(|| StorageError::corrupt("snapshot data", "a varint runs past the end"))?;
-        *bytes = rest;
-        if shift == 63 && b > 1 {
-            break;
-        }
-        value |= u64::from(b & 0x7f) << shift;
-        if b < 0x80 {
-            return Ok(value);
-        }
-    }
-    Err(StorageError::corrupt(
-        "snapshot data",
-        "a varint past 64 bits",
-    ))
 }
 
 /// Walks an encoded `SnapshotData`: hands each key ceiling to `each` as it
@@ -847,17 +818,18 @@ fn split_ceilings(
     mut each: impl FnMut(KeyCeiling),
 ) -> Result<SnapshotData, StorageError> {
     let corrupt = |e: &dyn std::fmt::Display| StorageError::corrupt("snapshot data", e);
+    let varint = |bytes: &mut &[u8]| prost::decode_length_delimiter(bytes).map_err(|e| corrupt(&e));
     let mut rest = Vec::new();
     while !bytes.is_empty() {
         let field_start = bytes;
-        let key = take_varint(&mut bytes)?;
+        let key = varint(&mut bytes)?;
         let len = match key & 7 {
             0 => {
-                take_varint(&mut bytes)?;
+                varint(&mut bytes)?;
                 0
             }
             1 => 8,
-            2 => usize::try_from(take_varint(&mut bytes)?).unwrap_or(usize::MAX),
+            2 => varint(&mut bytes)?,
             5 => 4,
             wire => return Err(corrupt(&format!("field {}: wire type {wire}", key >> 3))),
         };
@@ -869,7 +841,7 @@ fn split_ceilings(
             )));
         }
         let (value, after) = bytes.split_at(len);
-        if key == (CEILINGS_FIELD << 3) | WIRE_LEN {
+        if key == CEILINGS_KEY {
             each(KeyCeiling::decode(value).map_err(|e| corrupt(&e))?);
         } else {
             rest.extend_from_slice(&field_start[..field_start.len() - after.len()]);
