@@ -65,6 +65,9 @@ pub const SNAPSHOTS_SENT_TOTAL: &str = "seqd_raft_snapshots_sent_total";
 /// directory (storage::identity).
 pub const PEER_STREAMS_REFUSED_TOTAL: &str = "seqd_raft_peer_streams_refused_total";
 pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "seqd_raft_snapshots_installed_total";
+/// Of those, the ones whose state went in as a table file RocksDB ingested
+/// (a large snapshot), not through the write-ahead log.
+pub const SNAPSHOTS_INGESTED_TOTAL: &str = "seqd_raft_snapshots_ingested_total";
 /// The last snapshot built for followers: how long it took (on its own
 /// thread, from a checkpoint) and its size.
 pub const SNAPSHOT_BUILD_SECONDS: &str = "seqd_raft_snapshot_last_build_seconds";
@@ -135,6 +138,7 @@ fn zero_rare_counters() {
         RAFT_LEADER_CHANGES_TOTAL,
         SNAPSHOTS_SENT_TOTAL,
         SNAPSHOTS_INSTALLED_TOTAL,
+        SNAPSHOTS_INGESTED_TOTAL,
         SNAPSHOT_CHUNKS_RECEIVED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
@@ -222,6 +226,10 @@ fn describe() {
     describe_counter!(
         SNAPSHOTS_INSTALLED_TOTAL,
         "Snapshots installed on this node."
+    );
+    describe_counter!(
+        SNAPSHOTS_INGESTED_TOTAL,
+        "Snapshots installed on this node whose state RocksDB ingested as a table file."
     );
     describe_gauge!(
         SNAPSHOT_BUILD_SECONDS,

@@ -209,6 +209,12 @@ async fn a_large_state_reaches_a_lagging_follower_without_a_leader_change() {
         "seqd_raft_snapshot_last_install_seconds",
     );
     assert!(install.is_some_and(|s| s > 0.0), "install time {install:?}");
+    // A state this large goes in as a table file, not through the log.
+    let ingested = common::metric(
+        &c.node(lagger).metrics_addr,
+        "seqd_raft_snapshots_ingested_total",
+    );
+    assert_eq!(ingested, Some(1.0), "snapshots ingested on the follower");
 
     // A leadership transfer now: the leader releases the million keys it
     // holds, unused for a while, as it goes on serving the keys in use,

@@ -2318,12 +2318,15 @@ impl Node {
         if !ready.snapshot().is_empty() {
             let started = Instant::now();
             let snap = ready.snapshot();
-            self.raw.mut_store().install_snapshot(snap)?;
+            let ingested = self.raw.mut_store().install_snapshot(snap)?;
             self.machine.reload()?;
             self.load_request_records()?;
             self.refresh_members()?;
             self.snapshots_installed += 1;
             metrics::counter!(m::SNAPSHOTS_INSTALLED_TOTAL).increment(1);
+            if ingested {
+                metrics::counter!(m::SNAPSHOTS_INGESTED_TOTAL).increment(1);
+            }
             match self.machine.worker_of(self.id)? {
                 Some((worker, fence)) => {
                     // Our own renewal (committed, not applied before the
@@ -2357,6 +2360,7 @@ impl Node {
                 index = snap.get_metadata().index,
                 term = snap.get_metadata().term,
                 bytes = snap.get_data().len(),
+                ingested,
                 elapsed_ms = took.as_millis() as u64,
                 "installed snapshot"
             );

@@ -815,7 +815,7 @@ pub(super) fn read_snapshot(
 /// request records) as one `SnapshotData` without ceilings.
 fn split_ceilings(
     mut bytes: &[u8],
-    mut each: impl FnMut(KeyCeiling),
+    mut each: impl FnMut(KeyCeiling) -> Result<(), StorageError>,
 ) -> Result<SnapshotData, StorageError> {
     let corrupt = |e: &dyn std::fmt::Display| StorageError::corrupt("snapshot data", e);
     let varint = |bytes: &mut &[u8]| prost::decode_length_delimiter(bytes).map_err(|e| corrupt(&e));
@@ -842,7 +842,7 @@ fn split_ceilings(
         }
         let (value, after) = bytes.split_at(len);
         if key == CEILINGS_KEY {
-            each(KeyCeiling::decode(value).map_err(|e| corrupt(&e))?);
+            each(KeyCeiling::decode(value).map_err(|e| corrupt(&e))?)?;
         } else {
             rest.extend_from_slice(&field_start[..field_start.len() - after.len()]);
         }
@@ -870,49 +870,114 @@ pub(super) fn write_snapshot(
         let (k, _) = item?;
         batch.delete_cf(state, &k);
     }
-    let data = split_ceilings(bytes, |kc| {
-        batch.put_cf(
-            state,
-            ceiling_key(&kc.namespace, &kc.key),
-            kc.ceiling.to_be_bytes(),
-        );
+    snapshot_entries(index, bytes, |k, v| {
+        batch.put_cf(state, k, v);
+        Ok(())
+    })
+}
+
+/// Writes the state family of a snapshot taken at `index` to a table file
+/// at `path`, for RocksDB to ingest (see `raft_log::RaftStore::install_snapshot`).
+/// A table file takes its keys in order, as every build encodes them (read
+/// from RocksDB in order); answers false, and leaves the file unfinished,
+/// if these are not.
+pub(super) fn write_state_file(
+    path: &std::path::Path,
+    index: u64,
+    bytes: &[u8],
+) -> Result<bool, StorageError> {
+    let opts = super::state_options();
+    let mut writer = rocksdb::SstFileWriter::create(&opts);
+    writer.open(path)?;
+    let mut last = Vec::new();
+    let mut sorted = true;
+    snapshot_entries(index, bytes, |k, v| {
+        // Decoding goes on to the end, so that a corrupt snapshot is
+        // refused as such, not taken for one merely out of order.
+        if sorted && k > last.as_slice() {
+            last.clear();
+            last.extend_from_slice(k);
+            writer.put(k, v)?;
+        } else {
+            sorted = false;
+        }
+        Ok(())
     })?;
+    if sorted {
+        writer.finish()?;
+    }
+    Ok(sorted)
+}
+
+/// The applied index the state family holds.
+pub(super) fn applied_index(db: &DB) -> Result<u64, StorageError> {
+    match db.get_cf(cf(db, CF_STATE), APPLIED)? {
+        Some(b) => decode_u64("applied index", &b),
+        None => Ok(0),
+    }
+}
+
+/// Hands `put` every entry of the state family a snapshot taken at `index`
+/// holds, in key order if its ceilings come in key order: the applied
+/// index (`a`), the ceilings (`c`), then the rest (a few members, workers
+/// and request records, and the machine's meta), sorted.
+fn snapshot_entries(
+    index: u64,
+    bytes: &[u8],
+    mut put: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    put(APPLIED, &index.to_be_bytes())?;
+    let data = split_ceilings(bytes, |kc| {
+        put(
+            &ceiling_key(&kc.namespace, &kc.key),
+            &kc.ceiling.to_be_bytes(),
+        )
+    })?;
+    let mut rest: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     for w in &data.workers {
         let rec = w.record.unwrap_or_default();
-        batch.put_cf(state, id_key(WORKER_PREFIX, w.worker), rec.encode_to_vec());
+        rest.insert(
+            id_key(WORKER_PREFIX, w.worker).to_vec(),
+            rec.encode_to_vec(),
+        );
         if rec.node_id != 0 {
-            batch.put_cf(
-                state,
-                id_key(NODE_WORKER_PREFIX, rec.node_id),
-                w.worker.to_be_bytes(),
+            rest.insert(
+                id_key(NODE_WORKER_PREFIX, rec.node_id).to_vec(),
+                w.worker.to_be_bytes().to_vec(),
             );
         }
     }
     for m in &data.members {
         if !m.addr.is_empty() {
-            batch.put_cf(state, id_key(MEMBER_PREFIX, m.node_id), m.addr.as_bytes());
+            rest.insert(
+                id_key(MEMBER_PREFIX, m.node_id).to_vec(),
+                m.addr.as_bytes().to_vec(),
+            );
         }
         if m.since != 0 {
-            batch.put_cf(
-                state,
-                id_key(SINCE_PREFIX, m.node_id),
-                m.since.to_be_bytes(),
+            rest.insert(
+                id_key(SINCE_PREFIX, m.node_id).to_vec(),
+                m.since.to_be_bytes().to_vec(),
             );
         }
         if m.data_id != 0 {
-            batch.put_cf(
-                state,
-                id_key(DATA_ID_PREFIX, m.node_id),
-                m.data_id.to_be_bytes(),
+            rest.insert(
+                id_key(DATA_ID_PREFIX, m.node_id).to_vec(),
+                m.data_id.to_be_bytes().to_vec(),
             );
         }
     }
     // In the order they were stored: the oldest is evicted first.
     for (seq, g) in (0u64..).zip(&data.requests) {
-        batch.put_cf(state, request_key(seq, grant_ranges(g)), g.encode_to_vec());
+        rest.insert(
+            request_key(seq, grant_ranges(g)).to_vec(),
+            g.encode_to_vec(),
+        );
     }
-    batch.put_cf(state, META, data.meta.unwrap_or_default().encode_to_vec());
-    batch.put_cf(state, APPLIED, index.to_be_bytes());
+    rest.insert(META.to_vec(), data.meta.unwrap_or_default().encode_to_vec());
+    for (k, v) in &rest {
+        put(k, v)?;
+    }
     Ok(())
 }
 

@@ -80,6 +80,12 @@ impl Deref for Disk {
 }
 
 impl Disk {
+    /// Whether this is the simulation's disk, which records write batches
+    /// and nothing else RocksDB does.
+    pub fn is_simulated(&self) -> bool {
+        self.journal.is_some()
+    }
+
     pub fn write_batch(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
         if let Some(journal) = &self.journal {
             let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,9 +235,11 @@ const ROCKSDB_LOG_FILES_KEPT: usize = 4;
 /// writes it, and reads it between its own writes. Snapshots for followers
 /// are built on another thread, so from a checkpoint (see
 /// `raft_log::build_from_checkpoint`), not from a RocksDB snapshot.
-/// It MUST NOT see a range deletion: a put that finds an older value of
-/// its key in the memtable is written into that entry, under a newer
-/// range tombstone, which then hides it (see `machine::write_snapshot`).
+/// Its memtable MUST NOT hold a range deletion: a put that finds an older
+/// value of its key in the memtable is written into that entry, under a
+/// newer range tombstone, which then hides it (see
+/// `machine::write_snapshot`). The one range deletion it sees, a large
+/// snapshot's install, is flushed at once (`raft_log::ingest_staged_state`).
 fn state_options() -> Options {
     let mut opts = family_options();
     opts.set_inplace_update_support(true);
@@ -285,10 +293,12 @@ pub fn open(dir: &Path) -> Result<Disk, StorageError> {
         db.flush_cf(cf(&db, CF_STATE))?;
     }
     let db = open_with(&options(), &path, true)?;
-    Ok(Disk {
+    let disk = Disk {
         db: Arc::new(db),
         journal: None,
-    })
+    };
+    raft_log::resume_install(&disk)?;
+    Ok(disk)
 }
 
 /// Opens a fresh in-memory database holding what `journal` recorded, and

@@ -321,29 +321,34 @@ impl RaftStore {
     }
 
     /// Installs a snapshot from the leader: replaces the state machine and
-    /// the log in one synced write.
-    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), StorageError> {
+    /// the log. Answers whether the state went through a table file.
+    ///
+    /// A small snapshot is one synced write. A large one (at least
+    /// [`INGEST_MIN_BYTES`]) would be one too large write: every key put
+    /// through the write-ahead log and the state family's memtable, whose
+    /// in-place updates search it before each insert (28 million keys held
+    /// the node loop 66-122 s, session 31). So its state is written, in key
+    /// order, to a table file RocksDB ingests whole, and the install takes
+    /// three steps: the file and an [`INSTALLING`] mark (synced), the state
+    /// family replaced by the file, then the log replaced and the mark
+    /// removed (synced). A node stopped between them finishes the install
+    /// when it opens its database again ([`resume_install`]). The
+    /// simulation's disk records writes only, so it installs in one write.
+    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<bool, StorageError> {
         let meta = snap.get_metadata();
-        let mut batch = WriteBatch::default();
-        machine::write_snapshot(&self.db, &mut batch, meta.index, snap.get_data())?;
-        let log = cf(&self.db, CF_LOG);
-        batch.delete_range_cf(log, log_key(0), log_key(u64::MAX));
-        let metacf = cf(&self.db, CF_META);
-        batch.put_cf(metacf, COMPACTED, compaction_point(meta.index, meta.term));
-        let cs = meta.get_conf_state().clone();
-        let cs_bytes = cs
-            .write_to_bytes()
-            .map_err(|e| StorageError::corrupt("conf state", e))?;
-        batch.put_cf(metacf, CONF_STATE, cs_bytes);
-        let mut hs = self.hard_state.clone();
-        // The snapshot's index is committed; the term and vote stay raft-rs's
-        // to persist (raising the term here would re-date an old vote).
-        hs.commit = hs.commit.max(meta.index);
-        let hs_bytes = hs
-            .write_to_bytes()
-            .map_err(|e| StorageError::corrupt("hard state", e))?;
-        batch.put_cf(metacf, HARD_STATE, hs_bytes);
-        self.db.write_batch(batch, true)?;
+        let ingested = snap.get_data().len() >= INGEST_MIN_BYTES
+            && !self.db.is_simulated()
+            && self.stage_install(snap)?;
+        let hs = self.hard_state.clone();
+        let (hs, cs) = if ingested {
+            finish_install(&self.db, meta, hs)?
+        } else {
+            let mut batch = WriteBatch::default();
+            machine::write_snapshot(&self.db, &mut batch, meta.index, snap.get_data())?;
+            let replaced = replace_log(&self.db, &mut batch, meta, hs)?;
+            self.db.write_batch(batch, true)?;
+            replaced
+        };
         self.hard_state = hs;
         self.conf_state = cs;
         self.compacted = (meta.index, meta.term);
@@ -353,7 +358,42 @@ impl RaftStore {
         let mut st = self.snapshots.lock();
         st.ready = None;
         st.generation += 1;
-        Ok(())
+        Ok(ingested)
+    }
+
+    /// The first step of an install through a table file: writes the
+    /// snapshot's state to the file and, once it is durable, the mark
+    /// naming the snapshot. Answers false (nothing marked) if the
+    /// snapshot's keys are out of order, which a table file cannot take.
+    fn stage_install(&self, snap: &Snapshot) -> Result<bool, StorageError> {
+        let meta = snap.get_metadata();
+        let dir = install_dir(self.db.path());
+        remove_install_dir(&dir);
+        let io = |source| StorageError::Dir {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let file = dir.join(INSTALL_FILE);
+        if !machine::write_state_file(&file, meta.index, snap.get_data())? {
+            tracing::warn!(
+                index = meta.index,
+                "snapshot keys out of order for a table file: installed in one write"
+            );
+            remove_install_dir(&dir);
+            return Ok(false);
+        }
+        // The file's contents are synced by RocksDB; its name by this.
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        let mut batch = WriteBatch::default();
+        let meta_bytes = meta
+            .write_to_bytes()
+            .map_err(|e| StorageError::corrupt("snapshot metadata", e))?;
+        batch.put_cf(cf(&self.db, CF_META), INSTALLING, meta_bytes);
+        self.db.write_batch(batch, true)?;
+        Ok(true)
     }
 
     fn entry(&self, index: u64) -> Result<Entry, StorageError> {
@@ -363,6 +403,139 @@ impl RaftStore {
             .ok_or_else(|| StorageError::corrupt("raft log", format!("entry {index} missing")))?;
         Entry::parse_from_bytes(&bytes).map_err(|e| StorageError::corrupt("entry", e))
     }
+}
+
+/// Adds to `batch` the writes that replace the log with the snapshot
+/// `meta` describes: no entries, the compaction point at the snapshot, its
+/// configuration, and `hs` with the snapshot's index committed. Answers the
+/// hard and conf state written.
+fn replace_log(
+    db: &DB,
+    batch: &mut WriteBatch,
+    meta: &SnapshotMetadata,
+    mut hs: HardState,
+) -> Result<(HardState, ConfState), StorageError> {
+    let log = cf(db, CF_LOG);
+    batch.delete_range_cf(log, log_key(0), log_key(u64::MAX));
+    let metacf = cf(db, CF_META);
+    batch.put_cf(metacf, COMPACTED, compaction_point(meta.index, meta.term));
+    let cs = meta.get_conf_state().clone();
+    let cs_bytes = cs
+        .write_to_bytes()
+        .map_err(|e| StorageError::corrupt("conf state", e))?;
+    batch.put_cf(metacf, CONF_STATE, cs_bytes);
+    // The snapshot's index is committed; the term and vote stay raft-rs's
+    // to persist (raising the term here would re-date an old vote).
+    hs.commit = hs.commit.max(meta.index);
+    let hs_bytes = hs
+        .write_to_bytes()
+        .map_err(|e| StorageError::corrupt("hard state", e))?;
+    batch.put_cf(metacf, HARD_STATE, hs_bytes);
+    Ok((hs, cs))
+}
+
+/// Snapshots at least this large are installed through a table file (see
+/// [`RaftStore::install_snapshot`]), about 45,000 keys.
+const INGEST_MIN_BYTES: usize = 1 << 20;
+/// Meta key: the metadata of a snapshot being installed through a table
+/// file. Written once the file is durable, removed with the write that
+/// replaces the log; found on start, it means the install was cut short.
+const INSTALLING: &[u8] = b"installing";
+/// The table file, in [`install_dir`], holding a staged snapshot's state.
+const INSTALL_FILE: &str = "state.sst";
+
+/// Where an install stages its table file, beside the database at `db`.
+pub(super) fn install_dir(db: &std::path::Path) -> std::path::PathBuf {
+    db.with_file_name("snapshot-install")
+}
+
+fn remove_install_dir(dir: &std::path::Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing a snapshot install's files failed")
+        }
+    }
+}
+
+/// The last steps of an install through a table file, staged by
+/// `stage_install` for the snapshot `meta`: the state family replaced by
+/// the file ([`ingest_staged_state`]), then the log replaced and the mark
+/// removed in one synced write. Both steps may be redone.
+fn finish_install(
+    db: &Disk,
+    meta: &SnapshotMetadata,
+    hs: HardState,
+) -> Result<(HardState, ConfState), StorageError> {
+    ingest_staged_state(db, meta)?;
+    let mut batch = WriteBatch::default();
+    let replaced = replace_log(db, &mut batch, meta, hs)?;
+    batch.delete_cf(cf(db, CF_META), INSTALLING);
+    db.write_batch(batch, true)?;
+    remove_install_dir(&install_dir(db.path()));
+    Ok(replaced)
+}
+
+/// Replaces the state family with the staged table file of the snapshot
+/// `meta`, unless it already holds the snapshot's applied index (the file
+/// was ingested before a stop; the state held before is older than any
+/// snapshot raft-rs restores, whose index is above the commit index).
+fn ingest_staged_state(db: &Disk, meta: &SnapshotMetadata) -> Result<(), StorageError> {
+    if machine::applied_index(db)? == meta.index {
+        return Ok(());
+    }
+    let file = install_dir(db.path()).join(INSTALL_FILE);
+    if !file.exists() {
+        return Err(StorageError::corrupt(
+            "snapshot install",
+            format!(
+                "the install of the snapshot at index {} was cut short and its state \
+                 file {} is gone; this data directory cannot be used",
+                meta.index,
+                file.display()
+            ),
+        ));
+    }
+    let state = cf(db, CF_STATE);
+    let mut batch = WriteBatch::default();
+    // Every state key begins with a letter.
+    batch.delete_range_cf(state, &b""[..], &b"\xff"[..]);
+    db.write_batch(batch, false)?;
+    // The state family updates values in place and must not hold a range
+    // deletion in its memtable (see `storage::state_options`): flushed at
+    // once, before anything else is written to it.
+    db.flush_cf(state)?;
+    let mut opts = rocksdb::IngestExternalFileOptions::default();
+    // Linked into the database, not copied; the staged name goes with it.
+    opts.set_move_files(true);
+    db.ingest_external_file_cf_opts(state, &opts, vec![file])?;
+    Ok(())
+}
+
+/// Finishes an install through a table file that a stop cut short (see
+/// [`RaftStore::install_snapshot`]), before anything reads the state or
+/// the log; removes a staged file that was never marked.
+pub(super) fn resume_install(db: &Disk) -> Result<(), StorageError> {
+    let metacf = cf(db, CF_META);
+    let Some(bytes) = db.get_cf(metacf, INSTALLING)? else {
+        remove_install_dir(&install_dir(db.path()));
+        return Ok(());
+    };
+    let meta = SnapshotMetadata::parse_from_bytes(&bytes)
+        .map_err(|e| StorageError::corrupt("snapshot install mark", e))?;
+    let hs = match db.get_cf(metacf, HARD_STATE)? {
+        Some(b) => {
+            HardState::parse_from_bytes(&b).map_err(|e| StorageError::corrupt("hard state", e))?
+        }
+        None => HardState::default(),
+    };
+    tracing::warn!(
+        index = meta.index,
+        "finishing a snapshot install the node stopped in"
+    );
+    finish_install(db, &meta, hs)?;
+    Ok(())
 }
 
 fn parse_compaction_point(bytes: Option<Vec<u8>>) -> Result<(u64, u64), StorageError> {
@@ -991,6 +1164,242 @@ mod tests {
             s.snapshot_hold(),
             None,
             "the build from before the install was kept"
+        );
+    }
+
+    /// A snapshot's state: `keys` ceilings named `prefix` and a number (in
+    /// key order unless `reversed`), a worker, a member, a request record
+    /// and the epoch.
+    fn snapshot_data(prefix: &str, keys: usize, reversed: bool) -> Vec<u8> {
+        use crate::pb::state::{
+            KeyCeiling, MachineMeta, Member, RequestGrant, SnapshotData, WorkerEntry, WorkerRecord,
+        };
+        use prost::Message as _;
+        let mut ceilings: Vec<KeyCeiling> = (0..keys)
+            .map(|i| KeyCeiling {
+                namespace: "ns".into(),
+                key: format!("{prefix}{i:08}"),
+                ceiling: i as u64 + 1,
+            })
+            .collect();
+        if reversed {
+            ceilings.reverse();
+        }
+        SnapshotData {
+            meta: Some(MachineMeta {
+                epoch: keys as u64,
+                clean_handoff: true,
+            }),
+            ceilings,
+            workers: vec![WorkerEntry {
+                worker: keys as u64 % 7,
+                record: Some(WorkerRecord {
+                    node_id: 1,
+                    fence_ms: 1_000,
+                    boot: 2,
+                    ..Default::default()
+                }),
+            }],
+            members: vec![Member {
+                node_id: 2,
+                addr: format!("{prefix}:7002"),
+                since: 3,
+                data_id: 77,
+            }],
+            requests: vec![RequestGrant {
+                namespace: "ns".into(),
+                request_id: format!("{prefix}-request"),
+                items: 1,
+                firsts: vec![1],
+                counts: vec![1],
+                epoch: 1,
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    fn snapshot_at(index: u64, term: u64, data: Vec<u8>) -> Snapshot {
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        });
+        snap
+    }
+
+    /// An old state (a small snapshot at 5, installed in one write) and a
+    /// large snapshot at 100 to replace it (80,000 keys, 1.8 MB).
+    fn old_and_large(reversed: bool) -> (Snapshot, Snapshot) {
+        let small = snapshot_at(5, 2, snapshot_data("old", 100, false));
+        let large = snapshot_at(100, 4, snapshot_data("new", 80_000, reversed));
+        assert!(large.get_data().len() >= INGEST_MIN_BYTES);
+        (small, large)
+    }
+
+    /// Every entry of a state family, in key order.
+    type State = Vec<(Box<[u8]>, Box<[u8]>)>;
+
+    fn state_of(db: &DB) -> State {
+        db.iterator_cf(cf(db, CF_STATE), rocksdb::IteratorMode::Start)
+            .map(|item| item.unwrap())
+            .collect()
+    }
+
+    /// The state family after `small` then `large`, each installed in one
+    /// write.
+    fn installed_in_one_write(small: &Snapshot, large: &Snapshot) -> State {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = RaftStore::open(super::super::open(dir.path()).unwrap(), &[1, 2, 3]).unwrap();
+        assert!(!s.install_snapshot(small).unwrap());
+        let mut batch = WriteBatch::default();
+        let meta = large.get_metadata();
+        machine::write_snapshot(&s.db, &mut batch, meta.index, large.get_data()).unwrap();
+        replace_log(&s.db, &mut batch, meta, s.hard_state.clone()).unwrap();
+        s.db.write_batch(batch, true).unwrap();
+        let state = state_of(&s.db);
+        assert!(state.len() > 80_000);
+        state
+    }
+
+    /// What an install of `large` leaves, checked on a store reopened from
+    /// `dir`: its state family, the log replaced, no mark, no staged file.
+    fn assert_installed(dir: &std::path::Path, large: &Snapshot, expected: &State) {
+        let db = super::super::open(dir).unwrap();
+        assert!(
+            &state_of(&db) == expected,
+            "the state differs from the snapshot's installed in one write"
+        );
+        assert_eq!(db.get_cf(cf(&db, CF_META), INSTALLING).unwrap(), None);
+        assert!(!install_dir(db.path()).exists(), "the staged file is left");
+        let s = RaftStore::open(db, &[1, 2, 3]).unwrap();
+        let meta = large.get_metadata();
+        assert_eq!(s.compacted, (meta.index, meta.term));
+        assert_eq!(s.first_index().unwrap(), meta.index + 1);
+        assert_eq!(s.hard_state.commit, meta.index);
+        assert_eq!(s.conf_state.voters, [1, 2, 3]);
+    }
+
+    /// Raises applied after an ingest (the state family's memtable updates
+    /// in place) land above the ingested file and the range deletion
+    /// under it, and are read back after a reopen: on a key the snapshot
+    /// holds, and on one only the replaced state held.
+    fn raises_after_an_ingest_are_kept(dir: &std::path::Path) {
+        use crate::pb::state::{command, Command, KeyCeiling, RaiseCeilings};
+        use prost::Message as _;
+        let raise = |index: u64, key: &str, ceiling: u64| Entry {
+            index,
+            term: 4,
+            data: Command {
+                kind: Some(command::Kind::Raise(RaiseCeilings {
+                    keys: vec![KeyCeiling {
+                        namespace: "ns".into(),
+                        key: key.into(),
+                        ceiling,
+                    }],
+                    requests: Vec::new(),
+                })),
+            }
+            .encode_to_vec()
+            .into(),
+            ..Default::default()
+        };
+        let mut m = machine::Machine::open(super::super::open(dir).unwrap()).unwrap();
+        assert_eq!(m.ceiling("ns", "new00000007").unwrap(), 8);
+        assert_eq!(m.ceiling("ns", "old00000007").unwrap(), 0, "old state kept");
+        m.apply(&[raise(101, "new00000007", 500), raise(102, "old00000007", 3)])
+            .unwrap();
+        m.apply(&[raise(103, "new00000007", 600)]).unwrap();
+        drop(m);
+        let m = machine::Machine::open(super::super::open(dir).unwrap()).unwrap();
+        assert_eq!(m.applied(), 103);
+        assert_eq!(m.ceiling("ns", "new00000007").unwrap(), 600);
+        assert_eq!(m.ceiling("ns", "old00000007").unwrap(), 3);
+        assert_eq!(m.ceiling("ns", "new00000008").unwrap(), 9);
+    }
+
+    /// A large snapshot goes through a table file and leaves the same state
+    /// family as one write would: the old state's keys gone, the new ones
+    /// and the applied index in. One whose keys are out of order (which a
+    /// table file cannot take) is installed in one write, to the same.
+    #[test]
+    fn a_large_snapshot_is_ingested_to_the_state_one_write_would_leave() {
+        let (small, large) = old_and_large(false);
+        let expected = installed_in_one_write(&small, &large);
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = RaftStore::open(super::super::open(dir.path()).unwrap(), &[1, 2, 3]).unwrap();
+        assert!(!s.install_snapshot(&small).unwrap(), "a small one ingested");
+        assert!(s.install_snapshot(&large).unwrap(), "not ingested");
+        assert_eq!(s.compacted, (100, 4));
+        assert_eq!(s.hard_state.commit, 100);
+        drop(s);
+        assert_installed(dir.path(), &large, &expected);
+        raises_after_an_ingest_are_kept(dir.path());
+
+        let (small, reversed) = old_and_large(true);
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = RaftStore::open(super::super::open(dir.path()).unwrap(), &[1, 2, 3]).unwrap();
+        assert!(!s.install_snapshot(&small).unwrap());
+        assert!(
+            !s.install_snapshot(&reversed).unwrap(),
+            "ingested out of order"
+        );
+        drop(s);
+        assert_installed(dir.path(), &reversed, &expected);
+    }
+
+    /// A node stopped inside an install through a table file (after the
+    /// file and its mark, or after the ingest too) finishes it when it opens
+    /// its database again. One whose staged file is gone refuses to start,
+    /// naming the file; a file staged without a mark is removed.
+    #[test]
+    fn an_install_cut_short_is_finished_when_the_node_opens_again() {
+        let (small, large) = old_and_large(false);
+        let expected = installed_in_one_write(&small, &large);
+        for ingested in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s =
+                RaftStore::open(super::super::open(dir.path()).unwrap(), &[1, 2, 3]).unwrap();
+            s.install_snapshot(&small).unwrap();
+            assert!(s.stage_install(&large).unwrap());
+            if ingested {
+                ingest_staged_state(&s.db, large.get_metadata()).unwrap();
+                assert_eq!(machine::applied_index(&s.db).unwrap(), 100);
+            }
+            assert_eq!(s.compacted, (5, 2), "the log was replaced early");
+            drop(s);
+            assert_installed(dir.path(), &large, &expected);
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = RaftStore::open(super::super::open(dir.path()).unwrap(), &[1, 2, 3]).unwrap();
+        s.install_snapshot(&small).unwrap();
+        let before = state_of(&s.db);
+        std::fs::create_dir_all(install_dir(s.db.path())).unwrap();
+        std::fs::write(install_dir(s.db.path()).join(INSTALL_FILE), b"half a file").unwrap();
+        drop(s);
+        let db = super::super::open(dir.path()).unwrap();
+        assert!(!install_dir(db.path()).exists(), "an unmarked file is left");
+        assert!(
+            state_of(&db) == before,
+            "an unmarked file changed the state"
+        );
+        let s = RaftStore::open(db, &[1, 2, 3]).unwrap();
+        assert_eq!(s.compacted, (5, 2));
+
+        assert!(s.stage_install(&large).unwrap());
+        std::fs::remove_dir_all(install_dir(s.db.path())).unwrap();
+        drop(s);
+        let err = super::super::open(dir.path()).err().expect("opened");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("snapshot at index 100 was cut short") && msg.contains(INSTALL_FILE),
+            "{msg}"
         );
     }
 }
