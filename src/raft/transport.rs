@@ -153,6 +153,8 @@ async fn peer_loop(
     // When the peer last refused this node, as logged.
     let mut refused: Option<Instant> = None;
     let uri = format!("http://{addr}");
+    // Snapshot sends in flight, with the report each owes the node.
+    let mut snapshot_sends: Vec<(tokio::task::AbortHandle, SnapshotReport)> = Vec::new();
     loop {
         let endpoint = match tonic::transport::Endpoint::from_shared(uri.clone()) {
             Ok(e) => e
@@ -190,6 +192,7 @@ async fn peer_loop(
                 msg = queue.recv() => {
                     let Some(msg) = msg else {
                         call.abort();
+                        abort_snapshot_sends(snapshot_sends, &node);
                         return;
                     };
                     let report = (msg.get_msg_type() == MessageType::MsgSnapshot)
@@ -209,7 +212,7 @@ async fn peer_loop(
                         continue;
                     }
                     if let Some(report) = report {
-                        tokio::spawn(send_snapshot(
+                        let task = tokio::spawn(send_snapshot(
                             me,
                             report,
                             snapshots.clone(),
@@ -217,6 +220,8 @@ async fn peer_loop(
                             tx.clone(),
                             node.clone(),
                         ));
+                        snapshot_sends.retain(|(task, _)| !task.is_finished());
+                        snapshot_sends.push((task.abort_handle(), report));
                         continue;
                     }
                     let bytes = match msg.write_to_bytes() {
@@ -250,6 +255,22 @@ async fn peer_loop(
         let _ = node.send(Input::Unreachable(peer_id));
         tokio::time::sleep(if refusing { REFUSED_RETRY } else { backoff }).await;
         drop_stale(&mut queue, &node);
+    }
+}
+
+/// Ends the snapshot sends still running to a peer this node no longer
+/// sends to (removed, or moved to another address), which would otherwise
+/// hold their memory and the peer's until their deadline, and reports
+/// each as not sent: raft-rs sends nothing more to a follower while a
+/// snapshot to it is out, so at a new address it would wait for the
+/// deadline too. A send that ended meanwhile has reported; the node
+/// ignores the second report, on a snapshot no longer pending.
+fn abort_snapshot_sends(sends: Vec<(tokio::task::AbortHandle, SnapshotReport)>, node: &Mailbox) {
+    for (task, report) in sends {
+        if !task.is_finished() {
+            task.abort();
+            let _ = node.send(Input::SnapshotSent(report));
+        }
     }
 }
 
@@ -669,7 +690,7 @@ impl Peer for PeerService {
             // Grown as the data comes, not by what the first chunk claims,
             // and refused rather than aborting the process if memory runs
             // out.
-            message.try_reserve(chunk.data.len()).map_err(|_| {
+            grow_within(&mut message, chunk.data.len(), total).map_err(|_| {
                 Status::resource_exhausted(format!(
                     "no memory for a snapshot of {total} bytes past {}",
                     message.len()
@@ -715,12 +736,49 @@ impl Peer for PeerService {
     }
 }
 
+/// Makes room in `buf` for `more` bytes of a message of `total` bytes:
+/// doubling its capacity as a `Vec` grows, but never past `total`, so the
+/// last growth of a 3 GiB snapshot asks for 3 GiB, not 4.
+fn grow_within(
+    buf: &mut Vec<u8>,
+    more: usize,
+    total: usize,
+) -> Result<(), std::collections::TryReserveError> {
+    let needed = buf.len() + more;
+    if needed <= buf.capacity() {
+        return Ok(());
+    }
+    let want = buf
+        .capacity()
+        .saturating_mul(2)
+        .clamp(needed, total.max(needed));
+    buf.try_reserve_exact(want - buf.len())
+}
+
 #[cfg(test)]
 mod tests {
     use ::raft::prelude::Snapshot;
 
     use super::*;
     use crate::pb::peer_server::PeerServer;
+
+    /// A snapshot's buffer doubles as it fills but never holds more than
+    /// the size announced, and ends holding exactly that.
+    #[test]
+    fn a_snapshot_buffer_grows_to_the_announced_size_and_no_further() {
+        let total = 5_500;
+        let mut buf = Vec::new();
+        let mut capacities = Vec::new();
+        for _ in 0..5 {
+            grow_within(&mut buf, 1_000, total).unwrap();
+            buf.extend_from_slice(&[7; 1_000]);
+            capacities.push(buf.capacity());
+        }
+        grow_within(&mut buf, 500, total).unwrap();
+        buf.extend_from_slice(&[7; 500]);
+        capacities.push(buf.capacity());
+        assert_eq!(capacities, [1_000, 2_000, 4_000, 4_000, 5_500, 5_500]);
+    }
 
     /// A peer as a build from before the `Snapshot` call is: it takes
     /// frames on the Raft stream only.
@@ -748,6 +806,114 @@ mod tests {
         }
     }
 
+    /// A peer whose node takes a snapshot's chunks and never answers, as
+    /// one installing a large state does: it says when it has the whole
+    /// message, and when the call is given up.
+    struct InstallingPeer(tmpsc::UnboundedSender<&'static str>);
+
+    /// Says the call ended when tonic drops its handler.
+    struct CallEnded(tmpsc::UnboundedSender<&'static str>);
+
+    impl Drop for CallEnded {
+        fn drop(&mut self) {
+            let _ = self.0.send("ended");
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Peer for InstallingPeer {
+        async fn raft(
+            &self,
+            request: Request<Streaming<RaftFrame>>,
+        ) -> Result<Response<RaftAck>, Status> {
+            let mut stream = request.into_inner();
+            while stream.message().await?.is_some() {}
+            Ok(Response::new(RaftAck {}))
+        }
+
+        async fn snapshot(
+            &self,
+            request: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<RaftAck>, Status> {
+            let _ended = CallEnded(self.0.clone());
+            let mut stream = request.into_inner();
+            while stream.message().await?.is_some() {}
+            let _ = self.0.send("whole");
+            std::future::pending().await
+        }
+    }
+
+    fn sender(id: u64) -> Sender {
+        Sender {
+            id,
+            data_id: 10 + id,
+            vote_promise: Duration::from_secs(1),
+            layout: Layout::from_parts(&[0, 41, 10, 12]).unwrap(),
+        }
+    }
+
+    /// A snapshot message with `data` at `index`, from node 1 to node 2.
+    fn snapshot_message(index: u64, data: Vec<u8>) -> Message {
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgSnapshot);
+        msg.from = 1;
+        msg.to = 2;
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = index;
+        snap.set_data(data.into());
+        msg.set_snapshot(snap);
+        msg
+    }
+
+    /// A snapshot on its way to a peer that is then removed is given up
+    /// at once, not at its deadline (a minute or more): the call ends, and
+    /// the node hears it was not sent.
+    #[tokio::test]
+    async fn a_snapshot_to_a_removed_peer_is_given_up_and_reported() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (said_tx, mut said) = tmpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    PeerServer::new(InstallingPeer(said_tx))
+                        .max_decoding_message_size(MAX_PEER_MESSAGE),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (node, mut inputs) = tokio::sync::mpsc::unbounded_channel();
+        let mut transport = Transport::start(
+            &tokio::runtime::Handle::current(),
+            sender(1),
+            &[(2, addr)],
+            node,
+            Arc::default(),
+        );
+        transport.send(vec![snapshot_message(42, vec![7; 2 * SNAPSHOT_CHUNK])]);
+        let deadline = Duration::from_secs(10);
+        let heard = tokio::time::timeout(deadline, said.recv()).await;
+        assert_eq!(
+            heard.expect("the peer never had the snapshot"),
+            Some("whole")
+        );
+
+        transport.remove_peer(2);
+        let report = tokio::time::timeout(deadline, async {
+            loop {
+                match inputs.recv().await {
+                    Some(Input::SnapshotSent(r)) => break (r.to, r.index, r.ok),
+                    Some(_) => {}
+                    None => panic!("the transport dropped the mailbox"),
+                }
+            }
+        })
+        .await
+        .expect("no report on the snapshot after its peer was removed");
+        assert_eq!(report, (2, 42, false));
+        let heard = tokio::time::timeout(deadline, said.recv()).await;
+        assert_eq!(heard.expect("the call was kept"), Some("ended"));
+    }
+
     /// A node from before snapshots in chunks still gets one, whole, on
     /// the Raft stream, and the leader hears it was sent.
     #[tokio::test]
@@ -763,29 +929,15 @@ mod tests {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let (node, mut inputs) = tokio::sync::mpsc::unbounded_channel();
-        let me = Sender {
-            id: 1,
-            data_id: 11,
-            vote_promise: Duration::from_secs(1),
-            layout: Layout::from_parts(&[0, 41, 10, 12]).unwrap(),
-        };
         let transport = Transport::start(
             &tokio::runtime::Handle::current(),
-            me,
+            sender(1),
             &[(2, addr)],
             node,
             Arc::default(),
         );
         let data: Vec<u8> = (0..3 * SNAPSHOT_CHUNK + 5).map(|i| i as u8).collect();
-        let mut msg = Message::default();
-        msg.set_msg_type(MessageType::MsgSnapshot);
-        msg.from = 1;
-        msg.to = 2;
-        let mut snap = Snapshot::default();
-        snap.mut_metadata().index = 42;
-        snap.set_data(data.clone().into());
-        msg.set_snapshot(snap);
-        transport.send(vec![msg]);
+        transport.send(vec![snapshot_message(42, data.clone())]);
         let deadline = Duration::from_secs(10);
         let sent = tokio::time::timeout(deadline, async {
             loop {
