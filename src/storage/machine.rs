@@ -71,7 +71,7 @@ fn ceiling_key(namespace: &str, key: &str) -> Vec<u8> {
     k
 }
 
-fn split_ceiling_key(k: &[u8]) -> Result<(String, String), StorageError> {
+fn split_ceiling_key(k: &[u8]) -> Result<(&str, &str), StorageError> {
     let rest = &k[1..];
     let nul = rest
         .iter()
@@ -81,7 +81,40 @@ fn split_ceiling_key(k: &[u8]) -> Result<(String, String), StorageError> {
         std::str::from_utf8(&rest[..nul]).map_err(|e| StorageError::corrupt("ceiling key", e))?;
     let key = std::str::from_utf8(&rest[nul + 1..])
         .map_err(|e| StorageError::corrupt("ceiling key", e))?;
-    Ok((ns.to_string(), key.to_string()))
+    Ok((ns, key))
+}
+
+/// Appends to `out` a `KeyCeiling` as field 2 of `SnapshotData`, the bytes
+/// prost writes for it, from the key's stored parts (no `String`s per key:
+/// a snapshot encodes tens of millions).
+fn encode_ceiling(out: &mut Vec<u8>, namespace: &str, key: &str, ceiling: u64) {
+    use prost::encoding::{encode_key, encode_varint, key_len, uint64, WireType};
+    let text = |tag: u32, s: &str| {
+        if s.is_empty() {
+            0
+        } else {
+            key_len(tag) + prost::length_delimiter_len(s.len()) + s.len()
+        }
+    };
+    // proto3 leaves out empty and zero fields.
+    let number = if ceiling == 0 {
+        0
+    } else {
+        uint64::encoded_len(3, &ceiling)
+    };
+    let len = text(1, namespace) + text(2, key) + number;
+    encode_key(2, WireType::LengthDelimited, out);
+    encode_varint(len as u64, out);
+    for (tag, s) in [(1, namespace), (2, key)] {
+        if !s.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(s.len() as u64, out);
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+    if ceiling != 0 {
+        uint64::encode(3, &ceiling, out);
+    }
 }
 
 /// What applying one entry changed, for the leader's allocator.
@@ -769,42 +802,36 @@ pub(super) fn read_snapshot(
         }))
     }
     let mut out = Vec::new();
-    for item in snap.iterator_cf(state, rocksdb::IteratorMode::Start) {
-        let (k, v) = item?;
+    // Read in place: no key or value copied out per entry.
+    let mut items = snap.raw_iterator_cf(state);
+    items.seek_to_first();
+    while let (Some(k), Some(v)) = (items.key(), items.value()) {
         match k.first() {
             Some(&CEILING_PREFIX) => {
-                let (namespace, key) = split_ceiling_key(&k)?;
-                let kc = KeyCeiling {
-                    namespace,
-                    key,
-                    ceiling: decode_u64("ceiling", &v)?,
-                };
-                // prost's encoders fail only on a buffer without room.
-                prost::encode_length_delimiter(CEILINGS_KEY, &mut out).expect("a Vec grows");
-                kc.encode_length_delimited(&mut out).expect("a Vec grows");
+                let (namespace, key) = split_ceiling_key(k)?;
+                encode_ceiling(&mut out, namespace, key, decode_u64("ceiling", v)?);
             }
             Some(&WORKER_PREFIX) => data.workers.push(WorkerEntry {
                 worker: decode_u64("worker key", &k[1..])?,
                 record: Some(
-                    WorkerRecord::decode(v.as_ref())
+                    WorkerRecord::decode(v)
                         .map_err(|e| StorageError::corrupt("worker record", e))?,
                 ),
             }),
             Some(&REQUEST_PREFIX) => data.requests.push(
-                RequestGrant::decode(v.as_ref())
-                    .map_err(|e| StorageError::corrupt("request record", e))?,
+                RequestGrant::decode(v).map_err(|e| StorageError::corrupt("request record", e))?,
             ),
             Some(&MEMBER_PREFIX) => {
-                member(&mut members, &k)?.addr =
+                member(&mut members, k)?.addr =
                     String::from_utf8(v.to_vec()).map_err(|e| StorageError::corrupt("member", e))?
             }
-            Some(&SINCE_PREFIX) => {
-                member(&mut members, &k)?.since = decode_u64("member since", &v)?
-            }
-            Some(&DATA_ID_PREFIX) => member(&mut members, &k)?.data_id = decode_u64("data id", &v)?,
+            Some(&SINCE_PREFIX) => member(&mut members, k)?.since = decode_u64("member since", v)?,
+            Some(&DATA_ID_PREFIX) => member(&mut members, k)?.data_id = decode_u64("data id", v)?,
             _ => {}
         }
+        items.next();
     }
+    items.status()?;
     data.members = members.into_values().collect();
     data.encode(&mut out).expect("a Vec grows");
     Ok((applied, out))
@@ -1667,6 +1694,33 @@ mod tests {
             "workers held before the snapshot stay held"
         );
         assert_eq!(m2.ceiling("z", "old").unwrap(), 0, "old state is replaced");
+    }
+
+    /// A ceiling encoded from its stored parts is the bytes prost writes
+    /// for the `KeyCeiling` as field 2, whatever is empty, zero or long.
+    #[test]
+    fn ceilings_encode_from_their_parts_as_prost_does() {
+        let long = "k".repeat(300);
+        for (namespace, key, ceiling) in [
+            ("conv", "c-1", 42),
+            ("conv", "", 7),
+            ("", "x", 0),
+            ("ns", long.as_str(), u64::MAX),
+            ("ns", "ü-ключ", 1 << 40),
+        ] {
+            let mut ours = Vec::new();
+            encode_ceiling(&mut ours, namespace, key, ceiling);
+            let mut prosts = Vec::new();
+            prost::encode_length_delimiter(CEILINGS_KEY, &mut prosts).unwrap();
+            KeyCeiling {
+                namespace: namespace.into(),
+                key: key.into(),
+                ceiling,
+            }
+            .encode_length_delimited(&mut prosts)
+            .unwrap();
+            assert_eq!(ours, prosts, "{namespace:?} {key:?} {ceiling}");
+        }
     }
 
     /// Snapshots encode their key ceilings one at a time, and installs
