@@ -2,7 +2,8 @@
 # How a large state reaches a follower the log was compacted past: the
 # leader builds a snapshot (on a thread of its own, from a checkpoint),
 # sends it in 1 MiB chunks on a call beside the Raft stream, and the
-# follower installs it on its loop in one write.
+# follower installs it on its loop (from session 32, a snapshot of 1 MiB
+# or more as a table file RocksDB ingests).
 #
 #   bench/snapshot.sh                 # a million keys
 #   bench/snapshot.sh 28000000        # twenty-eight million (past the 512
@@ -12,6 +13,9 @@
 #                                     # also perf-record the follower (call
 #                                     # graphs) from its start until it
 #                                     # caught up
+#   SEQD_SNAPSHOT_PERF_LEADER=/tmp/lead.data bench/snapshot.sh 3000000
+#                                     # the same of the leader (its build
+#                                     # and send)
 #
 # Starts a three-node cluster of the release build on loopback (ports
 # 17301-17303, metrics 17401-17403) in a temporary directory, stops one
@@ -34,8 +38,10 @@ bin="$target/release"
 work="$(mktemp -d)"
 pids=(0 0 0 0)
 perf_pid=0
+leader_perf_pid=0
 cleanup() {
     [ "$perf_pid" = 0 ] || kill -INT "$perf_pid" 2>/dev/null || true
+    [ "$leader_perf_pid" = 0 ] || kill -INT "$leader_perf_pid" 2>/dev/null || true
     for p in "${pids[@]}"; do [ "$p" != 0 ] && kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$work"
@@ -96,6 +102,11 @@ if [ -n "${SEQD_SNAPSHOT_PERF:-}" ]; then
         > "$work/perf.txt" 2>&1 &
     perf_pid=$!
 fi
+if [ -n "${SEQD_SNAPSHOT_PERF_LEADER:-}" ]; then
+    perf record -F 499 -g -p "${pids[$leader]}" -o "$SEQD_SNAPSHOT_PERF_LEADER" \
+        > "$work/perf-leader.txt" 2>&1 &
+    leader_perf_pid=$!
+fi
 caught=""
 deadline=$(($(date +%s) + 1800))
 while [ "$(date +%s)" -lt "$deadline" ]; do
@@ -110,6 +121,11 @@ if [ -n "${SEQD_SNAPSHOT_PERF:-}" ]; then
     kill -INT "$perf_pid" 2>/dev/null || true
     wait "$perf_pid" 2>/dev/null || true
     perf_pid=0
+fi
+if [ -n "${SEQD_SNAPSHOT_PERF_LEADER:-}" ]; then
+    kill -INT "$leader_perf_pid" 2>/dev/null || true
+    wait "$leader_perf_pid" 2>/dev/null || true
+    leader_perf_pid=0
 fi
 grep -q "installed snapshot" "$work/node$follower.log" \
     || echo "snapshot: node $follower caught up without one (from the log)"

@@ -478,9 +478,10 @@ fn finish_install(
 }
 
 /// Replaces the state family with the staged table file of the snapshot
-/// `meta`, unless it already holds the snapshot's applied index (the file
-/// was ingested before a stop; the state held before is older than any
-/// snapshot raft-rs restores, whose index is above the commit index).
+/// `meta`, unless it already holds the snapshot's applied index: the file
+/// was ingested before a stop. (The state held before the install is
+/// older, as raft-rs restores only a snapshot above its commit index; and
+/// any state applied up to that index would be the snapshot's anyway.)
 fn ingest_staged_state(db: &Disk, meta: &SnapshotMetadata) -> Result<(), StorageError> {
     if machine::applied_index(db)? == meta.index {
         return Ok(());
