@@ -927,6 +927,46 @@ mod tests {
         }
     }
 
+    /// Serves `peer` on a loopback port; answers its address.
+    async fn serve<P: Peer>(peer: P) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(peer).max_decoding_message_size(MAX_PEER_MESSAGE))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    /// Node 1's transport to node 2 at `addr`, and node 1's mailbox.
+    fn transport_to(addr: String) -> (Transport, tmpsc::UnboundedReceiver<Input>) {
+        let (node, inputs) = tokio::sync::mpsc::unbounded_channel();
+        let transport = Transport::start(
+            &tokio::runtime::Handle::current(),
+            sender(1),
+            &[(2, addr)],
+            node,
+            Arc::default(),
+        );
+        (transport, inputs)
+    }
+
+    /// The next snapshot report the node hears, within ten seconds.
+    async fn next_report(inputs: &mut tmpsc::UnboundedReceiver<Input>) -> SnapshotReport {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match inputs.recv().await {
+                    Some(Input::SnapshotSent(r)) => break r,
+                    Some(_) => {}
+                    None => panic!("the transport dropped the mailbox"),
+                }
+            }
+        })
+        .await
+        .expect("no report on the snapshot")
+    }
+
     /// A snapshot message with `data` at `index`, from node 1 to node 2.
     fn snapshot_message(index: u64, data: Vec<u8>) -> Message {
         let mut msg = Message::default();
@@ -945,25 +985,8 @@ mod tests {
     /// the node hears it was not sent.
     #[tokio::test]
     async fn a_snapshot_to_a_removed_peer_is_given_up_and_reported() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         let (said_tx, mut said) = tmpsc::unbounded_channel();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(
-                    PeerServer::new(InstallingPeer(said_tx))
-                        .max_decoding_message_size(MAX_PEER_MESSAGE),
-                )
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let (node, mut inputs) = tokio::sync::mpsc::unbounded_channel();
-        let mut transport = Transport::start(
-            &tokio::runtime::Handle::current(),
-            sender(1),
-            &[(2, addr)],
-            node,
-            Arc::default(),
-        );
+        let (mut transport, mut inputs) = transport_to(serve(InstallingPeer(said_tx)).await);
         transport.send(vec![snapshot_message(42, vec![7; 2 * SNAPSHOT_CHUNK])]);
         let deadline = Duration::from_secs(10);
         let heard = tokio::time::timeout(deadline, said.recv()).await;
@@ -973,18 +996,8 @@ mod tests {
         );
 
         transport.remove_peer(2);
-        let report = tokio::time::timeout(deadline, async {
-            loop {
-                match inputs.recv().await {
-                    Some(Input::SnapshotSent(r)) => break (r.to, r.index, r.ok),
-                    Some(_) => {}
-                    None => panic!("the transport dropped the mailbox"),
-                }
-            }
-        })
-        .await
-        .expect("no report on the snapshot after its peer was removed");
-        assert_eq!(report, (2, 42, false));
+        let r = next_report(&mut inputs).await;
+        assert_eq!((r.to, r.index, r.ok), (2, 42, false));
         let heard = tokio::time::timeout(deadline, said.recv()).await;
         assert_eq!(heard.expect("the call was kept"), Some("ended"));
     }
@@ -993,39 +1006,16 @@ mod tests {
     /// the Raft stream, and the leader hears it was sent.
     #[tokio::test]
     async fn a_peer_without_the_snapshot_call_gets_the_snapshot_in_one_frame() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         let (frames_tx, mut frames) = tmpsc::unbounded_channel();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(
-                    PeerServer::new(OldPeer(frames_tx)).max_decoding_message_size(MAX_PEER_MESSAGE),
-                )
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let (node, mut inputs) = tokio::sync::mpsc::unbounded_channel();
-        let transport = Transport::start(
-            &tokio::runtime::Handle::current(),
-            sender(1),
-            &[(2, addr)],
-            node,
-            Arc::default(),
-        );
+        let (transport, mut inputs) = transport_to(serve(OldPeer(frames_tx)).await);
         let data: Vec<u8> = (0..3 * SNAPSHOT_CHUNK + 5).map(|i| i as u8).collect();
         transport.send(vec![snapshot_message(42, data.clone())]);
+        let r = next_report(&mut inputs).await;
+        assert_eq!(
+            (r.to, r.index, r.bytes, r.ok),
+            (2, 42, data.len() as u64, true)
+        );
         let deadline = Duration::from_secs(10);
-        let sent = tokio::time::timeout(deadline, async {
-            loop {
-                match inputs.recv().await {
-                    Some(Input::SnapshotSent(r)) => break (r.to, r.index, r.bytes, r.ok),
-                    Some(_) => {}
-                    None => panic!("the transport dropped the mailbox"),
-                }
-            }
-        })
-        .await
-        .expect("no report on the snapshot");
-        assert_eq!(sent, (2, 42, data.len() as u64, true));
         let frame = tokio::time::timeout(deadline, frames.recv())
             .await
             .expect("no frame on the Raft stream")
