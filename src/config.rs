@@ -97,7 +97,26 @@ pub struct TestingConfig {
     pub allow_fault_injection: bool,
     /// Start with the clock shifted by this many ms.
     pub clock_offset_ms: i64,
+    /// Exit (status [`STOPPED_IN_INSTALL`]) inside the next install of a
+    /// snapshot through a table file, after this step: as a crash there
+    /// would, for a test of the install's resumption.
+    pub stop_in_snapshot_install: Option<InstallStep>,
 }
+
+/// The steps of a snapshot install through a table file that
+/// `testing.stop_in_snapshot_install` can stop after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum InstallStep {
+    /// The table file written and the install marked.
+    Staged,
+    /// The state family replaced by the file, the log not yet.
+    Ingested,
+}
+
+/// The exit status of a node stopped by `testing.stop_in_snapshot_install`.
+pub const STOPPED_IN_INSTALL: i32 = 86;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -319,6 +338,7 @@ pub struct Overrides {
     pub join: Option<bool>,
     pub clock_offset_ms: Option<i64>,
     pub allow_fault_injection: Option<bool>,
+    pub stop_in_snapshot_install: Option<InstallStep>,
     pub metrics_listen: Option<String>,
     pub worker_threads: Option<usize>,
 }
@@ -386,6 +406,9 @@ impl Config {
         }
         if let Some(a) = o.allow_fault_injection {
             self.testing.allow_fault_injection = a;
+        }
+        if let Some(step) = o.stop_in_snapshot_install {
+            self.testing.stop_in_snapshot_install = Some(step);
         }
         if let Some(l) = &o.metrics_listen {
             self.metrics.listen = Some(l.clone());

@@ -55,6 +55,10 @@ struct Args {
     /// Test only: accept Admin.InjectFault.
     #[arg(long, env = "SEQD_ALLOW_FAULT_INJECTION")]
     allow_fault_injection: bool,
+    /// Test only: exit inside the next snapshot install through a table
+    /// file, after this step (staged or ingested), as a crash would.
+    #[arg(long, env = "SEQD_STOP_IN_SNAPSHOT_INSTALL", value_enum)]
+    stop_in_snapshot_install: Option<seqd::config::InstallStep>,
     /// Overrides metrics.listen: serve Prometheus /metrics on ip:port.
     #[arg(long, env = "SEQD_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         join: args.join.then_some(true),
         clock_offset_ms: args.clock_offset_ms,
         allow_fault_injection: args.allow_fault_injection.then_some(true),
+        stop_in_snapshot_install: args.stop_in_snapshot_install,
         metrics_listen: args.metrics_listen,
         worker_threads: args.worker_threads,
     };

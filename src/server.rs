@@ -110,7 +110,10 @@ pub async fn serve(
             faults: faults.clone(),
             // Never 0, which worker records use for "no boot of ours".
             boot: rand::random::<u64>() | 1,
-            testing: NodeTesting::default(),
+            testing: NodeTesting {
+                stop_in_snapshot_install: config.testing.stop_in_snapshot_install,
+                ..NodeTesting::default()
+            },
         },
         &tokio::runtime::Handle::current(),
     )?;

@@ -293,6 +293,117 @@ async fn a_large_state_reaches_a_lagging_follower_without_a_leader_change() {
     );
 }
 
+/// A follower stopped inside the install of a large snapshot (after its
+/// table file and mark are written, or after the file is ingested too, as
+/// a crash there would) finishes the install when it starts again, before
+/// it reads its state, catches up, and then leads with every key where the
+/// snapshot left it: each continues at 2, under load, and no number is
+/// handed out twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_stopped_inside_an_install_finishes_it_when_it_starts() {
+    for step in ["staged", "ingested"] {
+        let mut c = Cluster::start(
+            3,
+            "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2\ncompact_threshold = 20",
+        );
+        let leader = c.wait_leader(Duration::from_secs(20)).await;
+        let lagger = leader % 3 + 1;
+        c.kill(lagger);
+        // 100,000 keys: a snapshot of about 2.4 MB, past the 1 MiB from
+        // which it goes through a table file.
+        let keys = 100_000;
+        let per_call = 10_000;
+        let mut api = c.sequencer(leader).await;
+        for call in 0..keys / per_call {
+            let items = (0..per_call)
+                .map(|i| BatchItem {
+                    key: format!("conversation-{:06}", call * per_call + i),
+                    count: 1,
+                })
+                .collect();
+            api.next_batch(NextBatchRequest {
+                namespace: "conv".into(),
+                items,
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+        let load = Load::start(Arc::new(c.client()), "inbox", 100, 4);
+        let before = c
+            .wait_status(leader, Duration::from_secs(30), "log compacted", |s| {
+                s.compacted_index > 20
+            })
+            .await;
+        c.spawn_with(lagger, &["--stop-in-snapshot-install", step]);
+        let status = c.wait_exit(lagger, Duration::from_secs(120)).await;
+        if status.and_then(|s| s.code()) != Some(seqd::config::STOPPED_IN_INSTALL) {
+            c.dump_logs();
+        }
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(seqd::config::STOPPED_IN_INSTALL),
+            "{step}: the follower did not stop inside the install"
+        );
+        c.spawn(lagger);
+        let caught = c
+            .wait_status(lagger, Duration::from_secs(120), "caught up", |s| {
+                s.applied_index >= before.commit_index
+            })
+            .await;
+        assert!(
+            c.log(lagger)
+                .contains("finishing a snapshot install the node stopped in"),
+            "{step}: the install was not resumed on start"
+        );
+
+        load.progress(100, Duration::from_secs(30)).await;
+        let mut admin = AdminClient::connect(format!("http://{}", c.node(leader).addr))
+            .await
+            .unwrap();
+        admin
+            .transfer_leader(TransferLeaderRequest { to: lagger })
+            .await
+            .unwrap();
+        c.wait_status(lagger, Duration::from_secs(60), "leading", |s| s.serving)
+            .await;
+        load.progress(100, Duration::from_secs(30)).await;
+        let (ops, errors) = load.finish().await;
+        assert!(errors.is_empty(), "{step}: {errors:?}");
+        check_history(&ops);
+        let mut api = c.sequencer(lagger).await;
+        let items: Vec<BatchItem> = (0..keys)
+            .step_by(97)
+            .map(|i| BatchItem {
+                key: format!("conversation-{i:06}"),
+                count: 1,
+            })
+            .collect();
+        let sampled = items.len();
+        let after = api
+            .next_batch(NextBatchRequest {
+                namespace: "conv".into(),
+                items,
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let wrong: Vec<_> = after.ranges.iter().filter(|r| r.first != 2).collect();
+        assert!(
+            wrong.is_empty(),
+            "{step}: {} of {sampled} sampled keys did not continue at 2 on the resumed \
+             follower: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+        eprintln!(
+            "stopped {step}: resumed, caught up at applied {}, led; {sampled} keys continue at 2",
+            caught.applied_index
+        );
+    }
+}
+
 /// The snapshot call refuses chunks that do not add up to one snapshot
 /// message from their sender, each with an error naming what is wrong, and
 /// the node goes on serving.

@@ -294,6 +294,9 @@ pub struct NodeTesting {
     /// [`HANDOVER_IDLE_MS`]. (The simulation's keys leave memory after
     /// 300 ms idle anyway.)
     pub handover_idle_ms: u64,
+    /// Exit inside the next snapshot install through a table file (see
+    /// `config::TestingConfig::stop_in_snapshot_install`).
+    pub stop_in_snapshot_install: Option<crate::config::InstallStep>,
 }
 
 /// Where a node's Raft messages go: the gRPC transport, or the simulated
@@ -952,10 +955,10 @@ impl Node {
             }
         };
         let meta_disk = disk.clone();
-        let store = RaftStore::open(disk.clone(), &voters)?;
+        let mut store = RaftStore::open(disk.clone(), &voters)?;
+        store.stop_in_install(params.testing.stop_in_snapshot_install);
         let machine = Machine::open(disk)?;
         let store_compacted = store.compacted_index();
-        let mut store = store;
         // Entries are applied before the hard state announcing their commit
         // is written; after a crash in between, applied may exceed the stored
         // commit, which raft-rs refuses. Those entries were committed.

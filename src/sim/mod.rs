@@ -572,6 +572,7 @@ impl Sim {
                 stretch_lease: self.cfg.break_lease,
                 trim_part_keys: SIM_TRIM_PART_KEYS,
                 handover_idle_ms: SIM_HANDOVER_IDLE_MS,
+                ..NodeTesting::default()
             },
         };
         let outbox = slot.outbox.clone();

@@ -10,6 +10,7 @@ use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 use rocksdb::{WriteBatch, DB};
 
 use super::{cf, decode_u64, machine, Disk, StorageError, CF_LOG, CF_META, CF_STATE};
+use crate::config::InstallStep;
 
 const HARD_STATE: &[u8] = b"hard_state";
 pub(super) const CONF_STATE: &[u8] = b"conf_state";
@@ -32,6 +33,8 @@ pub struct RaftStore {
     /// asks for terms constantly and the log is kept short by compaction.
     terms: VecDeque<u64>,
     snapshots: Snapshots,
+    /// Test only: exit inside the next install through a table file.
+    stop_in_install: Option<InstallStep>,
 }
 
 impl RaftStore {
@@ -82,6 +85,7 @@ impl RaftStore {
             compacted,
             terms,
             snapshots: Snapshots::default(),
+            stop_in_install: None,
         })
     }
 
@@ -341,6 +345,9 @@ impl RaftStore {
             && self.stage_install(snap)?;
         let hs = self.hard_state.clone();
         let (hs, cs) = if ingested {
+            self.maybe_stop_after(InstallStep::Staged);
+            ingest_staged_state(&self.db, meta)?;
+            self.maybe_stop_after(InstallStep::Ingested);
             finish_install(&self.db, meta, hs)?
         } else {
             let mut batch = WriteBatch::default();
@@ -359,6 +366,22 @@ impl RaftStore {
         st.ready = None;
         st.generation += 1;
         Ok(ingested)
+    }
+
+    /// Test only: makes the next install through a table file exit the
+    /// process after `step`, as a crash there would.
+    pub fn stop_in_install(&mut self, step: Option<InstallStep>) {
+        self.stop_in_install = step;
+    }
+
+    fn maybe_stop_after(&self, step: InstallStep) {
+        if self.stop_in_install == Some(step) {
+            tracing::error!(
+                ?step,
+                "stopping inside a snapshot install, as configured (test only)"
+            );
+            std::process::exit(crate::config::STOPPED_IN_INSTALL);
+        }
     }
 
     /// The first step of an install through a table file: writes the
