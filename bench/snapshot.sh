@@ -16,6 +16,8 @@
 #   SEQD_SNAPSHOT_PERF_LEADER=/tmp/lead.data bench/snapshot.sh 3000000
 #                                     # the same of the leader (its build
 #                                     # and send)
+#   SEQD_SNAPSHOT_LOGS=/tmp/logs bench/snapshot.sh 3000000
+#                                     # keep the nodes' logs there
 #
 # Starts a three-node cluster of the release build on loopback (ports
 # 17301-17303, metrics 17401-17403) in a temporary directory, stops one
@@ -44,6 +46,9 @@ cleanup() {
     [ "$leader_perf_pid" = 0 ] || kill -INT "$leader_perf_pid" 2>/dev/null || true
     for p in "${pids[@]}"; do [ "$p" != 0 ] && kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    if [ -n "${SEQD_SNAPSHOT_LOGS:-}" ]; then
+        mkdir -p "$SEQD_SNAPSHOT_LOGS" && cp "$work"/node*.log "$SEQD_SNAPSHOT_LOGS"/ || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -150,4 +155,10 @@ for i in 1 2 3; do
 done
 echo "term:      $term before, $(field "$leader" term) after (leader $leader:" \
     "$(field "$leader" role))"
+# How the snapshot went, from the two nodes' logs (a send that failed, a
+# second build, an election).
+echo "log:"
+grep -hE "snapshot (built|sent|not sent)|sending a snapshot failed|became leader|installed snapshot" \
+    "$work/node$leader.log" "$work/node$follower.log" 2>/dev/null \
+    | sed -e 's/\x1b\[[0-9;]*m//g' | sort | cut -c1-220 | sed 's/^/  /' || true
 [ -n "$caught" ] && grep -q "installed snapshot" "$work/node$follower.log"
