@@ -55,15 +55,7 @@ async fn lagging_follower_catches_up_by_snapshot() {
 
     // Hand leadership to the node that was rebuilt from the snapshot; its
     // numbers must continue above everything handed out before.
-    let mut admin = AdminClient::connect(format!("http://{}", c.node(leader).addr))
-        .await
-        .unwrap();
-    admin
-        .transfer_leader(TransferLeaderRequest { to: lagger })
-        .await
-        .unwrap();
-    c.wait_status(lagger, Duration::from_secs(20), "leading", |s| s.serving)
-        .await;
+    transfer(&c, leader, lagger).await;
     let mut api = c.sequencer(lagger).await;
     let again = api.next_batch(retried).await.unwrap().into_inner();
     assert_eq!(
@@ -80,6 +72,70 @@ async fn lagging_follower_catches_up_by_snapshot() {
         ops.len(),
         caught.applied_index
     );
+}
+
+/// Moves leadership from `from` to `to` and waits until `to` serves.
+async fn transfer(c: &Cluster, from: u64, to: u64) {
+    let mut admin = AdminClient::connect(format!("http://{}", c.node(from).addr))
+        .await
+        .unwrap();
+    admin
+        .transfer_leader(TransferLeaderRequest { to })
+        .await
+        .unwrap();
+    c.wait_status(to, Duration::from_secs(60), "leading", |s| s.serving)
+        .await;
+}
+
+/// Calls each fill key numbered in `keys` once, in one `NextBatch`.
+async fn call_fill_keys(
+    api: &mut seqd::pb::sequencer_client::SequencerClient<tonic::transport::Channel>,
+    keys: impl Iterator<Item = usize>,
+) -> seqd::pb::NextBatchResponse {
+    let items = keys
+        .map(|i| BatchItem {
+            key: format!("conversation-{i:07}"),
+            count: 1,
+        })
+        .collect();
+    api.next_batch(NextBatchRequest {
+        namespace: "conv".into(),
+        items,
+        request_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Calls each of `keys` fill keys once through node `id`, 10,000 a call;
+/// answers the last answer's epoch.
+async fn fill(c: &Cluster, id: u64, keys: usize) -> u64 {
+    let per_call = 10_000;
+    let mut api = c.sequencer(id).await;
+    let mut epoch = 0;
+    for from in (0..keys).step_by(per_call) {
+        epoch = call_fill_keys(&mut api, from..(from + per_call).min(keys))
+            .await
+            .epoch;
+    }
+    epoch
+}
+
+/// Calls every `step`th key of a [`fill`] of `keys` once more on node
+/// `id`; answers the epoch, the ranges that do not start at 2 (where a
+/// clean hand-over leaves a key called once), and how many keys it called.
+async fn sample_fill(
+    c: &Cluster,
+    id: u64,
+    keys: usize,
+    step: usize,
+) -> (u64, Vec<seqd::pb::Range>, usize) {
+    let mut api = c.sequencer(id).await;
+    let after = call_fill_keys(&mut api, (0..keys).step_by(step)).await;
+    let sampled = after.ranges.len();
+    let off = after.ranges.into_iter().filter(|r| r.first != 2).collect();
+    (after.epoch, off, sampled)
 }
 
 /// Keys the large-state test fills the state machine with.
@@ -103,27 +159,7 @@ async fn a_large_state_reaches_a_lagging_follower_without_a_leader_change() {
     let leader = c.wait_leader(Duration::from_secs(20)).await;
     let lagger = leader % 3 + 1;
     c.kill(lagger);
-    let mut api = c.sequencer(leader).await;
-    let per_call = 10_000;
-    let mut epoch = 0;
-    for call in 0..LARGE_STATE_KEYS / per_call {
-        let items = (0..per_call)
-            .map(|i| BatchItem {
-                key: format!("conversation-{:07}", call * per_call + i),
-                count: 1,
-            })
-            .collect();
-        epoch = api
-            .next_batch(NextBatchRequest {
-                namespace: "conv".into(),
-                items,
-                request_id: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .epoch;
-    }
+    let epoch = fill(&c, leader, LARGE_STATE_KEYS).await;
     let before = c
         .wait_status(leader, Duration::from_secs(10), "answering", |_| true)
         .await;
@@ -260,26 +296,8 @@ async fn a_large_state_reaches_a_lagging_follower_without_a_leader_change() {
         before.term + 1,
         "the target won the transfer's election; other elections came between ({trimmed:?})"
     );
-    let mut api = c.sequencer(lagger).await;
-    let items: Vec<BatchItem> = (0..LARGE_STATE_KEYS)
-        .step_by(101)
-        .map(|i| BatchItem {
-            key: format!("conversation-{i:07}"),
-            count: 1,
-        })
-        .collect();
-    let sampled = items.len();
-    let after = api
-        .next_batch(NextBatchRequest {
-            namespace: "conv".into(),
-            items,
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(after.epoch, epoch, "the hand-over was clean: same epoch");
-    let holes: Vec<_> = after.ranges.iter().filter(|r| r.first != 2).collect();
+    let (after_epoch, holes, sampled) = sample_fill(&c, lagger, LARGE_STATE_KEYS, 101).await;
+    assert_eq!(after_epoch, epoch, "the hand-over was clean: same epoch");
     assert!(
         holes.is_empty(),
         "{} of {sampled} sampled keys did not continue at 2 after the transfer: {:?}",
@@ -312,23 +330,7 @@ async fn a_follower_stopped_inside_an_install_finishes_it_when_it_starts() {
         // 100,000 keys: a snapshot of about 2.4 MB, past the 1 MiB from
         // which it goes through a table file.
         let keys = 100_000;
-        let per_call = 10_000;
-        let mut api = c.sequencer(leader).await;
-        for call in 0..keys / per_call {
-            let items = (0..per_call)
-                .map(|i| BatchItem {
-                    key: format!("conversation-{:06}", call * per_call + i),
-                    count: 1,
-                })
-                .collect();
-            api.next_batch(NextBatchRequest {
-                namespace: "conv".into(),
-                items,
-                request_id: String::new(),
-            })
-            .await
-            .unwrap();
-        }
+        fill(&c, leader, keys).await;
         let load = Load::start(Arc::new(c.client()), "inbox", 100, 4);
         let before = c
             .wait_status(leader, Duration::from_secs(30), "log compacted", |s| {
@@ -358,38 +360,12 @@ async fn a_follower_stopped_inside_an_install_finishes_it_when_it_starts() {
         );
 
         load.progress(100, Duration::from_secs(30)).await;
-        let mut admin = AdminClient::connect(format!("http://{}", c.node(leader).addr))
-            .await
-            .unwrap();
-        admin
-            .transfer_leader(TransferLeaderRequest { to: lagger })
-            .await
-            .unwrap();
-        c.wait_status(lagger, Duration::from_secs(60), "leading", |s| s.serving)
-            .await;
+        transfer(&c, leader, lagger).await;
         load.progress(100, Duration::from_secs(30)).await;
         let (ops, errors) = load.finish().await;
         assert!(errors.is_empty(), "{step}: {errors:?}");
         check_history(&ops);
-        let mut api = c.sequencer(lagger).await;
-        let items: Vec<BatchItem> = (0..keys)
-            .step_by(97)
-            .map(|i| BatchItem {
-                key: format!("conversation-{i:06}"),
-                count: 1,
-            })
-            .collect();
-        let sampled = items.len();
-        let after = api
-            .next_batch(NextBatchRequest {
-                namespace: "conv".into(),
-                items,
-                request_id: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let wrong: Vec<_> = after.ranges.iter().filter(|r| r.first != 2).collect();
+        let (_, wrong, sampled) = sample_fill(&c, lagger, keys, 97).await;
         assert!(
             wrong.is_empty(),
             "{step}: {} of {sampled} sampled keys did not continue at 2 on the resumed \
