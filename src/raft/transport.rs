@@ -51,9 +51,10 @@ const PEER_QUEUE: usize = 4096;
 pub const MAX_PEER_MESSAGE: usize = 512 << 20;
 /// Size of the chunks a snapshot travels in (see [`send_snapshot`]).
 pub const SNAPSHOT_CHUNK: usize = 1 << 20;
-/// Largest snapshot message: rust-protobuf 2 sizes a message in a `u32`,
-/// so raft-rs cannot encode a larger one. About 180 million keys of the 23
-/// bytes each session 31 measured.
+/// Largest snapshot message: rust-protobuf 2, which decodes raft-rs's
+/// messages, reads a length-delimited field's size as 32 bits, so a
+/// follower could not decode a larger one. About 180 million keys of the
+/// 23 bytes each session 31 measured.
 pub const MAX_SNAPSHOT_MESSAGE: usize = u32::MAX as usize;
 
 /// Who this node is, as its peer streams name it.
@@ -173,7 +174,10 @@ async fn peer_loop(
                 tracing::debug!(peer_id, %addr, error = %e, "peer unreachable");
                 let _ = node.send(Input::Unreachable(peer_id));
                 tokio::time::sleep(backoff).await;
-                drop_stale(&mut queue, &node);
+                if drop_stale(&mut queue, &node) {
+                    abort_snapshot_sends(snapshot_sends, &node);
+                    return;
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
@@ -197,7 +201,7 @@ async fn peer_loop(
                     };
                     let report = (msg.get_msg_type() == MessageType::MsgSnapshot)
                         .then(|| SnapshotReport::of(&msg, false));
-                    // Before encoding: rust-protobuf's sizes overflow past it.
+                    // Past it a follower could not decode the message.
                     if let Some(r) =
                         report.filter(|r| r.bytes > (MAX_SNAPSHOT_MESSAGE - 4096) as u64)
                     {
@@ -254,7 +258,10 @@ async fn peer_loop(
         }
         let _ = node.send(Input::Unreachable(peer_id));
         tokio::time::sleep(if refusing { REFUSED_RETRY } else { backoff }).await;
-        drop_stale(&mut queue, &node);
+        if drop_stale(&mut queue, &node) {
+            abort_snapshot_sends(snapshot_sends, &node);
+            return;
+        }
     }
 }
 
@@ -451,10 +458,20 @@ async fn send_snapshot(
 /// appends for seconds, while the other follower heard nothing and started
 /// an election. A snapshot among them is reported as not sent, so raft-rs
 /// sends it again rather than wait for it.
-fn drop_stale(queue: &mut tmpsc::Receiver<Message>, node: &Mailbox) {
-    while let Ok(msg) = queue.try_recv() {
-        if msg.get_msg_type() == MessageType::MsgSnapshot {
-            let _ = node.send(Input::SnapshotSent(SnapshotReport::of(&msg, false)));
+/// Answers whether the queue is closed: the peer was removed or moved, and
+/// its loop must end (a loop for a peer that cannot be reached would
+/// otherwise retry for ever, and report it unreachable to the node each
+/// time, where a peer at a new address has the same id).
+fn drop_stale(queue: &mut tmpsc::Receiver<Message>, node: &Mailbox) -> bool {
+    loop {
+        match queue.try_recv() {
+            Ok(msg) => {
+                if msg.get_msg_type() == MessageType::MsgSnapshot {
+                    let _ = node.send(Input::SnapshotSent(SnapshotReport::of(&msg, false)));
+                }
+            }
+            Err(tmpsc::error::TryRecvError::Empty) => return false,
+            Err(tmpsc::error::TryRecvError::Disconnected) => return true,
         }
     }
 }
@@ -1000,6 +1017,34 @@ mod tests {
         assert_eq!((r.to, r.index, r.ok), (2, 42, false));
         let heard = tokio::time::timeout(deadline, said.recv()).await;
         assert_eq!(heard.expect("the call was kept"), Some("ended"));
+    }
+
+    /// A peer that cannot be reached and is then removed is no longer
+    /// tried: its loop ends (one more report at most, from the attempt
+    /// under way) rather than report the id unreachable for ever, which
+    /// a peer added again under that id would take for its own.
+    #[tokio::test]
+    async fn a_removed_unreachable_peer_is_no_longer_tried() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let (mut transport, mut inputs) = transport_to(addr);
+        let unreachable = |input: &Input| matches!(input, Input::Unreachable(2));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !inputs.recv().await.is_some_and(|i| unreachable(&i)) {}
+        })
+        .await
+        .expect("the peer was never reported unreachable");
+        transport.remove_peer(2);
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut after = 0;
+        while let Ok(Some(input)) = tokio::time::timeout_at(until, inputs.recv()).await {
+            after += usize::from(unreachable(&input));
+        }
+        assert!(
+            after <= 1,
+            "reported unreachable {after} times after its removal"
+        );
     }
 
     /// A node from before snapshots in chunks still gets one, whole, on

@@ -64,7 +64,10 @@ impl StorageError {
 /// A node's database. Reads go straight to RocksDB (through `Deref`);
 /// every write goes through [`Disk::write_batch`], which says whether it
 /// must be synced and, in the deterministic simulation, records it so that
-/// a simulated crash can keep exactly the synced prefix.
+/// a simulated crash can keep exactly the synced prefix. (The one
+/// exception, a large snapshot's install through a table file, flushes
+/// and ingests outside it, and so is never done on the simulation's disk:
+/// see `raft_log::RaftStore::install_snapshot`.)
 #[derive(Clone)]
 pub struct Disk {
     db: Arc<DB>,

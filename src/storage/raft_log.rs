@@ -406,10 +406,13 @@ impl RaftStore {
             remove_install_dir(&dir);
             return Ok(false);
         }
-        // The file's contents are synced by RocksDB; its name by this.
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
+        // The file's contents are synced by RocksDB; its name, and the
+        // directory's (made afresh for each install), by these.
+        for d in [Some(dir.as_path()), dir.parent()].into_iter().flatten() {
+            std::fs::File::open(d)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
         let mut batch = WriteBatch::default();
         let meta_bytes = meta
             .write_to_bytes()
@@ -1378,20 +1381,30 @@ mod tests {
     }
 
     /// A node stopped inside an install through a table file (after the
-    /// file and its mark, or after the ingest too) finishes it when it opens
-    /// its database again. One whose staged file is gone refuses to start,
+    /// file and its mark, after the old state's deletion, or after the
+    /// ingest too) finishes it when it opens its database again. One whose staged file is gone refuses to start,
     /// naming the file; a file staged without a mark is removed.
     #[test]
     fn an_install_cut_short_is_finished_when_the_node_opens_again() {
         let (small, large) = old_and_large(false);
         let expected = installed_in_one_write(&small, &large);
-        for ingested in [false, true] {
+        for stop in ["staged", "old state deleted", "ingested"] {
             let dir = tempfile::tempdir().unwrap();
             let mut s =
                 RaftStore::open(super::super::open(dir.path()).unwrap(), &[1, 2, 3]).unwrap();
             s.install_snapshot(&small).unwrap();
             assert!(s.stage_install(&large).unwrap());
-            if ingested {
+            if stop == "old state deleted" {
+                // What the ingest does first, and a stop then leaves: the
+                // old state gone, the new one not in yet.
+                let state = cf(&s.db, CF_STATE);
+                let mut batch = WriteBatch::default();
+                batch.delete_range_cf(state, &b""[..], &b"\xff"[..]);
+                s.db.write_batch(batch, false).unwrap();
+                s.db.flush_cf(state).unwrap();
+                assert_eq!(state_of(&s.db), State::new(), "{stop}");
+            }
+            if stop == "ingested" {
                 ingest_staged_state(&s.db, large.get_metadata()).unwrap();
                 assert_eq!(machine::applied_index(&s.db).unwrap(), 100);
             }
