@@ -2998,7 +2998,13 @@ impl Node {
                 // append at a time, from its index on.
                 *id != self.id
                     && (pr.matched < index || pr.state != ::raft::ProgressState::Replicate)
+                    // A snapshot on its way to it (its report decides what
+                    // next): `recent_active` alone, which raft-rs clears
+                    // every election timeout until the next answer, let a
+                    // compaction in between drop the snapshot being sent,
+                    // and the follower needed a second one.
                     && (pr.recent_active
+                        || pr.state == ::raft::ProgressState::Snapshot
                         || sent
                             .get(id)
                             .is_some_and(|(i, until)| *i == index && now < *until))
