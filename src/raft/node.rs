@@ -240,8 +240,9 @@ const SNAPSHOT_HOLD_MAX_ENTRIES: u64 = 100_000;
 /// How long a follower a snapshot was sent to may take to install it and
 /// answer (it does not answer meanwhile, so raft-rs soon counts it as not
 /// recently active): a minute, or a second per MiB of snapshot if longer.
-/// Session 31's VM installed 652 MB (28 million keys) in 66-122 s, the
-/// release build; the debug build is slower.
+/// Session 31's VM installed 652 MB (28 million keys) in 66-122 s in one
+/// write; through a table file (session 32), 8-11 s. The margin covers a
+/// slow disk and the debug build.
 fn snapshot_install_grace(bytes: u64) -> Duration {
     Duration::from_secs(60).max(Duration::from_secs(bytes >> 20))
 }

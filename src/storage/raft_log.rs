@@ -485,16 +485,14 @@ fn remove_install_dir(dir: &std::path::Path) {
     }
 }
 
-/// The last steps of an install through a table file, staged by
-/// `stage_install` for the snapshot `meta`: the state family replaced by
-/// the file ([`ingest_staged_state`]), then the log replaced and the mark
-/// removed in one synced write. Both steps may be redone.
+/// The last step of an install through a table file, once the state
+/// family holds the snapshot `meta`'s state ([`ingest_staged_state`]): the
+/// log replaced and the mark removed, in one synced write.
 fn finish_install(
     db: &Disk,
     meta: &SnapshotMetadata,
     hs: HardState,
 ) -> Result<(HardState, ConfState), StorageError> {
-    ingest_staged_state(db, meta)?;
     let mut batch = WriteBatch::default();
     let replaced = replace_log(db, &mut batch, meta, hs)?;
     batch.delete_cf(cf(db, CF_META), INSTALLING);
@@ -561,6 +559,7 @@ pub(super) fn resume_install(db: &Disk) -> Result<(), StorageError> {
         index = meta.index,
         "finishing a snapshot install the node stopped in"
     );
+    ingest_staged_state(db, &meta)?;
     finish_install(db, &meta, hs)?;
     Ok(())
 }
