@@ -246,6 +246,12 @@ const ROCKSDB_LOG_FILES_KEPT: usize = 4;
 fn state_options() -> Options {
     let mut opts = family_options();
     opts.set_inplace_update_support(true);
+    // A bloom filter over the memtable's keys: a read of a key the memtable
+    // does not hold (a raise of a new key, the release of a key idle since
+    // the last flush) skips the skiplist search that dominated those
+    // applies. A tenth of the memtable's size.
+    opts.set_memtable_prefix_bloom_ratio(0.1);
+    opts.set_memtable_whole_key_filtering(true);
     // RocksDB refuses a cache only for lack of memory: the default then.
     if let Ok(cache) = rocksdb::Cache::new_lru_cache(STATE_BLOCK_CACHE_BYTES) {
         let mut table = rocksdb::BlockBasedOptions::default();
