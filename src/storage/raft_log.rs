@@ -339,6 +339,11 @@ impl RaftStore {
     /// when it opens its database again ([`resume_install`]). The
     /// simulation's disk records writes only, so it installs in one write.
     pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<bool, StorageError> {
+        // A build still running may take its checkpoint between two of the
+        // install's steps, a state that is no snapshot (the state family
+        // replaced, the log not yet): it is dropped as overtaken, not
+        // counted as a failed build.
+        self.snapshots.lock().generation += 1;
         let meta = snap.get_metadata();
         let ingested = snap.get_data().len() >= INGEST_MIN_BYTES
             && !self.db.is_simulated()
@@ -688,8 +693,9 @@ struct Snapshots {
 struct SnapshotState {
     building: bool,
     ready: Option<Snapshot>,
-    /// Bumped when the state is replaced (a snapshot installed here): a
-    /// build started before is of no use after, and is dropped.
+    /// Bumped when the state is replaced (as a snapshot install here
+    /// starts, and once it is done): a build started before is of no use
+    /// after, and is dropped.
     generation: u64,
     /// When the last build on a thread failed: the next waits a while
     /// rather than start at every heartbeat response (a full disk, say).
@@ -769,6 +775,13 @@ impl Snapshots {
                             "snapshot built for followers"
                         );
                         st.ready = Some(snap);
+                    }
+                    Err(e) if st.generation != generation => {
+                        tracing::info!(
+                            error = %e,
+                            "snapshot build for followers dropped: the state was replaced \
+                             while it was built"
+                        );
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "building a snapshot failed");
@@ -1162,14 +1175,7 @@ mod tests {
     fn a_build_overtaken_by_an_install_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let db = super::super::open(dir.path()).unwrap();
-        let other_dir = tempfile::tempdir().unwrap();
-        let mut other =
-            RaftStore::open(super::super::open(other_dir.path()).unwrap(), &[1, 2]).unwrap();
-        let es: Vec<Entry> = (2..=10).map(|i| entry(i, 1 + i / 5)).collect();
-        other.append(&es, None, true).unwrap();
-        other.compact(6).unwrap();
-        assert!(unavailable(other.snapshot(0, 2)));
-        let newer = other.snapshot(0, 2).unwrap();
+        let newer = snapshot_at_10();
 
         let mut s = RaftStore::open(db, &[1, 2]).unwrap();
         s.build_snapshots_in_background();
@@ -1178,6 +1184,27 @@ mod tests {
         assert_eq!(s.snapshot_hold(), Some((1, true)));
         s.install_snapshot(&newer).unwrap();
         drop(gate);
+        wait_build(&s);
+        assert_eq!(
+            s.snapshot_hold(),
+            None,
+            "the build from before the install was kept"
+        );
+    }
+
+    /// Another store's snapshot at index 10 (term 3), for nodes 1 and 2.
+    fn snapshot_at_10() -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        let mut other = RaftStore::open(super::super::open(dir.path()).unwrap(), &[1, 2]).unwrap();
+        let es: Vec<Entry> = (2..=10).map(|i| entry(i, 1 + i / 5)).collect();
+        other.append(&es, None, true).unwrap();
+        other.compact(6).unwrap();
+        assert!(unavailable(other.snapshot(0, 2)));
+        other.snapshot(0, 2).unwrap()
+    }
+
+    /// Waits until `s`'s build on a thread has ended.
+    fn wait_build(s: &RaftStore) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while s.snapshots.lock().building {
             assert!(
@@ -1186,10 +1213,41 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert_eq!(
-            s.snapshot_hold(),
-            None,
-            "the build from before the install was kept"
+    }
+
+    /// A build that fails while an install replaces the state (its
+    /// checkpoint taken between the install's steps reads as a corrupt
+    /// log) is dropped as overtaken: not logged as an error, and not
+    /// counted as a failure that holds the next build back.
+    #[test]
+    fn a_build_failing_under_an_install_is_not_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let newer = snapshot_at_10();
+
+        let mut s = RaftStore::open(db, &[1, 2]).unwrap();
+        s.build_snapshots_in_background();
+        // A file where the build puts its checkpoint: the build fails.
+        let blocker = checkpoint_dir(s.db.path());
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let gate = BUILD_GATE.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(unavailable(s.snapshot(0, 2)));
+        s.install_snapshot(&newer).unwrap();
+        drop(gate);
+        wait_build(&s);
+        assert!(
+            s.snapshots.lock().failed_at.is_none(),
+            "the overtaken build was counted as a failure"
+        );
+        // With nothing overtaking it, the same build's failure counts: the
+        // blocker does fail a build.
+        let gate = BUILD_GATE.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(unavailable(s.snapshot(0, 2)));
+        drop(gate);
+        wait_build(&s);
+        assert!(
+            s.snapshots.lock().failed_at.is_some(),
+            "a failed build was not counted"
         );
     }
 
