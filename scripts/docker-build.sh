@@ -41,6 +41,7 @@ root="$build/prometheus/rootfs"
 mkdir -p "$root/tmp" "$root/prometheus" "$root/etc/prometheus"
 install_with_libs "$(command -v prometheus)" "$root" /bin/prometheus
 cp docker/prometheus.yml "$root/etc/prometheus/prometheus.yml"
+cp docker/seqd-rules.yml "$root/etc/prometheus/seqd-rules.yml"
 cp docker/prometheus.Dockerfile "$build/prometheus/Dockerfile"
 docker build -q -t seqd-prometheus:local "$build/prometheus"
 echo "built seqd:local and seqd-prometheus:local"

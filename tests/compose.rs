@@ -276,4 +276,7 @@ async fn compose_cluster_survives_kill_pause_partition_and_restart() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // It loaded the alerting rules (docker/seqd-rules.yml) and evaluates
+    // them without error.
+    common::wait_rules_evaluated(&prom, Duration::from_secs(30));
 }

@@ -1,6 +1,9 @@
 //! A real Prometheus (Debian's `prometheus`, installed by scripts/setup.sh)
 //! scrapes a three-node cluster under load; its query API must report a
-//! sane p99 allocation latency and exactly one leader.
+//! sane p99 allocation latency and exactly one leader. It loads the
+//! alerting rules operators get (`docker/seqd-rules.yml`): every rule must
+//! evaluate without error against the live metrics, and killing a node
+//! must raise `SeqdNodeDown` for it and nothing about the leader.
 
 mod common;
 
@@ -31,8 +34,10 @@ fn start_prometheus(c: &Cluster) -> Prometheus {
         .iter()
         .map(|n| format!("'{}'", n.metrics_addr))
         .collect();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/seqd-rules.yml");
     let config = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: seqd\n    static_configs:\n      - targets: [{}]\n",
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: ['{}']\nscrape_configs:\n  - job_name: seqd\n    static_configs:\n      - targets: [{}]\n",
+        rules.display(),
         targets.join(", ")
     );
     let config_path = dir.join("prometheus.yml");
@@ -53,6 +58,27 @@ fn start_prometheus(c: &Cluster) -> Prometheus {
     Prometheus { child, addr }
 }
 
+/// The `ALERTS` series (pending or firing) for `alertname`, by their
+/// `instance` label ("" for an alert over the whole cluster).
+fn active_alerts(prom: &Prometheus, alertname: &str) -> Option<Vec<String>> {
+    let q = format!("ALERTS{{alertname=\"{alertname}\"}}");
+    let body = common::http_get(
+        &prom.addr,
+        &format!("/api/v1/query?query={}", common::encode(&q)),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    if v["status"] != "success" {
+        return None;
+    }
+    Some(
+        v["data"]["result"]
+            .as_array()?
+            .iter()
+            .map(|r| r["metric"]["instance"].as_str().unwrap_or("").to_string())
+            .collect(),
+    )
+}
+
 /// Polls `q` until `ok` accepts its value.
 fn wait_query(prom: &Prometheus, q: &str, within: Duration, ok: impl Fn(f64) -> bool) -> f64 {
     let deadline = Instant::now() + within;
@@ -71,8 +97,8 @@ fn wait_query(prom: &Prometheus, q: &str, within: Duration, ok: impl Fn(f64) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prometheus_sees_latency_and_one_leader() {
-    let c = Cluster::start(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
-    c.wait_leader(Duration::from_secs(20)).await;
+    let mut c = Cluster::start(3, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
     let prom = start_prometheus(&c);
 
     // Every call its own `Next` RPC (no coalescing), so that the count
@@ -161,4 +187,46 @@ async fn prometheus_sees_latency_and_one_leader() {
         "{calls} scraped of {} made",
         ops.len()
     );
+
+    // Every alerting rule loaded and evaluated without error (a rule over
+    // a label or series shape the metrics do not have fails here).
+    common::wait_rules_evaluated(&prom.addr, Duration::from_secs(30));
+    let outage = [
+        "SeqdNodeDown",
+        "SeqdMajorityDown",
+        "SeqdNoLeader",
+        "SeqdSplitLeadership",
+    ];
+    for name in outage {
+        assert_eq!(
+            active_alerts(&prom, name),
+            Some(vec![]),
+            "{name} active in a healthy cluster"
+        );
+    }
+
+    // A follower dies: its node-down alert comes (pending within seconds;
+    // firing after the rule's minute), and nothing about the leader.
+    let follower = leader % 3 + 1;
+    let dead = c.nodes[follower as usize - 1].metrics_addr.clone();
+    c.kill(follower);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let down = active_alerts(&prom, "SeqdNodeDown");
+        if down.as_deref() == Some(std::slice::from_ref(&dead)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SeqdNodeDown for {dead} never came: {down:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for name in ["SeqdMajorityDown", "SeqdNoLeader", "SeqdSplitLeadership"] {
+        assert_eq!(
+            active_alerts(&prom, name),
+            Some(vec![]),
+            "{name} active with two of three nodes up"
+        );
+    }
 }

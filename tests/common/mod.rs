@@ -742,6 +742,53 @@ pub fn prom_query(addr: &str, q: &str) -> Option<f64> {
     sample["value"][1].as_str()?.parse().ok()
 }
 
+/// Waits until the Prometheus at `prom` has loaded every alerting rule of
+/// `docker/seqd-rules.yml` and evaluated each without error (a rule over a
+/// label or series shape the metrics do not have fails here).
+pub fn wait_rules_evaluated(prom: &str, within: Duration) {
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/seqd-rules.yml"),
+    )
+    .expect("read docker/seqd-rules.yml");
+    let expected = rules
+        .lines()
+        .filter(|l| l.trim().starts_with("- alert:"))
+        .count();
+    let deadline = Instant::now() + within;
+    loop {
+        let health = rule_health(prom);
+        if matches!(&health, Some((n, bad)) if *n == expected && bad.is_empty()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus at {prom}: not all {expected} rules evaluated cleanly: {health:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The alerting rules the Prometheus at `prom` has loaded: how many, and
+/// those not yet evaluated or whose last evaluation failed (with the error).
+fn rule_health(prom: &str) -> Option<(usize, Vec<String>)> {
+    let body = http_get(prom, "/api/v1/rules?type=alert")?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let mut count = 0;
+    let mut bad = Vec::new();
+    for group in v["data"]["groups"].as_array()? {
+        for rule in group["rules"].as_array()? {
+            count += 1;
+            if rule["health"] != "ok" {
+                bad.push(format!(
+                    "{}: {} {}",
+                    rule["name"], rule["health"], rule["lastError"]
+                ));
+            }
+        }
+    }
+    Some((count, bad))
+}
+
 /// One caller of `NextIds` per node address, each on its own node (every
 /// node issues IDs), collecting every ID issued.
 pub struct IdLoad {
