@@ -99,6 +99,11 @@ pub const CLOCK_ROLLBACK_SECONDS: &str = "seqd_clock_rollback_seconds";
 /// `held` (IDs and fences go on from before it), then `believed` (it held
 /// for `trust_forward_step_ms`) or `undone` (the clock came back first).
 pub const CLOCK_FORWARD_STEPS_TOTAL: &str = "seqd_clock_forward_steps_total";
+/// How far each peer's clock is ahead of this node's (negative: behind),
+/// by `peer` id, estimated from the stamps on the Raft frames it sends
+/// (a follower hears only the leader; the leader hears every follower).
+/// NaN while the peer's stream is down.
+pub const PEER_CLOCK_OFFSET_SECONDS: &str = "seqd_peer_clock_offset_seconds";
 /// How far this node's time fence is ahead of its clock.
 pub const FENCE_HEADROOM_SECONDS: &str = "seqd_snowflake_fence_headroom_seconds";
 /// Years before the Snowflake layout's time bits run out.
@@ -278,6 +283,11 @@ fn describe() {
         CLOCK_ROLLBACK_SECONDS,
         Unit::Seconds,
         "Size of clock steps back."
+    );
+    describe_gauge!(
+        PEER_CLOCK_OFFSET_SECONDS,
+        Unit::Seconds,
+        "How far each peer's clock is ahead of this node's, by peer id."
     );
     describe_gauge!(
         FENCE_HEADROOM_SECONDS,

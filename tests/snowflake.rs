@@ -718,3 +718,68 @@ async fn a_large_id_call_fits_in_one_reply() {
     assert_eq!(got.ids.len(), 500_000);
     assert!(got.ids.windows(2).all(|w| w[0] < w[1]));
 }
+
+/// Every node estimates how far its peers' clocks are from its own, from
+/// the stamps on the Raft frames they send (the leader hears every
+/// follower, a follower the leader): a follower whose clock is set 5 s
+/// ahead shows 5 s ahead on the leader and the leader 5 s behind on it,
+/// the other follower stays near 0, the leader logs a warning naming the
+/// peer, and once the clock is set right the estimate comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_see_a_clock_set_ahead() {
+    let c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let skewed = leader % 3 + 1;
+    let other = 6 - leader - skewed;
+    fault(&c, skewed, 5_000, false).await;
+
+    let offset = |observer: u64, peer: u64| {
+        common::metric(
+            &c.node(observer).metrics_addr,
+            &format!("seqd_peer_clock_offset_seconds{{peer=\"{peer}\"}}"),
+        )
+    };
+    let wait_offsets = |expected: Vec<(u64, u64, f64)>| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let seen: Vec<Option<f64>> = expected
+                .iter()
+                .map(|&(observer, peer, _)| offset(observer, peer))
+                .collect();
+            let close = expected
+                .iter()
+                .zip(&seen)
+                .all(|(&(_, _, want), got)| got.is_some_and(|got| (got - want).abs() < 0.3));
+            if close {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "clock offsets (observer, peer, expected) {expected:?}: seen {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    wait_offsets(vec![
+        (leader, skewed, 5.0),
+        (leader, other, 0.0),
+        (skewed, leader, -5.0),
+        (other, leader, 0.0),
+    ])
+    .await;
+    let warning = format!("peer={skewed}");
+    c.wait_log(
+        leader,
+        Duration::from_secs(10),
+        |log| {
+            log.lines().any(|l| {
+                l.contains("a peer's clock is far from this node's") && l.contains(&warning)
+            })
+        },
+        |_| format!("no warning about node {skewed}'s clock"),
+    )
+    .await;
+
+    fault(&c, skewed, 0, false).await;
+    wait_offsets(vec![(leader, skewed, 0.0), (skewed, leader, 0.0)]).await;
+}

@@ -493,6 +493,7 @@ pub fn spawn(
     let disk = storage::open(&params.data_dir)?;
     let data_id = storage::identity::own(&disk)?;
     let layout = *params.ids.lock().layout();
+    let clock = params.ids.clock.clone();
     storage::check_layout(&disk, &layout)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let faults = params.faults.clone();
@@ -520,6 +521,7 @@ pub fn spawn(
                 peers,
                 transport_tx,
                 faults.clone(),
+                clock.clone(),
             ))
         },
         Box::new(syncer),
@@ -530,7 +532,7 @@ pub fn spawn(
     let task = rt.spawn(node.run());
     Ok((
         NodeHandle::new(tx.clone(), request_timeout),
-        PeerService::new(tx, faults, data_ids, promises, layout),
+        PeerService::new(tx, faults, data_ids, promises, layout, clock),
         task,
     ))
 }

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Faults, Input, Mailbox, SnapshotReport};
-use crate::core::Layout;
+use crate::core::{Clock, Layout};
 use crate::metrics as m;
 use crate::pb::peer_client::PeerClient;
 use crate::pb::peer_server::Peer;
@@ -73,6 +73,8 @@ pub struct Transport {
     peers: HashMap<u64, (String, tmpsc::Sender<Message>)>,
     node: Mailbox,
     faults: Arc<Faults>,
+    /// Stamps each frame, for the peers' clock offset estimates.
+    clock: Arc<dyn Clock>,
 }
 
 impl Transport {
@@ -83,6 +85,7 @@ impl Transport {
         peers: &[(u64, String)],
         node: Mailbox,
         faults: Arc<Faults>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         let mut t = Self {
             me,
@@ -90,6 +93,7 @@ impl Transport {
             peers: HashMap::new(),
             node,
             faults,
+            clock,
         };
         for (id, addr) in peers {
             t.add_peer(*id, addr);
@@ -109,6 +113,7 @@ impl Transport {
             addr.to_string(),
             rx,
             self.node.clone(),
+            self.clock.clone(),
         ));
         // Replacing the sender ends the old task (its queue closes).
         self.peers.insert(id, (addr.to_string(), tx));
@@ -149,6 +154,7 @@ async fn peer_loop(
     addr: String,
     mut queue: tmpsc::Receiver<Message>,
     node: Mailbox,
+    clock: Arc<dyn Clock>,
 ) {
     let mut backoff = Duration::from_millis(20);
     // When the peer last refused this node, as logged.
@@ -235,7 +241,12 @@ async fn peer_loop(
                             continue;
                         }
                     };
-                    if tx.send(RaftFrame { from: me.id, message: bytes }).await.is_err() {
+                    let frame = RaftFrame {
+                        from: me.id,
+                        message: bytes,
+                        sent_ms: clock.now_ms(),
+                    };
+                    if tx.send(frame).await.is_err() {
                         break;
                     }
                 }
@@ -437,6 +448,8 @@ async fn send_snapshot(
                 .send(RaftFrame {
                     from: me.id,
                     message,
+                    // Old peers take no stamp.
+                    sent_ms: 0,
                 })
                 .await
                 .is_ok()
@@ -529,6 +542,51 @@ pub struct PeerService {
     /// When a peer's stream was last refused for its layout, by peer: the
     /// error is logged once per [`REFUSAL_LOG_EVERY`].
     layout_refusals: Arc<std::sync::Mutex<HashMap<u64, Instant>>>,
+    /// This node's wall clock, against which peers' frame stamps are read.
+    clock: Arc<dyn Clock>,
+}
+
+/// How long each estimate of a peer's clock offset gathers frames.
+const CLOCK_OFFSET_WINDOW: Duration = Duration::from_secs(1);
+/// A peer's clock further than this from this node's is logged (once, and
+/// again when it is back within).
+const CLOCK_OFFSET_WARN_MS: i64 = 1_000;
+
+/// Estimates how far a peer's clock is ahead of this node's (negative:
+/// behind) from the stamps on the frames it sends. A frame's stamp less
+/// its arrival is the offset less the frame's time on the way, so the
+/// largest of a window's (its fastest frame) is the closest: on loopback
+/// or a LAN within a millisecond, whatever the load, while any frame of
+/// the window travels fast. Delays only ever lower it.
+#[derive(Debug)]
+struct ClockOffset {
+    started: Instant,
+    best_ms: Option<i64>,
+    /// The last estimate was past [`CLOCK_OFFSET_WARN_MS`].
+    far: bool,
+}
+
+impl ClockOffset {
+    fn new(now: Instant) -> Self {
+        Self {
+            started: now,
+            best_ms: None,
+            far: false,
+        }
+    }
+
+    /// Takes a frame stamped `sent_ms` (the peer's clock) that arrived at
+    /// `arrived_ms` (this node's); at the end of a window answers the
+    /// window's estimate.
+    fn sample(&mut self, sent_ms: u64, arrived_ms: u64, now: Instant) -> Option<i64> {
+        let offset = sent_ms as i64 - arrived_ms as i64;
+        self.best_ms = Some(self.best_ms.map_or(offset, |b| b.max(offset)));
+        if now.duration_since(self.started) < CLOCK_OFFSET_WINDOW {
+            return None;
+        }
+        self.started = now;
+        self.best_ms.take()
+    }
 }
 
 /// The vote promise each peer named on its latest stream. Nodes configure
@@ -564,6 +622,7 @@ impl PeerService {
         data_ids: Arc<PeerDataIds>,
         promises: PeerPromises,
         layout: Layout,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             node,
@@ -573,6 +632,31 @@ impl PeerService {
             promises,
             layout,
             layout_refusals: Arc::default(),
+            clock,
+        }
+    }
+
+    /// Publishes a peer's clock offset estimate, and logs when it goes
+    /// past [`CLOCK_OFFSET_WARN_MS`] or comes back.
+    fn clock_offset_estimated(&self, peer: u64, est: &mut ClockOffset, offset_ms: i64) {
+        metrics::gauge!(m::PEER_CLOCK_OFFSET_SECONDS, "peer" => peer.to_string())
+            .set(offset_ms as f64 / 1000.0);
+        let far = offset_ms.abs() > CLOCK_OFFSET_WARN_MS;
+        if far == est.far {
+            return;
+        }
+        est.far = far;
+        if far {
+            tracing::warn!(
+                peer,
+                offset_ms,
+                limit_ms = CLOCK_OFFSET_WARN_MS,
+                "a peer's clock is far from this node's (positive: the peer's is ahead): \
+                 Snowflake IDs carry each node's own time, so one of the two clocks is \
+                 wrong; the node that is off against every peer is the one to fix"
+            );
+        } else {
+            tracing::info!(peer, offset_ms, "a peer's clock is back near this node's");
         }
     }
 
@@ -692,26 +776,47 @@ impl Peer for PeerService {
         let mut stream = request.into_inner();
         let stopped = self.stopping.clone().raised();
         tokio::pin!(stopped);
-        loop {
+        let mut offset = ClockOffset::new(Instant::now());
+        let mut stamped_by = None;
+        let ended = loop {
             let frame = tokio::select! {
-                frame = stream.message() => frame?,
-                () = &mut stopped => return Err(Status::unavailable("node is stopping")),
+                frame = stream.message() => frame,
+                () = &mut stopped => break Err(Status::unavailable("node is stopping")),
             };
-            let Some(frame) = frame else {
-                break;
+            let frame = match frame {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break Ok(Response::new(RaftAck {})),
+                Err(e) => break Err(e),
             };
             if let Some((from, open)) = &sender {
-                check_sender(*from, open, frame.from, ("stream", "frame"))?;
+                if let Err(e) = check_sender(*from, open, frame.from, ("stream", "frame")) {
+                    break Err(e);
+                }
             }
-            let msg = decode_frame(&frame)?;
+            let msg = match decode_frame(&frame) {
+                Ok(msg) => msg,
+                Err(e) => break Err(e),
+            };
+            if frame.sent_ms != 0 {
+                stamped_by = Some(frame.from);
+                let arrived = self.clock.now_ms();
+                if let Some(ms) = offset.sample(frame.sent_ms, arrived, Instant::now()) {
+                    self.clock_offset_estimated(frame.from, &mut offset, ms);
+                }
+            }
             if self.faults.isolated.load(Ordering::Relaxed) {
                 continue;
             }
             if self.node.send(Input::Raft(Box::new(msg))).is_err() {
-                return Err(Status::unavailable("node is stopping"));
+                break Err(Status::unavailable("node is stopping"));
             }
+        };
+        // No estimate while the peer does not send: NaN, which no
+        // comparison passes, rather than a stale figure for ever.
+        if let Some(peer) = stamped_by {
+            metrics::gauge!(m::PEER_CLOCK_OFFSET_SECONDS, "peer" => peer.to_string()).set(f64::NAN);
         }
-        Ok(Response::new(RaftAck {}))
+        ended
     }
 
     async fn snapshot(
@@ -965,8 +1070,29 @@ mod tests {
             &[(2, addr)],
             node,
             Arc::default(),
+            Arc::new(crate::core::SystemClock::default()),
         );
         (transport, inputs)
+    }
+
+    /// The estimate is the window's largest stamp-less-arrival, the frame
+    /// least delayed, and comes once a window has passed; each window
+    /// starts afresh, so a clock set right shows in the next one.
+    #[test]
+    fn a_clock_offset_is_the_least_delayed_frame_of_each_window() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut est = ClockOffset::new(t0);
+        // A peer 5 s ahead; frames 3, 1 and 40 ms on the way.
+        assert_eq!(est.sample(105_000, 100_003, t0 + ms(10)), None);
+        assert_eq!(est.sample(105_100, 100_101, t0 + ms(500)), None);
+        assert_eq!(est.sample(105_200, 100_240, t0 + ms(999)), None);
+        assert_eq!(est.sample(106_000, 101_020, t0 + ms(1_000)), Some(4_999));
+        // Set right: 2 s behind, the next window says so.
+        assert_eq!(est.sample(99_000, 101_010, t0 + ms(1_500)), None);
+        assert_eq!(est.sample(99_500, 101_502, t0 + ms(2_000)), Some(-2_002));
+        // A window may hold one frame.
+        assert_eq!(est.sample(102_000, 102_000, t0 + ms(3_100)), Some(0));
     }
 
     /// The next snapshot report the node hears, within ten seconds.
