@@ -69,6 +69,12 @@ pub struct SnowflakeConfig {
     /// once it has held this long; until then IDs and fences go on from
     /// the time before it, on the monotonic clock. 0: believed at once.
     pub trust_forward_step_ms: u64,
+    /// How far this node's time may run past the latest time fence another
+    /// node committed (the cluster's time plus a fence's reach) before it
+    /// neither issues IDs nor renews its fence: a clock set ahead would
+    /// otherwise stamp IDs ahead of every other node and commit a fence the
+    /// node must wait out once the clock is set right. 0: no check.
+    pub max_ahead_of_cluster_ms: u64,
     /// Largest `count` of one NextIds call.
     pub max_count: u32,
 }
@@ -84,6 +90,7 @@ impl Default for SnowflakeConfig {
             renew_before_ms: 2_000,
             max_rollback_ms: 1_000,
             trust_forward_step_ms: 60_000,
+            max_ahead_of_cluster_ms: 2_000,
             max_count: 100_000,
         }
     }

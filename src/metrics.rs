@@ -104,6 +104,10 @@ pub const CLOCK_FORWARD_STEPS_TOTAL: &str = "seqd_clock_forward_steps_total";
 /// (a follower hears only the leader; the leader hears every follower).
 /// NaN while the peer's stream is down.
 pub const PEER_CLOCK_OFFSET_SECONDS: &str = "seqd_peer_clock_offset_seconds";
+/// How far this node's time is past the latest time fence another node
+/// committed, when more than `max_ahead_of_cluster_ms` (0 otherwise): the
+/// node then issues no IDs and renews no fence.
+pub const CLOCK_AHEAD_OF_CLUSTER_SECONDS: &str = "seqd_clock_ahead_of_cluster_seconds";
 /// How far this node's time fence is ahead of its clock.
 pub const FENCE_HEADROOM_SECONDS: &str = "seqd_snowflake_fence_headroom_seconds";
 /// Years before the Snowflake layout's time bits run out.
@@ -283,6 +287,11 @@ fn describe() {
         CLOCK_ROLLBACK_SECONDS,
         Unit::Seconds,
         "Size of clock steps back."
+    );
+    describe_gauge!(
+        CLOCK_AHEAD_OF_CLUSTER_SECONDS,
+        Unit::Seconds,
+        "How far this node's time is past the cluster's fences, when too far (0 otherwise)."
     );
     describe_gauge!(
         PEER_CLOCK_OFFSET_SECONDS,

@@ -91,7 +91,8 @@ pub async fn serve(
             config.snowflake.max_rollback_ms,
             config.snowflake.fence_ahead_ms,
         )
-        .with_trust_forward_ms(config.snowflake.trust_forward_step_ms),
+        .with_trust_forward_ms(config.snowflake.trust_forward_step_ms)
+        .with_max_ahead_of_cluster_ms(config.snowflake.max_ahead_of_cluster_ms),
         clock.clone(),
     ));
     let faults = Arc::new(Faults::default());

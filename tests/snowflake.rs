@@ -783,3 +783,99 @@ async fn peers_see_a_clock_set_ahead() {
     fault(&c, skewed, 0, false).await;
     wait_offsets(vec![(leader, skewed, 0.0), (skewed, leader, 0.0)]).await;
 }
+
+/// Ten IDs from node `id`.
+async fn next_ten(c: &Cluster, id: u64) -> Result<Vec<u64>, tonic::Status> {
+    let mut api = c.ids(id).await;
+    let r = api.next_ids(NextIdsRequest { count: 10 }).await?;
+    Ok(r.into_inner().ids)
+}
+
+/// A node restarted with its clock a minute ahead issues nothing and
+/// commits no fence ahead: its time is past every fence the other nodes
+/// commit, so it answers UNAVAILABLE naming that, renews no fence, and
+/// logs it. Once its clock is set right it issues within seconds, stamped
+/// at the right time (a fence committed a minute ahead would have it
+/// refuse IDs for that minute, and its stamps would sort after every
+/// other node's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_started_with_its_clock_ahead_issues_nothing_until_set_right() {
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let skewed = leader % 3 + 1;
+    wait_ids_active(&c, skewed).await;
+    c.kill(skewed);
+    c.spawn_with(skewed, &["--clock-offset-ms=60000"]);
+
+    let ahead = "past the latest time fence another node committed";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match next_ten(&c, skewed).await {
+            Ok(ids) => panic!("issued {ids:?} with its clock a minute ahead"),
+            Err(e) if e.code() == Code::Unavailable && e.message().contains(ahead) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "never refused for its clock: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It stays so (the other nodes go on), and says so in its log.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        if let Ok(ids) = next_ten(&c, skewed).await {
+            panic!("issued {ids:?} with its clock a minute ahead");
+        }
+        next_ten(&c, leader)
+            .await
+            .expect("the leader issues meanwhile");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.wait_log(
+        skewed,
+        Duration::from_secs(10),
+        |log| log.contains("this node's clock is past the latest time fence"),
+        |_| "no error logged about its clock".into(),
+    )
+    .await;
+
+    fault(&c, skewed, 0, false).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ids = loop {
+        match next_ten(&c, skewed).await {
+            Ok(ids) => break ids,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "not issuing 10 s after its clock was set right: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let real_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for id in ids {
+        let (ts, _, _) = layout().decode(id).unwrap();
+        assert!(
+            ts <= real_ms + 1_000,
+            "ID {id} stamped {} ms ahead of the real time",
+            ts - real_ms
+        );
+    }
+    // Nor did it commit a fence ahead: restarted, a node starts above its
+    // last fence, and would refuse IDs until the clock reached it.
+    c.kill(skewed);
+    c.spawn(skewed);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match next_ten(&c, skewed).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "not issuing 15 s after a restart: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

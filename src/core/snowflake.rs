@@ -167,6 +167,8 @@ pub enum IdError {
     /// may be ridden; the clock itself is fine.
     #[error("ID demand is above this node's {per_ms} IDs per millisecond: its stamps have run {ahead_ms} ms ahead of the clock, the most they may; retry after a pause, or spread calls over more nodes")]
     OverCapacity { per_ms: u64, ahead_ms: u64 },
+    #[error("this node's clock is {ahead_ms} ms past the latest time fence another node committed (as this node knows them: one catching up after a restart may say so for a moment), more than the {limit_ms} ms allowed (max_ahead_of_cluster_ms): its clock is ahead of every other node's, or theirs are behind; refusing to issue, and to renew its fence, until they agree; another node may issue")]
+    AheadOfCluster { ahead_ms: u64, limit_ms: u64 },
     #[error("the layout's time bits are exhausted")]
     LayoutExhausted,
     /// The wall clock reads a time the layout cannot stamp: it was set back
@@ -237,6 +239,12 @@ pub struct Issuer {
     held_step: Option<(i64, u64)>,
     /// Forward steps seen and not yet taken by [`Issuer::take_forward_steps`].
     forward_steps: Vec<ForwardStep>,
+    /// The highest time fence another node's worker committed, as applied
+    /// here: the other nodes' time plus up to a fence's reach.
+    cluster_fence_ms: Option<u64>,
+    /// How far this issuer's time may run past `cluster_fence_ms`; 0: no
+    /// limit.
+    max_ahead_ms: u64,
 }
 
 impl Issuer {
@@ -257,6 +265,8 @@ impl Issuer {
             believed_skew_ms: None,
             held_step: None,
             forward_steps: Vec::new(),
+            cluster_fence_ms: None,
+            max_ahead_ms: 0,
         }
     }
 
@@ -265,6 +275,30 @@ impl Issuer {
     pub fn with_trust_forward_ms(mut self, trust_forward_ms: u64) -> Self {
         self.trust_forward_ms = trust_forward_ms;
         self
+    }
+
+    pub fn with_max_ahead_of_cluster_ms(mut self, max_ahead_ms: u64) -> Self {
+        self.max_ahead_ms = max_ahead_ms;
+        self
+    }
+
+    /// Another node's worker committed a time fence (applied here).
+    pub fn cluster_fence(&mut self, fence_ms: u64) {
+        self.cluster_fence_ms = Some(self.cluster_fence_ms.map_or(fence_ms, |f| f.max(fence_ms)));
+    }
+
+    /// How far `now_ms` (this issuer's time, from [`Issuer::time_ms`]) is
+    /// past the latest fence another node committed, when that is more than
+    /// allowed. A clock set ahead (at start, or a forward step believed)
+    /// shows here before it stamps an ID or commits a fence: every other
+    /// live node renews its fence ahead of its own clock. With no other
+    /// node's fence known (one node, or none has renewed yet) nothing is
+    /// compared. A node that catches up on the log after being down reads
+    /// old fences until the others' renewals reach it, a second or so.
+    pub fn ahead_of_cluster(&self, now_ms: u64) -> Option<u64> {
+        let cluster = self.cluster_fence_ms?;
+        let ahead = now_ms.checked_sub(cluster)?;
+        (self.max_ahead_ms != 0 && ahead > self.max_ahead_ms).then_some(ahead)
     }
 
     /// The time this issuer stamps by and renews its fence by, from the
@@ -478,6 +512,14 @@ impl Issuer {
         self.max_skew_ms = Some(self.max_skew_ms.map_or(skew, |m| m.max(skew)));
         self.max_wall_ms = self.max_wall_ms.max(now_ms);
 
+        // Before the fence's check, and for a worker held but not active
+        // yet: a node ahead renews no fence, so this is why it cannot issue.
+        if let (Some(_), Some(ahead_ms)) = (self.worker, self.ahead_of_cluster(now_ms)) {
+            return Err(IdError::AheadOfCluster {
+                ahead_ms,
+                limit_ms: self.max_ahead_ms,
+            });
+        }
         let worker = match (self.worker, self.active) {
             (Some(w), true) => w,
             _ => return Err(IdError::NoWorker),
@@ -552,6 +594,49 @@ mod tests {
                 return e;
             }
         }
+    }
+
+    /// An issuer whose time is past the latest fence another node committed,
+    /// by more than allowed, issues nothing, held worker active or not;
+    /// within the limit, with no other node's fence known, or with no limit
+    /// (0), it issues.
+    #[test]
+    fn an_issuer_ahead_of_the_cluster_refuses() {
+        let now = EPOCH + 1_000_000;
+        let mut out = Vec::new();
+        let mut i = active(1, 0, now + 100_000).with_max_ahead_of_cluster_ms(2_000);
+        i.issue(now, 0, 1, &mut out).unwrap();
+        i.cluster_fence(now - 1_000);
+        i.cluster_fence(now - 5_000);
+        assert_eq!(i.ahead_of_cluster(now), None);
+        i.issue(now, 0, 1, &mut out).unwrap();
+        let ahead = IdError::AheadOfCluster {
+            ahead_ms: 2_500,
+            limit_ms: 2_000,
+        };
+        assert_eq!(i.ahead_of_cluster(now + 1_500), Some(2_500));
+        assert_eq!(i.issue(now + 1_500, 1_500, 1, &mut out), Err(ahead.clone()));
+        // The others' fences move on: issuing again.
+        i.cluster_fence(now + 3_000);
+        i.issue(now + 1_500, 1_500, 1, &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+
+        // A worker held, its own renewal not applied yet (a restart).
+        let mut held = Issuer::new(layout(), 1_000, 3_000).with_max_ahead_of_cluster_ms(2_000);
+        held.assign_worker(2, now - 10_000);
+        held.cluster_fence(now - 1_000);
+        assert_eq!(held.issue(now + 1_500, 0, 1, &mut out), Err(ahead));
+        // No worker: that is the reason given.
+        let mut none = Issuer::new(layout(), 1_000, 3_000).with_max_ahead_of_cluster_ms(2_000);
+        none.cluster_fence(now - 1_000);
+        assert_eq!(
+            none.issue(now + 1_500, 0, 1, &mut out),
+            Err(IdError::NoWorker)
+        );
+        // No limit.
+        let mut unlimited = active(3, 0, now + 100_000);
+        unlimited.cluster_fence(now - 60_000);
+        unlimited.issue(now, 0, 1, &mut out).unwrap();
     }
 
     /// A peer stream names its layout as text (`epoch.time.worker.seq`):

@@ -475,6 +475,10 @@ impl NodeTime {
     }
 }
 
+/// How long this node's time must stay past the cluster's before it is
+/// logged and shown (see `Node::report_ahead_of_cluster`).
+const AHEAD_REPORTED_AFTER: Duration = Duration::from_secs(3);
+
 /// How long this node refuses to vote for another after hearing from a
 /// leader: an election timeout, less two ticks (a late loop iteration can
 /// count a tick just after the heartbeat that reset the count). Leases rest
@@ -858,6 +862,9 @@ pub(crate) struct Node {
     boot: u64,
     acquire_sent: Option<Instant>,
     renew_sent: Option<Instant>,
+    /// Since when this node's time has been past the cluster's (see
+    /// `Issuer::ahead_of_cluster`), and whether that was reported.
+    ahead_of_cluster: Option<(Instant, bool)>,
     skip_leadership_check: bool,
     /// Idle keys this node released from memory while leading (the
     /// simulation reports it, to show releases happen under its faults).
@@ -973,6 +980,9 @@ impl Node {
             }
             None => None,
         };
+        if let Some(fence) = machine.latest_fence_of_others(params.id)? {
+            params.ids.lock().cluster_fence(fence);
+        }
         // Addresses recorded by membership changes complete the configured
         // ones, and replace them: a member removed and added back (a
         // replacement host) is recorded at its new address, while every
@@ -1085,6 +1095,7 @@ impl Node {
             snowflake: params.snowflake,
             boot: params.boot,
             acquire_sent: None,
+            ahead_of_cluster: None,
             renew_sent: None,
             skip_leadership_check: params.testing.skip_leadership_check,
             keys_released: 0,
@@ -2355,6 +2366,9 @@ impl Node {
                     self.ids.lock().release_worker();
                 }
             }
+            if let Some(fence) = self.machine.latest_fence_of_others(self.id)? {
+                self.ids.lock().cluster_fence(fence);
+            }
             for (id, addr) in self.machine.members()? {
                 self.transport.add_peer(id, &addr);
                 self.addrs.set(id, &addr);
@@ -2561,6 +2575,11 @@ impl Node {
                         }
                     }
                 }
+                // Another node's: the cluster's time, for this node's
+                // clock to be compared with (`Issuer::ahead_of_cluster`).
+                Applied::FenceRenewed { fence_ms, .. } => {
+                    self.ids.lock().cluster_fence(*fence_ms);
+                }
                 Applied::DataIdBound { node_id, data_id } => {
                     tracing::info!(
                         node_id = self.id,
@@ -2573,7 +2592,6 @@ impl Node {
                 Applied::WorkerAssigned { .. }
                 | Applied::NoFreeWorker { .. }
                 | Applied::NotMember { .. }
-                | Applied::FenceRenewed { .. }
                 | Applied::LeaderStarted { .. }
                 | Applied::Empty => {}
             }
@@ -2777,7 +2795,7 @@ impl Node {
     /// node proposes these (raft-rs forwards a follower's proposal to the
     /// leader); they take effect when applied.
     fn snowflake_tick(&mut self, now: Instant) {
-        let (worker, active, headroom, next, steps) = {
+        let (worker, active, headroom, next, steps, ahead) = {
             let mut issuer = self.ids.lock();
             let now = issuer.time_ms(self.ids.clock.now_ms(), self.ids.clock.mono_ms());
             (
@@ -2786,11 +2804,13 @@ impl Node {
                 issuer.headroom_ms(now),
                 issuer.next_fence(now, self.snowflake.fence_ahead_ms),
                 issuer.take_forward_steps(),
+                issuer.ahead_of_cluster(now),
             )
         };
         for step in steps {
             self.report_forward_step(step);
         }
+        self.report_ahead_of_cluster(now, ahead);
         if self.raw.raft.leader_id == 0 {
             return;
         }
@@ -2808,8 +2828,12 @@ impl Node {
                     max_workers: self.max_workers,
                 })
             }
+            // Not while this node's time is past the cluster's: the fence
+            // would reach ahead of every other node's, and once its clock
+            // is set right the node would wait it out.
             Some(worker)
                 if (!active || headroom < self.snowflake.renew_before_ms as i64)
+                    && ahead.is_none()
                     && due(self.renew_sent) =>
             {
                 self.renew_sent = Some(now);
@@ -2832,6 +2856,46 @@ impl Node {
         let data = Command { kind: Some(cmd) }.encode_to_vec();
         if let Err(e) = self.raw.propose(Vec::new(), data) {
             tracing::debug!(error = %e, "snowflake proposal dropped; will retry");
+        }
+    }
+
+    /// Logs when this node's time has been past the latest fence another
+    /// node committed, by more than allowed, for [`AHEAD_REPORTED_AFTER`],
+    /// and when it is back; the gauge says how far (0 otherwise). Not
+    /// sooner: a node catching up on the log after a restart reads the
+    /// other nodes' fences from before it stopped for a moment.
+    fn report_ahead_of_cluster(&mut self, now: Instant, ahead: Option<u64>) {
+        let (since, reported) = match (ahead, self.ahead_of_cluster) {
+            (None, None) => return,
+            (None, Some((_, reported))) => {
+                self.ahead_of_cluster = None;
+                if reported {
+                    metrics::gauge!(m::CLOCK_AHEAD_OF_CLUSTER_SECONDS).set(0.0);
+                    tracing::info!(
+                        node_id = self.id,
+                        "this node's clock agrees with the cluster's again: issuing IDs"
+                    );
+                }
+                return;
+            }
+            (Some(_), None) => (now, false),
+            (Some(_), Some(state)) => state,
+        };
+        let ahead_ms = ahead.unwrap_or(0);
+        let due = now.duration_since(since) >= AHEAD_REPORTED_AFTER;
+        self.ahead_of_cluster = Some((since, reported || due));
+        if reported || due {
+            metrics::gauge!(m::CLOCK_AHEAD_OF_CLUSTER_SECONDS).set(ahead_ms as f64 / 1000.0);
+        }
+        if due && !reported {
+            tracing::error!(
+                node_id = self.id,
+                ahead_ms,
+                limit_ms = self.snowflake.max_ahead_of_cluster_ms,
+                "this node's clock is past the latest time fence another node committed: \
+                 it issues no IDs and renews no fence until the clocks agree (fix this \
+                 node's clock, or the others' if they are behind)"
+            );
         }
     }
 

@@ -36,7 +36,10 @@ impl IdsService {
 /// Maps every issuing error to a status.
 fn id_status(e: IdError) -> Status {
     match e {
-        IdError::NoWorker | IdError::FenceReached { .. } => Status::unavailable(e.to_string()),
+        // This node cannot issue now; another node may.
+        IdError::NoWorker | IdError::FenceReached { .. } | IdError::AheadOfCluster { .. } => {
+            Status::unavailable(e.to_string())
+        }
         IdError::ClockBackwards { .. } | IdError::ClockBeforeEpoch { .. } => {
             Status::failed_precondition(e.to_string())
         }

@@ -537,7 +537,8 @@ impl Sim {
                 self.snowflake.max_rollback_ms,
                 self.snowflake.fence_ahead_ms,
             )
-            .with_trust_forward_ms(self.snowflake.trust_forward_step_ms),
+            .with_trust_forward_ms(self.snowflake.trust_forward_step_ms)
+            .with_max_ahead_of_cluster_ms(self.snowflake.max_ahead_of_cluster_ms),
             clock.clone(),
         ))
     }

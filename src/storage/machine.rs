@@ -295,6 +295,21 @@ impl Machine {
         Ok((rec.node_id == node_id).then_some((worker, rec.fence_ms)))
     }
 
+    /// The highest time fence committed for a worker another node holds
+    /// now (None: no other node holds one).
+    pub fn latest_fence_of_others(&self, node_id: u64) -> Result<Option<u64>, StorageError> {
+        let mut latest = None;
+        self.scan(WORKER_PREFIX, |_, v| {
+            let rec =
+                WorkerRecord::decode(v).map_err(|e| StorageError::corrupt("worker record", e))?;
+            if rec.node_id != 0 && rec.node_id != node_id {
+                latest = Some(latest.map_or(rec.fence_ms, |f: u64| f.max(rec.fence_ms)));
+            }
+            Ok(())
+        })?;
+        Ok(latest)
+    }
+
     /// Worker `worker`'s holding: its tenure, and the boot of the holder
     /// whose renewal set its fence (0: an earlier holder's, or unknown).
     pub fn holding(&self, worker: u64) -> Result<(u64, u64), StorageError> {
