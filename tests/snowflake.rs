@@ -376,6 +376,25 @@ async fn partitioned_node_stops_at_its_fence() {
         let (ts, _, _) = layout().decode(*last).unwrap();
         assert!(ts <= fence, "stamped {ts} past the fence {fence}");
     }
+    // And so it stays: cut off, it hears no other node's renewal, and its
+    // clock, which is right, is not taken for one ahead of theirs.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let err = api
+            .next_ids(NextIdsRequest { count: 10 })
+            .await
+            .expect_err("an isolated node issued past its fence");
+        assert!(
+            err.message().contains("time fence reached"),
+            "{}",
+            err.message()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !c.log(cut).contains("clock is past the latest time fence"),
+        "an isolated node took its clock for one ahead"
+    );
     // The majority keeps issuing meanwhile; healed, the node resumes.
     let mut other = c.ids(leader).await;
     other.next_ids(NextIdsRequest { count: 10 }).await.unwrap();

@@ -146,6 +146,13 @@ impl Layout {
     }
 }
 
+/// How long another node's fence renewal stays news (see
+/// [`Issuer::ahead_of_cluster`]). Nodes renew about every second (a 3 s
+/// fence, renewed 2 s before it runs out); a clock that is right cannot
+/// run past such a fence by the allowed 2 s within this, so a node that
+/// stops hearing the others is never taken for one whose clock is ahead.
+pub const CLUSTER_FRESH_MS: u64 = 2_500;
+
 /// Why IDs cannot be issued now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
@@ -239,9 +246,12 @@ pub struct Issuer {
     held_step: Option<(i64, u64)>,
     /// Forward steps seen and not yet taken by [`Issuer::take_forward_steps`].
     forward_steps: Vec<ForwardStep>,
-    /// The highest time fence another node's worker committed, as applied
+    /// The highest time fence another node's worker committed, as known
     /// here: the other nodes' time plus up to a fence's reach.
     cluster_fence_ms: Option<u64>,
+    /// When (monotonic ms) this node last learned of one as it happened
+    /// (applied from the log, or from a snapshot), not from its own disk.
+    cluster_heard_mono_ms: Option<u64>,
     /// How far this issuer's time may run past `cluster_fence_ms`; 0: no
     /// limit.
     max_ahead_ms: u64,
@@ -266,6 +276,7 @@ impl Issuer {
             held_step: None,
             forward_steps: Vec::new(),
             cluster_fence_ms: None,
+            cluster_heard_mono_ms: None,
             max_ahead_ms: 0,
         }
     }
@@ -282,23 +293,48 @@ impl Issuer {
         self
     }
 
-    /// Another node's worker committed a time fence (applied here).
-    pub fn cluster_fence(&mut self, fence_ms: u64) {
+    /// The latest fence another node's worker committed, read from this
+    /// node's own disk as it starts: known, but maybe long past.
+    pub fn stored_cluster_fence(&mut self, fence_ms: u64) {
         self.cluster_fence_ms = Some(self.cluster_fence_ms.map_or(fence_ms, |f| f.max(fence_ms)));
+    }
+
+    /// Another node's worker committed a time fence, learned as it
+    /// happened (applied here, or in a snapshot), at `mono_ms`.
+    pub fn cluster_fence(&mut self, fence_ms: u64, mono_ms: u64) {
+        self.stored_cluster_fence(fence_ms);
+        self.cluster_heard_mono_ms = Some(mono_ms);
+    }
+
+    /// Whether this node must hear another node's fence renewal before it
+    /// renews its own: other nodes hold workers, but what it knows of their
+    /// fences comes from its disk, and its clock cannot be compared yet (a
+    /// node restarted with its clock ahead would otherwise commit a fence
+    /// before it caught up on the log).
+    pub fn awaits_cluster(&self) -> bool {
+        self.max_ahead_ms != 0
+            && self.cluster_fence_ms.is_some()
+            && self.cluster_heard_mono_ms.is_none()
     }
 
     /// How far `now_ms` (this issuer's time, from [`Issuer::time_ms`]) is
     /// past the latest fence another node committed, when that is more than
     /// allowed. A clock set ahead (at start, or a forward step believed)
     /// shows here before it stamps an ID or commits a fence: every other
-    /// live node renews its fence ahead of its own clock. With no other
-    /// node's fence known (one node, or none has renewed yet) nothing is
-    /// compared. A node that catches up on the log after being down reads
-    /// old fences until the others' renewals reach it, a second or so.
-    pub fn ahead_of_cluster(&self, now_ms: u64) -> Option<u64> {
+    /// live node renews its fence ahead of its own clock. Compared only
+    /// while that fence is news (heard within [`CLUSTER_FRESH_MS`] of
+    /// `mono_ms`): a node cut off from the others, or paused, stops hearing
+    /// their renewals, and stops at its own fence for that reason, not its
+    /// clock's. Nothing is compared with no other node's fence known (one
+    /// node, or none has renewed yet).
+    pub fn ahead_of_cluster(&self, now_ms: u64, mono_ms: u64) -> Option<u64> {
         let cluster = self.cluster_fence_ms?;
+        let heard = self.cluster_heard_mono_ms?;
+        if self.max_ahead_ms == 0 || mono_ms.saturating_sub(heard) > CLUSTER_FRESH_MS {
+            return None;
+        }
         let ahead = now_ms.checked_sub(cluster)?;
-        (self.max_ahead_ms != 0 && ahead > self.max_ahead_ms).then_some(ahead)
+        (ahead > self.max_ahead_ms).then_some(ahead)
     }
 
     /// The time this issuer stamps by and renews its fence by, from the
@@ -514,7 +550,7 @@ impl Issuer {
 
         // Before the fence's check, and for a worker held but not active
         // yet: a node ahead renews no fence, so this is why it cannot issue.
-        if let (Some(_), Some(ahead_ms)) = (self.worker, self.ahead_of_cluster(now_ms)) {
+        if let (Some(_), Some(ahead_ms)) = (self.worker, self.ahead_of_cluster(now_ms, mono_ms)) {
             return Err(IdError::AheadOfCluster {
                 ahead_ms,
                 limit_ms: self.max_ahead_ms,
@@ -606,36 +642,55 @@ mod tests {
         let mut out = Vec::new();
         let mut i = active(1, 0, now + 100_000).with_max_ahead_of_cluster_ms(2_000);
         i.issue(now, 0, 1, &mut out).unwrap();
-        i.cluster_fence(now - 1_000);
-        i.cluster_fence(now - 5_000);
-        assert_eq!(i.ahead_of_cluster(now), None);
+        i.cluster_fence(now - 1_000, 0);
+        i.cluster_fence(now - 5_000, 0);
+        assert_eq!(i.ahead_of_cluster(now, 0), None);
         i.issue(now, 0, 1, &mut out).unwrap();
         let ahead = IdError::AheadOfCluster {
             ahead_ms: 2_500,
             limit_ms: 2_000,
         };
-        assert_eq!(i.ahead_of_cluster(now + 1_500), Some(2_500));
+        assert_eq!(i.ahead_of_cluster(now + 1_500, 1_500), Some(2_500));
         assert_eq!(i.issue(now + 1_500, 1_500, 1, &mut out), Err(ahead.clone()));
         // The others' fences move on: issuing again.
-        i.cluster_fence(now + 3_000);
+        i.cluster_fence(now + 3_000, 1_500);
         i.issue(now + 1_500, 1_500, 1, &mut out).unwrap();
         assert_eq!(out.len(), 3);
+        // Not heard from the others for a while (cut off, or paused): no
+        // judgement of the clock; the node's own fence stops it.
+        let later = now + 6_000;
+        assert_eq!(
+            i.ahead_of_cluster(later, 1_500 + CLUSTER_FRESH_MS),
+            Some(3_000)
+        );
+        assert_eq!(i.ahead_of_cluster(later, 1_501 + CLUSTER_FRESH_MS), None);
 
-        // A worker held, its own renewal not applied yet (a restart).
+        // A worker held, its own renewal not applied yet (a restart): only
+        // its disk's fences known, it renews nothing until it hears one.
         let mut held = Issuer::new(layout(), 1_000, 3_000).with_max_ahead_of_cluster_ms(2_000);
         held.assign_worker(2, now - 10_000);
-        held.cluster_fence(now - 1_000);
+        held.stored_cluster_fence(now - 60_000);
+        assert!(held.awaits_cluster());
+        assert_eq!(held.ahead_of_cluster(now, 0), None);
+        held.cluster_fence(now - 1_000, 0);
+        assert!(!held.awaits_cluster());
         assert_eq!(held.issue(now + 1_500, 0, 1, &mut out), Err(ahead));
         // No worker: that is the reason given.
         let mut none = Issuer::new(layout(), 1_000, 3_000).with_max_ahead_of_cluster_ms(2_000);
-        none.cluster_fence(now - 1_000);
+        none.cluster_fence(now - 1_000, 0);
         assert_eq!(
             none.issue(now + 1_500, 0, 1, &mut out),
             Err(IdError::NoWorker)
         );
+        // No other node's fence: nothing to wait for or compare with.
+        assert!(!Issuer::new(layout(), 1_000, 3_000)
+            .with_max_ahead_of_cluster_ms(2_000)
+            .awaits_cluster());
         // No limit.
         let mut unlimited = active(3, 0, now + 100_000);
-        unlimited.cluster_fence(now - 60_000);
+        unlimited.stored_cluster_fence(now - 60_000);
+        assert!(!unlimited.awaits_cluster());
+        unlimited.cluster_fence(now - 60_000, 0);
         unlimited.issue(now, 0, 1, &mut out).unwrap();
     }
 

@@ -981,7 +981,7 @@ impl Node {
             None => None,
         };
         if let Some(fence) = machine.latest_fence_of_others(params.id)? {
-            params.ids.lock().cluster_fence(fence);
+            params.ids.lock().stored_cluster_fence(fence);
         }
         // Addresses recorded by membership changes complete the configured
         // ones, and replace them: a member removed and added back (a
@@ -2367,7 +2367,9 @@ impl Node {
                 }
             }
             if let Some(fence) = self.machine.latest_fence_of_others(self.id)? {
-                self.ids.lock().cluster_fence(fence);
+                self.ids
+                    .lock()
+                    .cluster_fence(fence, self.ids.clock.mono_ms());
             }
             for (id, addr) in self.machine.members()? {
                 self.transport.add_peer(id, &addr);
@@ -2578,7 +2580,8 @@ impl Node {
                 // Another node's: the cluster's time, for this node's
                 // clock to be compared with (`Issuer::ahead_of_cluster`).
                 Applied::FenceRenewed { fence_ms, .. } => {
-                    self.ids.lock().cluster_fence(*fence_ms);
+                    let mono = self.ids.clock.mono_ms();
+                    self.ids.lock().cluster_fence(*fence_ms, mono);
                 }
                 Applied::DataIdBound { node_id, data_id } => {
                     tracing::info!(
@@ -2795,16 +2798,18 @@ impl Node {
     /// node proposes these (raft-rs forwards a follower's proposal to the
     /// leader); they take effect when applied.
     fn snowflake_tick(&mut self, now: Instant) {
-        let (worker, active, headroom, next, steps, ahead) = {
+        let (worker, active, headroom, next, steps, ahead, awaits) = {
             let mut issuer = self.ids.lock();
-            let now = issuer.time_ms(self.ids.clock.now_ms(), self.ids.clock.mono_ms());
+            let mono = self.ids.clock.mono_ms();
+            let now = issuer.time_ms(self.ids.clock.now_ms(), mono);
             (
                 issuer.worker(),
                 issuer.is_active(),
                 issuer.headroom_ms(now),
                 issuer.next_fence(now, self.snowflake.fence_ahead_ms),
                 issuer.take_forward_steps(),
-                issuer.ahead_of_cluster(now),
+                issuer.ahead_of_cluster(now, mono),
+                issuer.awaits_cluster(),
             )
         };
         for step in steps {
@@ -2828,12 +2833,14 @@ impl Node {
                     max_workers: self.max_workers,
                 })
             }
-            // Not while this node's time is past the cluster's: the fence
+            // Not while this node's time is past the cluster's (the fence
             // would reach ahead of every other node's, and once its clock
-            // is set right the node would wait it out.
+            // is set right the node would wait it out), nor before it can
+            // tell.
             Some(worker)
                 if (!active || headroom < self.snowflake.renew_before_ms as i64)
                     && ahead.is_none()
+                    && !awaits
                     && due(self.renew_sent) =>
             {
                 self.renew_sent = Some(now);
