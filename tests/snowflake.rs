@@ -857,6 +857,8 @@ async fn a_node_started_with_its_clock_ahead_issues_nothing_until_set_right() {
         |_| "no error logged about its clock".into(),
     )
     .await;
+    let status = c.status(skewed).await.expect("status");
+    assert!(!status.ids_active, "{status:?}");
 
     fault(&c, skewed, 0, false).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -896,5 +898,69 @@ async fn a_node_started_with_its_clock_ahead_issues_nothing_until_set_right() {
             ),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A clock step forward that holds past the trust period is believed, and
+/// then the node's time runs past the other nodes' fences: the node, which
+/// was issuing, refuses IDs (UNAVAILABLE naming it) and stops counting as
+/// issuing (status, and the `seqd.v1.Ids` health it drives); set right, it
+/// issues again, stamped at the right time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_believed_step_ahead_of_the_cluster_stops_a_node_issuing() {
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let skewed = leader % 3 + 1;
+    c.kill(skewed);
+    c.rewrite_config(skewed, |text| {
+        format!("{text}\n[snowflake]\ntrust_forward_step_ms = 500\n")
+    });
+    c.spawn(skewed);
+    wait_ids_active(&c, skewed).await;
+    next_ten(&c, skewed).await.expect("issuing before the step");
+
+    fault(&c, skewed, 30_000, false).await;
+    let ahead = "past the latest time fence another node committed";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match next_ten(&c, skewed).await {
+            Err(e) if e.code() == Code::Unavailable && e.message().contains(ahead) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "still {other:?} 20 s after a step of 30 s believed in 0.5 s"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.wait_status(
+        skewed,
+        Duration::from_secs(10),
+        "not counted as issuing",
+        |s| !s.ids_active,
+    )
+    .await;
+
+    fault(&c, skewed, 0, false).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ids = loop {
+        match next_ten(&c, skewed).await {
+            Ok(ids) => break ids,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "not issuing 15 s after its clock was set right: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let real_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for id in ids {
+        let (ts, _, _) = layout().decode(id).unwrap();
+        assert!(
+            ts <= real_ms + 1_000,
+            "ID {id} stamped ahead of the real time"
+        );
     }
 }

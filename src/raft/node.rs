@@ -3638,7 +3638,10 @@ impl Node {
         let store = self.raw.store();
         let (worker, ids_active, fence_ms) = {
             let issuer = self.ids.lock();
-            (issuer.worker(), issuer.is_active(), issuer.fence_ms())
+            // A node whose clock runs past the cluster's refuses IDs though
+            // its worker is active: not serving them (gRPC health too).
+            let active = issuer.is_active() && self.ahead_of_cluster.is_none();
+            (issuer.worker(), active, issuer.fence_ms())
         };
         NodeStatus {
             id: self.id,
