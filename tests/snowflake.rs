@@ -786,6 +786,32 @@ async fn peers_see_a_clock_set_ahead() {
         (other, leader, 0.0),
     ])
     .await;
+    // seqctl shows it: the leader's estimate of each node's clock.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_seqctl"))
+        .args(["--endpoints", &c.addrs().join(","), "status", "--json"])
+        .output()
+        .expect("run seqctl");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("seqctl json");
+    let leader_row = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == leader)
+        .expect("the leader's row");
+    let seen = leader_row["peer_clocks_ms"][skewed.to_string()]
+        .as_i64()
+        .expect("the leader's estimate of the skewed node's clock");
+    assert!((seen - 5_000).abs() < 300, "{leader_row}");
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_seqctl"))
+        .args(["--endpoints", &c.addrs().join(","), "status"])
+        .output()
+        .expect("run seqctl");
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    let row = table
+        .lines()
+        .find(|l| l.contains(&c.node(skewed).addr))
+        .expect("the skewed node's row");
+    assert!(row.contains("+5.0s") || row.contains("+4.9s"), "{table}");
     let warning = format!("peer={skewed}");
     c.wait_log(
         leader,
@@ -859,6 +885,10 @@ async fn a_node_started_with_its_clock_ahead_issues_nothing_until_set_right() {
     .await;
     let status = c.status(skewed).await.expect("status");
     assert!(!status.ids_active, "{status:?}");
+    assert!(
+        (55_000..62_000).contains(&status.ahead_of_cluster_ms),
+        "{status:?}"
+    );
 
     fault(&c, skewed, 0, false).await;
     let deadline = Instant::now() + Duration::from_secs(10);

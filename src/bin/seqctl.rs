@@ -218,6 +218,10 @@ fn print_status(rows: &[(String, Result<StatusResponse, String>)], as_json: bool
                     "voters": s.voters, "learners": s.learners, "epoch": s.epoch,
                     "serving": s.serving, "worker": s.has_worker.then_some(s.worker),
                     "ids_active": s.ids_active, "answering": s.answering,
+                    "peer_clocks_ms": s.peer_clocks.iter()
+                        .map(|p| (p.node_id.to_string(), json!(p.offset_ms)))
+                        .collect::<serde_json::Map<String, serde_json::Value>>(),
+                    "ahead_of_cluster_ms": s.ahead_of_cluster_ms,
                     "handover": s.handover.as_ref().map(|h| json!({
                         "phase": h.phase, "elapsed_ms": h.elapsed_ms,
                         "keys_at_start": h.keys_at_start,
@@ -232,14 +236,31 @@ fn print_status(rows: &[(String, Result<StatusResponse, String>)], as_json: bool
         println!("{}", json!({ "nodes": nodes }));
         return;
     }
+    // Each node's clock against the leader's, as the leader estimates it
+    // from the node's Raft frames.
+    let leader = rows
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .find(|s| s.role == "Leader");
+    let clock = |id: u64| match leader {
+        Some(l) if l.id == id => "0.0s".to_string(),
+        Some(l) => l
+            .peer_clocks
+            .iter()
+            .find(|p| p.node_id == id)
+            .map_or("-".into(), |p| {
+                format!("{:+.1}s", p.offset_ms as f64 / 1000.0)
+            }),
+        None => "-".into(),
+    };
     println!(
-        "{:<22} {:>4} {:<10} {:>6} {:>6} {:>10} {:>10} {:>6} {:>6}  MEMBERS",
-        "ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAG", "WORKER"
+        "{:<22} {:>4} {:<10} {:>6} {:>6} {:>10} {:>10} {:>6} {:>6} {:>7}  MEMBERS",
+        "ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAG", "WORKER", "CLOCK"
     );
     for (addr, s) in rows {
         match s {
             Ok(s) => println!(
-                "{:<22} {:>4} {:<10} {:>6} {:>6} {:>10} {:>10} {:>6} {:>6}  voters={:?} learners={:?}",
+                "{:<22} {:>4} {:<10} {:>6} {:>6} {:>10} {:>10} {:>6} {:>6} {:>7}  voters={:?} learners={:?}",
                 addr,
                 s.id,
                 s.role,
@@ -249,10 +270,20 @@ fn print_status(rows: &[(String, Result<StatusResponse, String>)], as_json: bool
                 s.applied_index,
                 max_commit.saturating_sub(s.applied_index),
                 if s.has_worker { s.worker.to_string() } else { "-".into() },
+                clock(s.id),
                 s.voters,
                 s.learners
             ),
             Err(e) => println!("{addr:<22} unreachable: {e}"),
+        }
+    }
+    for s in rows.iter().filter_map(|(_, s)| s.as_ref().ok()) {
+        if s.ahead_of_cluster_ms > 0 {
+            println!(
+                "node {}: its clock runs {:.1} s past the other nodes' time fences: it issues no IDs until the clocks agree",
+                s.id,
+                s.ahead_of_cluster_ms as f64 / 1000.0
+            );
         }
     }
     for (_, s) in rows {

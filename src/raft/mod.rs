@@ -56,6 +56,12 @@ pub struct NodeStatus {
     pub worker: Option<u64>,
     pub ids_active: bool,
     pub fence_ms: u64,
+    /// Each peer's clock offset (ms, positive: ahead of this node's), as
+    /// estimated from its Raft frames.
+    pub peer_clocks: Vec<(u64, i64)>,
+    /// How far this node's time runs past the cluster's fences, when too
+    /// far (0 otherwise).
+    pub ahead_of_cluster_ms: u64,
     /// On the leader, the voters answering it now (itself included).
     pub answering: Vec<u64>,
     /// On a leader handing over, how far it got.

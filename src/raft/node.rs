@@ -35,7 +35,7 @@ use protobuf::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
 use super::read_peers::{followers_needed, ReadPeers};
-use super::transport::{PeerPromises, PeerService, Sender, Transport};
+use super::transport::{PeerClocks, PeerPromises, PeerService, Sender, Transport};
 use super::{
     logger, Faults, Grant, HandoverProgress, HandoverStage, IdState, Input, Membership,
     MembershipChange, NodeError, NodeHandle, NodeStatus, Reply, SnapshotReport,
@@ -533,10 +533,11 @@ pub fn spawn(
     node.raw.mut_store().build_snapshots_in_background();
     let data_ids = node.peer_data_ids.clone();
     let promises = node.peer_promises.clone();
+    let clocks = node.peer_clocks.clone();
     let task = rt.spawn(node.run());
     Ok((
         NodeHandle::new(tx.clone(), request_timeout),
-        PeerService::new(tx, faults, data_ids, promises, layout, clock),
+        PeerService::new(tx, faults, data_ids, promises, layout, clock, clocks),
         task,
     ))
 }
@@ -865,6 +866,8 @@ pub(crate) struct Node {
     /// Since when this node's time has been past the cluster's (see
     /// `Issuer::ahead_of_cluster`), and whether that was reported.
     ahead_of_cluster: Option<(Instant, bool)>,
+    /// How far past, at the last tick (0: not past).
+    ahead_of_cluster_ms: u64,
     skip_leadership_check: bool,
     /// Idle keys this node released from memory while leading (the
     /// simulation reports it, to show releases happen under its faults).
@@ -903,6 +906,8 @@ pub(crate) struct Node {
     addrs: super::PeerAddrs,
     /// Vote promises peers named on their streams (lease mode).
     peer_promises: PeerPromises,
+    /// Each peer's clock offset, as the peer service estimates it.
+    peer_clocks: PeerClocks,
     /// The tenure of this node's worker id as this node knows it: a
     /// snapshot naming another holding means the id was released and held
     /// by others meanwhile (see `finish_ready`).
@@ -1096,6 +1101,7 @@ impl Node {
             boot: params.boot,
             acquire_sent: None,
             ahead_of_cluster: None,
+            ahead_of_cluster_ms: 0,
             renew_sent: None,
             skip_leadership_check: params.testing.skip_leadership_check,
             keys_released: 0,
@@ -1119,6 +1125,7 @@ impl Node {
             snapshot_sent: HashMap::new(),
             addrs: params.addrs.clone(),
             peer_promises: PeerPromises::default(),
+            peer_clocks: PeerClocks::default(),
             worker_tenure,
             some_unbound: true,
         };
@@ -2872,6 +2879,7 @@ impl Node {
     /// sooner: a node catching up on the log after a restart reads the
     /// other nodes' fences from before it stopped for a moment.
     fn report_ahead_of_cluster(&mut self, now: Instant, ahead: Option<u64>) {
+        self.ahead_of_cluster_ms = ahead.unwrap_or(0);
         let (since, reported) = match (ahead, self.ahead_of_cluster) {
             (None, None) => return,
             (None, Some((_, reported))) => {
@@ -3662,6 +3670,8 @@ impl Node {
             worker,
             ids_active,
             fence_ms,
+            peer_clocks: self.peer_clocks.all(),
+            ahead_of_cluster_ms: self.ahead_of_cluster_ms,
             answering: if self.raw.raft.state == StateRole::Leader {
                 self.answering(&store.conf_state().voters)
             } else {

@@ -544,6 +544,36 @@ pub struct PeerService {
     layout_refusals: Arc<std::sync::Mutex<HashMap<u64, Instant>>>,
     /// This node's wall clock, against which peers' frame stamps are read.
     clock: Arc<dyn Clock>,
+    /// The latest estimate of each peer's clock offset, for `Status`.
+    clocks: PeerClocks,
+}
+
+/// The latest clock offset estimate (ms, positive: the peer's clock is
+/// ahead) of each peer whose stream is up.
+#[derive(Clone, Default)]
+pub struct PeerClocks(Arc<std::sync::Mutex<HashMap<u64, i64>>>);
+
+impl PeerClocks {
+    fn set(&self, peer: u64, offset_ms: Option<i64>) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match offset_ms {
+            Some(ms) => map.insert(peer, ms),
+            None => map.remove(&peer),
+        };
+    }
+
+    /// Every estimate, by peer id.
+    pub fn all(&self) -> Vec<(u64, i64)> {
+        let mut all: Vec<_> = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, ms)| (*p, *ms))
+            .collect();
+        all.sort_unstable();
+        all
+    }
 }
 
 /// How long each estimate of a peer's clock offset gathers frames.
@@ -623,6 +653,7 @@ impl PeerService {
         promises: PeerPromises,
         layout: Layout,
         clock: Arc<dyn Clock>,
+        clocks: PeerClocks,
     ) -> Self {
         Self {
             node,
@@ -633,6 +664,7 @@ impl PeerService {
             layout,
             layout_refusals: Arc::default(),
             clock,
+            clocks,
         }
     }
 
@@ -641,6 +673,7 @@ impl PeerService {
     fn clock_offset_estimated(&self, peer: u64, est: &mut ClockOffset, offset_ms: i64) {
         metrics::gauge!(m::PEER_CLOCK_OFFSET_SECONDS, "peer" => peer.to_string())
             .set(offset_ms as f64 / 1000.0);
+        self.clocks.set(peer, Some(offset_ms));
         let far = offset_ms.abs() > CLOCK_OFFSET_WARN_MS;
         if far == est.far {
             return;
@@ -815,6 +848,7 @@ impl Peer for PeerService {
         // comparison passes, rather than a stale figure for ever.
         if let Some(peer) = stamped_by {
             metrics::gauge!(m::PEER_CLOCK_OFFSET_SECONDS, "peer" => peer.to_string()).set(f64::NAN);
+            self.clocks.set(peer, None);
         }
         ended
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::core::SystemClock;
 use crate::pb::{
     AddNodeRequest, HandoverProgress, InjectFaultRequest, InjectFaultResponse, MembershipResponse,
-    RemoveNodeRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
+    PeerClock, RemoveNodeRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
     TransferLeaderResponse,
 };
 use crate::raft::{Faults, Membership, MembershipChange, NodeHandle};
@@ -80,6 +80,12 @@ impl Admin for AdminService {
             ids_active: s.ids_active,
             fence_ms: s.fence_ms,
             answering: s.answering,
+            peer_clocks: s
+                .peer_clocks
+                .into_iter()
+                .map(|(node_id, offset_ms)| PeerClock { node_id, offset_ms })
+                .collect(),
+            ahead_of_cluster_ms: s.ahead_of_cluster_ms,
             handover: s.handover.map(|h| HandoverProgress {
                 phase: h.phase.as_str().into(),
                 elapsed_ms: h.elapsed.as_millis() as u64,
