@@ -529,6 +529,21 @@ impl Config {
                 "must be between 1 and fence_ahead_ms - 1",
             ));
         }
+        // A node that stops hearing the others (cut off, paused) must hit
+        // its own fence before its right clock could read as past theirs
+        // (see core::snowflake::CLUSTER_FRESH_MS).
+        if sf.max_ahead_of_cluster_ms != 0
+            && sf.fence_ahead_ms + sf.max_ahead_of_cluster_ms
+                < crate::core::snowflake::CLUSTER_FRESH_MS + 1_500
+        {
+            return Err(invalid(
+                "snowflake.max_ahead_of_cluster_ms",
+                format!(
+                    "with fence_ahead_ms must add up to at least {} ms (or be 0, no check)",
+                    crate::core::snowflake::CLUSTER_FRESH_MS + 1_500
+                ),
+            ));
+        }
         if sf.max_count == 0 || sf.max_count > 1_000_000 {
             return Err(invalid(
                 "snowflake.max_count",
@@ -741,6 +756,21 @@ mod tests {
         assert_eq!(with("majority").unwrap(), ReadRoundPeers::Majority);
         let err = with("some").unwrap_err().to_string();
         assert!(err.contains("some") && err.contains("majority"), "{err}");
+    }
+
+    #[test]
+    fn a_clock_check_shorter_than_the_news_window_is_refused() {
+        let with = |ahead: u64| {
+            let text = format!(
+                "{EMBEDDED_SINGLE}\n[snowflake]\nfence_ahead_ms = 1000\nrenew_before_ms = 500\n\
+                 max_ahead_of_cluster_ms = {ahead}\n"
+            );
+            Config::parse("t", &text)?.validate()
+        };
+        let err = with(2_000).unwrap_err().to_string();
+        assert!(err.contains("snowflake.max_ahead_of_cluster_ms"), "{err}");
+        with(0).unwrap();
+        with(3_000).unwrap();
     }
 
     #[test]

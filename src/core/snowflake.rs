@@ -153,6 +153,14 @@ impl Layout {
 /// stops hearing the others is never taken for one whose clock is ahead.
 pub const CLUSTER_FRESH_MS: u64 = 2_500;
 
+/// How long a node that starts knowing other nodes' fences only from its
+/// disk waits to hear one of their renewals before it renews its own
+/// regardless (see [`Issuer::awaits_cluster`]): longer than an election
+/// and catching up on the log take (a snapshot's install counts as
+/// hearing). After a restart of every node, none hears another before it
+/// renews: each waits this long, and their first fences are not compared.
+pub const CLUSTER_AWAIT_MS: u64 = 5_000;
+
 /// Why IDs cannot be issued now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
@@ -252,6 +260,8 @@ pub struct Issuer {
     /// When (monotonic ms) this node last learned of one as it happened
     /// (applied from the log, or from a snapshot), not from its own disk.
     cluster_heard_mono_ms: Option<u64>,
+    /// When (monotonic ms) `cluster_fence_ms` was read from the disk.
+    cluster_stored_mono_ms: Option<u64>,
     /// How far this issuer's time may run past `cluster_fence_ms`; 0: no
     /// limit.
     max_ahead_ms: u64,
@@ -277,6 +287,7 @@ impl Issuer {
             forward_steps: Vec::new(),
             cluster_fence_ms: None,
             cluster_heard_mono_ms: None,
+            cluster_stored_mono_ms: None,
             max_ahead_ms: 0,
         }
     }
@@ -294,27 +305,39 @@ impl Issuer {
     }
 
     /// The latest fence another node's worker committed, read from this
-    /// node's own disk as it starts: known, but maybe long past.
-    pub fn stored_cluster_fence(&mut self, fence_ms: u64) {
-        self.cluster_fence_ms = Some(self.cluster_fence_ms.map_or(fence_ms, |f| f.max(fence_ms)));
+    /// node's own disk as it starts (at `mono_ms`): known, but maybe long
+    /// past.
+    pub fn stored_cluster_fence(&mut self, fence_ms: u64, mono_ms: u64) {
+        self.raise_cluster_fence(fence_ms);
+        self.cluster_stored_mono_ms = Some(mono_ms);
     }
 
     /// Another node's worker committed a time fence, learned as it
     /// happened (applied here, or in a snapshot), at `mono_ms`.
     pub fn cluster_fence(&mut self, fence_ms: u64, mono_ms: u64) {
-        self.stored_cluster_fence(fence_ms);
+        self.raise_cluster_fence(fence_ms);
         self.cluster_heard_mono_ms = Some(mono_ms);
+    }
+
+    fn raise_cluster_fence(&mut self, fence_ms: u64) {
+        self.cluster_fence_ms = Some(self.cluster_fence_ms.map_or(fence_ms, |f| f.max(fence_ms)));
     }
 
     /// Whether this node must hear another node's fence renewal before it
     /// renews its own: other nodes hold workers, but what it knows of their
     /// fences comes from its disk, and its clock cannot be compared yet (a
     /// node restarted with its clock ahead would otherwise commit a fence
-    /// before it caught up on the log).
-    pub fn awaits_cluster(&self) -> bool {
+    /// before it caught up on the log). For [`CLUSTER_AWAIT_MS`] at most:
+    /// after a restart of every node each waits for the others, and the
+    /// nodes holding those workers may all be gone while the cluster runs
+    /// on without them (nodes without a worker id): there is nothing to
+    /// compare with then.
+    pub fn awaits_cluster(&self, mono_ms: u64) -> bool {
         self.max_ahead_ms != 0
-            && self.cluster_fence_ms.is_some()
             && self.cluster_heard_mono_ms.is_none()
+            && self
+                .cluster_stored_mono_ms
+                .is_some_and(|at| mono_ms.saturating_sub(at) < CLUSTER_AWAIT_MS)
     }
 
     /// How far `now_ms` (this issuer's time, from [`Issuer::time_ms`]) is
@@ -669,11 +692,13 @@ mod tests {
         // its disk's fences known, it renews nothing until it hears one.
         let mut held = Issuer::new(layout(), 1_000, 3_000).with_max_ahead_of_cluster_ms(2_000);
         held.assign_worker(2, now - 10_000);
-        held.stored_cluster_fence(now - 60_000);
-        assert!(held.awaits_cluster());
+        held.stored_cluster_fence(now - 60_000, 0);
+        assert!(held.awaits_cluster(0));
+        assert!(held.awaits_cluster(CLUSTER_AWAIT_MS - 1));
+        assert!(!held.awaits_cluster(CLUSTER_AWAIT_MS), "waits for ever");
         assert_eq!(held.ahead_of_cluster(now, 0), None);
         held.cluster_fence(now - 1_000, 0);
-        assert!(!held.awaits_cluster());
+        assert!(!held.awaits_cluster(0));
         assert_eq!(held.issue(now + 1_500, 0, 1, &mut out), Err(ahead));
         // No worker: that is the reason given.
         let mut none = Issuer::new(layout(), 1_000, 3_000).with_max_ahead_of_cluster_ms(2_000);
@@ -685,11 +710,11 @@ mod tests {
         // No other node's fence: nothing to wait for or compare with.
         assert!(!Issuer::new(layout(), 1_000, 3_000)
             .with_max_ahead_of_cluster_ms(2_000)
-            .awaits_cluster());
+            .awaits_cluster(0));
         // No limit.
         let mut unlimited = active(3, 0, now + 100_000);
-        unlimited.stored_cluster_fence(now - 60_000);
-        assert!(!unlimited.awaits_cluster());
+        unlimited.stored_cluster_fence(now - 60_000, 0);
+        assert!(!unlimited.awaits_cluster(0));
         unlimited.cluster_fence(now - 60_000, 0);
         unlimited.issue(now, 0, 1, &mut out).unwrap();
     }

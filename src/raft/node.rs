@@ -476,8 +476,10 @@ impl NodeTime {
 }
 
 /// How long this node's time must stay past the cluster's before it is
-/// logged and shown (see `Node::report_ahead_of_cluster`).
-const AHEAD_REPORTED_AFTER: Duration = Duration::from_secs(3);
+/// logged and shown (see `Node::report_ahead_of_cluster`): a node catching
+/// up on the log applies the others' renewals late, and its right clock
+/// reads as past them until it has caught up.
+const AHEAD_REPORTED_AFTER: Duration = Duration::from_secs(10);
 
 /// How long this node refuses to vote for another after hearing from a
 /// leader: an election timeout, less two ticks (a late loop iteration can
@@ -986,7 +988,8 @@ impl Node {
             None => None,
         };
         if let Some(fence) = machine.latest_fence_of_others(params.id)? {
-            params.ids.lock().stored_cluster_fence(fence);
+            let mono = params.ids.clock.mono_ms();
+            params.ids.lock().stored_cluster_fence(fence, mono);
         }
         // Addresses recorded by membership changes complete the configured
         // ones, and replace them: a member removed and added back (a
@@ -2816,7 +2819,7 @@ impl Node {
                 issuer.next_fence(now, self.snowflake.fence_ahead_ms),
                 issuer.take_forward_steps(),
                 issuer.ahead_of_cluster(now, mono),
-                issuer.awaits_cluster(),
+                issuer.awaits_cluster(mono),
             )
         };
         for step in steps {

@@ -586,15 +586,24 @@ const CLOCK_OFFSET_WARN_MS: i64 = 1_000;
 /// behind) from the stamps on the frames it sends. A frame's stamp less
 /// its arrival is the offset less the frame's time on the way, so the
 /// largest of a window's (its fastest frame) is the closest: on loopback
-/// or a LAN within a millisecond, whatever the load, while any frame of
-/// the window travels fast. Delays only ever lower it.
+/// or a LAN within a millisecond while any frame of the window travels
+/// without queueing (a sender backed up for a whole window, stamping
+/// frames before they wait, reads as behind by the wait). Delays only
+/// ever lower it.
 #[derive(Debug)]
 struct ClockOffset {
     started: Instant,
     best_ms: Option<i64>,
     /// The last estimate was past [`CLOCK_OFFSET_WARN_MS`].
     far: bool,
+    /// When the last estimate was answered, while it stands.
+    answered: Option<Instant>,
 }
+
+/// An estimate with no frame since for this long is withdrawn: a stream
+/// stays open when its peer has nothing to send (raft-rs's followers send
+/// only to the leader, so after a leader change the old one hears none).
+const CLOCK_OFFSET_STALE: Duration = Duration::from_secs(3);
 
 impl ClockOffset {
     fn new(now: Instant) -> Self {
@@ -602,7 +611,22 @@ impl ClockOffset {
             started: now,
             best_ms: None,
             far: false,
+            answered: None,
         }
+    }
+
+    /// Whether the standing estimate has gone stale by `now` (once: it is
+    /// withdrawn).
+    fn expired(&mut self, now: Instant) -> bool {
+        let stale = self
+            .answered
+            .is_some_and(|at| now.duration_since(at) > CLOCK_OFFSET_STALE);
+        if stale {
+            self.answered = None;
+            self.best_ms = None;
+            self.started = now;
+        }
+        stale
     }
 
     /// Takes a frame stamped `sent_ms` (the peer's clock) that arrived at
@@ -615,6 +639,7 @@ impl ClockOffset {
             return None;
         }
         self.started = now;
+        self.answered = Some(now);
         self.best_ms.take()
     }
 }
@@ -666,6 +691,13 @@ impl PeerService {
             clock,
             clocks,
         }
+    }
+
+    /// No estimate of `peer`'s clock stands: NaN, which no comparison
+    /// passes, rather than a stale figure.
+    fn withdraw_clock_offset(&self, peer: u64) {
+        metrics::gauge!(m::PEER_CLOCK_OFFSET_SECONDS, "peer" => peer.to_string()).set(f64::NAN);
+        self.clocks.set(peer, None);
     }
 
     /// Publishes a peer's clock offset estimate, and logs when it goes
@@ -811,10 +843,18 @@ impl Peer for PeerService {
         tokio::pin!(stopped);
         let mut offset = ClockOffset::new(Instant::now());
         let mut stamped_by = None;
+        let mut expiry = tokio::time::interval(CLOCK_OFFSET_WINDOW);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let ended = loop {
             let frame = tokio::select! {
                 frame = stream.message() => frame,
                 () = &mut stopped => break Err(Status::unavailable("node is stopping")),
+                _ = expiry.tick() => {
+                    if let Some(peer) = stamped_by.filter(|_| offset.expired(Instant::now())) {
+                        self.withdraw_clock_offset(peer);
+                    }
+                    continue;
+                }
             };
             let frame = match frame {
                 Ok(Some(frame)) => frame,
@@ -844,11 +884,8 @@ impl Peer for PeerService {
                 break Err(Status::unavailable("node is stopping"));
             }
         };
-        // No estimate while the peer does not send: NaN, which no
-        // comparison passes, rather than a stale figure for ever.
         if let Some(peer) = stamped_by {
-            metrics::gauge!(m::PEER_CLOCK_OFFSET_SECONDS, "peer" => peer.to_string()).set(f64::NAN);
-            self.clocks.set(peer, None);
+            self.withdraw_clock_offset(peer);
         }
         ended
     }
@@ -1127,6 +1164,13 @@ mod tests {
         assert_eq!(est.sample(99_500, 101_502, t0 + ms(2_000)), Some(-2_002));
         // A window may hold one frame.
         assert_eq!(est.sample(102_000, 102_000, t0 + ms(3_100)), Some(0));
+        // No frame for longer than CLOCK_OFFSET_STALE: withdrawn, once.
+        assert!(!est.expired(t0 + ms(3_100) + CLOCK_OFFSET_STALE));
+        assert!(est.expired(t0 + ms(3_101) + CLOCK_OFFSET_STALE));
+        assert!(!est.expired(t0 + ms(9_000) + CLOCK_OFFSET_STALE));
+        // The next window starts at the withdrawal, afresh.
+        assert_eq!(est.sample(200_000, 200_010, t0 + ms(6_500)), None);
+        assert_eq!(est.sample(200_000, 200_004, t0 + ms(7_200)), Some(-4));
     }
 
     /// The next snapshot report the node hears, within ten seconds.
