@@ -906,10 +906,12 @@ async fn a_node_started_with_its_clock_ahead_issues_nothing_until_set_right() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
+    // Up to a fence's reach ahead is by design: a node restarted starts
+    // above its last fence. A minute is not.
     for id in ids {
         let (ts, _, _) = layout().decode(id).unwrap();
         assert!(
-            ts <= real_ms + 1_000,
+            ts <= real_ms + 3_500,
             "ID {id} stamped {} ms ahead of the real time",
             ts - real_ms
         );
@@ -986,11 +988,14 @@ async fn a_believed_step_ahead_of_the_cluster_stops_a_node_issuing() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
+    // Up to a fence's reach ahead is by design (restarted just before, the
+    // node started above its last fence); 30 s is not.
     for id in ids {
         let (ts, _, _) = layout().decode(id).unwrap();
         assert!(
-            ts <= real_ms + 1_000,
-            "ID {id} stamped ahead of the real time"
+            ts <= real_ms + 3_500,
+            "ID {id} stamped {} ms ahead of the real time",
+            ts - real_ms
         );
     }
 }
