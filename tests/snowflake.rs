@@ -836,6 +836,36 @@ async fn next_ten(c: &Cluster, id: u64) -> Result<Vec<u64>, tonic::Status> {
     Ok(r.into_inner().ids)
 }
 
+/// Sets node `id`'s clock right and waits until it issues, `within`; its
+/// IDs may be stamped up to a fence's reach ahead of the real time (a node
+/// restarted starts above its last fence), not the step it was set back by.
+async fn set_right_and_issue(c: &Cluster, id: u64, within: Duration) {
+    fault(c, id, 0, false).await;
+    let deadline = Instant::now() + within;
+    let ids = loop {
+        match next_ten(c, id).await {
+            Ok(ids) => break ids,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "not issuing {within:?} after its clock was set right: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let real_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for id in ids {
+        let (ts, _, _) = layout().decode(id).unwrap();
+        assert!(
+            ts <= real_ms + 3_500,
+            "ID {id} stamped {} ms ahead of the real time",
+            ts - real_ms
+        );
+    }
+}
+
 /// A node restarted with its clock a minute ahead issues nothing and
 /// commits no fence ahead: its time is past every fence the other nodes
 /// commit, so it answers UNAVAILABLE naming that, renews no fence, and
@@ -890,32 +920,7 @@ async fn a_node_started_with_its_clock_ahead_issues_nothing_until_set_right() {
         "{status:?}"
     );
 
-    fault(&c, skewed, 0, false).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let ids = loop {
-        match next_ten(&c, skewed).await {
-            Ok(ids) => break ids,
-            Err(e) => assert!(
-                Instant::now() < deadline,
-                "not issuing 10 s after its clock was set right: {e:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let real_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    // Up to a fence's reach ahead is by design: a node restarted starts
-    // above its last fence. A minute is not.
-    for id in ids {
-        let (ts, _, _) = layout().decode(id).unwrap();
-        assert!(
-            ts <= real_ms + 3_500,
-            "ID {id} stamped {} ms ahead of the real time",
-            ts - real_ms
-        );
-    }
+    set_right_and_issue(&c, skewed, Duration::from_secs(10)).await;
     // Nor did it commit a fence ahead: restarted, a node starts above its
     // last fence, and would refuse IDs until the clock reached it.
     c.kill(skewed);
@@ -972,32 +977,7 @@ async fn a_believed_step_ahead_of_the_cluster_stops_a_node_issuing() {
     )
     .await;
 
-    fault(&c, skewed, 0, false).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let ids = loop {
-        match next_ten(&c, skewed).await {
-            Ok(ids) => break ids,
-            Err(e) => assert!(
-                Instant::now() < deadline,
-                "not issuing 15 s after its clock was set right: {e:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let real_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    // Up to a fence's reach ahead is by design (restarted just before, the
-    // node started above its last fence); 30 s is not.
-    for id in ids {
-        let (ts, _, _) = layout().decode(id).unwrap();
-        assert!(
-            ts <= real_ms + 3_500,
-            "ID {id} stamped {} ms ahead of the real time",
-            ts - real_ms
-        );
-    }
+    set_right_and_issue(&c, skewed, Duration::from_secs(15)).await;
 }
 
 /// Every node restarted at once: each knows the others' workers only from
