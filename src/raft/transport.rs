@@ -549,17 +549,42 @@ pub struct PeerService {
 }
 
 /// The latest clock offset estimate (ms, positive: the peer's clock is
-/// ahead) of each peer whose stream is up.
+/// ahead) of each peer with one standing, and the stream that made it.
 #[derive(Clone, Default)]
-pub struct PeerClocks(Arc<std::sync::Mutex<HashMap<u64, i64>>>);
+pub struct PeerClocks(Arc<std::sync::Mutex<PeerClocksInner>>);
+
+#[derive(Default)]
+struct PeerClocksInner {
+    estimates: HashMap<u64, (u64, i64)>,
+    next_stream: u64,
+}
 
 impl PeerClocks {
-    fn set(&self, peer: u64, offset_ms: Option<i64>) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match offset_ms {
-            Some(ms) => map.insert(peer, ms),
-            None => map.remove(&peer),
-        };
+    /// A token for one of a peer's streams.
+    fn stream(&self) -> u64 {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        inner.next_stream += 1;
+        inner.next_stream
+    }
+
+    fn set(&self, peer: u64, stream: u64, offset_ms: i64) {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        inner.estimates.insert(peer, (stream, offset_ms));
+    }
+
+    /// Withdraws `peer`'s estimate if `stream` made it (a stream that ends
+    /// after its replacement has estimated leaves the new estimate alone);
+    /// answers whether it did.
+    fn withdraw(&self, peer: u64, stream: u64) -> bool {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let ours = inner
+            .estimates
+            .get(&peer)
+            .is_some_and(|(s, _)| *s == stream);
+        if ours {
+            inner.estimates.remove(&peer);
+        }
+        ours
     }
 
     /// Every estimate, by peer id.
@@ -568,8 +593,9 @@ impl PeerClocks {
             .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .estimates
             .iter()
-            .map(|(p, ms)| (*p, *ms))
+            .map(|(p, (_, ms))| (*p, *ms))
             .collect();
         all.sort_unstable();
         all
@@ -695,17 +721,24 @@ impl PeerService {
 
     /// No estimate of `peer`'s clock stands: NaN, which no comparison
     /// passes, rather than a stale figure.
-    fn withdraw_clock_offset(&self, peer: u64) {
-        metrics::gauge!(m::PEER_CLOCK_OFFSET_SECONDS, "peer" => peer.to_string()).set(f64::NAN);
-        self.clocks.set(peer, None);
+    fn withdraw_clock_offset(&self, peer: u64, stream: u64) {
+        if self.clocks.withdraw(peer, stream) {
+            metrics::gauge!(m::PEER_CLOCK_OFFSET_SECONDS, "peer" => peer.to_string()).set(f64::NAN);
+        }
     }
 
     /// Publishes a peer's clock offset estimate, and logs when it goes
     /// past [`CLOCK_OFFSET_WARN_MS`] or comes back.
-    fn clock_offset_estimated(&self, peer: u64, est: &mut ClockOffset, offset_ms: i64) {
+    fn clock_offset_estimated(
+        &self,
+        peer: u64,
+        stream: u64,
+        est: &mut ClockOffset,
+        offset_ms: i64,
+    ) {
         metrics::gauge!(m::PEER_CLOCK_OFFSET_SECONDS, "peer" => peer.to_string())
             .set(offset_ms as f64 / 1000.0);
-        self.clocks.set(peer, Some(offset_ms));
+        self.clocks.set(peer, stream, offset_ms);
         let far = offset_ms.abs() > CLOCK_OFFSET_WARN_MS;
         if far == est.far {
             return;
@@ -843,6 +876,7 @@ impl Peer for PeerService {
         tokio::pin!(stopped);
         let mut offset = ClockOffset::new(Instant::now());
         let mut stamped_by = None;
+        let stream_token = self.clocks.stream();
         let mut expiry = tokio::time::interval(CLOCK_OFFSET_WINDOW);
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let ended = loop {
@@ -851,7 +885,7 @@ impl Peer for PeerService {
                 () = &mut stopped => break Err(Status::unavailable("node is stopping")),
                 _ = expiry.tick() => {
                     if let Some(peer) = stamped_by.filter(|_| offset.expired(Instant::now())) {
-                        self.withdraw_clock_offset(peer);
+                        self.withdraw_clock_offset(peer, stream_token);
                     }
                     continue;
                 }
@@ -874,7 +908,7 @@ impl Peer for PeerService {
                 stamped_by = Some(frame.from);
                 let arrived = self.clock.now_ms();
                 if let Some(ms) = offset.sample(frame.sent_ms, arrived, Instant::now()) {
-                    self.clock_offset_estimated(frame.from, &mut offset, ms);
+                    self.clock_offset_estimated(frame.from, stream_token, &mut offset, ms);
                 }
             }
             if self.faults.isolated.load(Ordering::Relaxed) {
@@ -885,7 +919,7 @@ impl Peer for PeerService {
             }
         };
         if let Some(peer) = stamped_by {
-            self.withdraw_clock_offset(peer);
+            self.withdraw_clock_offset(peer, stream_token);
         }
         ended
     }
@@ -1144,6 +1178,20 @@ mod tests {
             Arc::new(crate::core::SystemClock::default()),
         );
         (transport, inputs)
+    }
+
+    /// A stream that ends after its replacement has estimated (a peer that
+    /// reconnected) withdraws only its own estimate, not the new one.
+    #[test]
+    fn a_replaced_stream_withdraws_only_its_own_estimate() {
+        let clocks = PeerClocks::default();
+        let (old, new) = (clocks.stream(), clocks.stream());
+        clocks.set(2, old, 5_000);
+        clocks.set(2, new, 4_990);
+        assert!(!clocks.withdraw(2, old));
+        assert_eq!(clocks.all(), vec![(2, 4_990)]);
+        assert!(clocks.withdraw(2, new));
+        assert_eq!(clocks.all(), vec![]);
     }
 
     /// The estimate is the window's largest stamp-less-arrival, the frame
