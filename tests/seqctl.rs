@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{check_history, Cluster, Load};
-use seqd::pb::{BatchItem, InjectFaultRequest, NextBatchRequest, NextRequest, StatusRequest};
+use seqd::pb::{InjectFaultRequest, NextRequest, StatusRequest};
 
 fn seqctl(c: &Cluster, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_seqctl"))
@@ -334,19 +334,8 @@ async fn hold_keys(c: &Cluster, id: u64, prefix: &str, keys: usize) {
     let per_call = 1_000;
     let mut api = c.sequencer(id).await;
     for call in 0..keys / per_call {
-        let items = (0..per_call)
-            .map(|i| BatchItem {
-                key: format!("{prefix}-{:06}", call * per_call + i),
-                count: 1,
-            })
-            .collect();
-        api.next_batch(NextBatchRequest {
-            namespace: "conv".into(),
-            items,
-            request_id: String::new(),
-        })
-        .await
-        .unwrap();
+        let keys = (0..per_call).map(|i| format!("{prefix}-{:06}", call * per_call + i));
+        common::call_each_once(&mut api, keys).await;
     }
     // A handover releases the keys unused for a second and trims the rest:
     // idleness is time on the node's clock, with nothing else to wait on.

@@ -92,20 +92,7 @@ async fn call_fill_keys(
     api: &mut seqd::pb::sequencer_client::SequencerClient<tonic::transport::Channel>,
     keys: impl Iterator<Item = usize>,
 ) -> seqd::pb::NextBatchResponse {
-    let items = keys
-        .map(|i| BatchItem {
-            key: format!("conversation-{i:07}"),
-            count: 1,
-        })
-        .collect();
-    api.next_batch(NextBatchRequest {
-        namespace: "conv".into(),
-        items,
-        request_id: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    common::call_each_once(api, keys.map(|i| format!("conversation-{i:07}"))).await
 }
 
 /// Calls each of `keys` fill keys once through node `id`, 10,000 a call;

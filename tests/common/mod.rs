@@ -789,6 +789,24 @@ fn rule_health(prom: &str) -> Option<(usize, Vec<String>)> {
     Some((count, bad))
 }
 
+/// Calls each of `keys` once, in one `NextBatch` of namespace `conv`.
+pub async fn call_each_once(
+    api: &mut seqd::pb::sequencer_client::SequencerClient<tonic::transport::Channel>,
+    keys: impl Iterator<Item = String>,
+) -> seqd::pb::NextBatchResponse {
+    let items = keys
+        .map(|key| seqd::pb::BatchItem { key, count: 1 })
+        .collect();
+    api.next_batch(seqd::pb::NextBatchRequest {
+        namespace: "conv".into(),
+        items,
+        request_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// One caller of `NextIds` per node address, each on its own node (every
 /// node issues IDs), collecting every ID issued.
 pub struct IdLoad {
