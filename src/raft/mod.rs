@@ -264,20 +264,49 @@ pub(crate) struct SnapshotReport {
     /// The snapshot's index: a report on an older one (a send that
     /// outlived a newer one) changes nothing.
     pub index: u64,
+    /// Which send it reports on: the outbox numbers every snapshot
+    /// message it is handed (see [`Outbox::newest_snapshot_send`]). raft-rs
+    /// sends the same snapshot again after a failure, and a report on the
+    /// earlier send arriving late (an aborted send, at a peer's address
+    /// change) would otherwise end the one under way.
+    pub send: u64,
     /// Its size, which sets how long its install may take.
     pub bytes: u64,
     pub ok: bool,
 }
 
 impl SnapshotReport {
-    pub(crate) fn of(msg: &Message, ok: bool) -> Self {
+    pub(crate) fn of(msg: &Message, send: u64, ok: bool) -> Self {
         let snap = msg.get_snapshot();
         Self {
             to: msg.to,
             index: snap.get_metadata().index,
+            send,
             bytes: snap.get_data().len() as u64,
             ok,
         }
+    }
+}
+
+/// Numbers the snapshot messages an outbox is handed (from 1), and keeps
+/// each peer's newest: only a report on that one may end the snapshot
+/// raft-rs counts as out to the peer.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotSends {
+    last: u64,
+    newest: HashMap<u64, u64>,
+}
+
+impl SnapshotSends {
+    /// A new send to `to`: its number.
+    pub(crate) fn start(&mut self, to: u64) -> u64 {
+        self.last += 1;
+        self.newest.insert(to, self.last);
+        self.last
+    }
+
+    pub(crate) fn newest(&self, to: u64) -> Option<u64> {
+        self.newest.get(&to).copied()
     }
 }
 

@@ -303,14 +303,22 @@ pub struct NodeTesting {
 /// Where a node's Raft messages go: the gRPC transport, or the simulated
 /// network.
 pub(crate) trait Outbox: Send {
+    /// Sends `msgs`, numbering each snapshot among them as a new send to
+    /// its peer, which its report names (see [`SnapshotReport::send`]).
     fn send(&mut self, msgs: Vec<::raft::prelude::Message>);
     fn add_peer(&mut self, id: u64, addr: &str);
     fn remove_peer(&mut self, id: u64);
+    /// The number of the newest snapshot send to `to`.
+    fn newest_snapshot_send(&self, to: u64) -> Option<u64>;
 }
 
 impl Outbox for Transport {
     fn send(&mut self, msgs: Vec<::raft::prelude::Message>) {
         Transport::send(self, msgs)
+    }
+
+    fn newest_snapshot_send(&self, to: u64) -> Option<u64> {
+        Transport::newest_snapshot_send(self, to)
     }
 
     fn add_peer(&mut self, id: u64, addr: &str) {
@@ -1449,20 +1457,25 @@ impl Node {
             Input::SnapshotSent(SnapshotReport {
                 to,
                 index,
+                send,
                 bytes,
                 ok,
             }) => {
                 let pending = self.raw.raft.prs().get(to).is_some_and(|pr| {
                     pr.state == ::raft::ProgressState::Snapshot && pr.pending_snapshot == index
                 });
-                if !pending {
-                    // raft-rs would take it for the snapshot pending now.
+                // raft-rs would take a report on an earlier send, or an
+                // older snapshot, for the one out now.
+                let newest = self.transport.newest_snapshot_send(to) == Some(send);
+                if !(pending && newest) {
                     tracing::debug!(
                         node_id = self.id,
                         to,
                         index,
+                        send,
                         ok,
-                        "report on a snapshot no longer pending ignored"
+                        pending,
+                        "report on a snapshot send no longer under way ignored"
                     );
                     return None;
                 }

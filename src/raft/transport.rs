@@ -13,7 +13,7 @@ use tokio::sync::mpsc as tmpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Faults, Input, Mailbox, SnapshotReport};
+use super::{Faults, Input, Mailbox, SnapshotReport, SnapshotSends};
 use crate::core::{Clock, Layout};
 use crate::metrics as m;
 use crate::pb::peer_client::PeerClient;
@@ -66,11 +66,19 @@ pub struct Sender {
     pub layout: Layout,
 }
 
+/// A message queued for a peer; a snapshot's carries the number of its
+/// send, which its report names.
+struct Queued {
+    msg: Message,
+    snapshot_send: Option<u64>,
+}
+
 /// Sends raft messages to peers. Owned by the node loop; never blocks.
 pub struct Transport {
     me: Sender,
     rt: tokio::runtime::Handle,
-    peers: HashMap<u64, (String, tmpsc::Sender<Message>)>,
+    peers: HashMap<u64, (String, tmpsc::Sender<Queued>)>,
+    snapshot_sends: SnapshotSends,
     node: Mailbox,
     faults: Arc<Faults>,
     /// Stamps each frame, for the peers' clock offset estimates.
@@ -91,6 +99,7 @@ impl Transport {
             me,
             rt: rt.clone(),
             peers: HashMap::new(),
+            snapshot_sends: SnapshotSends::default(),
             node,
             faults,
             clock,
@@ -123,25 +132,40 @@ impl Transport {
         self.peers.remove(&id);
     }
 
-    pub fn send(&self, msgs: Vec<Message>) {
-        if self.faults.isolated.load(Ordering::Relaxed) {
-            return;
-        }
+    pub fn send(&mut self, msgs: Vec<Message>) {
+        let isolated = self.faults.isolated.load(Ordering::Relaxed);
         for msg in msgs {
             let to = msg.to;
-            let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+            let snapshot_send = (msg.get_msg_type() == MessageType::MsgSnapshot)
+                .then(|| self.snapshot_sends.start(to));
+            let report = snapshot_send.map(|send| SnapshotReport::of(&msg, send, false));
+            if isolated {
+                // raft-rs sends a follower nothing more until it hears what
+                // became of a snapshot.
+                if let Some(report) = report {
+                    let _ = self.node.send(Input::SnapshotSent(report));
+                }
+                continue;
+            }
             let Some((_, peer)) = self.peers.get(&to) else {
                 tracing::warn!(to, "message for an unknown peer dropped");
+                if let Some(report) = report {
+                    let _ = self.node.send(Input::SnapshotSent(report));
+                }
                 continue;
             };
-            let report = is_snapshot.then(|| SnapshotReport::of(&msg, false));
-            if peer.try_send(msg).is_err() {
+            if peer.try_send(Queued { msg, snapshot_send }).is_err() {
                 if let Some(report) = report {
                     let _ = self.node.send(Input::SnapshotSent(report));
                 }
                 let _ = self.node.send(Input::Unreachable(to));
             }
         }
+    }
+
+    /// The number of the newest snapshot send to `to`.
+    pub fn newest_snapshot_send(&self, to: u64) -> Option<u64> {
+        self.snapshot_sends.newest(to)
     }
 }
 
@@ -152,7 +176,7 @@ async fn peer_loop(
     me: Sender,
     peer_id: u64,
     addr: String,
-    mut queue: tmpsc::Receiver<Message>,
+    mut queue: tmpsc::Receiver<Queued>,
     node: Mailbox,
     clock: Arc<dyn Clock>,
 ) {
@@ -199,14 +223,13 @@ async fn peer_loop(
         let mut call = tokio::spawn(async move { client.raft(request).await });
         loop {
             tokio::select! {
-                msg = queue.recv() => {
-                    let Some(msg) = msg else {
+                queued = queue.recv() => {
+                    let Some(Queued { msg, snapshot_send }) = queued else {
                         call.abort();
                         abort_snapshot_sends(snapshot_sends, &node);
                         return;
                     };
-                    let report = (msg.get_msg_type() == MessageType::MsgSnapshot)
-                        .then(|| SnapshotReport::of(&msg, false));
+                    let report = snapshot_send.map(|send| SnapshotReport::of(&msg, send, false));
                     // Past it a follower could not decode the message.
                     if let Some(r) =
                         report.filter(|r| r.bytes > (MAX_SNAPSHOT_MESSAGE - 4096) as u64)
@@ -339,7 +362,8 @@ impl EncodedSnapshot {
 /// each as not sent: raft-rs sends nothing more to a follower while a
 /// snapshot to it is out, so at a new address it would wait for the
 /// deadline too. A send that ended meanwhile has reported; the node
-/// ignores the second report, on a snapshot no longer pending.
+/// ignores the second report, on a snapshot no longer pending or a send
+/// no longer the newest.
 fn abort_snapshot_sends(sends: Vec<(tokio::task::AbortHandle, SnapshotReport)>, node: &Mailbox) {
     for (task, report) in sends {
         if !task.is_finished() {
@@ -475,12 +499,12 @@ async fn send_snapshot(
 /// its loop must end (a loop for a peer that cannot be reached would
 /// otherwise retry for ever, and report it unreachable to the node each
 /// time, where a peer at a new address has the same id).
-fn drop_stale(queue: &mut tmpsc::Receiver<Message>, node: &Mailbox) -> bool {
+fn drop_stale(queue: &mut tmpsc::Receiver<Queued>, node: &Mailbox) -> bool {
     loop {
         match queue.try_recv() {
-            Ok(msg) => {
-                if msg.get_msg_type() == MessageType::MsgSnapshot {
-                    let _ = node.send(Input::SnapshotSent(SnapshotReport::of(&msg, false)));
+            Ok(Queued { msg, snapshot_send }) => {
+                if let Some(send) = snapshot_send {
+                    let _ = node.send(Input::SnapshotSent(SnapshotReport::of(&msg, send, false)));
                 }
             }
             Err(tmpsc::error::TryRecvError::Empty) => return false,
@@ -1271,6 +1295,57 @@ mod tests {
         assert_eq!(heard.expect("the call was kept"), Some("ended"));
     }
 
+    /// Every snapshot message is a send with a number of its own: one
+    /// given up as its peer moves reports under its number, and the
+    /// snapshot sent again, to the new address, has another, the newest.
+    #[tokio::test]
+    async fn a_snapshot_send_given_up_on_a_move_reports_under_its_own_number() {
+        let (said_tx, mut said) = tmpsc::unbounded_channel();
+        let old = serve(InstallingPeer(said_tx.clone())).await;
+        let (mut transport, mut inputs) = transport_to(old);
+        let deadline = Duration::from_secs(10);
+        let whole = |heard: Result<Option<&str>, _>| heard == Ok(Some("whole"));
+
+        transport.send(vec![snapshot_message(42, vec![7; 2 * SNAPSHOT_CHUNK])]);
+        let first = transport.newest_snapshot_send(2).expect("a numbered send");
+        assert!(whole(tokio::time::timeout(deadline, said.recv()).await));
+        transport.add_peer(2, &serve(InstallingPeer(said_tx)).await);
+        let r = next_report(&mut inputs).await;
+        assert_eq!((r.index, r.send, r.ok), (42, first, false));
+
+        transport.send(vec![snapshot_message(42, vec![7; 2 * SNAPSHOT_CHUNK])]);
+        let second = transport.newest_snapshot_send(2).expect("a numbered send");
+        assert_ne!(second, first);
+        let heard = tokio::time::timeout(deadline, async {
+            loop {
+                match said.recv().await {
+                    Some("ended") => {}
+                    other => break other,
+                }
+            }
+        })
+        .await;
+        assert!(whole(heard), "the new address never had the snapshot");
+        transport.remove_peer(2);
+        let r = next_report(&mut inputs).await;
+        assert_eq!((r.index, r.send, r.ok), (42, second, false));
+    }
+
+    /// A snapshot for a peer the transport has no address for (a member
+    /// added without one) is reported as not sent: raft-rs would count it
+    /// as out to that peer for ever, and send it nothing more.
+    #[tokio::test]
+    async fn a_snapshot_for_a_peer_without_an_address_is_reported_not_sent() {
+        let (mut transport, mut inputs) =
+            transport_to(serve(InstallingPeer(tmpsc::unbounded_channel().0)).await);
+        let mut msg = snapshot_message(42, vec![7; 10]);
+        msg.to = 3;
+        transport.send(vec![msg]);
+        let r = next_report(&mut inputs).await;
+        assert_eq!((r.to, r.index, r.ok), (3, 42, false));
+        assert_eq!(transport.newest_snapshot_send(3), Some(r.send));
+    }
+
     /// A peer that cannot be reached and is then removed is no longer
     /// tried: its loop ends (one more report at most, from the attempt
     /// under way) rather than report the id unreachable for ever, which
@@ -1304,7 +1379,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_the_snapshot_call_gets_the_snapshot_in_one_frame() {
         let (frames_tx, mut frames) = tmpsc::unbounded_channel();
-        let (transport, mut inputs) = transport_to(serve(OldPeer(frames_tx)).await);
+        let (mut transport, mut inputs) = transport_to(serve(OldPeer(frames_tx)).await);
         let data: Vec<u8> = (0..3 * SNAPSHOT_CHUNK + 5).map(|i| i as u8).collect();
         transport.send(vec![snapshot_message(42, data.clone())]);
         let r = next_report(&mut inputs).await;

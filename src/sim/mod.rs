@@ -38,7 +38,7 @@ use crate::config::{RaftConfig, ReadMode, ReadRoundPeers, SnowflakeConfig};
 use crate::core::{Clock, Issuer, Layout, Mode, NamespaceSpec, Namespaces, SeqKey, MAX_SEQUENCE};
 use crate::raft::{
     Grant, IdState, Input, Node, NodeError, NodeParams, NodeTesting, NodeTime, Outbox,
-    SnapshotReport, Syncer, VirtualTime,
+    SnapshotReport, SnapshotSends, Syncer, VirtualTime,
 };
 use crate::storage::{self, Journal};
 
@@ -260,16 +260,31 @@ impl Syncer for SimSyncer {
     }
 }
 
-struct SimOutbox(Arc<Mutex<Vec<Message>>>);
+struct SimOutbox {
+    msgs: Arc<Mutex<Vec<Outgoing>>>,
+    snapshot_sends: SnapshotSends,
+}
+
+/// A message a node sent; a snapshot's with the number of its send.
+type Outgoing = (Message, Option<u64>);
 
 impl Outbox for SimOutbox {
     fn send(&mut self, msgs: Vec<Message>) {
-        lock(&self.0).extend(msgs);
+        let numbered = msgs.into_iter().map(|msg| {
+            let send = (msg.get_msg_type() == MessageType::MsgSnapshot)
+                .then(|| self.snapshot_sends.start(msg.to));
+            (msg, send)
+        });
+        lock(&self.msgs).extend(numbered);
     }
 
     fn add_peer(&mut self, _id: u64, _addr: &str) {}
 
     fn remove_peer(&mut self, _id: u64) {}
+
+    fn newest_snapshot_send(&self, to: u64) -> Option<u64> {
+        self.snapshot_sends.newest(to)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -281,7 +296,7 @@ struct Slot {
     id: u64,
     node: Option<Node>,
     tx: mpsc::UnboundedSender<Input>,
-    outbox: Arc<Mutex<Vec<Message>>>,
+    outbox: Arc<Mutex<Vec<Outgoing>>>,
     journal: Arc<Mutex<Journal>>,
     /// Sync requests the node made that the simulated disk has not done.
     syncs: Arc<Mutex<Vec<u64>>>,
@@ -313,6 +328,10 @@ struct Net {
     cut: Vec<(u64, u64)>,
     heal_at: u64,
     chaos_until: u64,
+    /// While set, snapshot messages are kept here as they are sent, with
+    /// their sender and the number of their send, neither delivered nor
+    /// reported on: a test decides what becomes of them.
+    held_snapshots: Option<Vec<(u64, Message, u64)>>,
 }
 
 /// A call a client is waiting on.
@@ -586,7 +605,12 @@ impl Sim {
             0,
             NodeTime::Virtual(self.time.clone()),
             rx,
-            |_| Box::new(SimOutbox(outbox)),
+            |_| {
+                Box::new(SimOutbox {
+                    msgs: outbox,
+                    snapshot_sends: SnapshotSends::default(),
+                })
+            },
             Box::new(SimSyncer(slot.syncs.clone())),
         )
         .unwrap_or_else(|e| panic!("node {}: restart failed: {e}", slot.id));
@@ -766,8 +790,8 @@ impl Sim {
         }
         let msgs = std::mem::take(&mut *lock(&slot.outbox));
         let from = slot.id;
-        for msg in msgs {
-            self.send(from, msg);
+        for (msg, snapshot_send) in msgs {
+            self.send(from, msg, snapshot_send);
         }
         if let Some(done) = stop {
             let _ = done.send(());
@@ -776,21 +800,24 @@ impl Sim {
         }
     }
 
-    fn send(&mut self, from: u64, msg: Message) {
+    fn send(&mut self, from: u64, msg: Message, snapshot_send: Option<u64>) {
         self.report.messages += 1;
         if msg.get_msg_type() == MessageType::MsgHeartbeat && !msg.get_context().is_empty() {
             self.report.read_heartbeats += 1;
         }
         let to = msg.to;
-        let snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+        if let (Some(held), Some(send)) = (self.net.held_snapshots.as_mut(), snapshot_send) {
+            held.push((from, msg, send));
+            return;
+        }
         let chaos = self.now < self.net.chaos_until;
         let lost = self.net.cut.contains(&(from, to))
             || self.rng.chance(if chaos { 150_000 } else { 2_000 });
-        if snapshot {
+        if let Some(send) = snapshot_send {
             // The transport reports whether a snapshot went out.
             let _ = self.slots[from as usize - 1]
                 .tx
-                .send(Input::SnapshotSent(SnapshotReport::of(&msg, !lost)));
+                .send(Input::SnapshotSent(SnapshotReport::of(&msg, send, !lost)));
         }
         if lost {
             self.report.dropped += 1;
@@ -1874,6 +1901,77 @@ mod tests {
             keys.len()
         );
         next_leader_continues(&mut sim, l, &keys, &last);
+    }
+
+    /// Steps until the leader has sent `n` snapshots since they were held
+    /// (up to 3 s): the newest.
+    fn held_snapshot(sim: &mut Sim, n: usize) -> (u64, Message, u64) {
+        let since = sim.now;
+        while sim.net.held_snapshots.as_ref().map_or(0, Vec::len) < n {
+            assert!(sim.now < since + 3_000, "snapshot send {n} never came");
+            sim.step(false);
+        }
+        sim.net.held_snapshots.as_ref().expect("held")[n - 1].clone()
+    }
+
+    /// Reports to the sender of `held` that its send went out (`ok`) or not.
+    fn report_snapshot(sim: &mut Sim, (from, msg, send): &(u64, Message, u64), ok: bool) {
+        let report = SnapshotReport::of(msg, *send, ok);
+        let _ = sim.slots[*from as usize - 1]
+            .tx
+            .send(Input::SnapshotSent(report));
+    }
+
+    /// A report on an earlier send of a snapshot that comes after raft-rs
+    /// sent it again (an aborted send's, when a peer's address changes)
+    /// leaves the send under way alone. Matched by follower and snapshot
+    /// alone, it ended that send too, and raft-rs sent the snapshot a
+    /// third time.
+    #[test]
+    fn a_late_report_on_an_earlier_snapshot_send_is_ignored() {
+        let (mut sim, f, _) = with_a_follower_cut_off(5);
+        let l = sim.leader().expect("a leader");
+        // Dense calls, an entry each: the leader's log moves past the
+        // follower's by more than it keeps.
+        for _ in 0..250 {
+            let rx = send_call(&mut sim, l, 3, 1, None);
+            answer(&mut sim, rx).expect("the leader serves");
+        }
+        sim.net.held_snapshots = Some(Vec::new());
+        sim.net.cut.clear();
+        let first = held_snapshot(&mut sim, 1);
+        report_snapshot(&mut sim, &first, false);
+        let second = held_snapshot(&mut sim, 2);
+        let index = |(_, msg, _): &(u64, Message, u64)| msg.get_snapshot().get_metadata().index;
+        assert_eq!(index(&second), index(&first), "another snapshot was sent");
+        assert_ne!(second.2, first.2, "two sends, one number");
+
+        report_snapshot(&mut sim, &first, false);
+        let now = sim.now;
+        step_until(&mut sim, now, 1_000);
+        let sent = sim.net.held_snapshots.as_ref().map_or(0, Vec::len);
+        assert_eq!(sent, 2, "the late report ended the send under way");
+
+        // The send under way arrives, and its own report is taken.
+        let (from, msg, _) = second.clone();
+        sim.net.held_snapshots = None;
+        sim.net.seq += 1;
+        sim.net
+            .queue
+            .insert((sim.now + 1, sim.net.seq), (from, msg));
+        report_snapshot(&mut sim, &second, true);
+        let since = sim.now;
+        loop {
+            let follower = sim.slots[f].node.as_ref().expect("running");
+            let leader = sim.slots[l].node.as_ref().expect("running").status();
+            if follower.snapshots_installed == 1
+                && follower.status().last_index == leader.last_index
+            {
+                break;
+            }
+            assert!(sim.now < since + 3_000, "the follower never caught up");
+            sim.step(false);
+        }
     }
 
     /// A heartbeat addressed to another node (a peer holding this node's
