@@ -3,7 +3,8 @@
 # machine: installs what is missing, builds seqd (release) and the bench
 # crate, then runs `seqcompare` with any arguments given here, e.g.
 #
-#   ./scripts/compare.sh                          # everything, about 8 minutes
+#   ./scripts/compare.sh                          # everything: about 8.5 minutes with
+#                                                 # a cold build, 3.3 with a warm one
 #   ./scripts/compare.sh --seconds 2 --workloads next,batch --dist zipf
 #   ./scripts/compare.sh --help
 #

@@ -74,17 +74,18 @@ pub struct Args {
     /// Workloads of the peak runs (those also in --workloads).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "next")]
     pub peak_workloads: Vec<Workload>,
-    /// Measured seconds of each peak run (after --warmup-seconds).
-    #[arg(long, default_value_t = 3)]
+    /// Measured seconds of each peak run (after --warmup-seconds; the
+    /// README's table took 3).
+    #[arg(long, default_value_t = 2)]
     pub peak_seconds: u64,
     /// No peak runs: the --callers table alone.
     #[arg(long)]
     pub no_peak: bool,
     /// Measured seconds per (target, workload). The defaults keep a whole
-    /// run (21 rows and 10 peak runs) near three and a half minutes, so
+    /// run (21 rows and 10 peak runs) near three and a quarter minutes, so
     /// that a fresh machine installs, builds (five minutes on the slower
     /// of the project's 2-core VMs) and compares within ten. The README's
-    /// table was taken with `--seconds 5 --open-loop-seconds 3` and
+    /// table was taken with `--seconds 5 --open-loop-seconds 3 --peak-seconds 3` and
     /// `seqd-3node-raw` among the targets (the defaults until session 34);
     /// `--seconds 10 --warmup-seconds 2 --open-loop-seconds 5` is the
     /// longer run of 2026-11-25's figures in bench/results/HISTORY.md.

@@ -1331,11 +1331,12 @@ mod tests {
         assert_eq!((r.index, r.send, r.ok), (42, second, false));
     }
 
-    /// A snapshot for a peer the transport has no address for (a member
-    /// added without one) is reported as not sent: raft-rs would count it
-    /// as out to that peer for ever, and send it nothing more.
+    /// A snapshot that cannot go is reported as not sent, to a peer the
+    /// transport has no address for (a member added without one) and from
+    /// a node cut off by the fault switch: raft-rs would count it as out to
+    /// that peer for ever, and send it nothing more.
     #[tokio::test]
-    async fn a_snapshot_for_a_peer_without_an_address_is_reported_not_sent() {
+    async fn a_snapshot_that_cannot_go_is_reported_not_sent() {
         let (mut transport, mut inputs) =
             transport_to(serve(InstallingPeer(tmpsc::unbounded_channel().0)).await);
         let mut msg = snapshot_message(42, vec![7; 10]);
@@ -1344,6 +1345,12 @@ mod tests {
         let r = next_report(&mut inputs).await;
         assert_eq!((r.to, r.index, r.ok), (3, 42, false));
         assert_eq!(transport.newest_snapshot_send(3), Some(r.send));
+
+        transport.faults.isolated.store(true, Ordering::Relaxed);
+        transport.send(vec![snapshot_message(43, vec![7; 10])]);
+        let r = next_report(&mut inputs).await;
+        assert_eq!((r.to, r.index, r.ok), (2, 43, false));
+        assert_eq!(transport.newest_snapshot_send(2), Some(r.send));
     }
 
     /// A peer that cannot be reached and is then removed is no longer
