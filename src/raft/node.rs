@@ -1420,6 +1420,16 @@ impl Node {
         }
     }
 
+    /// Whether a snapshot message to `to` has not reached the outbox yet.
+    fn snapshot_unsent(&self, to: u64) -> bool {
+        self.raw
+            .raft
+            .msgs
+            .iter()
+            .chain(self.held.iter().flat_map(|(_, msgs)| msgs))
+            .any(|m| m.to == to && m.get_msg_type() == MessageType::MsgSnapshot)
+    }
+
     pub(crate) fn on_input(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
         match input {
             Input::Raft(msg) => {
@@ -1465,8 +1475,12 @@ impl Node {
                     pr.state == ::raft::ProgressState::Snapshot && pr.pending_snapshot == index
                 });
                 // raft-rs would take a report on an earlier send, or an
-                // older snapshot, for the one out now.
-                let newest = self.transport.newest_snapshot_send(to) == Some(send);
+                // older snapshot, for the one out now. A snapshot it made
+                // pending again earlier in this batch of inputs (a
+                // heartbeat response resumed the follower) has no number
+                // yet: it waits in raft-rs's queue, or held for a sync.
+                let newest = self.transport.newest_snapshot_send(to) == Some(send)
+                    && !self.snapshot_unsent(to);
                 if !(pending && newest) {
                     tracing::debug!(
                         node_id = self.id,

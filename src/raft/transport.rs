@@ -195,6 +195,9 @@ async fn peer_loop(
                 .keep_alive_timeout(Duration::from_secs(2)),
             Err(e) => {
                 tracing::error!(peer_id, %addr, error = %e, "bad peer address; not sending to it");
+                // Reports any snapshot queued meanwhile as not sent; once
+                // the queue is dropped, the transport reports each one.
+                drop_stale(&mut queue, &node);
                 return;
             }
         };
@@ -1351,6 +1354,18 @@ mod tests {
         let r = next_report(&mut inputs).await;
         assert_eq!((r.to, r.index, r.ok), (2, 43, false));
         assert_eq!(transport.newest_snapshot_send(2), Some(r.send));
+    }
+
+    /// A snapshot queued for a peer whose address cannot be used is
+    /// reported as not sent as the peer's loop gives up.
+    #[tokio::test]
+    async fn a_snapshot_for_a_bad_address_is_reported_not_sent() {
+        // The test's runtime runs the peer's loop only once this awaits,
+        // so the snapshot is queued first.
+        let (mut transport, mut inputs) = transport_to("not an address".into());
+        transport.send(vec![snapshot_message(42, vec![7; 10])]);
+        let r = next_report(&mut inputs).await;
+        assert_eq!((r.to, r.index, r.ok), (2, 42, false));
     }
 
     /// A peer that cannot be reached and is then removed is no longer

@@ -1922,14 +1922,12 @@ mod tests {
             .send(Input::SnapshotSent(report));
     }
 
-    /// A report on an earlier send of a snapshot that comes after raft-rs
-    /// sent it again (an aborted send's, when a peer's address changes)
-    /// leaves the send under way alone. Matched by follower and snapshot
-    /// alone, it ended that send too, and raft-rs sent the snapshot a
-    /// third time.
-    #[test]
-    fn a_late_report_on_an_earlier_snapshot_send_is_ignored() {
-        let (mut sim, f, _) = with_a_follower_cut_off(5);
+    /// A three-node simulation whose leader's log has moved past a
+    /// follower it could not reach, and the first snapshot send to that
+    /// follower, held (`Net::held_snapshots`) once the link is back: the
+    /// simulation, the leader's slot, the follower's slot, and the send.
+    fn first_snapshot_send_held(seed: u64) -> (Sim, usize, usize, (u64, Message, u64)) {
+        let (mut sim, f, _) = with_a_follower_cut_off(seed);
         let l = sim.leader().expect("a leader");
         // Dense calls, an entry each: the leader's log moves past the
         // follower's by more than it keeps.
@@ -1940,16 +1938,36 @@ mod tests {
         sim.net.held_snapshots = Some(Vec::new());
         sim.net.cut.clear();
         let first = held_snapshot(&mut sim, 1);
+        (sim, l, f, first)
+    }
+
+    /// The index of a held snapshot send.
+    fn held_index((_, msg, _): &(u64, Message, u64)) -> u64 {
+        msg.get_snapshot().get_metadata().index
+    }
+
+    /// Steps the simulation 1 s: how many snapshot sends were held by then.
+    fn sends_after_a_second(sim: &mut Sim) -> usize {
+        let now = sim.now;
+        step_until(sim, now, 1_000);
+        sim.net.held_snapshots.as_ref().map_or(0, Vec::len)
+    }
+
+    /// A report on an earlier send of a snapshot that comes after raft-rs
+    /// sent it again (an aborted send's, when a peer's address changes)
+    /// leaves the send under way alone. Matched by follower and snapshot
+    /// alone, it ended that send too, and raft-rs sent the snapshot a
+    /// third time.
+    #[test]
+    fn a_late_report_on_an_earlier_snapshot_send_is_ignored() {
+        let (mut sim, l, f, first) = first_snapshot_send_held(5);
         report_snapshot(&mut sim, &first, false);
         let second = held_snapshot(&mut sim, 2);
-        let index = |(_, msg, _): &(u64, Message, u64)| msg.get_snapshot().get_metadata().index;
-        assert_eq!(index(&second), index(&first), "another snapshot was sent");
+        assert_eq!(held_index(&second), held_index(&first), "another snapshot");
         assert_ne!(second.2, first.2, "two sends, one number");
 
         report_snapshot(&mut sim, &first, false);
-        let now = sim.now;
-        step_until(&mut sim, now, 1_000);
-        let sent = sim.net.held_snapshots.as_ref().map_or(0, Vec::len);
+        let sent = sends_after_a_second(&mut sim);
         assert_eq!(sent, 2, "the late report ended the send under way");
 
         // The send under way arrives, and its own report is taken.
@@ -1972,6 +1990,39 @@ mod tests {
             assert!(sim.now < since + 3_000, "the follower never caught up");
             sim.step(false);
         }
+    }
+
+    /// The same late report, read in the same batch of inputs as the
+    /// heartbeat response that made raft-rs send the snapshot again: the
+    /// new send is not numbered yet (it waits in raft-rs's queue until the
+    /// batch's Ready), and the report must not be taken for it.
+    #[test]
+    fn a_late_report_behind_the_answer_that_resends_is_ignored() {
+        let (mut sim, l, f, first) = first_snapshot_send_held(5);
+        let (leader, follower) = (l as u64 + 1, f as u64 + 1);
+        // No answers from the follower but the one below.
+        sim.net.cut.push((leader, follower));
+        let now = sim.now;
+        step_until(&mut sim, now, 50);
+        report_snapshot(&mut sim, &first, false);
+        sim.run_node(l);
+
+        let mut answer = Message::default();
+        answer.set_msg_type(MessageType::MsgHeartbeatResponse);
+        answer.from = follower;
+        answer.to = leader;
+        answer.term = sim.slots[l].node.as_ref().expect("running").status().term;
+        let tx = &sim.slots[l].tx;
+        tx.send(Input::Raft(Box::new(answer))).expect("running");
+        let late = SnapshotReport::of(&first.1, first.2, false);
+        tx.send(Input::SnapshotSent(late)).expect("running");
+        sim.run_node(l);
+        let second = held_snapshot(&mut sim, 2);
+        assert_eq!(held_index(&second), held_index(&first), "another snapshot");
+
+        sim.net.cut.clear();
+        let sent = sends_after_a_second(&mut sim);
+        assert_eq!(sent, 2, "the late report ended the send under way");
     }
 
     /// A heartbeat addressed to another node (a peer holding this node's
