@@ -79,6 +79,10 @@ pub struct Transport {
     rt: tokio::runtime::Handle,
     peers: HashMap<u64, (String, tmpsc::Sender<Queued>)>,
     snapshot_sends: SnapshotSends,
+    /// When messages for each member without an address were last logged
+    /// as dropped: raft-rs sends such a member every heartbeat, hundreds a
+    /// second, and a line for each would bury the log.
+    unknown_logged: HashMap<u64, Instant>,
     node: Mailbox,
     faults: Arc<Faults>,
     /// Stamps each frame, for the peers' clock offset estimates.
@@ -100,6 +104,7 @@ impl Transport {
             rt: rt.clone(),
             peers: HashMap::new(),
             snapshot_sends: SnapshotSends::default(),
+            unknown_logged: HashMap::new(),
             node,
             faults,
             clock,
@@ -148,7 +153,13 @@ impl Transport {
                 continue;
             }
             let Some((_, peer)) = self.peers.get(&to) else {
-                tracing::warn!(to, "message for an unknown peer dropped");
+                if self.unknown_due(to, Instant::now()) {
+                    tracing::warn!(
+                        to,
+                        "messages for a member without an address dropped (logged once per 10 s \
+                         for each): add it again with its address"
+                    );
+                }
                 if let Some(report) = report {
                     let _ = self.node.send(Input::SnapshotSent(report));
                 }
@@ -166,6 +177,19 @@ impl Transport {
     /// The number of the newest snapshot send to `to`.
     pub fn newest_snapshot_send(&self, to: u64) -> Option<u64> {
         self.snapshot_sends.newest(to)
+    }
+
+    /// Whether dropping a message for `to`, a member without an address,
+    /// is to be logged at `now`: once per [`REFUSAL_LOG_EVERY`] for each.
+    fn unknown_due(&mut self, to: u64, now: Instant) -> bool {
+        let due = self
+            .unknown_logged
+            .get(&to)
+            .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
+        if due {
+            self.unknown_logged.insert(to, now);
+        }
+        due
     }
 }
 
@@ -1366,6 +1390,19 @@ mod tests {
         transport.send(vec![snapshot_message(42, vec![7; 10])]);
         let r = next_report(&mut inputs).await;
         assert_eq!((r.to, r.index, r.ok), (2, 42, false));
+    }
+
+    /// Messages for a member without an address are logged as dropped
+    /// once per 10 s for each such member, not once each.
+    #[tokio::test]
+    async fn messages_for_a_member_without_an_address_are_logged_once_per_period() {
+        let (mut transport, _inputs) = transport_to("127.0.0.1:1".into());
+        let t0 = Instant::now();
+        assert!(transport.unknown_due(3, t0));
+        assert!(!transport.unknown_due(3, t0 + Duration::from_secs(9)));
+        assert!(transport.unknown_due(4, t0 + Duration::from_secs(9)));
+        assert!(transport.unknown_due(3, t0 + REFUSAL_LOG_EVERY));
+        assert!(!transport.unknown_due(3, t0 + REFUSAL_LOG_EVERY));
     }
 
     /// A peer that cannot be reached and is then removed is no longer
