@@ -20,6 +20,7 @@ use crate::pb::peer_client::PeerClient;
 use crate::pb::peer_server::Peer;
 use crate::pb::{RaftAck, RaftFrame, SnapshotChunk};
 use crate::storage::identity::{Admission, OpenStream, PeerDataIds};
+use crate::telemetry::LogEvery;
 
 /// Request metadata naming the sending node and its data directory's id
 /// (see [`crate::storage::identity`]).
@@ -79,10 +80,9 @@ pub struct Transport {
     rt: tokio::runtime::Handle,
     peers: HashMap<u64, (String, tmpsc::Sender<Queued>)>,
     snapshot_sends: SnapshotSends,
-    /// When messages for each member without an address were last logged
-    /// as dropped: raft-rs sends such a member every heartbeat, hundreds a
-    /// second, and a line for each would bury the log.
-    unknown_logged: HashMap<u64, Instant>,
+    /// Messages dropped for each member without an address are logged
+    /// once per [`REFUSAL_LOG_EVERY`]: raft-rs sends it every heartbeat.
+    unknown_logged: LogEvery,
     node: Mailbox,
     faults: Arc<Faults>,
     /// Stamps each frame, for the peers' clock offset estimates.
@@ -104,7 +104,7 @@ impl Transport {
             rt: rt.clone(),
             peers: HashMap::new(),
             snapshot_sends: SnapshotSends::default(),
-            unknown_logged: HashMap::new(),
+            unknown_logged: LogEvery::new(REFUSAL_LOG_EVERY),
             node,
             faults,
             clock,
@@ -153,7 +153,7 @@ impl Transport {
                 continue;
             }
             let Some((_, peer)) = self.peers.get(&to) else {
-                if self.unknown_due(to, Instant::now()) {
+                if self.unknown_logged.due(to, Instant::now()) {
                     tracing::warn!(
                         to,
                         "messages for a member without an address dropped (logged once per 10 s \
@@ -177,19 +177,6 @@ impl Transport {
     /// The number of the newest snapshot send to `to`.
     pub fn newest_snapshot_send(&self, to: u64) -> Option<u64> {
         self.snapshot_sends.newest(to)
-    }
-
-    /// Whether dropping a message for `to`, a member without an address,
-    /// is to be logged at `now`: once per [`REFUSAL_LOG_EVERY`] for each.
-    fn unknown_due(&mut self, to: u64, now: Instant) -> bool {
-        let due = self
-            .unknown_logged
-            .get(&to)
-            .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
-        if due {
-            self.unknown_logged.insert(to, now);
-        }
-        due
     }
 }
 
@@ -590,9 +577,9 @@ pub struct PeerService {
     data_ids: Arc<PeerDataIds>,
     promises: PeerPromises,
     layout: Layout,
-    /// When a peer's stream was last refused for its layout, by peer: the
-    /// error is logged once per [`REFUSAL_LOG_EVERY`].
-    layout_refusals: Arc<std::sync::Mutex<HashMap<u64, Instant>>>,
+    /// A peer's stream refused for its layout is logged once per
+    /// [`REFUSAL_LOG_EVERY`] for each peer.
+    layout_refusals: Arc<std::sync::Mutex<LogEvery>>,
     /// This node's wall clock, against which peers' frame stamps are read.
     clock: Arc<dyn Clock>,
     /// The latest estimate of each peer's clock offset, for `Status`.
@@ -764,7 +751,7 @@ impl PeerService {
             data_ids,
             promises,
             layout,
-            layout_refusals: Arc::default(),
+            layout_refusals: Arc::new(std::sync::Mutex::new(LogEvery::new(REFUSAL_LOG_EVERY))),
             clock,
             clocks,
         }
@@ -889,16 +876,12 @@ impl PeerService {
              same [snowflake] epoch_ms and bit widths",
             self.layout
         );
-        let now = Instant::now();
-        let mut logged = self
+        let due = self
             .layout_refusals
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if logged
-            .get(&from)
-            .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY)
-        {
-            logged.insert(from, now);
+            .unwrap_or_else(|p| p.into_inner())
+            .due(from, Instant::now());
+        if due {
             tracing::error!(peer_id = from, "refusing a peer's messages: {why}");
         }
         Err(Status::failed_precondition(why))
@@ -1390,19 +1373,6 @@ mod tests {
         transport.send(vec![snapshot_message(42, vec![7; 10])]);
         let r = next_report(&mut inputs).await;
         assert_eq!((r.to, r.index, r.ok), (2, 42, false));
-    }
-
-    /// Messages for a member without an address are logged as dropped
-    /// once per 10 s for each such member, not once each.
-    #[tokio::test]
-    async fn messages_for_a_member_without_an_address_are_logged_once_per_period() {
-        let (mut transport, _inputs) = transport_to("127.0.0.1:1".into());
-        let t0 = Instant::now();
-        assert!(transport.unknown_due(3, t0));
-        assert!(!transport.unknown_due(3, t0 + Duration::from_secs(9)));
-        assert!(transport.unknown_due(4, t0 + Duration::from_secs(9)));
-        assert!(transport.unknown_due(3, t0 + REFUSAL_LOG_EVERY));
-        assert!(!transport.unknown_due(3, t0 + REFUSAL_LOG_EVERY));
     }
 
     /// A peer that cannot be reached and is then removed is no longer

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use rocksdb::WriteBatch;
 
 use super::{cf, decode_u64, Disk, StorageError, CF_META};
+use crate::telemetry::LogEvery;
 
 const OWN: &[u8] = b"data_id";
 const PEER_PREFIX: &[u8] = b"peer_data_id/";
@@ -153,7 +154,6 @@ struct Opened {
     as_member: bool,
 }
 
-#[derive(Default)]
 struct State {
     /// Members other than this node, with their incarnations.
     members: HashMap<u64, Incarnation>,
@@ -163,7 +163,9 @@ struct State {
     /// whether the node was a member when they were admitted.
     open: BTreeMap<u64, Opened>,
     next_seq: u64,
-    refusals_logged: HashMap<u64, Instant>,
+    /// A refused stream is logged once per [`REFUSAL_LOG_EVERY`] for each
+    /// node.
+    refusals_logged: LogEvery,
 }
 
 /// Once per member and incarnation (and after a restart only if it was
@@ -216,8 +218,11 @@ impl PeerDataIds {
         Ok(Self {
             db,
             state: Mutex::new(State {
+                members: HashMap::new(),
                 known,
-                ..State::default()
+                open: BTreeMap::new(),
+                next_seq: 0,
+                refusals_logged: LogEvery::new(REFUSAL_LOG_EVERY),
             }),
         })
     }
@@ -264,7 +269,7 @@ impl PeerDataIds {
             .collect();
         for node in stale {
             state.known.remove(&node);
-            state.refusals_logged.remove(&node);
+            state.refusals_logged.forget(node);
             batch.delete_cf(meta, peer_key(node));
         }
         for (&node, m) in &members {
@@ -311,14 +316,7 @@ impl PeerDataIds {
         if let Some(since) = member {
             match state.known.get(&node) {
                 Some(&(known, _)) if known != data_id => {
-                    let now = Instant::now();
-                    let log = state
-                        .refusals_logged
-                        .get(&node)
-                        .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
-                    if log {
-                        state.refusals_logged.insert(node, now);
-                    }
+                    let log = state.refusals_logged.due(node, Instant::now());
                     return Ok(Admission::Refused { known, log });
                 }
                 Some(_) => {}
