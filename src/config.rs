@@ -532,15 +532,15 @@ impl Config {
         // A node that stops hearing the others (cut off, paused) must hit
         // its own fence before its right clock could read as past theirs
         // (see core::snowflake::CLUSTER_FRESH_MS).
+        let least_reach = crate::core::snowflake::CLUSTER_FRESH_MS + 1_500;
         if sf.max_ahead_of_cluster_ms != 0
-            && sf.fence_ahead_ms + sf.max_ahead_of_cluster_ms
-                < crate::core::snowflake::CLUSTER_FRESH_MS + 1_500
+            && sf.fence_ahead_ms + sf.max_ahead_of_cluster_ms < least_reach
         {
             return Err(invalid(
                 "snowflake.max_ahead_of_cluster_ms",
                 format!(
-                    "with fence_ahead_ms must add up to at least {} ms (or be 0, no check)",
-                    crate::core::snowflake::CLUSTER_FRESH_MS + 1_500
+                    "with fence_ahead_ms must add up to at least {least_reach} ms (or be 0, \
+                     no check)"
                 ),
             ));
         }

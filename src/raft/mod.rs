@@ -298,11 +298,15 @@ pub(crate) struct SnapshotSends {
 }
 
 impl SnapshotSends {
-    /// A new send to `to`: its number.
-    pub(crate) fn start(&mut self, to: u64) -> u64 {
+    /// The number of `msg`'s send if it is a snapshot, now the newest to
+    /// its peer.
+    pub(crate) fn number(&mut self, msg: &Message) -> Option<u64> {
+        if msg.get_msg_type() != ::raft::prelude::MessageType::MsgSnapshot {
+            return None;
+        }
         self.last += 1;
-        self.newest.insert(to, self.last);
-        self.last
+        self.newest.insert(msg.to, self.last);
+        Some(self.last)
     }
 
     pub(crate) fn newest(&self, to: u64) -> Option<u64> {

@@ -141,35 +141,32 @@ impl Transport {
         let isolated = self.faults.isolated.load(Ordering::Relaxed);
         for msg in msgs {
             let to = msg.to;
-            let snapshot_send = (msg.get_msg_type() == MessageType::MsgSnapshot)
-                .then(|| self.snapshot_sends.start(to));
+            let snapshot_send = self.snapshot_sends.number(&msg);
             let report = snapshot_send.map(|send| SnapshotReport::of(&msg, send, false));
-            if isolated {
-                // raft-rs sends a follower nothing more until it hears what
-                // became of a snapshot.
-                if let Some(report) = report {
-                    let _ = self.node.send(Input::SnapshotSent(report));
-                }
-                continue;
-            }
-            let Some((_, peer)) = self.peers.get(&to) else {
-                if self.unknown_logged.due(to, Instant::now()) {
-                    tracing::warn!(
-                        to,
-                        "messages for a member without an address dropped (logged once per 10 s \
-                         for each): add it again with its address"
-                    );
-                }
-                if let Some(report) = report {
-                    let _ = self.node.send(Input::SnapshotSent(report));
-                }
-                continue;
-            };
-            if peer.try_send(Queued { msg, snapshot_send }).is_err() {
-                if let Some(report) = report {
-                    let _ = self.node.send(Input::SnapshotSent(report));
-                }
-                let _ = self.node.send(Input::Unreachable(to));
+            let queued = !isolated
+                && match self.peers.get(&to) {
+                    Some((_, peer)) => {
+                        let queued = peer.try_send(Queued { msg, snapshot_send }).is_ok();
+                        if !queued {
+                            let _ = self.node.send(Input::Unreachable(to));
+                        }
+                        queued
+                    }
+                    None => {
+                        if self.unknown_logged.due(to, Instant::now()) {
+                            tracing::warn!(
+                                to,
+                                "messages for a member without an address dropped (logged once \
+                                 per 10 s for each): add it again with its address"
+                            );
+                        }
+                        false
+                    }
+                };
+            // A snapshot that did not go is reported at once: raft-rs sends
+            // a follower nothing more until it hears what became of one.
+            if let (false, Some(report)) = (queued, report) {
+                let _ = self.node.send(Input::SnapshotSent(report));
             }
         }
     }

@@ -271,8 +271,7 @@ type Outgoing = (Message, Option<u64>);
 impl Outbox for SimOutbox {
     fn send(&mut self, msgs: Vec<Message>) {
         let numbered = msgs.into_iter().map(|msg| {
-            let send = (msg.get_msg_type() == MessageType::MsgSnapshot)
-                .then(|| self.snapshot_sends.start(msg.to));
+            let send = self.snapshot_sends.number(&msg);
             (msg, send)
         });
         lock(&self.msgs).extend(numbered);
