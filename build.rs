@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Invalid UTF-8 in a string field answered INVALID_ARGUMENT (src/codec.rs).
         .codec_path("crate::codec::Codec")
+        // Its batch stays encoded, for the node to read (src/pb.rs).
+        .extern_path(".seqd.v1.NextStreamRequest", "crate::pb::NextStreamRequest")
         .file_descriptor_set_path(out_dir.join("seqd_descriptor.bin"))
         .compile_protos(
             &[

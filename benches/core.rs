@@ -15,7 +15,9 @@ use seqd::core::{
 };
 use seqd::pb::{BatchItem, NextBatchRequest, NextRequest, NextResponse};
 use seqd::raft::Grant;
-use seqd::service::sequencer::{batch_response, parse_next, parse_next_batch, BatchCall};
+use seqd::service::sequencer::{
+    batch_response, parse_next, parse_next_batch, read_batch, BatchCall,
+};
 
 use common::namespaces;
 
@@ -236,6 +238,32 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let req = NextBatchRequest::decode(black_box(batch.as_slice())).unwrap();
             let BatchCall { items, keys } = parse_next_batch(&ns, req).unwrap();
+            black_box(&items);
+            out.clear();
+            batch_response(keys, &grant).encode(&mut out).unwrap();
+            black_box(&out);
+        });
+    });
+    // The same batch on a `NextStream`, read from its bytes, from the
+    // seqd client (which takes its ranges without keys).
+    g.bench_function("stream_batch_100_read_check", |b| {
+        b.iter(|| black_box(read_batch(&ns, black_box(batch.as_slice()), false).unwrap()));
+    });
+    g.bench_function("stream_batch_100_read_check_answer_encode", |b| {
+        b.iter(|| {
+            let (_, BatchCall { items, keys }) =
+                read_batch(&ns, black_box(batch.as_slice()), false).unwrap();
+            black_box(&items);
+            out.clear();
+            batch_response(keys, &grant).encode(&mut out).unwrap();
+            black_box(&out);
+        });
+    });
+    // From another client, which reads the keys back.
+    g.bench_function("stream_batch_100_read_check_answer_encode_keys", |b| {
+        b.iter(|| {
+            let (_, BatchCall { items, keys }) =
+                read_batch(&ns, black_box(batch.as_slice()), true).unwrap();
             black_box(&items);
             out.clear();
             batch_response(keys, &grant).encode(&mut out).unwrap();

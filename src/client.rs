@@ -57,7 +57,7 @@ use crate::pb::sequencer_client::SequencerClient;
 use crate::pb::{
     BatchItem, CurrentRequest, NextBatchRequest, NextBatchResponse, NextIdsRequest,
     NextIdsResponse, NextIdsStreamReply, NextIdsStreamRequest, NextRequest, NextResponse,
-    NextStreamReply, StatusRequest, StatusResponse, StreamError,
+    NextStreamReply, NextStreamRequest, StatusRequest, StatusResponse, StreamError,
 };
 
 /// Response metadata naming the leader's address (set by a follower).
@@ -955,19 +955,6 @@ impl BatchAnswer {
     }
 }
 
-/// A `NextStreamRequest` with its batch encoded once, before the first
-/// attempt: each attempt (and the unary fallback) shares the bytes
-/// instead of copying every key again. Wire-compatible with
-/// `NextStreamRequest`, whose batch is a length-delimited field like these
-/// bytes; `optional`, so that an empty batch is still sent as one.
-#[derive(Clone, PartialEq, prost::Message)]
-struct StreamCall {
-    #[prost(uint64, tag = "1")]
-    id: u64,
-    #[prost(bytes = "bytes", optional, tag = "2")]
-    batch: Option<prost::bytes::Bytes>,
-}
-
 /// Coalesced `next` batches.
 struct Batches;
 
@@ -975,14 +962,19 @@ impl StreamRpc for Batches {
     /// An encoded `NextBatchRequest`.
     type Body = prost::bytes::Bytes;
     type Answer = BatchAnswer;
-    type Message = StreamCall;
+    /// Its batch encoded once, before the first attempt: each attempt (and
+    /// the unary fallback) shares the bytes instead of copying every key
+    /// again.
+    type Message = NextStreamRequest;
     type Reply = StreamAnswer;
     const NAME: &'static str = "batch stream";
 
-    fn message(id: u64, batch: prost::bytes::Bytes) -> StreamCall {
-        StreamCall {
+    fn message(id: u64, batch: prost::bytes::Bytes) -> NextStreamRequest {
+        NextStreamRequest {
             id,
             batch: Some(batch),
+            // Read without them (`StreamAnswer`).
+            omit_keys: true,
         }
     }
 
@@ -990,11 +982,11 @@ impl StreamRpc for Batches {
         (reply.id, reply_result::<Self, _>(reply.ok, reply.error))
     }
 
-    /// `SequencerClient::next_stream`, but sending [`StreamCall`]s and
-    /// reading each reply as a [`StreamAnswer`].
+    /// `SequencerClient::next_stream`, but reading each reply as a
+    /// [`StreamAnswer`].
     async fn start(
         ch: Channel,
-        rx: futures::channel::mpsc::UnboundedReceiver<StreamCall>,
+        rx: futures::channel::mpsc::UnboundedReceiver<NextStreamRequest>,
     ) -> Result<tonic::Streaming<StreamAnswer>, Status> {
         let mut grpc = tonic::client::Grpc::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
         grpc.ready()
@@ -1005,7 +997,7 @@ impl StreamRpc for Batches {
             .insert(tonic::GrpcMethod::new("seqd.v1.Sequencer", "NextStream"));
         let path =
             tonic::codegen::http::uri::PathAndQuery::from_static("/seqd.v1.Sequencer/NextStream");
-        let codec = crate::codec::Codec::<StreamCall, StreamAnswer>::default();
+        let codec = crate::codec::Codec::<NextStreamRequest, StreamAnswer>::default();
         grpc.streaming(req, path, codec)
             .await
             .map(|r| r.into_inner())
@@ -2024,6 +2016,7 @@ mod tests {
             request: tonic::Request<tonic::Streaming<NextStreamRequest>>,
         ) -> Result<tonic::Response<Self::NextStreamStream>, Status> {
             use futures::StreamExt;
+            use prost::Message as _;
             use std::sync::atomic::Ordering;
             self.streams_asked.fetch_add(1, Ordering::SeqCst);
             if !self.stream.load(Ordering::SeqCst) {
@@ -2031,11 +2024,13 @@ mod tests {
             }
             let answered = self.stream_batches.clone();
             let replies = request.into_inner().map(move |message| {
-                let NextStreamRequest { id, batch } = message?;
+                let NextStreamRequest { id, batch, .. } = message?;
                 answered.fetch_add(1, Ordering::SeqCst);
+                let batch = NextBatchRequest::decode(batch.unwrap_or_default())
+                    .map_err(crate::codec::decode_error)?;
                 Ok(NextStreamReply {
                     id,
-                    ok: Some(answer_from_one(batch.unwrap_or_default().items)),
+                    ok: Some(answer_from_one(batch.items)),
                     error: None,
                 })
             });
@@ -2618,11 +2613,11 @@ mod tests {
         assert_eq!(read.error, reply.error);
     }
 
-    /// A batch goes out encoded once (`StreamCall`); the node reads the
-    /// request the client built, an empty one too (as an empty batch,
-    /// which it refuses by name, not as a message without one).
+    /// A batch goes out encoded once, as the request the client built (an
+    /// empty one too: as an empty batch, which the node refuses by name,
+    /// not as a message without one), and asks for ranges without keys.
     #[test]
-    fn a_stream_call_reads_as_the_request_it_carries() {
+    fn a_stream_call_carries_the_request_it_was_built_from() {
         use prost::Message as _;
         for batch in [
             NextBatchRequest {
@@ -2644,13 +2639,9 @@ mod tests {
             let body = prost::bytes::Bytes::from(batch.encode_to_vec());
             let sent = Batches::message(5, body).encode_to_vec();
             let read = NextStreamRequest::decode(sent.as_slice()).unwrap();
-            assert_eq!(
-                read,
-                NextStreamRequest {
-                    id: 5,
-                    batch: Some(batch)
-                }
-            );
+            assert_eq!((read.id, read.omit_keys), (5, true));
+            let carried = read.batch.expect("an empty batch is sent as one");
+            assert_eq!(NextBatchRequest::decode(carried).unwrap(), batch);
         }
     }
 

@@ -64,21 +64,31 @@ impl<U: prost::Message + Default> Decoder for Utf8Decoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        self.prost.decode(buf).map_err(|status| {
-            if status.code() == Code::Internal && status.message().contains(NOT_UTF8) {
-                // prost names the message and field ("NextRequest.key:
-                // invalid string value: data is not UTF-8 encoded").
-                Status::invalid_argument(format!(
-                    "a string field is not valid UTF-8: {}",
-                    status.message()
-                ))
-            } else {
-                status
-            }
-        })
+        self.prost.decode(buf).map_err(utf8_refusal)
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         self.prost.buffer_settings()
+    }
+}
+
+/// The status for bytes prost could not decode as a message, as this
+/// codec answers a request it cannot read: `INVALID_ARGUMENT` for a string
+/// that is not UTF-8, else `INTERNAL`, as tonic does.
+pub fn decode_error(e: prost::DecodeError) -> Status {
+    utf8_refusal(Status::internal(e.to_string()))
+}
+
+/// A decode failure for a string that is not UTF-8 made `INVALID_ARGUMENT`.
+fn utf8_refusal(status: Status) -> Status {
+    if status.code() == Code::Internal && status.message().contains(NOT_UTF8) {
+        // prost names the message and field ("NextRequest.key: invalid
+        // string value: data is not UTF-8 encoded").
+        Status::invalid_argument(format!(
+            "a string field is not valid UTF-8: {}",
+            status.message()
+        ))
+    } else {
+        status
     }
 }

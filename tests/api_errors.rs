@@ -271,3 +271,73 @@ async fn a_key_that_is_not_utf8_is_invalid_argument() {
         .into_inner();
     assert_eq!(first.first, 1);
 }
+
+/// A `NextStream` batch is read from its bytes by the node (not by
+/// prost): it answers as the `NextBatch` RPC would, names its keys in the
+/// reply unless asked not to, refuses a bad batch by name (a key that is
+/// not UTF-8 too) and serves the stream's next batch after a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_batch_is_answered_and_refused_as_the_rpc_would() {
+    use prost::Message as _;
+    use seqd::pb::NextStreamRequest;
+
+    let c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    c.wait_leader(Duration::from_secs(20)).await;
+    let mut api = c.sequencer(1).await;
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let mut replies = api.next_stream(rx).await.unwrap().into_inner();
+    let mut id = 0;
+    let mut call = |batch: Vec<u8>, omit_keys: bool| {
+        id += 1;
+        tx.unbounded_send(NextStreamRequest {
+            id,
+            batch: Some(batch.into()),
+            omit_keys,
+        })
+        .unwrap();
+        id
+    };
+    let mut reply = async |id: u64| {
+        let r = replies.message().await.unwrap().expect("a reply");
+        assert_eq!(r.id, id);
+        r
+    };
+
+    let two = batch("conv", &[("a", 1), ("b", 2)]).encode_to_vec();
+    let named = reply(call(two.clone(), false)).await.ok.expect("answered");
+    let ranges: Vec<(&str, u64, u32)> = named
+        .ranges
+        .iter()
+        .map(|r| (r.key.as_str(), r.first, r.count))
+        .collect();
+    assert_eq!(ranges, [("a", 1, 1), ("b", 1, 2)]);
+    let bare = reply(call(two, true)).await.ok.expect("answered");
+    let ranges: Vec<(&str, u64, u32)> = bare
+        .ranges
+        .iter()
+        .map(|r| (r.key.as_str(), r.first, r.count))
+        .collect();
+    assert_eq!(ranges, [("", 2, 1), ("", 3, 2)]);
+
+    // NextBatchRequest { namespace: "conv", items: [{ key: 0xff 0xfe, count: 1 }] }
+    let not_utf8 = vec![
+        0x0a, 4, b'c', b'o', b'n', b'v', 0x12, 6, 0x0a, 2, 0xff, 0xfe, 0x10, 1,
+    ];
+    let refused = reply(call(not_utf8, true)).await.error.expect("refused");
+    assert_eq!(refused.code, Code::InvalidArgument as i32, "{refused:?}");
+    assert!(refused.message.contains("BatchItem.key"), "{refused:?}");
+    let twice = batch("conv", &[("a", 1), ("a", 1)]).encode_to_vec();
+    let refused = reply(call(twice, true)).await.error.expect("refused");
+    assert_eq!(refused.code, Code::InvalidArgument as i32, "{refused:?}");
+    assert_eq!(
+        refused.message,
+        "items[1].key: \"a\" appears more than once"
+    );
+
+    // The stream goes on, and the refused batches took nothing.
+    let after = reply(call(batch("conv", &[("a", 1)]).encode_to_vec(), true))
+        .await
+        .ok
+        .expect("answered");
+    assert_eq!(after.ranges[0].first, 3);
+}

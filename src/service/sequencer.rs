@@ -4,6 +4,8 @@ use std::collections::HashSet;
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
+use prost::encoding::decode_varint;
+use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{invalid, status_from, Observed, PeerAddrs};
@@ -76,12 +78,13 @@ pub fn parse_next(namespaces: &Namespaces, req: NextRequest) -> Result<NextCall,
     })
 }
 
-/// A `NextBatch` request, checked: its items, and their keys as sent, in
-/// the same order (each range of the reply names its key).
+/// A `NextBatch` request, checked: its items, and (unless the client asked
+/// for ranges without them) their keys as sent, in the same order, for the
+/// reply's ranges to name.
 #[derive(Debug)]
 pub struct BatchCall {
     pub items: Vec<(SeqKey, u32)>,
-    pub keys: Vec<String>,
+    pub keys: Option<Vec<String>>,
 }
 
 /// Checks a `NextBatch` request: every item, no key twice.
@@ -89,54 +92,177 @@ pub fn parse_next_batch(
     namespaces: &Namespaces,
     req: NextBatchRequest,
 ) -> Result<BatchCall, InvalidArgument> {
-    let ns = namespaces.resolve(&req.namespace)?;
-    if req.items.is_empty() {
+    let items = check_items(
+        namespaces,
+        &req.namespace,
+        req.items.iter().map(|i| (i.key.as_str(), i.count)),
+    )?;
+    // The reply moves the request's strings rather than allocate others.
+    let keys = req.items.into_iter().map(|i| i.key).collect();
+    Ok(BatchCall {
+        items,
+        keys: Some(keys),
+    })
+}
+
+/// Checks a batch's items in `namespace`: each key and count (an error
+/// names the item), then that no key comes twice (naming the first
+/// repeat).
+fn check_items<'k>(
+    namespaces: &Namespaces,
+    namespace: &str,
+    items: impl ExactSizeIterator<Item = (&'k str, u32)>,
+) -> Result<Vec<(SeqKey, u32)>, InvalidArgument> {
+    let ns = namespaces.resolve(namespace)?;
+    let len = items.len();
+    if len == 0 {
         return Err(InvalidArgument::EmptyBatch);
     }
-    if req.items.len() > MAX_BATCH_ITEMS {
+    if len > MAX_BATCH_ITEMS {
         return Err(InvalidArgument::TooManyItems {
-            len: req.items.len(),
+            len,
             max: MAX_BATCH_ITEMS,
         });
     }
-    let mut items = Vec::with_capacity(req.items.len());
-    let mut keys = Vec::with_capacity(req.items.len());
-    for (index, item) in req.items.into_iter().enumerate() {
+    let mut checked = Vec::with_capacity(len);
+    // foldhash, as the allocator's key map (src/core/segment.rs), seeded
+    // per set.
+    let mut seen = HashSet::with_capacity_and_hasher(len, foldhash::fast::RandomState::default());
+    let mut repeat = None;
+    for (index, (key, count)) in items.enumerate() {
         let wrap = |e| InvalidArgument::Item {
             index,
             source: Box::new(e),
         };
-        // Copied, so that the reply can move the request's string rather
-        // than allocate another (a short key's copy is inline).
-        let key = SeqKey::try_copy(namespaces, ns, &item.key).map_err(wrap)?;
-        let count = namespaces.check_count(ns, item.count).map_err(wrap)?;
-        items.push((key, count));
-        keys.push(item.key);
+        // Copied: the request keeps its own (a short key's copy is inline).
+        let key_checked = SeqKey::try_copy(namespaces, ns, key).map_err(wrap)?;
+        let count = namespaces.check_count(ns, count).map_err(wrap)?;
+        checked.push((key_checked, count));
+        if repeat.is_none() && !seen.insert(key) {
+            repeat = Some((index, key));
+        }
     }
-    // Checked once every item is; the first repeat is named. foldhash, as
-    // the allocator's key map (src/core/segment.rs), seeded per set.
-    let mut seen =
-        HashSet::with_capacity_and_hasher(keys.len(), foldhash::fast::RandomState::default());
-    if let Some(index) = keys.iter().position(|k| !seen.insert(k.as_str())) {
-        return Err(InvalidArgument::DuplicateKey {
+    // A repeat is named only once every item passed its own checks.
+    match repeat {
+        Some((index, key)) => Err(InvalidArgument::DuplicateKey {
             index,
-            key: keys[index].clone(),
-        });
+            key: key.to_string(),
+        }),
+        None => Ok(checked),
     }
-    Ok(BatchCall { items, keys })
 }
 
-/// The reply to a batch: each key as sent, with its range.
-pub fn batch_response(keys: Vec<String>, grant: &Grant) -> NextBatchResponse {
-    let ranges = keys
-        .into_iter()
-        .zip(&grant.ranges)
-        .map(|(key, r)| Range {
-            key,
-            first: r.first(),
-            count: r.count(),
-        })
-        .collect();
+/// Reads and checks a `NextStream` request's batch from its encoding: the
+/// batch's request id, and the call (with the keys for the reply only if
+/// `echo_keys`). Answers as the `NextBatch` RPC would for the same bytes:
+/// anything [`scan_batch`] does not read goes through prost's decode and
+/// [`parse_next_batch`], which name what is wrong.
+pub fn read_batch(
+    namespaces: &Namespaces,
+    bytes: &[u8],
+    echo_keys: bool,
+) -> Result<(Option<RequestId>, BatchCall), Status> {
+    let Some(batch) = scan_batch(bytes) else {
+        let mut req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
+        let request_id =
+            RequestId::try_new(std::mem::take(&mut req.request_id)).map_err(invalid)?;
+        let mut call = parse_next_batch(namespaces, req).map_err(invalid)?;
+        if !echo_keys {
+            call.keys = None;
+        }
+        return Ok((request_id, call));
+    };
+    let request_id = RequestId::try_new(batch.request_id).map_err(invalid)?;
+    let items =
+        check_items(namespaces, batch.namespace, batch.items.iter().copied()).map_err(invalid)?;
+    let keys = echo_keys.then(|| batch.items.iter().map(|(k, _)| k.to_string()).collect());
+    Ok((request_id, BatchCall { items, keys }))
+}
+
+/// A `NextBatchRequest`'s fields, borrowed from its encoding.
+struct WireBatch<'a> {
+    namespace: &'a str,
+    request_id: &'a str,
+    items: Vec<(&'a str, u32)>,
+}
+
+/// Reads an encoded `NextBatchRequest` as prost would decode it, without
+/// a `String` per key: what its three fields hold, taking the last of a
+/// repeated string, as prost does. `None` for anything else (another
+/// field or wire type, a malformed length or varint, a string that is not
+/// UTF-8): prost then decides, and names the problem.
+fn scan_batch(mut buf: &[u8]) -> Option<WireBatch<'_>> {
+    let mut batch = WireBatch {
+        namespace: "",
+        request_id: "",
+        // A short key's item takes about 8 bytes.
+        items: Vec::with_capacity((buf.len() / 8).min(MAX_BATCH_ITEMS)),
+    };
+    while !buf.is_empty() {
+        match decode_varint(&mut buf).ok()? {
+            // Field 1 (namespace), length-delimited.
+            0x0a => batch.namespace = utf8(delimited(&mut buf)?)?,
+            // Field 2 (items).
+            0x12 => batch.items.push(scan_item(delimited(&mut buf)?)?),
+            // Field 3 (request_id).
+            0x1a => batch.request_id = utf8(delimited(&mut buf)?)?,
+            _ => return None,
+        }
+    }
+    Some(batch)
+}
+
+/// A `BatchItem`'s key and count, as [`scan_batch`] reads its batch.
+fn scan_item(mut buf: &[u8]) -> Option<(&str, u32)> {
+    let (mut key, mut count) = ("", 0);
+    while !buf.is_empty() {
+        match decode_varint(&mut buf).ok()? {
+            // Field 1 (key), length-delimited.
+            0x0a => key = utf8(delimited(&mut buf)?)?,
+            // Field 2 (count), a varint; prost keeps its low 32 bits too.
+            0x10 => count = decode_varint(&mut buf).ok()? as u32,
+            _ => return None,
+        }
+    }
+    Some((key, count))
+}
+
+/// The bytes of a length-delimited field whose key was just read, moving
+/// `buf` past them.
+fn delimited<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = usize::try_from(decode_varint(buf).ok()?).ok()?;
+    if len > buf.len() {
+        return None;
+    }
+    let (field, rest) = buf.split_at(len);
+    *buf = rest;
+    Some(field)
+}
+
+fn utf8(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes).ok()
+}
+
+/// The reply to a batch: each range, naming its key as sent unless the
+/// client asked for ranges without keys (`keys` is `None`).
+pub fn batch_response(keys: Option<Vec<String>>, grant: &Grant) -> NextBatchResponse {
+    let range = |key, r: &crate::core::SeqRange| Range {
+        key,
+        first: r.first(),
+        count: r.count(),
+    };
+    let ranges = match keys {
+        Some(keys) => keys
+            .into_iter()
+            .zip(&grant.ranges)
+            .map(|(k, r)| range(k, r))
+            .collect(),
+        None => grant
+            .ranges
+            .iter()
+            .map(|r| range(String::new(), r))
+            .collect(),
+    };
     NextBatchResponse {
         ranges,
         epoch: grant.epoch,
@@ -207,17 +333,18 @@ impl Sequencer for SequencerService {
                 let _open = &open;
                 let service = service.clone();
                 async move {
-                    let NextStreamRequest { id, batch } = message?;
+                    let NextStreamRequest {
+                        id,
+                        batch,
+                        omit_keys,
+                    } = message?;
                     let call = Observed::start("NextBatch");
                     let result = match batch {
-                        Some(batch) => service.next_batch_inner(Request::new(batch)).await,
+                        Some(batch) => service.stream_batch(&batch, !omit_keys).await,
                         None => Err(Status::invalid_argument("batch: missing")),
                     };
                     call.finish(&result);
-                    Ok(NextStreamReply::answering(
-                        id,
-                        result.map(Response::into_inner),
-                    ))
+                    Ok(NextStreamReply::answering(id, result))
                 }
             })
             .buffer_unordered(STREAM_BATCHES_IN_FLIGHT);
@@ -258,13 +385,31 @@ impl SequencerService {
         let mut req = request.into_inner();
         let request_id =
             RequestId::try_new(std::mem::take(&mut req.request_id)).map_err(invalid)?;
-        let BatchCall { items, keys } = parse_next_batch(&self.namespaces, req).map_err(invalid)?;
+        let call = parse_next_batch(&self.namespaces, req).map_err(invalid)?;
+        self.serve_batch(request_id, call).await.map(Response::new)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(bytes = batch.len()))]
+    async fn stream_batch(
+        &self,
+        batch: &[u8],
+        echo_keys: bool,
+    ) -> Result<NextBatchResponse, Status> {
+        let (request_id, call) = read_batch(&self.namespaces, batch, echo_keys)?;
+        self.serve_batch(request_id, call).await
+    }
+
+    async fn serve_batch(
+        &self,
+        request_id: Option<RequestId>,
+        BatchCall { items, keys }: BatchCall,
+    ) -> Result<NextBatchResponse, Status> {
         let grant = self
             .node
             .allocate(items, request_id)
             .await
             .map_err(|e| status_from(e, &self.peers))?;
-        Ok(Response::new(batch_response(keys, &grant)))
+        Ok(batch_response(keys, &grant))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(namespace = %request.get_ref().namespace))]
@@ -279,5 +424,227 @@ impl SequencerService {
             .await
             .map_err(|e| status_from(e, &self.peers))?;
         Ok(Response::new(CurrentResponse { current, epoch }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::core::{Mode, NamespaceSpec, MAX_SEQUENCE};
+    use crate::pb::BatchItem;
+
+    /// "conv", with keys of at most 8 bytes and counts up to 5, so that
+    /// generated batches break both limits.
+    fn namespaces() -> Namespaces {
+        Namespaces::new(vec![NamespaceSpec {
+            name: "conv".into(),
+            mode: Mode::Segmented,
+            step_min: 1_000,
+            step_max: 1_000_000,
+            refill_interval_ms: 1_000,
+            max_count: 5,
+            max_key_bytes: 8,
+            max_value: MAX_SEQUENCE,
+            forget_idle_ms: 600_000,
+        }])
+    }
+
+    /// What the unary `NextBatch` makes of these bytes: prost's decode,
+    /// then the checks.
+    fn unary(ns: &Namespaces, bytes: &[u8]) -> Result<(Option<RequestId>, BatchCall), Status> {
+        let mut req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
+        let id = RequestId::try_new(std::mem::take(&mut req.request_id)).map_err(invalid)?;
+        Ok((id, parse_next_batch(ns, req).map_err(invalid)?))
+    }
+
+    /// The same answer: equal calls, or errors with the same code and
+    /// message.
+    fn same(
+        a: &Result<(Option<RequestId>, BatchCall), Status>,
+        b: &Result<(Option<RequestId>, BatchCall), Status>,
+    ) -> bool {
+        match (a, b) {
+            (Ok((ia, ca)), Ok((ib, cb))) => ia == ib && ca.items == cb.items && ca.keys == cb.keys,
+            (Err(ea), Err(eb)) => ea.code() == eb.code() && ea.message() == eb.message(),
+            _ => false,
+        }
+    }
+
+    fn batch() -> impl Strategy<Value = NextBatchRequest> {
+        // Mostly good items among few keys (so repeats come, after good
+        // items and before bad ones); and empty and over-long keys,
+        // multi-byte characters on either side of the byte limit, counts
+        // out of bounds.
+        let key = prop_oneof![
+            4 => prop::sample::select(vec!["a", "b", "c", "\u{e9}\u{e9}\u{e9}\u{e9}"]),
+            1 => prop::sample::select(vec!["", "abcdefghi", "\u{e9}\u{e9}\u{e9}\u{e9}x"]),
+        ];
+        let count = prop_oneof![4 => 1u32..=5, 1 => prop::sample::select(vec![0, 6])];
+        let item = (key, count).prop_map(|(k, count)| BatchItem {
+            key: k.to_string(),
+            count,
+        });
+        (
+            prop_oneof![4 => Just("conv"), 1 => prop::sample::select(vec!["", "nope"])],
+            prop::collection::vec(item, 0..8),
+            prop::sample::select(vec![String::new(), "r-1".to_string(), "x".repeat(200)]),
+        )
+            .prop_map(|(ns, items, id)| NextBatchRequest {
+                namespace: ns.to_string(),
+                items,
+                request_id: id,
+            })
+    }
+
+    proptest! {
+        /// A batch prost encodes is read without prost's decode, to the
+        /// same call or the same error as the unary RPC's.
+        #[test]
+        fn a_stream_batch_reads_as_the_unary_rpc_does(req in batch()) {
+            let ns = namespaces();
+            let bytes = req.encode_to_vec();
+            prop_assert!(scan_batch(&bytes).is_some(), "not read by the scan: {req:?}");
+            let read = read_batch(&ns, &bytes, true);
+            prop_assert!(same(&read, &unary(&ns, &bytes)), "{req:?}: {read:?}");
+        }
+
+        /// Whatever the bytes (cut short, a byte changed, a field added
+        /// or repeated), the stream's read agrees with the unary RPC's.
+        #[test]
+        fn any_bytes_read_as_the_unary_rpc_reads_them(
+            req in batch(),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<(prop::sample::Index, u8)>(),
+            extra in prop::collection::vec(any::<u8>(), 0..6),
+            how in 0u8..4,
+        ) {
+            let ns = namespaces();
+            let mut bytes = req.encode_to_vec();
+            match how {
+                0 => bytes.truncate(cut.index(bytes.len() + 1)),
+                1 if !bytes.is_empty() => {
+                    let at = flip.0.index(bytes.len());
+                    bytes[at] ^= flip.1.max(1);
+                }
+                2 => bytes.extend_from_slice(&extra),
+                _ => bytes.extend_from_slice(&req.encode_to_vec()),
+            }
+            let read = read_batch(&ns, &bytes, true);
+            prop_assert!(same(&read, &unary(&ns, &bytes)), "{bytes:?}: {read:?}");
+        }
+    }
+
+    /// The cases the generated batches may miss: a key that is not UTF-8
+    /// (refused by name, `INVALID_ARGUMENT`), fields the scan leaves to
+    /// prost (unknown ones, a count sent as a 64-bit varint), and a
+    /// repeated namespace (the last counts).
+    #[test]
+    fn what_the_scan_leaves_to_prost_reads_the_same() {
+        let ns = namespaces();
+        let item = |key: &[u8], count: u8| {
+            let mut b = vec![0x0a, key.len() as u8];
+            b.extend_from_slice(key);
+            b.extend_from_slice(&[0x10, count]);
+            b
+        };
+        let with_items = |prefix: &[u8], items: &[Vec<u8>]| {
+            let mut b = prefix.to_vec();
+            for i in items {
+                b.push(0x12);
+                b.push(i.len() as u8);
+                b.extend_from_slice(i);
+            }
+            b
+        };
+        let conv = [0x0a, 4, b'c', b'o', b'n', b'v'];
+        let not_utf8 = with_items(&conv, &[item(&[0xff, 0xfe], 1)]);
+        let err = read_batch(&ns, &not_utf8, true).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("BatchItem.key"), "{err:?}");
+        assert!(same(
+            &read_batch(&ns, &not_utf8, true),
+            &unary(&ns, &not_utf8)
+        ));
+
+        let unknown_field = {
+            let mut b = with_items(&conv, &[item(b"a", 1)]);
+            b.extend_from_slice(&[0x20, 7]);
+            b
+        };
+        let long_count = {
+            let mut i = vec![0x0a, 1, b'a', 0x10];
+            // 2 + 2^32: prost keeps the low 32 bits, 2.
+            i.extend_from_slice(&[0x82, 0x80, 0x80, 0x80, 0x10]);
+            with_items(&conv, &[i])
+        };
+        let namespace_twice = {
+            let mut b = vec![0x0a, 4, b'n', b'o', b'p', b'e'];
+            b.extend_from_slice(&with_items(&conv, &[item(b"a", 1)]));
+            b
+        };
+        for bytes in [unknown_field, long_count, namespace_twice] {
+            let read = read_batch(&ns, &bytes, true);
+            assert!(same(&read, &unary(&ns, &bytes)), "{bytes:?}: {read:?}");
+            assert!(read.is_ok(), "{read:?}");
+        }
+    }
+
+    /// A repeated key is named at its first repeat, and only once every
+    /// item passed its own checks (the order the unary RPC always had).
+    #[test]
+    fn the_first_repeat_is_named_after_every_items_own_check() {
+        let ns = namespaces();
+        let check = |keys: &[&str]| {
+            let items = keys.iter().map(|k| (*k, 1));
+            check_items(&ns, "conv", items).unwrap_err().to_string()
+        };
+        assert_eq!(
+            check(&["a", "b", "a", "b"]),
+            "items[2].key: \"a\" appears more than once"
+        );
+        assert!(check(&["a", "a", ""]).starts_with("items[2].key:"));
+    }
+
+    /// A client that asked for ranges without keys gets none: no key is
+    /// copied for the reply.
+    #[test]
+    fn keys_are_kept_for_the_reply_only_when_echoed() {
+        let ns = namespaces();
+        let req = NextBatchRequest {
+            namespace: "conv".into(),
+            items: vec![
+                BatchItem {
+                    key: "a".into(),
+                    count: 1,
+                },
+                BatchItem {
+                    key: "b".into(),
+                    count: 2,
+                },
+            ],
+            request_id: String::new(),
+        };
+        let bytes = req.encode_to_vec();
+        let (_, echoed) = read_batch(&ns, &bytes, true).unwrap();
+        assert_eq!(echoed.keys, Some(vec!["a".to_string(), "b".to_string()]));
+        let (_, bare) = read_batch(&ns, &bytes, false).unwrap();
+        assert_eq!(bare.keys, None);
+        assert_eq!(bare.items, echoed.items);
+        let grant = Grant {
+            ranges: vec![
+                crate::core::SeqRange::try_new(7, 1).unwrap(),
+                crate::core::SeqRange::try_new(3, 2).unwrap(),
+            ],
+            epoch: 4,
+            replayed: false,
+        };
+        let reply = batch_response(bare.keys, &grant);
+        let keys: Vec<&str> = reply.ranges.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["", ""]);
+        assert_eq!((reply.ranges[1].first, reply.ranges[1].count), (3, 2));
+        let reply = batch_response(echoed.keys, &grant);
+        assert_eq!(reply.ranges[1].key, "b");
     }
 }
