@@ -891,6 +891,9 @@ struct StreamAnswer {
 }
 
 /// `NextBatchResponse` without the echoed keys (see [`StreamAnswer`]).
+/// The client asks for its ranges packed (`firsts`, `counts`); a node
+/// built before session 35 answers with `ranges`, and
+/// [`BatchAnswer::unpacked`] makes either `ranges`.
 #[derive(Clone, PartialEq, prost::Message)]
 struct BatchAnswer {
     #[prost(message, repeated, tag = "1")]
@@ -899,6 +902,10 @@ struct BatchAnswer {
     epoch: u64,
     #[prost(bool, tag = "3")]
     replayed: bool,
+    #[prost(uint64, repeated, tag = "4")]
+    firsts: Vec<u64>,
+    #[prost(uint32, repeated, tag = "5")]
+    counts: Vec<u32>,
 }
 
 /// `Range` without its key.
@@ -923,11 +930,34 @@ impl From<NextBatchResponse> for BatchAnswer {
                 .collect(),
             epoch: resp.epoch,
             replayed: resp.replayed,
+            firsts: Vec::new(),
+            counts: Vec::new(),
         }
     }
 }
 
 impl BatchAnswer {
+    /// The answer with packed ranges moved into `ranges`. Lists that do
+    /// not pair up, or packed ranges beside others, leave no ranges, which
+    /// fit no batch: refused as the server's error.
+    fn unpacked(mut self) -> Self {
+        if self.firsts.is_empty() && self.counts.is_empty() {
+            return self;
+        }
+        let firsts = std::mem::take(&mut self.firsts);
+        let counts = std::mem::take(&mut self.counts);
+        self.ranges = if self.ranges.is_empty() && firsts.len() == counts.len() {
+            firsts
+                .into_iter()
+                .zip(counts)
+                .map(|(first, count)| RangeAnswer { first, count })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self
+    }
+
     /// The `NextBatchResponse` this answers with: `keys`, the request's in
     /// its order, named in its ranges. An answer with another number of
     /// ranges is refused as the server's error.
@@ -951,6 +981,7 @@ impl BatchAnswer {
                 .collect(),
             epoch: self.epoch,
             replayed: self.replayed,
+            ..NextBatchResponse::default()
         })
     }
 }
@@ -973,13 +1004,14 @@ impl StreamRpc for Batches {
         NextStreamRequest {
             id,
             batch: Some(batch),
-            // Read without them (`StreamAnswer`).
-            omit_keys: true,
+            // Read without keys (`StreamAnswer`).
+            packed_ranges: true,
         }
     }
 
     fn split(reply: StreamAnswer) -> (u64, Result<BatchAnswer, Status>) {
-        (reply.id, reply_result::<Self, _>(reply.ok, reply.error))
+        let answer = reply_result::<Self, _>(reply.ok, reply.error);
+        (reply.id, answer.map(BatchAnswer::unpacked))
     }
 
     /// `SequencerClient::next_stream`, but reading each reply as a
@@ -1953,6 +1985,7 @@ mod tests {
             ranges,
             epoch: 1,
             replayed,
+            ..NextBatchResponse::default()
         }
     }
 
@@ -2595,13 +2628,44 @@ mod tests {
             ],
             epoch: 3,
             replayed: true,
+            ..NextBatchResponse::default()
         };
         let reply = NextStreamReply::answering(42, Ok(sent.clone()));
         let read = StreamAnswer::decode(reply.encode_to_vec().as_slice()).unwrap();
-        assert_eq!(read.id, 42);
-        assert_eq!(read.error, None);
-        let keys = sent.ranges.iter().map(|r| r.key.clone()).collect();
-        assert_eq!(read.ok.unwrap().with_keys(keys).unwrap(), sent);
+        let (id, answer) = Batches::split(read);
+        assert_eq!(id, 42);
+        let keys: Vec<String> = sent.ranges.iter().map(|r| r.key.clone()).collect();
+        assert_eq!(answer.unwrap().with_keys(keys.clone()).unwrap(), sent);
+
+        // The same ranges packed, as the client asks for them.
+        let packed = NextBatchResponse {
+            ranges: Vec::new(),
+            firsts: sent.ranges.iter().map(|r| r.first).collect(),
+            counts: sent.ranges.iter().map(|r| r.count).collect(),
+            ..sent.clone()
+        };
+        let reply = NextStreamReply::answering(43, Ok(packed.clone()));
+        let read = StreamAnswer::decode(reply.encode_to_vec().as_slice()).unwrap();
+        let answer = Batches::split(read).1.unwrap();
+        assert_eq!(answer.with_keys(keys.clone()).unwrap(), sent);
+        // Lists that do not pair up, or packed ranges beside others, are
+        // the server's error.
+        for bad in [
+            NextBatchResponse {
+                counts: vec![2],
+                ..packed.clone()
+            },
+            NextBatchResponse {
+                ranges: sent.ranges.clone(),
+                ..packed.clone()
+            },
+        ] {
+            let reply = NextStreamReply::answering(44, Ok(bad));
+            let read = StreamAnswer::decode(reply.encode_to_vec().as_slice()).unwrap();
+            let answer = Batches::split(read).1.unwrap();
+            assert!(answer.ranges.is_empty(), "{answer:?}");
+            assert!(answer.with_keys(keys.clone()).is_err());
+        }
 
         let mut refused = Status::unavailable("not the leader");
         refused
@@ -2639,7 +2703,7 @@ mod tests {
             let body = prost::bytes::Bytes::from(batch.encode_to_vec());
             let sent = Batches::message(5, body).encode_to_vec();
             let read = NextStreamRequest::decode(sent.as_slice()).unwrap();
-            assert_eq!((read.id, read.omit_keys), (5, true));
+            assert_eq!((read.id, read.packed_ranges), (5, true));
             let carried = read.batch.expect("an empty batch is sent as one");
             assert_eq!(NextBatchRequest::decode(carried).unwrap(), batch);
         }
@@ -2652,7 +2716,7 @@ mod tests {
         let answer = BatchAnswer {
             ranges: vec![RangeAnswer { first: 1, count: 1 }],
             epoch: 1,
-            replayed: false,
+            ..BatchAnswer::default()
         };
         let err = answer.with_keys(vec!["a".into(), "b".into()]).unwrap_err();
         assert_eq!(err.code(), Code::Internal);

@@ -21,7 +21,7 @@ pub struct NextStreamRequest {
     #[prost(bytes = "bytes", optional, tag = "2")]
     pub batch: ::core::option::Option<::prost::bytes::Bytes>,
     #[prost(bool, tag = "3")]
-    pub omit_keys: bool,
+    pub packed_ranges: bool,
 }
 
 /// Records of the Raft log and the state machine.

@@ -273,9 +273,10 @@ async fn a_key_that_is_not_utf8_is_invalid_argument() {
 }
 
 /// A `NextStream` batch is read from its bytes by the node (not by
-/// prost): it answers as the `NextBatch` RPC would, names its keys in the
-/// reply unless asked not to, refuses a bad batch by name (a key that is
-/// not UTF-8 too) and serves the stream's next batch after a refusal.
+/// prost): it answers as the `NextBatch` RPC would (with ranges naming
+/// their keys, or packed when asked), refuses a bad batch by name (a key
+/// that is not UTF-8 too) and serves the stream's next batch after a
+/// refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_batch_is_answered_and_refused_as_the_rpc_would() {
     use prost::Message as _;
@@ -287,12 +288,12 @@ async fn a_stream_batch_is_answered_and_refused_as_the_rpc_would() {
     let (tx, rx) = futures::channel::mpsc::unbounded();
     let mut replies = api.next_stream(rx).await.unwrap().into_inner();
     let mut id = 0;
-    let mut call = |batch: Vec<u8>, omit_keys: bool| {
+    let mut call = |batch: Vec<u8>, packed_ranges: bool| {
         id += 1;
         tx.unbounded_send(NextStreamRequest {
             id,
             batch: Some(batch.into()),
-            omit_keys,
+            packed_ranges,
         })
         .unwrap();
         id
@@ -311,13 +312,10 @@ async fn a_stream_batch_is_answered_and_refused_as_the_rpc_would() {
         .map(|r| (r.key.as_str(), r.first, r.count))
         .collect();
     assert_eq!(ranges, [("a", 1, 1), ("b", 1, 2)]);
-    let bare = reply(call(two, true)).await.ok.expect("answered");
-    let ranges: Vec<(&str, u64, u32)> = bare
-        .ranges
-        .iter()
-        .map(|r| (r.key.as_str(), r.first, r.count))
-        .collect();
-    assert_eq!(ranges, [("", 2, 1), ("", 3, 2)]);
+    assert!(named.firsts.is_empty() && named.counts.is_empty());
+    let packed = reply(call(two, true)).await.ok.expect("answered");
+    assert!(packed.ranges.is_empty(), "{packed:?}");
+    assert_eq!((packed.firsts, packed.counts), (vec![2, 3], vec![1, 2]));
 
     // NextBatchRequest { namespace: "conv", items: [{ key: 0xff 0xfe, count: 1 }] }
     let not_utf8 = vec![
@@ -339,5 +337,5 @@ async fn a_stream_batch_is_answered_and_refused_as_the_rpc_would() {
         .await
         .ok
         .expect("answered");
-    assert_eq!(after.ranges[0].first, 3);
+    assert_eq!(after.firsts, [3]);
 }

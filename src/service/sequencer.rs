@@ -243,31 +243,33 @@ fn utf8(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
 }
 
-/// The reply to a batch: each range, naming its key as sent unless the
-/// client asked for ranges without keys (`keys` is `None`).
+/// The reply to a batch: each range naming its key as sent, or, for a
+/// client that asked for packed ranges (`keys` is `None`), the ranges as
+/// two packed lists.
 pub fn batch_response(keys: Option<Vec<String>>, grant: &Grant) -> NextBatchResponse {
-    let range = |key, r: &crate::core::SeqRange| Range {
-        key,
-        first: r.first(),
-        count: r.count(),
-    };
-    let ranges = match keys {
-        Some(keys) => keys
-            .into_iter()
-            .zip(&grant.ranges)
-            .map(|(k, r)| range(k, r))
-            .collect(),
-        None => grant
-            .ranges
-            .iter()
-            .map(|r| range(String::new(), r))
-            .collect(),
-    };
-    NextBatchResponse {
-        ranges,
+    let mut resp = NextBatchResponse {
         epoch: grant.epoch,
         replayed: grant.replayed,
+        ..NextBatchResponse::default()
+    };
+    match keys {
+        Some(keys) => {
+            resp.ranges = keys
+                .into_iter()
+                .zip(&grant.ranges)
+                .map(|(key, r)| Range {
+                    key,
+                    first: r.first(),
+                    count: r.count(),
+                })
+                .collect();
+        }
+        None => {
+            resp.firsts = grant.ranges.iter().map(|r| r.first()).collect();
+            resp.counts = grant.ranges.iter().map(|r| r.count()).collect();
+        }
     }
+    resp
 }
 
 /// Checks a `Current` request.
@@ -336,11 +338,11 @@ impl Sequencer for SequencerService {
                     let NextStreamRequest {
                         id,
                         batch,
-                        omit_keys,
+                        packed_ranges,
                     } = message?;
                     let call = Observed::start("NextBatch");
                     let result = match batch {
-                        Some(batch) => service.stream_batch(&batch, !omit_keys).await,
+                        Some(batch) => service.stream_batch(&batch, !packed_ranges).await,
                         None => Err(Status::invalid_argument("batch: missing")),
                     };
                     call.finish(&result);
@@ -607,10 +609,10 @@ mod tests {
         assert!(check(&["a", "a", ""]).starts_with("items[2].key:"));
     }
 
-    /// A client that asked for ranges without keys gets none: no key is
-    /// copied for the reply.
+    /// A client that asked for packed ranges gets them, and no key is
+    /// copied for its reply; another gets ranges naming their keys.
     #[test]
-    fn keys_are_kept_for_the_reply_only_when_echoed() {
+    fn keys_are_kept_for_the_reply_only_when_it_names_them() {
         let ns = namespaces();
         let req = NextBatchRequest {
             namespace: "conv".into(),
@@ -640,11 +642,17 @@ mod tests {
             epoch: 4,
             replayed: false,
         };
-        let reply = batch_response(bare.keys, &grant);
-        let keys: Vec<&str> = reply.ranges.iter().map(|r| r.key.as_str()).collect();
-        assert_eq!(keys, ["", ""]);
-        assert_eq!((reply.ranges[1].first, reply.ranges[1].count), (3, 2));
-        let reply = batch_response(echoed.keys, &grant);
-        assert_eq!(reply.ranges[1].key, "b");
+        let packed = batch_response(bare.keys, &grant);
+        assert!(packed.ranges.is_empty(), "{packed:?}");
+        assert_eq!((packed.firsts, packed.counts), (vec![7, 3], vec![1, 2]));
+        assert_eq!((packed.epoch, packed.replayed), (4, false));
+        let named = batch_response(echoed.keys, &grant);
+        assert!(named.firsts.is_empty() && named.counts.is_empty());
+        let ranges: Vec<(&str, u64, u32)> = named
+            .ranges
+            .iter()
+            .map(|r| (r.key.as_str(), r.first, r.count))
+            .collect();
+        assert_eq!(ranges, [("a", 7, 1), ("b", 3, 2)]);
     }
 }

@@ -7,8 +7,9 @@ for v in ['old','new']:
         for r in d['rows']:
             k=(r['workload'],r['target'])
             ol=r.get('open_loop') or {}
-            rows.setdefault(k,{}).setdefault(v,[]).append((r['calls_per_s'],r['target_cpu_us_per_call'],r['p99_ms'],ol.get('p99_ms'),ol.get('p999_ms'),ol.get('target_cpu_us_per_call')))
-names=["calls/s","cpu us/call","closed p99 ms","open p99 ms","open p999 ms","open cpu us/call"]
+            harness=r['cpu']['harness_cores']/r['calls_per_s']*1e6
+            rows.setdefault(k,{}).setdefault(v,[]).append((r['calls_per_s'],r['target_cpu_us_per_call'],r['p99_ms'],ol.get('p99_ms'),ol.get('p999_ms'),ol.get('target_cpu_us_per_call'),harness))
+names=["calls/s","cpu us/call","closed p99 ms","open p99 ms","open p999 ms","open cpu us/call","harness us/call"]
 for k,vv in rows.items():
     o=vv['old'];n=vv['new']
     print(f"{k[0]} {k[1]}")
