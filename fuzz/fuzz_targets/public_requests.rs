@@ -6,7 +6,8 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 use seqd::config::{Config, Overrides};
 use seqd::pb::{CurrentRequest, DecodeRequest, NextBatchRequest, NextRequest};
-use seqd::service::sequencer::{parse_current, parse_next, parse_next_batch, read_batch};
+use seqd::codec::decode_error;
+use seqd::service::sequencer::{parse_batch_request, parse_current, parse_next, read_batch};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
@@ -27,29 +28,30 @@ fuzz_target!(|data: &[u8]| {
         }
         1 => {
             // A NextStream batch is read from its bytes, not by prost: the
-            // same call, or the same refusal, as the unary RPC's.
+            // same call, or the same refusal (code and message), as the
+            // unary RPC's.
             let streamed = read_batch(&namespaces, body, true);
-            if let Ok(req) = NextBatchRequest::decode(body) {
-                let unary = parse_next_batch(&namespaces, req);
-                if let Ok(call) = &unary {
-                    let keys = call.keys.as_ref().expect("the unary reply names its keys");
-                    assert!(!call.items.is_empty());
-                    assert_eq!(call.items.len(), keys.len());
-                    for ((key, count), sent) in call.items.iter().zip(keys) {
-                        assert_eq!(key.key(), sent);
-                        let spec = namespaces.spec(key.namespace());
-                        assert!(*count >= 1 && *count <= spec.max_count);
-                    }
+            let unary = NextBatchRequest::decode(body)
+                .map_err(decode_error)
+                .and_then(|req| parse_batch_request(&namespaces, req));
+            if let Ok((_, call)) = &unary {
+                let keys = call.keys.as_ref().expect("the unary reply names its keys");
+                assert!(!call.items.is_empty());
+                assert_eq!(call.items.len(), keys.len());
+                for ((key, count), sent) in call.items.iter().zip(keys) {
+                    assert_eq!(key.key(), sent);
+                    let spec = namespaces.spec(key.namespace());
+                    assert!(*count >= 1 && *count <= spec.max_count);
                 }
-                match (&streamed, &unary) {
-                    (Ok((_, s)), Ok(u)) => assert_eq!((&s.items, &s.keys), (&u.items, &u.keys)),
-                    (Err(_), Err(_)) => {}
-                    // A request id the unary RPC checks before the items.
-                    (Err(e), Ok(_)) => assert!(e.message().starts_with("request_id"), "{e:?}"),
-                    (Ok(_), Err(e)) => panic!("read from its bytes, refused by prost's: {e}"),
+            }
+            match (&streamed, &unary) {
+                (Ok((sid, s)), Ok((uid, u))) => {
+                    assert_eq!((sid, &s.items, &s.keys), (uid, &u.items, &u.keys))
                 }
-            } else {
-                assert!(streamed.is_err(), "read bytes prost refuses");
+                (Err(s), Err(u)) => {
+                    assert_eq!((s.code(), s.message()), (u.code(), u.message()))
+                }
+                _ => panic!("read from its bytes: {streamed:?}; by prost: {unary:?}"),
             }
         }
         2 => {

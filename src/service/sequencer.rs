@@ -4,6 +4,8 @@ use std::collections::HashSet;
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
+// prost's own varint reader (public, hidden from its docs; the code prost
+// derives calls it), so the scan reads varints exactly as prost's decode.
 use prost::encoding::decode_varint;
 use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
@@ -152,6 +154,19 @@ fn check_items<'k>(
     }
 }
 
+/// Checks a decoded `NextBatch` request, its request id first: what the
+/// RPC serves, or the status it refuses it with.
+pub fn parse_batch_request(
+    namespaces: &Namespaces,
+    mut req: NextBatchRequest,
+) -> Result<(Option<RequestId>, BatchCall), Status> {
+    let request_id = RequestId::try_new(std::mem::take(&mut req.request_id)).map_err(invalid)?;
+    Ok((
+        request_id,
+        parse_next_batch(namespaces, req).map_err(invalid)?,
+    ))
+}
+
 /// Reads and checks a `NextStream` request's batch from its encoding: the
 /// batch's request id, and the call (with the keys for the reply only if
 /// `echo_keys`). Answers as the `NextBatch` RPC would for the same bytes:
@@ -163,10 +178,8 @@ pub fn read_batch(
     echo_keys: bool,
 ) -> Result<(Option<RequestId>, BatchCall), Status> {
     let Some(batch) = scan_batch(bytes) else {
-        let mut req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
-        let request_id =
-            RequestId::try_new(std::mem::take(&mut req.request_id)).map_err(invalid)?;
-        let mut call = parse_next_batch(namespaces, req).map_err(invalid)?;
+        let req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
+        let (request_id, mut call) = parse_batch_request(namespaces, req)?;
         if !echo_keys {
             call.keys = None;
         }
@@ -314,7 +327,10 @@ impl Sequencer for SequencerService {
 
     /// Each request is served as a `NextBatch` (same checks, same metrics,
     /// recorded as `NextBatch`) and answered with its id when done. A
-    /// request that cannot be read ends the stream with its status.
+    /// batch that cannot be read is refused in its reply, as the RPC would
+    /// refuse it, and the stream goes on; a stream message that cannot be
+    /// read (its id, or its batch's framing) ends the stream with its
+    /// status.
     async fn next_stream(
         &self,
         request: Request<Streaming<NextStreamRequest>>,
@@ -342,7 +358,7 @@ impl Sequencer for SequencerService {
                     } = message?;
                     let call = Observed::start("NextBatch");
                     let result = match batch {
-                        Some(batch) => service.stream_batch(&batch, !packed_ranges).await,
+                        Some(batch) => service.stream_batch(batch, !packed_ranges).await,
                         None => Err(Status::invalid_argument("batch: missing")),
                     };
                     call.finish(&result);
@@ -384,20 +400,21 @@ impl SequencerService {
         &self,
         request: Request<NextBatchRequest>,
     ) -> Result<Response<NextBatchResponse>, Status> {
-        let mut req = request.into_inner();
-        let request_id =
-            RequestId::try_new(std::mem::take(&mut req.request_id)).map_err(invalid)?;
-        let call = parse_next_batch(&self.namespaces, req).map_err(invalid)?;
+        let (request_id, call) = parse_batch_request(&self.namespaces, request.into_inner())?;
         self.serve_batch(request_id, call).await.map(Response::new)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(bytes = batch.len()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(bytes = batch.len(), items))]
     async fn stream_batch(
         &self,
-        batch: &[u8],
+        batch: prost::bytes::Bytes,
         echo_keys: bool,
     ) -> Result<NextBatchResponse, Status> {
-        let (request_id, call) = read_batch(&self.namespaces, batch, echo_keys)?;
+        let (request_id, call) = read_batch(&self.namespaces, &batch, echo_keys)?;
+        tracing::Span::current().record("items", call.items.len());
+        // A slice of the connection's receive buffer: not held while the
+        // batch waits for the node.
+        drop(batch);
         self.serve_batch(request_id, call).await
     }
 
@@ -456,9 +473,8 @@ mod tests {
     /// What the unary `NextBatch` makes of these bytes: prost's decode,
     /// then the checks.
     fn unary(ns: &Namespaces, bytes: &[u8]) -> Result<(Option<RequestId>, BatchCall), Status> {
-        let mut req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
-        let id = RequestId::try_new(std::mem::take(&mut req.request_id)).map_err(invalid)?;
-        Ok((id, parse_next_batch(ns, req).map_err(invalid)?))
+        let req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
+        parse_batch_request(ns, req)
     }
 
     /// The same answer: equal calls, or errors with the same code and
@@ -539,11 +555,12 @@ mod tests {
     }
 
     /// The cases the generated batches may miss: a key that is not UTF-8
-    /// (refused by name, `INVALID_ARGUMENT`), fields the scan leaves to
-    /// prost (unknown ones, a count sent as a 64-bit varint), and a
-    /// repeated namespace (the last counts).
+    /// (left to prost, refused by name, `INVALID_ARGUMENT`), an unknown
+    /// field (left to prost), a count sent as a 64-bit varint (its low 32
+    /// bits, as prost keeps) and a repeated namespace (the last counts, as
+    /// in prost).
     #[test]
-    fn what_the_scan_leaves_to_prost_reads_the_same() {
+    fn corner_cases_read_as_prost_reads_them() {
         let ns = namespaces();
         let item = |key: &[u8], count: u8| {
             let mut b = vec![0x0a, key.len() as u8];

@@ -1,4 +1,6 @@
-import json,glob,sys,statistics as st
+import json,glob,os,sys,statistics as st
+# Medians of the alternated pairs in the directory given (default: here).
+os.chdir(sys.argv[1] if len(sys.argv) > 1 else '.')
 rows={}
 pairs=sorted({f.split('-')[-1].split('.')[0] for f in glob.glob('ab-old-*.json')})
 for v in ['old','new']:
