@@ -171,7 +171,7 @@ pub fn parse_batch_request(
 /// batch's request id, and the call (with the keys for the reply only if
 /// `echo_keys`). Answers as the `NextBatch` RPC would for the same bytes:
 /// anything [`scan_batch`] does not read goes through prost's decode and
-/// [`parse_next_batch`], which name what is wrong.
+/// [`parse_batch_request`], which name what is wrong.
 pub fn read_batch(
     namespaces: &Namespaces,
     bytes: &[u8],
