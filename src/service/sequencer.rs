@@ -451,22 +451,17 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::core::{Mode, NamespaceSpec, MAX_SEQUENCE};
+    use crate::core::types::test_spec;
+    use crate::core::NamespaceSpec;
     use crate::pb::BatchItem;
 
     /// "conv", with keys of at most 8 bytes and counts up to 5, so that
     /// generated batches break both limits.
     fn namespaces() -> Namespaces {
         Namespaces::new(vec![NamespaceSpec {
-            name: "conv".into(),
-            mode: Mode::Segmented,
-            step_min: 1_000,
-            step_max: 1_000_000,
-            refill_interval_ms: 1_000,
             max_count: 5,
             max_key_bytes: 8,
-            max_value: MAX_SEQUENCE,
-            forget_idle_ms: 600_000,
+            ..test_spec("conv")
         }])
     }
 
