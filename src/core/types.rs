@@ -247,6 +247,11 @@ impl SeqKey {
     pub fn key(&self) -> &str {
         self.key.as_str()
     }
+
+    /// The key's bytes ([`SeqKey::key`]'s, without checking them again).
+    pub fn key_bytes(&self) -> &[u8] {
+        self.key.as_bytes()
+    }
 }
 
 fn check_key(namespaces: &Namespaces, ns: NamespaceId, key: &str) -> Result<(), InvalidArgument> {

@@ -22,6 +22,7 @@
 //! fsync delays refills and elections, not reads of warm keys.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -611,8 +612,9 @@ fn items_hash(items: &[(SeqKey, u32)]) -> u64 {
         }
     };
     for (key, count) in items {
-        eat(&(key.key().len() as u64).to_le_bytes());
-        eat(key.key().as_bytes());
+        let bytes = key.key_bytes();
+        eat(&(bytes.len() as u64).to_le_bytes());
+        eat(bytes);
         eat(&count.to_le_bytes());
     }
     h
@@ -706,6 +708,9 @@ struct Handover {
 struct RecentRequests {
     young: RequestGeneration,
     old: RequestGeneration,
+    /// Hashes the items of the calls recorded here (see
+    /// [`RecentRequests::items_hash`]).
+    hasher: foldhash::quality::RandomState,
 }
 
 /// What a request id got: its items' hash, its ranges, and the epoch they
@@ -720,6 +725,15 @@ struct RequestGeneration {
 }
 
 impl RecentRequests {
+    /// The hash these records hold of a call's items. They never leave this
+    /// leader's memory, so any hash of this process does: foldhash reads a
+    /// key a word at a time where [`items_hash`] (FNV-1a, which the log's
+    /// records need) multiplies once per byte, about 7 % of a node's CPU
+    /// under 50-key batches.
+    fn items_hash(&self, items: &[(SeqKey, u32)]) -> u64 {
+        self.hasher.hash_one(items)
+    }
+
     fn get(&self, key: &RequestKey) -> Option<&RequestRecord> {
         self.young.map.get(key).or_else(|| self.old.map.get(key))
     }
@@ -744,7 +758,7 @@ impl RecentRequests {
     }
 
     fn clear(&mut self) {
-        let RecentRequests { young, old } = std::mem::take(self);
+        let RecentRequests { young, old, .. } = std::mem::take(self);
         drop_aside(young);
         drop_aside(old);
     }
@@ -1887,18 +1901,22 @@ impl Node {
                     return;
                 }
                 let request = match (&request_id, items.first()) {
-                    (Some(id), Some((key, _))) => {
-                        Some(((key.namespace(), id.clone()), items_hash(&items)))
-                    }
+                    (Some(id), Some((key, _))) => Some((key.namespace(), id.clone())),
                     _ => None,
                 };
-                if let Some((rkey, hash)) = &request {
-                    let recorded = self
-                        .recent
-                        .get(rkey)
-                        .or_else(|| self.applied_requests.get(rkey));
-                    if let Some((recorded, ranges, epoch)) = recorded {
-                        let result = if recorded == hash {
+                if let Some(rkey) = &request {
+                    // Each table's records hold its own hash of the items:
+                    // the leader's (segmented calls) a fast one of this
+                    // build, the log's (dense calls) FNV-1a.
+                    let recorded = match self.recent.get(rkey) {
+                        Some(r) => Some((r, self.recent.items_hash(&items))),
+                        None => self
+                            .applied_requests
+                            .get(rkey)
+                            .map(|r| (r, items_hash(&items))),
+                    };
+                    if let Some(((recorded, ranges, epoch), hash)) = recorded {
+                        let result = if *recorded == hash {
                             Ok(Grant {
                                 ranges: ranges.clone(),
                                 // The epoch the numbers came in: the one
@@ -1918,7 +1936,7 @@ impl Node {
                         return;
                     }
                     if let Some(pending) = self.pending_requests.get_mut(rkey) {
-                        if pending.items == *hash {
+                        if pending.items == items_hash(&items) {
                             pending.retries.push(reply);
                         } else {
                             let _ = reply.send(Err(NodeError::RequestIdReused));
@@ -1928,7 +1946,8 @@ impl Node {
                 }
                 match self.core.allocate(&items, &source) {
                     Ok(Allocation::Granted(ranges)) => {
-                        if let Some((rkey, hash)) = request {
+                        if let Some(rkey) = request {
+                            let hash = self.recent.items_hash(&items);
                             self.recent
                                 .insert(rkey, hash, ranges.clone(), self.core.epoch());
                         }
@@ -1948,6 +1967,9 @@ impl Node {
                         })
                     }
                     Ok(Allocation::Reserved(ranges)) => {
+                        // Into the log with the raise: FNV-1a, as every
+                        // node computes it.
+                        let request = request.map(|rkey| (rkey, items_hash(&items)));
                         if let Some((rkey, hash)) = &request {
                             self.pending_requests.insert(
                                 rkey.clone(),
@@ -3800,6 +3822,32 @@ mod tests {
         let moved = [(key("conv-"), 1), (key("1x"), 300)];
         assert_ne!(items_hash(&items), items_hash(&moved));
         assert_ne!(items_hash(&items), items_hash(&items[..1]));
+    }
+
+    /// The leader's own records tell apart what FNV-1a tells apart, and
+    /// stay the same for the same items.
+    #[test]
+    fn recent_records_hash_keys_counts_and_order() {
+        let namespaces = embedded_namespaces();
+        let ns = namespaces.resolve("conv").unwrap();
+        let key = |k: &str| SeqKey::try_new(&namespaces, ns, k.to_string()).unwrap();
+        let recent = RecentRequests::default();
+        let items = [(key("conv-1"), 1), (key("x"), 300)];
+        let again = [(key("conv-1"), 1), (key("x"), 300)];
+        assert_eq!(recent.items_hash(&items), recent.items_hash(&again));
+        for other in [
+            &[(key("x"), 300), (key("conv-1"), 1)][..],
+            &[(key("conv-"), 1), (key("1x"), 300)],
+            &[(key("conv-1"), 1), (key("x"), 301)],
+            &items[..1],
+            &[(key("a-key-longer-than-22-bytes"), 1), (key("x"), 300)],
+        ] {
+            assert_ne!(
+                recent.items_hash(&items),
+                recent.items_hash(other),
+                "{other:?}"
+            );
+        }
     }
 
     fn normal(index: u64, len: usize) -> Entry {

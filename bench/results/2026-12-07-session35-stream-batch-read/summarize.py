@@ -16,6 +16,8 @@ for k,vv in rows.items():
     o=vv['old'];n=vv['new']
     print(f"{k[0]} {k[1]}")
     for j,nm in enumerate(names):
+        if any(x[j] is None for x in o+n):
+            continue  # closed loop only: no open-loop figures
         f=lambda L: "/".join(f"{x[j]:.0f}" if x[j]>100 else f"{x[j]:.2f}" for x in L)
         mo=st.median(x[j] for x in o); mn=st.median(x[j] for x in n)
         print(f"  {nm:18s} old {f(o):28s} new {f(n):28s} medians {mo:.4g} -> {mn:.4g} ({(mn/mo-1)*100:+.1f}%)")
