@@ -552,13 +552,33 @@ impl Client {
         namespace: &str,
         items: &[(&str, u32)],
     ) -> Result<NextBatchResponse, ClientError> {
-        let items = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
         if self.inner.opts.max_in_flight == 0 {
+            let items = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
             return self.inner.next_batch(namespace, items).await;
         }
-        let (answer, keys) = self.inner.stream_batch(namespace, items).await;
-        answer?
-            .with_keys(keys)
+        let answer = self.inner.stream_batch_items(namespace, items).await?;
+        answer
+            .with_keys(items.iter().map(|(k, _)| k.to_string()).collect())
+            .map_err(|status| ClientError::Rejected(*status))
+    }
+
+    /// [`Client::next_batch`] without the keys in its answer: range `i`
+    /// is `items[i]`'s. Nothing is copied per key (the batch is encoded
+    /// from `items` as they are), which saves a caller that keeps its keys
+    /// an allocation and a free per key.
+    pub async fn next_batch_ranges(
+        &self,
+        namespace: &str,
+        items: &[(&str, u32)],
+    ) -> Result<BatchRanges, ClientError> {
+        let answer = if self.inner.opts.max_in_flight == 0 {
+            let items = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
+            BatchAnswer::from(self.inner.next_batch(namespace, items).await?)
+        } else {
+            self.inner.stream_batch_items(namespace, items).await?
+        };
+        answer
+            .ranges_for(items.len())
             .map_err(|status| ClientError::Rejected(*status))
     }
 
@@ -832,6 +852,61 @@ impl Inner {
     }
 }
 
+/// A `NextBatchRequest` encoded as prost encodes it (fields in tag order,
+/// empty strings and zero counts left out), from borrowed keys: nothing is
+/// copied per key but into the encoding.
+fn encode_batch<'k>(
+    namespace: &str,
+    items: impl Iterator<Item = (&'k str, u32)> + Clone,
+    request_id: &str,
+) -> prost::bytes::Bytes {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    fn string_len(s: &str) -> usize {
+        if s.is_empty() {
+            0
+        } else {
+            1 + encoded_len_varint(s.len() as u64) + s.len()
+        }
+    }
+    fn string(tag: u32, s: &str, buf: &mut Vec<u8>) {
+        if !s.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(s.len() as u64, buf);
+            buf.extend_from_slice(s.as_bytes());
+        }
+    }
+    let item_len = |(key, count): (&str, u32)| {
+        string_len(key)
+            + if count == 0 {
+                0
+            } else {
+                1 + encoded_len_varint(u64::from(count))
+            }
+    };
+    let len = string_len(namespace)
+        + string_len(request_id)
+        + items
+            .clone()
+            .map(|item| {
+                let n = item_len(item);
+                1 + encoded_len_varint(n as u64) + n
+            })
+            .sum::<usize>();
+    let mut buf = Vec::with_capacity(len);
+    string(1, namespace, &mut buf);
+    for (key, count) in items {
+        encode_key(2, WireType::LengthDelimited, &mut buf);
+        encode_varint(item_len((key, count)) as u64, &mut buf);
+        string(1, key, &mut buf);
+        if count != 0 {
+            encode_key(2, WireType::Varint, &mut buf);
+            encode_varint(u64::from(count), &mut buf);
+        }
+    }
+    string(3, request_id, &mut buf);
+    buf.into()
+}
+
 /// What one kind of call stream carries: `NextStream` for batches,
 /// `NextIdsStream` for ID calls. Each message goes out with an id, which
 /// its reply names.
@@ -909,6 +984,25 @@ struct BatchAnswer {
     counts: Vec<u32>,
 }
 
+/// What [`Client::next_batch_ranges`] answers: one range per item, in
+/// the items' order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRanges {
+    pub ranges: Vec<BatchRange>,
+    /// The leader's epoch, as [`NextBatchResponse::epoch`].
+    pub epoch: u64,
+    /// Repeated from the node's record of this batch's request id, as
+    /// [`NextBatchResponse::replayed`].
+    pub replayed: bool,
+}
+
+/// `count` numbers from `first` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRange {
+    pub first: u64,
+    pub count: u32,
+}
+
 /// `Range` without its key.
 #[derive(Clone, Copy, PartialEq, prost::Message)]
 struct RangeAnswer {
@@ -938,6 +1032,35 @@ impl From<NextBatchResponse> for BatchAnswer {
 }
 
 impl BatchAnswer {
+    /// An answer with other than a range per key is refused as the
+    /// server's error.
+    fn check_len(&self, keys: usize) -> Result<(), Box<Status>> {
+        if self.ranges.len() == keys {
+            return Ok(());
+        }
+        Err(Box::new(Status::internal(format!(
+            "NextBatch of {keys} keys answered with {} ranges",
+            self.ranges.len()
+        ))))
+    }
+
+    /// The answer's ranges for a batch of `keys` items.
+    fn ranges_for(self, keys: usize) -> Result<BatchRanges, Box<Status>> {
+        self.check_len(keys)?;
+        Ok(BatchRanges {
+            ranges: self
+                .ranges
+                .iter()
+                .map(|r| BatchRange {
+                    first: r.first,
+                    count: r.count,
+                })
+                .collect(),
+            epoch: self.epoch,
+            replayed: self.replayed,
+        })
+    }
+
     /// The answer with packed ranges moved into `ranges`. Lists that do
     /// not pair up, or packed ranges beside others, leave no ranges, which
     /// fit no batch: refused as the server's error.
@@ -963,13 +1086,7 @@ impl BatchAnswer {
     /// its order, named in its ranges. An answer with another number of
     /// ranges is refused as the server's error.
     fn with_keys(self, keys: Vec<String>) -> Result<NextBatchResponse, Box<Status>> {
-        if self.ranges.len() != keys.len() {
-            return Err(Box::new(Status::internal(format!(
-                "NextBatch of {} keys answered with {} ranges",
-                keys.len(),
-                self.ranges.len()
-            ))));
-        }
+        self.check_len(keys.len())?;
         Ok(NextBatchResponse {
             ranges: keys
                 .into_iter()
@@ -1039,7 +1156,7 @@ impl StreamRpc for Batches {
     async fn unary(ch: Channel, batch: prost::bytes::Bytes) -> Result<BatchAnswer, Status> {
         use prost::Message as _;
         // The bytes are this client's own encoding of the request (see
-        // `Inner::stream_batch`): decoding them does not fail.
+        // `encode_batch`): decoding them does not fail.
         let req = NextBatchRequest::decode(batch)
             .map_err(|e| Status::internal(format!("re-reading a batch to send: {e}")))?;
         let resp = sequencer(ch).next_batch(req).await?.into_inner();
@@ -1391,16 +1508,36 @@ impl Inner {
         namespace: &str,
         items: Vec<(String, u32)>,
     ) -> (Result<BatchAnswer, ClientError>, Vec<String>) {
-        use prost::Message as _;
-        let req = self.batch_request(namespace, items);
-        let body = prost::bytes::Bytes::from(req.encode_to_vec());
-        let result = self
-            .call(|target, ch| {
-                let body = &body;
-                async move { self.on_stream::<Batches>(&target, ch, body).await }
-            })
-            .await;
-        (result, req.items.into_iter().map(|i| i.key).collect())
+        let body = encode_batch(
+            namespace,
+            items.iter().map(|(k, c)| (k.as_str(), *c)),
+            &self.request_id(),
+        );
+        let result = self.stream_batch_bytes(body).await;
+        (result, items.into_iter().map(|(key, _)| key).collect())
+    }
+
+    /// [`Inner::stream_batch`] for a caller that keeps its keys.
+    async fn stream_batch_items(
+        &self,
+        namespace: &str,
+        items: &[(&str, u32)],
+    ) -> Result<BatchAnswer, ClientError> {
+        let body = encode_batch(namespace, items.iter().copied(), &self.request_id());
+        self.stream_batch_bytes(body).await
+    }
+
+    /// An encoded `NextBatchRequest` over the leader's `NextStream`, every
+    /// attempt sending the same bytes.
+    async fn stream_batch_bytes(
+        &self,
+        body: prost::bytes::Bytes,
+    ) -> Result<BatchAnswer, ClientError> {
+        self.call(|target, ch| {
+            let body = &body;
+            async move { self.on_stream::<Batches>(&target, ch, body).await }
+        })
+        .await
     }
 
     /// One attempt: `body` on `target`'s stream of kind `P`, opened if it
@@ -2609,6 +2746,43 @@ mod tests {
     }
 
     /// The client reads a batch reply without the keys the node echoes
+    /// A batch encoded from borrowed keys is the bytes prost writes for the
+    /// same request, whatever its strings and counts (empty, zero, long,
+    /// not ASCII).
+    #[test]
+    fn a_batch_encodes_as_prost_encodes_it() {
+        use proptest::prelude::*;
+        use prost::Message as _;
+        let text = || {
+            prop_oneof![
+                Just(String::new()),
+                "[a-z0-9:]{1,30}",
+                "\\PC{1,5}",
+                "[a-z]{120,200}",
+            ]
+        };
+        let count = || prop_oneof![Just(0u32), 1u32..200, Just(u32::MAX)];
+        let batch = (
+            text(),
+            proptest::collection::vec((text(), count()), 0..20),
+            text(),
+        );
+        proptest!(|((namespace, items, request_id) in batch)| {
+            let borrowed = items.iter().map(|(k, c)| (k.as_str(), *c));
+            let ours = encode_batch(&namespace, borrowed, &request_id);
+            let prost = NextBatchRequest {
+                namespace,
+                items: items
+                    .into_iter()
+                    .map(|(key, count)| BatchItem { key, count })
+                    .collect(),
+                request_id,
+            }
+            .encode_to_vec();
+            prop_assert_eq!(ours.as_ref(), prost.as_slice());
+        });
+    }
+
     /// (`StreamAnswer`): it reads the ranges, epoch and failures the node
     /// sent, and `next_batch` names each range with the request's key.
     #[test]
@@ -2648,7 +2822,27 @@ mod tests {
         let reply = NextStreamReply::answering(43, Ok(packed.clone()));
         let read = StreamAnswer::decode(reply.encode_to_vec().as_slice()).unwrap();
         let answer = Batches::split(read).1.unwrap();
-        assert_eq!(answer.with_keys(keys.clone()).unwrap(), sent);
+        assert_eq!(answer.clone().with_keys(keys.clone()).unwrap(), sent);
+        // Without the keys: the same ranges, in the items' order.
+        let ranges = answer.clone().ranges_for(2).unwrap();
+        assert_eq!(
+            ranges,
+            BatchRanges {
+                ranges: vec![
+                    BatchRange { first: 7, count: 2 },
+                    BatchRange {
+                        first: u64::MAX - 1,
+                        count: 1
+                    },
+                ],
+                epoch: 3,
+                replayed: true,
+            }
+        );
+        for keys in [1, 3] {
+            let err = answer.clone().ranges_for(keys).unwrap_err();
+            assert_eq!(err.code(), Code::Internal, "{err:?}");
+        }
         // Lists that do not pair up, or packed ranges beside others, are
         // the server's error.
         for bad in [

@@ -35,6 +35,23 @@ async fn single_node_serves_and_restarts_higher() {
     );
     assert_eq!(client.current("conv", "alice").await.unwrap(), 8);
     assert_eq!(client.current("conv", "nobody").await.unwrap(), 0);
+    // Without the keys in the answer: range i is item i's, on the stream
+    // and as the RPC alike.
+    let unary = c.client_with(ClientOptions {
+        max_in_flight: 0,
+        ..ClientOptions::default()
+    });
+    for (from, over) in [(9, &client), (11, &unary)] {
+        let ranges = over
+            .next_batch_ranges("conv", &[("alice", 2), ("bob", 3)])
+            .await
+            .unwrap();
+        let bob = if from == 9 { 2 } else { 5 };
+        let got: Vec<(u64, u32)> = ranges.ranges.iter().map(|r| (r.first, r.count)).collect();
+        assert_eq!(got, [(from, 2), (bob, 3)], "{ranges:?}");
+        assert_eq!(ranges.epoch, batch.epoch);
+        assert!(!ranges.replayed);
+    }
 
     // A crash skips the unused rest of the segment, never reuses a number,
     // and announces the possible hole with a new epoch.

@@ -354,8 +354,9 @@ impl Caller for SeqdCaller {
                 let client = self.client.as_ref().expect("checked above");
                 let keys = self.keys.distinct_keys(fanout);
                 let items: Vec<(&str, u32)> = keys.iter().map(|k| (k.as_str(), 1)).collect();
-                // On the leader's stream, whole (all or nothing).
-                return match client.next_batch(&self.namespace, &items).await {
+                // On the leader's stream, whole (all or nothing); the
+                // answer without the keys, which the caller holds.
+                return match client.next_batch_ranges(&self.namespace, &items).await {
                     Ok(r) => Ok(Done {
                         numbers: r.ranges.iter().map(|r| u64::from(r.count)).sum(),
                         retries: 0,

@@ -166,7 +166,7 @@ async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, stop: Arc<Stop>
                 let keys = distinct_keys(&mut x, args.keys, args.fanout);
                 let items: Vec<(&str, u32)> = keys.iter().map(|k| (k.as_str(), 1)).collect();
                 client
-                    .next_batch(&args.namespace, &items)
+                    .next_batch_ranges(&args.namespace, &items)
                     .await
                     .map(|r| r.ranges.len() as u64)
                     .map_err(|e| e.to_string())
