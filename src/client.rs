@@ -2745,7 +2745,6 @@ mod tests {
         assert_eq!(*lock(&older.calls_per_rpc), vec![3], "one NextBatch RPC");
     }
 
-    /// The client reads a batch reply without the keys the node echoes
     /// A batch encoded from borrowed keys is the bytes prost writes for the
     /// same request, whatever its strings and counts (empty, zero, long,
     /// not ASCII).
@@ -2783,8 +2782,10 @@ mod tests {
         });
     }
 
+    /// The client reads a batch reply without the keys the node echoes
     /// (`StreamAnswer`): it reads the ranges, epoch and failures the node
-    /// sent, and `next_batch` names each range with the request's key.
+    /// sent; `next_batch` names each range with the request's key, and
+    /// `next_batch_ranges` gives them in the request's order.
     #[test]
     fn a_stream_reply_reads_the_same_without_its_keys() {
         use prost::Message as _;
