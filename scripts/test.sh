@@ -16,6 +16,11 @@ cargo fmt --all -- --check
 echo "== cargo clippy (seqd and bench/)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The API docs' links must resolve (a public item's doc linking a private
+# one reads as a dead link on docs.rs).
+echo "== cargo doc (seqd, warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc -p seqd --no-deps --locked
+
 # Frontends depend on the client alone; keep it building without the server.
 echo "== cargo check: client library without the server feature"
 cargo check -p seqd --lib --no-default-features --locked

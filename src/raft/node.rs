@@ -289,11 +289,11 @@ pub struct NodeTesting {
     /// Lease mode with a lease three election timeouts long, outliving the
     /// followers' promise: a deliberately broken lease.
     pub stretch_lease: bool,
-    /// Keys per part of a hand-over's trim; 0: [`TRIM_PART_KEYS`]. (The
+    /// Keys per part of a hand-over's trim; 0: `TRIM_PART_KEYS`. (The
     /// simulation has a few keys, and trims them one per part.)
     pub trim_part_keys: usize,
     /// How long unused a key is released before a handover; 0:
-    /// [`HANDOVER_IDLE_MS`]. (The simulation's keys leave memory after
+    /// `HANDOVER_IDLE_MS`. (The simulation's keys leave memory after
     /// 300 ms idle anyway.)
     pub handover_idle_ms: u64,
     /// Exit inside the next snapshot install through a table file (see
@@ -500,7 +500,7 @@ fn vote_promise(raft: &RaftConfig) -> Duration {
 
 /// Opens storage, starts the node's loop and the peer transport on `rt`
 /// (a multi-thread runtime: the loop hands its worker off while it waits
-/// for the disk, see [`Node::blocking`]).
+/// for the disk, see `Node::blocking`).
 pub fn spawn(
     params: NodeParams,
     rt: &tokio::runtime::Handle,

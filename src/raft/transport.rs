@@ -50,7 +50,7 @@ const PEER_QUEUE: usize = 4096;
 /// Largest frame a peer may send on the Raft stream. A node from before
 /// the `Snapshot` call sends a snapshot there in one frame.
 pub const MAX_PEER_MESSAGE: usize = 512 << 20;
-/// Size of the chunks a snapshot travels in (see [`send_snapshot`]).
+/// Size of the chunks a snapshot travels in (see `send_snapshot`).
 pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// Largest snapshot message: rust-protobuf 2, which decodes raft-rs's
 /// messages, reads a length-delimited field's size as 32 bits, so a

@@ -170,7 +170,7 @@ pub fn parse_batch_request(
 /// Reads and checks a `NextStream` request's batch from its encoding: the
 /// batch's request id, and the call (with the keys for the reply only if
 /// `echo_keys`). Answers as the `NextBatch` RPC would for the same bytes:
-/// anything [`scan_batch`] does not read goes through prost's decode and
+/// anything `scan_batch` does not read goes through prost's decode and
 /// [`parse_batch_request`], which name what is wrong.
 pub fn read_batch(
     namespaces: &Namespaces,

@@ -214,7 +214,7 @@ impl Checker {
     /// numbers never handed out come with a change of epoch (a frontend
     /// that sees the same epoch knows nothing is missing), and the epoch
     /// never goes down as the numbers go up. A key's numbers start at 1
-    /// in [`FIRST_EPOCH`].
+    /// in `FIRST_EPOCH`.
     pub fn check_epochs(&mut self) {
         let mut keys: Vec<&String> = self.keys.keys().collect();
         keys.sort();

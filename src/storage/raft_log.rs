@@ -145,7 +145,7 @@ impl RaftStore {
     }
 
     /// Builds snapshots for followers on a thread of their own (see
-    /// [`Snapshots`]).
+    /// `Snapshots`).
     pub fn build_snapshots_in_background(&mut self) {
         self.snapshots.background = true;
     }
@@ -328,15 +328,15 @@ impl RaftStore {
     /// the log. Answers whether the state went through a table file.
     ///
     /// A small snapshot is one synced write. A large one (at least
-    /// [`INGEST_MIN_BYTES`]) would be one too large write: every key put
+    /// `INGEST_MIN_BYTES`) would be one too large write: every key put
     /// through the write-ahead log and the state family's memtable, whose
     /// in-place updates search it before each insert (28 million keys held
     /// the node loop 66-122 s, session 31). So its state is written, in key
     /// order, to a table file RocksDB ingests whole, and the install takes
-    /// three steps: the file and an [`INSTALLING`] mark (synced), the state
+    /// three steps: the file and an `INSTALLING` mark (synced), the state
     /// family replaced by the file, then the log replaced and the mark
     /// removed (synced). A node stopped between them finishes the install
-    /// when it opens its database again ([`resume_install`]). The
+    /// when it opens its database again (`resume_install`). The
     /// simulation's disk records writes only, so it installs in one write.
     pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<bool, StorageError> {
         // A build still running may take its checkpoint between two of the
