@@ -5,9 +5,8 @@
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 use seqd::config::{Config, Overrides};
-use seqd::pb::{CurrentRequest, DecodeRequest, NextBatchRequest, NextRequest};
-use seqd::codec::decode_error;
-use seqd::service::sequencer::{parse_batch_request, parse_current, parse_next, read_batch};
+use seqd::pb::{CurrentRequest, DecodeRequest, NextRequest};
+use seqd::service::sequencer::{decode_batch_request, parse_current, parse_next, read_batch};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
@@ -31,9 +30,7 @@ fuzz_target!(|data: &[u8]| {
             // same call, or the same refusal (code and message), as the
             // unary RPC's.
             let streamed = read_batch(&namespaces, body, true);
-            let unary = NextBatchRequest::decode(body)
-                .map_err(decode_error)
-                .and_then(|req| parse_batch_request(&namespaces, req));
+            let unary = decode_batch_request(&namespaces, body);
             if let Ok((_, call)) = &unary {
                 let keys = call.keys.as_ref().expect("the unary reply names its keys");
                 assert!(!call.items.is_empty());

@@ -167,19 +167,28 @@ pub fn parse_batch_request(
     ))
 }
 
+/// What the `NextBatch` RPC makes of an encoded request: prost's decode,
+/// then [`parse_batch_request`]. [`read_batch`] answers as this does.
+pub fn decode_batch_request(
+    namespaces: &Namespaces,
+    bytes: &[u8],
+) -> Result<(Option<RequestId>, BatchCall), Status> {
+    let req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
+    parse_batch_request(namespaces, req)
+}
+
 /// Reads and checks a `NextStream` request's batch from its encoding: the
 /// batch's request id, and the call (with the keys for the reply only if
 /// `echo_keys`). Answers as the `NextBatch` RPC would for the same bytes:
-/// anything `scan_batch` does not read goes through prost's decode and
-/// [`parse_batch_request`], which name what is wrong.
+/// anything `scan_batch` does not read goes through
+/// [`decode_batch_request`], which names what is wrong.
 pub fn read_batch(
     namespaces: &Namespaces,
     bytes: &[u8],
     echo_keys: bool,
 ) -> Result<(Option<RequestId>, BatchCall), Status> {
     let Some(batch) = scan_batch(bytes) else {
-        let req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
-        let (request_id, mut call) = parse_batch_request(namespaces, req)?;
+        let (request_id, mut call) = decode_batch_request(namespaces, bytes)?;
         if !echo_keys {
             call.keys = None;
         }
@@ -465,13 +474,6 @@ mod tests {
         }])
     }
 
-    /// What the unary `NextBatch` makes of these bytes: prost's decode,
-    /// then the checks.
-    fn unary(ns: &Namespaces, bytes: &[u8]) -> Result<(Option<RequestId>, BatchCall), Status> {
-        let req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
-        parse_batch_request(ns, req)
-    }
-
     /// The same answer: equal calls, or errors with the same code and
     /// message.
     fn same(
@@ -520,7 +522,7 @@ mod tests {
             let bytes = req.encode_to_vec();
             prop_assert!(scan_batch(&bytes).is_some(), "not read by the scan: {req:?}");
             let read = read_batch(&ns, &bytes, true);
-            prop_assert!(same(&read, &unary(&ns, &bytes)), "{req:?}: {read:?}");
+            prop_assert!(same(&read, &decode_batch_request(&ns, &bytes)), "{req:?}: {read:?}");
         }
 
         /// Whatever the bytes (cut short, a byte changed, a field added
@@ -545,7 +547,7 @@ mod tests {
                 _ => bytes.extend_from_slice(&req.encode_to_vec()),
             }
             let read = read_batch(&ns, &bytes, true);
-            prop_assert!(same(&read, &unary(&ns, &bytes)), "{bytes:?}: {read:?}");
+            prop_assert!(same(&read, &decode_batch_request(&ns, &bytes)), "{bytes:?}: {read:?}");
         }
     }
 
@@ -579,7 +581,7 @@ mod tests {
         assert!(err.message().contains("BatchItem.key"), "{err:?}");
         assert!(same(
             &read_batch(&ns, &not_utf8, true),
-            &unary(&ns, &not_utf8)
+            &decode_batch_request(&ns, &not_utf8)
         ));
 
         let unknown_field = {
@@ -600,7 +602,10 @@ mod tests {
         };
         for bytes in [unknown_field, long_count, namespace_twice] {
             let read = read_batch(&ns, &bytes, true);
-            assert!(same(&read, &unary(&ns, &bytes)), "{bytes:?}: {read:?}");
+            assert!(
+                same(&read, &decode_batch_request(&ns, &bytes)),
+                "{bytes:?}: {read:?}"
+            );
             assert!(read.is_ok(), "{read:?}");
         }
     }
