@@ -542,7 +542,9 @@ impl Client {
     }
 
     /// Ranges for many keys of one namespace, all or nothing: one range
-    /// per item, in `items`' order, each naming its key as given here.
+    /// per item, in `items`' order, each naming its key as given here and
+    /// holding exactly the item's count (an answer that does not is the
+    /// server's fault: [`ClientError::Rejected`] with `INTERNAL`).
     /// Sent as it is (never merged with other calls) on the node's
     /// `NextStream`, as coalesced calls are: a message on an open stream
     /// costs both sides less than an RPC of its own (with `max_in_flight`
@@ -553,12 +555,18 @@ impl Client {
         items: &[(&str, u32)],
     ) -> Result<NextBatchResponse, ClientError> {
         if self.inner.opts.max_in_flight == 0 {
-            let items = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
-            return self.inner.next_batch(namespace, items).await;
+            let owned = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
+            let resp = self.inner.next_batch(namespace, owned).await?;
+            // The RPC's own ranges name their keys: checked as the
+            // stream's are, then given as they came.
+            BatchAnswer::from(resp.clone())
+                .check_fits(items)
+                .map_err(|status| ClientError::Rejected(*status))?;
+            return Ok(resp);
         }
         let answer = self.inner.stream_batch_items(namespace, items).await?;
         answer
-            .with_keys(items.iter().map(|(k, _)| k.to_string()).collect())
+            .with_keys(items)
             .map_err(|status| ClientError::Rejected(*status))
     }
 
@@ -578,7 +586,7 @@ impl Client {
             self.inner.stream_batch_items(namespace, items).await?
         };
         answer
-            .ranges_for(items.len())
+            .ranges_for(items)
             .map_err(|status| ClientError::Rejected(*status))
     }
 
@@ -1032,21 +1040,35 @@ impl From<NextBatchResponse> for BatchAnswer {
 }
 
 impl BatchAnswer {
-    /// An answer with other than a range per key is refused as the
-    /// server's error.
-    fn check_len(&self, keys: usize) -> Result<(), Box<Status>> {
-        if self.ranges.len() == keys {
-            return Ok(());
+    /// An answer that does not give each item a range of the item's count,
+    /// in the items' order, is refused as the server's error: a caller
+    /// would otherwise stamp numbers it was not given, or leave some it was
+    /// given unused.
+    fn check_fits(&self, items: &[(&str, u32)]) -> Result<(), Box<Status>> {
+        if self.ranges.len() != items.len() {
+            return Err(Box::new(Status::internal(format!(
+                "NextBatch of {} keys answered with {} ranges",
+                items.len(),
+                self.ranges.len()
+            ))));
         }
-        Err(Box::new(Status::internal(format!(
-            "NextBatch of {keys} keys answered with {} ranges",
-            self.ranges.len()
-        ))))
+        let misfit = self
+            .ranges
+            .iter()
+            .zip(items)
+            .position(|(r, (_, count))| r.count != *count);
+        match misfit {
+            None => Ok(()),
+            Some(i) => Err(Box::new(Status::internal(format!(
+                "NextBatch item {i} asked for {} numbers and was answered with {}",
+                items[i].1, self.ranges[i].count
+            )))),
+        }
     }
 
-    /// The answer's ranges for a batch of `keys` items.
-    fn ranges_for(self, keys: usize) -> Result<BatchRanges, Box<Status>> {
-        self.check_len(keys)?;
+    /// The answer's ranges for a batch of `items`.
+    fn ranges_for(self, items: &[(&str, u32)]) -> Result<BatchRanges, Box<Status>> {
+        self.check_fits(items)?;
         Ok(BatchRanges {
             ranges: self
                 .ranges
@@ -1082,17 +1104,17 @@ impl BatchAnswer {
         self
     }
 
-    /// The `NextBatchResponse` this answers with: `keys`, the request's in
-    /// its order, named in its ranges. An answer with another number of
-    /// ranges is refused as the server's error.
-    fn with_keys(self, keys: Vec<String>) -> Result<NextBatchResponse, Box<Status>> {
-        self.check_len(keys.len())?;
+    /// The `NextBatchResponse` this answers `items` with, each range
+    /// naming its item's key. An answer that does not fit the items (see
+    /// [`BatchAnswer::check_fits`]) is refused as the server's error.
+    fn with_keys(self, items: &[(&str, u32)]) -> Result<NextBatchResponse, Box<Status>> {
+        self.check_fits(items)?;
         Ok(NextBatchResponse {
-            ranges: keys
-                .into_iter()
+            ranges: items
+                .iter()
                 .zip(self.ranges)
-                .map(|(key, r)| crate::pb::Range {
-                    key,
+                .map(|((key, _), r)| crate::pb::Range {
+                    key: key.to_string(),
                     first: r.first,
                     count: r.count,
                 })
@@ -2107,16 +2129,18 @@ mod tests {
     }
 
     /// Every item answered from 1 (the client only checks the counts); a
-    /// batch with a key named `replayed...` as a repeat of its record.
+    /// batch with a key named `replayed...` as a repeat of its record; a
+    /// key named `misfit...` with one number more than it asked for, as a
+    /// faulty server would.
     #[cfg(feature = "server")]
     fn answer_from_one(items: Vec<BatchItem>) -> NextBatchResponse {
         let replayed = items.iter().any(|i| i.key.starts_with("replayed"));
         let ranges = items
             .into_iter()
             .map(|i| crate::pb::Range {
+                count: i.count + u32::from(i.key.starts_with("misfit")),
                 key: i.key,
                 first: 1,
-                count: i.count,
             })
             .collect();
         NextBatchResponse {
@@ -2745,6 +2769,43 @@ mod tests {
         assert_eq!(*lock(&older.calls_per_rpc), vec![3], "one NextBatch RPC");
     }
 
+    /// A batch answered with a range of another count than its item asked
+    /// for is refused as the server's error, on the stream and by the
+    /// RPC, whether the keys come back or not: the caller gets no numbers
+    /// it did not ask for.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_batch_answered_with_other_counts_is_refused() {
+        use std::sync::atomic::Ordering;
+        let server = CountingServer::default();
+        server.stream.store(true, Ordering::SeqCst);
+        let addr = serve(server.clone()).await;
+        for max_in_flight in [4, 0] {
+            let opts = ClientOptions {
+                max_in_flight,
+                ..ClientOptions::default()
+            };
+            let client = Client::new(&[addr.to_string()], opts).unwrap();
+            let items = [("a", 2), ("misfit", 3)];
+            let expected = "NextBatch item 1 asked for 3 numbers and was answered with 4";
+            for err in [
+                client.next_batch("ns", &items).await.unwrap_err(),
+                client.next_batch_ranges("ns", &items).await.unwrap_err(),
+            ] {
+                let ClientError::Rejected(status) = err else {
+                    panic!("{err:?}");
+                };
+                assert_eq!(status.code(), Code::Internal, "{status:?}");
+                assert_eq!(status.message(), expected);
+            }
+            let fits = client.next_batch_ranges("ns", &[("a", 2)]).await.unwrap();
+            assert_eq!(fits.ranges, vec![BatchRange { first: 1, count: 2 }]);
+        }
+        // The stream's and the RPC's calls both reached the server.
+        assert_eq!(server.stream_batches.load(Ordering::SeqCst), 3);
+        assert_eq!(lock(&server.calls_per_rpc).len(), 3);
+    }
+
     /// A batch encoded from borrowed keys is the bytes prost writes for the
     /// same request, whatever its strings and counts (empty, zero, long,
     /// not ASCII).
@@ -2810,8 +2871,12 @@ mod tests {
         let read = StreamAnswer::decode(reply.encode_to_vec().as_slice()).unwrap();
         let (id, answer) = Batches::split(read);
         assert_eq!(id, 42);
-        let keys: Vec<String> = sent.ranges.iter().map(|r| r.key.clone()).collect();
-        assert_eq!(answer.unwrap().with_keys(keys.clone()).unwrap(), sent);
+        let items: Vec<(&str, u32)> = sent
+            .ranges
+            .iter()
+            .map(|r| (r.key.as_str(), r.count))
+            .collect();
+        assert_eq!(answer.unwrap().with_keys(&items).unwrap(), sent);
 
         // The same ranges packed, as the client asks for them.
         let packed = NextBatchResponse {
@@ -2823,9 +2888,9 @@ mod tests {
         let reply = NextStreamReply::answering(43, Ok(packed.clone()));
         let read = StreamAnswer::decode(reply.encode_to_vec().as_slice()).unwrap();
         let answer = Batches::split(read).1.unwrap();
-        assert_eq!(answer.clone().with_keys(keys.clone()).unwrap(), sent);
+        assert_eq!(answer.clone().with_keys(&items).unwrap(), sent);
         // Without the keys: the same ranges, in the items' order.
-        let ranges = answer.clone().ranges_for(2).unwrap();
+        let ranges = answer.clone().ranges_for(&items).unwrap();
         assert_eq!(
             ranges,
             BatchRanges {
@@ -2840,8 +2905,8 @@ mod tests {
                 replayed: true,
             }
         );
-        for keys in [1, 3] {
-            let err = answer.clone().ranges_for(keys).unwrap_err();
+        for other in [&items[..1], &[items[0], items[1], ("c", 1)][..]] {
+            let err = answer.clone().ranges_for(other).unwrap_err();
             assert_eq!(err.code(), Code::Internal, "{err:?}");
         }
         // Lists that do not pair up, or packed ranges beside others, are
@@ -2860,7 +2925,7 @@ mod tests {
             let read = StreamAnswer::decode(reply.encode_to_vec().as_slice()).unwrap();
             let answer = Batches::split(read).1.unwrap();
             assert!(answer.ranges.is_empty(), "{answer:?}");
-            assert!(answer.with_keys(keys.clone()).is_err());
+            assert!(answer.with_keys(&items).is_err());
         }
 
         let mut refused = Status::unavailable("not the leader");
@@ -2905,18 +2970,43 @@ mod tests {
         }
     }
 
-    /// An answer whose ranges do not pair with the request's keys is the
-    /// server's error, not a response with keys left out.
+    /// An answer whose ranges do not pair with the request's items, by
+    /// number or by count, is the server's error, not a response with keys
+    /// left out or numbers the caller did not ask for.
     #[test]
-    fn an_answer_with_another_number_of_ranges_is_refused() {
+    fn an_answer_that_does_not_fit_the_items_is_refused() {
         let answer = BatchAnswer {
             ranges: vec![RangeAnswer { first: 1, count: 1 }],
             epoch: 1,
             ..BatchAnswer::default()
         };
-        let err = answer.with_keys(vec!["a".into(), "b".into()]).unwrap_err();
+        let err = answer.clone().with_keys(&[("a", 1), ("b", 1)]).unwrap_err();
         assert_eq!(err.code(), Code::Internal);
         assert_eq!(err.message(), "NextBatch of 2 keys answered with 1 ranges");
+        let two = BatchAnswer {
+            ranges: vec![
+                RangeAnswer { first: 1, count: 2 },
+                RangeAnswer { first: 9, count: 0 },
+            ],
+            epoch: 1,
+            ..BatchAnswer::default()
+        };
+        for err in [
+            two.clone().with_keys(&[("a", 2), ("b", 3)]).unwrap_err(),
+            two.clone().ranges_for(&[("a", 2), ("b", 3)]).unwrap_err(),
+        ] {
+            assert_eq!(err.code(), Code::Internal);
+            assert_eq!(
+                err.message(),
+                "NextBatch item 1 asked for 3 numbers and was answered with 0"
+            );
+        }
+        let err = two.ranges_for(&[("a", 1), ("b", 0)]).unwrap_err();
+        assert_eq!(
+            err.message(),
+            "NextBatch item 0 asked for 1 numbers and was answered with 2"
+        );
+        assert!(answer.ranges_for(&[("a", 1)]).is_ok());
     }
 
     /// Callers answered by one RPC that call again at once go out together
