@@ -1502,11 +1502,20 @@ impl Inner {
             count,
             request_id: request_id.to_string(),
         };
-        self.call(|_, ch| {
-            let req = req.clone();
-            async move { sequencer(ch).next(req).await.map(|r| r.into_inner()) }
-        })
-        .await
+        let resp = self
+            .call(|_, ch| {
+                let req = req.clone();
+                async move { sequencer(ch).next(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        // As a batch's ranges are checked (`BatchAnswer::check_fits`).
+        if resp.count != count {
+            return Err(ClientError::Rejected(Status::internal(format!(
+                "Next asked for {count} numbers and was answered with {}",
+                resp.count
+            ))));
+        }
+        Ok(resp)
     }
 
     async fn next_batch(
@@ -2175,9 +2184,10 @@ mod tests {
                 )
                 .is_ok();
             assert!(!reset, "a handler that fails without answering");
+            let req = request.into_inner();
             Ok(tonic::Response::new(NextResponse {
                 first: 1,
-                count: request.into_inner().count,
+                count: req.count + u32::from(req.key.starts_with("misfit")),
                 epoch: 1,
                 replayed: false,
             }))
@@ -2801,9 +2811,25 @@ mod tests {
             let fits = client.next_batch_ranges("ns", &[("a", 2)]).await.unwrap();
             assert_eq!(fits.ranges, vec![BatchRange { first: 1, count: 2 }]);
         }
-        // The stream's and the RPC's calls both reached the server.
+        // A single call by its own RPC (an idempotency token) as well.
+        let client = Client::new(&[addr.to_string()], ClientOptions::default()).unwrap();
+        let err = client
+            .next_with_id("ns", "misfit", 3, "r-1")
+            .await
+            .unwrap_err();
+        let ClientError::Rejected(status) = err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "Next asked for 3 numbers and was answered with 4"
+        );
+        let fits = client.next_with_id("ns", "a", 3, "r-2").await.unwrap();
+        assert_eq!((fits.first, fits.count), (1, 3));
+        // The stream's and the RPCs' calls all reached the server.
         assert_eq!(server.stream_batches.load(Ordering::SeqCst), 3);
-        assert_eq!(lock(&server.calls_per_rpc).len(), 3);
+        assert_eq!(lock(&server.calls_per_rpc).len(), 5);
     }
 
     /// A batch encoded from borrowed keys is the bytes prost writes for the
