@@ -559,7 +559,7 @@ impl Client {
             let resp = self.inner.next_batch(namespace, owned).await?;
             // The RPC's own ranges name their keys: checked as the
             // stream's are, then given as they came.
-            BatchAnswer::from(resp.clone())
+            BatchAnswer::from(&resp)
                 .check_fits(items)
                 .map_err(|status| ClientError::Rejected(*status))?;
             return Ok(resp);
@@ -581,7 +581,7 @@ impl Client {
     ) -> Result<BatchRanges, ClientError> {
         let answer = if self.inner.opts.max_in_flight == 0 {
             let items = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
-            BatchAnswer::from(self.inner.next_batch(namespace, items).await?)
+            BatchAnswer::from(&self.inner.next_batch(namespace, items).await?)
         } else {
             self.inner.stream_batch_items(namespace, items).await?
         };
@@ -1020,8 +1020,8 @@ struct RangeAnswer {
     count: u32,
 }
 
-impl From<NextBatchResponse> for BatchAnswer {
-    fn from(resp: NextBatchResponse) -> Self {
+impl From<&NextBatchResponse> for BatchAnswer {
+    fn from(resp: &NextBatchResponse) -> Self {
         Self {
             ranges: resp
                 .ranges
@@ -1182,7 +1182,7 @@ impl StreamRpc for Batches {
         let req = NextBatchRequest::decode(batch)
             .map_err(|e| Status::internal(format!("re-reading a batch to send: {e}")))?;
         let resp = sequencer(ch).next_batch(req).await?.into_inner();
-        Ok(BatchAnswer::from(resp))
+        Ok(BatchAnswer::from(&resp))
     }
 
     fn table(inner: &Inner) -> &StreamTable<Self> {
