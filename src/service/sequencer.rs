@@ -97,6 +97,7 @@ pub fn parse_next_batch(
     let items = check_items(
         namespaces,
         &req.namespace,
+        req.items.len(),
         req.items.iter().map(|i| (i.key.as_str(), i.count)),
     )?;
     // The reply moves the request's strings rather than allocate others.
@@ -107,16 +108,17 @@ pub fn parse_next_batch(
     })
 }
 
-/// Checks a batch's items in `namespace`: each key and count (an error
-/// names the item), then that no key comes twice (naming the first
-/// repeat).
+/// Checks a batch of `len` items in `namespace`: each key and count (an
+/// error names the item), then that no key comes twice (naming the first
+/// repeat). `items` may stop short of `len` only past
+/// [`MAX_BATCH_ITEMS`], where none is looked at.
 fn check_items<'k>(
     namespaces: &Namespaces,
     namespace: &str,
-    items: impl ExactSizeIterator<Item = (&'k str, u32)>,
+    len: usize,
+    items: impl Iterator<Item = (&'k str, u32)>,
 ) -> Result<Vec<(SeqKey, u32)>, InvalidArgument> {
     let ns = namespaces.resolve(namespace)?;
-    let len = items.len();
     if len == 0 {
         return Err(InvalidArgument::EmptyBatch);
     }
@@ -195,8 +197,13 @@ pub fn read_batch(
         return Ok((request_id, call));
     };
     let request_id = RequestId::try_new(batch.request_id).map_err(invalid)?;
-    let items =
-        check_items(namespaces, batch.namespace, batch.items.iter().copied()).map_err(invalid)?;
+    let items = check_items(
+        namespaces,
+        batch.namespace,
+        batch.len,
+        batch.items.iter().copied(),
+    )
+    .map_err(invalid)?;
     let keys = echo_keys.then(|| batch.items.iter().map(|(k, _)| k.to_string()).collect());
     Ok((request_id, BatchCall { items, keys }))
 }
@@ -205,6 +212,11 @@ pub fn read_batch(
 struct WireBatch<'a> {
     namespace: &'a str,
     request_id: &'a str,
+    /// Items on the wire.
+    len: usize,
+    /// The first of them, at most one past [`MAX_BATCH_ITEMS`]: a batch
+    /// with more is refused for its size, and a 64 MiB message of empty
+    /// items would otherwise be held as 32 million of them (768 MB) first.
     items: Vec<(&'a str, u32)>,
 }
 
@@ -217,6 +229,7 @@ fn scan_batch(mut buf: &[u8]) -> Option<WireBatch<'_>> {
     let mut batch = WireBatch {
         namespace: "",
         request_id: "",
+        len: 0,
         // A short key's item takes about 8 bytes.
         items: Vec::with_capacity((buf.len() / 8).min(MAX_BATCH_ITEMS)),
     };
@@ -224,8 +237,16 @@ fn scan_batch(mut buf: &[u8]) -> Option<WireBatch<'_>> {
         match decode_varint(&mut buf).ok()? {
             // Field 1 (namespace), length-delimited.
             0x0a => batch.namespace = utf8(delimited(&mut buf)?)?,
-            // Field 2 (items).
-            0x12 => batch.items.push(scan_item(delimited(&mut buf)?)?),
+            // Field 2 (items); each is read, so that a malformed one
+            // goes to prost as with any batch, but only those a batch may
+            // hold are kept.
+            0x12 => {
+                let item = scan_item(delimited(&mut buf)?)?;
+                batch.len += 1;
+                if batch.items.len() <= MAX_BATCH_ITEMS {
+                    batch.items.push(item);
+                }
+            }
             // Field 3 (request_id).
             0x1a => batch.request_id = utf8(delimited(&mut buf)?)?,
             _ => return None,
@@ -610,6 +631,47 @@ mod tests {
         }
     }
 
+    /// A batch of more items than a batch may hold is refused as the
+    /// unary RPC refuses it, naming how many came, with no more than one
+    /// past the limit held; and one whose last item is malformed, as
+    /// prost refuses it.
+    #[test]
+    fn an_oversized_batch_reads_as_the_unary_rpc_reads_it() {
+        let ns = namespaces();
+        let items = MAX_BATCH_ITEMS + 25;
+        let mut bytes = vec![0x0a, 4, b'c', b'o', b'n', b'v'];
+        for _ in 0..items {
+            // An empty item: 2 bytes on the wire.
+            bytes.extend_from_slice(&[0x12, 0]);
+        }
+        let scanned = scan_batch(&bytes).expect("read by the scan");
+        assert_eq!(scanned.len, items);
+        assert_eq!(scanned.items.len(), MAX_BATCH_ITEMS + 1);
+        let read = read_batch(&ns, &bytes, true);
+        let err = read.as_ref().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains(&items.to_string()),
+            "names the items that came: {err:?}"
+        );
+        assert!(same(&read, &decode_batch_request(&ns, &bytes)), "{read:?}");
+        // An unknown namespace is named first, as by the RPC.
+        let mut other = vec![0x0a, 4, b'n', b'o', b'p', b'e'];
+        other.extend_from_slice(&bytes[6..]);
+        let read = read_batch(&ns, &other, true);
+        assert!(
+            read.as_ref().unwrap_err().message().contains("nope"),
+            "{read:?}"
+        );
+        assert!(same(&read, &decode_batch_request(&ns, &other)), "{read:?}");
+        // A malformed item past the limit: prost's refusal.
+        bytes.extend_from_slice(&[0x12, 2, 0x0a, 5]);
+        assert!(scan_batch(&bytes).is_none());
+        let read = read_batch(&ns, &bytes, true);
+        assert!(read.is_err());
+        assert!(same(&read, &decode_batch_request(&ns, &bytes)), "{read:?}");
+    }
+
     /// A repeated key is named at its first repeat, and only once every
     /// item passed its own checks (the order the unary RPC always had).
     #[test]
@@ -617,7 +679,9 @@ mod tests {
         let ns = namespaces();
         let check = |keys: &[&str]| {
             let items = keys.iter().map(|k| (*k, 1));
-            check_items(&ns, "conv", items).unwrap_err().to_string()
+            check_items(&ns, "conv", keys.len(), items)
+                .unwrap_err()
+                .to_string()
         };
         assert_eq!(
             check(&["a", "b", "a", "b"]),
