@@ -554,18 +554,9 @@ impl Client {
         namespace: &str,
         items: &[(&str, u32)],
     ) -> Result<NextBatchResponse, ClientError> {
-        if self.inner.opts.max_in_flight == 0 {
-            let owned = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
-            let resp = self.inner.next_batch(namespace, owned).await?;
-            // The RPC's own ranges name their keys: checked as the
-            // stream's are, then given as they came.
-            BatchAnswer::from(&resp)
-                .check_fits(items)
-                .map_err(|status| ClientError::Rejected(*status))?;
-            return Ok(resp);
-        }
-        let answer = self.inner.stream_batch_items(namespace, items).await?;
-        answer
+        self.inner
+            .batch_answer(namespace, items)
+            .await?
             .with_keys(items)
             .map_err(|status| ClientError::Rejected(*status))
     }
@@ -579,13 +570,9 @@ impl Client {
         namespace: &str,
         items: &[(&str, u32)],
     ) -> Result<BatchRanges, ClientError> {
-        let answer = if self.inner.opts.max_in_flight == 0 {
-            let items = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
-            BatchAnswer::from(&self.inner.next_batch(namespace, items).await?)
-        } else {
-            self.inner.stream_batch_items(namespace, items).await?
-        };
-        answer
+        self.inner
+            .batch_answer(namespace, items)
+            .await?
             .ranges_for(items)
             .map_err(|status| ClientError::Rejected(*status))
     }
@@ -1044,31 +1031,33 @@ impl BatchAnswer {
     /// in the items' order, is refused as the server's error: a caller
     /// would otherwise stamp numbers it was not given, or leave some it was
     /// given unused.
-    fn check_fits(&self, items: &[(&str, u32)]) -> Result<(), Box<Status>> {
-        if self.ranges.len() != items.len() {
+    /// `counts` are the items', in order.
+    fn check_fits(&self, counts: impl ExactSizeIterator<Item = u32>) -> Result<(), Box<Status>> {
+        if self.ranges.len() != counts.len() {
             return Err(Box::new(Status::internal(format!(
                 "NextBatch of {} keys answered with {} ranges",
-                items.len(),
+                counts.len(),
                 self.ranges.len()
             ))));
         }
         let misfit = self
             .ranges
             .iter()
-            .zip(items)
-            .position(|(r, (_, count))| r.count != *count);
+            .zip(counts)
+            .enumerate()
+            .find(|(_, (r, count))| r.count != *count);
         match misfit {
             None => Ok(()),
-            Some(i) => Err(Box::new(Status::internal(format!(
-                "NextBatch item {i} asked for {} numbers and was answered with {}",
-                items[i].1, self.ranges[i].count
+            Some((i, (r, count))) => Err(Box::new(Status::internal(format!(
+                "NextBatch item {i} asked for {count} numbers and was answered with {}",
+                r.count
             )))),
         }
     }
 
     /// The answer's ranges for a batch of `items`.
     fn ranges_for(self, items: &[(&str, u32)]) -> Result<BatchRanges, Box<Status>> {
-        self.check_fits(items)?;
+        self.check_fits(items.iter().map(|(_, count)| *count))?;
         Ok(BatchRanges {
             ranges: self
                 .ranges
@@ -1108,7 +1097,7 @@ impl BatchAnswer {
     /// naming its item's key. An answer that does not fit the items (see
     /// [`BatchAnswer::check_fits`]) is refused as the server's error.
     fn with_keys(self, items: &[(&str, u32)]) -> Result<NextBatchResponse, Box<Status>> {
-        self.check_fits(items)?;
+        self.check_fits(items.iter().map(|(_, count)| *count))?;
         Ok(NextBatchResponse {
             ranges: items
                 .iter()
@@ -1433,39 +1422,30 @@ impl Inner {
             .map(|i| (std::mem::take(&mut i.key), i.count))
             .collect();
         let (result, keys) = self.stream_batch(namespace, items).await;
-        let fits = |resp: &BatchAnswer| {
-            resp.ranges.len() == batch.len()
-                && resp
-                    .ranges
-                    .iter()
-                    .zip(&batch)
-                    .all(|(r, i)| r.count == i.count)
-        };
         match result {
-            Ok(resp) if fits(&resp) => {
-                for (item, r) in batch.into_iter().zip(resp.ranges) {
-                    let mut first = r.first;
-                    for w in item.waiters {
-                        let _ = w.reply.send(Ok(NextResponse {
-                            first,
-                            count: w.count,
-                            epoch: resp.epoch,
-                            replayed: resp.replayed,
-                        }));
-                        first += u64::from(w.count);
+            Ok(resp) => match resp.check_fits(batch.iter().map(|i| i.count)) {
+                Ok(()) => {
+                    for (item, r) in batch.into_iter().zip(resp.ranges) {
+                        let mut first = r.first;
+                        for w in item.waiters {
+                            let _ = w.reply.send(Ok(NextResponse {
+                                first,
+                                count: w.count,
+                                epoch: resp.epoch,
+                                replayed: resp.replayed,
+                            }));
+                            first += u64::from(w.count);
+                        }
                     }
                 }
-            }
-            Ok(resp) => {
-                let status = Status::internal(format!(
-                    "NextBatch of {} keys answered with ranges that do not match: {:?}",
-                    batch.len(),
-                    resp.ranges
-                ));
-                for w in batch.into_iter().flat_map(|i| i.waiters) {
-                    let _ = w.reply.send(Err(ClientError::Rejected(status.clone())));
+                // Every call in it fails: asking for each again would
+                // spend the numbers the batch was granted.
+                Err(status) => {
+                    for w in batch.into_iter().flat_map(|i| i.waiters) {
+                        let _ = w.reply.send(Err(ClientError::Rejected((*status).clone())));
+                    }
                 }
-            }
+            },
             // The server refused the batch as a whole (one bad key, or a
             // summed count over the namespace's limit): ask for each call on
             // its own, so only a bad one fails.
@@ -1548,12 +1528,19 @@ impl Inner {
         (result, items.into_iter().map(|(key, _)| key).collect())
     }
 
-    /// [`Inner::stream_batch`] for a caller that keeps its keys.
-    async fn stream_batch_items(
+    /// The answer to a batch whose caller keeps its keys: over the
+    /// leader's `NextStream` (see [`Inner::stream_batch`]), or with
+    /// `max_in_flight` 0 as a `NextBatch` RPC; not yet checked against
+    /// the items.
+    async fn batch_answer(
         &self,
         namespace: &str,
         items: &[(&str, u32)],
     ) -> Result<BatchAnswer, ClientError> {
+        if self.opts.max_in_flight == 0 {
+            let owned = items.iter().map(|(k, c)| (k.to_string(), *c)).collect();
+            return Ok(BatchAnswer::from(&self.next_batch(namespace, owned).await?));
+        }
         let body = encode_batch(namespace, items.iter().copied(), &self.request_id());
         self.stream_batch_bytes(body).await
     }
@@ -2811,6 +2798,24 @@ mod tests {
             let fits = client.next_batch_ranges("ns", &[("a", 2)]).await.unwrap();
             assert_eq!(fits.ranges, vec![BatchRange { first: 1, count: 2 }]);
         }
+        assert_eq!(server.stream_batches.load(Ordering::SeqCst), 3);
+        // Coalesced calls on the stream: each caller refused, none given
+        // numbers (the server was asked for the two calls' sum, 5).
+        let client = Client::new(&[addr.to_string()], ClientOptions::default()).unwrap();
+        let (a, b) = tokio::join!(
+            client.next("ns", "misfit", 2),
+            client.next("ns", "misfit", 3)
+        );
+        for result in [a, b] {
+            let Err(ClientError::Rejected(status)) = result else {
+                panic!("{result:?}");
+            };
+            assert_eq!(status.code(), Code::Internal, "{status:?}");
+            assert!(
+                status.message().starts_with("NextBatch item 0 asked for "),
+                "{status:?}"
+            );
+        }
         // A single call by its own RPC (an idempotency token) as well.
         let client = Client::new(&[addr.to_string()], ClientOptions::default()).unwrap();
         let err = client
@@ -2827,8 +2832,7 @@ mod tests {
         );
         let fits = client.next_with_id("ns", "a", 3, "r-2").await.unwrap();
         assert_eq!((fits.first, fits.count), (1, 3));
-        // The stream's and the RPCs' calls all reached the server.
-        assert_eq!(server.stream_batches.load(Ordering::SeqCst), 3);
+        // The RPCs' calls all reached the server.
         assert_eq!(lock(&server.calls_per_rpc).len(), 5);
     }
 
