@@ -1,6 +1,7 @@
 //! The gRPC codec of seqd's generated services and clients: prost's, but
 //! a message refused for a string field that is not UTF-8 is answered
-//! `INVALID_ARGUMENT`, not `INTERNAL`.
+//! `INVALID_ARGUMENT`, not `INTERNAL`; and a node decodes `NextBatch`
+//! requests holding no more items than a batch may have.
 //!
 //! prost checks UTF-8 while it decodes, before any handler sees the
 //! request, and tonic answers every decode failure `INTERNAL`, as gRPC
@@ -59,11 +60,24 @@ pub struct Utf8Decoder<U> {
     _pd: PhantomData<U>,
 }
 
-impl<U: prost::Message + Default> Decoder for Utf8Decoder<U> {
+impl<U: prost::Message + Default + 'static> Decoder for Utf8Decoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        // A node's `NextBatch` requests are decoded without holding more
+        // items than a batch may have (`decode_next_batch`). tonic-build
+        // gives every method this one codec, so the request type is told
+        // apart here.
+        #[cfg(feature = "server")]
+        {
+            let mut batch: Option<U> = None;
+            let any: &mut dyn std::any::Any = &mut batch;
+            if let Some(slot) = any.downcast_mut::<Option<crate::pb::NextBatchRequest>>() {
+                *slot = Some(crate::service::sequencer::decode_next_batch(buf)?);
+                return Ok(batch);
+            }
+        }
         self.prost.decode(buf).map_err(utf8_refusal)
     }
 

@@ -339,3 +339,101 @@ async fn a_stream_batch_is_answered_and_refused_as_the_rpc_would() {
         .expect("answered");
     assert_eq!(after.firsts, [3]);
 }
+
+/// A message sent as the bytes it is given: a request no client would
+/// build, at a cost the test can bear.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Encoded(Vec<u8>);
+
+impl prost::Message for Encoded {
+    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// The most memory node `pid` has held (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the node's status");
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .expect("VmHWM in kB");
+    kib << 10
+}
+
+/// A `NextBatch` of nearly 64 MiB (the most a node reads) of empty items,
+/// 33 million of them against a limit of 10,000, is refused for its size,
+/// naming how many came, without the node holding them: decoded whole,
+/// they would be a gigabyte of `BatchItem`s. The node serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_batch_is_refused_without_holding_its_items() {
+    let c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    c.wait_leader(Duration::from_secs(20)).await;
+    let pid = c.pid(1).expect("node 1 runs");
+    let before = peak_rss(pid);
+
+    let conv = [0x0a, 4, b'c', b'o', b'n', b'v'];
+    let items = (seqd::client::MAX_MESSAGE_BYTES - conv.len()) / 2;
+    let mut bytes = Vec::with_capacity(conv.len() + 2 * items);
+    bytes.extend_from_slice(&conv);
+    for _ in 0..items {
+        // An empty BatchItem as field 2: its key and length.
+        bytes.extend_from_slice(&[0x12, 0]);
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(1).addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.expect("ready");
+    let err = grpc
+        .unary(
+            tonic::Request::new(Encoded(bytes)),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/seqd.v1.Sequencer/NextBatch"),
+            seqd::codec::Codec::<Encoded, seqd::pb::NextBatchResponse>::default(),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        err.message(),
+        format!("items: {items} items is more than the maximum of 10000")
+    );
+    let grown = peak_rss(pid).saturating_sub(before);
+    // The message itself, as received, and buffers for it: a few times
+    // 64 MiB at most. 33 million BatchItems would be 1 GiB.
+    assert!(
+        grown < 400 << 20,
+        "the node's peak memory grew by {} MiB",
+        grown >> 20
+    );
+
+    let mut api = c.sequencer(1).await;
+    let served = api
+        .next_batch(batch("conv", &[("a", 1)]))
+        .await
+        .expect("served on")
+        .into_inner();
+    assert_eq!((served.ranges[0].first, served.ranges[0].count), (1, 1));
+}

@@ -108,9 +108,22 @@ pub fn parse_next_batch(
     })
 }
 
-/// Checks a batch of `len` items in `namespace`: each key and count (an
-/// error names the item), then that no key comes twice (naming the first
-/// repeat). `items` may stop short of `len` only past
+/// Refuses a batch of more than [`MAX_BATCH_ITEMS`] items: the first
+/// check of any batch, made while it is decoded (see
+/// [`decode_next_batch`]), before its request id or namespace is read.
+fn check_len(len: usize) -> Result<(), InvalidArgument> {
+    if len > MAX_BATCH_ITEMS {
+        return Err(InvalidArgument::TooManyItems {
+            len,
+            max: MAX_BATCH_ITEMS,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a batch of `len` items in `namespace`: its size, each key and
+/// count (an error names the item), then that no key comes twice (naming
+/// the first repeat). `items` may stop short of `len` only past
 /// [`MAX_BATCH_ITEMS`], where none is looked at.
 fn check_items<'k>(
     namespaces: &Namespaces,
@@ -118,15 +131,10 @@ fn check_items<'k>(
     len: usize,
     items: impl Iterator<Item = (&'k str, u32)>,
 ) -> Result<Vec<(SeqKey, u32)>, InvalidArgument> {
+    check_len(len)?;
     let ns = namespaces.resolve(namespace)?;
     if len == 0 {
         return Err(InvalidArgument::EmptyBatch);
-    }
-    if len > MAX_BATCH_ITEMS {
-        return Err(InvalidArgument::TooManyItems {
-            len,
-            max: MAX_BATCH_ITEMS,
-        });
     }
     let mut checked = Vec::with_capacity(len);
     // foldhash, as the allocator's key map (src/core/segment.rs), seeded
@@ -169,21 +177,59 @@ pub fn parse_batch_request(
     ))
 }
 
-/// What the `NextBatch` RPC makes of an encoded request: prost's decode,
-/// then [`parse_batch_request`]. [`read_batch`] answers as this does.
+/// What the `NextBatch` RPC makes of an encoded request:
+/// [`decode_next_batch`] (its codec's decode), then
+/// [`parse_batch_request`]. [`read_batch`] answers as this does.
 pub fn decode_batch_request(
     namespaces: &Namespaces,
     bytes: &[u8],
 ) -> Result<(Option<RequestId>, BatchCall), Status> {
-    let req = NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error)?;
-    parse_batch_request(namespaces, req)
+    parse_batch_request(namespaces, decode_next_batch(bytes)?)
+}
+
+/// Decodes a `NextBatchRequest` as prost does (every field read by
+/// prost's own code, so the same message and the same refusals) but holds
+/// no more than [`MAX_BATCH_ITEMS`] items: a batch with more is refused
+/// for its size once the last is read. prost alone would hold them all
+/// first, and a 64 MiB message (the most a node reads) of 2-byte empty
+/// items is 32 million `BatchItem`s, a gigabyte. The `NextBatch` RPC's
+/// codec decodes its requests here (`crate::codec`).
+pub fn decode_next_batch(mut buf: impl prost::bytes::Buf) -> Result<NextBatchRequest, Status> {
+    use prost::encoding::{decode_key, DecodeContext};
+    // NextBatchRequest.items (api.proto).
+    const ITEMS: u32 = 2;
+    let ctx = DecodeContext::default();
+    let mut req = NextBatchRequest::default();
+    // Items past the limit are decoded here, one at a time, so that a
+    // malformed one is refused as prost refuses it, then dropped.
+    let mut past = NextBatchRequest::default();
+    let mut len = 0;
+    let decode_error = crate::codec::decode_error;
+    while buf.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut buf).map_err(decode_error)?;
+        let into = if tag == ITEMS {
+            len += 1;
+            if len > MAX_BATCH_ITEMS {
+                past.items.clear();
+                &mut past
+            } else {
+                &mut req
+            }
+        } else {
+            &mut req
+        };
+        into.merge_field(tag, wire_type, &mut buf, ctx.clone())
+            .map_err(decode_error)?;
+    }
+    check_len(len).map_err(invalid)?;
+    Ok(req)
 }
 
 /// Reads and checks a `NextStream` request's batch from its encoding: the
 /// batch's request id, and the call (with the keys for the reply only if
 /// `echo_keys`). Answers as the `NextBatch` RPC would for the same bytes:
-/// anything `scan_batch` does not read goes through
-/// [`decode_batch_request`], which names what is wrong.
+/// anything `scan_batch` does not read (a batch too large among them)
+/// goes through [`decode_batch_request`], which names what is wrong.
 pub fn read_batch(
     namespaces: &Namespaces,
     bytes: &[u8],
@@ -200,7 +246,7 @@ pub fn read_batch(
     let items = check_items(
         namespaces,
         batch.namespace,
-        batch.len,
+        batch.items.len(),
         batch.items.iter().copied(),
     )
     .map_err(invalid)?;
@@ -212,11 +258,6 @@ pub fn read_batch(
 struct WireBatch<'a> {
     namespace: &'a str,
     request_id: &'a str,
-    /// Items on the wire.
-    len: usize,
-    /// The first of them, at most one past [`MAX_BATCH_ITEMS`]: a batch
-    /// with more is refused for its size, and a 64 MiB message of empty
-    /// items would otherwise be held as 32 million of them (768 MB) first.
     items: Vec<(&'a str, u32)>,
 }
 
@@ -224,12 +265,12 @@ struct WireBatch<'a> {
 /// a `String` per key: what its three fields hold, taking the last of a
 /// repeated string, as prost does. `None` for anything else (another
 /// field or wire type, a malformed length or varint, a string that is not
-/// UTF-8): prost then decides, and names the problem.
+/// UTF-8, more than [`MAX_BATCH_ITEMS`] items): [`decode_next_batch`]
+/// then decides, and names the problem.
 fn scan_batch(mut buf: &[u8]) -> Option<WireBatch<'_>> {
     let mut batch = WireBatch {
         namespace: "",
         request_id: "",
-        len: 0,
         // A short key's item takes about 8 bytes.
         items: Vec::with_capacity((buf.len() / 8).min(MAX_BATCH_ITEMS)),
     };
@@ -237,15 +278,9 @@ fn scan_batch(mut buf: &[u8]) -> Option<WireBatch<'_>> {
         match decode_varint(&mut buf).ok()? {
             // Field 1 (namespace), length-delimited.
             0x0a => batch.namespace = utf8(delimited(&mut buf)?)?,
-            // Field 2 (items); each is read, so that a malformed one
-            // goes to prost as with any batch, but only those a batch may
-            // hold are kept.
-            0x12 => {
-                let item = scan_item(delimited(&mut buf)?)?;
-                batch.len += 1;
-                if batch.items.len() <= MAX_BATCH_ITEMS {
-                    batch.items.push(item);
-                }
+            // Field 2 (items).
+            0x12 if batch.items.len() < MAX_BATCH_ITEMS => {
+                batch.items.push(scan_item(delimited(&mut buf)?)?);
             }
             // Field 3 (request_id).
             0x1a => batch.request_id = utf8(delimited(&mut buf)?)?,
@@ -569,6 +604,22 @@ mod tests {
             }
             let read = read_batch(&ns, &bytes, true);
             prop_assert!(same(&read, &decode_batch_request(&ns, &bytes)), "{bytes:?}: {read:?}");
+            prop_assert!(decodes_as_prost(&bytes), "{bytes:?}");
+        }
+    }
+
+    /// `decode_next_batch` gives what prost's decode gives: the same
+    /// message, or the same refusal, as the codec would answer it.
+    fn decodes_as_prost(bytes: &[u8]) -> bool {
+        match (
+            decode_next_batch(bytes),
+            NextBatchRequest::decode(bytes).map_err(crate::codec::decode_error),
+        ) {
+            (Ok(ours), Ok(prost)) => ours == prost,
+            (Err(ours), Err(prost)) => {
+                ours.code() == prost.code() && ours.message() == prost.message()
+            }
+            _ => false,
         }
     }
 
@@ -631,44 +682,55 @@ mod tests {
         }
     }
 
-    /// A batch of more items than a batch may hold is refused as the
-    /// unary RPC refuses it, naming how many came, with no more than one
-    /// past the limit held; and one whose last item is malformed, as
-    /// prost refuses it.
+    /// A batch of more items than a batch may hold is refused for its
+    /// size, naming how many came, by the unary RPC's decode (which holds
+    /// no more than the limit) and by the stream's read alike, before its
+    /// namespace or request id is looked at; one whose last item is
+    /// malformed, as prost refuses it; and one of exactly the limit is
+    /// decoded as prost decodes it.
     #[test]
-    fn an_oversized_batch_reads_as_the_unary_rpc_reads_it() {
+    fn an_oversized_batch_is_refused_by_its_size_without_holding_it() {
         let ns = namespaces();
-        let items = MAX_BATCH_ITEMS + 25;
-        let mut bytes = vec![0x0a, 4, b'c', b'o', b'n', b'v'];
-        for _ in 0..items {
-            // An empty item: 2 bytes on the wire.
-            bytes.extend_from_slice(&[0x12, 0]);
-        }
-        let scanned = scan_batch(&bytes).expect("read by the scan");
-        assert_eq!(scanned.len, items);
-        assert_eq!(scanned.items.len(), MAX_BATCH_ITEMS + 1);
-        let read = read_batch(&ns, &bytes, true);
-        let err = read.as_ref().unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(
-            err.message().contains(&items.to_string()),
-            "names the items that came: {err:?}"
+        let at_limit = {
+            let mut bytes = vec![0x0a, 4, b'c', b'o', b'n', b'v'];
+            for _ in 0..MAX_BATCH_ITEMS {
+                // An empty item: 2 bytes on the wire.
+                bytes.extend_from_slice(&[0x12, 0]);
+            }
+            bytes
+        };
+        assert!(decodes_as_prost(&at_limit));
+        assert_eq!(
+            decode_next_batch(at_limit.as_slice()).unwrap().items.len(),
+            MAX_BATCH_ITEMS
         );
+
+        let items = MAX_BATCH_ITEMS + 25;
+        let mut bytes = at_limit.clone();
+        bytes.extend_from_slice(&[0x12, 0].repeat(25));
+        assert!(scan_batch(&bytes).is_none(), "left to the decode");
+        let err = decode_next_batch(bytes.as_slice()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            format!("items: {items} items is more than the maximum of {MAX_BATCH_ITEMS}")
+        );
+        let read = read_batch(&ns, &bytes, true);
+        assert!(same(&read, &Err(err.clone())), "{read:?}");
         assert!(same(&read, &decode_batch_request(&ns, &bytes)), "{read:?}");
-        // An unknown namespace is named first, as by the RPC.
+        // An unknown namespace and a request id too long: the size first.
         let mut other = vec![0x0a, 4, b'n', b'o', b'p', b'e'];
         other.extend_from_slice(&bytes[6..]);
-        let read = read_batch(&ns, &other, true);
-        assert!(
-            read.as_ref().unwrap_err().message().contains("nope"),
-            "{read:?}"
-        );
-        assert!(same(&read, &decode_batch_request(&ns, &other)), "{read:?}");
+        // Field 3, 200 bytes long (a two-byte varint).
+        other.extend_from_slice(&[0x1a, 0xc8, 0x01]);
+        other.extend_from_slice(&[b'r'; 200]);
+        assert!(same(&read_batch(&ns, &other, true), &Err(err.clone())));
+        assert!(same(&decode_batch_request(&ns, &other), &Err(err)));
         // A malformed item past the limit: prost's refusal.
         bytes.extend_from_slice(&[0x12, 2, 0x0a, 5]);
-        assert!(scan_batch(&bytes).is_none());
+        assert!(decodes_as_prost(&bytes));
         let read = read_batch(&ns, &bytes, true);
-        assert!(read.is_err());
+        assert_eq!(read.as_ref().unwrap_err().code(), tonic::Code::Internal);
         assert!(same(&read, &decode_batch_request(&ns, &bytes)), "{read:?}");
     }
 
