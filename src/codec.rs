@@ -66,15 +66,15 @@ impl<U: prost::Message + Default + 'static> Decoder for Utf8Decoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         // A node's `NextBatch` requests are decoded without holding more
-        // items than a batch may have (`decode_next_batch`). tonic-build
-        // gives every method this one codec, so the request type is told
-        // apart here.
+        // items than a batch may have, and their refusals counted
+        // (`decode_rpc_batch`). tonic-build gives every method this one
+        // codec, so the request type is told apart here.
         #[cfg(feature = "server")]
         {
             let mut batch: Option<U> = None;
             let any: &mut dyn std::any::Any = &mut batch;
             if let Some(slot) = any.downcast_mut::<Option<crate::pb::NextBatchRequest>>() {
-                *slot = Some(crate::service::sequencer::decode_next_batch(buf)?);
+                *slot = Some(crate::service::sequencer::decode_rpc_batch(buf)?);
                 return Ok(batch);
             }
         }

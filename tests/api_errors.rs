@@ -429,6 +429,18 @@ async fn an_oversized_batch_is_refused_without_holding_its_items() {
         grown >> 20
     );
 
+    // Refused before its handler, it is counted as any refused batch.
+    let metrics = common::http_get(&c.node(1).metrics_addr, "/metrics").expect("metrics");
+    let refused = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("seqd_requests_total{")
+                && l.contains("op=\"NextBatch\"")
+                && l.contains("code=\"INVALID_ARGUMENT\"")
+        })
+        .unwrap_or_else(|| panic!("no refused NextBatch counted:\n{metrics}"));
+    assert!(refused.ends_with(" 1"), "{refused}");
+
     let mut api = c.sequencer(1).await;
     let served = api
         .next_batch(batch("conv", &[("a", 1)]))

@@ -100,6 +100,11 @@ impl Observed {
         self.done = true;
     }
 
+    /// Records nothing: the call is counted elsewhere from here on.
+    pub fn dismiss(mut self) {
+        self.done = true;
+    }
+
     fn record(&self, code: Code) {
         metrics::histogram!(crate::metrics::REQUEST_SECONDS, "op" => self.op)
             .record(self.start.elapsed().as_secs_f64());

@@ -225,6 +225,20 @@ pub fn decode_next_batch(mut buf: impl prost::bytes::Buf) -> Result<NextBatchReq
     Ok(req)
 }
 
+/// The `NextBatch` RPC's decode of its request, in its codec
+/// ([`decode_next_batch`]). A request refused here never reaches the
+/// handler, so it is counted here (a `NextBatch` with the refusal's code),
+/// as a refused batch on a `NextStream` is.
+pub fn decode_rpc_batch(buf: impl prost::bytes::Buf) -> Result<NextBatchRequest, Status> {
+    let call = Observed::start("NextBatch");
+    let decoded = decode_next_batch(buf);
+    match decoded {
+        Ok(_) => call.dismiss(),
+        Err(_) => call.finish(&decoded),
+    }
+    decoded
+}
+
 /// Reads and checks a `NextStream` request's batch from its encoding: the
 /// batch's request id, and the call (with the keys for the reply only if
 /// `echo_keys`). Answers as the `NextBatch` RPC would for the same bytes:
