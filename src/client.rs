@@ -64,10 +64,11 @@ use crate::pb::{
 pub const LEADER_ADDR_HEADER: &str = "seqd-leader-addr";
 /// Largest API message a node or this client decodes: a `NextBatch` of
 /// 10,000 items with 4,096-byte keys (and its reply, which names them) is
-/// about 41 MB, and `NextIds` of the most IDs a node may be configured to
-/// hand out at once (1,000,000) about 10 MB. gRPC's usual 4 MiB would
-/// refuse such calls with OUT_OF_RANGE, after a node had handed out their
-/// numbers.
+/// about 41 MB, and the reply to `NextIds` of the most IDs a node may be
+/// configured to hand out at once (1,000,000) about 10 MB. gRPC's usual
+/// 4 MiB would refuse such calls with OUT_OF_RANGE, after a node had
+/// handed out their numbers. (A node reads `Ids` requests, a few varints,
+/// with the usual 4 MiB.)
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 fn sequencer(ch: Channel) -> SequencerClient<Channel> {

@@ -550,6 +550,27 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
+        // A call's IDs take count / per_ms milliseconds of stamps, all under
+        // the fence, which is renewed once less than renew_before_ms is left.
+        // A call needing more than half of that could find the fence too
+        // near on every node, every time, and be refused UNAVAILABLE ("retry
+        // on another node") for good.
+        let fits = layout.per_ms() * (sf.renew_before_ms / 2).max(1);
+        if u64::from(sf.max_count) > fits {
+            return Err(invalid(
+                "snowflake.max_count",
+                format!(
+                    "{} IDs in one call take {} ms of timestamps at {} IDs per ms \
+                     (sequence_bits = {}); at most {fits} fit in half of renew_before_ms \
+                     ({} ms), so that no call waits on the fence's renewal",
+                    sf.max_count,
+                    u64::from(sf.max_count).div_ceil(layout.per_ms()),
+                    layout.per_ms(),
+                    sf.sequence_bits,
+                    sf.renew_before_ms,
+                ),
+            ));
+        }
         if self.namespaces.is_empty() {
             return Err(invalid("namespaces", "at least one namespace is required"));
         }
@@ -662,11 +683,16 @@ fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 /// `host:port`, where host may be a name (resolved when connecting), as in
-/// a compose network.
+/// a compose network, or an IPv6 address in brackets. Read as the peer
+/// transport reads it (the authority of `http://{addr}`), so that an
+/// address taken here is one it can connect to: with a port other than 0,
+/// and nothing past it (`node4/x:7004` would be `node4:80`).
 pub fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
     let bad = || invalid(field, format!("{s:?} is not a host:port address"));
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || host.contains(char::is_whitespace) || port.parse::<u16>().is_err() {
+    let uri: tonic::codegen::http::Uri = format!("http://{s}").parse().map_err(|_| bad())?;
+    let authority = uri.authority().ok_or_else(bad)?;
+    let whole = authority.as_str() == s && !s.contains('@');
+    if !whole || authority.host().is_empty() || authority.port_u16().is_none_or(|p| p == 0) {
         return Err(bad());
     }
     Ok(())
@@ -812,6 +838,40 @@ mod tests {
         assert!(err.contains("read_mode") || err.contains("fast"), "{err}");
     }
 
+    /// Peer addresses are what the transport can connect to: names, IPv4
+    /// and bracketed IPv6 with a port; not what `http://{addr}` would read
+    /// otherwise, or not at all.
+    #[test]
+    fn a_peer_address_is_one_the_transport_can_use() {
+        for good in [
+            "node3:7003",
+            "127.0.0.1:7000",
+            "[::1]:7000",
+            "seqd-2.internal:65535",
+        ] {
+            assert!(check_host_port("addr", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "localhost",
+            ":7000",
+            "node3:",
+            "node3:0",
+            "node3:65536",
+            "::1:7000",
+            "a:b:7000",
+            "node4/x:7004",
+            "node4:7004/x",
+            "user@node4:7004",
+            "node 4:7004",
+            "h\u{1}x:7000",
+            "n\u{f6}de:7000",
+            "node4:7004?x",
+        ] {
+            let err = check_host_port("addr", bad).unwrap_err().to_string();
+            assert!(err.contains("is not a host:port address"), "{bad}: {err}");
+        }
+    }
+
     #[test]
     fn errors_name_the_field() {
         let base = EMBEDDED_SINGLE;
@@ -870,6 +930,23 @@ mod tests {
             .and_then(|mut c| c.validate())
             .unwrap_err();
         assert!(err.to_string().contains("ran out"), "{err}");
+
+        // 16 IDs per ms: the default 100,000 a call would take 6,250 ms of
+        // stamps, past any fence; 16,000 fit in 1,000 ms.
+        let few_per_ms = |max_count: u32| {
+            let text = format!(
+                "{base}\n[snowflake]\nworker_bits = 18\nsequence_bits = 4\nmax_count = {max_count}\n"
+            );
+            Config::parse("t", &text).and_then(|mut c| c.validate())
+        };
+        let err = few_per_ms(100_000).unwrap_err().to_string();
+        assert!(
+            err.starts_with("snowflake.max_count: 100000 IDs in one call take 6250 ms")
+                && err.contains("at most 16000"),
+            "{err}"
+        );
+        assert!(few_per_ms(16_000).is_ok());
+        assert!(few_per_ms(16_001).is_err());
 
         let err = Config::parse("t", &format!("{base}\nbogus = 1\n")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");

@@ -155,14 +155,13 @@ pub async fn serve(
             ))
             .max_decoding_message_size(crate::client::MAX_MESSAGE_BYTES),
         )
-        .add_service(
-            IdsServer::new(IdsService::new(
-                ids.clone(),
-                config.snowflake.max_count,
-                stopping.clone(),
-            ))
-            .max_decoding_message_size(crate::client::MAX_MESSAGE_BYTES),
-        )
+        // gRPC's usual 4 MiB for requests: an Ids request is a few
+        // varints (only its replies, which the client reads, are large).
+        .add_service(IdsServer::new(IdsService::new(
+            ids.clone(),
+            config.snowflake.max_count,
+            stopping.clone(),
+        )))
         .add_service(AdminServer::new(AdminService::new(
             node.clone(),
             addrs,

@@ -449,3 +449,42 @@ async fn an_oversized_batch_is_refused_without_holding_its_items() {
         .into_inner();
     assert_eq!((served.ranges[0].first, served.ranges[0].count), (1, 1));
 }
+
+/// An `Ids` request is a few varints: one padded past gRPC's usual 4 MiB
+/// (an unknown field) is refused unread, and the node serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ids_request_past_4_mib_is_refused_unread() {
+    let c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    c.wait_status(1, Duration::from_secs(20), "issuing IDs", |s| s.ids_active)
+        .await;
+    // NextIdsRequest { count: 1 }, then field 15 (unknown), 5 MiB long.
+    let padding = 5 << 20;
+    let mut bytes = vec![0x08, 1, 0x7a];
+    prost::encoding::encode_varint(padding as u64, &mut bytes);
+    bytes.resize(bytes.len() + padding, b'x');
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(1).addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.expect("ready");
+    let err = grpc
+        .unary(
+            tonic::Request::new(Encoded(bytes)),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/seqd.v1.Ids/NextIds"),
+            seqd::codec::Codec::<Encoded, seqd::pb::NextIdsResponse>::default(),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+
+    let ids = c
+        .ids(1)
+        .await
+        .next_ids(seqd::pb::NextIdsRequest { count: 2 })
+        .await
+        .expect("served on")
+        .into_inner();
+    assert_eq!(ids.ids.len(), 2, "{ids:?}");
+}

@@ -139,13 +139,21 @@ async fn transfer_leader(
     });
     tokio::pin!(call);
     let started = tokio::time::Instant::now();
-    let mut tick = tokio::time::interval_at(started + every, every.max(Duration::from_millis(1)));
+    // Zero is never, and so is a time too far off for the clock to hold.
+    let after = |d: Duration| (!d.is_zero()).then(|| started.checked_add(d)).flatten();
+    let deadline = after(timeout);
+    let mut tick = after(every).map(|first| tokio::time::interval_at(first, every));
     loop {
         let give_up = async {
-            if timeout.is_zero() {
-                std::future::pending::<()>().await
-            } else {
-                tokio::time::sleep_until(started + timeout).await
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let progress = async {
+            match tick.as_mut() {
+                Some(tick) => tick.tick().await,
+                None => std::future::pending().await,
             }
         };
         tokio::select! {
@@ -156,7 +164,7 @@ async fn transfer_leader(
                     timeout.as_secs()
                 ))
             }
-            _ = tick.tick(), if !every.is_zero() => {
+            _ = progress => {
                 if let Ok(s) = status_of(leader).await {
                     if let Some(h) = s.handover {
                         eprintln!("{}", progress_line(&h));
