@@ -289,6 +289,37 @@ fn seqctl_errors_are_one_line_and_non_zero() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("no leader"), "{err}");
+
+    // Each endpoint that did not answer is named, a malformed one as such;
+    // spaces around the commas are not part of them.
+    let out = Command::new(env!("CARGO_BIN_EXE_seqctl"))
+        .args([
+            "--endpoints",
+            "127.0.0.1:1, bad host:2 ,",
+            "remove-node",
+            "--id",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no leader among 127.0.0.1:1,bad host:2;")
+            && err.contains("127.0.0.1:1: ")
+            && err.contains("bad host:2: bad endpoint"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_seqctl"))
+        .args(["--endpoints", " , ", "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "seqctl: --endpoints: no endpoint given\n"
+    );
 }
 
 /// Membership changes after which the voters that answer could not commit

@@ -194,18 +194,23 @@ async fn statuses(endpoints: &[String]) -> Vec<(String, Result<StatusResponse, S
 }
 
 /// The endpoint of the node that reports itself leader.
+/// Otherwise the error names each endpoint that did not answer, and why
+/// (a malformed endpoint is told apart from a node that is down).
 async fn leader(endpoints: &[String]) -> Result<String, String> {
+    let mut unanswered = Vec::new();
     for (addr, s) in statuses(endpoints).await {
-        if let Ok(s) = s {
-            if s.role == "Leader" {
-                return Ok(addr);
-            }
+        match s {
+            Ok(s) if s.role == "Leader" => return Ok(addr),
+            Ok(_) => {}
+            // One line, as every seqctl error.
+            Err(e) => unanswered.push(format!("{addr}: {}", e.replace('\n', " "))),
         }
     }
-    Err(format!(
-        "no leader among {}; is a majority up?",
-        endpoints.join(",")
-    ))
+    let mut msg = format!("no leader among {}; is a majority up?", endpoints.join(","));
+    if !unanswered.is_empty() {
+        msg.push_str(&format!(" ({})", unanswered.join("; ")));
+    }
+    Err(msg)
 }
 
 fn print_status(rows: &[(String, Result<StatusResponse, String>)], as_json: bool) {
@@ -306,6 +311,9 @@ fn print_status(rows: &[(String, Result<StatusResponse, String>)], as_json: bool
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    if cli.endpoints.is_empty() {
+        return Err("--endpoints: no endpoint given".into());
+    }
     match cli.cmd {
         Cmd::Status => {
             let rows = statuses(&cli.endpoints).await;
@@ -315,7 +323,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Cmd::Health => {
-            let addr = cli.endpoints.first().ok_or("no endpoint given")?;
+            let addr = cli
+                .endpoints
+                .first()
+                .ok_or("--endpoints: no endpoint given")?;
             let ch = endpoint(addr)?
                 .timeout(Duration::from_secs(2))
                 .connect_lazy();
@@ -389,7 +400,14 @@ fn report(as_json: bool, voters: &[u64], learners: &[u64]) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // `a:1, b:2`, as people write lists, is two endpoints.
+    cli.endpoints = cli
+        .endpoints
+        .iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
