@@ -18,6 +18,26 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 /// headroom a refill asked for ahead of need has by default.
 pub const MAX_REFILL_BATCH_MS: u64 = 100;
 
+/// Longest election timeout (`raft.tick_ms` x `raft.election_ticks`): a
+/// node records the vote promise it makes from it and keeps it across
+/// restarts, so a typo's hours without a leader would outlast its fix.
+pub const MAX_ELECTION_TIMEOUT_MS: u64 = 60_000;
+
+/// Largest `raft.max_size_per_msg`: an append message travels in one frame
+/// of at most [`crate::raft::transport::MAX_PEER_MESSAGE`], and raft-rs
+/// may exceed the setting by an entry.
+pub const MAX_SIZE_PER_MSG: u64 = 64 << 20;
+
+/// Farthest `snowflake.fence_ahead_ms` reaches: after a restart a node
+/// stamps IDs from its fence on, so a day's fence is a day ahead.
+pub const MAX_FENCE_AHEAD_MS: u64 = 60_000;
+
+/// Largest backward step `snowflake.max_rollback_ms` may ride.
+pub const MAX_ROLLBACK_MS: u64 = 60_000;
+
+/// Longest `snowflake.trust_forward_step_ms`.
+pub const MAX_TRUST_FORWARD_STEP_MS: u64 = 3_600_000;
+
 /// The single-node configuration used when no file is given.
 pub const EMBEDDED_SINGLE: &str = include_str!("../raft-config/single.toml");
 
@@ -485,10 +505,25 @@ impl Config {
                 "must be at least 5 with read_mode = \"lease\" (the lease is 0.8 x (election_ticks - 2) ticks)",
             ));
         }
-        if r.election_ticks <= r.heartbeat_ticks {
+        // Two heartbeats at least within an election timeout: a leader
+        // with check_quorum steps down when no majority answered within
+        // one, so a single late answer must not cost it its leadership.
+        if r.election_ticks < 2 * r.heartbeat_ticks {
             return Err(invalid(
                 "raft.election_ticks",
-                "must be greater than raft.heartbeat_ticks",
+                "must be at least twice raft.heartbeat_ticks",
+            ));
+        }
+        let election_ms = r.tick_ms.saturating_mul(r.election_ticks as u64);
+        if election_ms > MAX_ELECTION_TIMEOUT_MS {
+            return Err(invalid(
+                "raft.election_ticks",
+                format!(
+                    "{} ticks of {} ms is an election timeout of {election_ms} ms; at most \
+                     {MAX_ELECTION_TIMEOUT_MS} (a node keeps the vote promise it makes from \
+                     it across restarts)",
+                    r.election_ticks, r.tick_ms
+                ),
             ));
         }
         if r.compact_threshold < 2 {
@@ -497,8 +532,20 @@ impl Config {
         if r.request_timeout_ms == 0 {
             return Err(invalid("raft.request_timeout_ms", "must be at least 1"));
         }
-        if r.max_inflight_msgs == 0 {
-            return Err(invalid("raft.max_inflight_msgs", "must be at least 1"));
+        // raft-rs allocates this many slots per peer; the transport queues
+        // no more than PEER_QUEUE messages per peer anyway.
+        let max_inflight = crate::raft::transport::PEER_QUEUE;
+        if r.max_inflight_msgs == 0 || r.max_inflight_msgs > max_inflight {
+            return Err(invalid(
+                "raft.max_inflight_msgs",
+                format!("must be between 1 and {max_inflight}"),
+            ));
+        }
+        if r.max_size_per_msg > MAX_SIZE_PER_MSG {
+            return Err(invalid(
+                "raft.max_size_per_msg",
+                format!("must be at most {MAX_SIZE_PER_MSG}"),
+            ));
         }
         if r.refill_batch_ms > MAX_REFILL_BATCH_MS {
             return Err(invalid(
@@ -520,8 +567,11 @@ impl Config {
         if sf.epoch_ms > now {
             return Err(invalid("snowflake.epoch_ms", "must not be in the future"));
         }
-        if sf.fence_ahead_ms < 100 {
-            return Err(invalid("snowflake.fence_ahead_ms", "must be at least 100"));
+        if sf.fence_ahead_ms < 100 || sf.fence_ahead_ms > MAX_FENCE_AHEAD_MS {
+            return Err(invalid(
+                "snowflake.fence_ahead_ms",
+                format!("must be between 100 and {MAX_FENCE_AHEAD_MS}"),
+            ));
         }
         if sf.renew_before_ms == 0 || sf.renew_before_ms >= sf.fence_ahead_ms {
             return Err(invalid(
@@ -529,18 +579,70 @@ impl Config {
                 "must be between 1 and fence_ahead_ms - 1",
             ));
         }
+        // Renewals are looked at once a tick: the fence must not run out
+        // between two looks and the renewal's commit.
+        if sf.renew_before_ms < 2 * r.tick_ms {
+            return Err(invalid(
+                "snowflake.renew_before_ms",
+                format!(
+                    "must be at least twice raft.tick_ms ({} ms): renewals are looked at once a \
+                     tick",
+                    r.tick_ms
+                ),
+            ));
+        }
+        if sf.max_rollback_ms > MAX_ROLLBACK_MS {
+            return Err(invalid(
+                "snowflake.max_rollback_ms",
+                format!("must be at most {MAX_ROLLBACK_MS}"),
+            ));
+        }
+        if sf.trust_forward_step_ms > MAX_TRUST_FORWARD_STEP_MS {
+            return Err(invalid(
+                "snowflake.trust_forward_step_ms",
+                format!("must be at most {MAX_TRUST_FORWARD_STEP_MS}"),
+            ));
+        }
+        let workers = 1u64 << sf.worker_bits;
+        if (self.peers.len() as u64) > workers {
+            return Err(invalid(
+                "snowflake.worker_bits",
+                format!(
+                    "{} bits name {workers} worker ids, fewer than the {} peers",
+                    sf.worker_bits,
+                    self.peers.len()
+                ),
+            ));
+        }
         // A node that stops hearing the others (cut off, paused) must hit
         // its own fence before its right clock could read as past theirs
         // (see core::snowflake::CLUSTER_FRESH_MS).
         let least_reach = crate::core::snowflake::CLUSTER_FRESH_MS + 1_500;
         if sf.max_ahead_of_cluster_ms != 0
-            && sf.fence_ahead_ms + sf.max_ahead_of_cluster_ms < least_reach
+            && sf.fence_ahead_ms.saturating_add(sf.max_ahead_of_cluster_ms) < least_reach
         {
             return Err(invalid(
                 "snowflake.max_ahead_of_cluster_ms",
                 format!(
                     "with fence_ahead_ms must add up to at least {least_reach} ms (or be 0, \
                      no check)"
+                ),
+            ));
+        }
+        // That check compares other nodes' fences only while news (heard
+        // within CLUSTER_FRESH_MS); each node renews about once every
+        // fence_ahead_ms - renew_before_ms, and a tick, and its renewal
+        // takes a commit to be heard: between rarer renewals the check
+        // would be off.
+        let renew_every = sf.fence_ahead_ms - sf.renew_before_ms + r.tick_ms;
+        let heard_within = crate::core::snowflake::CLUSTER_FRESH_MS - 500;
+        if sf.max_ahead_of_cluster_ms != 0 && renew_every > heard_within {
+            return Err(invalid(
+                "snowflake.renew_before_ms",
+                format!(
+                    "fence_ahead_ms - renew_before_ms + raft.tick_ms is {renew_every} ms between \
+                     a node's renewals; with max_ahead_of_cluster_ms set, at most \
+                     {heard_within}, so that the others hear one while it is news"
                 ),
             ));
         }
@@ -870,6 +972,108 @@ mod tests {
             let err = check_host_port("addr", bad).unwrap_err().to_string();
             assert!(err.contains("is not a host:port address"), "{bad}: {err}");
         }
+    }
+
+    /// Values that parse, but with which a node would misbehave once
+    /// running, are refused, naming the field; the boundary values pass.
+    #[test]
+    fn settings_that_would_misbehave_at_runtime_are_refused() {
+        // The embedded configuration with `raft` lines in place of its own
+        // and a `[snowflake]` section.
+        let with = |raft: &str, snowflake: &str| {
+            let given: Vec<&str> = raft.lines().filter_map(|l| l.split(' ').next()).collect();
+            let kept: Vec<&str> = EMBEDDED_SINGLE
+                .lines()
+                .filter(|l| !given.contains(&l.split(' ').next().unwrap_or("")))
+                .collect();
+            let text = kept
+                .join("\n")
+                .replace("[raft]\n", &format!("[raft]\n{raft}\n"));
+            let text = format!("{text}\n[snowflake]\n{snowflake}\n");
+            Config::parse("t", &text).and_then(|mut c| c.validate())
+        };
+        let refused = |raft: &str, snowflake: &str, field: &str| {
+            let err = with(raft, snowflake).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{field}:")), "{field}: {err}");
+        };
+        // A slow tick needs a fence renewed well ahead, and no news check.
+        let slow = "fence_ahead_ms = 13000\nrenew_before_ms = 12000\nmax_ahead_of_cluster_ms = 0";
+
+        // The election timeout, kept as a vote promise across restarts.
+        with("tick_ms = 6000\nelection_ticks = 10", slow).unwrap();
+        refused(
+            "tick_ms = 6000\nelection_ticks = 11",
+            slow,
+            "raft.election_ticks",
+        );
+        refused("election_ticks = 100000", "", "raft.election_ticks");
+        // Two heartbeats within an election timeout.
+        with("heartbeat_ticks = 5", "").unwrap();
+        refused("heartbeat_ticks = 6", "", "raft.election_ticks");
+        // raft-rs's slots per peer, and the peer frame.
+        let inflight = crate::raft::transport::PEER_QUEUE;
+        with(&format!("max_inflight_msgs = {inflight}"), "").unwrap();
+        let past = format!("max_inflight_msgs = {}", inflight + 1);
+        refused(&past, "", "raft.max_inflight_msgs");
+        with(&format!("max_size_per_msg = {MAX_SIZE_PER_MSG}"), "").unwrap();
+        let past = format!("max_size_per_msg = {}", MAX_SIZE_PER_MSG + 1);
+        refused(&past, "", "raft.max_size_per_msg");
+
+        // The fence's reach.
+        let far = "fence_ahead_ms = 60000\nrenew_before_ms = 59000";
+        with("", far).unwrap();
+        let too_far = "fence_ahead_ms = 60001\nrenew_before_ms = 59001";
+        refused("", too_far, "snowflake.fence_ahead_ms");
+        let a_day = "fence_ahead_ms = 86400000\nmax_ahead_of_cluster_ms = 0";
+        refused("", a_day, "snowflake.fence_ahead_ms");
+        // Renewals looked at once a tick (50 ms here).
+        with("", "fence_ahead_ms = 2000\nrenew_before_ms = 100").unwrap();
+        let between_ticks = "fence_ahead_ms = 2000\nrenew_before_ms = 99";
+        refused("", between_ticks, "snowflake.renew_before_ms");
+        refused("tick_ms = 5000", "", "snowflake.renew_before_ms");
+        // Renewals every 1,950 ms are heard while news, every 2,050 ms not
+        // (which only matters with the check on).
+        with("", "fence_ahead_ms = 4000\nrenew_before_ms = 2100").unwrap();
+        let rare = "fence_ahead_ms = 4000\nrenew_before_ms = 2000";
+        refused("", rare, "snowflake.renew_before_ms");
+        with("", &format!("{rare}\nmax_ahead_of_cluster_ms = 0")).unwrap();
+        // TOML's largest integer: no overflow in the checks.
+        with("", &format!("max_ahead_of_cluster_ms = {}", i64::MAX)).unwrap();
+        // Clock steps.
+        with("", &format!("max_rollback_ms = {MAX_ROLLBACK_MS}")).unwrap();
+        let past = format!("max_rollback_ms = {}", i64::MAX);
+        refused("", &past, "snowflake.max_rollback_ms");
+        with(
+            "",
+            &format!("trust_forward_step_ms = {MAX_TRUST_FORWARD_STEP_MS}"),
+        )
+        .unwrap();
+        let past = format!("trust_forward_step_ms = {}", MAX_TRUST_FORWARD_STEP_MS + 1);
+        refused("", &past, "snowflake.trust_forward_step_ms");
+    }
+
+    /// Each peer can get a worker id.
+    #[test]
+    fn worker_bits_name_a_worker_id_for_every_peer() {
+        let three = |worker_bits: u32| {
+            let peers = (1..=3)
+                .map(|i| format!("[[peers]]\nid = {i}\naddr = \"127.0.0.1:700{i}\"\n"))
+                .collect::<String>();
+            let text =
+                EMBEDDED_SINGLE.replace("[[peers]]\nid = 1\naddr = \"127.0.0.1:7000\"\n", &peers);
+            let layout = format!(
+                "[snowflake]\ntime_bits = 41\nworker_bits = {worker_bits}\nsequence_bits = {}\n\
+                 max_count = 1000",
+                22 - worker_bits
+            );
+            Config::parse("t", &format!("{text}\n{layout}\n")).and_then(|mut c| c.validate())
+        };
+        three(2).unwrap();
+        let err = three(1).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "snowflake.worker_bits: 1 bits name 2 worker ids, fewer than the 3 peers"
+        );
     }
 
     #[test]

@@ -46,7 +46,7 @@ const REFUSED_RETRY: Duration = Duration::from_secs(1);
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Messages queued per peer before new ones are dropped.
-const PEER_QUEUE: usize = 4096;
+pub const PEER_QUEUE: usize = 4096;
 /// Largest frame a peer may send on the Raft stream. A node from before
 /// the `Snapshot` call sends a snapshot there in one frame.
 pub const MAX_PEER_MESSAGE: usize = 512 << 20;
