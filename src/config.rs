@@ -375,6 +375,14 @@ impl Config {
     /// applies overrides and validates.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let (origin, text) = match path {
+            // `SEQD_CONFIG: ${CONFIG}` with the variable unset, as an empty
+            // `SEQD_PEERS` is: a mistake, not "the embedded file".
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(invalid(
+                    "config",
+                    "given but empty (leave it unset for the embedded single-node file)",
+                ));
+            }
             Some(p) => (
                 p.display().to_string(),
                 std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -1107,6 +1115,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("peers:"), "{err}");
+        let err = Config::load(Some(Path::new("")), &Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("config: given but empty"),
+            "{err}"
+        );
+
         for empty in ["", " ", ","] {
             let err = Config::load(
                 None,

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::BoolishValueParser;
 use clap::Parser;
 use seqd::config::{Config, Overrides};
 
@@ -47,14 +48,30 @@ struct Args {
     #[arg(long, env = "SEQD_READ_MODE", value_enum)]
     read_mode: Option<seqd::config::ReadMode>,
     /// Overrides node.join: start empty and wait to be added to a cluster.
-    #[arg(long, env = "SEQD_JOIN")]
-    join: bool,
+    /// `--join=false` (or SEQD_JOIN=false, =0) overrides a file's
+    /// `join = true`.
+    #[arg(
+        long,
+        env = "SEQD_JOIN",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    join: Option<bool>,
     /// Test only: start with the clock shifted by this many ms.
     #[arg(long, env = "SEQD_CLOCK_OFFSET_MS", allow_hyphen_values = true)]
     clock_offset_ms: Option<i64>,
-    /// Test only: accept Admin.InjectFault.
-    #[arg(long, env = "SEQD_ALLOW_FAULT_INJECTION")]
-    allow_fault_injection: bool,
+    /// Test only: accept Admin.InjectFault (`=false` overrides the file).
+    #[arg(
+        long,
+        env = "SEQD_ALLOW_FAULT_INJECTION",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    allow_fault_injection: Option<bool>,
     /// Test only: exit inside the next snapshot install through a table
     /// file, after this step (staged or ingested), as a crash would.
     #[arg(long, env = "SEQD_STOP_IN_SNAPSHOT_INSTALL", value_enum)]
@@ -83,9 +100,9 @@ fn main() -> ExitCode {
         election_ticks: args.election_ticks,
         compact_threshold: args.compact_threshold,
         read_mode: args.read_mode,
-        join: args.join.then_some(true),
+        join: args.join,
         clock_offset_ms: args.clock_offset_ms,
-        allow_fault_injection: args.allow_fault_injection.then_some(true),
+        allow_fault_injection: args.allow_fault_injection,
         stop_in_snapshot_install: args.stop_in_snapshot_install,
         metrics_listen: args.metrics_listen,
         worker_threads: args.worker_threads,
@@ -151,5 +168,36 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--join` alone sets it; `=false` (as `SEQD_JOIN=false`, read by the
+    /// same parser) clears a file's `join = true`; absent leaves the file's.
+    #[test]
+    fn join_can_be_set_and_cleared() {
+        let join = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("seqd").chain(args.iter().copied()))
+                .map(|a| (a.join, a.allow_fault_injection))
+        };
+        assert_eq!(join(&["--join"]).unwrap(), (Some(true), None));
+        assert_eq!(join(&["--join=false"]).unwrap(), (Some(false), None));
+        assert_eq!(join(&["--join=0"]).unwrap(), (Some(false), None));
+        assert_eq!(
+            join(&["--join=yes", "--tick-ms", "50"]).unwrap().0,
+            Some(true)
+        );
+        assert_eq!(
+            join(&["--allow-fault-injection=false"]).unwrap(),
+            (None, Some(false))
+        );
+        let err = join(&["--join=maybe"]).unwrap_err().to_string();
+        assert!(err.contains("--join"), "{err}");
+        if std::env::var_os("SEQD_JOIN").is_none() {
+            assert_eq!(join(&[]).unwrap().0, None);
+        }
     }
 }
