@@ -278,10 +278,15 @@ pub struct NamespaceConfig {
     pub name: String,
     #[serde(default = "default_mode")]
     pub mode: ModeConfig,
+    /// Smallest segment a key's refill raises its ceiling by (segmented
+    /// mode; a dense namespace raises by each call's count and ignores
+    /// the three settings here).
     #[serde(default = "default_step_min")]
     pub step_min: u64,
+    /// Largest segment.
     #[serde(default = "default_step_max")]
     pub step_max: u64,
+    /// The refill period the segment's size adapts to.
     #[serde(default = "default_refill_interval_ms")]
     pub refill_interval_ms: u64,
     #[serde(default = "default_max_count")]
@@ -375,14 +380,6 @@ impl Config {
     /// applies overrides and validates.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let (origin, text) = match path {
-            // `SEQD_CONFIG: ${CONFIG}` with the variable unset, as an empty
-            // `SEQD_PEERS` is: a mistake, not "the embedded file".
-            Some(p) if p.as_os_str().is_empty() => {
-                return Err(invalid(
-                    "config",
-                    "given but empty (leave it unset for the embedded single-node file)",
-                ));
-            }
             Some(p) => (
                 p.display().to_string(),
                 std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -516,7 +513,7 @@ impl Config {
         // Two heartbeats at least within an election timeout: a leader
         // with check_quorum steps down when no majority answered within
         // one, so a single late answer must not cost it its leadership.
-        if r.election_ticks < 2 * r.heartbeat_ticks {
+        if r.election_ticks < r.heartbeat_ticks.saturating_mul(2) {
             return Err(invalid(
                 "raft.election_ticks",
                 "must be at least twice raft.heartbeat_ticks",
@@ -1045,8 +1042,6 @@ mod tests {
         let rare = "fence_ahead_ms = 4000\nrenew_before_ms = 2000";
         refused("", rare, "snowflake.renew_before_ms");
         with("", &format!("{rare}\nmax_ahead_of_cluster_ms = 0")).unwrap();
-        // TOML's largest integer: no overflow in the checks.
-        with("", &format!("max_ahead_of_cluster_ms = {}", i64::MAX)).unwrap();
         // Clock steps.
         with("", &format!("max_rollback_ms = {MAX_ROLLBACK_MS}")).unwrap();
         let past = format!("max_rollback_ms = {}", i64::MAX);
@@ -1115,12 +1110,6 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("peers:"), "{err}");
-        let err = Config::load(Some(Path::new("")), &Overrides::default()).unwrap_err();
-        assert!(
-            err.to_string().starts_with("config: given but empty"),
-            "{err}"
-        );
-
         for empty in ["", " ", ","] {
             let err = Config::load(
                 None,

@@ -5,8 +5,11 @@
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 use seqd::config::{Config, Overrides};
-use seqd::pb::{CurrentRequest, DecodeRequest, NextRequest};
-use seqd::service::sequencer::{decode_batch_request, parse_current, parse_next, read_batch};
+use seqd::core::types::MAX_BATCH_ITEMS;
+use seqd::pb::{CurrentRequest, DecodeRequest, NextBatchRequest, NextRequest};
+use seqd::service::sequencer::{
+    decode_batch_request, decode_next_batch, parse_current, parse_next, read_batch,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
@@ -49,6 +52,22 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!((s.code(), s.message()), (u.code(), u.message()))
                 }
                 _ => panic!("read from its bytes: {streamed:?}; by prost: {unary:?}"),
+            }
+            // The unary RPC's decode holds at most MAX_BATCH_ITEMS items;
+            // below that it is prost's own, refusals and all.
+            let bounded = decode_next_batch(body);
+            let prost = NextBatchRequest::decode(body).map_err(seqd::codec::decode_error);
+            match (&bounded, &prost) {
+                (Ok(b), Ok(p)) => assert_eq!(b, p),
+                (Err(b), Err(p)) => {
+                    assert_eq!((b.code(), b.message()), (p.code(), p.message()))
+                }
+                (Err(b), Ok(p)) => assert!(
+                    p.items.len() > MAX_BATCH_ITEMS
+                        && b.message().contains("items is more than the maximum"),
+                    "{b:?}"
+                ),
+                (Ok(_), Err(p)) => panic!("bounded decode took what prost refused: {p:?}"),
             }
         }
         2 => {

@@ -139,8 +139,14 @@ async fn transfer_leader(
     });
     tokio::pin!(call);
     let started = tokio::time::Instant::now();
-    // Zero is never, and so is a time too far off for the clock to hold.
-    let after = |d: Duration| (!d.is_zero()).then(|| started.checked_add(d)).flatten();
+    // Zero is never; a century is as good as never, and longer would come
+    // near the clock's end, where tokio's timer overflows.
+    let century = Duration::from_secs(100 * 365 * 24 * 3600);
+    let after = |d: Duration| {
+        (!d.is_zero())
+            .then(|| started.checked_add(d.min(century)))
+            .flatten()
+    };
     let deadline = after(timeout);
     let mut tick = after(every).map(|first| tokio::time::interval_at(first, every));
     loop {

@@ -97,7 +97,6 @@ pub fn parse_next_batch(
     let items = check_items(
         namespaces,
         &req.namespace,
-        req.items.len(),
         req.items.iter().map(|i| (i.key.as_str(), i.count)),
     )?;
     // The reply moves the request's strings rather than allocate others.
@@ -108,9 +107,10 @@ pub fn parse_next_batch(
     })
 }
 
-/// Refuses a batch of more than [`MAX_BATCH_ITEMS`] items: the first
-/// check of any batch, made while it is decoded (see
-/// [`decode_next_batch`]), before its request id or namespace is read.
+/// Refuses a batch of more than [`MAX_BATCH_ITEMS`] items: checked as
+/// it is decoded (see [`decode_next_batch`]), so after any refusal of the
+/// message itself (bytes prost cannot read) and before its request id,
+/// namespace or items are looked at.
 fn check_len(len: usize) -> Result<(), InvalidArgument> {
     if len > MAX_BATCH_ITEMS {
         return Err(InvalidArgument::TooManyItems {
@@ -121,16 +121,15 @@ fn check_len(len: usize) -> Result<(), InvalidArgument> {
     Ok(())
 }
 
-/// Checks a batch of `len` items in `namespace`: its size, each key and
+/// Checks a batch's items in `namespace`: their number, each key and
 /// count (an error names the item), then that no key comes twice (naming
-/// the first repeat). `items` may stop short of `len` only past
-/// [`MAX_BATCH_ITEMS`], where none is looked at.
+/// the first repeat).
 fn check_items<'k>(
     namespaces: &Namespaces,
     namespace: &str,
-    len: usize,
-    items: impl Iterator<Item = (&'k str, u32)>,
+    items: impl ExactSizeIterator<Item = (&'k str, u32)>,
 ) -> Result<Vec<(SeqKey, u32)>, InvalidArgument> {
+    let len = items.len();
     check_len(len)?;
     let ns = namespaces.resolve(namespace)?;
     if len == 0 {
@@ -257,13 +256,8 @@ pub fn read_batch(
         return Ok((request_id, call));
     };
     let request_id = RequestId::try_new(batch.request_id).map_err(invalid)?;
-    let items = check_items(
-        namespaces,
-        batch.namespace,
-        batch.items.len(),
-        batch.items.iter().copied(),
-    )
-    .map_err(invalid)?;
+    let items =
+        check_items(namespaces, batch.namespace, batch.items.iter().copied()).map_err(invalid)?;
     let keys = echo_keys.then(|| batch.items.iter().map(|(k, _)| k.to_string()).collect());
     Ok((request_id, BatchCall { items, keys }))
 }
@@ -755,9 +749,7 @@ mod tests {
         let ns = namespaces();
         let check = |keys: &[&str]| {
             let items = keys.iter().map(|k| (*k, 1));
-            check_items(&ns, "conv", keys.len(), items)
-                .unwrap_err()
-                .to_string()
+            check_items(&ns, "conv", items).unwrap_err().to_string()
         };
         assert_eq!(
             check(&["a", "b", "a", "b"]),
