@@ -534,8 +534,16 @@ impl Config {
         if r.compact_threshold < 2 {
             return Err(invalid("raft.compact_threshold", "must be at least 2"));
         }
-        if r.request_timeout_ms == 0 {
-            return Err(invalid("raft.request_timeout_ms", "must be at least 1"));
+        // Calls' deadlines are looked at once a tick: a shorter timeout
+        // would act as a tick.
+        if r.request_timeout_ms < r.tick_ms {
+            return Err(invalid(
+                "raft.request_timeout_ms",
+                format!(
+                    "must be at least raft.tick_ms ({} ms): deadlines are looked at once a tick",
+                    r.tick_ms
+                ),
+            ));
         }
         // raft-rs allocates this many slots per peer; the transport queues
         // no more than PEER_QUEUE messages per peer anyway.
@@ -1005,9 +1013,10 @@ mod tests {
         let slow = "fence_ahead_ms = 13000\nrenew_before_ms = 12000\nmax_ahead_of_cluster_ms = 0";
 
         // The election timeout, kept as a vote promise across restarts.
-        with("tick_ms = 6000\nelection_ticks = 10", slow).unwrap();
+        let slow_tick = "tick_ms = 6000\nrequest_timeout_ms = 6000";
+        with(&format!("{slow_tick}\nelection_ticks = 10"), slow).unwrap();
         refused(
-            "tick_ms = 6000\nelection_ticks = 11",
+            &format!("{slow_tick}\nelection_ticks = 11"),
             slow,
             "raft.election_ticks",
         );
@@ -1015,6 +1024,9 @@ mod tests {
         // Two heartbeats within an election timeout.
         with("heartbeat_ticks = 5", "").unwrap();
         refused("heartbeat_ticks = 6", "", "raft.election_ticks");
+        // Deadlines looked at once a tick.
+        with("request_timeout_ms = 50", "").unwrap();
+        refused("request_timeout_ms = 49", "", "raft.request_timeout_ms");
         // raft-rs's slots per peer, and the peer frame.
         let inflight = crate::raft::transport::PEER_QUEUE;
         with(&format!("max_inflight_msgs = {inflight}"), "").unwrap();
@@ -1035,7 +1047,8 @@ mod tests {
         with("", "fence_ahead_ms = 2000\nrenew_before_ms = 100").unwrap();
         let between_ticks = "fence_ahead_ms = 2000\nrenew_before_ms = 99";
         refused("", between_ticks, "snowflake.renew_before_ms");
-        refused("tick_ms = 5000", "", "snowflake.renew_before_ms");
+        let tick_5s = "tick_ms = 5000\nrequest_timeout_ms = 5000";
+        refused(tick_5s, "", "snowflake.renew_before_ms");
         // Renewals every 1,950 ms are heard while news, every 2,050 ms not
         // (which only matters with the check on).
         with("", "fence_ahead_ms = 4000\nrenew_before_ms = 2100").unwrap();
