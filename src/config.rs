@@ -348,6 +348,14 @@ pub enum ConfigError {
     Invalid { field: String, problem: String },
 }
 
+/// Refuses `value` above `max`, naming `field`.
+fn at_most(field: &str, value: u64, max: u64) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(invalid(field, format!("must be at most {max}")));
+    }
+    Ok(())
+}
+
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
@@ -554,12 +562,11 @@ impl Config {
                 format!("must be between 1 and {max_inflight}"),
             ));
         }
-        if r.max_size_per_msg > MAX_SIZE_PER_MSG {
-            return Err(invalid(
-                "raft.max_size_per_msg",
-                format!("must be at most {MAX_SIZE_PER_MSG}"),
-            ));
-        }
+        at_most(
+            "raft.max_size_per_msg",
+            r.max_size_per_msg,
+            MAX_SIZE_PER_MSG,
+        )?;
         if r.refill_batch_ms > MAX_REFILL_BATCH_MS {
             return Err(invalid(
                 "raft.refill_batch_ms",
@@ -604,18 +611,16 @@ impl Config {
                 ),
             ));
         }
-        if sf.max_rollback_ms > MAX_ROLLBACK_MS {
-            return Err(invalid(
-                "snowflake.max_rollback_ms",
-                format!("must be at most {MAX_ROLLBACK_MS}"),
-            ));
-        }
-        if sf.trust_forward_step_ms > MAX_TRUST_FORWARD_STEP_MS {
-            return Err(invalid(
-                "snowflake.trust_forward_step_ms",
-                format!("must be at most {MAX_TRUST_FORWARD_STEP_MS}"),
-            ));
-        }
+        at_most(
+            "snowflake.max_rollback_ms",
+            sf.max_rollback_ms,
+            MAX_ROLLBACK_MS,
+        )?;
+        at_most(
+            "snowflake.trust_forward_step_ms",
+            sf.trust_forward_step_ms,
+            MAX_TRUST_FORWARD_STEP_MS,
+        )?;
         let workers = 1u64 << sf.worker_bits;
         if (self.peers.len() as u64) > workers {
             return Err(invalid(

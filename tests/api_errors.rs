@@ -369,6 +369,28 @@ impl prost::Message for Encoded {
     }
 }
 
+/// Sends `bytes` to node 1 as the request of the unary RPC at `path`.
+async fn send_encoded<R: prost::Message + Default + 'static>(
+    c: &Cluster,
+    path: &'static str,
+    bytes: Vec<u8>,
+) -> Result<R, tonic::Status> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(1).addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.expect("ready");
+    grpc.unary(
+        tonic::Request::new(Encoded(bytes)),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        seqd::codec::Codec::<Encoded, R>::default(),
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
 /// The most memory node `pid` has held (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the node's status");
@@ -400,21 +422,10 @@ async fn an_oversized_batch_is_refused_without_holding_its_items() {
         // An empty BatchItem as field 2: its key and length.
         bytes.extend_from_slice(&[0x12, 0]);
     }
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(1).addr))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
-    let mut grpc = tonic::client::Grpc::new(ch);
-    grpc.ready().await.expect("ready");
-    let err = grpc
-        .unary(
-            tonic::Request::new(Encoded(bytes)),
-            tonic::codegen::http::uri::PathAndQuery::from_static("/seqd.v1.Sequencer/NextBatch"),
-            seqd::codec::Codec::<Encoded, seqd::pb::NextBatchResponse>::default(),
-        )
-        .await
-        .expect_err("refused");
+    let err =
+        send_encoded::<seqd::pb::NextBatchResponse>(&c, "/seqd.v1.Sequencer/NextBatch", bytes)
+            .await
+            .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(
         err.message(),
@@ -462,19 +473,7 @@ async fn an_ids_request_past_4_mib_is_refused_unread() {
     let mut bytes = vec![0x08, 1, 0x7a];
     prost::encoding::encode_varint(padding as u64, &mut bytes);
     bytes.resize(bytes.len() + padding, b'x');
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(1).addr))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
-    let mut grpc = tonic::client::Grpc::new(ch);
-    grpc.ready().await.expect("ready");
-    let err = grpc
-        .unary(
-            tonic::Request::new(Encoded(bytes)),
-            tonic::codegen::http::uri::PathAndQuery::from_static("/seqd.v1.Ids/NextIds"),
-            seqd::codec::Codec::<Encoded, seqd::pb::NextIdsResponse>::default(),
-        )
+    let err = send_encoded::<seqd::pb::NextIdsResponse>(&c, "/seqd.v1.Ids/NextIds", bytes)
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
