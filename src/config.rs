@@ -418,6 +418,25 @@ impl Config {
             self.node.id = id;
         }
         if let Some(listen) = &o.listen {
+            // A lone node named at its own listen address (as in the
+            // embedded single-node file) is dialled there by members it
+            // adds later: its address follows a new listen address, unless
+            // peers are given too. One that binds every address (0.0.0.0,
+            // [::]) is no one's to dial: the port follows, the host stays.
+            let lone = o.peers.is_none()
+                && self.peers.len() == 1
+                && self.peers[0].id == self.node.id
+                && self.peers[0].addr == self.node.listen;
+            if lone {
+                if let Ok(new) = listen.parse::<SocketAddr>() {
+                    self.peers[0].addr = match self.peers[0].addr.rsplit_once(':') {
+                        Some((host, _)) if new.ip().is_unspecified() => {
+                            format!("{host}:{}", new.port())
+                        }
+                        _ => listen.clone(),
+                    };
+                }
+            }
             self.node.listen = listen.clone();
         }
         if let Some(dir) = &o.data_dir {
@@ -1071,6 +1090,27 @@ mod tests {
         .unwrap();
         let past = format!("trust_forward_step_ms = {}", MAX_TRUST_FORWARD_STEP_MS + 1);
         refused("", &past, "snowflake.trust_forward_step_ms");
+    }
+
+    /// The embedded single node given another listen address is named at
+    /// it, so that members it adds later can dial it; not when peers are
+    /// given too; binding every address, at the new port only.
+    #[test]
+    fn a_lone_node_is_named_at_its_new_listen_address() {
+        let with = |listen: &str, peers: Option<&str>| {
+            let o = Overrides {
+                listen: Some(listen.into()),
+                peers: peers.map(Into::into),
+                ..Default::default()
+            };
+            let cfg = Config::load(None, &o).unwrap();
+            cfg.peers[0].addr.clone()
+        };
+        assert_eq!(with("127.0.0.1:7100", None), "127.0.0.1:7100");
+        assert_eq!(with("10.0.0.5:7000", None), "10.0.0.5:7000");
+        assert_eq!(with("0.0.0.0:7100", None), "127.0.0.1:7100");
+        assert_eq!(with("[::]:7100", None), "127.0.0.1:7100");
+        assert_eq!(with("127.0.0.1:7100", Some("1=node1:7001")), "node1:7001");
     }
 
     /// Each peer can get a worker id.
