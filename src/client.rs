@@ -2125,6 +2125,18 @@ mod tests {
         redirect: Arc<Mutex<Option<String>>>,
     }
 
+    #[cfg(feature = "server")]
+    impl CountingServer {
+        /// One that serves `NextStream`, as a current seqd does.
+        fn streaming() -> Self {
+            let server = Self::default();
+            server
+                .stream
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            server
+        }
+    }
+
     /// Every item answered from 1 (the client only checks the counts); a
     /// batch with a key named `replayed...` as a repeat of its record; a
     /// key named `misfit...` with one number more than it asked for, as a
@@ -2739,8 +2751,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_call_goes_whole_on_the_stream() {
         use std::sync::atomic::Ordering;
-        let server = CountingServer::default();
-        server.stream.store(true, Ordering::SeqCst);
+        let server = CountingServer::streaming();
         let addr = serve(server.clone()).await;
         let client = Client::new(&[addr.to_string()], ClientOptions::default()).unwrap();
         let resp = client
@@ -2775,8 +2786,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_answered_with_other_counts_is_refused() {
         use std::sync::atomic::Ordering;
-        let server = CountingServer::default();
-        server.stream.store(true, Ordering::SeqCst);
+        let server = CountingServer::streaming();
         let addr = serve(server.clone()).await;
         for max_in_flight in [4, 0] {
             let opts = ClientOptions {
