@@ -183,6 +183,8 @@ struct Inner {
     /// names an address as the cluster sees it (e.g. a compose hostname),
     /// which this client may not reach; its id maps to an endpoint it can.
     ids: Mutex<HashMap<u64, String>>,
+    /// When the nodes were last asked for their ids.
+    ids_asked: Mutex<Option<Instant>>,
     opts: ClientOptions,
     /// Namespace → its coalesced `next` calls.
     lanes: Mutex<HashMap<String, Lane<Seqs>>>,
@@ -223,15 +225,13 @@ fn client_nonce() -> u64 {
 /// batch of them. `next` calls queue per namespace ([`Seqs`]), `next_ids`
 /// calls in a lane of their own ([`Ids`]).
 trait Calls: Sized + 'static {
-    type Waiter: Send + 'static;
+    type Waiter: Queued + Send + 'static;
     type Batch: Send + 'static;
     /// The client's lanes of this kind.
     fn lanes(inner: &Inner) -> &Mutex<HashMap<String, Lane<Self>>>;
-    /// What the next RPC carries, taken from `queued`; what does not fit
-    /// stays queued, in order.
+    /// What the next RPC carries, taken from `queued` (pruned first);
+    /// what does not fit stays queued, in order.
     fn take(queued: &mut Vec<Self::Waiter>) -> Self::Batch;
-    /// Answers a call that will not be sent.
-    fn fail(waiter: Self::Waiter, error: ClientError);
     /// Sends `batch` (with retries) and answers each of its calls.
     fn serve<'a>(
         inner: &'a Inner,
@@ -252,11 +252,8 @@ impl Calls for Seqs {
     }
 
     fn take(queued: &mut Vec<Waiter>) -> Vec<Item> {
+        prune(queued, Instant::now());
         take_batch(queued)
-    }
-
-    fn fail(waiter: Waiter, error: ClientError) {
-        let _ = waiter.reply.send(Err(error));
     }
 
     fn serve<'a>(
@@ -280,11 +277,8 @@ impl Calls for Ids {
     }
 
     fn take(queued: &mut Vec<IdsWaiter>) -> Vec<IdsWaiter> {
+        prune(queued, Instant::now());
         take_ids(queued)
-    }
-
-    fn fail(waiter: IdsWaiter, error: ClientError) {
-        let _ = waiter.reply.send(Err(error));
     }
 
     fn serve<'a>(
@@ -393,18 +387,96 @@ async fn send_when_spaced<C: Calls>(inner: Arc<Inner>, namespace: String, mut de
 struct Waiter {
     key: String,
     count: u32,
+    /// When its caller's overall timeout ends.
+    deadline: Instant,
     reply: oneshot::Sender<Result<NextResponse, ClientError>>,
 }
 
 /// A `next_ids` call waiting for its share of an RPC.
 struct IdsWaiter {
     count: u32,
+    /// When its caller's overall timeout ends.
+    deadline: Instant,
     reply: oneshot::Sender<Result<NextIdsResponse, ClientError>>,
+}
+
+/// What the queue needs of a waiting call of either kind.
+trait Queued {
+    fn deadline(&self) -> Instant;
+    /// Its caller stopped waiting (dropped the call's future).
+    fn abandoned(&self) -> bool;
+    fn fail(self, error: ClientError);
+}
+
+impl Queued for Waiter {
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn fail(self, error: ClientError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+impl Queued for IdsWaiter {
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn fail(self, error: ClientError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// Before an RPC takes the queue: calls whose callers gave up are dropped
+/// unsent (sent, their numbers would be taken and never returned: in a
+/// dense namespace a hole between two answered calls, and not a call that
+/// failed in flight), and calls that waited past their deadline (every
+/// slot busy retrying) fail, as their callers were promised.
+fn prune<W: Queued>(queued: &mut Vec<W>, now: Instant) {
+    if !queued.iter().any(|w| w.abandoned() || w.deadline() <= now) {
+        return;
+    }
+    for w in std::mem::take(queued) {
+        if w.abandoned() {
+            continue;
+        }
+        if w.deadline() <= now {
+            w.fail(ClientError::Exhausted {
+                attempts: 0,
+                last: Status::deadline_exceeded(
+                    "waited in the client's queue until the overall timeout \
+                     (every RPC slot was busy retrying)",
+                ),
+            });
+            continue;
+        }
+        queued.push(w);
+    }
+}
+
+/// `now + timeout`, or a century from now for a timeout past what an
+/// `Instant` holds (`Duration::MAX` for "never give up").
+fn deadline_after(now: Instant, timeout: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(timeout.min(CENTURY)).unwrap_or(now)
 }
 
 /// How long batches to a node without `NextStream` go as RPCs before the
 /// stream is tried again.
 const NO_STREAM_RECHECK: Duration = Duration::from_secs(60);
+
+/// How often at most the nodes are asked for their ids (a leader hint
+/// naming an id this client has no endpoint for).
+const LEARN_IDS_EVERY: Duration = Duration::from_secs(1);
 
 /// Calls one coalesced RPC carries at most.
 const MAX_COALESCED: usize = 512;
@@ -436,6 +508,7 @@ impl Client {
             channels: Mutex::new(HashMap::new()),
             leader: Mutex::new(None),
             ids: Mutex::new(HashMap::new()),
+            ids_asked: Mutex::new(None),
             opts,
             lanes: Mutex::new(HashMap::new()),
             ids_lanes: Mutex::new(HashMap::new()),
@@ -465,17 +538,19 @@ impl Client {
     ) -> Result<NextResponse, ClientError> {
         // A count of 0 goes alone, for the server's error naming it: merged
         // into another call on the same key it would ride that call's range.
+        let deadline = self.inner.deadline();
         if self.inner.opts.max_in_flight == 0 || count == 0 {
             let request_id = self.inner.request_id();
             return self
                 .inner
-                .next_one(namespace, key, count, &request_id)
+                .next_one(namespace, key, count, &request_id, deadline)
                 .await;
         }
         let (reply, answer) = oneshot::channel();
         let waiter = Waiter {
             key: key.to_string(),
             count,
+            deadline,
             reply,
         };
         self.enqueue::<Seqs>(namespace, waiter);
@@ -487,11 +562,19 @@ impl Client {
     /// (see the module docs).
     pub async fn next_ids(&self, count: u32) -> Result<NextIdsResponse, ClientError> {
         // A count of 0 goes alone, for the server's error naming it.
+        let deadline = self.inner.deadline();
         if self.inner.opts.max_in_flight == 0 || count == 0 {
-            return self.inner.call_ids(count).await;
+            return self.inner.call_ids(count, deadline).await;
         }
         let (reply, answer) = oneshot::channel();
-        self.enqueue::<Ids>("", IdsWaiter { count, reply });
+        self.enqueue::<Ids>(
+            "",
+            IdsWaiter {
+                count,
+                deadline,
+                reply,
+            },
+        );
         answered(answer).await
     }
 
@@ -539,7 +622,9 @@ impl Client {
         count: u32,
         request_id: &str,
     ) -> Result<NextResponse, ClientError> {
-        self.inner.next_one(namespace, key, count, request_id).await
+        self.inner
+            .next_one(namespace, key, count, request_id, self.inner.deadline())
+            .await
     }
 
     /// Ranges for many keys of one namespace, all or nothing: one range
@@ -782,12 +867,9 @@ impl<C: Calls> Drop for Slot<C> {
         lane.in_flight -= 1;
         if lane.in_flight == 0 {
             for w in lane.queued.drain(..) {
-                C::fail(
-                    w,
-                    ClientError::Rejected(Status::cancelled(
-                        "the client task that was to send this call ended",
-                    )),
-                );
+                w.fail(ClientError::Rejected(Status::cancelled(
+                    "the client task that was to send this call ended",
+                )));
             }
         }
     }
@@ -836,6 +918,11 @@ impl Inner {
                 .collect(),
             request_id: self.request_id(),
         }
+    }
+
+    /// The deadline of a call starting now.
+    fn deadline(&self) -> Instant {
+        deadline_after(Instant::now(), self.opts.overall_timeout)
     }
 
     /// A request id of this client's own, for a call the caller gave none:
@@ -1418,11 +1505,20 @@ impl Inner {
     /// stream costs both sides less than a `Next` RPC); every waiter
     /// answered.
     async fn serve_batch(&self, namespace: &str, mut batch: Vec<Item>) {
+        // Its calls share the retries, until the first of them is due.
+        let Some(deadline) = batch
+            .iter()
+            .flat_map(|i| &i.waiters)
+            .map(|w| w.deadline)
+            .min()
+        else {
+            return;
+        };
         let items = batch
             .iter_mut()
             .map(|i| (std::mem::take(&mut i.key), i.count))
             .collect();
-        let (result, keys) = self.stream_batch(namespace, items).await;
+        let (result, keys) = self.stream_batch(namespace, items, deadline).await;
         match result {
             Ok(resp) => match resp.check_fits(batch.iter().map(|i| i.count)) {
                 Ok(()) => {
@@ -1455,9 +1551,12 @@ impl Inner {
                     .into_iter()
                     .zip(keys)
                     .flat_map(|(i, key)| i.waiters.into_iter().map(move |w| (key.clone(), w)))
+                    .filter(|(_, w)| !w.abandoned())
                     .map(|(key, w)| async move {
                         let request_id = self.request_id();
-                        let result = self.next_one(namespace, &key, w.count, &request_id).await;
+                        let result = self
+                            .next_one(namespace, &key, w.count, &request_id, w.deadline)
+                            .await;
                         let _ = w.reply.send(result);
                     });
                 futures::future::join_all(singles).await;
@@ -1476,6 +1575,7 @@ impl Inner {
         key: &str,
         count: u32,
         request_id: &str,
+        deadline: Instant,
     ) -> Result<NextResponse, ClientError> {
         let req = NextRequest {
             namespace: namespace.to_string(),
@@ -1484,7 +1584,7 @@ impl Inner {
             request_id: request_id.to_string(),
         };
         let resp = self
-            .call(|_, ch| {
+            .call_until(deadline, |_, ch| {
                 let req = req.clone();
                 async move { sequencer(ch).next(req).await.map(|r| r.into_inner()) }
             })
@@ -1519,13 +1619,14 @@ impl Inner {
         &self,
         namespace: &str,
         items: Vec<(String, u32)>,
+        deadline: Instant,
     ) -> (Result<BatchAnswer, ClientError>, Vec<String>) {
         let body = encode_batch(
             namespace,
             items.iter().map(|(k, c)| (k.as_str(), *c)),
             &self.request_id(),
         );
-        let result = self.stream_batch_bytes(body).await;
+        let result = self.stream_batch_bytes(body, deadline).await;
         (result, items.into_iter().map(|(key, _)| key).collect())
     }
 
@@ -1543,7 +1644,7 @@ impl Inner {
             return Ok(BatchAnswer::from(&self.next_batch(namespace, owned).await?));
         }
         let body = encode_batch(namespace, items.iter().copied(), &self.request_id());
-        self.stream_batch_bytes(body).await
+        self.stream_batch_bytes(body, self.deadline()).await
     }
 
     /// An encoded `NextBatchRequest` over the leader's `NextStream`, every
@@ -1551,22 +1652,25 @@ impl Inner {
     async fn stream_batch_bytes(
         &self,
         body: prost::bytes::Bytes,
+        deadline: Instant,
     ) -> Result<BatchAnswer, ClientError> {
-        self.call(|target, ch| {
+        self.call_until(deadline, |target, ch| {
             let body = &body;
-            async move { self.on_stream::<Batches>(&target, ch, body).await }
+            async move { self.on_stream::<Batches>(&target, ch, body, deadline).await }
         })
         .await
     }
 
     /// One attempt: `body` on `target`'s stream of kind `P`, opened if it
     /// has none or the last one broke; as its own RPC if the node has no
-    /// such stream.
+    /// such stream. It waits for the reply for the attempt timeout, or
+    /// until the call's `deadline` if that comes first.
     async fn on_stream<P: StreamRpc>(
         &self,
         target: &str,
         ch: Channel,
         body: &P::Body,
+        deadline: Instant,
     ) -> Result<P::Answer, Status> {
         let table = P::table(self);
         let without_stream = lock(&table.missing)
@@ -1592,10 +1696,16 @@ impl Inner {
                 P::NAME
             )));
         };
-        let result = match tokio::time::timeout(self.opts.attempt_timeout, answer).await {
+        let attempt_ends = deadline_after(Instant::now(), self.opts.attempt_timeout);
+        let result = match tokio::time::timeout_at(attempt_ends.min(deadline).into(), answer).await
+        {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Status::unavailable(format!(
                 "the {} to this node ended",
+                P::NAME
+            ))),
+            Err(_) if deadline < attempt_ends => Err(Status::deadline_exceeded(format!(
+                "no reply on the {} before the call's overall timeout",
                 P::NAME
             ))),
             Err(_) => {
@@ -1604,6 +1714,8 @@ impl Inner {
                 // for it would stay in its table as long as it lives: the
                 // next call opens a new stream, and this one ends once the
                 // node answers what it still owes, or its connection dies.
+                // (A call that merely ran out of its own time leaves the
+                // stream to the others.)
                 stream.close();
                 Err(Status::deadline_exceeded(format!(
                     "no reply on the {} within the attempt timeout",
@@ -1659,13 +1771,22 @@ impl Inner {
     }
 
     /// Runs `f` against the leader (given its address and channel),
-    /// following hints and retrying.
+    /// following hints and retrying, for the overall timeout.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
     where
         F: Fn(String, Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let mut retry = Retry::new(&self.opts);
+        self.call_until(self.deadline(), f).await
+    }
+
+    /// [`Inner::call`] until `deadline`.
+    async fn call_until<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(String, Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut retry = Retry::until(deadline, &self.opts);
         let mut rotate = 0usize;
         // Hints this call followed at once: two nodes that name each other
         // (each still believing the other leads, during an election) are
@@ -1708,9 +1829,13 @@ impl Inner {
     /// fence reached) or refuses (its clock stepped back too far, demand
     /// over its capacity). Refusals end the call once every node has
     /// refused.
-    async fn call_ids(&self, count: u32) -> Result<NextIdsResponse, ClientError> {
+    async fn call_ids(
+        &self,
+        count: u32,
+        deadline: Instant,
+    ) -> Result<NextIdsResponse, ClientError> {
         let nodes = self.endpoints.len();
-        let mut retry = Retry::new(&self.opts);
+        let mut retry = Retry::until(deadline, &self.opts);
         let mut refused = 0;
         loop {
             let at = self.ids_node.load(Ordering::Relaxed);
@@ -1721,7 +1846,7 @@ impl Inner {
             let result = if self.opts.max_in_flight == 0 {
                 IdCalls::unary(ch, req).await
             } else {
-                self.on_stream::<IdCalls>(target, ch, &req).await
+                self.on_stream::<IdCalls>(target, ch, &req, deadline).await
             };
             let status = match result {
                 Ok(resp) => return Ok(resp),
@@ -1756,8 +1881,12 @@ impl Inner {
     /// Sends one `NextIds` for the calls of `batch` together and gives
     /// each its slice, in queue order.
     async fn serve_ids(&self, batch: Vec<IdsWaiter>) {
+        // Its calls share the retries, until the first of them is due.
+        let Some(deadline) = batch.iter().map(|w| w.deadline).min() else {
+            return;
+        };
         let total: u32 = batch.iter().map(|w| w.count).sum();
-        match self.call_ids(total).await {
+        match self.call_ids(total, deadline).await {
             Ok(resp) if resp.ids.len() == total as usize => {
                 let mut ids = resp.ids.into_iter();
                 for w in batch {
@@ -1782,9 +1911,12 @@ impl Inner {
             Err(ClientError::Rejected(s))
                 if batch.len() > 1 && s.code() == Code::InvalidArgument =>
             {
-                let singles = batch.into_iter().map(|w| async move {
-                    let _ = w.reply.send(self.call_ids(w.count).await);
-                });
+                let singles = batch
+                    .into_iter()
+                    .filter(|w| !w.abandoned())
+                    .map(|w| async move {
+                        let _ = w.reply.send(self.call_ids(w.count, w.deadline).await);
+                    });
                 futures::future::join_all(singles).await;
             }
             Err(e) => {
@@ -1797,14 +1929,15 @@ impl Inner {
 
     /// The endpoint a leader hint points to, if this client can reach it.
     async fn follow_hint(&self, status: &Status, target: &str) -> Option<String> {
+        // A node that does not know the leader's address still names its
+        // id (the address is then empty).
         let addr = status
             .metadata()
             .get(LEADER_ADDR_HEADER)
             .and_then(|v| v.to_str().ok())
-            .filter(|a| !a.is_empty())?
-            .to_string();
-        let hinted = if self.endpoints.contains(&addr) {
-            Some(addr)
+            .filter(|a| self.endpoints.iter().any(|e| e == a));
+        let hinted = if let Some(addr) = addr {
+            Some(addr.to_string())
         } else {
             let id: u64 = status
                 .metadata()
@@ -1825,16 +1958,30 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Asks every endpoint for its node id.
+    /// Asks every endpoint for its node id, all at once, for at most
+    /// 300 ms; at most once a second: a leader this client cannot reach
+    /// (not among its endpoints) would otherwise send every node a
+    /// `Status` RPC for every attempt of every call.
     async fn learn_ids(&self) {
-        for e in &self.endpoints {
-            let Ok(ch) = self.channel(e) else { continue };
-            let mut admin = AdminClient::new(ch);
-            let call = admin.status(StatusRequest {});
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(300), call).await {
-                self.lock_ids().insert(r.into_inner().id, e.clone());
+        {
+            let mut asked = lock(&self.ids_asked);
+            if asked.is_some_and(|t| t.elapsed() < LEARN_IDS_EVERY) {
+                return;
             }
+            *asked = Some(Instant::now());
         }
+        let asks = self.endpoints.iter().map(|e| async move {
+            let ch = self.channel(e).ok()?;
+            let mut admin = AdminClient::new(ch);
+            let r =
+                tokio::time::timeout(Duration::from_millis(300), admin.status(StatusRequest {}))
+                    .await
+                    .ok()?
+                    .ok()?;
+            Some((r.into_inner().id, e.clone()))
+        });
+        let learned = futures::future::join_all(asks).await;
+        self.lock_ids().extend(learned.into_iter().flatten());
     }
 }
 
@@ -1847,9 +1994,9 @@ struct Retry {
 }
 
 impl Retry {
-    fn new(opts: &ClientOptions) -> Self {
+    fn until(deadline: Instant, opts: &ClientOptions) -> Self {
         Self {
-            deadline: Instant::now() + opts.overall_timeout,
+            deadline,
             backoff: opts.backoff_min,
             backoff_max: opts.backoff_max,
             attempts: 0,
@@ -1858,18 +2005,19 @@ impl Retry {
 
     /// After a failed attempt (`last`): gives up once the deadline has
     /// passed; otherwise, if `pause`, waits the backoff (doubled for next
-    /// time) before the next attempt.
+    /// time) before the next attempt, and gives up if that reached the
+    /// deadline (an attempt started then would run past it).
     async fn after(&mut self, last: Status, pause: bool) -> Result<(), ClientError> {
         let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if !left.is_zero() && pause {
+            tokio::time::sleep(self.backoff.min(left)).await;
+            self.backoff = self.backoff.saturating_mul(2).min(self.backoff_max);
+        }
+        if Instant::now() >= self.deadline {
             return Err(ClientError::Exhausted {
                 attempts: self.attempts,
                 last,
             });
-        }
-        if pause {
-            tokio::time::sleep(self.backoff.min(left)).await;
-            self.backoff = (self.backoff * 2).min(self.backoff_max);
         }
         Ok(())
     }
@@ -1904,11 +2052,16 @@ mod tests {
     use super::*;
     use crate::pb::NextStreamRequest;
 
+    /// A queued call whose caller waits for the rest of the test (its
+    /// receiver is leaked), due in an hour.
     fn waiter(key: &str, count: u32) -> Waiter {
+        let (reply, answer) = oneshot::channel();
+        std::mem::forget(answer);
         Waiter {
             key: key.to_string(),
             count,
-            reply: oneshot::channel().0,
+            deadline: Instant::now() + Duration::from_secs(3600),
+            reply,
         }
     }
 
@@ -1934,6 +2087,7 @@ mod tests {
         lane.queued.push(Waiter {
             key: "k".into(),
             count: 1,
+            deadline: client.inner.deadline(),
             reply,
         });
         drop(lanes);
@@ -2123,6 +2277,10 @@ mod tests {
         resets: Arc<std::sync::atomic::AtomicUsize>,
         /// Answer `Next` UNAVAILABLE, naming this address as the leader.
         redirect: Arc<Mutex<Option<String>>>,
+        /// Each batch on a stream waits for a permit, if set.
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+        /// The keys of the batches that came on streams, in order.
+        stream_keys: Arc<Mutex<Vec<String>>>,
     }
 
     #[cfg(feature = "server")]
@@ -2228,16 +2386,25 @@ mod tests {
                 return Err(Status::unimplemented("an older server"));
             }
             let answered = self.stream_batches.clone();
-            let replies = request.into_inner().map(move |message| {
-                let NextStreamRequest { id, batch, .. } = message?;
-                answered.fetch_add(1, Ordering::SeqCst);
-                let batch = NextBatchRequest::decode(batch.unwrap_or_default())
-                    .map_err(crate::codec::decode_error)?;
-                Ok(NextStreamReply {
-                    id,
-                    ok: Some(answer_from_one(batch.items)),
-                    error: None,
-                })
+            let keys = self.stream_keys.clone();
+            let gate = self.gate.clone();
+            let replies = request.into_inner().then(move |message| {
+                let (answered, keys, gate) = (answered.clone(), keys.clone(), gate.clone());
+                async move {
+                    let NextStreamRequest { id, batch, .. } = message?;
+                    let batch = NextBatchRequest::decode(batch.unwrap_or_default())
+                        .map_err(crate::codec::decode_error)?;
+                    lock(&keys).extend(batch.items.iter().map(|i| i.key.clone()));
+                    if let Some(gate) = gate {
+                        gate.acquire().await.expect("never closed").forget();
+                    }
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    Ok(NextStreamReply {
+                        id,
+                        ok: Some(answer_from_one(batch.items)),
+                        error: None,
+                    })
+                }
             });
             Ok(tonic::Response::new(Box::pin(replies)))
         }
@@ -2449,6 +2616,7 @@ mod tests {
     fn an_id_batch_sums_to_at_most_the_limit_and_takes_a_large_call_alone() {
         let waiter = |count| IdsWaiter {
             count,
+            deadline: Instant::now(),
             reply: oneshot::channel().0,
         };
         let big = MAX_COALESCED_IDS as u32;
@@ -3115,5 +3283,263 @@ mod tests {
         let last = format!("k{}", MAX_COALESCED + 1);
         let before = format!("k{MAX_COALESCED}");
         assert_eq!(left, vec![before.as_str(), last.as_str(), "k0"]);
+    }
+
+    /// A call whose caller gave up while it was queued is not sent (its
+    /// numbers would be a hole no caller saw); one queued past its
+    /// deadline fails as the overall timeout promises; the rest go.
+    #[test]
+    fn queued_calls_given_up_or_past_their_deadline_are_not_sent() {
+        let now = Instant::now();
+        let (gone, answer) = oneshot::channel();
+        drop(answer);
+        let (late, mut late_answer) = oneshot::channel();
+        let mut queued = vec![
+            Waiter {
+                key: "gone".into(),
+                count: 1,
+                deadline: now + Duration::from_secs(60),
+                reply: gone,
+            },
+            Waiter {
+                key: "late".into(),
+                count: 1,
+                deadline: now,
+                reply: late,
+            },
+            waiter("live", 1),
+        ];
+        let items = Seqs::take(&mut queued);
+        let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, vec!["live"]);
+        match late_answer.try_recv() {
+            Ok(Err(ClientError::Exhausted { attempts: 0, last }))
+                if last.code() == Code::DeadlineExceeded => {}
+            other => panic!("the late call: {other:?}"),
+        }
+
+        let (gone, answer) = oneshot::channel();
+        drop(answer);
+        let (live, _answer) = oneshot::channel();
+        let mut queued = vec![
+            IdsWaiter {
+                count: 5,
+                deadline: now + Duration::from_secs(60),
+                reply: gone,
+            },
+            IdsWaiter {
+                count: 7,
+                deadline: now + Duration::from_secs(60),
+                reply: live,
+            },
+        ];
+        let batch = Ids::take(&mut queued);
+        assert_eq!(batch.iter().map(|w| w.count).collect::<Vec<_>>(), vec![7]);
+    }
+
+    /// End to end: while the only RPC slot waits for its answer, a call
+    /// queues and its caller gives up; the next RPC carries only the call
+    /// still waited for.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_queued_call_whose_caller_gave_up_is_not_sent() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let server = CountingServer {
+            gate: Some(gate.clone()),
+            ..CountingServer::streaming()
+        };
+        let addr = serve(server.clone()).await;
+        let opts = ClientOptions {
+            max_in_flight: 1,
+            rpc_spacing: Duration::ZERO,
+            ..ClientOptions::default()
+        };
+        let client = Arc::new(Client::new(&[addr.to_string()], opts).unwrap());
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move { client.next("ns", "a", 1).await }
+        });
+        let seen = Instant::now() + Duration::from_secs(10);
+        while lock(&server.stream_keys).is_empty() {
+            assert!(
+                Instant::now() < seen,
+                "the first call never reached the node"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), client.next("ns", "b", 1));
+        assert!(gave_up.await.is_err(), "queued behind the held RPC");
+        let last = tokio::spawn({
+            let client = client.clone();
+            async move { client.next("ns", "c", 1).await }
+        });
+        while lock(&client.inner.lanes)["ns"].queued.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(10);
+        first.await.unwrap().unwrap();
+        last.await.unwrap().unwrap();
+        assert_eq!(*lock(&server.stream_keys), vec!["a", "c"]);
+    }
+
+    /// A call queued behind an RPC that retries until its own deadline
+    /// gives up at the queued call's deadline, not an overall timeout after
+    /// the slot freed.
+    #[tokio::test]
+    async fn a_call_queued_behind_retries_gives_up_at_its_own_deadline() {
+        let opts = ClientOptions {
+            overall_timeout: Duration::from_millis(1000),
+            attempt_timeout: Duration::from_millis(100),
+            backoff_min: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(20),
+            max_in_flight: 1,
+            rpc_spacing: Duration::ZERO,
+            ..ClientOptions::default()
+        };
+        let client = Arc::new(Client::new(&["127.0.0.1:1"], opts).unwrap());
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move { client.next("ns", "a", 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
+        let second = client.next("ns", "b", 1).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(second, Err(ClientError::Exhausted { .. })),
+            "{second:?}"
+        );
+        assert!(first.await.unwrap().is_err());
+        // Its overall timeout is 1 s; sent only once the first call's
+        // retries ended (at 0.5 s), it had retried until 1.5 s.
+        assert!(
+            took >= Duration::from_millis(950) && took < Duration::from_millis(1300),
+            "gave up after {took:?}"
+        );
+    }
+
+    /// An attempt waits for its reply no longer than the call's deadline,
+    /// and a call that ran out of time leaves the stream it shares open.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn an_attempt_ends_at_the_calls_deadline_and_leaves_the_stream_open() {
+        let server = CountingServer {
+            gate: Some(Arc::new(tokio::sync::Semaphore::new(0))),
+            ..CountingServer::streaming()
+        };
+        let addr = serve(server.clone()).await.to_string();
+        let opts = ClientOptions {
+            overall_timeout: Duration::from_millis(300),
+            attempt_timeout: Duration::from_secs(5),
+            ..ClientOptions::default()
+        };
+        let client = Client::new(std::slice::from_ref(&addr), opts).unwrap();
+        let started = Instant::now();
+        let got = client.next("ns", "a", 1).await;
+        let took = started.elapsed();
+        match &got {
+            Err(ClientError::Exhausted { last, .. }) if last.code() == Code::DeadlineExceeded => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(took < Duration::from_secs(2), "waited {took:?}");
+        let open = lock(&client.inner.streams.open)[&addr].is_open();
+        assert!(open, "the shared stream was closed");
+    }
+
+    /// A backoff that reaches the deadline ends the call: no attempt
+    /// starts after it.
+    #[tokio::test]
+    async fn no_attempt_starts_after_the_deadline() {
+        let opts = ClientOptions {
+            backoff_min: Duration::from_secs(5),
+            ..ClientOptions::default()
+        };
+        let mut retry = Retry::until(Instant::now() + Duration::from_millis(30), &opts);
+        retry.attempts = 1;
+        let got = retry.after(Status::unavailable("down"), true).await;
+        assert!(
+            matches!(got, Err(ClientError::Exhausted { attempts: 1, .. })),
+            "{got:?}"
+        );
+    }
+
+    /// An overall timeout of `Duration::MAX` ("never give up") and a
+    /// backoff that doubles past what a `Duration` holds do not panic.
+    #[tokio::test]
+    async fn timeouts_too_large_for_an_instant_do_not_panic() {
+        let opts = ClientOptions {
+            overall_timeout: Duration::MAX,
+            attempt_timeout: Duration::MAX,
+            backoff_min: Duration::from_nanos(1),
+            backoff_max: Duration::MAX,
+            ..ClientOptions::default()
+        };
+        let client = Client::new(&["127.0.0.1:1"], opts.clone()).unwrap();
+        assert!(client.inner.deadline() > Instant::now() + Duration::from_secs(3600));
+        let mut retry = Retry::until(client.inner.deadline(), &opts);
+        retry.backoff = Duration::MAX;
+        retry
+            .after(Status::unavailable("down"), false)
+            .await
+            .unwrap();
+        retry.backoff = Duration::MAX / 2 + Duration::from_secs(1);
+        retry.backoff_max = Duration::MAX;
+        // Doubling it would overflow; it saturates (the sleep is not
+        // awaited to its end).
+        let _ = tokio::time::timeout(
+            Duration::from_millis(10),
+            retry.after(Status::unavailable("down"), true),
+        )
+        .await;
+        assert_eq!(
+            Duration::from_secs(1).saturating_mul(u32::MAX),
+            Duration::from_secs(u64::from(u32::MAX))
+        );
+    }
+
+    /// A hint naming the leader by id alone (the node does not know its
+    /// address) is followed to the endpoint that node has.
+    #[tokio::test]
+    async fn a_hint_with_the_leaders_id_and_no_address_is_followed() {
+        let client =
+            Client::new(&["127.0.0.1:1", "127.0.0.1:2"], ClientOptions::default()).unwrap();
+        client.inner.lock_ids().insert(2, "127.0.0.1:2".into());
+        let mut status = Status::unavailable("not the leader; the leader is node 2");
+        status
+            .metadata_mut()
+            .insert(LEADER_ADDR_HEADER, "".parse().unwrap());
+        status
+            .metadata_mut()
+            .insert(LEADER_ID_HEADER, tonic::metadata::MetadataValue::from(2u64));
+        let hint = client.inner.follow_hint(&status, "127.0.0.1:1").await;
+        assert_eq!(hint.as_deref(), Some("127.0.0.1:2"));
+    }
+
+    /// Nodes are asked for their ids all at once, and not again within a
+    /// second: endpoints that accept a connection and never answer cost a
+    /// lookup 300 ms, not 300 ms each, and the next lookup nothing.
+    #[tokio::test]
+    async fn node_ids_are_asked_of_every_node_at_once_and_not_too_often() {
+        let silent: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let endpoints: Vec<String> = silent
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let client = Client::new(&endpoints, ClientOptions::default()).unwrap();
+        let started = Instant::now();
+        client.inner.learn_ids().await;
+        let first = started.elapsed();
+        assert!(
+            first >= Duration::from_millis(290) && first < Duration::from_millis(800),
+            "first lookup {first:?}"
+        );
+        let started = Instant::now();
+        client.inner.learn_ids().await;
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "asked again at once"
+        );
     }
 }

@@ -154,10 +154,12 @@ pub fn status_from(e: NodeError, peers: &PeerAddrs) -> Status {
         NodeError::NotLeader { leader: Some(id) } => {
             let addr = peers.get(id).unwrap_or_default();
             let addr = addr.as_str();
-            let mut status = Status::new(
-                Code::Unavailable,
-                format!("not the leader; the leader is node {id} at {addr}"),
-            );
+            let message = if addr.is_empty() {
+                format!("not the leader; the leader is node {id}, whose address this node does not know")
+            } else {
+                format!("not the leader; the leader is node {id} at {addr}")
+            };
+            let mut status = Status::new(Code::Unavailable, message);
             if let Ok(v) = MetadataValue::try_from(addr) {
                 status.metadata_mut().insert(LEADER_ADDR_HEADER, v);
             }
