@@ -29,7 +29,9 @@
 //! call that starts after another completed goes out in a later RPC than
 //! the one that served it, and the server orders RPCs. A batch the server
 //! rejects as a whole (one bad key) is retried call by call, so each caller
-//! gets its own answer.
+//! gets its own answer. A queued call whose caller gave up (dropped its
+//! future) before an RPC took it is not sent: its numbers would be taken
+//! and never returned.
 //!
 //! Concurrent [`Client::next_ids`] calls share RPCs the same way, in a lane
 //! of their own: one `NextIds` asks for their summed count and each caller
@@ -84,7 +86,9 @@ pub const LEADER_ID_HEADER: &str = "seqd-leader-id";
 /// Client tuning.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Give up on a call after this long, retries included.
+    /// Give up on a call after this long from when it was made: time
+    /// queued behind other RPCs and retries included. (A coalesced RPC
+    /// retries until the first of its calls is due.)
     pub overall_timeout: Duration,
     /// Deadline of one attempt.
     pub attempt_timeout: Duration,
@@ -3463,38 +3467,31 @@ mod tests {
         );
     }
 
-    /// An overall timeout of `Duration::MAX` ("never give up") and a
-    /// backoff that doubles past what a `Duration` holds do not panic.
+    /// Timeouts past what an `Instant` holds (`Duration::MAX` for "never
+    /// give up") and a backoff that doubles past what a `Duration` holds
+    /// do not panic.
     #[tokio::test]
     async fn timeouts_too_large_for_an_instant_do_not_panic() {
         let opts = ClientOptions {
             overall_timeout: Duration::MAX,
             attempt_timeout: Duration::MAX,
-            backoff_min: Duration::from_nanos(1),
             backoff_max: Duration::MAX,
             ..ClientOptions::default()
         };
         let client = Client::new(&["127.0.0.1:1"], opts.clone()).unwrap();
         assert!(client.inner.deadline() > Instant::now() + Duration::from_secs(3600));
-        let mut retry = Retry::until(client.inner.deadline(), &opts);
-        retry.backoff = Duration::MAX;
-        retry
-            .after(Status::unavailable("down"), false)
-            .await
-            .unwrap();
+        let mut retry = Retry::until(Instant::now() + Duration::from_millis(5), &opts);
         retry.backoff = Duration::MAX / 2 + Duration::from_secs(1);
-        retry.backoff_max = Duration::MAX;
-        // Doubling it would overflow; it saturates (the sleep is not
-        // awaited to its end).
-        let _ = tokio::time::timeout(
-            Duration::from_millis(10),
-            retry.after(Status::unavailable("down"), true),
-        )
-        .await;
-        assert_eq!(
-            Duration::from_secs(1).saturating_mul(u32::MAX),
-            Duration::from_secs(u64::from(u32::MAX))
-        );
+        let got = retry.after(Status::unavailable("down"), true).await;
+        assert!(matches!(got, Err(ClientError::Exhausted { .. })), "{got:?}");
+        // A whole call with an attempt timeout of `Duration::MAX`.
+        let opts = ClientOptions {
+            overall_timeout: Duration::from_millis(100),
+            ..opts
+        };
+        let client = Client::new(&["127.0.0.1:1"], opts).unwrap();
+        let got = client.next("ns", "k", 1).await;
+        assert!(matches!(got, Err(ClientError::Exhausted { .. })), "{got:?}");
     }
 
     /// A hint naming the leader by id alone (the node does not know its
