@@ -178,3 +178,33 @@ pub fn status_from(e: NodeError, peers: &PeerAddrs) -> Status {
         NodeError::Membership(_) => Status::failed_precondition(e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hint names the leader's id, and its address when this node knows
+    /// it; the message does not end in a dangling "at".
+    #[test]
+    fn a_leader_hint_names_the_address_only_when_known() {
+        let peers = PeerAddrs::default();
+        let hint = |peers: &PeerAddrs| status_from(NodeError::NotLeader { leader: Some(2) }, peers);
+        let unknown = hint(&peers);
+        assert_eq!(unknown.code(), Code::Unavailable);
+        assert_eq!(
+            unknown.message(),
+            "not the leader; the leader is node 2, whose address this node does not know"
+        );
+        assert_eq!(unknown.metadata().get(LEADER_ID_HEADER).unwrap(), "2");
+        peers.set(2, "node2:7000");
+        let known = hint(&peers);
+        assert_eq!(
+            known.message(),
+            "not the leader; the leader is node 2 at node2:7000"
+        );
+        assert_eq!(
+            known.metadata().get(LEADER_ADDR_HEADER).unwrap(),
+            "node2:7000"
+        );
+    }
+}
