@@ -232,6 +232,39 @@ async fn a_node_that_never_saw_a_directory_refuses_another_by_its_binding() {
     }
 }
 
+/// Two nodes' directories swapped (volumes mixed up): each node refuses
+/// to start on the other's directory, naming both ids, before it talks to
+/// any peer; on its own directory it starts and serves again, its numbers
+/// above what was handed out before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_refuses_another_nodes_directory() {
+    let mut c = Cluster::start(3, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let client = c.client();
+    let before = client.next("conv", "k", 1).await.unwrap().first;
+    c.kill(1);
+    c.kill(2);
+    let (one, two) = (c.data_dir(1), c.data_dir(2));
+    let two_str = two.to_str().unwrap().to_string();
+    let one_str = one.to_str().unwrap().to_string();
+    for (id, other, dir) in [(1, 2, &two_str), (2, 1, &one_str)] {
+        c.spawn_with(id, &["--data-dir", dir]);
+        let status = c
+            .wait_exit(id, Duration::from_secs(20))
+            .await
+            .expect("the node stops");
+        assert!(!status.success());
+        let log = c.log(id);
+        let expected = format!("belongs to node {other}, and this node is configured as node {id}");
+        assert!(log.contains(&expected), "{log}");
+    }
+    c.spawn(1);
+    c.spawn(2);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let after = client.next("conv", "k", 1).await.unwrap().first;
+    assert!(after > before, "{after} after {before}");
+}
+
 /// Waits until node `on` has applied `count` distinct bindings of
 /// `node`'s data directory.
 async fn wait_bound(c: &Cluster, on: u64, node: u64, count: usize) {

@@ -217,9 +217,11 @@ fn next_part(untrimmed: &[DenseRaise], max_keys: usize, max_bytes: usize) -> usi
 }
 
 /// Whether applying `entries` should leave the node loop's worker thread
-/// to the runtime's other tasks: a configuration change records the new
-/// configuration synced, and a long batch (a follower catching up, a trim
-/// of every key) would hold the worker's tasks. A short apply of normal
+/// to the runtime's other tasks: a configuration change (rare; it is
+/// written with the applied index and the state in one unsynced batch, a
+/// lost one applied again from the synced log) and a long batch (a
+/// follower catching up, a trim of every key) would hold the worker's
+/// tasks. A short apply of normal
 /// entries writes the state unsynced (the log it comes from is durable),
 /// a memtable insert and a page-cache append that the loop does itself:
 /// handing the worker to another thread for it cost more than the write
@@ -510,6 +512,7 @@ pub fn spawn(
     let layout = *params.ids.lock().layout();
     let clock = params.ids.clock.clone();
     storage::check_layout(&disk, &layout)?;
+    storage::check_node_id(&disk, params.id)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let faults = params.faults.clone();
     let request_timeout = Duration::from_millis(params.raft.request_timeout_ms);
@@ -2313,8 +2316,9 @@ impl Node {
         }
         // New entries and hard state are written without waiting for the
         // disk (the syncer makes them durable), and so are applied entries
-        // and the log compaction after them; but installing a snapshot and
-        // recording a configuration write synced, off the worker thread.
+        // and the log compaction after them; installing a snapshot writes
+        // synced, and it, a configuration change and a long apply are
+        // written off the worker thread (see `apply_leaves_loop`).
         let waits_for_disk =
             !ready.snapshot().is_empty() || apply_leaves_loop(ready.committed_entries());
         if waits_for_disk {

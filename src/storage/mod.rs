@@ -50,6 +50,14 @@ pub enum StorageError {
         recorded: String,
         configured: String,
     },
+    #[error(
+        "this data directory belongs to node {recorded}, and this node is configured as \
+         node {configured}: it would answer for the entries node {recorded} acknowledged and \
+         the votes it cast. Give each node its own directory (check --data-dir, \
+         SEQD_DATA_DIR and the volumes); a node that lost its directory comes back with an \
+         empty one as a replacement (--join)"
+    )]
+    OtherNode { recorded: u64, configured: u64 },
 }
 
 impl StorageError {
@@ -364,6 +372,31 @@ pub fn check_layout(db: &Disk, layout: &crate::core::Layout) -> Result<(), Stora
     }
 }
 
+const NODE_ID: &[u8] = b"node_id";
+
+/// Records the node id on a directory's first start (and on the first start
+/// of a build that records it), and refuses any other id on later ones:
+/// two nodes' directories swapped (volumes mixed up), each would claim the
+/// other's acknowledgements and votes, and a peer that never bound the
+/// other's directory would take them.
+pub fn check_node_id(db: &Disk, id: u64) -> Result<(), StorageError> {
+    let meta = cf(db, CF_META);
+    match db.get_cf(meta, NODE_ID)? {
+        Some(bytes) => match decode_u64("node id", &bytes)? {
+            recorded if recorded == id => Ok(()),
+            recorded => Err(StorageError::OtherNode {
+                recorded,
+                configured: id,
+            }),
+        },
+        None => {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(meta, NODE_ID, id.to_be_bytes());
+            db.write_batch(batch, true)
+        }
+    }
+}
+
 const VOTE_PROMISE: &[u8] = b"vote_promise_ms";
 
 /// The vote promise this directory's node last named to its peers (see
@@ -425,6 +458,28 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
             .map(|e| e.metadata().unwrap().len())
             .sum()
+    }
+
+    #[test]
+    fn a_directory_keeps_the_node_id_it_first_started_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = open(dir.path()).unwrap();
+        check_node_id(&disk, 2).unwrap();
+        check_node_id(&disk, 2).unwrap();
+        drop(disk);
+        let disk = open(dir.path()).unwrap();
+        check_node_id(&disk, 2).expect("the same node, reopened");
+        match check_node_id(&disk, 1) {
+            Err(e @ StorageError::OtherNode { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("belongs to node 2") && text.contains("configured as node 1"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        check_node_id(&disk, 2).expect("still node 2's");
     }
 
     #[test]

@@ -57,7 +57,10 @@ impl RaftStore {
         };
         let (hard_state, conf_state) = match stored_conf {
             Some(cs) => (hard_state, cs),
-            None => Self::bootstrap(&db, voters)?,
+            None => {
+                Self::refuse_partial(&db)?;
+                Self::bootstrap(&db, voters)?
+            }
         };
         let compacted = parse_compaction_point(db.get_cf(meta, COMPACTED)?)?;
         let mut terms = VecDeque::new();
@@ -87,6 +90,45 @@ impl RaftStore {
             snapshots: Snapshots::default(),
             stop_in_install: None,
         })
+    }
+
+    /// A directory without a configuration must be new: the first open
+    /// writes it with the hard state and the compaction point, before any
+    /// entry or state. One that holds any of those lost its configuration
+    /// (damaged, or written by something else), and a fresh log over it
+    /// would forget its term, vote and commit without a word.
+    fn refuse_partial(db: &Disk) -> Result<(), StorageError> {
+        let meta = cf(db, CF_META);
+        let mut held = Vec::new();
+        for (key, what) in [
+            (HARD_STATE, "a hard state"),
+            (COMPACTED, "a compaction point"),
+        ] {
+            if db.get_cf(meta, key)?.is_some() {
+                held.push(what);
+            }
+        }
+        for (family, what) in [(CF_LOG, "log entries"), (CF_STATE, "state")] {
+            if db
+                .iterator_cf(cf(db, family), rocksdb::IteratorMode::Start)
+                .next()
+                .transpose()?
+                .is_some()
+            {
+                held.push(what);
+            }
+        }
+        if held.is_empty() {
+            return Ok(());
+        }
+        Err(StorageError::corrupt(
+            "conf state",
+            format!(
+                "missing from a data directory that holds {}; a fresh log over it would \
+                 forget this node's term, vote and commit",
+                held.join(", ")
+            ),
+        ))
     }
 
     /// Initializes a fresh log. A founding member starts as if index 1
@@ -273,18 +315,6 @@ impl RaftStore {
             return Ok(());
         }
         self.set_commit(index)
-    }
-
-    /// Records the configuration after a conf change has been applied.
-    pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), StorageError> {
-        let bytes = cs
-            .write_to_bytes()
-            .map_err(|e| StorageError::corrupt("conf state", e))?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(cf(&self.db, CF_META), CONF_STATE, bytes);
-        self.db.write_batch(batch, true)?;
-        self.conf_state = cs;
-        Ok(())
     }
 
     /// Removes entries up to and including `index`, which MUST already be
@@ -899,6 +929,39 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_that_lost_its_configuration_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(dir.path()).unwrap();
+        let mut s = RaftStore::open(db.clone(), &[1, 2, 3]).unwrap();
+        let hs = HardState {
+            term: 7,
+            vote: 2,
+            commit: 1,
+            ..Default::default()
+        };
+        s.append(&[entry(2, 7)], Some(&hs), true).unwrap();
+        drop(s);
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(cf(&db, CF_META), CONF_STATE);
+        db.write_batch(batch, true).unwrap();
+        let err = RaftStore::open(db.clone(), &[1, 2, 3])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("conf state")
+                && err.contains("a hard state, a compaction point, log entries"),
+            "{err}"
+        );
+        // Nothing was overwritten: the term and vote are still there.
+        let stored = db.get_cf(cf(&db, CF_META), HARD_STATE).unwrap().unwrap();
+        assert_eq!(HardState::parse_from_bytes(&stored).unwrap(), hs);
+        // A new directory still starts.
+        let fresh = tempfile::tempdir().unwrap();
+        RaftStore::open(super::super::open(fresh.path()).unwrap(), &[1]).unwrap();
+    }
+
+    #[test]
     fn append_truncates_conflicts_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let db = super::super::open(dir.path()).unwrap();
@@ -1156,12 +1219,16 @@ mod tests {
         let mut s = RaftStore::open(db, &[1, 2]).unwrap();
         assert!(unavailable(s.snapshot(0, 2)));
         assert!(s.snapshot(0, 2).is_ok());
-        s.set_conf_state(ConfState {
+        // As the state machine's apply batch records a conf change.
+        let cs = ConfState {
             voters: vec![1, 2],
             learners: vec![3],
             ..Default::default()
-        })
-        .unwrap();
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf(&s.db, CF_META), CONF_STATE, cs.write_to_bytes().unwrap());
+        s.db.write_batch(batch, false).unwrap();
+        s.cache_conf_state(cs);
         assert!(unavailable(s.snapshot(0, 3)), "handed out without node 3");
         let snap = s.snapshot(0, 3).unwrap();
         assert_eq!(snap.get_metadata().get_conf_state().learners, [3]);
