@@ -207,6 +207,11 @@ pub(crate) fn options() -> Options {
     // Required by the state family's in-place updates (below); the node
     // loop is its only writer anyway.
     opts.set_allow_concurrent_memtable_write(false);
+    // Unsynced writes (applies, compaction, the commit index) are safe
+    // because a crash loses only a suffix of the write-ahead log: RocksDB
+    // recovers up to the first torn record and drops the rest. That is this
+    // mode, RocksDB's default, named here because the node relies on it.
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
     // RocksDB's own log, `db/LOG`: at the debug level (the default of
     // Debian's build) it takes a line per WAL sync, about 200 bytes per
     // millisecond under dense load, and grows without bound; each open adds
