@@ -21,6 +21,14 @@ pub const NEXT_STREAMS_OPEN: &str = "seqd_next_streams_open";
 /// `NextIds` calls, counted as `NextIds`): as the two above.
 pub const ID_STREAMS_TOTAL: &str = "seqd_id_streams_opened_total";
 pub const ID_STREAMS_OPEN: &str = "seqd_id_streams_open";
+/// How long the newest idempotency records dropped last had been kept
+/// (records are bounded by count and ranges, not time), by `records`:
+/// `served`, the leader's records of the calls it answered (segmented
+/// calls rely on them), and `applied`, every node's records of the dense
+/// calls the log applied. A client retry that comes later than this after
+/// its first attempt gets new numbers, and the first attempt's are a hole.
+/// Compare with the clients' attempt and overall timeouts.
+pub const REQUEST_RECORDS_KEPT_SECONDS: &str = "seqd_request_records_kept_seconds";
 /// Keys whose ceiling was raised ahead of demand (segment refills).
 pub const REFILLS_TOTAL: &str = "seqd_segment_refills_total";
 /// Calls that found no room and waited for a refill to commit.
@@ -167,6 +175,11 @@ fn describe() {
         "NextStream batch streams opened by clients."
     );
     describe_gauge!(NEXT_STREAMS_OPEN, "NextStream batch streams open now.");
+    describe_gauge!(
+        REQUEST_RECORDS_KEPT_SECONDS,
+        Unit::Seconds,
+        "How long the newest idempotency records dropped last had been kept, by records (served, applied)."
+    );
     describe_counter!(ID_STREAMS_TOTAL, "NextIdsStream streams opened by clients.");
     describe_gauge!(ID_STREAMS_OPEN, "NextIdsStream streams open now.");
     describe_counter!(REFILLS_TOTAL, "Keys refilled ahead of demand.");

@@ -725,6 +725,8 @@ struct RequestGeneration {
     map: HashMap<RequestKey, RequestRecord>,
     /// Ranges held in `map`.
     ranges: usize,
+    /// When it took its first record.
+    since: Option<Instant>,
 }
 
 impl RecentRequests {
@@ -741,12 +743,27 @@ impl RecentRequests {
         self.young.map.get(key).or_else(|| self.old.map.get(key))
     }
 
-    fn insert(&mut self, key: RequestKey, items: u64, ranges: Vec<SeqRange>, epoch: u64) {
+    /// Records what request `key` got, at `now`. When that drops the old
+    /// generation, returns how long its newest records had been kept: a
+    /// retry that reaches this leader later than that after its first
+    /// attempt gets new numbers, not the first attempt's.
+    fn insert(
+        &mut self,
+        key: RequestKey,
+        items: u64,
+        ranges: Vec<SeqRange>,
+        epoch: u64,
+        now: Instant,
+    ) -> Option<Duration> {
         let young = &self.young;
+        let mut kept = None;
         if !young.map.is_empty()
             && (young.map.len() >= RECENT_REQUESTS / 2
                 || young.ranges + ranges.len() > RECENT_RANGES / 2)
         {
+            kept = young
+                .since
+                .map(|since| now.saturating_duration_since(since));
             let old = std::mem::replace(&mut self.old, std::mem::take(&mut self.young));
             drop_aside(old);
         }
@@ -754,10 +771,12 @@ impl RecentRequests {
         if young.map.capacity() == 0 {
             young.map.reserve(RECENT_REQUESTS / 2);
         }
+        young.since.get_or_insert(now);
         young.ranges += ranges.len();
         if let Some((_, replaced, _)) = young.map.insert(key, (items, ranges, epoch)) {
             young.ranges -= replaced.len();
         }
+        kept
     }
 
     fn clear(&mut self) {
@@ -1951,8 +1970,17 @@ impl Node {
                     Ok(Allocation::Granted(ranges)) => {
                         if let Some(rkey) = request {
                             let hash = self.recent.items_hash(&items);
-                            self.recent
-                                .insert(rkey, hash, ranges.clone(), self.core.epoch());
+                            let epoch = self.core.epoch();
+                            let now = self.time.now();
+                            if let Some(kept) =
+                                self.recent.insert(rkey, hash, ranges.clone(), epoch, now)
+                            {
+                                metrics::gauge!(
+                                    m::REQUEST_RECORDS_KEPT_SECONDS,
+                                    "records" => "served"
+                                )
+                                .set(kept.as_secs_f64());
+                            }
                         }
                         let _ = reply.send(Ok(Grant {
                             ranges,
@@ -2149,8 +2177,14 @@ impl Node {
             .collect();
         match ranges {
             Some(ranges) if !ranges.is_empty() && g.firsts.len() == g.counts.len() => {
-                self.applied_requests
-                    .insert((ns, id), g.items, ranges, g.epoch);
+                let now = self.time.now();
+                if let Some(kept) =
+                    self.applied_requests
+                        .insert((ns, id), g.items, ranges, g.epoch, now)
+                {
+                    metrics::gauge!(m::REQUEST_RECORDS_KEPT_SECONDS, "records" => "applied")
+                        .set(kept.as_secs_f64());
+                }
             }
             _ => {}
         }
@@ -3892,12 +3926,12 @@ mod tests {
         let ns = namespaces.resolve("conv").unwrap();
         let range = |n: usize| vec![SeqRange::try_new(n as u64 + 1, 1).unwrap()];
         let mut recent = RecentRequests::default();
-        recent.insert(request(ns, 0), 7, range(0), 1);
+        recent.insert(request(ns, 0), 7, range(0), 1, Instant::now());
         let capacity = recent.young.map.capacity();
         assert!(capacity >= RECENT_REQUESTS / 2);
         let total = RECENT_REQUESTS * 3 / 2 + 10;
         for n in 1..total {
-            recent.insert(request(ns, n), 7, range(n), 1);
+            recent.insert(request(ns, n), 7, range(n), 1, Instant::now());
             assert!(recent.young.map.len() + recent.old.map.len() <= RECENT_REQUESTS);
         }
         assert_eq!(recent.young.map.capacity(), capacity, "rehashed");
@@ -3915,7 +3949,7 @@ mod tests {
         let mut recent = RecentRequests::default();
         let wide = vec![SeqRange::try_new(1, 1).unwrap(); RECENT_RANGES / 8];
         for n in 0..12 {
-            recent.insert(request(ns, n), 7, wide.clone(), 1);
+            recent.insert(request(ns, n), 7, wide.clone(), 1, Instant::now());
             assert!(recent.young.ranges + recent.old.ranges <= RECENT_RANGES);
         }
         assert!(recent.get(&request(ns, 11)).is_some());
@@ -3924,5 +3958,36 @@ mod tests {
 
         recent.clear();
         assert!(recent.get(&request(ns, 11)).is_none());
+
+        // A rotation says how long the records it dropped had been kept at
+        // the least: the span of the generation that just became old.
+        let mut recent = RecentRequests::default();
+        let t0 = Instant::now();
+        let wide = vec![SeqRange::try_new(1, 1).unwrap(); RECENT_RANGES / 4];
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            recent.insert(request(ns, 0), 7, wide.clone(), 1, at(0)),
+            None
+        );
+        assert_eq!(
+            recent.insert(request(ns, 1), 7, wide.clone(), 1, at(1)),
+            None
+        );
+        // The young generation (since 0 s) is full: it becomes old at 5 s.
+        assert_eq!(
+            recent.insert(request(ns, 2), 7, wide.clone(), 1, at(5)),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            recent.insert(request(ns, 3), 7, wide.clone(), 1, at(6)),
+            None
+        );
+        // The old one (records from 0 and 1 s) is dropped at 8 s; the newest
+        // of them was kept 7 s, the one becoming old began at 5 s: 3 s.
+        assert_eq!(
+            recent.insert(request(ns, 4), 7, wide.clone(), 1, at(8)),
+            Some(Duration::from_secs(3))
+        );
+        assert!(recent.get(&request(ns, 1)).is_none());
     }
 }
