@@ -1549,8 +1549,11 @@ impl Inner {
             },
             // The server refused the batch as a whole (one bad key, or a
             // summed count over the namespace's limit): ask for each call on
-            // its own, so only a bad one fails.
-            Err(ClientError::Rejected(_)) => {
+            // its own, so only a bad one fails. (A batch of one call was
+            // that call: its refusal is its answer.)
+            Err(ClientError::Rejected(_))
+                if batch.iter().map(|i| i.waiters.len()).sum::<usize>() > 1 =>
+            {
                 let singles = batch
                     .into_iter()
                     .zip(keys)
@@ -2347,6 +2350,9 @@ mod tests {
                 .is_ok();
             assert!(!reset, "a handler that fails without answering");
             let req = request.into_inner();
+            if req.key.starts_with("bad") {
+                return Err(Status::invalid_argument("key: bad"));
+            }
             Ok(tonic::Response::new(NextResponse {
                 first: 1,
                 count: req.count + u32::from(req.key.starts_with("misfit")),
@@ -2403,6 +2409,14 @@ mod tests {
                         gate.acquire().await.expect("never closed").forget();
                     }
                     answered.fetch_add(1, Ordering::SeqCst);
+                    if let Some(i) = batch.items.iter().position(|i| i.key.starts_with("bad")) {
+                        let refusal = Status::invalid_argument(format!("items[{i}].key: bad"));
+                        return Ok(NextStreamReply {
+                            id,
+                            ok: None,
+                            error: Some((&refusal).into()),
+                        });
+                    }
                     Ok(NextStreamReply {
                         id,
                         ok: Some(answer_from_one(batch.items)),
@@ -3538,5 +3552,66 @@ mod tests {
             started.elapsed() < Duration::from_millis(100),
             "asked again at once"
         );
+    }
+
+    /// A batch the server refuses whole is asked for call by call, so only
+    /// the bad call fails; a batch of one call was that call, and its
+    /// refusal is its answer (not sent again on its own).
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_refused_batch_is_split_only_when_it_carried_several_calls() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let server = CountingServer {
+            gate: Some(gate.clone()),
+            ..CountingServer::streaming()
+        };
+        let addr = serve(server.clone()).await;
+        let opts = ClientOptions {
+            max_in_flight: 1,
+            rpc_spacing: Duration::ZERO,
+            ..ClientOptions::default()
+        };
+        let client = Arc::new(Client::new(&[addr.to_string()], opts).unwrap());
+        gate.add_permits(1);
+        let alone = client.next("ns", "bad-alone", 1).await;
+        assert!(
+            matches!(&alone, Err(ClientError::Rejected(s)) if s.code() == Code::InvalidArgument),
+            "{alone:?}"
+        );
+        assert!(lock(&server.calls_per_rpc).is_empty(), "sent again alone");
+
+        // Held behind a first call, a bad and a good call share a batch.
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move { client.next("ns", "first", 1).await }
+        });
+        while lock(&server.stream_keys).len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let bad = tokio::spawn({
+            let client = client.clone();
+            async move { client.next("ns", "bad", 1).await }
+        });
+        let good = tokio::spawn({
+            let client = client.clone();
+            async move { client.next("ns", "good", 1).await }
+        });
+        while lock(&client.inner.lanes)["ns"].queued.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(10);
+        first.await.unwrap().unwrap();
+        assert_eq!(good.await.unwrap().unwrap().count, 1);
+        let bad = bad.await.unwrap();
+        assert!(
+            matches!(&bad, Err(ClientError::Rejected(s)) if s.code() == Code::InvalidArgument),
+            "{bad:?}"
+        );
+        assert_eq!(
+            lock(&server.stream_keys)[2..].to_vec(),
+            vec!["bad", "good"],
+            "one batch carried both"
+        );
+        assert_eq!(lock(&server.calls_per_rpc).len(), 2, "each asked alone");
     }
 }
