@@ -3355,12 +3355,12 @@ mod tests {
         assert_eq!(batch.iter().map(|w| w.count).collect::<Vec<_>>(), vec![7]);
     }
 
-    /// End to end: while the only RPC slot waits for its answer, a call
-    /// queues and its caller gives up; the next RPC carries only the call
-    /// still waited for.
+    /// A streaming server that answers a batch only for a permit of the
+    /// returned gate (none yet), and a client of it with one RPC slot and
+    /// no spacing: while one batch is held, calls queue.
     #[cfg(feature = "server")]
-    #[tokio::test]
-    async fn a_queued_call_whose_caller_gave_up_is_not_sent() {
+    async fn held_server_and_one_slot() -> (CountingServer, Arc<tokio::sync::Semaphore>, Arc<Client>)
+    {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let server = CountingServer {
             gate: Some(gate.clone()),
@@ -3373,10 +3373,33 @@ mod tests {
             ..ClientOptions::default()
         };
         let client = Arc::new(Client::new(&[addr.to_string()], opts).unwrap());
-        let first = tokio::spawn({
-            let client = client.clone();
-            async move { client.next("ns", "a", 1).await }
-        });
+        (server, gate, client)
+    }
+
+    /// `client.next("ns", key, 1)` on a task of its own.
+    fn spawn_next(
+        client: &Arc<Client>,
+        key: &'static str,
+    ) -> tokio::task::JoinHandle<Result<NextResponse, ClientError>> {
+        let client = client.clone();
+        tokio::spawn(async move { client.next("ns", key, 1).await })
+    }
+
+    /// Until `n` calls are queued in lane `ns`.
+    async fn wait_queued(client: &Client, n: usize) {
+        while lock(&client.inner.lanes)["ns"].queued.len() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// End to end: while the only RPC slot waits for its answer, a call
+    /// queues and its caller gives up; the next RPC carries only the call
+    /// still waited for.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_queued_call_whose_caller_gave_up_is_not_sent() {
+        let (server, gate, client) = held_server_and_one_slot().await;
+        let first = spawn_next(&client, "a");
         let seen = Instant::now() + Duration::from_secs(10);
         while lock(&server.stream_keys).is_empty() {
             assert!(
@@ -3387,13 +3410,8 @@ mod tests {
         }
         let gave_up = tokio::time::timeout(Duration::from_millis(20), client.next("ns", "b", 1));
         assert!(gave_up.await.is_err(), "queued behind the held RPC");
-        let last = tokio::spawn({
-            let client = client.clone();
-            async move { client.next("ns", "c", 1).await }
-        });
-        while lock(&client.inner.lanes)["ns"].queued.len() < 2 {
-            tokio::task::yield_now().await;
-        }
+        let last = spawn_next(&client, "c");
+        wait_queued(&client, 2).await;
         gate.add_permits(10);
         first.await.unwrap().unwrap();
         last.await.unwrap().unwrap();
@@ -3415,10 +3433,7 @@ mod tests {
             ..ClientOptions::default()
         };
         let client = Arc::new(Client::new(&["127.0.0.1:1"], opts).unwrap());
-        let first = tokio::spawn({
-            let client = client.clone();
-            async move { client.next("ns", "a", 1).await }
-        });
+        let first = spawn_next(&client, "a");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let started = Instant::now();
         let second = client.next("ns", "b", 1).await;
@@ -3560,18 +3575,7 @@ mod tests {
     #[cfg(feature = "server")]
     #[tokio::test]
     async fn a_refused_batch_is_split_only_when_it_carried_several_calls() {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let server = CountingServer {
-            gate: Some(gate.clone()),
-            ..CountingServer::streaming()
-        };
-        let addr = serve(server.clone()).await;
-        let opts = ClientOptions {
-            max_in_flight: 1,
-            rpc_spacing: Duration::ZERO,
-            ..ClientOptions::default()
-        };
-        let client = Arc::new(Client::new(&[addr.to_string()], opts).unwrap());
+        let (server, gate, client) = held_server_and_one_slot().await;
         gate.add_permits(1);
         let alone = client.next("ns", "bad-alone", 1).await;
         assert!(
@@ -3581,24 +3585,13 @@ mod tests {
         assert!(lock(&server.calls_per_rpc).is_empty(), "sent again alone");
 
         // Held behind a first call, a bad and a good call share a batch.
-        let first = tokio::spawn({
-            let client = client.clone();
-            async move { client.next("ns", "first", 1).await }
-        });
+        let first = spawn_next(&client, "first");
         while lock(&server.stream_keys).len() < 2 {
             tokio::task::yield_now().await;
         }
-        let bad = tokio::spawn({
-            let client = client.clone();
-            async move { client.next("ns", "bad", 1).await }
-        });
-        let good = tokio::spawn({
-            let client = client.clone();
-            async move { client.next("ns", "good", 1).await }
-        });
-        while lock(&client.inner.lanes)["ns"].queued.len() < 2 {
-            tokio::task::yield_now().await;
-        }
+        let bad = spawn_next(&client, "bad");
+        let good = spawn_next(&client, "good");
+        wait_queued(&client, 2).await;
         gate.add_permits(10);
         first.await.unwrap().unwrap();
         assert_eq!(good.await.unwrap().unwrap().count, 1);
