@@ -29,7 +29,8 @@
 //! call that starts after another completed goes out in a later RPC than
 //! the one that served it, and the server orders RPCs. A batch the server
 //! rejects as a whole (one bad key) is retried call by call, so each caller
-//! gets its own answer. A queued call whose caller gave up (dropped its
+//! gets its own answer (a refusal of the namespace, which every call would
+//! get, is answered to all of them at once). A queued call whose caller gave up (dropped its
 //! future) before an RPC took it is not sent: its numbers would be taken
 //! and never returned.
 //!
@@ -1551,6 +1552,13 @@ impl Inner {
             // summed count over the namespace's limit): ask for each call on
             // its own, so only a bad one fails. (A batch of one call was
             // that call: its refusal is its answer.)
+            // A refusal of the namespace is every call's (each alone would
+            // get it): answered at once, not asked for call by call.
+            Err(ClientError::Rejected(status)) if refuses_every_call(&status) => {
+                for w in batch.into_iter().flat_map(|i| i.waiters) {
+                    let _ = w.reply.send(Err(ClientError::Rejected(status.clone())));
+                }
+            }
             Err(ClientError::Rejected(_))
                 if batch.iter().map(|i| i.waiters.len()).sum::<usize>() > 1 =>
             {
@@ -2030,6 +2038,13 @@ impl Retry {
     }
 }
 
+/// Whether a refused batch's error is every call's in it: the server
+/// names the field it refuses, and a refusal of the namespace (unknown, or
+/// empty) does not depend on the call; one that names an item does.
+fn refuses_every_call(status: &Status) -> bool {
+    status.code() == Code::InvalidArgument && status.message().starts_with("namespace:")
+}
+
 /// Errors a retry (possibly on another node) can fix. INTERNAL only when
 /// tonic made it from an HTTP/2 error (a stream reset, or a GOAWAY from a
 /// node that stops, with NO_ERROR or INTERNAL_ERROR): the call got no
@@ -2409,6 +2424,15 @@ mod tests {
                         gate.acquire().await.expect("never closed").forget();
                     }
                     answered.fetch_add(1, Ordering::SeqCst);
+                    if batch.namespace == "unknown" {
+                        let refusal =
+                            Status::invalid_argument("namespace: unknown namespace \"unknown\"");
+                        return Ok(NextStreamReply {
+                            id,
+                            ok: None,
+                            error: Some((&refusal).into()),
+                        });
+                    }
                     if let Some(i) = batch.items.iter().position(|i| i.key.starts_with("bad")) {
                         let refusal = Status::invalid_argument(format!("items[{i}].key: bad"));
                         return Ok(NextStreamReply {
@@ -3606,5 +3630,44 @@ mod tests {
             "one batch carried both"
         );
         assert_eq!(lock(&server.calls_per_rpc).len(), 2, "each asked alone");
+    }
+
+    /// A batch refused for its namespace fails every call in it at once:
+    /// each alone would be refused the same, so none is sent again.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_batch_refused_for_its_namespace_is_not_split() {
+        let (server, gate, client) = held_server_and_one_slot().await;
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move { client.next("unknown", "first", 1).await }
+        });
+        while lock(&server.stream_keys).is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let queued: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .map(|key| {
+                let client = client.clone();
+                tokio::spawn(async move { client.next("unknown", key, 1).await })
+            })
+            .collect();
+        while lock(&client.inner.lanes)
+            .get("unknown")
+            .is_none_or(|lane| lane.queued.len() < 3)
+        {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(10);
+        for call in std::iter::once(first).chain(queued) {
+            let got = call.await.unwrap();
+            assert!(
+                matches!(&got, Err(ClientError::Rejected(s))
+                    if s.code() == Code::InvalidArgument && s.message().starts_with("namespace:")),
+                "{got:?}"
+            );
+        }
+        assert_eq!(lock(&server.stream_keys).len(), 4, "two batches");
+        assert!(lock(&server.calls_per_rpc).is_empty(), "none asked alone");
     }
 }

@@ -188,7 +188,7 @@ async fn peer_loop(
     node: Mailbox,
     clock: Arc<dyn Clock>,
 ) {
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = PEER_BACKOFF_MIN;
     // When the peer last refused this node, as logged.
     let mut refused: Option<Instant> = None;
     let uri = format!("http://{addr}");
@@ -219,11 +219,11 @@ async fn peer_loop(
                     abort_snapshot_sends(snapshot_sends, &node);
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                backoff = (backoff * 2).min(PEER_BACKOFF_MAX);
                 continue;
             }
         };
-        backoff = Duration::from_millis(20);
+        let connected = Instant::now();
         tracing::debug!(peer_id, %addr, "connected to peer");
         let mut refusing = false;
         let (tx, rx) = tmpsc::channel::<RaftFrame>(256);
@@ -281,32 +281,70 @@ async fn peer_loop(
                         sent_ms: clock.now_ms(),
                     };
                     if tx.send(frame).await.is_err() {
+                        // The call ended: what it ended with decides the
+                        // pause (a refusal), as when it is seen first.
+                        let ended = tokio::time::timeout(Duration::from_millis(100), &mut call).await;
+                        if let Ok(res) = ended {
+                            refusing = stream_ended(peer_id, res, &mut refused);
+                        }
                         break;
                     }
                 }
                 res = &mut call => {
-                    match res {
-                        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                            let now = Instant::now();
-                            if refused.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY) {
-                                tracing::error!(peer_id, reason = status.message(), "peer refuses this node's messages");
-                                refused = Some(now);
-                            }
-                            refusing = true;
-                        }
-                        Ok(Err(status)) => tracing::debug!(peer_id, %status, "peer stream ended"),
-                        _ => {}
-                    }
+                    refusing = stream_ended(peer_id, res, &mut refused);
                     break;
                 }
             }
         }
         let _ = node.send(Input::Unreachable(peer_id));
-        tokio::time::sleep(if refusing { REFUSED_RETRY } else { backoff }).await;
+        // A stream that lived a while was a working one, and the next
+        // comes quickly; one that ended at once (the peer stopping, or
+        // refusing it as unavailable) backs off as a failed connect does,
+        // rather than reconnecting every 20 ms.
+        if connected.elapsed() >= PEER_STREAM_STABLE {
+            backoff = PEER_BACKOFF_MIN;
+        }
+        let pause = if refusing { REFUSED_RETRY } else { backoff };
+        backoff = (backoff * 2).min(PEER_BACKOFF_MAX);
+        tokio::time::sleep(pause).await;
         if drop_stale(&mut queue, &node) {
             abort_snapshot_sends(snapshot_sends, &node);
             return;
         }
+    }
+}
+
+/// First and longest pause before connecting to a peer again.
+const PEER_BACKOFF_MIN: Duration = Duration::from_millis(20);
+const PEER_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A peer stream that lived this long worked: the backoff starts over.
+const PEER_STREAM_STABLE: Duration = Duration::from_secs(1);
+
+/// What a peer stream's call ended with; whether the peer refused this
+/// node (logged once per [`REFUSAL_LOG_EVERY`]; other endings at debug).
+fn stream_ended(
+    peer_id: u64,
+    res: Result<Result<Response<RaftAck>, Status>, tokio::task::JoinError>,
+    refused: &mut Option<Instant>,
+) -> bool {
+    match res {
+        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+            let now = Instant::now();
+            if refused.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY) {
+                tracing::error!(
+                    peer_id,
+                    reason = status.message(),
+                    "peer refuses this node's messages"
+                );
+                *refused = Some(now);
+            }
+            true
+        }
+        Ok(Err(status)) => {
+            tracing::debug!(peer_id, %status, "peer stream ended");
+            false
+        }
+        _ => false,
     }
 }
 
@@ -694,7 +732,11 @@ impl ClockOffset {
     /// `arrived_ms` (this node's); at the end of a window answers the
     /// window's estimate.
     fn sample(&mut self, sent_ms: u64, arrived_ms: u64, now: Instant) -> Option<i64> {
-        let offset = sent_ms as i64 - arrived_ms as i64;
+        // The stamp is the peer's word: any u64. Past what an i64 holds
+        // either way the offset is clamped (never i64::MIN, so that its
+        // magnitude is one too).
+        let apart = i64::try_from(sent_ms.abs_diff(arrived_ms)).unwrap_or(i64::MAX);
+        let offset = if sent_ms >= arrived_ms { apart } else { -apart };
         self.best_ms = Some(self.best_ms.map_or(offset, |b| b.max(offset)));
         if now.duration_since(self.started) < CLOCK_OFFSET_WINDOW {
             return None;
@@ -1139,6 +1181,28 @@ mod tests {
         }
     }
 
+    /// A peer that ends every stream at once as unavailable (a node
+    /// whose storage failed, or that is stopping), counting the streams.
+    struct UnavailablePeer(Arc<std::sync::atomic::AtomicUsize>);
+
+    #[tonic::async_trait]
+    impl Peer for UnavailablePeer {
+        async fn raft(
+            &self,
+            _: Request<Streaming<RaftFrame>>,
+        ) -> Result<Response<RaftAck>, Status> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(Status::unavailable("node is stopping"))
+        }
+
+        async fn snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<RaftAck>, Status> {
+            Err(Status::unavailable("node is stopping"))
+        }
+    }
+
     /// A peer whose node takes a snapshot's chunks and never answers, as
     /// one installing a large state does: it says when it has the whole
     /// message, and when the call is given up.
@@ -1250,6 +1314,16 @@ mod tests {
         // The next window starts at the withdrawal, afresh.
         assert_eq!(est.sample(200_000, 200_010, t0 + ms(6_500)), None);
         assert_eq!(est.sample(200_000, 200_004, t0 + ms(7_200)), Some(-4));
+        // A stamp no clock gives (a peer's bytes are any u64): clamped,
+        // both ways, rather than overflowing.
+        let mut est = ClockOffset::new(t0);
+        assert_eq!(est.sample(u64::MAX, 5, t0 + ms(1_000)), Some(i64::MAX));
+        assert_eq!(est.sample(1 << 63, 1, t0 + ms(2_000)), Some(i64::MAX));
+        assert_eq!(est.sample(0, u64::MAX, t0 + ms(3_000)), Some(-i64::MAX));
+        assert_eq!(
+            est.sample(7, 1 << 63, t0 + ms(4_000)),
+            Some(7 - i64::MAX - 1)
+        );
     }
 
     /// The next snapshot report the node hears, within ten seconds.
@@ -1300,6 +1374,20 @@ mod tests {
         assert_eq!((r.to, r.index, r.ok), (2, 42, false));
         let heard = tokio::time::timeout(deadline, said.recv()).await;
         assert_eq!(heard.expect("the call was kept"), Some("ended"));
+    }
+
+    /// A peer that takes connections but ends each stream at once is not
+    /// asked again every 20 ms: the pause grows as for a failed connect
+    /// (20, 40, ... 1,000 ms: 7 streams in 2 s, where a reset backoff made
+    /// about a hundred).
+    #[tokio::test]
+    async fn a_peer_ending_every_stream_at_once_is_retried_with_backoff() {
+        let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (transport, _inputs) = transport_to(serve(UnavailablePeer(streams.clone())).await);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let opened = streams.load(std::sync::atomic::Ordering::SeqCst);
+        drop(transport);
+        assert!((3..=12).contains(&opened), "{opened} streams in 2 s");
     }
 
     /// Every snapshot message is a send with a number of its own: one
