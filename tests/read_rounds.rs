@@ -2,8 +2,9 @@
 //! "majority"`, the default). Killing either follower of three real nodes
 //! under load fails no call and elects no one: when the follower the rounds
 //! went to dies, the pending round is sent to everyone again and the other
-//! follower's answer completes it. Every number handed out is checked for I1
-//! and I2.
+//! follower's answer completes it; pausing either (SIGSTOP: connections
+//! stay open, nothing answers) does the same. Every number handed out is
+//! checked for I1 and I2.
 
 mod common;
 
@@ -63,6 +64,61 @@ async fn killing_either_follower_under_load_fails_no_call() {
     assert!(
         stall < Duration::from_secs(1),
         "calls stalled for {stall:?} while a follower was down"
+    );
+}
+
+/// A follower that stops answering without closing its connections (a
+/// SIGSTOPped process, a hung host) costs the rounds that went to it a
+/// resend, not the calls: pausing either follower of three under load
+/// fails no call, keeps the leader and stalls no call for a second. Every
+/// number is checked for I1 and I2, also after the follower resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pausing_either_follower_under_load_fails_no_call() {
+    let mut c = Cluster::start(3, RAFT);
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let client = Arc::new(c.client());
+    let load = Load::start(client.clone(), "conv", 40, 12);
+    load.progress(1000, Duration::from_secs(30)).await;
+
+    let started = Instant::now();
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    for &f in &followers {
+        c.pause(f).await;
+        // About three seconds of calls: past the leader's keepalive to the
+        // paused follower (PINGs unanswered for 2 s drop its connection).
+        load.progress(30_000, Duration::from_secs(60)).await;
+        c.resume(f);
+        c.wait_rejoined(f, Duration::from_secs(30)).await;
+        load.progress(1000, Duration::from_secs(20)).await;
+    }
+
+    let (ops, errors) = load.finish().await;
+    let stall = longest_stall(&ops, started);
+    let checked = check_history(&ops);
+    eprintln!("{checked} calls checked, longest stall {stall:?}");
+    if !errors.is_empty() {
+        c.dump_logs();
+    }
+    assert!(
+        errors.is_empty(),
+        "calls failed: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    assert_eq!(
+        c.wait_leader(Duration::from_secs(5)).await,
+        leader,
+        "a paused follower must not cost the leader its leadership"
+    );
+    let value = |name: &str| common::metric(&c.node(leader).metrics_addr, name).unwrap_or(0.0);
+    let resends = value("seqd_raft_read_index_resends_total");
+    eprintln!("{resends} rounds sent to everyone again");
+    assert!(
+        resends >= 1.0,
+        "no round was re-sent although the chosen follower stopped answering"
+    );
+    assert!(
+        stall < Duration::from_secs(1),
+        "calls stalled for {stall:?} while a follower was paused"
     );
 }
 
