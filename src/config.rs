@@ -164,6 +164,14 @@ pub struct NodeConfig {
     /// [`NodeConfig::runtime_workers`]).
     #[serde(default)]
     pub worker_threads: usize,
+    /// The cluster's shared secret. When set, a node takes Raft streams
+    /// and Admin changes (AddNode, RemoveNode, TransferLeader,
+    /// InjectFault) only from callers that send it (`seqd-secret`
+    /// metadata), and names it to its peers; every node of a cluster sets
+    /// the same. Prefer `SEQD_SECRET` to a file. Unset: no check (the
+    /// network must keep strangers out).
+    #[serde(default)]
+    pub secret: Option<String>,
 }
 
 impl NodeConfig {
@@ -381,6 +389,7 @@ pub struct Overrides {
     pub stop_in_snapshot_install: Option<InstallStep>,
     pub metrics_listen: Option<String>,
     pub worker_threads: Option<usize>,
+    pub secret: Option<String>,
 }
 
 impl Config {
@@ -475,6 +484,9 @@ impl Config {
         if let Some(w) = o.worker_threads {
             self.node.worker_threads = w;
         }
+        if let Some(secret) = &o.secret {
+            self.node.secret = Some(secret.clone());
+        }
         Ok(())
     }
 
@@ -489,6 +501,9 @@ impl Config {
         }
         if self.node.data_dir.as_os_str().is_empty() {
             return Err(invalid("node.data_dir", "must not be empty"));
+        }
+        if let Some(secret) = &self.node.secret {
+            check_secret(secret)?;
         }
         if self.node.worker_threads > MAX_WORKER_THREADS {
             return Err(invalid(
@@ -826,6 +841,31 @@ fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
 /// transport reads it (the authority of `http://{addr}`), so that an
 /// address taken here is one it can connect to: with a port other than 0,
 /// and nothing past it (`node4/x:7004` would be `node4:80`).
+/// Longest cluster secret: a header value, sent on every peer stream.
+pub const MAX_SECRET_BYTES: usize = 256;
+
+/// A cluster secret travels as gRPC metadata: visible ASCII, no spaces,
+/// 16 to [`MAX_SECRET_BYTES`] bytes (shorter is guessable).
+pub fn check_secret(secret: &str) -> Result<(), ConfigError> {
+    let field = "node.secret";
+    if secret.len() < 16 || secret.len() > MAX_SECRET_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "{} bytes; a secret has 16 to {MAX_SECRET_BYTES}",
+                secret.len()
+            ),
+        ));
+    }
+    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            "only visible ASCII characters, without spaces (it is sent as gRPC metadata)",
+        ));
+    }
+    Ok(())
+}
+
 pub fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
     let bad = || invalid(field, format!("{s:?} is not a host:port address"));
     let uri: tonic::codegen::http::Uri = format!("http://{s}").parse().map_err(|_| bad())?;
@@ -1009,6 +1049,47 @@ mod tests {
             let err = check_host_port("addr", bad).unwrap_err().to_string();
             assert!(err.contains("is not a host:port address"), "{bad}: {err}");
         }
+    }
+
+    /// A secret travels as gRPC metadata: visible ASCII, 16 to 256 bytes;
+    /// a refusal names the field, never the secret.
+    #[test]
+    fn a_secret_is_sent_as_metadata_and_long_enough_to_matter() {
+        let load = |secret: &str| {
+            let o = Overrides {
+                secret: Some(secret.to_string()),
+                ..Overrides::default()
+            };
+            Config::load(None, &o).map(|c| c.node.secret)
+        };
+        assert_eq!(
+            load("0123456789abcdef").unwrap().as_deref(),
+            Some("0123456789abcdef")
+        );
+        load(&"x".repeat(MAX_SECRET_BYTES)).unwrap();
+        for bad in [
+            "short",
+            "0123456789abcde",
+            "with a space in it, long enough",
+            "tab\there-long-enough-yes",
+            "non-ascii-ééééééééééé",
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.starts_with("node.secret:"), "{bad:?}: {err}");
+            assert!(
+                !err.contains(bad),
+                "the secret itself is not repeated: {err}"
+            );
+        }
+        let err = load(&"x".repeat(MAX_SECRET_BYTES + 1)).unwrap_err();
+        assert!(err.to_string().starts_with("node.secret:"), "{err}");
+        assert_eq!(
+            Config::load(None, &Overrides::default())
+                .unwrap()
+                .node
+                .secret,
+            None
+        );
     }
 
     /// Values that parse, but with which a node would misbehave once

@@ -82,6 +82,10 @@ struct Args {
     /// Overrides node.worker_threads (0: one per CPU but one, at least one).
     #[arg(long, env = "SEQD_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// Overrides node.secret, the cluster's shared secret (peers and Admin
+    /// changes must send it).
+    #[arg(long, env = "SEQD_SECRET", hide_env_values = true)]
+    secret: Option<String>,
     /// Log JSON lines instead of text.
     #[arg(long, env = "SEQD_LOG_JSON")]
     log_json: bool,
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         stop_in_snapshot_install: args.stop_in_snapshot_install,
         metrics_listen: args.metrics_listen,
         worker_threads: args.worker_threads,
+        secret: args.secret,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -96,6 +96,7 @@ pub async fn serve(
         clock.clone(),
     ));
     let faults = Arc::new(Faults::default());
+    let secret = crate::service::Secret::new(config.node.secret.as_deref());
     let (node, peer_service, node_task) = spawn(
         NodeParams {
             id: config.node.id,
@@ -111,6 +112,7 @@ pub async fn serve(
             faults: faults.clone(),
             // Never 0, which worker records use for "no boot of ours".
             boot: rand::random::<u64>() | 1,
+            secret,
             testing: NodeTesting {
                 stop_in_snapshot_install: config.testing.stop_in_snapshot_install,
                 ..NodeTesting::default()
@@ -168,6 +170,7 @@ pub async fn serve(
             clock,
             faults,
             config.testing.allow_fault_injection,
+            secret,
         )))
         .add_service(
             PeerServer::new(peer_service.stop_with(stopping.clone()))

@@ -34,6 +34,11 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// The cluster's shared secret (node.secret), which changes
+    /// (add-node, remove-node, transfer-leader) must carry when the nodes
+    /// are configured with one.
+    #[arg(long, global = true, env = "SEQD_SECRET", hide_env_values = true)]
+    secret: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -125,6 +130,20 @@ fn progress_line(h: &HandoverProgress) -> String {
     }
 }
 
+/// `message` as a request carrying the cluster's secret, if given.
+fn signed<T>(message: T, secret: Option<&str>) -> Result<tonic::Request<T>, String> {
+    let mut request = tonic::Request::new(message);
+    if let Some(secret) = secret {
+        let value = secret
+            .parse()
+            .map_err(|_| "--secret: only visible ASCII characters".to_string())?;
+        request
+            .metadata_mut()
+            .insert(seqd::service::SECRET_HEADER, value);
+    }
+    Ok(request)
+}
+
 /// Waits for the leader's handover, printing its progress every `every`
 /// (never if zero), for at most `timeout` (if not zero).
 async fn transfer_leader(
@@ -132,11 +151,15 @@ async fn transfer_leader(
     to: Option<u64>,
     every: Duration,
     timeout: Duration,
+    secret: Option<&str>,
 ) -> Result<(), String> {
     let mut admin = admin_kept_alive(leader)?;
-    let call = admin.transfer_leader(TransferLeaderRequest {
-        to: to.unwrap_or(0),
-    });
+    let call = admin.transfer_leader(signed(
+        TransferLeaderRequest {
+            to: to.unwrap_or(0),
+        },
+        secret,
+    )?);
     tokio::pin!(call);
     let started = tokio::time::Instant::now();
     // Zero is never; a century is as good as never, and longer would come
@@ -356,7 +379,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::AddNode { id, addr, voter } => {
             let leader = leader(&cli.endpoints).await?;
             let m = admin(&leader)?
-                .add_node(AddNodeRequest { id, addr, voter })
+                .add_node(signed(
+                    AddNodeRequest { id, addr, voter },
+                    cli.secret.as_deref(),
+                )?)
                 .await
                 .map_err(|s| s.message().to_string())?
                 .into_inner();
@@ -365,7 +391,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::RemoveNode { id } => {
             let leader = leader(&cli.endpoints).await?;
             let m = admin(&leader)?
-                .remove_node(RemoveNodeRequest { id })
+                .remove_node(signed(RemoveNodeRequest { id }, cli.secret.as_deref())?)
                 .await
                 .map_err(|s| s.message().to_string())?
                 .into_inner();
@@ -385,6 +411,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 to,
                 Duration::from_secs(progress_secs),
                 Duration::from_secs(timeout_secs),
+                cli.secret.as_deref(),
             )
             .await?;
             if cli.json {

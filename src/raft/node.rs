@@ -276,6 +276,9 @@ pub struct NodeParams {
     pub faults: Arc<Faults>,
     /// This incarnation's id, carried by its fence renewals (random).
     pub boot: u64,
+    /// The cluster's shared secret, named on the peer streams it opens
+    /// and required on those it takes.
+    pub secret: crate::service::Secret,
     pub testing: NodeTesting,
 }
 
@@ -519,6 +522,7 @@ pub fn spawn(
     let id = params.id;
     let transport_tx = tx.clone();
     let promise = vote_promise(&params.raft);
+    let secret = params.secret;
     let syncer = WalSyncer::start(id, disk.clone(), &tx, faults.clone())
         .map_err(|e| StorageError::corrupt("raft sync thread", e))?;
     let mut node = Node::open(
@@ -535,6 +539,7 @@ pub fn spawn(
                     data_id,
                     vote_promise: promise,
                     layout,
+                    secret,
                 },
                 peers,
                 transport_tx,
@@ -551,7 +556,8 @@ pub fn spawn(
     let task = rt.spawn(node.run());
     Ok((
         NodeHandle::new(tx.clone(), request_timeout),
-        PeerService::new(tx, faults, data_ids, promises, layout, clock, clocks),
+        PeerService::new(tx, faults, data_ids, promises, layout, clock, clocks)
+            .require_secret(secret),
         task,
     ))
 }

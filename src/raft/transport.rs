@@ -65,6 +65,7 @@ pub struct Sender {
     pub data_id: u64,
     pub vote_promise: Duration,
     pub layout: Layout,
+    pub secret: crate::service::Secret,
 }
 
 /// A message queued for a peer; a snapshot's carries the number of its
@@ -328,7 +329,14 @@ fn stream_ended(
     refused: &mut Option<Instant>,
 ) -> bool {
     match res {
-        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+        // Refused for its data directory, layout or secret: each tried
+        // again only every REFUSED_RETRY, and said at the error level.
+        Ok(Err(status))
+            if matches!(
+                status.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::Unauthenticated
+            ) =>
+        {
             let now = Instant::now();
             if refused.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY) {
                 tracing::error!(
@@ -432,6 +440,7 @@ impl Sender {
         if let Ok(layout) = self.layout.to_header().parse() {
             meta.insert(LAYOUT_HEADER, layout);
         }
+        self.secret.name_in(meta);
     }
 }
 
@@ -619,6 +628,8 @@ pub struct PeerService {
     clock: Arc<dyn Clock>,
     /// The latest estimate of each peer's clock offset, for `Status`.
     clocks: PeerClocks,
+    /// Streams must carry it, if set.
+    secret: crate::service::Secret,
 }
 
 /// The latest clock offset estimate (ms, positive: the peer's clock is
@@ -784,6 +795,7 @@ impl PeerService {
         clocks: PeerClocks,
     ) -> Self {
         Self {
+            secret: crate::service::Secret::default(),
             node,
             faults,
             stopping: crate::service::Stopping::never(),
@@ -794,6 +806,12 @@ impl PeerService {
             clock,
             clocks,
         }
+    }
+
+    /// Takes streams only from peers that name `secret` (when set).
+    pub(crate) fn require_secret(mut self, secret: crate::service::Secret) -> Self {
+        self.secret = secret;
+        self
     }
 
     /// No estimate of `peer`'s clock stands: NaN, which no comparison
@@ -933,6 +951,7 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<RaftFrame>>,
     ) -> Result<Response<RaftAck>, Status> {
+        self.secret.check(request.metadata(), "a Raft stream")?;
         let sender = self.admit(request.metadata())?;
         if let (Some((from, _)), Some(ms)) = (
             &sender,
@@ -1001,6 +1020,7 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftAck>, Status> {
+        self.secret.check(request.metadata(), "a snapshot")?;
         // Every build with this call names itself (see `Sender::name_in`).
         let Some((sender, open)) = self.admit(request.metadata())? else {
             return Err(Status::invalid_argument(format!(
@@ -1246,6 +1266,7 @@ mod tests {
             data_id: 10 + id,
             vote_promise: Duration::from_secs(1),
             layout: Layout::from_parts(&[0, 41, 10, 12]).unwrap(),
+            secret: crate::service::Secret::default(),
         }
     }
 

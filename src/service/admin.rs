@@ -28,6 +28,8 @@ pub struct AdminService {
     clock: Arc<SystemClock>,
     faults: Arc<Faults>,
     allow_faults: bool,
+    /// Changes (not `Status`) must carry it, if set.
+    secret: super::Secret,
 }
 
 impl AdminService {
@@ -37,6 +39,7 @@ impl AdminService {
         clock: Arc<SystemClock>,
         faults: Arc<Faults>,
         allow_faults: bool,
+        secret: super::Secret,
     ) -> Self {
         Self {
             node,
@@ -44,6 +47,7 @@ impl AdminService {
             clock,
             faults,
             allow_faults,
+            secret,
         }
     }
 }
@@ -103,6 +107,7 @@ impl Admin for AdminService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
+        self.secret.check(request.metadata(), "TransferLeader")?;
         let to = match request.into_inner().to {
             0 => None,
             id => Some(id),
@@ -119,6 +124,7 @@ impl Admin for AdminService {
         &self,
         request: Request<AddNodeRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
+        self.secret.check(request.metadata(), "AddNode")?;
         let req = request.into_inner();
         if req.id == 0 {
             return Err(Status::invalid_argument("id: must be at least 1"));
@@ -150,6 +156,7 @@ impl Admin for AdminService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
+        self.secret.check(request.metadata(), "RemoveNode")?;
         let id = request.into_inner().id;
         if id == 0 {
             return Err(Status::invalid_argument("id: must be at least 1"));
@@ -165,6 +172,7 @@ impl Admin for AdminService {
         &self,
         request: Request<InjectFaultRequest>,
     ) -> Result<Response<InjectFaultResponse>, Status> {
+        self.secret.check(request.metadata(), "InjectFault")?;
         if !self.allow_faults {
             return Err(Status::failed_precondition(
                 "fault injection is disabled (testing.allow_fault_injection)",

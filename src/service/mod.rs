@@ -143,6 +143,55 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// Metadata carrying the cluster's shared secret (see `node.secret`).
+pub const SECRET_HEADER: &str = "seqd-secret";
+
+/// The cluster's shared secret, if one is configured: peer streams and
+/// Admin changes must carry it. Kept for the process's life (so that the
+/// transport's `Sender` stays `Copy`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Secret(Option<&'static str>);
+
+impl Secret {
+    /// From the configuration: leaked once, at start.
+    pub fn new(secret: Option<&str>) -> Self {
+        Self(secret.map(|s| &*Box::leak(s.to_string().into_boxed_str())))
+    }
+
+    /// Puts the secret (if any) in `meta`.
+    pub fn name_in(&self, meta: &mut tonic::metadata::MetadataMap) {
+        if let Some(v) = self.0.and_then(|s| MetadataValue::try_from(s).ok()) {
+            meta.insert(SECRET_HEADER, v);
+        }
+    }
+
+    /// Refuses a caller that does not send the secret, when one is set:
+    /// `UNAUTHENTICATED`, naming the metadata (never the secret). The
+    /// comparison takes as long whatever the bytes.
+    pub fn check(&self, meta: &tonic::metadata::MetadataMap, what: &str) -> Result<(), Status> {
+        let Some(ours) = self.0 else {
+            return Ok(());
+        };
+        let theirs = meta
+            .get(SECRET_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        let differ = theirs.len() != ours.len()
+            || theirs
+                .iter()
+                .zip(ours.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                != 0;
+        if differ {
+            return Err(Status::unauthenticated(format!(
+                "{what} needs the cluster's secret in {SECRET_HEADER} metadata (node.secret, \
+                 SEQD_SECRET); it was missing or wrong"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Bad input: nothing was done.
 pub fn invalid(e: InvalidArgument) -> Status {
     Status::invalid_argument(e.to_string())

@@ -585,6 +585,7 @@ impl Sim {
             ids,
             faults: Arc::default(),
             boot,
+            secret: crate::service::Secret::default(),
             testing: NodeTesting {
                 fixed_election_timeout: true,
                 skip_leadership_check: self.cfg.break_leadership_check,
