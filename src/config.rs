@@ -848,6 +848,14 @@ pub const MAX_SECRET_BYTES: usize = 256;
 /// 16 to [`MAX_SECRET_BYTES`] bytes (shorter is guessable).
 pub fn check_secret(secret: &str) -> Result<(), ConfigError> {
     let field = "node.secret";
+    if secret.is_empty() {
+        // Refused rather than taken as "no secret": an empty variable is
+        // more often a secret that went missing than a choice.
+        return Err(invalid(
+            field,
+            "empty; to run without a secret, leave it (and SEQD_SECRET) unset",
+        ));
+    }
     if secret.len() < 16 || secret.len() > MAX_SECRET_BYTES {
         return Err(invalid(
             field,
@@ -1081,6 +1089,8 @@ mod tests {
                 "the secret itself is not repeated: {err}"
             );
         }
+        let err = load("").unwrap_err().to_string();
+        assert!(err.starts_with("node.secret: empty"), "{err}");
         let err = load(&"x".repeat(MAX_SECRET_BYTES + 1)).unwrap_err();
         assert!(err.to_string().starts_with("node.secret:"), "{err}");
         assert_eq!(
