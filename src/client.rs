@@ -559,7 +559,7 @@ impl Client {
             reply,
         };
         self.enqueue::<Seqs>(namespace, waiter);
-        answered(answer).await
+        answered(answer, deadline).await
     }
 
     /// `count` Snowflake IDs, strictly increasing, all from one node (the
@@ -580,7 +580,7 @@ impl Client {
                 reply,
             },
         );
-        answered(answer).await
+        answered(answer, deadline).await
     }
 
     /// Queues `waiter` in lane `name`, and sends the lane's queue now or
@@ -701,13 +701,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A queued call's answer.
-async fn answered<T>(answer: oneshot::Receiver<Result<T, ClientError>>) -> Result<T, ClientError> {
-    answer.await.unwrap_or_else(|_| {
-        Err(ClientError::Rejected(Status::cancelled(
+/// A queued call's answer, or an error at its `deadline`: an RPC it rides
+/// may be in an attempt that outlasts it (a unary attempt runs the whole
+/// attempt timeout). Given up on here, the call is dropped from the queue
+/// if no RPC took it yet (see `prune`).
+async fn answered<T>(
+    answer: oneshot::Receiver<Result<T, ClientError>>,
+    deadline: Instant,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout_at(deadline.into(), answer).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(ClientError::Rejected(Status::cancelled(
             "the client task carrying this call ended without an answer",
-        )))
-    })
+        ))),
+        Err(_) => Err(ClientError::Exhausted {
+            attempts: 0,
+            last: Status::deadline_exceeded("no answer within the call's overall timeout"),
+        }),
+    }
 }
 
 /// Calls for one key riding the same RPC as one `NextBatch` item (a key
@@ -1548,20 +1559,19 @@ impl Inner {
                     }
                 }
             },
-            // The server refused the batch as a whole (one bad key, or a
-            // summed count over the namespace's limit): ask for each call on
-            // its own, so only a bad one fails. (A batch of one call was
-            // that call: its refusal is its answer.)
+
             // A refusal of the namespace is every call's (each alone would
-            // get it): answered at once, not asked for call by call.
+            // get it): answered at once, not asked for call by call. Any
+            // other refusal of the batch as a whole (one bad key, or a
+            // summed count over the namespace's limit): each call is asked
+            // for on its own, so only a bad one fails, with the fields of
+            // its own call (`key`, not the batch's `items[0].key`).
             Err(ClientError::Rejected(status)) if refuses_every_call(&status) => {
                 for w in batch.into_iter().flat_map(|i| i.waiters) {
                     let _ = w.reply.send(Err(ClientError::Rejected(status.clone())));
                 }
             }
-            Err(ClientError::Rejected(_))
-                if batch.iter().map(|i| i.waiters.len()).sum::<usize>() > 1 =>
-            {
+            Err(ClientError::Rejected(_)) => {
                 let singles = batch
                     .into_iter()
                     .zip(keys)
@@ -1719,21 +1729,23 @@ impl Inner {
                 "the {} to this node ended",
                 P::NAME
             ))),
-            Err(_) if deadline < attempt_ends => Err(Status::deadline_exceeded(format!(
-                "no reply on the {} before the call's overall timeout",
-                P::NAME
-            ))),
             Err(_) => {
                 // A stream that lets a reply wait this long may never send
                 // it (a node that stopped answering), and whoever waited
                 // for it would stay in its table as long as it lives: the
                 // next call opens a new stream, and this one ends once the
-                // node answers what it still owes, or its connection dies.
-                // (A call that merely ran out of its own time leaves the
-                // stream to the others.)
+                // node answers what it still owes (the calls already on it
+                // still get their replies), or its connection dies. Also
+                // when the call's own deadline came first: with an overall
+                // timeout under the attempt timeout, that is every time.
                 stream.close();
+                let waited = if deadline < attempt_ends {
+                    "before the call's overall timeout"
+                } else {
+                    "within the attempt timeout"
+                };
                 Err(Status::deadline_exceeded(format!(
-                    "no reply on the {} within the attempt timeout",
+                    "no reply on the {} {waited}",
                     P::NAME
                 )))
             }
@@ -1822,6 +1834,9 @@ impl Inner {
             if !retryable(&status) {
                 return Err(ClientError::Rejected(status));
             }
+            // Out of time: this call ends here, and what it saw of a node
+            // too slow for its deadline moves no other call's leader guess.
+            retry.give_up_if_due(&status)?;
             let hint = self.follow_hint(&status, &target).await;
             let fresh_hint = match &hint {
                 Some(h) if !hints_followed.contains(h) => {
@@ -1878,6 +1893,7 @@ impl Inner {
             } else if !retryable(&status) {
                 return Err(ClientError::Rejected(status));
             }
+            retry.give_up_if_due(&status)?;
             // Calls failing together at one node move the client on once,
             // not once each.
             let _ = self.ids_node.compare_exchange(
@@ -2016,6 +2032,17 @@ impl Retry {
             backoff_max: opts.backoff_max,
             attempts: 0,
         }
+    }
+
+    /// Gives up, with `last`, if the deadline has passed.
+    fn give_up_if_due(&self, last: &Status) -> Result<(), ClientError> {
+        if Instant::now() >= self.deadline {
+            return Err(ClientError::Exhausted {
+                attempts: self.attempts,
+                last: last.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// After a failed attempt (`last`): gives up once the deadline has
@@ -2383,6 +2410,9 @@ mod tests {
             let items = request.into_inner().items;
             let calls = items.iter().map(|i| i.count as usize).sum();
             lock(&self.calls_per_rpc).push(calls);
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.expect("never closed").forget();
+            }
             Ok(tonic::Response::new(answer_from_one(items)))
         }
 
@@ -3409,9 +3439,21 @@ mod tests {
         tokio::spawn(async move { client.next("ns", key, 1).await })
     }
 
+    /// Until `server` has seen `n` keys on its streams.
+    #[cfg(feature = "server")]
+    async fn wait_stream_keys(server: &CountingServer, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&server.stream_keys).len() < n {
+            assert!(Instant::now() < deadline, "{n} keys never reached the node");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Until `n` calls are queued in lane `ns`.
     async fn wait_queued(client: &Client, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
         while lock(&client.inner.lanes)["ns"].queued.len() < n {
+            assert!(Instant::now() < deadline, "{n} calls never queued");
             tokio::task::yield_now().await;
         }
     }
@@ -3424,14 +3466,7 @@ mod tests {
     async fn a_queued_call_whose_caller_gave_up_is_not_sent() {
         let (server, gate, client) = held_server_and_one_slot().await;
         let first = spawn_next(&client, "a");
-        let seen = Instant::now() + Duration::from_secs(10);
-        while lock(&server.stream_keys).is_empty() {
-            assert!(
-                Instant::now() < seen,
-                "the first call never reached the node"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_stream_keys(&server, 1).await;
         let gave_up = tokio::time::timeout(Duration::from_millis(20), client.next("ns", "b", 1));
         assert!(gave_up.await.is_err(), "queued behind the held RPC");
         let last = spawn_next(&client, "c");
@@ -3475,32 +3510,67 @@ mod tests {
         );
     }
 
-    /// An attempt waits for its reply no longer than the call's deadline,
-    /// and a call that ran out of time leaves the stream it shares open.
+    /// An attempt waits for its reply no longer than the call's deadline;
+    /// the stream it waited on is closed (the calls on it still get their
+    /// replies; new ones open another), and the leader guess stays: the
+    /// node was too slow for this call, which says nothing to the others.
+    /// A call held in a unary attempt (a node without the stream) is
+    /// answered at its deadline too, though the attempt runs on.
     #[cfg(feature = "server")]
     #[tokio::test]
-    async fn an_attempt_ends_at_the_calls_deadline_and_leaves_the_stream_open() {
-        let server = CountingServer {
-            gate: Some(Arc::new(tokio::sync::Semaphore::new(0))),
-            ..CountingServer::streaming()
-        };
-        let addr = serve(server.clone()).await.to_string();
+    async fn an_attempt_ends_at_the_calls_deadline() {
         let opts = ClientOptions {
             overall_timeout: Duration::from_millis(300),
             attempt_timeout: Duration::from_secs(5),
             ..ClientOptions::default()
         };
-        let client = Client::new(std::slice::from_ref(&addr), opts).unwrap();
-        let started = Instant::now();
-        let got = client.next("ns", "a", 1).await;
-        let took = started.elapsed();
-        match &got {
-            Err(ClientError::Exhausted { last, .. }) if last.code() == Code::DeadlineExceeded => {}
-            other => panic!("{other:?}"),
+        for streaming in [true, false] {
+            let mut server = CountingServer {
+                gate: Some(Arc::new(tokio::sync::Semaphore::new(0))),
+                ..CountingServer::default()
+            };
+            if streaming {
+                server = CountingServer {
+                    gate: server.gate,
+                    ..CountingServer::streaming()
+                };
+            }
+            let addr = serve(server.clone()).await.to_string();
+            let client = Client::new(std::slice::from_ref(&addr), opts.clone()).unwrap();
+            client.inner.set_leader(Some(addr.clone()));
+            let started = Instant::now();
+            let got = client.next("ns", "a", 1).await;
+            let took = started.elapsed();
+            match &got {
+                Err(ClientError::Exhausted { last, .. })
+                    if last.code() == Code::DeadlineExceeded => {}
+                other => panic!("streaming {streaming}: {other:?}"),
+            }
+            assert!(
+                took < Duration::from_secs(2),
+                "streaming {streaming}: waited {took:?}"
+            );
+            if streaming {
+                // Once the task that sent the batch gave up too (at the
+                // same deadline), the guess is still the node.
+                let done = Instant::now() + Duration::from_secs(2);
+                while in_flight(&client) > 0 {
+                    assert!(Instant::now() < done, "the batch's task never ended");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                assert_eq!(client.inner.leader_guess(), Some(addr.clone()));
+                // The caller is answered at its deadline; the task that sent
+                // its batch closes the stream at the same moment.
+                let closing = Instant::now() + Duration::from_secs(2);
+                while lock(&client.inner.streams.open)[&addr].is_open() {
+                    assert!(
+                        Instant::now() < closing,
+                        "the stream that let the reply wait is still used"
+                    );
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
         }
-        assert!(took < Duration::from_secs(2), "waited {took:?}");
-        let open = lock(&client.inner.streams.open)[&addr].is_open();
-        assert!(open, "the shared stream was closed");
     }
 
     /// A backoff that reaches the deadline ends the call: no attempt
@@ -3594,25 +3664,24 @@ mod tests {
     }
 
     /// A batch the server refuses whole is asked for call by call, so only
-    /// the bad call fails; a batch of one call was that call, and its
-    /// refusal is its answer (not sent again on its own).
+    /// the bad call fails, and with the fields of its own call (`key:`,
+    /// not the batch's `items[0].key:`), also when it went alone (I6).
     #[cfg(feature = "server")]
     #[tokio::test]
-    async fn a_refused_batch_is_split_only_when_it_carried_several_calls() {
+    async fn a_refused_call_gets_the_fields_of_its_own_call() {
         let (server, gate, client) = held_server_and_one_slot().await;
         gate.add_permits(1);
         let alone = client.next("ns", "bad-alone", 1).await;
         assert!(
-            matches!(&alone, Err(ClientError::Rejected(s)) if s.code() == Code::InvalidArgument),
+            matches!(&alone, Err(ClientError::Rejected(s))
+                if s.code() == Code::InvalidArgument && s.message().starts_with("key:")),
             "{alone:?}"
         );
-        assert!(lock(&server.calls_per_rpc).is_empty(), "sent again alone");
+        assert_eq!(*lock(&server.calls_per_rpc), vec![1], "sent again alone");
 
         // Held behind a first call, a bad and a good call share a batch.
         let first = spawn_next(&client, "first");
-        while lock(&server.stream_keys).len() < 2 {
-            tokio::task::yield_now().await;
-        }
+        wait_stream_keys(&server, 2).await;
         let bad = spawn_next(&client, "bad");
         let good = spawn_next(&client, "good");
         wait_queued(&client, 2).await;
@@ -3629,7 +3698,7 @@ mod tests {
             vec!["bad", "good"],
             "one batch carried both"
         );
-        assert_eq!(lock(&server.calls_per_rpc).len(), 2, "each asked alone");
+        assert_eq!(lock(&server.calls_per_rpc).len(), 3, "each asked alone");
     }
 
     /// A batch refused for its namespace fails every call in it at once:
@@ -3642,9 +3711,7 @@ mod tests {
             let client = client.clone();
             async move { client.next("unknown", "first", 1).await }
         });
-        while lock(&server.stream_keys).is_empty() {
-            tokio::task::yield_now().await;
-        }
+        wait_stream_keys(&server, 1).await;
         let queued: Vec<_> = ["a", "b", "c"]
             .into_iter()
             .map(|key| {
@@ -3652,10 +3719,12 @@ mod tests {
                 tokio::spawn(async move { client.next("unknown", key, 1).await })
             })
             .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
         while lock(&client.inner.lanes)
             .get("unknown")
             .is_none_or(|lane| lane.queued.len() < 3)
         {
+            assert!(Instant::now() < deadline, "3 calls never queued");
             tokio::task::yield_now().await;
         }
         gate.add_permits(10);

@@ -171,7 +171,29 @@ pub struct NodeConfig {
     /// the same. Prefer `SEQD_SECRET` to a file. Unset: no check (the
     /// network must keep strangers out).
     #[serde(default)]
-    pub secret: Option<String>,
+    pub secret: Option<SecretText>,
+}
+
+/// A secret as configured: its `Debug` does not show it, so that printing
+/// a configuration never prints the secret.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl SecretText {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretText(..)")
+    }
 }
 
 impl NodeConfig {
@@ -389,7 +411,7 @@ pub struct Overrides {
     pub stop_in_snapshot_install: Option<InstallStep>,
     pub metrics_listen: Option<String>,
     pub worker_threads: Option<usize>,
-    pub secret: Option<String>,
+    pub secret: Option<SecretText>,
 }
 
 impl Config {
@@ -503,7 +525,7 @@ impl Config {
             return Err(invalid("node.data_dir", "must not be empty"));
         }
         if let Some(secret) = &self.node.secret {
-            check_secret(secret)?;
+            check_secret(secret.expose())?;
         }
         if self.node.worker_threads > MAX_WORKER_THREADS {
             return Err(invalid(
@@ -836,11 +858,6 @@ fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| invalid(field, format!("{s:?} is not an ip:port address")))
 }
 
-/// `host:port`, where host may be a name (resolved when connecting), as in
-/// a compose network, or an IPv6 address in brackets. Read as the peer
-/// transport reads it (the authority of `http://{addr}`), so that an
-/// address taken here is one it can connect to: with a port other than 0,
-/// and nothing past it (`node4/x:7004` would be `node4:80`).
 /// Longest cluster secret: a header value, sent on every peer stream.
 pub const MAX_SECRET_BYTES: usize = 256;
 
@@ -874,6 +891,11 @@ pub fn check_secret(secret: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `host:port`, where host may be a name (resolved when connecting), as in
+/// a compose network, or an IPv6 address in brackets. Read as the peer
+/// transport reads it (the authority of `http://{addr}`), so that an
+/// address taken here is one it can connect to: with a port other than 0,
+/// and nothing past it (`node4/x:7004` would be `node4:80`).
 pub fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
     let bad = || invalid(field, format!("{s:?} is not a host:port address"));
     let uri: tonic::codegen::http::Uri = format!("http://{s}").parse().map_err(|_| bad())?;
@@ -1065,10 +1087,10 @@ mod tests {
     fn a_secret_is_sent_as_metadata_and_long_enough_to_matter() {
         let load = |secret: &str| {
             let o = Overrides {
-                secret: Some(secret.to_string()),
+                secret: Some(SecretText::new(secret)),
                 ..Overrides::default()
             };
-            Config::load(None, &o).map(|c| c.node.secret)
+            Config::load(None, &o).map(|c| c.node.secret.map(|s| s.expose().to_string()))
         };
         assert_eq!(
             load("0123456789abcdef").unwrap().as_deref(),
@@ -1091,6 +1113,15 @@ mod tests {
         }
         let err = load("").unwrap_err().to_string();
         assert!(err.starts_with("node.secret: empty"), "{err}");
+        // Printed, a configuration (and the node's copy) does not show it.
+        let o = Overrides {
+            secret: Some(SecretText::new("do-not-print-this-one")),
+            ..Overrides::default()
+        };
+        let printed = format!("{:?} {o:?}", Config::load(None, &o).unwrap());
+        assert!(!printed.contains("do-not-print"), "{printed}");
+        let node_copy = crate::service::Secret::new(Some("do-not-print-this-one"));
+        assert_eq!(format!("{node_copy:?}"), "Secret(set)");
         let err = load(&"x".repeat(MAX_SECRET_BYTES + 1)).unwrap_err();
         assert!(err.to_string().starts_with("node.secret:"), "{err}");
         assert_eq!(

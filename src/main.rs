@@ -110,7 +110,7 @@ fn main() -> ExitCode {
         stop_in_snapshot_install: args.stop_in_snapshot_install,
         metrics_listen: args.metrics_listen,
         worker_threads: args.worker_threads,
-        secret: args.secret,
+        secret: args.secret.map(seqd::config::SecretText::new),
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

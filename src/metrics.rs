@@ -25,9 +25,10 @@ pub const ID_STREAMS_OPEN: &str = "seqd_id_streams_open";
 /// (records are bounded by count and ranges, not time), by `records`:
 /// `served`, the leader's records of the calls it answered (segmented
 /// calls rely on them), and `applied`, every node's records of the dense
-/// calls the log applied. A client retry that comes later than this after
-/// its first attempt gets new numbers, and the first attempt's are a hole.
-/// Compare with the clients' attempt and overall timeouts.
+/// calls the log applied. A record lasts between this and about twice
+/// this: a client retry that comes later than this after its first attempt
+/// may get new numbers, and the first attempt's are then a hole. Compare
+/// with the clients' attempt and overall timeouts.
 pub const REQUEST_RECORDS_KEPT_SECONDS: &str = "seqd_request_records_kept_seconds";
 /// Keys whose ceiling was raised ahead of demand (segment refills).
 pub const REFILLS_TOTAL: &str = "seqd_segment_refills_total";

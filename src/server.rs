@@ -96,7 +96,7 @@ pub async fn serve(
         clock.clone(),
     ));
     let faults = Arc::new(Faults::default());
-    let secret = crate::service::Secret::new(config.node.secret.as_deref());
+    let secret = crate::service::Secret::new(config.node.secret.as_ref().map(|s| s.expose()));
     let (node, peer_service, node_task) = spawn(
         NodeParams {
             id: config.node.id,

@@ -84,9 +84,13 @@ async fn pausing_either_follower_under_load_fails_no_call() {
     let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     for &f in &followers {
         c.pause(f).await;
-        // About three seconds of calls: past the leader's keepalive to the
-        // paused follower (PINGs unanswered for 2 s drop its connection).
-        load.progress(30_000, Duration::from_secs(60)).await;
+        // Calls for at least 3.5 s: past the leader's keepalive to the
+        // paused follower (a PING after 1 s idle, unanswered for 2 s,
+        // drops its connection).
+        let paused = Instant::now();
+        while paused.elapsed() < Duration::from_millis(3_500) {
+            load.progress(1_000, Duration::from_secs(20)).await;
+        }
         c.resume(f);
         c.wait_rejoined(f, Duration::from_secs(30)).await;
         load.progress(1000, Duration::from_secs(20)).await;

@@ -1,8 +1,8 @@
 //! A cluster configured with a shared secret (`node.secret`) takes Raft
 //! streams and Admin changes only from callers that send it: a forged Raft
-//! message, which raft-rs would take as fatal, is refused before it reaches
-//! the node; Admin changes without it are refused while `Status` stays
-//! open; seqctl with `--secret` works; a node started with another secret
+//! message (which raft-rs would take as fatal) or snapshot is refused
+//! before it reaches the node; every Admin change without it is refused
+//! while `Status` stays open; seqctl with `--secret` works; a node started with another secret
 //! is refused by its peers, says so in its log, and the others serve on.
 //! Real processes.
 
@@ -15,7 +15,10 @@ use common::Cluster;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use seqd::pb::peer_client::PeerClient;
-use seqd::pb::{RaftFrame, TransferLeaderRequest};
+use seqd::pb::{
+    AddNodeRequest, InjectFaultRequest, RaftFrame, RemoveNodeRequest, SnapshotChunk,
+    TransferLeaderRequest,
+};
 use seqd::service::SECRET_HEADER;
 use tonic::Code;
 
@@ -89,15 +92,52 @@ async fn with_a_secret_only_callers_that_send_it_reach_raft_and_admin() {
     assert!(next > after);
     assert_eq!(c.wait_leader(Duration::from_secs(5)).await, leader);
 
-    // Admin changes need it; Status does not.
-    let refused = c
-        .admin(leader)
-        .await
-        .transfer_leader(TransferLeaderRequest { to: 0 })
-        .await
-        .expect_err("refused");
+    // Nor does a forged snapshot.
+    let mut peer = PeerClient::connect(addr.clone()).await.unwrap();
+    let chunk = SnapshotChunk {
+        from: 7,
+        total: 3,
+        data: vec![1, 2, 3],
+    };
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![chunk]));
+    request.metadata_mut().insert("seqd-node-id", 7u64.into());
+    request.metadata_mut().insert("seqd-data-id", 7u64.into());
+    let refused = peer.snapshot(request).await.expect_err("refused");
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
-    assert!(c.status(leader).await.is_some(), "Status stays open");
+
+    // Admin changes need it; Status does not.
+    let mut admin = c.admin(leader).await;
+    let refusals = [
+        admin
+            .transfer_leader(TransferLeaderRequest { to: 0 })
+            .await
+            .map(drop),
+        admin
+            .add_node(AddNodeRequest {
+                id: 9,
+                addr: "127.0.0.1:9".into(),
+                voter: false,
+            })
+            .await
+            .map(drop),
+        admin
+            .remove_node(RemoveNodeRequest { id: 3 })
+            .await
+            .map(drop),
+        admin
+            .inject_fault(InjectFaultRequest {
+                isolate: true,
+                ..InjectFaultRequest::default()
+            })
+            .await
+            .map(drop),
+    ];
+    for refused in refusals {
+        let refused = refused.expect_err("refused");
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    }
+    let status = c.status(leader).await.expect("Status stays open");
+    assert_eq!(status.voters.len(), 3, "no member added or removed");
     let (ok, text) = seqctl(&c, &["remove-node", "--id", "3"]);
     assert!(!ok && text.contains(SECRET_HEADER), "{text}");
     let (ok, text) = seqctl(&c, &["--secret", SECRET, "transfer-leader"]);

@@ -217,11 +217,11 @@ fn next_part(untrimmed: &[DenseRaise], max_keys: usize, max_bytes: usize) -> usi
 }
 
 /// Whether applying `entries` should leave the node loop's worker thread
-/// to the runtime's other tasks: a configuration change (rare; it is
-/// written with the applied index and the state in one unsynced batch, a
-/// lost one applied again from the synced log) and a long batch (a
-/// follower catching up, a trim of every key) would hold the worker's
-/// tasks. A short apply of normal
+/// to the runtime's other tasks: a long batch (a follower catching up, a
+/// trim of every key) would hold them; a configuration change is rare, and
+/// handing the worker off for it costs nothing that matters (it is written
+/// as any apply is, in one unsynced batch with the applied index, a lost
+/// one applied again from the synced log). A short apply of normal
 /// entries writes the state unsynced (the log it comes from is durable),
 /// a memtable insert and a page-cache append that the loop does itself:
 /// handing the worker to another thread for it cost more than the write

@@ -149,8 +149,18 @@ pub const SECRET_HEADER: &str = "seqd-secret";
 /// The cluster's shared secret, if one is configured: peer streams and
 /// Admin changes must carry it. Kept for the process's life (so that the
 /// transport's `Sender` stays `Copy`).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Copy, Default)]
 pub struct Secret(Option<&'static str>);
+
+/// Says whether a secret is set, never what it is.
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(_) => f.write_str("Secret(set)"),
+            None => f.write_str("Secret(none)"),
+        }
+    }
+}
 
 impl Secret {
     /// From the configuration: leaked once, at start.
