@@ -17,54 +17,7 @@ const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_either_follower_under_load_fails_no_call() {
-    let mut c = Cluster::start(3, RAFT);
-    let leader = c.wait_leader(Duration::from_secs(20)).await;
-    let client = Arc::new(c.client());
-    let load = Load::start(client.clone(), "conv", 40, 12);
-    load.progress(1000, Duration::from_secs(30)).await;
-
-    let started = Instant::now();
-    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
-    for &f in &followers {
-        c.kill(f);
-        // The leader and the other follower serve on their own.
-        load.progress(1000, Duration::from_secs(20)).await;
-        c.spawn(f);
-        c.wait_rejoined(f, Duration::from_secs(30)).await;
-        load.progress(1000, Duration::from_secs(20)).await;
-    }
-
-    let (ops, errors) = load.finish().await;
-    let stall = longest_stall(&ops, started);
-    let checked = check_history(&ops);
-    eprintln!("{checked} calls checked, longest stall {stall:?}");
-    if !errors.is_empty() {
-        c.dump_logs();
-    }
-    assert!(
-        errors.is_empty(),
-        "calls failed: {:?}",
-        &errors[..errors.len().min(5)]
-    );
-    assert_eq!(
-        c.wait_leader(Duration::from_secs(5)).await,
-        leader,
-        "a follower's death must not cost the leader its leadership"
-    );
-    // One of the two kills took the follower the rounds went to.
-    let value = |name: &str| common::metric(&c.node(leader).metrics_addr, name).unwrap_or(0.0);
-    let rounds = value("seqd_raft_read_index_rounds_total");
-    let resends = value("seqd_raft_read_index_resends_total");
-    eprintln!("{rounds} read rounds, {resends} sent to everyone again");
-    assert!(rounds > 0.0, "no read round counted");
-    assert!(
-        resends >= 1.0,
-        "no round was re-sent although the chosen follower died"
-    );
-    assert!(
-        stall < Duration::from_secs(1),
-        "calls stalled for {stall:?} while a follower was down"
-    );
+    each_follower_in_turn_under_load(Disruption::Kill).await;
 }
 
 /// A follower that stops answering without closing its connections (a
@@ -74,6 +27,24 @@ async fn killing_either_follower_under_load_fails_no_call() {
 /// number is checked for I1 and I2, also after the follower resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pausing_either_follower_under_load_fails_no_call() {
+    each_follower_in_turn_under_load(Disruption::Pause).await;
+}
+
+/// What befalls each follower in turn.
+#[derive(Debug, Clone, Copy)]
+enum Disruption {
+    /// SIGKILL, then started again.
+    Kill,
+    /// SIGSTOP, then SIGCONT.
+    Pause,
+}
+
+/// Three nodes under load; each follower in turn is disrupted and comes
+/// back. No call may fail or stall for a second, the leader keeps its
+/// leadership, a round waiting on the disrupted follower is sent to
+/// everyone again (one of the two took the follower the rounds went to),
+/// and every number is checked for I1 and I2.
+async fn each_follower_in_turn_under_load(how: Disruption) {
     let mut c = Cluster::start(3, RAFT);
     let leader = c.wait_leader(Duration::from_secs(20)).await;
     let client = Arc::new(c.client());
@@ -83,15 +54,25 @@ async fn pausing_either_follower_under_load_fails_no_call() {
     let started = Instant::now();
     let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     for &f in &followers {
-        c.pause(f).await;
-        // Calls for at least 3.5 s: past the leader's keepalive to the
-        // paused follower (a PING after 1 s idle, unanswered for 2 s,
-        // drops its connection).
-        let paused = Instant::now();
-        while paused.elapsed() < Duration::from_millis(3_500) {
-            load.progress(1_000, Duration::from_secs(20)).await;
+        // The leader and the other follower serve on their own meanwhile.
+        match how {
+            Disruption::Kill => {
+                c.kill(f);
+                load.progress(1000, Duration::from_secs(20)).await;
+                c.spawn(f);
+            }
+            Disruption::Pause => {
+                c.pause(f).await;
+                // Calls for at least 3.5 s: past the leader's keepalive to
+                // the paused follower (a PING after 1 s idle, unanswered
+                // for 2 s, drops its connection).
+                let paused = Instant::now();
+                while paused.elapsed() < Duration::from_millis(3_500) {
+                    load.progress(1_000, Duration::from_secs(20)).await;
+                }
+                c.resume(f);
+            }
         }
-        c.resume(f);
         c.wait_rejoined(f, Duration::from_secs(30)).await;
         load.progress(1000, Duration::from_secs(20)).await;
     }
@@ -99,30 +80,32 @@ async fn pausing_either_follower_under_load_fails_no_call() {
     let (ops, errors) = load.finish().await;
     let stall = longest_stall(&ops, started);
     let checked = check_history(&ops);
-    eprintln!("{checked} calls checked, longest stall {stall:?}");
+    eprintln!("{how:?}: {checked} calls checked, longest stall {stall:?}");
     if !errors.is_empty() {
         c.dump_logs();
     }
     assert!(
         errors.is_empty(),
-        "calls failed: {:?}",
+        "{how:?}: calls failed: {:?}",
         &errors[..errors.len().min(5)]
     );
     assert_eq!(
         c.wait_leader(Duration::from_secs(5)).await,
         leader,
-        "a paused follower must not cost the leader its leadership"
+        "{how:?}: a follower's trouble must not cost the leader its leadership"
     );
     let value = |name: &str| common::metric(&c.node(leader).metrics_addr, name).unwrap_or(0.0);
+    let rounds = value("seqd_raft_read_index_rounds_total");
     let resends = value("seqd_raft_read_index_resends_total");
-    eprintln!("{resends} rounds sent to everyone again");
+    eprintln!("{how:?}: {rounds} read rounds, {resends} sent to everyone again");
+    assert!(rounds > 0.0, "no read round counted");
     assert!(
         resends >= 1.0,
-        "no round was re-sent although the chosen follower stopped answering"
+        "{how:?}: no round was re-sent although the chosen follower stopped answering"
     );
     assert!(
         stall < Duration::from_secs(1),
-        "calls stalled for {stall:?} while a follower was paused"
+        "{how:?}: calls stalled for {stall:?} while a follower was out"
     );
 }
 

@@ -54,6 +54,23 @@ fn forged_heartbeat(to: u64) -> RaftFrame {
     }
 }
 
+/// A peer stream of one `frame`, named as node 7 (any data id), with
+/// `secret` if given.
+fn as_node_7<T>(
+    frame: T,
+    secret: Option<&str>,
+) -> tonic::Request<tokio_stream::Iter<std::vec::IntoIter<T>>> {
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![frame]));
+    request.metadata_mut().insert("seqd-node-id", 7u64.into());
+    request.metadata_mut().insert("seqd-data-id", 7u64.into());
+    if let Some(s) = secret {
+        request
+            .metadata_mut()
+            .insert(SECRET_HEADER, s.parse().unwrap());
+    }
+    request
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_a_secret_only_callers_that_send_it_reach_raft_and_admin() {
     let mut c = Cluster::start(3, RAFT);
@@ -76,14 +93,7 @@ async fn with_a_secret_only_callers_that_send_it_reach_raft_and_admin() {
     let addr = format!("http://{}", c.node(leader).addr);
     for secret in [None, Some("a-wrong-secret-of-length")] {
         let mut peer = PeerClient::connect(addr.clone()).await.unwrap();
-        let mut request = tonic::Request::new(tokio_stream::iter(vec![forged_heartbeat(leader)]));
-        request.metadata_mut().insert("seqd-node-id", 7u64.into());
-        request.metadata_mut().insert("seqd-data-id", 7u64.into());
-        if let Some(s) = secret {
-            request
-                .metadata_mut()
-                .insert(SECRET_HEADER, s.parse().unwrap());
-        }
+        let request = as_node_7(forged_heartbeat(leader), secret);
         let refused = peer.raft(request).await.expect_err("refused");
         assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
         assert!(refused.message().contains(SECRET_HEADER), "{refused:?}");
@@ -99,10 +109,10 @@ async fn with_a_secret_only_callers_that_send_it_reach_raft_and_admin() {
         total: 3,
         data: vec![1, 2, 3],
     };
-    let mut request = tonic::Request::new(tokio_stream::iter(vec![chunk]));
-    request.metadata_mut().insert("seqd-node-id", 7u64.into());
-    request.metadata_mut().insert("seqd-data-id", 7u64.into());
-    let refused = peer.snapshot(request).await.expect_err("refused");
+    let refused = peer
+        .snapshot(as_node_7(chunk, None))
+        .await
+        .expect_err("refused");
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
 
     // Admin changes need it; Status does not.
