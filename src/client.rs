@@ -413,33 +413,26 @@ trait Queued {
     fn fail(self, error: ClientError);
 }
 
-impl Queued for Waiter {
-    fn deadline(&self) -> Instant {
-        self.deadline
-    }
+/// Both kinds of waiter keep a `deadline` and a `reply` sender alike.
+macro_rules! queued_by_reply {
+    ($($waiter:ty),*) => {$(
+        impl Queued for $waiter {
+            fn deadline(&self) -> Instant {
+                self.deadline
+            }
 
-    fn abandoned(&self) -> bool {
-        self.reply.is_closed()
-    }
+            fn abandoned(&self) -> bool {
+                self.reply.is_closed()
+            }
 
-    fn fail(self, error: ClientError) {
-        let _ = self.reply.send(Err(error));
-    }
+            fn fail(self, error: ClientError) {
+                let _ = self.reply.send(Err(error));
+            }
+        }
+    )*};
 }
 
-impl Queued for IdsWaiter {
-    fn deadline(&self) -> Instant {
-        self.deadline
-    }
-
-    fn abandoned(&self) -> bool {
-        self.reply.is_closed()
-    }
-
-    fn fail(self, error: ClientError) {
-        let _ = self.reply.send(Err(error));
-    }
-}
+queued_by_reply!(Waiter, IdsWaiter);
 
 /// Before an RPC takes the queue: calls whose callers gave up are dropped
 /// unsent (sent, their numbers would be taken and never returned: in a
