@@ -379,6 +379,9 @@ pub enum ConfigError {
 }
 
 /// Refuses `value` above `max`, naming `field`.
+/// Longest `raft.request_timeout_ms`: ten minutes.
+pub const MAX_REQUEST_TIMEOUT_MS: u64 = 600_000;
+
 fn at_most(field: &str, value: u64, max: u64) -> Result<(), ConfigError> {
     if value > max {
         return Err(invalid(field, format!("must be at most {max}")));
@@ -609,6 +612,14 @@ impl Config {
                 ),
             ));
         }
+        // Ten minutes is far past any client's patience (the Rust client
+        // gives up after 10 s): a call held longer holds its memory and
+        // its caller's connection for nothing.
+        at_most(
+            "raft.request_timeout_ms",
+            r.request_timeout_ms,
+            MAX_REQUEST_TIMEOUT_MS,
+        )?;
         // raft-rs allocates this many slots per peer; the transport queues
         // no more than PEER_QUEUE messages per peer anyway.
         let max_inflight = crate::raft::transport::PEER_QUEUE;
@@ -1173,6 +1184,13 @@ mod tests {
         // Deadlines looked at once a tick.
         with("request_timeout_ms = 50", "").unwrap();
         refused("request_timeout_ms = 49", "", "raft.request_timeout_ms");
+        with("request_timeout_ms = 600000", "").unwrap();
+        refused("request_timeout_ms = 600001", "", "raft.request_timeout_ms");
+        refused(
+            "request_timeout_ms = 9223372036854775807",
+            "",
+            "raft.request_timeout_ms",
+        );
         // raft-rs's slots per peer, and the peer frame.
         let inflight = crate::raft::transport::PEER_QUEUE;
         with(&format!("max_inflight_msgs = {inflight}"), "").unwrap();
