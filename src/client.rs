@@ -27,10 +27,12 @@
 //! the queue, so those that call again at once leave together in its next
 //! RPC rather than one ahead and the rest a round trip behind. I2 holds: a
 //! call that starts after another completed goes out in a later RPC than
-//! the one that served it, and the server orders RPCs. A batch the server
-//! rejects as a whole (one bad key) is retried call by call, so each caller
-//! gets its own answer (a refusal of the namespace, which every call would
-//! get, is answered to all of them at once). A queued call whose caller gave up (dropped its
+//! the one that served it, and the server orders RPCs. Every caller gets
+//! its own answer when the server refuses a batch as a whole (allocating
+//! nothing): a refused key fails that key's calls, naming their own field
+//! (`key`), and the rest go again as one batch; a refused namespace fails
+//! every call; any other refusal (a summed count over the limit) is
+//! retried call by call. A queued call whose caller gave up (dropped its
 //! future) before an RPC took it is not sent: its numbers would be taken
 //! and never returned.
 //!
@@ -1514,76 +1516,60 @@ impl Inner {
     /// stream costs both sides less than a `Next` RPC); every waiter
     /// answered.
     async fn serve_batch(&self, namespace: &str, mut batch: Vec<Item>) {
-        // Its calls share the retries, until the first of them is due.
-        let Some(deadline) = batch
-            .iter()
-            .flat_map(|i| &i.waiters)
-            .map(|w| w.deadline)
-            .min()
-        else {
-            return;
-        };
-        let items = batch
-            .iter_mut()
-            .map(|i| (std::mem::take(&mut i.key), i.count))
-            .collect();
-        let (result, keys) = self.stream_batch(namespace, items, deadline).await;
-        match result {
-            Ok(resp) => match resp.check_fits(batch.iter().map(|i| i.count)) {
-                Ok(()) => {
-                    for (item, r) in batch.into_iter().zip(resp.ranges) {
-                        let mut first = r.first;
-                        for w in item.waiters {
-                            let _ = w.reply.send(Ok(NextResponse {
-                                first,
-                                count: w.count,
-                                epoch: resp.epoch,
-                                replayed: resp.replayed,
-                            }));
-                            first += u64::from(w.count);
-                        }
-                    }
-                }
-                // Every call in it fails: asking for each again would
-                // spend the numbers the batch was granted.
-                Err(status) => {
-                    for w in batch.into_iter().flat_map(|i| i.waiters) {
-                        let _ = w.reply.send(Err(ClientError::Rejected((*status).clone())));
-                    }
-                }
-            },
-
-            // A refusal of the namespace is every call's (each alone would
-            // get it): answered at once, not asked for call by call. Any
-            // other refusal of the batch as a whole (one bad key, or a
-            // summed count over the namespace's limit): each call is asked
-            // for on its own, so only a bad one fails, with the fields of
-            // its own call (`key`, not the batch's `items[0].key`).
-            Err(ClientError::Rejected(status)) if refuses_every_call(&status) => {
-                for w in batch.into_iter().flat_map(|i| i.waiters) {
+        loop {
+            // Its calls share the retries, until the first of them is due.
+            let Some(deadline) = batch
+                .iter()
+                .flat_map(|i| &i.waiters)
+                .map(|w| w.deadline)
+                .min()
+            else {
+                return;
+            };
+            let items = batch
+                .iter_mut()
+                .map(|i| (std::mem::take(&mut i.key), i.count))
+                .collect();
+            let (result, keys) = self.stream_batch(namespace, items, deadline).await;
+            for (item, key) in batch.iter_mut().zip(keys) {
+                item.key = key;
+            }
+            let status = match result {
+                Err(ClientError::Rejected(status)) if !refuses_every_call(&status) => status,
+                other => return answer_batch(batch, other),
+            };
+            // The server refused the batch as a whole, and allocated
+            // nothing. An item whose key it refused: each of its calls
+            // would be refused the same alone, and is answered so, naming
+            // its own field (`key`, not the batch's `items[i].key`); the
+            // rest go again as one batch.
+            if let Some((index, refusal)) = refused_key(&status).filter(|(i, _)| *i < batch.len()) {
+                let refused = batch.remove(index);
+                let status = Status::invalid_argument(refusal);
+                for w in refused.waiters {
                     let _ = w.reply.send(Err(ClientError::Rejected(status.clone())));
                 }
+                continue;
             }
-            Err(ClientError::Rejected(_)) => {
-                let singles = batch
-                    .into_iter()
-                    .zip(keys)
-                    .flat_map(|(i, key)| i.waiters.into_iter().map(move |w| (key.clone(), w)))
-                    .filter(|(_, w)| !w.abandoned())
-                    .map(|(key, w)| async move {
-                        let request_id = self.request_id();
-                        let result = self
-                            .next_one(namespace, &key, w.count, &request_id, w.deadline)
-                            .await;
-                        let _ = w.reply.send(result);
-                    });
-                futures::future::join_all(singles).await;
-            }
-            Err(e) => {
-                for w in batch.into_iter().flat_map(|i| i.waiters) {
-                    let _ = w.reply.send(Err(e.clone()));
-                }
-            }
+            // Any other (a summed count over the namespace's limit): each
+            // call is asked for on its own, so only a bad one fails, with
+            // the fields of its own call.
+            let singles = batch
+                .into_iter()
+                .flat_map(|i| {
+                    let key = i.key;
+                    i.waiters.into_iter().map(move |w| (key.clone(), w))
+                })
+                .filter(|(_, w)| !w.abandoned())
+                .map(|(key, w)| async move {
+                    let request_id = self.request_id();
+                    let result = self
+                        .next_one(namespace, &key, w.count, &request_id, w.deadline)
+                        .await;
+                    let _ = w.reply.send(result);
+                });
+            futures::future::join_all(singles).await;
+            return;
         }
     }
 
@@ -2058,6 +2044,51 @@ impl Retry {
     }
 }
 
+/// Answers every call of `batch` from its outcome: each its share of the
+/// ranges; or, a refusal of the namespace or any other failure, the error
+/// (a refusal of the namespace is every call's: each alone would get it).
+fn answer_batch(batch: Vec<Item>, outcome: Result<BatchAnswer, ClientError>) {
+    let error = match outcome {
+        Ok(resp) => match resp.check_fits(batch.iter().map(|i| i.count)) {
+            Ok(()) => {
+                for (item, r) in batch.into_iter().zip(resp.ranges) {
+                    let mut first = r.first;
+                    for w in item.waiters {
+                        let _ = w.reply.send(Ok(NextResponse {
+                            first,
+                            count: w.count,
+                            epoch: resp.epoch,
+                            replayed: resp.replayed,
+                        }));
+                        first += u64::from(w.count);
+                    }
+                }
+                return;
+            }
+            // Every call in it fails: asking for each again would spend
+            // the numbers the batch was granted.
+            Err(status) => ClientError::Rejected(*status),
+        },
+        Err(e) => e,
+    };
+    for w in batch.into_iter().flat_map(|i| i.waiters) {
+        let _ = w.reply.send(Err(error.clone()));
+    }
+}
+
+/// The item a batch's refusal names by its key (`items[i].key: ...`), and
+/// the refusal as that item's call alone would get it (`key: ...`).
+fn refused_key(status: &Status) -> Option<(usize, String)> {
+    if status.code() != Code::InvalidArgument {
+        return None;
+    }
+    let (index, field) = status.message().strip_prefix("items[")?.split_once("].")?;
+    field
+        .starts_with("key:")
+        .then(|| Some((index.parse().ok()?, field.to_string())))
+        .flatten()
+}
+
 /// Whether a refused batch's error is every call's in it: the server
 /// names the field it refuses, and a refusal of the namespace (unknown, or
 /// empty) does not depend on the call; one that names an item does.
@@ -2456,8 +2487,19 @@ mod tests {
                             error: Some((&refusal).into()),
                         });
                     }
-                    if let Some(i) = batch.items.iter().position(|i| i.key.starts_with("bad")) {
-                        let refusal = Status::invalid_argument(format!("items[{i}].key: bad"));
+                    let refused = batch.items.iter().enumerate().find_map(|(i, item)| {
+                        // A key refused as such, or a summed count over
+                        // the limit (the same key alone is taken).
+                        if item.key.starts_with("bad") {
+                            Some(format!("items[{i}].key: bad"))
+                        } else if item.key.starts_with("over") && item.count > 1 {
+                            Some(format!("items[{i}].count: {} is too many", item.count))
+                        } else {
+                            None
+                        }
+                    });
+                    if let Some(refusal) = refused {
+                        let refusal = Status::invalid_argument(refusal);
                         return Ok(NextStreamReply {
                             id,
                             ok: None,
@@ -3656,42 +3698,61 @@ mod tests {
         );
     }
 
-    /// A batch the server refuses whole is asked for call by call, so only
-    /// the bad call fails, and with the fields of its own call (`key:`,
-    /// not the batch's `items[0].key:`), also when it went alone (I6).
+    /// A batch the server refuses for one item's key: that item's calls get
+    /// the refusal with the fields of their own call (`key:`, not the
+    /// batch's `items[1].key:`; I6), also a call that went alone, and the
+    /// other calls go again as one batch. A refusal of a summed count
+    /// (calls merged on one key): each call is asked for on its own.
     #[cfg(feature = "server")]
     #[tokio::test]
-    async fn a_refused_call_gets_the_fields_of_its_own_call() {
+    async fn a_refused_key_fails_its_calls_and_the_rest_go_again_together() {
         let (server, gate, client) = held_server_and_one_slot().await;
         gate.add_permits(1);
         let alone = client.next("ns", "bad-alone", 1).await;
-        assert!(
-            matches!(&alone, Err(ClientError::Rejected(s))
-                if s.code() == Code::InvalidArgument && s.message().starts_with("key:")),
-            "{alone:?}"
-        );
-        assert_eq!(*lock(&server.calls_per_rpc), vec![1], "sent again alone");
+        match &alone {
+            Err(ClientError::Rejected(s)) if s.code() == Code::InvalidArgument => {
+                assert_eq!(s.message(), "key: bad")
+            }
+            other => panic!("{other:?}"),
+        }
 
-        // Held behind a first call, a bad and a good call share a batch.
+        // Held behind a first call, a bad and two good calls share a batch.
         let first = spawn_next(&client, "first");
         wait_stream_keys(&server, 2).await;
+        let good1 = spawn_next(&client, "good1");
         let bad = spawn_next(&client, "bad");
-        let good = spawn_next(&client, "good");
-        wait_queued(&client, 2).await;
-        gate.add_permits(10);
+        let good2 = spawn_next(&client, "good2");
+        wait_queued(&client, 3).await;
+        // The first, the refused batch, the good calls' batch.
+        gate.add_permits(3);
         first.await.unwrap().unwrap();
-        assert_eq!(good.await.unwrap().unwrap().count, 1);
-        let bad = bad.await.unwrap();
-        assert!(
-            matches!(&bad, Err(ClientError::Rejected(s)) if s.code() == Code::InvalidArgument),
-            "{bad:?}"
-        );
+        assert_eq!(good1.await.unwrap().unwrap().count, 1);
+        assert_eq!(good2.await.unwrap().unwrap().count, 1);
+        match bad.await.unwrap() {
+            Err(ClientError::Rejected(s)) if s.code() == Code::InvalidArgument => {
+                assert_eq!(s.message(), "key: bad")
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             lock(&server.stream_keys)[2..].to_vec(),
-            vec!["bad", "good"],
-            "one batch carried both"
+            vec!["good1", "bad", "good2", "good1", "good2"],
+            "the batch, then the good calls again as one"
         );
-        assert_eq!(lock(&server.calls_per_rpc).len(), 3, "each asked alone");
+        assert!(lock(&server.calls_per_rpc).is_empty(), "none asked alone");
+
+        // Two calls merged on one key, over the limit together: each alone.
+        let first = spawn_next(&client, "first-again");
+        wait_stream_keys(&server, 8).await;
+        let over: Vec<_> = (0..2).map(|_| spawn_next(&client, "over")).collect();
+        wait_queued(&client, 2).await;
+        // The first and the refused batch (the calls alone are unary).
+        gate.add_permits(2);
+        first.await.unwrap().unwrap();
+        for call in over {
+            assert_eq!(call.await.unwrap().unwrap().count, 1);
+        }
+        assert_eq!(*lock(&server.calls_per_rpc), vec![1, 1], "each asked alone");
     }
 
     /// A batch refused for its namespace fails every call in it at once:
