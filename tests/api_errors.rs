@@ -178,6 +178,34 @@ async fn bad_input_names_the_field_and_changes_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!(again.first, 2);
+
+    // Through the client (which sends calls in batches on its stream),
+    // the same refusals, naming the call's own fields; the good calls
+    // sent beside bad ones are answered.
+    let client = c.client();
+    let calls = [
+        ("conv", "", "key: must not be empty"),
+        ("conv", long_key.as_str(), "key: 65 bytes is longer"),
+        ("nope", "k", "namespace: unknown namespace"),
+        ("conv", "good", ""),
+        ("conv", "fine", ""),
+    ];
+    let answers =
+        futures::future::join_all(calls.iter().map(|(ns, key, _)| client.next(ns, key, 1))).await;
+    for ((ns, key, refusal), answer) in calls.iter().zip(answers) {
+        match answer {
+            Ok(r) => assert!(refusal.is_empty(), "{ns}/{key:?} answered {r:?}"),
+            Err(seqd::client::ClientError::Rejected(s)) => {
+                assert_eq!(s.code(), Code::InvalidArgument);
+                assert!(
+                    !refusal.is_empty() && s.message().starts_with(refusal),
+                    "{ns}/{key:?}: {}",
+                    s.message()
+                );
+            }
+            Err(e) => panic!("{ns}/{key:?}: {e}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
