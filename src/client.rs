@@ -1516,6 +1516,7 @@ impl Inner {
     /// stream costs both sides less than a `Next` RPC); every waiter
     /// answered.
     async fn serve_batch(&self, namespace: &str, mut batch: Vec<Item>) {
+        let mut keys_refused = 0;
         loop {
             // Its calls share the retries, until the first of them is due.
             let Some(deadline) = batch
@@ -1543,12 +1544,19 @@ impl Inner {
             // would be refused the same alone, and is answered so, naming
             // its own field (`key`, not the batch's `items[i].key`); the
             // rest go again as one batch.
-            if let Some((index, refusal)) = refused_key(&status).filter(|(i, _)| *i < batch.len()) {
+            // The server names the first bad item only: past a few, the
+            // rest go call by call (at once) rather than a round trip each.
+            let refused = refused_key(&status).filter(|(i, _)| *i < batch.len());
+            if let (Some((index, refusal)), true) = (refused, keys_refused < MAX_KEYS_REFUSED) {
+                keys_refused += 1;
                 let refused = batch.remove(index);
                 let status = Status::invalid_argument(refusal);
                 for w in refused.waiters {
                     let _ = w.reply.send(Err(ClientError::Rejected(status.clone())));
                 }
+                // The batch sent again is a new RPC: calls given up on, or
+                // past their deadline, meanwhile leave it (see `prune`).
+                prune_items(&mut batch, Instant::now());
                 continue;
             }
             // Any other (a summed count over the namespace's limit): each
@@ -2076,17 +2084,34 @@ fn answer_batch(batch: Vec<Item>, outcome: Result<BatchAnswer, ClientError>) {
     }
 }
 
+/// Keys refused one at a time in one batch before its calls go call by
+/// call.
+const MAX_KEYS_REFUSED: usize = 3;
+
 /// The item a batch's refusal names by its key (`items[i].key: ...`), and
-/// the refusal as that item's call alone would get it (`key: ...`).
+/// the refusal as that item's call alone would get it (`key: ...`). A key
+/// named twice in one batch is no single call's refusal (this client never
+/// sends one twice; if it did, the calls go one by one).
 fn refused_key(status: &Status) -> Option<(usize, String)> {
     if status.code() != Code::InvalidArgument {
         return None;
     }
     let (index, field) = status.message().strip_prefix("items[")?.split_once("].")?;
-    field
-        .starts_with("key:")
-        .then(|| Some((index.parse().ok()?, field.to_string())))
-        .flatten()
+    if !field.starts_with("key:") || field.ends_with("appears more than once") {
+        return None;
+    }
+    Some((index.parse().ok()?, field.to_string()))
+}
+
+/// [`prune`] for a batch about to be sent again: its calls given up on
+/// leave their items (an item's count shrinks with them, and an item left
+/// with none goes), and those past their deadline fail.
+fn prune_items(batch: &mut Vec<Item>, now: Instant) {
+    for item in batch.iter_mut() {
+        prune(&mut item.waiters, now);
+        item.count = item.waiters.iter().map(|w| w.count).sum();
+    }
+    batch.retain(|item| !item.waiters.is_empty());
 }
 
 /// Whether a refused batch's error is every call's in it: the server
@@ -3792,5 +3817,133 @@ mod tests {
         }
         assert_eq!(lock(&server.stream_keys).len(), 4, "two batches");
         assert!(lock(&server.calls_per_rpc).is_empty(), "none asked alone");
+    }
+
+    #[test]
+    fn a_refused_key_is_read_from_the_field_the_server_names() {
+        let read = |code: Code, message: &str| refused_key(&Status::new(code, message));
+        assert_eq!(
+            read(Code::InvalidArgument, "items[12].key: must not be empty"),
+            Some((12, "key: must not be empty".to_string()))
+        );
+        for message in [
+            "items[1].count: 2000 is above the namespace's maximum of 1000",
+            "items: 20000 items is more than the maximum of 10000",
+            "items[0].key: \"a\" appears more than once",
+            "items[x].key: must not be empty",
+            "namespace: unknown namespace \"n\"",
+        ] {
+            assert_eq!(read(Code::InvalidArgument, message), None, "{message}");
+        }
+        assert_eq!(read(Code::ResourceExhausted, "items[0].key: x"), None);
+    }
+
+    /// A batch sent again after a refusal leaves out the calls given up on
+    /// meanwhile (its item's count with them) and fails those past their
+    /// deadline.
+    #[test]
+    fn a_batch_sent_again_leaves_out_calls_given_up_on() {
+        let now = Instant::now();
+        let (gone, answer) = oneshot::channel();
+        drop(answer);
+        let (late, mut late_answer) = oneshot::channel();
+        let gone = Waiter {
+            key: String::new(),
+            count: 2,
+            deadline: now + Duration::from_secs(60),
+            reply: gone,
+        };
+        let late = Waiter {
+            key: String::new(),
+            count: 1,
+            deadline: now,
+            reply: late,
+        };
+        let mut batch = vec![
+            Item {
+                key: "a".into(),
+                count: 5,
+                waiters: vec![gone, waiter("", 3)],
+            },
+            Item {
+                key: "b".into(),
+                count: 1,
+                waiters: vec![late],
+            },
+        ];
+        prune_items(&mut batch, now);
+        let left: Vec<(&str, u32, usize)> = batch
+            .iter()
+            .map(|i| (i.key.as_str(), i.count, i.waiters.len()))
+            .collect();
+        assert_eq!(left, vec![("a", 3, 1)]);
+        assert!(matches!(
+            late_answer.try_recv(),
+            Ok(Err(ClientError::Exhausted { .. }))
+        ));
+    }
+
+    /// The server names one bad key per refusal: after a few, the rest of
+    /// the batch goes call by call rather than a round trip per bad key.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn many_refused_keys_send_the_rest_call_by_call() {
+        let (server, gate, client) = held_server_and_one_slot().await;
+        let first = spawn_next(&client, "first");
+        wait_stream_keys(&server, 1).await;
+        let keys = ["bad1", "bad2", "bad3", "bad4", "bad5", "good"];
+        let calls: Vec<_> = keys.iter().map(|k| spawn_next(&client, k)).collect();
+        wait_queued(&client, keys.len()).await;
+        // The first, then the batch refused for bad1, bad2, bad3 and bad4.
+        gate.add_permits(1 + MAX_KEYS_REFUSED + 1);
+        first.await.unwrap().unwrap();
+        for (key, call) in keys.iter().zip(calls) {
+            let answered = tokio::time::timeout(Duration::from_secs(10), call).await;
+            let answer = answered.expect("answered without more batches").unwrap();
+            match (answer, key.starts_with("bad")) {
+                (Err(ClientError::Rejected(s)), true) => assert_eq!(s.message(), "key: bad"),
+                (Ok(r), false) => assert_eq!(r.count, 1),
+                (other, _) => panic!("{key}: {other:?}"),
+            }
+        }
+        let sent = lock(&server.stream_keys).len() - 1;
+        assert_eq!(sent, 6 + 5 + 4 + 3, "four batches, each one key shorter");
+        assert_eq!(
+            lock(&server.calls_per_rpc).len(),
+            3,
+            "bad4, bad5 and good asked alone"
+        );
+    }
+
+    /// End to end: a call given up on while its batch was out, refused
+    /// for another call's key, is not in the batch sent again.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn a_call_given_up_on_is_not_sent_again_after_a_refused_key() {
+        let (server, gate, client) = held_server_and_one_slot().await;
+        let first = spawn_next(&client, "first");
+        wait_stream_keys(&server, 1).await;
+        let bad = spawn_next(&client, "bad");
+        let good = spawn_next(&client, "good");
+        let gone = tokio::spawn({
+            let client = client.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(300), client.next("ns", "gone", 1)).await
+            }
+        });
+        wait_queued(&client, 3).await;
+        // The first; then the batch of the three is out, and held.
+        gate.add_permits(1);
+        first.await.unwrap().unwrap();
+        wait_stream_keys(&server, 4).await;
+        assert!(gone.await.unwrap().is_err(), "its caller gave up");
+        // The refused batch, and the one sent again.
+        gate.add_permits(2);
+        assert!(bad.await.unwrap().is_err());
+        assert_eq!(good.await.unwrap().unwrap().count, 1);
+        assert_eq!(
+            lock(&server.stream_keys)[1..].to_vec(),
+            vec!["bad", "good", "gone", "good"]
+        );
     }
 }

@@ -378,10 +378,10 @@ pub enum ConfigError {
     Invalid { field: String, problem: String },
 }
 
-/// Refuses `value` above `max`, naming `field`.
 /// Longest `raft.request_timeout_ms`: ten minutes.
 pub const MAX_REQUEST_TIMEOUT_MS: u64 = 600_000;
 
+/// Refuses `value` above `max`, naming `field`.
 fn at_most(field: &str, value: u64, max: u64) -> Result<(), ConfigError> {
     if value > max {
         return Err(invalid(field, format!("must be at most {max}")));
