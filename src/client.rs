@@ -554,7 +554,7 @@ impl Client {
             reply,
         };
         self.enqueue::<Seqs>(namespace, waiter);
-        answered(answer, deadline).await
+        answered(answer).await
     }
 
     /// `count` Snowflake IDs, strictly increasing, all from one node (the
@@ -575,7 +575,7 @@ impl Client {
                 reply,
             },
         );
-        answered(answer, deadline).await
+        answered(answer).await
     }
 
     /// Queues `waiter` in lane `name`, and sends the lane's queue now or
@@ -696,24 +696,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A queued call's answer, or an error at its `deadline`: an RPC it rides
-/// may be in an attempt that outlasts it (a unary attempt runs the whole
-/// attempt timeout). Given up on here, the call is dropped from the queue
-/// if no RPC took it yet (see `prune`).
-async fn answered<T>(
-    answer: oneshot::Receiver<Result<T, ClientError>>,
-    deadline: Instant,
-) -> Result<T, ClientError> {
-    match tokio::time::timeout_at(deadline.into(), answer).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(ClientError::Rejected(Status::cancelled(
+/// A queued call's answer. It comes by the call's deadline: the RPC it
+/// rides ends by the first of its calls' deadlines (every attempt, stream
+/// or unary, is cut there: see [`within`]), and calls queued behind it are
+/// due later (see `prune`).
+async fn answered<T>(answer: oneshot::Receiver<Result<T, ClientError>>) -> Result<T, ClientError> {
+    answer.await.unwrap_or_else(|_| {
+        Err(ClientError::Rejected(Status::cancelled(
             "the client task carrying this call ended without an answer",
-        ))),
-        Err(_) => Err(ClientError::Exhausted {
-            attempts: 0,
-            last: Status::deadline_exceeded("no answer within the call's overall timeout"),
-        }),
-    }
+        )))
+    })
+}
+
+/// `attempt` (a unary RPC, which the channel lets run the whole attempt
+/// timeout), cut at the call's `deadline`.
+async fn within<T>(
+    deadline: Instant,
+    attempt: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout_at(deadline.into(), attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "no reply before the call's overall timeout",
+            ))
+        })
 }
 
 /// Calls for one key riding the same RPC as one `NextBatch` item (a key
@@ -1598,7 +1605,9 @@ impl Inner {
         let resp = self
             .call_until(deadline, |_, ch| {
                 let req = req.clone();
-                async move { sequencer(ch).next(req).await.map(|r| r.into_inner()) }
+                within(deadline, async move {
+                    sequencer(ch).next(req).await.map(|r| r.into_inner())
+                })
             })
             .await?;
         // As a batch's ranges are checked (`BatchAnswer::check_fits`).
@@ -1689,7 +1698,7 @@ impl Inner {
             .get(target)
             .is_some_and(|since| since.elapsed() < self.no_stream_recheck);
         if without_stream {
-            return P::unary(ch, body.clone()).await;
+            return within(deadline, P::unary(ch, body.clone())).await;
         }
         let stream = {
             let mut streams = lock(&table.open);
@@ -1740,7 +1749,7 @@ impl Inner {
         match result {
             Err(status) if status.code() == Code::Unimplemented => {
                 lock(&table.missing).insert(target.to_string(), Instant::now());
-                P::unary(ch, body.clone()).await
+                within(deadline, P::unary(ch, body.clone())).await
             }
             other => other,
         }
@@ -1861,7 +1870,7 @@ impl Inner {
             let ch = self.channel(target)?;
             let req = NextIdsRequest { count };
             let result = if self.opts.max_in_flight == 0 {
-                IdCalls::unary(ch, req).await
+                within(deadline, IdCalls::unary(ch, req)).await
             } else {
                 self.on_stream::<IdCalls>(target, ch, &req, deadline).await
             };
@@ -2042,13 +2051,7 @@ impl Retry {
             tokio::time::sleep(self.backoff.min(left)).await;
             self.backoff = self.backoff.saturating_mul(2).min(self.backoff_max);
         }
-        if Instant::now() >= self.deadline {
-            return Err(ClientError::Exhausted {
-                attempts: self.attempts,
-                last,
-            });
-        }
-        Ok(())
+        self.give_up_if_due(&last)
     }
 }
 
@@ -2153,14 +2156,25 @@ mod tests {
     /// A queued call whose caller waits for the rest of the test (its
     /// receiver is leaked), due in an hour.
     fn waiter(key: &str, count: u32) -> Waiter {
-        let (reply, answer) = oneshot::channel();
+        let (waiter, answer) = waiter_due(key, count, Instant::now() + Duration::from_secs(3600));
         std::mem::forget(answer);
-        Waiter {
+        waiter
+    }
+
+    /// A queued call for `key`, due at `deadline`, and its caller's end.
+    fn waiter_due(
+        key: &str,
+        count: u32,
+        deadline: Instant,
+    ) -> (Waiter, oneshot::Receiver<Result<NextResponse, ClientError>>) {
+        let (reply, answer) = oneshot::channel();
+        let waiter = Waiter {
             key: key.to_string(),
             count,
-            deadline: Instant::now() + Duration::from_secs(3600),
+            deadline,
             reply,
-        }
+        };
+        (waiter, answer)
     }
 
     /// A client whose only node does not exist, giving up quickly, with
@@ -3423,24 +3437,9 @@ mod tests {
     #[test]
     fn queued_calls_given_up_or_past_their_deadline_are_not_sent() {
         let now = Instant::now();
-        let (gone, answer) = oneshot::channel();
-        drop(answer);
-        let (late, mut late_answer) = oneshot::channel();
-        let mut queued = vec![
-            Waiter {
-                key: "gone".into(),
-                count: 1,
-                deadline: now + Duration::from_secs(60),
-                reply: gone,
-            },
-            Waiter {
-                key: "late".into(),
-                count: 1,
-                deadline: now,
-                reply: late,
-            },
-            waiter("live", 1),
-        ];
+        let (gone, _) = waiter_due("gone", 1, now + Duration::from_secs(60));
+        let (late, mut late_answer) = waiter_due("late", 1, now);
+        let mut queued = vec![gone, late, waiter("live", 1)];
         let items = Seqs::take(&mut queued);
         let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
         assert_eq!(keys, vec!["live"]);
@@ -3553,7 +3552,15 @@ mod tests {
         };
         let client = Arc::new(Client::new(&["127.0.0.1:1"], opts).unwrap());
         let first = spawn_next(&client, "a");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Queued behind the first call's RPC, which retries for 1 s.
+        let out = Instant::now() + Duration::from_secs(10);
+        while lock(&client.inner.lanes)
+            .get("ns")
+            .is_none_or(|l| l.in_flight == 0)
+        {
+            assert!(Instant::now() < out, "the first call never went out");
+            tokio::task::yield_now().await;
+        }
         let started = Instant::now();
         let second = client.next("ns", "b", 1).await;
         let took = started.elapsed();
@@ -3562,10 +3569,11 @@ mod tests {
             "{second:?}"
         );
         assert!(first.await.unwrap().is_err());
-        // Its overall timeout is 1 s; sent only once the first call's
-        // retries ended (at 0.5 s), it had retried until 1.5 s.
+        // Its overall timeout is 1 s, reached as the first call's retries
+        // end: it fails then (see `prune`); sent with a deadline of its
+        // own, it had retried another second.
         assert!(
-            took >= Duration::from_millis(950) && took < Duration::from_millis(1300),
+            took >= Duration::from_millis(950) && took < Duration::from_millis(1500),
             "gave up after {took:?}"
         );
     }
@@ -3844,21 +3852,8 @@ mod tests {
     #[test]
     fn a_batch_sent_again_leaves_out_calls_given_up_on() {
         let now = Instant::now();
-        let (gone, answer) = oneshot::channel();
-        drop(answer);
-        let (late, mut late_answer) = oneshot::channel();
-        let gone = Waiter {
-            key: String::new(),
-            count: 2,
-            deadline: now + Duration::from_secs(60),
-            reply: gone,
-        };
-        let late = Waiter {
-            key: String::new(),
-            count: 1,
-            deadline: now,
-            reply: late,
-        };
+        let (gone, _) = waiter_due("", 2, now + Duration::from_secs(60));
+        let (late, mut late_answer) = waiter_due("", 1, now);
         let mut batch = vec![
             Item {
                 key: "a".into(),
@@ -3945,5 +3940,35 @@ mod tests {
             lock(&server.stream_keys)[1..].to_vec(),
             vec!["bad", "good", "gone", "good"]
         );
+    }
+
+    /// A coalesced RPC retries until the first of its calls is due, not an
+    /// overall timeout from when it was sent; every call in it gets the
+    /// failure.
+    #[tokio::test]
+    async fn a_batch_retries_until_its_first_call_is_due() {
+        let opts = ClientOptions {
+            overall_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_millis(100),
+            backoff_min: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(20),
+            ..ClientOptions::default()
+        };
+        let client = Client::new(&["127.0.0.1:1"], opts).unwrap();
+        let started = Instant::now();
+        let due = |ms| waiter_due("", 1, started + Duration::from_millis(ms));
+        let ((soon, soon_answer), (later, later_answer)) = (due(300), due(5_000));
+        let batch = vec![Item {
+            key: "k".into(),
+            count: 2,
+            waiters: vec![later, soon],
+        }];
+        client.inner.serve_batch("ns", batch).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "retried for {took:?}");
+        for answer in [soon_answer, later_answer] {
+            let got = answer.await.unwrap();
+            assert!(matches!(got, Err(ClientError::Exhausted { .. })), "{got:?}");
+        }
     }
 }
