@@ -92,7 +92,17 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            let argv: Vec<_> = std::env::args_os().skip(1).collect();
+            if let Some(note) = env_note(&e, &argv, |var| std::env::var_os(var)) {
+                eprintln!("{note}");
+            }
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     seqd::telemetry::init_logging(args.log_json);
     disable_transparent_huge_pages();
     let overrides = Overrides {
@@ -140,6 +150,47 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Names the environment variable a refused value came from. clap names
+/// only the flag (`--tick-ms <TICK_MS>`), and an operator who set
+/// `SEQD_TICK_MS` in a compose file finds no such flag anywhere.
+fn env_note(
+    err: &clap::Error,
+    argv: &[std::ffi::OsString],
+    env: impl Fn(&std::ffi::OsStr) -> Option<std::ffi::OsString>,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    use clap::CommandFactory;
+    let Some(ContextValue::String(shown)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // `--tick-ms <TICK_MS>`, or `--join[=<JOIN>]`.
+    let long = shown
+        .strip_prefix("--")?
+        .split(['=', ' ', '['])
+        .next()
+        .filter(|l| !l.is_empty())?;
+    let command = Args::command();
+    let arg = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))?;
+    let var = arg.get_env()?;
+    let flag = format!("--{long}");
+    let given = argv.iter().any(|a| {
+        a.to_str().is_some_and(|a| {
+            a == flag
+                || a.strip_prefix(flag.as_str())
+                    .is_some_and(|r| r.starts_with('='))
+        })
+    });
+    if given || env(var).is_none() {
+        return None;
+    }
+    Some(format!(
+        "note: the value came from the environment variable {} (no {flag} was given)",
+        var.to_string_lossy()
+    ))
 }
 
 /// Transparent huge pages off for this process, whatever the host's
@@ -206,5 +257,57 @@ mod tests {
         if std::env::var_os("SEQD_JOIN").is_none() {
             assert_eq!(join(&[]).unwrap().0, None);
         }
+    }
+
+    /// A refused value that came from a `SEQD_*` variable is blamed on the
+    /// variable; one from a flag (also when the variable is set) on the flag.
+    #[test]
+    fn a_refused_value_names_the_variable_it_came_from() {
+        let refused = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("seqd").chain(args.iter().copied())).unwrap_err()
+        };
+        let set = |name: &str| {
+            let name = name.to_owned();
+            move |var: &std::ffi::OsStr| (var == name.as_str()).then(|| "abc".into())
+        };
+        let argv = |args: &[&str]| args.iter().map(Into::into).collect::<Vec<_>>();
+        let tick = refused(&["--tick-ms", "abc"]);
+        assert_eq!(
+            env_note(&tick, &argv(&[]), set("SEQD_TICK_MS")).as_deref(),
+            Some(
+                "note: the value came from the environment variable SEQD_TICK_MS \
+                 (no --tick-ms was given)"
+            )
+        );
+        assert_eq!(
+            env_note(&tick, &argv(&["--tick-ms", "abc"]), set("SEQD_TICK_MS")),
+            None
+        );
+        assert_eq!(
+            env_note(&tick, &argv(&["--tick-ms=abc"]), set("SEQD_TICK_MS")),
+            None
+        );
+        assert_eq!(env_note(&tick, &argv(&[]), set("SEQD_OTHER")), None);
+        // A flag whose name starts another's is not taken for it.
+        let election = refused(&["--election-ticks", "abc"]);
+        assert!(env_note(
+            &election,
+            &argv(&["--election-ticks-x"]),
+            set("SEQD_ELECTION_TICKS")
+        )
+        .is_some());
+        // `--join[=<JOIN>]`.
+        let join = refused(&["--join=maybe"]);
+        assert_eq!(
+            env_note(&join, &argv(&[]), set("SEQD_JOIN")).as_deref(),
+            Some("note: the value came from the environment variable SEQD_JOIN (no --join was given)")
+        );
+        assert_eq!(
+            env_note(&join, &argv(&["--join=maybe"]), set("SEQD_JOIN")),
+            None
+        );
+        // An error about no value names no variable.
+        let unknown = refused(&["--no-such-flag"]);
+        assert_eq!(env_note(&unknown, &argv(&[]), set("SEQD_TICK_MS")), None);
     }
 }

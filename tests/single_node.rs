@@ -377,3 +377,29 @@ async fn the_node_runs_without_transparent_huge_pages() {
         .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status:\n{status}"));
     assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
 }
+
+/// A value clap refuses that came from a `SEQD_*` variable is blamed on the
+/// variable (clap names only the flag), and the node starts nothing.
+#[test]
+fn a_refused_variable_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_seqd"))
+        .current_dir(dir.path())
+        .env("SEQD_TICK_MS", "fifty")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'fifty' for '--tick-ms"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the environment variable SEQD_TICK_MS (no --tick-ms was given)"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "a data directory was made"
+    );
+}
