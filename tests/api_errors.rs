@@ -368,6 +368,98 @@ async fn a_stream_batch_is_answered_and_refused_as_the_rpc_would() {
     assert_eq!(after.firsts, [3]);
 }
 
+/// A stream message that cannot be read ends the stream with its status,
+/// but only once the batches sent before it are answered: their numbers
+/// are taken (here a dense key's raise commits), and a reply dropped with
+/// the stream would leave them a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_stream_message_ends_the_stream_after_the_batches_before_it() {
+    use futures::StreamExt as _;
+    use prost::Message as _;
+    use seqd::pb::{InjectFaultRequest, NextStreamReply, NextStreamRequest};
+
+    let c = Cluster::start(1, "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2");
+    c.wait_leader(Duration::from_secs(20)).await;
+    let c = &c;
+    let sync_delay = |ms: u32| async move {
+        c.admin(1)
+            .await
+            .inject_fault(InjectFaultRequest {
+                clock_offset_ms: 0,
+                isolate: false,
+                sync_delay_ms: ms,
+            })
+            .await
+            .expect("inject fault");
+    };
+    // Every fsync of the log takes a second: the dense batch is answered
+    // only after its raise is synced.
+    sync_delay(1000).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(1).addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.expect("ready");
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Encoded>();
+    let mut replies = grpc
+        .streaming(
+            tonic::Request::new(rx.boxed()),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/seqd.v1.Sequencer/NextStream"),
+            seqd::codec::Codec::<Encoded, NextStreamReply>::default(),
+        )
+        .await
+        .expect("stream opened")
+        .into_inner();
+    let dense = NextStreamRequest {
+        id: 7,
+        batch: Some(batch("inbox", &[("k", 3)]).encode_to_vec().into()),
+        packed_ranges: true,
+    };
+    tx.unbounded_send(Encoded(dense.encode_to_vec())).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while common::metric(
+        &c.node(1).metrics_addr,
+        "seqd_raft_log_sync_pending_seconds",
+    )
+    .unwrap_or(0.0)
+        <= 0.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch's raise waited for no fsync"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Field 1 (the id, a varint) sent length-delimited.
+    tx.unbounded_send(Encoded(vec![0x0a, 1, 0])).unwrap();
+
+    let answered = replies
+        .message()
+        .await
+        .expect("the batch before is answered");
+    let answered = answered.expect("a reply before the stream ends");
+    assert_eq!(answered.id, 7);
+    let ok = answered.ok.expect("answered with numbers");
+    assert_eq!((ok.firsts, ok.counts), (vec![1], vec![3]));
+    let ended = replies
+        .message()
+        .await
+        .expect_err("the stream ends with the refusal");
+    assert_eq!(ended.code(), Code::Internal, "{ended:?}");
+    assert!(ended.message().contains("wire type"), "{ended:?}");
+
+    sync_delay(0).await;
+    let mut api = c.sequencer(1).await;
+    let next = api
+        .next(next("inbox", "k", 1, ""))
+        .await
+        .expect("next")
+        .into_inner();
+    assert_eq!(next.first, 4, "the dense key has no hole");
+}
+
 /// A message sent as the bytes it is given: a request no client would
 /// build, at a cost the test can bear.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -219,7 +219,12 @@ pub fn status_from(e: NodeError, peers: &PeerAddrs) -> Status {
                 format!("not the leader; the leader is node {id} at {addr}")
             };
             let mut status = Status::new(Code::Unavailable, message);
-            if let Ok(v) = MetadataValue::try_from(addr) {
+            // Absent, not empty, when unknown (api.proto): a client that
+            // dials whatever the header holds would dial "".
+            if let Some(v) = MetadataValue::try_from(addr)
+                .ok()
+                .filter(|_| !addr.is_empty())
+            {
                 status.metadata_mut().insert(LEADER_ADDR_HEADER, v);
             }
             status
@@ -255,6 +260,7 @@ mod tests {
             "not the leader; the leader is node 2, whose address this node does not know"
         );
         assert_eq!(unknown.metadata().get(LEADER_ID_HEADER).unwrap(), "2");
+        assert!(unknown.metadata().get(LEADER_ADDR_HEADER).is_none());
         peers.set(2, "node2:7000");
         let known = hint(&peers);
         assert_eq!(

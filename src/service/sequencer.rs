@@ -403,7 +403,9 @@ impl Sequencer for SequencerService {
     /// batch that cannot be read is refused in its reply, as the RPC would
     /// refuse it, and the stream goes on; a stream message that cannot be
     /// read (its id, or its batch's framing) ends the stream with its
-    /// status.
+    /// status, once the batches before it are answered: their numbers are
+    /// taken, and a reply dropped with the stream would leave them a hole
+    /// (in a dense namespace too) unless retried with the same request id.
     async fn next_stream(
         &self,
         request: Request<Streaming<NextStreamRequest>>,
@@ -415,9 +417,22 @@ impl Sequencer for SequencerService {
         // Shared by the stream's batches: cloning the service itself would
         // copy the namespace table for every batch.
         let service = std::sync::Arc::new(self.clone());
-        let replies = self
-            .stopping
-            .cut(request.into_inner())
+        let (unreadable, ended_by) = tokio::sync::oneshot::channel::<Status>();
+        let messages = self.stopping.cut(request.into_inner()).scan(
+            Some(unreadable),
+            |unreadable, message| {
+                futures::future::ready(match message {
+                    Ok(message) => Some(message),
+                    Err(status) => {
+                        if let Some(tx) = unreadable.take() {
+                            let _ = tx.send(status);
+                        }
+                        None
+                    }
+                })
+            },
+        );
+        let replies = messages
             .map(move |message| {
                 // Counted open until the replies stream is dropped: ended,
                 // or its client gone.
@@ -428,7 +443,7 @@ impl Sequencer for SequencerService {
                         id,
                         batch,
                         packed_ranges,
-                    } = message?;
+                    } = message;
                     let call = Observed::start("NextBatch");
                     let result = match batch {
                         Some(batch) => service.stream_batch(batch, !packed_ranges).await,
@@ -438,7 +453,11 @@ impl Sequencer for SequencerService {
                     Ok(NextStreamReply::answering(id, result))
                 }
             })
-            .buffer_unordered(STREAM_BATCHES_IN_FLIGHT);
+            .buffer_unordered(STREAM_BATCHES_IN_FLIGHT)
+            .chain(
+                futures::stream::once(ended_by)
+                    .filter_map(|ended| futures::future::ready(ended.ok().map(Err))),
+            );
         Ok(Response::new(Box::pin(replies)))
     }
 }
