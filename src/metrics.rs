@@ -100,8 +100,10 @@ pub const HANDOVER_PHASE: &str = "seqd_handover_phase";
 pub const HANDOVER_SECONDS: &str = "seqd_handover_seconds";
 pub const HANDOVER_KEYS_RELEASED: &str = "seqd_handover_keys_released";
 /// Wall-clock steps back seen by the ID issuer, by `outcome`: `ridden`
-/// on the logical clock (once per step), or `refused` (once per call
-/// refused while the clock is too far behind); and their size.
+/// (once per step: carried on the logical clock, or to a time still past
+/// every stamp), or `refused` (once per call refused while the clock is
+/// too far behind); and their size (once per step ridden, once per run of
+/// refused calls).
 pub const CLOCK_ROLLBACKS_TOTAL: &str = "seqd_clock_rollbacks_total";
 pub const CLOCK_ROLLBACK_SECONDS: &str = "seqd_clock_rollback_seconds";
 /// Wall-clock steps forward larger than `max_rollback_ms`, by `outcome`:

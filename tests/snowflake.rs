@@ -219,21 +219,28 @@ async fn clock_rollbacks_never_repeat_or_reorder_ids() {
     }
     assert_eq!(rollbacks("ridden"), 1.0, "a step ridden is counted once");
     assert_eq!(rollbacks("refused"), 0.0);
-    // 2 s and 1 h back: refused, naming the size of the jump.
+    // 2 s and 1 h back: refused, naming the size of the jump; each call
+    // refused is counted, each step measured (and logged) once.
     for (offset, at_least) in [(-2_000i64, 1_900u64), (-3_600_000, 3_599_000)] {
         fault(&c, 1, offset, false).await;
-        let err = api.next_ids(NextIdsRequest { count: 1 }).await.unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-        let by: u64 = err
-            .message()
-            .split("clock moved back by ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("message names the jump: {}", err.message()));
-        assert!(by >= at_least, "jump of {offset} ms reported as {by} ms");
+        for _ in 0..3 {
+            let err = api.next_ids(NextIdsRequest { count: 1 }).await.unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+            let by: u64 = err
+                .message()
+                .split("clock moved back by ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("message names the jump: {}", err.message()));
+            assert!(by >= at_least, "jump of {offset} ms reported as {by} ms");
+        }
     }
-    assert_eq!(rollbacks("refused"), 2.0, "each call refused is counted");
+    assert_eq!(rollbacks("refused"), 6.0, "each call refused is counted");
+    let measured = common::metric(&c.node(1).metrics_addr, "seqd_clock_rollback_seconds_count");
+    assert_eq!(measured, Some(3.0), "each step is measured once");
+    let logged = c.log(1).matches("clock moved back too far").count();
+    assert_eq!(logged, 2, "each refused step is logged once");
     fault(&c, 1, 0, false).await;
     take(
         api.next_ids(NextIdsRequest { count: 1000 })

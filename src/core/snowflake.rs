@@ -209,7 +209,10 @@ pub enum ForwardStep {
 /// What the issuer noticed about the clock on a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ClockReport {
-    /// The wall clock was this many ms behind the latest reading seen.
+    /// The wall clock was this many ms behind the latest reading seen: a
+    /// step back not reported yet (by this call, or by one that failed for
+    /// another reason since), once; a step refused is reported by
+    /// [`Issuer::take_refusal`] instead.
     pub stepped_back_ms: Option<u64>,
     /// Stamps came from the logical clock, ahead of the wall clock.
     pub rode: bool,
@@ -241,6 +244,15 @@ pub struct Issuer {
     max_skew_ms: Option<i64>,
     /// The previous call's skew: a step is reported once, when it happens.
     last_skew_ms: Option<i64>,
+    /// A step back seen and not yet reported (the call that saw it may have
+    /// failed for another reason): the next call that issues reports it.
+    unreported_step_ms: Option<u64>,
+    /// The last call was refused for the clock.
+    refusing: bool,
+    /// The step (or gap) that began the current run of refusals for the
+    /// clock, until [`Issuer::take_refusal`] reports it: logged and
+    /// measured once, not per call refused.
+    unreported_refusal_ms: Option<u64>,
     /// Highest wall clock reading seen.
     max_wall_ms: u64,
     /// How long (monotonic ms) a forward step larger than `ride_ms` must
@@ -280,6 +292,9 @@ impl Issuer {
             cursor: (0, 0),
             max_skew_ms: None,
             last_skew_ms: None,
+            unreported_step_ms: None,
+            refusing: false,
+            unreported_refusal_ms: None,
             max_wall_ms: 0,
             trust_forward_ms: 0,
             believed_skew_ms: None,
@@ -492,9 +507,21 @@ impl Issuer {
         }
     }
 
-    /// How far the fence is ahead of `now_ms` (negative when behind).
+    /// How far the fence is ahead of the next stamp: `now_ms`, or the
+    /// cursor when stamps run ahead of the clock (after a restart they
+    /// start above the floor, the last fence, up to a fence's reach ahead;
+    /// a snapshot holding this node's own renewal raises the floor to it).
+    /// Negative when nothing can be stamped. Measured from the clock alone,
+    /// a node whose stamps had reached its fence waited until the clock
+    /// came within `renew_before_ms` of it to renew, refusing every call
+    /// meanwhile (up to a second) while reporting itself serving.
     pub fn headroom_ms(&self, now_ms: u64) -> i64 {
-        self.fence_ms as i64 - now_ms as i64
+        let next = if self.active {
+            now_ms.max(self.cursor.0)
+        } else {
+            now_ms
+        };
+        self.fence_ms as i64 - next as i64
     }
 
     /// The fence a renewal should ask for, given how far ahead to reach.
@@ -551,6 +578,42 @@ impl Issuer {
         count: u64,
         out: &mut Vec<u64>,
     ) -> Result<ClockReport, IdError> {
+        let result = self.stamp(now_ms, mono_ms, count, out);
+        match result {
+            Ok(mut report) => {
+                self.refusing = false;
+                report.stepped_back_ms = self.unreported_step_ms.take();
+                Ok(report)
+            }
+            Err(IdError::ClockBackwards { by_ms, .. }) => {
+                // A run of refusals begins, or the clock stepped further
+                // back during one.
+                if !self.refusing || self.unreported_step_ms.is_some() {
+                    self.unreported_refusal_ms = Some(by_ms);
+                }
+                self.refusing = true;
+                self.unreported_step_ms = None;
+                result
+            }
+            Err(_) => result,
+        }
+    }
+
+    /// The size of the step back that began refusals for the clock (or
+    /// stepped further back during them), once: a clock that steps back
+    /// 2 s on a node answering 10,000 calls a second is one event, not
+    /// 20,000.
+    pub fn take_refusal(&mut self) -> Option<u64> {
+        self.unreported_refusal_ms.take()
+    }
+
+    fn stamp(
+        &mut self,
+        now_ms: u64,
+        mono_ms: u64,
+        count: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<ClockReport, IdError> {
         let mut report = ClockReport::default();
         if count == 0 {
             return Ok(report);
@@ -562,11 +625,14 @@ impl Issuer {
             Some(max) if max - skew > 1 => Some((max - skew) as u64),
             _ => None,
         };
-        // Reported on the call that sees it, not on every call after.
-        report.stepped_back_ms = match self.last_skew_ms {
-            Some(last) if last - skew > 1 => step,
-            _ => None,
-        };
+        // Kept for the call that reports it, not reported by every call
+        // after (`issue`).
+        if let (Some(last), Some(step)) = (self.last_skew_ms, step) {
+            if last - skew > 1 {
+                self.unreported_step_ms =
+                    Some(self.unreported_step_ms.map_or(step, |u| u.max(step)));
+            }
+        }
         self.last_skew_ms = Some(skew);
         self.max_skew_ms = Some(self.max_skew_ms.map_or(skew, |m| m.max(skew)));
         self.max_wall_ms = self.max_wall_ms.max(now_ms);
@@ -812,6 +878,37 @@ mod tests {
         let later = now + 100;
         let err = issue_until_refused(&mut i, later, 150, &mut out);
         assert!(matches!(err, IdError::OverCapacity { .. }), "{err:?}");
+    }
+
+    /// A snapshot holding this node's own first renewal makes that fence
+    /// the floor as well: stamps start above it, so nothing can be stamped
+    /// until the next renewal, and the headroom says so at once (it was
+    /// the clock's distance to the fence, seconds).
+    #[test]
+    fn headroom_is_counted_from_the_next_stamp() {
+        let now = EPOCH + 10_000;
+        let fence = now + 2_900;
+        let mut i = Issuer::new(layout(), 1_000, 3_000);
+        i.assign_worker(1, fence);
+        i.own_fence(fence);
+        let mut out = Vec::new();
+        let err = i.issue(now, 0, 1, &mut out).unwrap_err();
+        assert!(matches!(err, IdError::FenceReached { .. }), "{err:?}");
+        assert_eq!(i.headroom_ms(now), -1);
+        // The renewal asked for then lets it issue.
+        let next = i.next_fence(now, 3_000);
+        assert_eq!(next, now + 3_000);
+        i.own_fence(next);
+        assert_eq!(i.headroom_ms(now), 99);
+        i.issue(now, 0, 1, &mut out).unwrap();
+        // Stamps behind the clock: counted from the clock.
+        let mut j = active(1, now - 5_000, now + 3_000);
+        j.issue(now - 4_000, 0, 1, &mut out).unwrap();
+        assert_eq!(j.headroom_ms(now), 3_000);
+        // Not issuing: from the clock (and renewed anyway).
+        let mut k = Issuer::new(layout(), 1_000, 3_000);
+        k.assign_worker(1, now + 2_000);
+        assert_eq!(k.headroom_ms(now), -(now as i64));
     }
 
     #[test]
@@ -1128,6 +1225,52 @@ mod tests {
             .collect();
         assert!(stamps.windows(2).all(|w| w[0] <= w[1]));
         assert!(out.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    /// A step back is reported once: by the first call that issues after
+    /// it, even when the call that saw it failed for another reason; a
+    /// step refused is reported once per run of refused calls (by
+    /// `take_refusal`), not per call, and not again as ridden.
+    #[test]
+    fn each_step_back_is_reported_once() {
+        let now = EPOCH + 20_000;
+        let mut i = active(1, now - 10_000, now + 100);
+        let mut out = Vec::new();
+        i.issue(now, 0, 1, &mut out).unwrap();
+        // 50 ms back, seen by a call past the fence.
+        let err = i.issue(now - 40, 10, 4096 * 200, &mut out).unwrap_err();
+        assert!(matches!(err, IdError::FenceReached { .. }), "{err:?}");
+        let r = i.issue(now - 39, 11, 1, &mut out).unwrap();
+        assert_eq!(r.stepped_back_ms, Some(50));
+        assert!(r.rode);
+        assert_eq!(
+            i.issue(now - 38, 12, 1, &mut out).unwrap().stepped_back_ms,
+            None
+        );
+
+        // 2 s back: every call refused, the step reported once.
+        i.own_fence(now + 5_000);
+        for mono in 20..25 {
+            let err = i.issue(now - 2_000 + mono, mono, 1, &mut out).unwrap_err();
+            assert!(matches!(err, IdError::ClockBackwards { .. }), "{err:?}");
+            assert_eq!(i.take_refusal(), (mono == 20).then_some(2_000), "{mono}");
+        }
+        // Further back during the run: reported too.
+        let err = i.issue(now - 2_500 + 30, 30, 1, &mut out).unwrap_err();
+        assert!(matches!(err, IdError::ClockBackwards { .. }), "{err:?}");
+        assert_eq!(i.take_refusal(), Some(2_500));
+        assert!(i.issue(now - 2_500 + 31, 31, 1, &mut out).is_err());
+        assert_eq!(i.take_refusal(), None);
+        // Caught up: issuing again, the refused step not reported as ridden.
+        let r = i.issue(now - 2_500 + 2_470, 2_470, 1, &mut out).unwrap();
+        assert_eq!(r.stepped_back_ms, None);
+        // A second run of refusals is a second report.
+        let err = i
+            .issue(now - 2_500 + 2_480 - 3_000, 2_480, 1, &mut out)
+            .unwrap_err();
+        assert!(matches!(err, IdError::ClockBackwards { .. }), "{err:?}");
+        // Measured, as every step, against the highest skew seen.
+        assert_eq!(i.take_refusal(), Some(5_500));
     }
 
     #[test]

@@ -128,21 +128,36 @@ impl IdsService {
         match self.ids.issue(u64::from(count), &mut ids) {
             Ok((report, worker)) => {
                 if let Some(back) = report.stepped_back_ms {
-                    tracing::warn!(
-                        stepped_back_ms = back,
-                        "clock stepped back; riding it on the logical clock"
-                    );
+                    if report.rode {
+                        tracing::warn!(
+                            stepped_back_ms = back,
+                            "clock stepped back; riding it on the logical clock"
+                        );
+                    } else {
+                        tracing::warn!(
+                            stepped_back_ms = back,
+                            "clock stepped back, to a time past every ID stamped: nothing to ride"
+                        );
+                    }
                     metrics::counter!(m::CLOCK_ROLLBACKS_TOTAL, "outcome" => "ridden").increment(1);
                     metrics::histogram!(m::CLOCK_ROLLBACK_SECONDS).record(back as f64 / 1000.0);
                 }
                 Ok(Response::new(NextIdsResponse { ids, worker }))
             }
             Err(e) => {
-                if let IdError::ClockBackwards { by_ms, .. } = e {
-                    tracing::warn!(by_ms, "clock moved back too far; refusing to issue IDs");
+                if let IdError::ClockBackwards { .. } = e {
+                    // Counted per call refused; logged and measured once
+                    // per run of refusals.
                     metrics::counter!(m::CLOCK_ROLLBACKS_TOTAL, "outcome" => "refused")
                         .increment(1);
-                    metrics::histogram!(m::CLOCK_ROLLBACK_SECONDS).record(by_ms as f64 / 1000.0);
+                    if let Some(by_ms) = self.ids.lock().take_refusal() {
+                        tracing::warn!(
+                            by_ms,
+                            "clock moved back too far; refusing to issue IDs until it catches up"
+                        );
+                        metrics::histogram!(m::CLOCK_ROLLBACK_SECONDS)
+                            .record(by_ms as f64 / 1000.0);
+                    }
                 }
                 Err(id_status(e))
             }
