@@ -23,7 +23,7 @@ const MS_PER_YEAR: f64 = 365.2425 * 86_400_000.0;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LayoutError {
     #[error("time_bits + worker_bits + sequence_bits must be 63 (one sign bit stays 0), not {0}")]
-    BitsDontAddUp(u32),
+    BitsDontAddUp(u64),
     #[error("worker_bits must be between 1 and 20, not {0}")]
     WorkerBits(u32),
     #[error("sequence_bits must be between 1 and 22, not {0}")]
@@ -83,7 +83,8 @@ impl Layout {
         worker_bits: u32,
         seq_bits: u32,
     ) -> Result<Self, LayoutError> {
-        let total = time_bits + worker_bits + seq_bits;
+        // In u64: a peer's layout header may name any u32 widths.
+        let total = u64::from(time_bits) + u64::from(worker_bits) + u64::from(seq_bits);
         if total != 63 {
             return Err(LayoutError::BitsDontAddUp(total));
         }
@@ -787,6 +788,14 @@ mod tests {
 
     /// A peer stream names its layout as text (`epoch.time.worker.seq`):
     /// it reads back as the same layout, and text that is not one is none.
+    #[test]
+    fn widths_that_overflow_a_u32_are_refused_not_wrapped() {
+        let err = Layout::try_new(EPOCH, u32::MAX, 32, 32).unwrap_err();
+        assert_eq!(err, LayoutError::BitsDontAddUp(u64::from(u32::MAX) + 64));
+        let header = format!("{EPOCH}.{}.32.32", u32::MAX);
+        assert_eq!(Layout::from_header(&header), None);
+    }
+
     #[test]
     fn a_layout_reads_back_from_its_header() {
         let l = layout();
