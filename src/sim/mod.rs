@@ -304,6 +304,9 @@ struct Slot {
     /// The newest request the fsync in progress covers (made before it
     /// started).
     sync_covers: u64,
+    /// Journal writes made before the fsync in progress started: what it
+    /// makes durable.
+    sync_journal_len: usize,
     clock: Arc<SimClock>,
     ids: Arc<IdState>,
     next_tick: u64,
@@ -536,6 +539,7 @@ impl Sim {
                 syncs: Arc::default(),
                 sync_due: 0,
                 sync_covers: 0,
+                sync_journal_len: 0,
                 ids: sim.id_state(&clock),
                 clock,
                 next_tick: 0,
@@ -759,13 +763,14 @@ impl Sim {
             let covers = slot.sync_covers;
             lock(&slot.syncs).retain(|&n| n > covers);
             slot.sync_due = 0;
-            lock(&slot.journal).sync();
+            lock(&slot.journal).sync_prefix(slot.sync_journal_len);
             let _ = slot.tx.send(Input::Persisted(covers));
         }
         if slot.sync_due == 0 {
             if let Some(newest) = lock(&slot.syncs).iter().copied().max() {
                 slot.sync_due = now + fsync_ms.max(1);
                 slot.sync_covers = newest;
+                slot.sync_journal_len = lock(&slot.journal).len();
             }
         }
         // A stop signal: the node has handed over after a Shutdown (or

@@ -155,6 +155,18 @@ impl Journal {
         self.writes.push((Vec::new(), true));
     }
 
+    /// Makes the first `len` writes durable: an fsync that started when
+    /// the journal held `len` writes. Writes made while it ran stay
+    /// unsynced, so a node that answers for them on its word is caught
+    /// by the next power loss.
+    pub fn sync_prefix(&mut self, len: usize) {
+        match len {
+            0 => {}
+            len if len >= self.writes.len() => self.sync(),
+            len => self.writes[len - 1].1 = true,
+        }
+    }
+
     /// Forgets the writes after the last synced one, as a power loss would.
     pub fn lose_unsynced(&mut self) -> usize {
         self.lose_unsynced_but(0)
@@ -463,6 +475,31 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
             .map(|e| e.metadata().unwrap().len())
             .sum()
+    }
+
+    /// An fsync makes durable what was written before it started, not
+    /// what was written while it ran.
+    #[test]
+    fn a_journal_fsync_covers_the_writes_before_it() {
+        let mut j = Journal::default();
+        let write = |j: &mut Journal, b: u8| j.writes.push((vec![b], false));
+        write(&mut j, 1);
+        write(&mut j, 2);
+        let started = j.len();
+        write(&mut j, 3);
+        j.sync_prefix(started);
+        assert_eq!(j.unsynced(), 1);
+        assert_eq!(j.lose_unsynced(), 1);
+        assert_eq!(j.writes.last().map(|w| w.0.clone()), Some(vec![2]));
+        // One that started after every write covers them all.
+        write(&mut j, 4);
+        j.sync_prefix(j.len());
+        assert_eq!(j.unsynced(), 0);
+        // One that started before any write covers none.
+        let mut empty = Journal::default();
+        empty.sync_prefix(0);
+        write(&mut empty, 5);
+        assert_eq!(empty.unsynced(), 1);
     }
 
     #[test]
