@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{check_history, longest_stall, Cluster, Load};
+use common::{check_dense, check_history, longest_stall, Cluster, Load};
 
 const RAFT: &str = "tick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2";
 
@@ -33,6 +33,8 @@ async fn leader_killed_mid_load_keeps_every_number_unique_and_ordered() {
 
     let (mut ops, mut errors) = seg.finish().await;
     let (dense_ops, dense_errors) = dense.finish().await;
+    // Every call succeeded (asserted below): no hole in a dense key.
+    let dense_numbers = dense_errors.is_empty().then(|| check_dense(&dense_ops));
     errors.extend(dense_errors);
     let stall = longest_stall(&ops, killed_at);
     let dense_count = dense_ops.len();
@@ -43,7 +45,7 @@ async fn leader_killed_mid_load_keeps_every_number_unique_and_ordered() {
     let after_kill = ops.iter().filter(|o| o.invoked > killed_at).count();
     let numbers = check_history(&ops);
     eprintln!(
-        "failover: {} calls ({} dense), {numbers} numbers checked, {after_kill} calls after the kill, longest stall {stall:?}",
+        "failover: {} calls ({} dense), {numbers} numbers checked (dense, consecutive: {dense_numbers:?}), {after_kill} calls after the kill, longest stall {stall:?}",
         ops.len(),
         dense_count
     );

@@ -551,6 +551,10 @@ pub struct Op {
     pub completed: Instant,
     pub first: u64,
     pub last: u64,
+    /// The reply's epoch and whether it was replayed from a request record
+    /// (shown when a check fails).
+    pub epoch: u64,
+    pub replayed: bool,
 }
 
 /// Checks I1 (no number handed out twice per key) and I2 (a call that
@@ -605,6 +609,33 @@ pub fn check_history(ops: &[Op]) -> usize {
     numbers
 }
 
+/// Checks a dense namespace's promise over a history in which no call
+/// failed (a failed call may have taken numbers no one saw): each key's
+/// numbers are consecutive from 1, whatever leaders came and went.
+/// Returns the number of numbers checked.
+pub fn check_dense(ops: &[Op]) -> usize {
+    let mut by_key: HashMap<&str, Vec<&Op>> = HashMap::new();
+    for op in ops {
+        by_key.entry(&op.key).or_default().push(op);
+    }
+    let mut numbers = 0;
+    for (key, mut ops) in by_key {
+        ops.sort_by_key(|o| o.first);
+        let mut next = 1;
+        let mut prev: Option<&Op> = None;
+        for op in ops {
+            assert!(
+                op.first == next,
+                "dense key {key} skips or repeats: {prev:?} then {op:?} (expected {next} next)"
+            );
+            numbers += (op.last - op.first + 1) as usize;
+            next = op.last + 1;
+            prev = Some(op);
+        }
+    }
+    numbers
+}
+
 /// Concurrent callers of `Next`, each recording its history.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -649,6 +680,8 @@ impl Load {
                                     completed: Instant::now(),
                                     first: r.first,
                                     last: r.first + u64::from(r.count) - 1,
+                                    epoch: r.epoch,
+                                    replayed: r.replayed,
                                 })
                             }
                             Err(e) => errors.push(e.to_string()),
@@ -811,10 +844,11 @@ pub async fn call_each_once(
 /// node issues IDs), collecting every ID issued.
 pub struct IdLoad {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<(u64, u64)>>>,
 }
 
 impl IdLoad {
+    /// One caller per node in `addrs`, `count` IDs a call.
     pub fn start(addrs: Vec<String>, count: u32) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks = addrs
@@ -830,7 +864,10 @@ impl IdLoad {
                     let mut ids = Vec::new();
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         match api.next_ids(seqd::pb::NextIdsRequest { count }).await {
-                            Ok(r) => ids.extend(r.into_inner().ids),
+                            Ok(r) => {
+                                let r = r.into_inner();
+                                ids.extend(r.ids.into_iter().map(|id| (r.worker, id)));
+                            }
                             // A node under a fault: back off briefly.
                             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                         }
@@ -843,11 +880,25 @@ impl IdLoad {
     }
 
     /// Stops the callers; every ID issued, and how many were duplicates.
+    /// Asserts that every node issued IDs, and that each node's IDs rose
+    /// while its worker id stayed (I5: its timestamps never go back).
     pub async fn finish(self) -> (Vec<u64>, usize) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut ids = Vec::new();
-        for t in self.tasks {
-            ids.extend(t.await.expect("id task"));
+        for (node, t) in self.tasks.into_iter().enumerate() {
+            let issued = t.await.expect("id task");
+            assert!(
+                !issued.is_empty(),
+                "the node at address {node} issued no ID"
+            );
+            for w in issued.windows(2) {
+                let ((w0, a), (w1, b)) = (w[0], w[1]);
+                assert!(
+                    w0 != w1 || b > a,
+                    "IDs of the node at address {node} (worker {w0}) went back: {a} then {b}"
+                );
+            }
+            ids.extend(issued.into_iter().map(|(_, id)| id));
         }
         let unique: std::collections::HashSet<u64> = ids.iter().copied().collect();
         let duplicates = ids.len() - unique.len();
