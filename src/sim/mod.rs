@@ -1064,6 +1064,16 @@ impl Sim {
     /// answered with its request id's earlier ranges hands out nothing new.
     fn record_grant(&mut self, p: &Pending, grant: &Grant, client: Option<usize>) {
         let ranges: Vec<(u64, u64)> = grant.ranges.iter().map(|r| (r.first(), r.last())).collect();
+        // One range per item, of the count asked for: a short or missing
+        // range would pass every other check.
+        let sizes: Vec<u64> = ranges.iter().map(|(f, l)| l - f + 1).collect();
+        let asked: Vec<u64> = p.call.counts.iter().map(|&c| u64::from(c)).collect();
+        if sizes != asked {
+            self.checker.report(format!(
+                "a call asking for {asked:?} (keys {:?}) was answered with ranges {ranges:?}",
+                p.call.keys
+            ));
+        }
         // A retry answered from its request id's record (it says so) by a
         // node already in a later epoch (see `Checker::mark_late`). A first
         // attempt has no record to be answered from.
@@ -1122,25 +1132,38 @@ impl Sim {
         }
     }
 
+    /// Now and then every node that is up issues IDs in the same
+    /// millisecond (two nodes stamping one worker id would collide there,
+    /// where one node at a time stamps different milliseconds), and the
+    /// worker ids of the nodes issuing are compared: the simulation never
+    /// changes membership, so no two may hold one.
     fn issue_ids(&mut self) {
         if !self.rng.chance(100_000) {
             return;
         }
-        let i = self.rng.range(0, self.slots.len() as u64 - 1) as usize;
-        if !self.slots[i].up(self.now) {
-            return;
-        }
-        let count = self.rng.range(1, 64);
-        let mut ids = Vec::new();
-        match self.slots[i].ids.issue(count, &mut ids) {
-            Ok(_) => {
-                let id = self.slots[i].id;
-                self.checker.record_ids(id, &ids);
-                self.mix(&ids);
+        let mut workers: Vec<(u64, u64)> = Vec::new();
+        for i in 0..self.slots.len() {
+            if !self.slots[i].up(self.now) {
+                continue;
             }
-            // No worker yet, fence reached, clock too far back: refused,
-            // which is allowed; handing out a duplicate is not.
-            Err(_) => self.report.id_errors += 1,
+            let count = self.rng.range(1, 64);
+            let mut ids = Vec::new();
+            match self.slots[i].ids.issue(count, &mut ids) {
+                Ok((_, worker)) => {
+                    let id = self.slots[i].id;
+                    self.checker.record_ids(id, &ids);
+                    self.mix(&ids);
+                    if let Some((other, _)) = workers.iter().find(|(_, w)| *w == worker) {
+                        self.checker.report(format!(
+                            "I5: nodes {other} and {id} both issue as worker {worker}"
+                        ));
+                    }
+                    workers.push((id, worker));
+                }
+                // No worker yet, fence reached, clock too far back: refused,
+                // which is allowed; handing out a duplicate is not.
+                Err(_) => self.report.id_errors += 1,
+            }
         }
     }
 
