@@ -169,7 +169,7 @@ pub enum IdError {
     NoWorker,
     #[error("time fence reached: this node may stamp up to {fence_ms} but needs {needed_ms}; renewing the fence needs a majority")]
     FenceReached { fence_ms: u64, needed_ms: u64 },
-    #[error("clock moved back by {by_ms} ms and is {behind_ms} ms behind the last issued timestamp, more than the {limit_ms} ms that can be ridden out; refusing to issue until it catches up")]
+    #[error("clock moved back by {by_ms} ms and is {behind_ms} ms behind the latest timestamp this worker may have stamped (its last one, or after a restart its last fence), more than the {limit_ms} ms that can be ridden out; refusing to issue until it catches up (after a restart with a lower snowflake.fence_ahead_ms, the old fence reads the same way until the clock passes it)")]
     ClockBackwards {
         /// Size of the step back, measured against the monotonic clock
         /// (equal to `behind_ms` when the step happened before this process
