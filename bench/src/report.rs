@@ -111,9 +111,12 @@ pub struct OpenLoopRow {
     pub max_ms: f64,
     /// Share of calls that found every caller busy and waited for one.
     pub behind_schedule: f64,
-    /// p99 of how late the harness's dispatcher sent calls against the
-    /// schedule (not part of the latency figures).
+    /// How late the harness's dispatcher queued calls against the schedule
+    /// (p99, p999, max): part of the latency figures, which run from when
+    /// each call was due, and the harness's share of them.
     pub dispatch_late_p99_ms: f64,
+    pub dispatch_late_p999_ms: f64,
+    pub dispatch_late_max_ms: f64,
     /// CPU the target and the harness used in the measured window.
     pub cpu: Option<CpuUse>,
     /// The target's CPU per call, in microseconds.
@@ -173,6 +176,8 @@ impl OpenLoopRow {
             max_ms: if m.calls > 0 { m.max_ms() } else { 0.0 },
             behind_schedule: o.behind as f64 / due as f64,
             dispatch_late_p99_ms: o.dispatch_late_us.value_at_quantile(0.99) as f64 / 1000.0,
+            dispatch_late_p999_ms: o.dispatch_late_us.value_at_quantile(0.999) as f64 / 1000.0,
+            dispatch_late_max_ms: o.dispatch_late_us.max() as f64 / 1000.0,
             error_kinds: o.m.error_kinds,
             node: None,
             node_unreadable: false,
@@ -517,6 +522,8 @@ pub fn peak_table(rows: &[Row], points: &[usize]) -> String {
         "at callers",
         "vs 3node peak",
         "vs 1node peak",
+        "half of peak: offered/s",
+        "p99 / p999 ms",
     ]);
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut notes = Vec::new();
@@ -531,11 +538,20 @@ pub fn peak_table(rows: &[Row], points: &[usize]) -> String {
                 .filter(|(p, _)| *p > 0.0)
                 .map(|(p, _)| top / p)
         };
+        // The open-loop run after the series' last point.
+        let half = points
+            .iter()
+            .filter_map(|&c| at(workload, target, c).and_then(|r| r.open_loop.as_ref()))
+            .next_back();
         line.extend([
             thousands(top),
             top_at.to_string(),
             ratio(over(TargetKind::Seqd3)),
             ratio(over(TargetKind::Seqd1)),
+            half.map_or("-".into(), |o| thousands(o.offered_per_s)),
+            half.map_or("-".into(), |o| {
+                format!("{:.3} / {:.3}", o.p99_ms, o.p999_ms)
+            }),
         ]);
         cells.push(line);
     }
@@ -591,7 +607,7 @@ pub fn open_loop_table(rows: &[Row]) -> String {
         "max ms",
         "errors",
         "behind",
-        "sent late p99 ms",
+        "sent late p99 / p999 / max ms",
         "cpu us/call",
         "target cores",
         "harness cores",
@@ -628,7 +644,10 @@ pub fn open_loop_table(rows: &[Row]) -> String {
             format!("{:.3}", o.max_ms),
             o.errors.to_string(),
             format!("{:.1}%", o.behind_schedule * 100.0),
-            format!("{:.3}", o.dispatch_late_p99_ms),
+            format!(
+                "{:.3} / {:.3} / {:.3}",
+                o.dispatch_late_p99_ms, o.dispatch_late_p999_ms, o.dispatch_late_max_ms
+            ),
             cpu_per_call(o.target_cpu_us_per_call),
             o.cpu
                 .map_or("-".into(), |c| format!("{:.2}", c.target_cores)),
@@ -795,6 +814,17 @@ mod tests {
             // One point only: no peak to speak of.
             ok("batch", TargetKind::Seqd1, 20.0).at(32),
         ];
+        // The open-loop run after seqd's last point, at half of its peak.
+        rows[2].open_loop = Some(OpenLoopRow::new(
+            0.5,
+            OpenMeasurement {
+                offered_per_s: 300.0,
+                m: Measurement::empty(),
+                behind: 0,
+                dispatch_late_us: hdrhistogram::Histogram::new(3).unwrap(),
+            },
+            None,
+        ));
         fill_ratios(&mut rows);
         let t = peak_table(&rows, &[32, 256]);
         let line = |target: &str| {
@@ -805,14 +835,15 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         // seqd: 200 at 32, 600 at 256, peak 600 at 256, 1.00x of itself.
+        // Half of its peak offered: 300 calls/s (no calls measured here).
         assert_eq!(
             line("seqd-1node")[2..],
-            ["200", "600", "600", "256", "-", "1.00x"]
+            ["200", "600", "600", "256", "-", "1.00x", "300", "0.000", "/", "0.000"]
         );
-        // Redis peaks at 256 too, at 0.75x seqd's peak.
+        // Redis peaks at 256 too, at 0.75x seqd's peak; no open-loop run.
         assert_eq!(
             line("redis-none")[2..],
-            ["400", "450", "450", "256", "-", "0.75x"]
+            ["400", "450", "450", "256", "-", "0.75x", "-", "-"]
         );
         assert!(!t.lines().any(|l| l.starts_with("batch")), "{t}");
         assert!(
@@ -839,6 +870,8 @@ mod tests {
             max_ms: 0.4,
             behind_schedule: 0.0,
             dispatch_late_p99_ms: late_ms,
+            dispatch_late_p999_ms: late_ms,
+            dispatch_late_max_ms: late_ms,
             cpu: Some(CpuUse {
                 target_cores: 0.5,
                 harness_cores: 0.25,

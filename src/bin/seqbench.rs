@@ -83,6 +83,14 @@ struct Args {
     /// of their own (as seqcompare --client-threads).
     #[arg(long)]
     client_threads: Option<usize>,
+    /// Seconds the callers run before the measured window (their calls
+    /// are not counted).
+    #[arg(long, default_value_t = 1)]
+    warmup_seconds: u64,
+    /// Do not call every key once before the warm-up (its first call on a
+    /// key raises a ceiling through the log, a one-time cost).
+    #[arg(long)]
+    no_prime: bool,
     /// Print JSON instead of a table row.
     #[arg(long)]
     json: bool,
@@ -171,6 +179,16 @@ impl Stop {
             Stop::After(started, total) => started.fetch_add(1, Ordering::Relaxed) < *total,
         }
     }
+
+    /// Whether a call that has just completed counts: for a time, one that
+    /// completed inside the window (the window's calls over its length, as
+    /// seqcompare counts); for a count, every one.
+    fn counts_now(&self) -> bool {
+        match self {
+            Stop::At(until) => Instant::now() <= *until,
+            Stop::After(..) => true,
+        }
+    }
 }
 
 async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, stop: Arc<Stop>) -> Tally {
@@ -222,6 +240,9 @@ async fn caller(args: Arc<Args>, client: Arc<Client>, seed: u64, stop: Arc<Stop>
                 None => Err("bad endpoint".into()),
             },
         };
+        if !stop.counts_now() {
+            break;
+        }
         match result {
             Ok(n) => {
                 t.numbers += n;
@@ -242,29 +263,25 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let args = Arc::new(args);
-    let client = Arc::new(
-        Client::new(
-            &args.endpoints,
-            ClientOptions {
-                max_in_flight: args.max_in_flight,
-                rpc_spacing: Duration::from_micros(args.rpc_spacing_us),
-                rpc_fill: args.rpc_fill,
-                ..ClientOptions::default()
-            },
-        )
-        .map_err(|e| e.to_string())?,
-    );
-    // Warm up: find the leader and load the keys' segments.
-    for i in 0..args.callers.min(8) {
-        let _ = client.next(&args.namespace, &format!("warm{i}"), 1).await;
+/// Calls every key of the namespace once, 1,000 keys a batch.
+async fn prime(args: &Args, client: &Client) -> Result<(), String> {
+    let names: Vec<String> = (0..args.keys).map(|k| format!("k{k}")).collect();
+    for chunk in names.chunks(1_000) {
+        let items: Vec<(&str, u32)> = chunk.iter().map(|k| (k.as_str(), 1)).collect();
+        client
+            .next_batch_ranges(&args.namespace, &items)
+            .await
+            .map_err(|e| format!("priming the keys failed: {e}"))?;
     }
-    let started = Instant::now();
-    let stop = Arc::new(match args.calls {
-        Some(total) => Stop::After(Arc::new(AtomicU64::new(0)), total),
-        None => Stop::At(started + Duration::from_secs(args.seconds)),
-    });
+    Ok(())
+}
+
+/// Runs `--callers` callers until `stop`; what they measured, together.
+async fn run_callers(
+    args: &Arc<Args>,
+    client: &Arc<Client>,
+    stop: &Arc<Stop>,
+) -> Result<Tally, String> {
     let tasks: Vec<_> = (0..args.callers)
         .map(|i| {
             tokio::spawn(caller(
@@ -282,7 +299,46 @@ async fn run(args: Args) -> Result<(), String> {
         all.numbers += t.numbers;
         all.errors += t.errors;
     }
-    let secs = started.elapsed().as_secs_f64();
+    Ok(all)
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let args = Arc::new(args);
+    let client = Arc::new(
+        Client::new(
+            &args.endpoints,
+            ClientOptions {
+                max_in_flight: args.max_in_flight,
+                rpc_spacing: Duration::from_micros(args.rpc_spacing_us),
+                rpc_fill: args.rpc_fill,
+                ..ClientOptions::default()
+            },
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    // Every key called once, so that no measured call pays a key's first
+    // ceiling (until session 40 only eight other keys were called, and
+    // every key's first call fell in the window).
+    if !args.no_prime && !matches!(args.workload, Workload::Ids) {
+        prime(&args, &client).await?;
+    }
+    // The same callers for the warm-up, their calls not counted.
+    if args.warmup_seconds > 0 {
+        let warm = Arc::new(Stop::At(
+            Instant::now() + Duration::from_secs(args.warmup_seconds),
+        ));
+        run_callers(&args, &client, &warm).await?;
+    }
+    let started = Instant::now();
+    let stop = Arc::new(match args.calls {
+        Some(total) => Stop::After(Arc::new(AtomicU64::new(0)), total),
+        None => Stop::At(started + Duration::from_secs(args.seconds)),
+    });
+    let mut all = run_callers(&args, &client, &stop).await?;
+    let secs = match args.calls {
+        Some(_) => started.elapsed().as_secs_f64(),
+        None => args.seconds as f64,
+    };
     all.latencies_us.sort_unstable();
     let calls = all.latencies_us.len();
     let row = json!({
