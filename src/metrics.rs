@@ -316,7 +316,7 @@ fn describe() {
     );
     describe_gauge!(
         FENCE_HEADROOM_SECONDS,
-        "Time fence headroom ahead of the clock."
+        "Time fence headroom ahead of the next stamp (the clock, or the last stamp when ahead of it)."
     );
     describe_gauge!(LAYOUT_YEARS_LEFT, "Years left in the Snowflake layout.");
 }

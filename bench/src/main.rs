@@ -584,6 +584,8 @@ struct RunShape {
     /// A call count instead of `seconds` (`--calls`).
     calls: Option<u64>,
     open_loop: bool,
+    /// How many calls its open-loop run may have in flight.
+    open_loop_callers: usize,
 }
 
 impl RunShape {
@@ -593,18 +595,24 @@ impl RunShape {
             seconds: args.seconds,
             calls: args.calls,
             open_loop: args.open_loop(),
+            open_loop_callers: args.open_loop_callers,
         }
     }
 
     /// A peak run; the `last` point of a series runs open loop at half
     /// (`--open-loop-fraction`) of the series' highest calls/s after it:
-    /// DESIGN.md's "at half of peak load".
+    /// DESIGN.md's "at half of peak load". With twice its callers in
+    /// flight at most: half of a peak reached with N callers, offered to
+    /// N / 2 of them, asks each for the peak's own latency (Little's law),
+    /// and the first such run (256 callers after 512) queued in the
+    /// harness, 10-80 % of calls finding every caller busy.
     fn peak(args: &Args, callers: usize, last: bool) -> Self {
         Self {
             callers,
             seconds: args.peak_seconds,
             calls: None,
             open_loop: last && args.open_loop(),
+            open_loop_callers: args.open_loop_callers.max(2 * callers),
         }
     }
 }
@@ -670,7 +678,7 @@ async fn measure_one(
             .callers(
                 Op::of(workload, args),
                 args,
-                pickers(args.open_loop_callers, args, dist),
+                pickers(shape.open_loop_callers, args, dist),
             )
             .await
             .context("cannot connect the open-loop callers")?;
