@@ -395,13 +395,7 @@ async fn an_unreadable_stream_message_ends_the_stream_after_the_batches_before_i
     // Every fsync of the log takes a second: the dense batch is answered
     // only after its raise is synced.
     sync_delay(1000).await;
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(1).addr))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
-    let mut grpc = tonic::client::Grpc::new(ch);
-    grpc.ready().await.expect("ready");
+    let mut grpc = raw_grpc(c).await;
     let (tx, rx) = futures::channel::mpsc::unbounded::<Encoded>();
     let mut replies = grpc
         .streaming(
@@ -489,12 +483,8 @@ impl prost::Message for Encoded {
     }
 }
 
-/// Sends `bytes` to node 1 as the request of the unary RPC at `path`.
-async fn send_encoded<R: prost::Message + Default + 'static>(
-    c: &Cluster,
-    path: &'static str,
-    bytes: Vec<u8>,
-) -> Result<R, tonic::Status> {
+/// A bare gRPC client of node 1, for requests no generated stub would send.
+async fn raw_grpc(c: &Cluster) -> tonic::client::Grpc<tonic::transport::Channel> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.node(1).addr))
         .unwrap()
         .connect()
@@ -502,6 +492,16 @@ async fn send_encoded<R: prost::Message + Default + 'static>(
         .expect("connect");
     let mut grpc = tonic::client::Grpc::new(ch);
     grpc.ready().await.expect("ready");
+    grpc
+}
+
+/// Sends `bytes` to node 1 as the request of the unary RPC at `path`.
+async fn send_encoded<R: prost::Message + Default + 'static>(
+    c: &Cluster,
+    path: &'static str,
+    bytes: Vec<u8>,
+) -> Result<R, tonic::Status> {
+    let mut grpc = raw_grpc(c).await;
     grpc.unary(
         tonic::Request::new(Encoded(bytes)),
         tonic::codegen::http::uri::PathAndQuery::from_static(path),

@@ -3256,6 +3256,12 @@ impl Node {
         reply: Option<Reply<()>>,
         exit: Option<oneshot::Sender<()>>,
     ) {
+        // raft-rs may have made this node leader earlier in this batch of
+        // inputs, which the allocator learns only in `round`: there, its
+        // new leadership fails every pending proposal, the handover's trim
+        // among them, and the handover waited for that trim for good
+        // (the node leading without serving, the transfer unanswered).
+        self.check_role();
         if self.raw.raft.state != StateRole::Leader {
             if let Some(r) = reply {
                 let _ = r.send(Err(NodeError::NotLeader {

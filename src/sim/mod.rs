@@ -1808,6 +1808,52 @@ mod tests {
         rx
     }
 
+    /// A follower wins an election in the same batch of inputs that asks
+    /// it to hand its leadership over: raft-rs makes it leader while the
+    /// batch is stepped, and the allocator learns of it only after. The
+    /// handover must still end (it trims nothing and transfers), not wait
+    /// for good on a trim that the new leadership's start had dropped.
+    #[test]
+    fn a_handover_asked_in_the_batch_that_won_the_election_ends() {
+        let (mut sim, l) = quiet_cluster(11);
+        let f = (l + 1) % 3;
+        let other = 3 - l - f;
+        let status = sim.slots[f].node.as_ref().expect("running").status();
+        // The leader's TimeoutNow: the follower campaigns at once.
+        let mut timeout_now = Message::default();
+        timeout_now.set_msg_type(MessageType::MsgTimeoutNow);
+        timeout_now.from = l as u64 + 1;
+        timeout_now.to = f as u64 + 1;
+        timeout_now.term = status.term;
+        sim.slots[f]
+            .tx
+            .send(Input::Raft(Box::new(timeout_now)))
+            .expect("the node is running");
+        sim.run_node(f);
+        // One batch: the vote that makes it leader, then the transfer.
+        let mut vote = Message::default();
+        vote.set_msg_type(MessageType::MsgRequestVoteResponse);
+        vote.from = other as u64 + 1;
+        vote.to = f as u64 + 1;
+        vote.term = status.term + 1;
+        sim.slots[f]
+            .tx
+            .send(Input::Raft(Box::new(vote)))
+            .expect("the node is running");
+        let handover = ask_transfer(&mut sim, f);
+        sim.run_node(f);
+        let led = sim.slots[f].node.as_ref().expect("running").status();
+        assert_eq!(
+            (led.term, led.leader_id),
+            (status.term + 1, f as u64 + 1),
+            "the forged vote did not make the follower leader"
+        );
+        let ended = handover_ended(&mut sim, handover);
+        assert!(ended.is_ok(), "the handover ended {ended:?}");
+        let (_, served) = new_leader_serves(&mut sim, f, 0);
+        assert!(served.ranges[0].first() > 0);
+    }
+
     /// Steps the simulation until handover `rx` answers, at most 3 s.
     fn handover_ended(
         sim: &mut Sim,
