@@ -7,6 +7,7 @@
 #   FROM rust:1-bookworm AS build   (scripts/setup.sh; cargo build --release)
 #   FROM debian:bookworm-slim       (apt-get install librocksdb7.8; COPY the two binaries to /usr/local/bin)
 FROM scratch
+LABEL org.seqd.built-by=docker-build.sh
 COPY rootfs/ /
 VOLUME ["/data"]
 EXPOSE 7001 7002 7003 9100

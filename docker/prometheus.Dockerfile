@@ -1,6 +1,7 @@
 # Prometheus from the machine's Debian package, FROM scratch like seqd
 # (scripts/docker-build.sh assembles rootfs/). Elsewhere: prom/prometheus.
 FROM scratch
+LABEL org.seqd.built-by=docker-build.sh
 COPY rootfs/ /
 VOLUME ["/prometheus"]
 EXPOSE 9090

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 bin_dir="${SEQD_BIN_DIR:-}"
 if [ -z "$bin_dir" ]; then
-    cargo build --release --bin seqd --bin seqctl
+    cargo build --release --locked --bin seqd --bin seqctl
     bin_dir="${CARGO_TARGET_DIR:-target}/release"
 fi
 build="${SEQD_DOCKER_BUILD_DIR:-$(mktemp -d)}"
@@ -20,6 +20,12 @@ trap 'rm -rf "$build"' EXIT
 install_with_libs() {
     local bin="$1" root="$2" dest="$3"
     install -D -m 0755 "$bin" "$root$dest"
+    # A library ldd cannot find would otherwise be left out silently, and
+    # the image fail only when its container starts.
+    if ldd "$bin" | grep "not found" >&2; then
+        echo "docker-build: $bin links a library this machine lacks (above)" >&2
+        exit 1
+    fi
     # "libx.so => /path (addr)" lines and the loader's own "/path (addr)" line.
     ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
         install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
@@ -44,4 +50,8 @@ cp docker/prometheus.yml "$root/etc/prometheus/prometheus.yml"
 cp docker/seqd-rules.yml "$root/etc/prometheus/seqd-rules.yml"
 cp docker/prometheus.Dockerfile "$build/prometheus/Dockerfile"
 docker build -q -t seqd-prometheus:local "$build/prometheus"
+# Re-tagging leaves the previous images untagged: remove those of ours
+# (labelled by the Dockerfiles), or a machine that builds them on every
+# test run fills its disk.
+docker image prune -f --filter label=org.seqd.built-by=docker-build.sh >/dev/null
 echo "built seqd:local and seqd-prometheus:local"

@@ -63,6 +63,45 @@ impl Drop for Compose {
     }
 }
 
+/// Takes down the clusters of earlier runs of this test whose process is
+/// gone (killed, or its CI run ended by a time limit: `Drop` never ran),
+/// volumes included. Their containers restart with the Docker daemon
+/// (`restart: unless-stopped`) and would take cores from this run.
+fn remove_stale_projects(file: &Path) {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            "label=com.docker.compose.project",
+            "--format",
+            "{{.Label \"com.docker.compose.project\"}}",
+        ])
+        .output()
+        .expect("run docker ps");
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut stale: Vec<&str> = listed
+        .lines()
+        .filter(|p| {
+            p.strip_prefix("seqdtest")
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| {
+                    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+                })
+        })
+        .collect();
+    stale.sort_unstable();
+    stale.dedup();
+    for project in stale {
+        eprintln!("removing the cluster of an earlier run that did not end: {project}");
+        let _ = Command::new("docker-compose")
+            .args(["-p", project, "-f"])
+            .arg(file)
+            .args(["down", "-v", "--remove-orphans", "-t", "1"])
+            .output();
+    }
+}
+
 fn docker(args: &[&str]) {
     let out = Command::new("docker")
         .args(args)
@@ -160,6 +199,7 @@ async fn compose_cluster_survives_kill_pause_partition_and_restart() {
         ("SEQD_NODE3_METRICS".into(), ports[5].to_string()),
         ("SEQD_PROMETHEUS_PORT".into(), ports[6].to_string()),
     ];
+    remove_stale_projects(&repo.join("docker-compose.yml"));
     let compose = Compose {
         project: format!("seqdtest{}", std::process::id()),
         file: repo.join("docker-compose.yml"),

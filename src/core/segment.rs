@@ -294,6 +294,16 @@ impl Allocator {
         items: &[(SeqKey, u32)],
         source: &impl CeilingSource,
     ) -> Result<Allocation, AllocError> {
+        // A key twice would have each item checked against the same room
+        // and then reserved one after the other, past the ceiling (the
+        // service refuses it; this catches a caller that does not).
+        debug_assert!(
+            {
+                let mut seen = std::collections::HashSet::with_capacity(items.len());
+                items.iter().all(|(k, _)| seen.insert(k))
+            },
+            "allocate: a key appears twice in one call"
+        );
         if !self.is_serving() {
             return Err(AllocError::NotServing);
         }

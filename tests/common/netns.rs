@@ -59,6 +59,37 @@ fn ip_in(ns: &str, args: &[&str]) {
     ip(&all);
 }
 
+/// Deletes the namespaces of test processes that are gone (killed, or
+/// ended by a CI time limit before `Drop` ran), after killing what still
+/// runs in them: their nodes would take cores from this run, and their
+/// host-side addresses may share a subnet with this run's.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    for name in listed.lines().filter_map(|l| l.split_whitespace().next()) {
+        // "sq" + pid + a letter + "sw" or "n" + node id.
+        let Some(rest) = name.strip_prefix("sq") else {
+            continue;
+        };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(pid) = digits.parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("removing network namespace {name} of a test process that is gone");
+        if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for p in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", p]).output();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+    }
+}
+
 impl Net {
     /// Builds the switch and `nodes` node namespaces. Names and the subnet
     /// come from the process id and a counter, so tests running at once (in
@@ -72,8 +103,11 @@ impl Net {
             subnet: 1 + (pid.wrapping_mul(7).wrapping_add(n) % 250) as u8,
             nodes,
         };
-        // A previous process with the same id may have died mid-test.
+        // A previous process with the same id may have died mid-test; so
+        // may others, whose namespaces (and nodes) outlive them.
         net.remove();
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(remove_stale);
         let sw = net.switch();
         ip(&["netns", "add", &sw]);
         ip_in(&sw, &["link", "set", "lo", "up"]);
