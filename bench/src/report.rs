@@ -538,11 +538,12 @@ pub fn peak_table(rows: &[Row], points: &[usize]) -> String {
                 .filter(|(p, _)| *p > 0.0)
                 .map(|(p, _)| top / p)
         };
-        // The open-loop run after the series' last point.
+        // The open-loop run after the series' last point (not the one
+        // after the --callers row, at half of that row's rate).
         let half = points
-            .iter()
-            .filter_map(|&c| at(workload, target, c).and_then(|r| r.open_loop.as_ref()))
-            .next_back();
+            .last()
+            .and_then(|&c| at(workload, target, c))
+            .and_then(|r| r.open_loop.as_ref());
         line.extend([
             thousands(top),
             top_at.to_string(),
@@ -814,17 +815,22 @@ mod tests {
             // One point only: no peak to speak of.
             ok("batch", TargetKind::Seqd1, 20.0).at(32),
         ];
-        // The open-loop run after seqd's last point, at half of its peak.
-        rows[2].open_loop = Some(OpenLoopRow::new(
-            0.5,
-            OpenMeasurement {
-                offered_per_s: 300.0,
-                m: Measurement::empty(),
-                behind: 0,
-                dispatch_late_us: hdrhistogram::Histogram::new(3).unwrap(),
-            },
-            None,
-        ));
+        // The open-loop run after seqd's last point, at half of its peak;
+        // Redis's only one is after its 32-caller row, not half of peak.
+        let open = |offered_per_s: f64| {
+            Some(OpenLoopRow::new(
+                0.5,
+                OpenMeasurement {
+                    offered_per_s,
+                    m: Measurement::empty(),
+                    behind: 0,
+                    dispatch_late_us: hdrhistogram::Histogram::new(3).unwrap(),
+                },
+                None,
+            ))
+        };
+        rows[2].open_loop = open(300.0);
+        rows[1].open_loop = open(200.0);
         fill_ratios(&mut rows);
         let t = peak_table(&rows, &[32, 256]);
         let line = |target: &str| {
