@@ -30,6 +30,12 @@ pub const ID_STREAMS_OPEN: &str = "seqd_id_streams_open";
 /// may get new numbers, and the first attempt's are then a hole. Compare
 /// with the clients' attempt and overall timeouts.
 pub const REQUEST_RECORDS_KEPT_SECONDS: &str = "seqd_request_records_kept_seconds";
+/// Dense grants whose caller was gone when their raise committed (it gave
+/// up, timed out or disconnected), with no retry of its request id waiting:
+/// numbers taken that no one saw, a hole in a gap-free namespace unless the
+/// caller retries with the same request id. The epoch does not announce
+/// such a hole (nothing failed on seqd's side); this counts them.
+pub const DENSE_UNANSWERED_TOTAL: &str = "seqd_dense_grants_unanswered_total";
 /// Keys whose ceiling was raised ahead of demand (segment refills).
 pub const REFILLS_TOTAL: &str = "seqd_segment_refills_total";
 /// Calls that found no room and waited for a refill to commit.
@@ -160,6 +166,7 @@ fn zero_rare_counters() {
         SNAPSHOTS_INSTALLED_TOTAL,
         SNAPSHOTS_INGESTED_TOTAL,
         SNAPSHOT_CHUNKS_RECEIVED_TOTAL,
+        DENSE_UNANSWERED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -173,6 +180,10 @@ fn describe() {
         "Latency of public calls, by op."
     );
     describe_counter!(REQUESTS_TOTAL, "Public calls, by op and gRPC code.");
+    describe_counter!(
+        DENSE_UNANSWERED_TOTAL,
+        "Dense grants committed after their caller was gone (a hole unless retried with the same request id)."
+    );
     describe_counter!(
         NEXT_STREAMS_TOTAL,
         "NextStream batch streams opened by clients."

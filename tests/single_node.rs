@@ -79,6 +79,73 @@ async fn single_node_serves_and_restarts_higher() {
     assert_eq!(f.epoch, e.epoch, "no new epoch without a hole");
 }
 
+/// A dense call whose caller gives up before its raise commits still takes
+/// its numbers, a hole in a gap-free namespace that no epoch announces
+/// (nothing failed on the node's side): counted, so that it is visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dense_call_given_up_before_its_commit_is_counted() {
+    let c = Cluster::start(1, RAFT);
+    c.wait_leader(Duration::from_secs(20)).await;
+    let unanswered = || {
+        common::metric(
+            &c.node(1).metrics_addr,
+            "seqd_dense_grants_unanswered_total",
+        )
+    };
+    assert_eq!(unanswered(), Some(0.0), "exported from the start");
+    let c = &c;
+    let sync_delay = |ms: u32| async move {
+        c.admin(1)
+            .await
+            .inject_fault(seqd::pb::InjectFaultRequest {
+                clock_offset_ms: 0,
+                isolate: false,
+                sync_delay_ms: ms,
+            })
+            .await
+            .expect("inject fault");
+    };
+    let next = |timeout: Option<Duration>| {
+        let mut req = tonic::Request::new(seqd::pb::NextRequest {
+            namespace: "inbox".into(),
+            key: "given-up".into(),
+            count: 1,
+            request_id: String::new(),
+        });
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
+        req
+    };
+    let mut api = c.sequencer(1).await;
+    // Every fsync takes a second: the caller gives up after 200 ms.
+    sync_delay(1000).await;
+    let err = api
+        .next(next(Some(Duration::from_millis(200))))
+        .await
+        .expect_err("the caller gave up first");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while unanswered() != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned grant was not counted: {:?}",
+            unanswered()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sync_delay(0).await;
+    let after = api.next(next(None)).await.expect("next").into_inner();
+    assert_eq!(after.first, 2, "number 1 went to the caller that gave up");
+    assert_eq!(unanswered(), Some(1.0), "an answered call is not counted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dense_namespace_has_no_holes_even_across_a_crash() {
     let mut c = Cluster::start(1, RAFT);

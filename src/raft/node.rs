@@ -2279,6 +2279,7 @@ impl Node {
     /// joined it. (What a request id got was recorded when its raise
     /// applied.)
     fn settle_dense(&mut self, w: DenseWaiter, result: Result<Grant, NodeError>) {
+        let mut seen = false;
         if let Some((rkey, _)) = w.request {
             let retries = self
                 .pending_requests
@@ -2290,10 +2291,14 @@ impl Node {
                     replayed: true,
                     ..g
                 });
-                let _ = reply.send(repeat);
+                seen |= reply.send(repeat).is_ok();
             }
         }
-        let _ = w.reply.send(result);
+        let granted = result.is_ok();
+        seen |= w.reply.send(result).is_ok();
+        if granted && !seen {
+            metrics::counter!(m::DENSE_UNANSWERED_TOTAL).increment(1);
+        }
     }
 
     fn fail_all(&mut self, err: NodeError) {
